@@ -1,0 +1,53 @@
+"""LLM providers: turn a prompt into an async stream of Chunks.
+
+A provider is an object with `stream(request) -> AsyncIterator[Chunk]` (an async generator). The stream
+manager consumes it inside `contextlib.aclosing`, so cancelling the generation closes the generator at once;
+a provider that holds an upstream connection must release it in its own `finally`.
+
+Errors: raise ProviderError with a stable code. Timeouts (first token, stall, total) are enforced around any
+provider by services/streams.py, so providers need not implement them.
+"""
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Chunk:
+    text: str = ""          # answer text increment
+    thinking: str = ""      # reasoning increment
+    usage: dict | None = None  # {"prompt_tokens": n, "completion_tokens": m} when the upstream reports it
+    model: str | None = None
+
+
+@dataclass
+class Turn:
+    role: str        # "user" | "assistant"
+    text: str
+    sender: str | None = None  # user id of a user turn (group sessions label speakers)
+
+
+@dataclass
+class GenerationRequest:
+    pipeline: "object"           # services.pipelines.Pipeline
+    session_id: str
+    session_type: str
+    message_id: str
+    history: list = field(default_factory=list)  # earlier Turns, oldest first, already windowed
+    prompt: Turn = None
+
+
+class ProviderError(Exception):
+    """A provider failure that ends the reply with `status` and a stable `code` (docs/protocol.md)."""
+
+    def __init__(self, code, message, *, status="failed"):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+def make_provider(pipeline):
+    kind = pipeline.provider
+    if kind == "demo":
+        from services.providers.demo import DemoProvider
+        return DemoProvider(pipeline)
+    raise ValueError(f"unknown provider {kind!r}")

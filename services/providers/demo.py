@@ -18,7 +18,7 @@ VOCABULARY = (
 
 def demo_words(seed_text, count):
     start = int(hashlib.sha256(seed_text.encode()).hexdigest(), 16) % len(VOCABULARY)
-    return [VOCABULARY[(start + i * 7) % len(VOCABULARY)] for i in range(count)]
+    return [VOCABULARY[(start + i) % len(VOCABULARY)] for i in range(count)]
 
 
 class DemoProvider:

@@ -1,0 +1,120 @@
+"""REST: the LangBot-compatible /ws/* routes and Parley's native sessions API."""
+from handlers.base import BaseHandler
+from services import frames
+from services.chat import check_session_type
+
+P = r"/api/v1/pipelines/(?P<pipeline>[^/]+)"
+S = P + r"/sessions/(?P<session_id>[^/]+)"
+
+
+def session_data(doc):
+    return {"session_id": doc["_id"], "pipeline": doc["pipeline"], "session_type": doc["type"],
+            "owner": doc["owner"], "members": doc.get("members", []), "title": doc.get("title", ""),
+            "last_seq": doc.get("next_seq", 0), "created_at": frames.timestamp(doc["created_at"]),
+            "updated_at": frames.timestamp(doc["updated_at"])}
+
+
+class PipelinesHandler(BaseHandler):
+    def get(self):
+        self.ok({"pipelines": [p.public() for p in self.services.pipelines]})
+
+
+# LangBot-compatible: the implicit per-user session of a pipeline and session type.
+
+class LegacyHistoryHandler(BaseHandler):
+    async def get(self, pipeline, session_type):
+        chat = self.services.chat
+        session = await chat.default_session(self.identity, pipeline, check_session_type(session_type))
+        limit = self.int_arg("limit", 200, low=1, high=1000)
+        docs = await chat.history(self.identity, session, limit=limit)
+        self.ok({"session_id": session["_id"], "messages": [frames.message_data(d) for d in docs]})
+
+
+class LegacyResetHandler(BaseHandler):
+    async def post(self, pipeline, session_type):
+        chat = self.services.chat
+        session = await chat.default_session(self.identity, pipeline, check_session_type(session_type))
+        result = await chat.reset(self.identity, session)
+        self.ok({"message": "Session reset successfully", "session_id": session["_id"], **result})
+
+
+class LegacyConnectionsHandler(BaseHandler):
+    def get(self, pipeline):
+        self.services.pipelines.get(pipeline)
+        conns, stats = self.services.hub.stats(pipeline)
+        self.ok({"stats": stats, "connections": [{
+            "connection_id": c.id, "session_type": c.session_type, "session_ids": sorted(c.sessions),
+            "user_id": c.user_id, "stream_mode": c.stream_mode,
+            "created_at": frames.timestamp_from_epoch(c.created_at),
+            "last_active": frames.timestamp_from_epoch(c.last_active), "is_active": not c.closed,
+        } for c in conns]})
+
+
+# Native sessions API.
+
+class SessionsHandler(BaseHandler):
+    async def get(self, pipeline):
+        docs = await self.services.chat.list_sessions(self.identity, pipeline)
+        self.ok({"sessions": [session_data(d) for d in docs]})
+
+    async def post(self, pipeline):
+        body = self.json_body()
+        doc = await self.services.chat.create_session(
+            self.identity, pipeline, session_type=body.get("session_type", "person"),
+            title=body.get("title", ""), members=body.get("members", []))
+        self.ok(session_data(doc), status=201)
+
+
+class SessionHandler(BaseHandler):
+    async def get(self, pipeline, session_id):
+        self.ok(session_data(await self.services.chat.session(self.identity, pipeline, session_id)))
+
+
+class MessagesHandler(BaseHandler):
+    async def get(self, pipeline, session_id):
+        chat = self.services.chat
+        session = await chat.session(self.identity, pipeline, session_id)
+        after_seq = self.int_arg("after_seq", 0, low=0, high=2**53)
+        limit = self.int_arg("limit", 50, low=1, high=500)
+        docs = await chat.history(self.identity, session, after_seq=after_seq, limit=limit)
+        next_after = docs[-1]["seq"] if docs else after_seq
+        self.ok({"session_id": session["_id"], "messages": [frames.message_data(d) for d in docs],
+                 "next_after_seq": next_after, "has_more": len(docs) == limit})
+
+    async def post(self, pipeline, session_id):
+        """Send as a bot would: the reply streams to the session's viewers; poll history for the result."""
+        chat = self.services.chat
+        session = await chat.session(self.identity, pipeline, session_id)
+        body = self.json_body()
+        user_doc, reply_doc, duplicate = await chat.send(
+            self.identity, session, body.get("message"), stream=body.get("stream", True),
+            client_msg_id=body.get("client_msg_id"))
+        self.ok(frames.ack_data(user_doc, reply_doc, duplicate), status=200 if duplicate else 202)
+
+
+class StopHandler(BaseHandler):
+    async def post(self, pipeline, session_id):
+        chat = self.services.chat
+        session = await chat.session(self.identity, pipeline, session_id)
+        stopped = chat.stop(self.identity, session["_id"], self.json_body().get("message_id"))
+        self.ok(frames.stop_ack(session["_id"], stopped)["data"])
+
+
+class ResetHandler(BaseHandler):
+    async def post(self, pipeline, session_id):
+        chat = self.services.chat
+        session = await chat.session(self.identity, pipeline, session_id)
+        self.ok({"session_id": session["_id"], **await chat.reset(self.identity, session)})
+
+
+default_handlers = [
+    (r"/api/v1/pipelines", PipelinesHandler),
+    (P + r"/ws/messages/(?P<session_type>[^/]+)", LegacyHistoryHandler),
+    (P + r"/ws/reset/(?P<session_type>[^/]+)", LegacyResetHandler),
+    (P + r"/ws/connections", LegacyConnectionsHandler),
+    (P + r"/sessions", SessionsHandler),
+    (S, SessionHandler),
+    (S + r"/messages", MessagesHandler),
+    (S + r"/stop", StopHandler),
+    (S + r"/reset", ResetHandler),
+]

@@ -1,0 +1,78 @@
+"""What every REST handler shares: services injected through initialize(), JSON in, JSON out, one error map."""
+import json
+import logging
+
+from pymongo.errors import PyMongoError
+from tornado import web
+
+from services.errors import BadRequest, NotFound, ParleyError, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+class BaseHandler(web.RequestHandler):
+    def initialize(self, services):
+        self.services = services
+
+    def set_default_headers(self):
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.set_header("Cache-Control", "no-store")
+
+    @property
+    def identity(self):
+        return self.services.auth.identify(self.request)
+
+    def ok(self, data, status=200):
+        """LangBot's envelope, which Parley keeps for every success."""
+        self.set_status(status)
+        self.finish(json.dumps({"code": 0, "msg": "ok", "data": data}))
+
+    def json_body(self):
+        if not self.request.body:
+            return {}
+        try:
+            body = json.loads(self.request.body)
+        except ValueError:
+            raise BadRequest("the request body is not valid JSON", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object", code="invalid_json")
+        return body
+
+    def int_arg(self, name, default, *, low, high):
+        raw = self.get_query_argument(name, None)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise BadRequest(f"{name} must be an integer", code="invalid_param") from None
+        if not low <= value <= high:
+            raise BadRequest(f"{name} must be between {low} and {high}", code="invalid_param")
+        return value
+
+    def log_exception(self, typ, value, tb):
+        if isinstance(value, ParleyError):  # an expected answer, not a server fault
+            log.debug("%s %s -> %s", self.request.method, self.request.path, value.code)
+        elif isinstance(value, PyMongoError):
+            log.error("store error on %s %s: %s", self.request.method, self.request.path, value)
+        else:
+            super().log_exception(typ, value, tb)
+
+    def write_error(self, status_code, **kwargs):
+        """Always JSON `{"code", "message"}`: domain errors map to their status here, once; never a traceback."""
+        err = kwargs.get("exc_info", (None, None))[1]
+        if isinstance(err, PyMongoError):
+            err = Unavailable("the message store is unavailable, try again")
+        if isinstance(err, ParleyError):
+            self.set_status(err.http_status)
+            self.finish(json.dumps(err.to_dict()))
+            return
+        codes = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
+        code = codes.get(status_code, "internal_error" if status_code >= 500 else "http_error")
+        self.finish(json.dumps({"code": code, "message": self._reason}))
+
+
+class NotFoundHandler(BaseHandler):
+    def prepare(self):
+        raise NotFound(f"no route for {self.request.path}")

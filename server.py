@@ -1,0 +1,146 @@
+"""Parley: chat with AI pipelines over WebSocket. `python server.py --help` lists the options.
+
+config -> services -> make_app() -> listen -> graceful shutdown. With no MongoDB URL, an embedded nx-27017 is
+started under --data-dir and stopped on exit.
+"""
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+import uuid
+
+from pymongo import AsyncMongoClient
+from tornado import web
+
+from handlers import api, ws
+from handlers.base import NotFoundHandler
+from services.auth import NoAuth
+from services.chat import ChatService
+from services.embedded_mongo import EmbeddedMongo
+from services.hub import Hub
+from services.pipelines import default_pipelines
+from services.store import Store
+from services.streams import StreamManager
+
+log = logging.getLogger("parley")
+
+
+@dataclasses.dataclass
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 8888
+    mongo_url: str | None = None
+    db_name: str = "parley"
+    data_dir: str = "data"
+    checkpoint_interval: float = 1.0   # seconds between partial-text writes of a streaming reply
+    lease_seconds: float = 30.0
+    max_queued: int = 8                # replies waiting per session before `session_busy`
+    max_message_size: int = 64 * 1024
+    ping_interval: float = 25.0
+    ping_timeout: float = 10.0
+    log_level: str = "info"
+
+
+@dataclasses.dataclass
+class Services:
+    config: Config
+    client: AsyncMongoClient
+    store: Store
+    hub: Hub
+    streams: StreamManager
+    chat: ChatService
+    pipelines: object
+    auth: object
+    instance_id: str
+
+
+def parse_args(argv=None):
+    env = os.environ.get
+    p = argparse.ArgumentParser(description="Parley: chat with AI pipelines over WebSocket")
+    p.add_argument("--host", default=env("PARLEY_HOST", Config.host))
+    p.add_argument("--port", type=int, default=int(env("PARLEY_PORT", Config.port)))
+    p.add_argument("--mongo-url", default=env("PARLEY_MONGO_URL"),
+                   help="MongoDB URL; without one an embedded nx-27017 runs with its data in --data-dir")
+    p.add_argument("--db-name", default=env("PARLEY_DB_NAME", Config.db_name))
+    p.add_argument("--data-dir", default=env("PARLEY_DATA_DIR", Config.data_dir))
+    p.add_argument("--checkpoint-interval", type=float, default=Config.checkpoint_interval)
+    p.add_argument("--max-queued", type=int, default=Config.max_queued)
+    p.add_argument("--log-level", default=env("PARLEY_LOG_LEVEL", Config.log_level),
+                   choices=["debug", "info", "warning", "error"])
+    args = p.parse_args(argv)
+    return Config(host=args.host, port=args.port, mongo_url=args.mongo_url, db_name=args.db_name,
+                  data_dir=args.data_dir, checkpoint_interval=args.checkpoint_interval,
+                  max_queued=args.max_queued, log_level=args.log_level)
+
+
+async def open_services(config, *, pipelines=None, provider_factory=None):
+    """Create every service inside the running loop (an AsyncMongoClient is bound to the loop it starts on)."""
+    client = AsyncMongoClient(config.mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000)
+    store = Store(client, config.db_name)
+    await store.create_indexes()
+    instance_id = uuid.uuid4().hex[:12]
+    pipelines = pipelines or default_pipelines()
+    hub = Hub()
+    extra = {"provider_factory": provider_factory} if provider_factory else {}
+    streams = StreamManager(store, hub, pipelines, instance_id=instance_id,
+                            checkpoint_interval=config.checkpoint_interval, lease_seconds=config.lease_seconds,
+                            max_queued=config.max_queued, **extra)
+    chat = ChatService(store, hub, streams, pipelines)
+    return Services(config=config, client=client, store=store, hub=hub, streams=streams, chat=chat,
+                    pipelines=pipelines, auth=NoAuth(), instance_id=instance_id)
+
+
+async def close_services(services):
+    """Reverse order of creation: end every reply (persisted as interrupted), then the store."""
+    await services.streams.shutdown()
+    await services.client.close()
+
+
+def make_app(services):
+    config = services.config
+    deps = {"services": services}
+    routes = [(pattern, handler, deps) for pattern, handler in ws.default_handlers + api.default_handlers]
+    return web.Application(
+        routes, default_handler_class=NotFoundHandler, default_handler_args=deps,
+        websocket_ping_interval=config.ping_interval, websocket_ping_timeout=config.ping_timeout,
+        websocket_max_message_size=config.max_message_size, xheaders=True)
+
+
+async def serve(config):
+    services = await open_services(config)
+    app = make_app(services)
+    server = app.listen(config.port, config.host)
+    log.info("Parley listening on http://%s:%s/ (instance %s)", config.host, config.port, services.instance_id)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("shutting down")
+    server.stop()
+    await close_services(services)  # every live reply ends as `interrupted`, and its viewers are told
+    for conn in list(services.hub.connections.values()):
+        conn.send({"type": "reconnect", "reason": "server shutting down"})
+        conn.close(1001, "server shutting down")
+    await server.close_all_connections()
+
+
+def main(argv=None):
+    config = parse_args(argv)
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    embedded = None
+    if not config.mongo_url:
+        embedded = EmbeddedMongo(os.path.join(config.data_dir, "mongo")).start()
+        config.mongo_url = embedded.url
+    try:
+        asyncio.run(serve(config))
+    finally:
+        if embedded:
+            embedded.stop()
+            log.info("embedded MongoDB stopped")
+
+
+if __name__ == "__main__":
+    main()

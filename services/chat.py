@@ -1,0 +1,171 @@
+"""Chat use cases shared by the WebSocket and REST handlers: sessions, send, stop, history, reset.
+
+Every operation takes the caller's Identity and checks access here, once, for both transports.
+"""
+import hashlib
+import logging
+
+from pymongo.errors import DuplicateKeyError
+
+from services import frames
+from services.errors import BadRequest, NotFound
+from services.store import new_id, utcnow
+
+log = logging.getLogger(__name__)
+
+SESSION_TYPES = ("person", "group")
+MAX_TEXT = 32_000
+MAX_COMPONENTS = 64
+MAX_CLIENT_MSG_ID = 128
+
+
+def check_session_type(value):
+    if value not in SESSION_TYPES:
+        raise BadRequest(f"session_type must be one of {', '.join(SESSION_TYPES)}", code="invalid_session_type")
+    return value
+
+
+def check_id(value, what):
+    """Ids are plain strings: anything else (an object such as {"$ne": ...}) never reaches a query."""
+    if not isinstance(value, str) or not value or len(value) > 128:
+        raise BadRequest(f"{what} must be a non-empty string of at most 128 characters", code="invalid_param")
+    return value
+
+
+def chain_text(chain):
+    """Validate a LangBot message chain and return its text. Only Plain components carry text today."""
+    if not isinstance(chain, list) or not chain:
+        raise BadRequest("message must be a non-empty list of components", code="invalid_message")
+    if len(chain) > MAX_COMPONENTS:
+        raise BadRequest(f"message has more than {MAX_COMPONENTS} components", code="invalid_message")
+    parts = []
+    for component in chain:
+        if not isinstance(component, dict) or not isinstance(component.get("type"), str):
+            raise BadRequest("each message component must be an object with a string `type`",
+                             code="invalid_message")
+        if component["type"] != "Plain":
+            raise BadRequest(f"component type {component['type']!r} is not supported (use Plain)",
+                             code="unsupported_component")
+        if not isinstance(component.get("text"), str):
+            raise BadRequest("a Plain component needs a string `text`", code="invalid_message")
+        parts.append(component["text"])
+    text = "".join(parts)
+    if not text.strip():
+        raise BadRequest("message text is empty", code="invalid_message")
+    if len(text) > MAX_TEXT:
+        raise BadRequest(f"message text is longer than {MAX_TEXT} characters", code="message_too_long")
+    return text
+
+
+def default_session_id(pipeline, session_type, user_id):
+    """LangBot-style: one implicit session per pipeline, session type and user. Deterministic, so race-free."""
+    digest = hashlib.sha256(f"{pipeline}\0{session_type}\0{user_id}".encode()).hexdigest()[:24]
+    return f"d{digest}"
+
+
+class ChatService:
+    def __init__(self, store, hub, streams, pipelines):
+        self.store = store
+        self.hub = hub
+        self.streams = streams
+        self.pipelines = pipelines
+
+    # sessions
+
+    async def default_session(self, identity, pipeline_id, session_type):
+        self.pipelines.get(pipeline_id)
+        check_session_type(session_type)
+        return await self.store.get_or_create_session(
+            session_id=default_session_id(pipeline_id, session_type, identity.user_id),
+            pipeline=pipeline_id, session_type=session_type, owner=identity.user_id)
+
+    async def create_session(self, identity, pipeline_id, *, session_type="person", title="", members=()):
+        self.pipelines.get(pipeline_id)
+        check_session_type(session_type)
+        if not isinstance(title, str) or len(title) > 200:
+            raise BadRequest("title must be a string of at most 200 characters", code="invalid_param")
+        if not isinstance(members, (list, tuple)) or len(members) > 256:
+            raise BadRequest("members must be a list of at most 256 user ids", code="invalid_param")
+        members = [check_id(m, "a member") for m in members]
+        if session_type == "person" and set(members) - {identity.user_id}:
+            raise BadRequest("a person session has only its owner; use session_type group", code="invalid_param")
+        return await self.store.create_session(pipeline=pipeline_id, session_type=session_type,
+                                               owner=identity.user_id, members=members, title=title)
+
+    async def session(self, identity, pipeline_id, session_id):
+        """The session, if it exists in this pipeline and the caller may use it (else session_not_found)."""
+        self.pipelines.get(pipeline_id)
+        doc = await self.store.get_session(check_id(session_id, "session_id"))
+        if doc["pipeline"] != pipeline_id or not can_access(identity, doc):
+            raise NotFound(f"no session {session_id!r}", code="session_not_found")
+        return doc
+
+    async def list_sessions(self, identity, pipeline_id):
+        self.pipelines.get(pipeline_id)
+        return await self.store.list_sessions(pipeline=pipeline_id, user=identity.user_id)
+
+    # messages
+
+    async def send(self, identity, session, chain, *, stream=True, client_msg_id=None):
+        """Persist the user's message and accept a reply. Returns (user_doc, reply_doc, duplicate)."""
+        text = chain_text(chain)
+        if not isinstance(stream, bool):
+            raise BadRequest("stream must be true or false", code="invalid_param")
+        if client_msg_id is not None:
+            if not isinstance(client_msg_id, str) or not 0 < len(client_msg_id) <= MAX_CLIENT_MSG_ID:
+                raise BadRequest("client_msg_id must be a short non-empty string", code="invalid_param")
+            existing = await self.store.find_by_client_msg_id(session["_id"], client_msg_id)
+            if existing:
+                return await self._duplicate(existing)
+        self.streams.check_capacity(session["_id"])
+        seq = await self.store.next_seqs(session["_id"], 2)
+        now = utcnow()
+        user_doc = {"_id": new_id(), "session_id": session["_id"], "pipeline": session["pipeline"], "seq": seq,
+                    "role": "user", "content": text, "chain": chain, "status": "completed",
+                    "sender": identity.user_id, "created_at": now, "updated_at": now}
+        if client_msg_id is not None:
+            user_doc["client_msg_id"] = client_msg_id
+        reply_doc = {"_id": new_id(), "session_id": session["_id"], "pipeline": session["pipeline"],
+                     "seq": seq + 1, "role": "assistant", "content": "", "thinking": "", "status": "queued",
+                     "reply_to": user_doc["_id"], "created_at": now, "updated_at": now}
+        try:
+            await self.store.insert_messages([user_doc, reply_doc])
+        except DuplicateKeyError:  # the same client_msg_id raced in from another tab
+            existing = await self.store.find_by_client_msg_id(session["_id"], client_msg_id)
+            if existing is None:
+                raise
+            return await self._duplicate(existing)
+        # No await between here and accept(): the reply is registered before anything else runs.
+        self.hub.publish(session["_id"], lambda conn: frames.user_message(user_doc, conn))
+        self.streams.accept(message_id=reply_doc["_id"], session=session, seq=reply_doc["seq"],
+                            reply_to=user_doc["_id"], prompt=text, sender=identity.user_id, stream=stream)
+        return user_doc, reply_doc, False
+
+    async def _duplicate(self, user_doc):
+        return user_doc, await self.store.find_reply(user_doc["_id"]), True
+
+    def stop(self, identity, session_id, message_id=None):
+        """Stop a reply (or every reply) of a session the caller was already allowed into.
+
+        Synchronous, so a stop never waits behind anything. Stopping when nothing runs is a no-op: [].
+        """
+        if message_id is not None:
+            check_id(message_id, "message_id")
+        return self.streams.stop(session_id, message_id)
+
+    async def history(self, identity, session, *, after_seq=0, limit=50):
+        return await self.store.list_messages(session["_id"], after_seq=after_seq, limit=limit)
+
+    async def reset(self, identity, session):
+        """Stop whatever runs, then forget the session's messages. Their seq numbers are never reused."""
+        stopped = self.streams.stop(session["_id"])
+        for message_id in stopped:
+            gen = self.streams.generations.get(message_id)
+            if gen is not None:
+                await gen.done.wait()
+        deleted = await self.store.delete_session_messages(session["_id"])
+        return {"stopped": stopped, "deleted": deleted}
+
+
+def can_access(identity, session):
+    return identity.is_admin or identity.user_id in session.get("members", ())

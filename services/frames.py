@@ -1,0 +1,112 @@
+"""Rendering of server frames (docs/protocol.md). LangBot-compatible shapes first, Parley's fields added.
+
+Offsets count Unicode code points of the answer (`offset`) and of the reasoning (`thinking_offset`) separately.
+"""
+from datetime import datetime, timezone
+
+
+def timestamp(dt=None):
+    dt = dt or datetime.now(timezone.utc)
+    if dt.tzinfo is None:  # the driver returns naive UTC datetimes unless tz_aware is set
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.isoformat(timespec="milliseconds")
+
+
+def chain(text):
+    return [{"type": "Plain", "text": text}]
+
+
+def message_data(doc, *, connection_id=None):
+    """A persisted message as history and `user_message` frames show it."""
+    data = {
+        "id": doc["seq"],
+        "role": doc["role"],
+        "content": doc.get("content", ""),
+        "message_chain": doc.get("chain") or chain(doc.get("content", "")),
+        "timestamp": timestamp(doc.get("created_at")),
+        "session_id": doc["session_id"],
+        "message_id": doc["_id"],
+        "seq": doc["seq"],
+        "status": doc.get("status"),
+        "sender": doc.get("sender"),
+    }
+    for key in ("thinking", "reply_to", "client_msg_id", "model", "usage", "error"):
+        if doc.get(key):
+            data[key] = doc[key]
+    if doc["role"] == "assistant":
+        data["is_final"] = doc.get("status") not in ("queued", "streaming")
+    if connection_id:
+        data["connection_id"] = connection_id
+    return data
+
+
+def user_message(doc, conn):
+    return {"type": "user_message", "data": message_data(doc, connection_id=conn.id)}
+
+
+def _reply_base(gen, conn, *, is_final):
+    return {"id": gen.seq, "role": "assistant", "timestamp": timestamp(), "is_final": is_final,
+            "connection_id": conn.id, "session_id": gen.session_id, "message_id": gen.message_id,
+            "seq": gen.seq, "reply_to": gen.reply_to}
+
+
+def delta(gen, conn, *, offset, text, thinking_offset, thinking):
+    """One increment of a live reply. `text`/`thinking` are the new characters, starting at the offsets."""
+    data = _reply_base(gen, conn, is_final=False)
+    if conn.stream_mode == "delta":
+        data.update(offset=offset, delta=text)
+        if thinking:
+            data.update(thinking_offset=thinking_offset, thinking_delta=thinking)
+    else:  # cumulative: full text so far; `offset` says where this frame's new text starts
+        data.update(content=gen.content, message_chain=chain(gen.content), offset=offset)
+        if gen.thinking:
+            data.update(thinking=gen.thinking, thinking_offset=thinking_offset)
+    return {"type": "response", "data": data}
+
+
+def final(gen, conn):
+    data = _reply_base(gen, conn, is_final=True)
+    data.update(content=gen.content, message_chain=chain(gen.content), status=gen.status)
+    if gen.thinking:
+        data["thinking"] = gen.thinking
+    if gen.error:
+        data["error"] = gen.error
+    if gen.usage:
+        data["usage"] = gen.usage
+    return {"type": "response", "data": data}
+
+
+def status(gen):
+    """A reply changed state before its final frame (queued -> streaming): lets every viewer show it."""
+    return {"type": "status", "data": {"session_id": gen.session_id, "message_id": gen.message_id,
+                                       "seq": gen.seq, "reply_to": gen.reply_to, "status": gen.status,
+                                       "timestamp": timestamp()}}
+
+
+def error(err, **context):
+    body = {"type": "error", **err.to_dict(), "timestamp": timestamp()}
+    body.update({k: v for k, v in context.items() if v is not None})
+    return body
+
+
+def timestamp_from_epoch(seconds):
+    return timestamp(datetime.fromtimestamp(seconds, timezone.utc))
+
+
+def ack_data(user_doc, reply_doc, duplicate):
+    """What the sender learns when a message is accepted (or recognised as a repeat of `client_msg_id`)."""
+    data = {"session_id": user_doc["session_id"], "message_id": user_doc["_id"], "seq": user_doc["seq"],
+            "reply_message_id": reply_doc["_id"] if reply_doc else None,
+            "reply_seq": reply_doc["seq"] if reply_doc else None, "duplicate": duplicate}
+    if user_doc.get("client_msg_id"):
+        data["client_msg_id"] = user_doc["client_msg_id"]
+    return data
+
+
+def ack(user_doc, reply_doc, duplicate):
+    return {"type": "ack", "data": ack_data(user_doc, reply_doc, duplicate)}
+
+
+def stop_ack(session_id, stopped):
+    """The answer to a stop. An empty `stopped` list is the documented no-op: nothing was running."""
+    return {"type": "stop_ack", "data": {"session_id": session_id, "stopped": stopped, "count": len(stopped)}}

@@ -1,0 +1,134 @@
+"""The client side of one WebSocket: parse frames, answer the quick ones at once, run sends in order.
+
+`receive()` never awaits and never raises, so Tornado's on_message returns at once and `ping`/`stop` are heard
+while a reply streams. Sends go through a small per-connection inbox worked by one task, so a client's messages
+are persisted in the order it sent them.
+"""
+import asyncio
+import json
+import logging
+
+from pymongo.errors import PyMongoError
+
+from services import frames
+from services.chat import check_id
+from services.errors import BadRequest, ParleyError, Unavailable
+
+log = logging.getLogger(__name__)
+
+INBOX_SIZE = 16
+CLOSE_NORMAL = 1000
+
+
+class ClientProtocol:
+    def __init__(self, conn, chat):
+        self.conn = conn
+        self.chat = chat
+        self.inbox = asyncio.Queue(INBOX_SIZE)
+        self.worker = asyncio.get_running_loop().create_task(self._work(), name=f"inbox-{conn.id}")
+        self.busy = False             # the worker is in the middle of a send
+
+        self.handlers = {"ping": self.on_ping, "disconnect": self.on_disconnect, "stop": self.on_stop,
+                         "message": self.on_message}
+
+    def receive(self, text):
+        frame = {}
+        try:
+            frame = parse(text)
+            handler = self.handlers.get(frame["type"])
+            if handler is None:
+                raise BadRequest(f"unknown frame type {frame['type']!r}", code="unknown_type")
+            handler(frame)
+        except ParleyError as err:
+            self.conn.send(frames.error(err, request_type=frame.get("type")))
+        except Exception:
+            log.exception("frame handling failed conn_id=%s", self.conn.id)
+            self.conn.send(frames.error(ParleyError("internal error")))
+
+    def shutdown(self):
+        """The socket closed: finish the send in progress (never half-persist one), drop the rest."""
+        if not self.busy:
+            self.worker.cancel()
+        self.conn.closed = True
+
+    # quick frames, answered inline
+
+    def on_ping(self, frame):
+        self.conn.send({"type": "pong", "timestamp": frames.timestamp()})
+
+    def on_disconnect(self, frame):
+        self.conn.close(CLOSE_NORMAL, "client disconnect")
+
+    def on_stop(self, frame):
+        session_id = self._session_id(frame)
+        message_id = frame.get("message_id")
+        if message_id is not None:
+            check_id(message_id, "message_id")
+        stopped = self.chat.stop(self.conn.identity, session_id, message_id)
+        self.conn.send(frames.stop_ack(session_id, stopped))
+
+    # frames that wait their turn
+
+    def on_message(self, frame):
+        self._session_id(frame)  # reject a foreign session before queueing
+        try:
+            self.inbox.put_nowait(frame)
+        except asyncio.QueueFull:
+            raise ParleyError("too many messages waiting on this connection; slow down",
+                              code="rate_limited", retry_after=1) from None
+
+    async def _work(self):
+        while True:
+            frame = await self.inbox.get()
+            if self.conn.closed:
+                break
+            self.busy = True
+            try:
+                await self._send(frame)
+            except PyMongoError as exc:
+                log.error("store error on send conn_id=%s: %s", self.conn.id, exc)
+                self.conn.send(frames.error(Unavailable("the message store is unavailable, try again"),
+                                            request_type="message", client_msg_id=frame.get("client_msg_id")))
+            except ParleyError as err:
+                self.conn.send(frames.error(err, request_type="message", client_msg_id=frame.get("client_msg_id")))
+            except Exception:
+                log.exception("send failed conn_id=%s", self.conn.id)
+                self.conn.send(frames.error(ParleyError("internal error"), request_type="message"))
+            finally:
+                self.busy = False
+            if self.conn.closed:
+                break
+
+    async def _send(self, frame):
+        identity = self.conn.identity
+        session = await self.chat.session(identity, self.conn.pipeline, self._session_id(frame))
+        user_doc, reply_doc, duplicate = await self.chat.send(
+            identity, session, frame.get("message"), stream=frame.get("stream", True),
+            client_msg_id=frame.get("client_msg_id"))
+        self.conn.send(frames.ack(user_doc, reply_doc, duplicate))
+
+    def _session_id(self, frame):
+        session_id = frame.get("session_id")
+        if session_id is None:
+            if self.conn.primary_session is None:
+                raise BadRequest("this connection views no session", code="session_not_found")
+            return self.conn.primary_session
+        check_id(session_id, "session_id")
+        if session_id not in self.conn.sessions:
+            raise BadRequest("this connection does not view that session", code="session_not_found")
+        return session_id
+
+
+def parse(text):
+    if isinstance(text, bytes):
+        raise BadRequest("frames are JSON text, not binary", code="invalid_frame")
+    try:
+        frame = json.loads(text)
+    except ValueError:
+        raise BadRequest("the frame is not valid JSON", code="invalid_json") from None
+    if not isinstance(frame, dict):
+        raise BadRequest("a frame must be a JSON object", code="invalid_frame")
+    if not isinstance(frame.get("type"), str):
+        raise BadRequest("a frame needs a string `type`", code="invalid_frame")
+    return frame
+

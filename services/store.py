@@ -1,0 +1,140 @@
+"""Every MongoDB query Parley makes, through PyMongo's async API.
+
+Only features that behave the same on real MongoDB and on nx-27017: CRUD, indexes, find_one_and_update.
+Times are timezone-aware UTC datetimes; ids are uuid4 hex strings.
+"""
+import logging
+import uuid
+from datetime import datetime, timezone
+
+from pymongo import ASCENDING, DESCENDING, ReturnDocument
+from pymongo.errors import DuplicateKeyError
+
+from services.errors import NotFound
+
+log = logging.getLogger(__name__)
+
+TERMINAL = ("completed", "stopped", "failed", "timeout", "interrupted")
+LIVE = ("queued", "streaming")
+
+
+def utcnow():
+    return datetime.now(timezone.utc)
+
+
+def new_id():
+    return uuid.uuid4().hex
+
+
+class Store:
+    def __init__(self, client, db_name="parley"):
+        self.client = client
+        self.db = client[db_name]
+        self.sessions = self.db.sessions
+        self.messages = self.db.messages
+
+    async def create_indexes(self):
+        await self.sessions.create_index([("pipeline", ASCENDING), ("owner", ASCENDING), ("updated_at", DESCENDING)])
+        await self.sessions.create_index([("members", ASCENDING)])
+        await self.messages.create_index([("session_id", ASCENDING), ("seq", ASCENDING)], unique=True)
+        await self.messages.create_index([("session_id", ASCENDING), ("client_msg_id", ASCENDING)], unique=True,
+                                         partialFilterExpression={"client_msg_id": {"$type": "string"}})
+        await self.messages.create_index([("status", ASCENDING), ("lease_until", ASCENDING)])
+        await self.messages.create_index([("reply_to", ASCENDING)])
+
+    async def ping(self):
+        await self.client.admin.command("ping")
+
+    # sessions
+
+    async def create_session(self, *, pipeline, session_type, owner, members=(), title="", session_id=None):
+        now = utcnow()
+        doc = {"_id": session_id or new_id(), "pipeline": pipeline, "type": session_type, "owner": owner,
+               "members": sorted({owner, *members}), "title": title, "next_seq": 0,
+               "created_at": now, "updated_at": now}
+        await self.sessions.insert_one(doc)
+        return doc
+
+    async def get_or_create_session(self, *, session_id, **fields):
+        """Race-free: a concurrent creator's insert wins and we read it back."""
+        doc = await self.sessions.find_one({"_id": session_id})
+        if doc:
+            return doc
+        try:
+            return await self.create_session(session_id=session_id, **fields)
+        except DuplicateKeyError:
+            return await self.sessions.find_one({"_id": session_id})
+
+    async def get_session(self, session_id):
+        doc = await self.sessions.find_one({"_id": session_id})
+        if not doc:
+            raise NotFound(f"no session {session_id!r}", code="session_not_found")
+        return doc
+
+    async def list_sessions(self, *, pipeline, user, limit=100):
+        cursor = (self.sessions.find({"pipeline": pipeline, "members": user})
+                  .sort("updated_at", DESCENDING).limit(limit))
+        return [doc async for doc in cursor]
+
+    async def next_seqs(self, session_id, count=1):
+        """Reserve `count` consecutive message numbers atomically; returns the first."""
+        doc = await self.sessions.find_one_and_update(
+            {"_id": session_id}, {"$inc": {"next_seq": count}, "$set": {"updated_at": utcnow()}},
+            return_document=ReturnDocument.AFTER)
+        if not doc:
+            raise NotFound(f"no session {session_id!r}", code="session_not_found")
+        return doc["next_seq"] - count + 1
+
+    # messages
+
+    async def insert_messages(self, docs):
+        await self.messages.insert_many(docs, ordered=True)
+
+    async def find_by_client_msg_id(self, session_id, client_msg_id):
+        return await self.messages.find_one({"session_id": session_id, "client_msg_id": client_msg_id})
+
+    async def find_reply(self, user_message_id):
+        return await self.messages.find_one({"reply_to": user_message_id})
+
+    async def get_message(self, message_id):
+        doc = await self.messages.find_one({"_id": message_id})
+        if not doc:
+            raise NotFound(f"no message {message_id!r}", code="message_not_found")
+        return doc
+
+    async def list_messages(self, session_id, *, after_seq=0, limit=50):
+        cursor = (self.messages.find({"session_id": session_id, "seq": {"$gt": after_seq}})
+                  .sort("seq", ASCENDING).limit(limit))
+        return [doc async for doc in cursor]
+
+    async def recent_messages(self, session_id, *, before_seq, limit):
+        """The `limit` messages just before `before_seq`, oldest first (context for a provider)."""
+        cursor = (self.messages.find({"session_id": session_id, "seq": {"$lt": before_seq}})
+                  .sort("seq", DESCENDING).limit(limit))
+        docs = [doc async for doc in cursor]
+        return docs[::-1]
+
+    async def mark_streaming(self, message_id, *, instance, lease_until):
+        await self.messages.update_one({"_id": message_id, "status": "queued"}, {"$set": {
+            "status": "streaming", "instance": instance, "lease_until": lease_until, "started_at": utcnow()}})
+
+    async def checkpoint(self, message_id, *, content, thinking, lease_until):
+        # Only while still live: a late checkpoint must never overwrite a terminal state.
+        await self.messages.update_one({"_id": message_id, "status": {"$in": list(LIVE)}}, {"$set": {
+            "content": content, "thinking": thinking, "lease_until": lease_until, "updated_at": utcnow()}})
+
+    async def finish(self, message_id, *, status, content, thinking, error=None, usage=None, model=None):
+        assert status in TERMINAL, status
+        now = utcnow()
+        fields = {"status": status, "content": content, "thinking": thinking, "error": error,
+                  "updated_at": now, "finished_at": now, "lease_until": None}
+        if usage:
+            fields["usage"] = usage
+        if model:
+            fields["model"] = model
+        await self.messages.update_one({"_id": message_id}, {"$set": fields})
+
+    async def delete_session_messages(self, session_id):
+        result = await self.messages.delete_many({"session_id": session_id})
+        return result.deleted_count
+

@@ -1,0 +1,233 @@
+"""The generation lifecycle: one task per reply, the stop-callback dictionary, live buffers and timeouts.
+
+A generation belongs to its session, not to the socket that asked for it: sockets come and go as viewers
+(services/hub.py); the task here runs to exactly one terminal state, persists it, and sends exactly one final
+frame. Replies of one session run one at a time, in the order they were accepted.
+
+`stop_callbacks` maps message id -> callable, one entry per accepted reply (queued or running), removed in the
+task's `finally` whatever the reason it ended; `by_session` finds them by session.
+"""
+import asyncio
+import contextlib
+import logging
+from datetime import timedelta
+
+from services import frames
+from services.errors import Busy
+from services.providers import GenerationRequest, ProviderError, Turn, make_provider
+from services.store import utcnow
+
+log = logging.getLogger(__name__)
+
+
+class Generation:
+    def __init__(self, *, message_id, session, seq, reply_to, prompt, sender, stream):
+        self.message_id = message_id
+        self.session_id = session["_id"]
+        self.session_type = session["type"]
+        self.pipeline_id = session["pipeline"]
+        self.seq = seq
+        self.reply_to = reply_to      # the user message id this answers
+        self.prompt = prompt          # the user's text
+        self.sender = sender
+        self.stream = stream          # False: viewers get only the final frame
+        self.status = "queued"
+        self.content = ""
+        self.thinking = ""
+        self.error = None             # {"code", "message"} when failed/timeout
+        self.usage = None
+        self.model = None
+        self.stop_reason = None       # set once by stop(): the terminal status to end with
+        self.task = None
+        self.running = False          # the task has begun executing (cancelling before that skips its finally)
+        self.done = asyncio.Event()   # set after the terminal state is persisted and sent
+        self.previous = None          # the generation this one waits for (same session)
+        self.checkpoint_task = None
+        self.last_checkpoint = 0.0
+
+
+class StreamManager:
+    def __init__(self, store, hub, pipelines, *, instance_id, checkpoint_interval=1.0, lease_seconds=30.0,
+                 max_queued=8, provider_factory=make_provider):
+        self.store = store
+        self.hub = hub
+        self.pipelines = pipelines
+        self.instance_id = instance_id
+        self.checkpoint_interval = checkpoint_interval
+        self.lease_seconds = lease_seconds
+        self.max_queued = max_queued
+        self.provider_factory = provider_factory
+        self._providers = {}      # pipeline id -> provider, so HTTP clients and their pools are reused
+        self.generations = {}     # message_id -> Generation (live: queued or streaming)
+        self.stop_callbacks = {}  # message_id -> callable(reason)
+        self.by_session = {}      # session_id -> {message_id: Generation}, in acceptance order
+
+    # accepting and stopping
+
+    def check_capacity(self, session_id):
+        if len(self.by_session.get(session_id, ())) > self.max_queued:
+            raise Busy("this session already has replies waiting; try again when one finishes",
+                       code="session_busy")
+
+    def accept(self, **fields):
+        """Start a reply. Synchronous: registered and visible before the caller's next await."""
+        gen = Generation(**fields)
+        queue = self.by_session.setdefault(gen.session_id, {})
+        if queue:
+            gen.previous = next(reversed(queue.values()))
+        queue[gen.message_id] = gen
+        self.generations[gen.message_id] = gen
+        self.stop_callbacks[gen.message_id] = lambda reason="stopped", g=gen: self._request_stop(g, reason)
+        log.debug("stream signal registered message_id=%s session_id=%s", gen.message_id, gen.session_id)
+        gen.task = asyncio.get_running_loop().create_task(self._run(gen), name=f"generation-{gen.message_id}")
+        return gen
+
+    def stop(self, session_id, message_id=None, reason="stopped"):
+        """Stop one reply of a session, or all of them. Returns the message ids a stop was sent to."""
+        targets = self.by_session.get(session_id, {})
+        ids = [message_id] if message_id else list(targets)
+        stopped = []
+        for mid in ids:
+            if mid in targets and (callback := self.stop_callbacks.get(mid)):
+                callback(reason)
+                stopped.append(mid)
+        if stopped:
+            log.info("stop executed locally session_id=%s message_ids=%s", session_id, stopped)
+        return stopped
+
+    def _request_stop(self, gen, reason):
+        if gen.stop_reason is None:
+            gen.stop_reason = reason
+            if gen.running:
+                gen.task.cancel()
+
+    async def shutdown(self):
+        """Interrupt every live reply and wait until each has persisted its terminal state."""
+        gens = list(self.generations.values())
+        for gen in gens:
+            if cb := self.stop_callbacks.get(gen.message_id):
+                cb("interrupted")
+        await asyncio.gather(*(g.task for g in gens), return_exceptions=True)
+
+    # the task
+
+    async def _run(self, gen):
+        gen.running = True
+        try:
+            if gen.stop_reason:  # stopped before the task began
+                raise asyncio.CancelledError
+            pipeline = self.pipelines.get(gen.pipeline_id)
+            if gen.previous is not None:
+                await gen.previous.done.wait()
+            gen.previous = None  # let the finished one be collected
+            gen.status = "streaming"
+            await self.store.mark_streaming(gen.message_id, instance=self.instance_id, lease_until=self._lease())
+            self.hub.publish(gen.session_id, lambda conn: frames.status(gen))
+            request = await self._request(gen, pipeline)
+            await self._consume(gen, pipeline, request)
+            if not gen.content:
+                raise ProviderError("empty_completion", "the model returned no text")
+            gen.status = "completed"
+        except asyncio.CancelledError:
+            asyncio.current_task().uncancel()
+            gen.status = gen.stop_reason or "interrupted"
+        except ProviderError as exc:
+            gen.status, gen.error = exc.status, {"code": exc.code, "message": exc.message}
+            log.warning("generation %s pipeline=%s session_id=%s message_id=%s code=%s: %s", exc.status,
+                        gen.pipeline_id, gen.session_id, gen.message_id, exc.code, exc.message)
+        except Exception:
+            log.exception("generation crashed pipeline=%s session_id=%s message_id=%s",
+                          gen.pipeline_id, gen.session_id, gen.message_id)
+            gen.status, gen.error = "failed", {"code": "internal_error", "message": "the reply failed"}
+        finally:
+            await self._finish(gen)
+
+    async def _request(self, gen, pipeline):
+        turns = []
+        if pipeline.history_messages > 0:
+            docs = await self.store.recent_messages(gen.session_id, before_seq=gen.seq - 1,
+                                                    limit=pipeline.history_messages)
+            turns = [Turn(role=d["role"], text=d["content"], sender=d.get("sender"))
+                     for d in docs if d.get("content") and d.get("status") in ("completed", "stopped")]
+        return GenerationRequest(pipeline=pipeline, session_id=gen.session_id, session_type=gen.session_type,
+                                 message_id=gen.message_id, history=turns,
+                                 prompt=Turn(role="user", text=gen.prompt, sender=gen.sender))
+
+    async def _consume(self, gen, pipeline, request):
+        loop = asyncio.get_running_loop()
+        limits = pipeline.timeouts
+        total_deadline = loop.time() + limits.total
+        provider = self._providers.get(pipeline.id)
+        if provider is None:
+            provider = self._providers[pipeline.id] = self.provider_factory(pipeline)
+        got_token = False
+        async with contextlib.aclosing(provider.stream(request)) as chunks:
+            try:
+                async with asyncio.timeout(min(total_deadline, loop.time() + limits.first_token)) as deadline:
+                    async for chunk in chunks:
+                        got_token = got_token or bool(chunk.text or chunk.thinking)
+                        self._apply(gen, chunk)
+                        if got_token:
+                            deadline.reschedule(min(total_deadline, loop.time() + limits.stall))
+            except TimeoutError:
+                if not deadline.expired():
+                    raise
+                if loop.time() >= total_deadline:
+                    code, what = "total_timeout", f"the reply took longer than {limits.total:g} s"
+                elif not got_token:
+                    code, what = "first_token_timeout", f"no first token within {limits.first_token:g} s"
+                else:
+                    code, what = "stall_timeout", f"the model stalled for {limits.stall:g} s"
+                raise ProviderError(code, what, status="timeout") from None
+
+    def _apply(self, gen, chunk):
+        if chunk.usage:
+            gen.usage = chunk.usage
+        if chunk.model:
+            gen.model = chunk.model
+        if not (chunk.text or chunk.thinking):
+            return
+        offset, thinking_offset = len(gen.content), len(gen.thinking)
+        gen.content += chunk.text
+        gen.thinking += chunk.thinking
+        if gen.stream:
+            self.hub.publish(gen.session_id, lambda conn: frames.delta(
+                gen, conn, offset=offset, text=chunk.text, thinking_offset=thinking_offset,
+                thinking=chunk.thinking))
+        now = asyncio.get_running_loop().time()
+        if gen.checkpoint_task is None and now - gen.last_checkpoint >= self.checkpoint_interval:
+            gen.last_checkpoint = now
+            gen.checkpoint_task = asyncio.get_running_loop().create_task(self._checkpoint(gen))
+
+    async def _checkpoint(self, gen):
+        try:
+            await self.store.checkpoint(gen.message_id, content=gen.content, thinking=gen.thinking,
+                                        lease_until=self._lease())
+        except Exception as exc:  # a missed checkpoint only costs freshness; the terminal write decides
+            log.warning("checkpoint failed message_id=%s: %s", gen.message_id, exc)
+        finally:
+            gen.checkpoint_task = None
+
+    async def _finish(self, gen):
+        # From here on a stop is a no-op: the reply is already ending.
+        self.stop_callbacks.pop(gen.message_id, None)
+        log.debug("stream signal removed message_id=%s status=%s", gen.message_id, gen.status)
+        try:
+            if gen.checkpoint_task is not None:
+                await gen.checkpoint_task  # never let a late checkpoint land after the terminal write
+            await self.store.finish(gen.message_id, status=gen.status, content=gen.content,
+                                    thinking=gen.thinking, error=gen.error, usage=gen.usage, model=gen.model)
+        except Exception:
+            log.exception("could not persist the end of message_id=%s status=%s", gen.message_id, gen.status)
+        finally:
+            self.generations.pop(gen.message_id, None)
+            queue = self.by_session.get(gen.session_id)
+            if queue is not None:
+                queue.pop(gen.message_id, None)
+                if not queue:
+                    del self.by_session[gen.session_id]
+            self.hub.publish(gen.session_id, lambda conn: frames.final(gen, conn))
+            gen.done.set()
+
+    def _lease(self):
+        return utcnow() + timedelta(seconds=self.lease_seconds)

@@ -1,0 +1,194 @@
+"""Fixtures: one real MongoDB-wire server per test session, a real Parley app per test, real sockets.
+
+Every test gets its own database on the shared server. Set PARLEY_TEST_MONGO_URL to run against a real MongoDB.
+"""
+import asyncio
+import json
+import os
+import uuid
+
+import pytest
+from pymongo import MongoClient
+from tornado import httpclient
+from tornado.websocket import websocket_connect
+
+import server
+from services.embedded_mongo import EmbeddedMongo
+from services.pipelines import Pipeline, Pipelines, Timeouts
+from services.providers import make_provider
+from tests.fakes import FAKE_PROVIDERS
+
+REQUIRE_ALL = os.environ.get("PARLEY_REQUIRE_ALL") == "1"
+
+
+def require(condition, reason):
+    """Skip when a real component is missing, but fail under PARLEY_REQUIRE_ALL=1 (CI provisions everything)."""
+    if condition:
+        return
+    if REQUIRE_ALL:
+        pytest.fail(f"required component missing: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def mongo_url(tmp_path_factory):
+    url = os.environ.get("PARLEY_TEST_MONGO_URL")
+    if url:
+        yield url
+        return
+    embedded = EmbeddedMongo(tmp_path_factory.mktemp("mongo")).start()
+    yield embedded.url
+    embedded.stop()
+
+
+def make_test_pipelines():
+    fast = Timeouts(first_token=5, stall=5, total=30)
+    return Pipelines([
+        Pipeline(id="default", name="Demo", provider="demo", model="demo", timeouts=fast,
+                 options={"words": 12, "rate": 0}),
+        # Long and paced: there is always time to stop it mid-stream.
+        Pipeline(id="slow", provider="demo", model="demo", timeouts=fast,
+                 options={"words": 3000, "rate": 200}),
+        Pipeline(id="thinker", provider="demo", model="demo", timeouts=fast,
+                 options={"words": 8, "rate": 0, "thinking": 5}),
+        Pipeline(id="stall", provider="stall", timeouts=Timeouts(first_token=2, stall=0.3, total=10)),
+        Pipeline(id="mute", provider="stall", options={"before_first": 99},
+                 timeouts=Timeouts(first_token=0.3, stall=5, total=10)),
+        Pipeline(id="endless", provider="demo", options={"words": 100000, "rate": 500},
+                 timeouts=Timeouts(first_token=5, stall=5, total=0.4)),
+        Pipeline(id="broken", provider="fail", timeouts=fast),
+        Pipeline(id="empty", provider="empty", timeouts=fast),
+    ])
+
+
+def provider_factory(pipeline):
+    fake = FAKE_PROVIDERS.get(pipeline.provider)
+    return fake(pipeline) if fake else make_provider(pipeline)
+
+
+@pytest.fixture
+def db_name():
+    return "t_" + uuid.uuid4().hex[:16]
+
+
+@pytest.fixture
+def config(mongo_url, db_name):
+    return server.Config(mongo_url=mongo_url, db_name=db_name, checkpoint_interval=0.05, max_queued=3)
+
+
+@pytest.fixture
+def services(io_loop, config, mongo_url, db_name):
+    svc = io_loop.run_sync(lambda: server.open_services(config, pipelines=make_test_pipelines(),
+                                                       provider_factory=provider_factory))
+    yield svc
+    io_loop.run_sync(lambda: server.close_services(svc), timeout=30)
+    with MongoClient(mongo_url) as client:
+        client.drop_database(db_name)
+
+
+@pytest.fixture
+def app(services):
+    return server.make_app(services)
+
+
+@pytest.fixture
+def base_url(http_server, http_port):
+    return f"http://127.0.0.1:{http_port}"
+
+
+@pytest.fixture
+def ws_url(base_url):
+    def url(pipeline="default", **query):
+        qs = "&".join(f"{k}={v}" for k, v in query.items())
+        return f"{base_url.replace('http', 'ws', 1)}/api/v1/pipelines/{pipeline}/ws/connect" + (f"?{qs}" if qs else "")
+    return url
+
+
+class Client:
+    """A test WebSocket client: JSON frames, reads with a deadline, helpers that follow one reply."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.connected = None
+
+    async def send(self, frame):
+        await self.ws.write_message(frame if isinstance(frame, str) else json.dumps(frame))
+
+    async def recv(self, timeout=5.0):
+        raw = await asyncio.wait_for(self.ws.read_message(), timeout)
+        return None if raw is None else json.loads(raw)
+
+    async def recv_type(self, *types, timeout=5.0):
+        """The next frame of one of `types`, skipping others."""
+        while True:
+            frame = await self.recv(timeout)
+            assert frame is not None, f"socket closed while waiting for {types}"
+            if frame["type"] in types:
+                return frame
+
+    async def say(self, text, **extra):
+        """Send a message; return its ack."""
+        await self.send({"type": "message", "message": [{"type": "Plain", "text": text}], **extra})
+        return await self.recv_type("ack", "error")
+
+    async def until_final(self, message_id, timeout=10.0):
+        """All response frames of one reply, through its final frame."""
+        got = []
+        while True:
+            frame = await self.recv_type("response", timeout=timeout)
+            if frame["data"]["message_id"] != message_id:
+                continue
+            got.append(frame)
+            if frame["data"]["is_final"]:
+                return got
+
+    async def wait_closed(self, timeout=5.0):
+        while True:
+            if await asyncio.wait_for(self.ws.read_message(), timeout) is None:
+                return self.ws.close_code, self.ws.close_reason
+
+    def close(self):
+        self.ws.close()
+
+
+@pytest.fixture
+def connect(io_loop, ws_url):
+    clients = []
+
+    async def open_client(pipeline="default", *, expect_connected=True, **query):
+        ws = await websocket_connect(ws_url(pipeline, **query))
+        client = Client(ws)
+        clients.append(client)
+        if expect_connected:
+            client.connected = await client.recv()
+            assert client.connected["type"] == "connected", client.connected
+        return client
+
+    yield open_client
+    for c in clients:
+        c.close()
+
+
+@pytest.fixture
+def fetch(http_client, base_url):
+    """REST helper: JSON in and out, never raises on 4xx; asserts every answer is JSON."""
+
+    async def do(path, method="GET", body=None, **kw):
+        if body is not None and not isinstance(body, (str, bytes)):
+            body = json.dumps(body)
+        if method == "POST" and body is None:
+            body = ""
+        response = await http_client.fetch(base_url + path, method=method, body=body, raise_error=False, **kw)
+        assert response.headers["Content-Type"].startswith("application/json"), response.headers
+        return response.code, json.loads(response.body)
+
+    return do
+
+
+async def settle(predicate, timeout=5.0):
+    """Wait until `predicate()` is true (state that changes on the loop), failing after `timeout`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)

@@ -40,8 +40,6 @@ ERRORS = (
     (openai.APIConnectionError, "upstream_unreachable", True),         # refused, DNS, connect timeout
     (openai.APIError, "upstream_error", True),                         # an error event inside the stream
 )
-# Once the response has started, a broken connection or unparsable data is a protocol failure, not "unreachable".
-MIDSTREAM_ERRORS = (openai.APIConnectionError, ValueError, TypeError)
 
 
 def error_code(exc):
@@ -120,7 +118,7 @@ class OpenAIProvider:
                 try:
                     upstream = await client.chat.completions.create(**body, extra_body=self.extra_body)
                 except openai.APIError as exc:
-                    raise self._error(exc, key, ids, started=False, attempt=attempt) from None
+                    raise self._error(exc, key, ids, attempt=attempt) from None
                 try:
                     async for event in upstream:
                         model = model or _get(event, "model")
@@ -150,17 +148,18 @@ class OpenAIProvider:
                             has_text = has_text or bool(chunk.text.strip())
                             yield chunk
                 except openai.APIStatusError as exc:
-                    raise self._error(exc, key, ids, started=True, attempt=attempt) from None
+                    raise self._error(exc, key, ids, attempt=attempt) from None
                 except openai.APIError as exc:
+                    # Once the response has started, a cut connection is a protocol failure, not "unreachable".
                     if isinstance(exc, openai.APIConnectionError):
-                        raise self._error(exc, key, ids, started=True, attempt=attempt,
+                        raise self._error(exc, key, ids, attempt=attempt,
                                           code="upstream_protocol_error", retryable=True) from None
-                    raise self._error(exc, key, ids, started=True, attempt=attempt) from None
+                    raise self._error(exc, key, ids, attempt=attempt) from None
                 except (ValueError, TypeError) as exc:  # unparsable JSON or wrong shapes in a data line
-                    raise self._error(exc, key, ids, started=True, attempt=attempt,
+                    raise self._error(exc, key, ids, attempt=attempt,
                                       code="upstream_protocol_error", retryable=True) from None
                 if not finished:
-                    raise self._error(None, key, ids, started=True, attempt=attempt,
+                    raise self._error(None, key, ids, attempt=attempt,
                                       code="upstream_protocol_error", retryable=True,
                                       message="stream ended without a finish_reason (connection cut?)")
                 break
@@ -172,21 +171,20 @@ class OpenAIProvider:
                 delay = min(MAX_BACKOFF, delay) * random.uniform(1.0, 1.1)
                 log.info("provider retry: pipeline=%s session=%s message=%s code=%s attempt=%d delay=%.2fs",
                          *ids, retry.error.code, attempt + 1, delay)
-                attempt += 1
-                await asyncio.sleep(delay)
             finally:
                 if upstream is not None:
                     # Closes the HTTP response (and its connection) at once: on a stop the upstream server
                     # sees the disconnect and stops generating; no further delta is read.
                     await upstream.close()
+            attempt += 1
+            await asyncio.sleep(delay)
         if not has_text:
             err = ProviderError("empty_completion", "the model returned no answer text")
             self._log_failure(err, ids, attempt)
             raise err
-        if usage or model:
-            yield Chunk(usage=usage, model=model or p.model)
+        yield Chunk(usage=usage, model=model or p.model)
 
-    def _error(self, exc, key, ids, *, started, attempt, code=None, retryable=None, message=None):
+    def _error(self, exc, key, ids, *, attempt, code=None, retryable=None, message=None):
         """Turn an upstream failure into a ProviderError (wrapped in _Retry when a retry is allowed)."""
         mapped_code, mapped_retryable = error_code(exc) if exc is not None else ("upstream_error", False)
         code = code or mapped_code
@@ -213,11 +211,12 @@ class _Retry(Exception):
 
 
 def _describe(exc):
-    status = getattr(exc, "status_code", None)
-    message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-    if isinstance(exc, openai.APIConnectionError) and exc.__cause__ is not None:
-        message = f"{message} ({type(exc.__cause__).__name__}: {exc.__cause__})"
-    return f"HTTP {status}: {message}" if status else message
+    if isinstance(exc, openai.APIError):
+        message = exc.message or type(exc).__name__      # "Error code: 429 - {...}" for a status error
+        if isinstance(exc, openai.APIConnectionError) and exc.__cause__ is not None:
+            message = f"{message} ({type(exc.__cause__).__name__}: {exc.__cause__})"
+        return message
+    return f"malformed stream data ({type(exc).__name__}: {exc})"
 
 
 def _retry_after(exc):

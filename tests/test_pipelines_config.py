@@ -34,7 +34,7 @@ def test_default_pipelines_without_a_file():
     assert [p.id for p in pipelines] == ["default"]
 
 
-def test_example_file_loads_with_demo_openai_ollama_and_vllm(monkeypatch):
+def test_example_file_loads_with_demo_openai_ollama_and_vllm():
     pipelines = load_pipelines(EXAMPLE)
     by_id = {p.id: p for p in pipelines}
     assert by_id["default"].provider == "demo"

@@ -37,6 +37,7 @@ class Script:
     malformed_after: int | None = None   # send K chunks, then a data line that is not JSON
     finish: bool = True              # send the finish_reason chunk (and [DONE])
     reported_model: str | None = None    # the `model` in chunks; default: the requested model
+    comments: bool = False           # an SSE comment line (": keep-alive") before every chunk, as OpenRouter does
 
 
 @dataclass
@@ -115,6 +116,7 @@ class ChatCompletionsHandler(tornado.web.RequestHandler):
     def initialize(self, upstream):
         self.upstream = upstream
         self.call = None
+        self.script = None
 
     def on_connection_close(self):
         if self.call and self.call.disconnected is None and not self.call.completed:
@@ -147,6 +149,7 @@ class ChatCompletionsHandler(tornado.web.RequestHandler):
             await self.call.released.wait()
             return
 
+        self.script = script
         self.set_header("Content-Type", "text/event-stream")
         self.set_header("Cache-Control", "no-cache")
         model = script.reported_model or body.get("model")
@@ -200,6 +203,8 @@ class ChatCompletionsHandler(tornado.web.RequestHandler):
             self.on_connection_close()
 
     async def _send(self, obj):
+        if self.script.comments:
+            self.write(": keep-alive\n\n")
         await self._send_raw(f"data: {json.dumps(obj)}\n\n")
 
     async def _send_raw(self, text):

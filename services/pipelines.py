@@ -1,10 +1,22 @@
 """Pipelines: the AI apps clients talk to. Each names a provider, a model and how to call it.
 
-Issue "LLM providers" adds loading them from a TOML file; `default_pipelines()` is what runs when none is given.
+`default_pipelines()` is what runs when no file is given; `load_pipelines(path)` reads a TOML file
+(schema in docs/providers.md, example in pipelines.example.toml) and fails start-up with a
+`PipelineConfigError` naming the file, the pipeline and the field.
 """
-from dataclasses import dataclass, field
+import logging
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
 
 from services.errors import NotFound
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = ("demo", "openai")
+ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")        # a pipeline id is a URL path segment
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 @dataclass(frozen=True)
@@ -12,6 +24,7 @@ class Timeouts:
     first_token: float = 60.0   # seconds from start to the first chunk
     stall: float = 60.0         # longest gap between two chunks
     total: float = 600.0        # whole reply
+    connect: float = 10.0       # TCP/TLS connect to the upstream (providers that use the network)
 
 
 @dataclass(frozen=True)
@@ -27,6 +40,8 @@ class Pipeline:
     max_tokens: int | None = None
     history_messages: int = 20  # earlier messages sent as context
     history_chars: int = 16000  # and at most this many characters of them
+    retries: int = 2            # retries before the first token (429, 5xx, connect); never after
+    retry_backoff: float = 0.5  # first retry delay in seconds; doubles each time, capped
     timeouts: Timeouts = field(default_factory=Timeouts)
     options: dict = field(default_factory=dict)  # provider-specific
 
@@ -51,7 +66,177 @@ class Pipelines:
     def __contains__(self, pipeline_id):
         return pipeline_id in self._by_id
 
+    def __len__(self):
+        return len(self._by_id)
+
 
 def default_pipelines():
     return Pipelines([Pipeline(id="default", name="Demo assistant", provider="demo", model="demo",
                                options={"words": 60, "rate": 20})])
+
+
+class PipelineConfigError(ValueError):
+    """A bad pipelines file. The message names the file, the pipeline and the field; never a field's value
+    when that value could be a secret."""
+
+    def __init__(self, path, problem, *, pipeline=None, field=None):
+        where = [str(path)]
+        if pipeline is not None:
+            where.append(f"pipeline {pipeline!r}")
+        if field is not None:
+            where.append(f"field {field!r}")
+        super().__init__(f"{': '.join(where)}: {problem}")
+        self.path = str(path)
+        self.pipeline = pipeline
+        self.field = field
+
+
+def load_pipelines(path):
+    """Read `[pipelines.<id>]` tables from a TOML file. Only the file's pipelines exist afterwards."""
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as exc:
+        raise PipelineConfigError(path, f"cannot read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise PipelineConfigError(path, f"invalid TOML: {exc}") from None
+
+    for key in doc:
+        if key != "pipelines":
+            raise PipelineConfigError(path, f"unknown top-level key {key!r} (expected [pipelines.<id>] tables)")
+    tables = doc.get("pipelines")
+    if not isinstance(tables, dict) or not tables:
+        raise PipelineConfigError(path, "no pipelines defined (expected at least one [pipelines.<id>] table)")
+
+    pipelines = []
+    for pid, table in tables.items():
+        if not ID_RE.match(pid):
+            raise PipelineConfigError(path, "id must be 1-64 letters, digits, '_' or '-'", pipeline=pid)
+        if not isinstance(table, dict):
+            raise PipelineConfigError(path, "must be a table", pipeline=pid)
+        pipelines.append(_pipeline(path, pid, table))
+    for p in pipelines:
+        if p.api_key_env and p.api_key_env not in os.environ:
+            log.warning("pipeline %s: environment variable %s is not set; its replies will fail with "
+                        "missing_api_key", p.id, p.api_key_env)
+    return Pipelines(pipelines)
+
+
+# Field checks: the type TOML must give, then an optional predicate with its explanation.
+def _str(v):
+    return isinstance(v, str)
+
+
+def _int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_PIPELINE_FIELDS = {
+    "name": (_str, "a string", None),
+    "provider": (_str, "a string", (lambda v: v in PROVIDERS, f"must be one of {', '.join(PROVIDERS)}")),
+    "model": (_str, "a string", None),
+    "base_url": (_str, "a string", (lambda v: v == "" or re.match(r"^https?://[^/\s]+", v),
+                                    "must be an http:// or https:// URL")),
+    "api_key_env": (_str, "a string", (lambda v: v == "" or ENV_NAME_RE.match(v),
+                                       "must be the NAME of an environment variable (letters, digits, '_'), "
+                                       "never the key itself")),
+    "system_prompt": (_str, "a string", None),
+    "temperature": (_num, "a number", (lambda v: 0 <= v <= 2, "must be between 0 and 2")),
+    "max_tokens": (_int, "an integer", (lambda v: v > 0, "must be positive")),
+    "history_messages": (_int, "an integer", (lambda v: v >= 0, "must be 0 or more")),
+    "history_chars": (_int, "an integer", (lambda v: v >= 0, "must be 0 or more")),
+    "retries": (_int, "an integer", (lambda v: 0 <= v <= 10, "must be between 0 and 10")),
+    "retry_backoff": (_num, "a number", (lambda v: 0 <= v <= 60, "must be between 0 and 60 seconds")),
+    "timeouts": (lambda v: isinstance(v, dict), "a table", None),
+    "options": (lambda v: isinstance(v, dict), "a table", None),
+}
+_TIMEOUT_FIELDS = {f.name for f in fields(Timeouts)}
+
+
+def _pipeline(path, pid, table):
+    known = {f.name for f in fields(Pipeline)} - {"id"}
+    assert known == set(_PIPELINE_FIELDS), "keep _PIPELINE_FIELDS in step with Pipeline"
+    values = {}
+    for key, value in table.items():
+        if key not in _PIPELINE_FIELDS:
+            raise PipelineConfigError(path, f"unknown field (known: {', '.join(sorted(known))})",
+                                      pipeline=pid, field=key)
+        type_ok, type_name, rule = _PIPELINE_FIELDS[key]
+        # Say what type was given, not the value: api_key_env may hold a pasted key.
+        if not type_ok(value):
+            raise PipelineConfigError(path, f"must be {type_name}, not {_toml_type(value)}",
+                                      pipeline=pid, field=key)
+        if rule and not rule[0](value):
+            raise PipelineConfigError(path, rule[1], pipeline=pid, field=key)
+        values[key] = value
+
+    if "temperature" in values:
+        values["temperature"] = float(values["temperature"])
+    if "retry_backoff" in values:
+        values["retry_backoff"] = float(values["retry_backoff"])
+    if "timeouts" in values:
+        values["timeouts"] = _timeouts(path, pid, values["timeouts"])
+
+    provider = values.get("provider", "demo")
+    if provider == "openai":
+        if not values.get("model"):
+            raise PipelineConfigError(path, "required for provider 'openai'", pipeline=pid, field="model")
+        if not values.get("base_url"):
+            raise PipelineConfigError(path, "required for provider 'openai' (e.g. https://api.openai.com/v1, "
+                                      "http://127.0.0.1:11434/v1)", pipeline=pid, field="base_url")
+        _check_options(path, pid, "openai", _OPENAI_OPTIONS, values.get("options", {}))
+    elif provider == "demo":
+        _check_options(path, pid, "demo", _DEMO_OPTIONS, values.get("options", {}))
+    return Pipeline(id=pid, **values)
+
+
+def _timeouts(path, pid, table):
+    values = {}
+    for key, value in table.items():
+        name = f"timeouts.{key}"
+        if key not in _TIMEOUT_FIELDS:
+            raise PipelineConfigError(path, f"unknown field (known: {', '.join(sorted(_TIMEOUT_FIELDS))})",
+                                      pipeline=pid, field=name)
+        if not _num(value):
+            raise PipelineConfigError(path, f"must be a number, not {_toml_type(value)}", pipeline=pid, field=name)
+        if value <= 0:
+            raise PipelineConfigError(path, "must be positive (seconds)", pipeline=pid, field=name)
+        values[key] = float(value)
+    return Timeouts(**values)
+
+
+_OPENAI_OPTIONS = {
+    "include_usage": (lambda v: isinstance(v, bool), "true or false"),
+    "think_tags": (lambda v: isinstance(v, bool), "true or false"),
+    "max_tokens_param": (lambda v: v in ("max_tokens", "max_completion_tokens"),
+                         "'max_tokens' or 'max_completion_tokens'"),
+    "extra_body": (lambda v: isinstance(v, dict), "a table"),
+}
+
+
+_DEMO_OPTIONS = {
+    "words": (lambda v: _int(v) and v >= 0, "an integer, 0 or more"),
+    "rate": (lambda v: _num(v) and v >= 0, "a number, 0 or more (0 = as fast as possible)"),
+    "thinking": (lambda v: _int(v) and v >= 0, "an integer, 0 or more"),
+    "chunk_words": (lambda v: _int(v) and v >= 1, "a positive integer"),
+}
+
+
+def _check_options(path, pid, provider, known, options):
+    for key, value in options.items():
+        name = f"options.{key}"
+        if key not in known:
+            raise PipelineConfigError(path, f"unknown option for provider {provider!r} "
+                                      f"(known: {', '.join(sorted(known))})", pipeline=pid, field=name)
+        ok, expected = known[key]
+        if not ok(value):
+            raise PipelineConfigError(path, f"must be {expected}", pipeline=pid, field=name)
+
+
+def _toml_type(value):
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+            dict: "a table"}.get(type(value), type(value).__name__)

@@ -50,4 +50,7 @@ def make_provider(pipeline):
     if kind == "demo":
         from services.providers.demo import DemoProvider
         return DemoProvider(pipeline)
+    if kind == "openai":
+        from services.providers.openai_compat import OpenAIProvider
+        return OpenAIProvider(pipeline)
     raise ValueError(f"unknown provider {kind!r}")

@@ -1,0 +1,361 @@
+"""The OpenAI Chat Completions streaming provider: OpenAI and every server that speaks its API
+(vLLM, Ollama, llama.cpp server, LM Studio, DeepSeek, OpenRouter).
+
+The official `openai` package does the HTTP, the SSE framing and the response models; this module builds the
+messages (system prompt, windowed history, speaker labels), splits reasoning from the answer, retries only
+before the first token, maps failures to stable codes, and closes the upstream response in its `finally` so a
+stop is seen upstream as a disconnect at once.
+
+Named openai_compat.py (not openai.py) so a traceback or a grep never confuses this module with the package.
+Create one provider per pipeline and reuse it: it owns one AsyncOpenAI client (one connection pool, one TLS
+context); `aclose()` it at shutdown.
+"""
+import asyncio
+import logging
+import os
+import random
+
+import openai
+
+from services.providers import Chunk, ProviderError
+
+log = logging.getLogger(__name__)
+
+# The placeholder key sent to servers that need none. Passing it explicitly also stops the openai package
+# from falling back to OPENAI_API_KEY, which would hand an OpenAI key to a third-party server.
+NO_KEY = "EMPTY"
+MAX_BACKOFF = 8.0
+GROUP_NOTE = ("This is a group conversation with several people. Each of their messages starts with the "
+              "speaker's name in brackets, like \"[alice]: \". Do not start your reply with such a label.")
+
+# One table from openai exception classes to our codes; the first matching row wins, so subclasses come first.
+# (class, code, retryable before the first token)
+ERRORS = (
+    (openai.AuthenticationError, "upstream_unauthorized", False),      # 401
+    (openai.PermissionDeniedError, "upstream_unauthorized", False),    # 403
+    (openai.NotFoundError, "upstream_model_not_found", False),         # 404: unknown model (or wrong base_url)
+    (openai.RateLimitError, "upstream_rate_limited", True),            # 429
+    (openai.InternalServerError, "upstream_error", True),              # >= 500
+    (openai.APIStatusError, "upstream_bad_request", False),            # other 4xx: e.g. context too long
+    (openai.APIConnectionError, "upstream_unreachable", True),         # refused, DNS, connect timeout
+    (openai.APIError, "upstream_error", True),                         # an error event inside the stream
+)
+
+
+def error_code(exc):
+    for cls, code, retryable in ERRORS:
+        if isinstance(exc, cls):
+            return code, retryable
+    return "upstream_error", False
+
+
+class OpenAIProvider:
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+        opts = pipeline.options
+        self.include_usage = opts.get("include_usage", True)
+        self.think_tags = opts.get("think_tags", True)
+        self.max_tokens_param = opts.get("max_tokens_param", "max_tokens")
+        self.extra_body = opts.get("extra_body") or None
+        self._client = None
+
+    def _get_client(self, key):
+        if self._client is None:
+            t = self.pipeline.timeouts
+            self._client = openai.AsyncOpenAI(
+                api_key=key or NO_KEY, base_url=self.pipeline.base_url,
+                # Retries are ours (only before the first token); read timeouts are the stream manager's
+                # first-token/stall/total watchdogs, so the read timeout here is off.
+                max_retries=0,
+                timeout=openai.Timeout(None, connect=t.connect, write=t.connect, pool=t.connect))
+        return self._client
+
+    async def aclose(self):
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.close()
+
+    def _key(self):
+        name = self.pipeline.api_key_env
+        if not name:
+            return None
+        key = os.environ.get(name)
+        if not key:
+            raise ProviderError("missing_api_key", f"environment variable {name} is not set")
+        return key
+
+    def request_body(self, request):
+        p = self.pipeline
+        body = {"model": p.model, "messages": build_messages(p, request), "stream": True}
+        if self.include_usage:
+            body["stream_options"] = {"include_usage": True}
+        if p.temperature is not None:
+            body["temperature"] = p.temperature
+        if p.max_tokens is not None:
+            body[self.max_tokens_param] = p.max_tokens
+        return body
+
+    async def stream(self, request):
+        p = self.pipeline
+        ids = (p.id, request.session_id, request.message_id)
+        try:
+            key = self._key()
+        except ProviderError as err:
+            log.warning("provider failed: pipeline=%s session=%s message=%s code=%s %s", *ids, err.code,
+                        err.message)
+            raise
+        client = self._get_client(key)
+        body = self.request_body(request)
+        sent = False        # text or thinking has gone out: from here on, never retry
+        has_text = False    # some non-blank answer text
+        usage = model = None
+        attempt = 0
+        while True:
+            splitter = ThinkSplitter() if self.think_tags else None
+            upstream = None
+            finished = False
+            try:
+                try:
+                    upstream = await client.chat.completions.create(**body, extra_body=self.extra_body)
+                except openai.APIError as exc:
+                    raise self._error(exc, key, ids, attempt=attempt) from None
+                try:
+                    async for event in upstream:
+                        model = model or _get(event, "model")
+                        if _get(event, "usage") is not None:
+                            usage = _usage(event.usage)
+                        for choice in _get(event, "choices") or ():
+                            delta = _get(choice, "delta")
+                            if _get(choice, "finish_reason"):
+                                finished = True
+                            if delta is None:
+                                continue
+                            reasoning = _get(delta, "reasoning_content") or _get(delta, "reasoning") or ""
+                            content = _get(delta, "content") or ""
+                            if not isinstance(reasoning, str) or not isinstance(content, str):
+                                raise TypeError("delta content is not a string")
+                            if splitter and content:
+                                content, more = splitter.feed(content)
+                                reasoning += more
+                            for chunk in _chunks(content, reasoning):
+                                sent = True
+                                has_text = has_text or bool(chunk.text.strip())
+                                yield chunk
+                    if splitter:
+                        content, reasoning = splitter.flush()
+                        for chunk in _chunks(content, reasoning):
+                            sent = True
+                            has_text = has_text or bool(chunk.text.strip())
+                            yield chunk
+                except openai.APIStatusError as exc:
+                    raise self._error(exc, key, ids, attempt=attempt) from None
+                except openai.APIError as exc:
+                    # Once the response has started, a cut connection is a protocol failure, not "unreachable".
+                    if isinstance(exc, openai.APIConnectionError):
+                        raise self._error(exc, key, ids, attempt=attempt,
+                                          code="upstream_protocol_error", retryable=True) from None
+                    raise self._error(exc, key, ids, attempt=attempt) from None
+                except (ValueError, TypeError) as exc:  # unparsable JSON or wrong shapes in a data line
+                    raise self._error(exc, key, ids, attempt=attempt,
+                                      code="upstream_protocol_error", retryable=True) from None
+                if not finished:
+                    raise self._error(None, key, ids, attempt=attempt,
+                                      code="upstream_protocol_error", retryable=True,
+                                      message="stream ended without a finish_reason (connection cut?)")
+                break
+            except _Retry as retry:
+                if sent or attempt >= p.retries:
+                    self._log_failure(retry.error, ids, attempt)
+                    raise retry.error from None
+                delay = retry.delay if retry.delay is not None else p.retry_backoff * 2 ** attempt
+                delay = min(MAX_BACKOFF, delay) * random.uniform(1.0, 1.1)
+                log.info("provider retry: pipeline=%s session=%s message=%s code=%s attempt=%d delay=%.2fs",
+                         *ids, retry.error.code, attempt + 1, delay)
+            finally:
+                if upstream is not None:
+                    # Closes the HTTP response (and its connection) at once: on a stop the upstream server
+                    # sees the disconnect and stops generating; no further delta is read.
+                    await upstream.close()
+            attempt += 1
+            await asyncio.sleep(delay)
+        if not has_text:
+            err = ProviderError("empty_completion", "the model returned no answer text")
+            self._log_failure(err, ids, attempt)
+            raise err
+        yield Chunk(usage=usage, model=model or p.model)
+
+    def _error(self, exc, key, ids, *, attempt, code=None, retryable=None, message=None):
+        """Turn an upstream failure into a ProviderError (wrapped in _Retry when a retry is allowed)."""
+        mapped_code, mapped_retryable = error_code(exc) if exc is not None else ("upstream_error", False)
+        code = code or mapped_code
+        retryable = mapped_retryable if retryable is None else retryable
+        text = message or _describe(exc)
+        if key:
+            text = text.replace(key, "***")  # some servers echo the key they rejected
+        err = ProviderError(code, text)
+        if retryable:
+            return _Retry(err, _retry_after(exc))
+        self._log_failure(err, ids, attempt)
+        return err
+
+    def _log_failure(self, err, ids, attempt):
+        log.warning("provider failed: pipeline=%s session=%s message=%s code=%s attempts=%d %s", *ids,
+                    err.code, attempt + 1, err.message)
+
+
+class _Retry(Exception):
+    def __init__(self, error, delay):
+        super().__init__(error.message)
+        self.error = error
+        self.delay = delay
+
+
+def _describe(exc):
+    if isinstance(exc, openai.APIError):
+        message = exc.message or type(exc).__name__      # "Error code: 429 - {...}" for a status error
+        if isinstance(exc, openai.APIConnectionError) and exc.__cause__ is not None:
+            message = f"{message} ({type(exc.__cause__).__name__}: {exc.__cause__})"
+        return message
+    return f"malformed stream data ({type(exc).__name__}: {exc})"
+
+
+def _retry_after(exc):
+    response = getattr(exc, "response", None)
+    if response is None:
+        return None
+    try:
+        return max(0.0, float(response.headers.get("retry-after", "")))
+    except ValueError:
+        return None
+
+
+def _get(obj, name):
+    # Response models allow extra fields (reasoning_content, reasoning); a missing one reads as None.
+    return getattr(obj, name, None)
+
+
+def _usage(u):
+    def n(name):
+        value = _get(u, name)
+        return value if isinstance(value, int) else 0
+    return {"prompt_tokens": n("prompt_tokens"), "completion_tokens": n("completion_tokens")}
+
+
+def _chunks(content, reasoning):
+    # Never both in one Chunk, so order stays unambiguous: reasoning precedes the answer it leads to.
+    if reasoning:
+        yield Chunk(thinking=reasoning)
+    if content:
+        yield Chunk(text=content)
+
+
+def build_messages(pipeline, request):
+    """System prompt + the most recent history that fits the pipeline's window + the new prompt.
+
+    The window keeps at most `history_messages` turns and `history_chars` characters of them, newest first,
+    stopping at the first turn that does not fit (the context stays contiguous). A leading assistant turn is
+    dropped: strict chat templates (Mistral, Gemma, Llama) require the first non-system message be the user's.
+    """
+    group = request.session_type == "group"
+    system = pipeline.system_prompt
+    if group:
+        system = f"{system}\n\n{GROUP_NOTE}" if system else GROUP_NOTE
+    messages = [{"role": "system", "content": system}] if system else []
+    kept, chars = [], 0
+    budget = pipeline.history_messages
+    for turn in reversed(request.history[-budget:] if budget else []):
+        chars += len(turn.text)
+        if chars > pipeline.history_chars:
+            break
+        kept.append(turn)
+    kept.reverse()
+    while kept and kept[0].role != "user":
+        kept.pop(0)
+    for turn in kept + ([request.prompt] if request.prompt else []):
+        messages.append(_message(turn, group))
+    return messages
+
+
+def _message(turn, group):
+    role = "assistant" if turn.role == "assistant" else "user"
+    text = turn.text
+    if group and role == "user":
+        # A label inside the content works with every model and chat template; the `name` field is ignored by
+        # most open-model templates (vLLM, Ollama, llama.cpp) and OpenAI rejects names outside [A-Za-z0-9_-].
+        text = f"[{speaker(turn.sender)}]: {text}"
+    return {"role": role, "content": text}
+
+
+def speaker(sender):
+    label = "".join(ch for ch in (sender or "") if ch.isprintable() and ch not in "[]")
+    return label.strip()[:64] or "anonymous"
+
+
+class ThinkSplitter:
+    """Splits a leading `<think>...</think>` out of streamed content (DeepSeek-R1 style models served
+    without a reasoning parser). Tags may be cut anywhere across chunks; text that might be the start of a
+    tag is held back until the next chunk decides. Only a tag at the very start of the reply counts, so an
+    answer that mentions "<think>" later is left alone."""
+
+    OPEN, CLOSE = "<think>", "</think>"
+
+    def __init__(self):
+        self.state = "start"    # start -> thinking -> after -> answer, or start -> answer
+        self.pending = ""
+        self.thought = False    # some thinking text has been released
+
+    def feed(self, text):
+        """-> (answer text, thinking text) that can be released now."""
+        self.pending += text
+        thinking = ""
+        if self.state == "start":
+            head = self.pending.lstrip()
+            if head.startswith(self.OPEN):
+                self.state = "thinking"
+                self.pending = head[len(self.OPEN):]
+            elif self.OPEN.startswith(head):
+                return "", ""  # still undecided ("", " ", "<th" ...)
+            else:
+                self.state = "answer"
+        if self.state == "thinking":
+            end = self.pending.find(self.CLOSE)
+            if end >= 0:
+                body, rest = self.pending[:end].rstrip(), self.pending[end + len(self.CLOSE):]
+            else:
+                # Hold back a possible start of </think> and trailing whitespace (dropped if the tag follows).
+                cut = len(self.pending) - _partial_suffix(self.pending, self.CLOSE)
+                body, rest = self.pending[:cut], self.pending[cut:]
+                kept = body.rstrip()
+                body, rest = kept, body[len(kept):] + rest
+            if not self.thought:
+                body = body.lstrip()
+                self.thought = bool(body)
+            thinking, self.pending = body, rest
+            if end < 0:
+                return "", thinking
+            self.state = "after"
+        if self.state == "after":
+            # Whitespace between </think> and the answer is dropped, even when it spans chunks.
+            self.pending = self.pending.lstrip()
+            if not self.pending:
+                return "", thinking
+            self.state = "answer"
+        answer, self.pending = self.pending, ""
+        return answer, thinking
+
+    def flush(self):
+        """At the end of the stream: whatever is held back. An unclosed <think> is all thinking."""
+        pending, self.pending = self.pending, ""
+        if self.state == "thinking":
+            return "", pending.strip() if not self.thought else pending.rstrip()
+        if self.state == "after":
+            return "", ""
+        return pending, ""
+
+
+def _partial_suffix(text, tag):
+    """Length of the longest suffix of text that is a proper prefix of tag."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0

@@ -20,7 +20,7 @@ from services.auth import NoAuth
 from services.chat import ChatService
 from services.embedded_mongo import EmbeddedMongo
 from services.hub import Hub
-from services.pipelines import default_pipelines
+from services.pipelines import PipelineConfigError, default_pipelines, load_pipelines
 from services.store import Store
 from services.streams import StreamManager
 
@@ -41,6 +41,7 @@ class Config:
     ping_interval: float = 25.0
     ping_timeout: float = 10.0
     log_level: str = "info"
+    pipelines_file: str | None = None  # TOML; None = the built-in `default` demo pipeline
 
 
 @dataclasses.dataclass
@@ -65,6 +66,8 @@ def parse_args(argv=None):
                    help="MongoDB URL; without one an embedded nx-27017 runs with its data in --data-dir")
     p.add_argument("--db-name", default=env("PARLEY_DB_NAME", Config.db_name))
     p.add_argument("--data-dir", default=env("PARLEY_DATA_DIR", Config.data_dir))
+    p.add_argument("--pipelines", default=env("PARLEY_PIPELINES"), metavar="FILE",
+                   help="pipelines TOML file (see pipelines.example.toml); default: the offline demo pipeline")
     p.add_argument("--checkpoint-interval", type=float, default=Config.checkpoint_interval)
     p.add_argument("--max-queued", type=int, default=Config.max_queued)
     p.add_argument("--log-level", default=env("PARLEY_LOG_LEVEL", Config.log_level),
@@ -72,7 +75,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     return Config(host=args.host, port=args.port, mongo_url=args.mongo_url, db_name=args.db_name,
                   data_dir=args.data_dir, checkpoint_interval=args.checkpoint_interval,
-                  max_queued=args.max_queued, log_level=args.log_level)
+                  max_queued=args.max_queued, log_level=args.log_level, pipelines_file=args.pipelines)
 
 
 async def open_services(config, *, pipelines=None, provider_factory=None):
@@ -81,7 +84,8 @@ async def open_services(config, *, pipelines=None, provider_factory=None):
     store = Store(client, config.db_name)
     await store.create_indexes()
     instance_id = uuid.uuid4().hex[:12]
-    pipelines = pipelines or default_pipelines()
+    if pipelines is None:
+        pipelines = load_pipelines(config.pipelines_file) if config.pipelines_file else default_pipelines()
     hub = Hub()
     extra = {"provider_factory": provider_factory} if provider_factory else {}
     streams = StreamManager(store, hub, pipelines, instance_id=instance_id,
@@ -130,6 +134,12 @@ async def serve(config):
 def main(argv=None):
     config = parse_args(argv)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # one INFO line per upstream request is noise
+    if config.pipelines_file:  # fail before anything starts, naming the file, pipeline and field
+        try:
+            load_pipelines(config.pipelines_file)
+        except PipelineConfigError as exc:
+            raise SystemExit(f"parley: {exc}") from None
     embedded = None
     if not config.mongo_url:
         embedded = EmbeddedMongo(os.path.join(config.data_dir, "mongo")).start()

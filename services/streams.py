@@ -108,6 +108,10 @@ class StreamManager:
             if cb := self.stop_callbacks.get(gen.message_id):
                 cb("interrupted")
         await asyncio.gather(*(g.task for g in gens), return_exceptions=True)
+        for provider in self._providers.values():
+            if hasattr(provider, "aclose"):
+                await provider.aclose()
+        self._providers.clear()
 
     # the task
 

@@ -21,6 +21,8 @@ from services.chat import ChatService
 from services.embedded_mongo import EmbeddedMongo
 from services.hub import Hub
 from services.pipelines import PipelineConfigError, default_pipelines, load_pipelines
+from services.reaper import Reaper
+from services.resume import Resumer
 from services.store import Store
 from services.streams import StreamManager
 
@@ -42,6 +44,7 @@ class Config:
     ping_timeout: float = 10.0
     log_level: str = "info"
     pipelines_file: str | None = None  # TOML; None = the built-in `default` demo pipeline
+    on_last_viewer_gone: str = "continue"  # or "stop": end a session's replies when its last viewer leaves
 
 
 @dataclasses.dataclass
@@ -52,6 +55,8 @@ class Services:
     hub: Hub
     streams: StreamManager
     chat: ChatService
+    resumer: Resumer
+    reaper: Reaper
     pipelines: object
     auth: object
     instance_id: str
@@ -69,12 +74,17 @@ def parse_args(argv=None):
     p.add_argument("--pipelines", default=env("PARLEY_PIPELINES"), metavar="FILE",
                    help="pipelines TOML file (see pipelines.example.toml); default: the offline demo pipeline")
     p.add_argument("--checkpoint-interval", type=float, default=Config.checkpoint_interval)
+    p.add_argument("--lease-seconds", type=float, default=Config.lease_seconds,
+                   help="a reply whose instance stops renewing it for this long is marked interrupted")
+    p.add_argument("--on-last-viewer-gone", choices=["continue", "stop"], default=Config.on_last_viewer_gone,
+                   help="what a reply does when the last socket viewing its session closes")
     p.add_argument("--max-queued", type=int, default=Config.max_queued)
     p.add_argument("--log-level", default=env("PARLEY_LOG_LEVEL", Config.log_level),
                    choices=["debug", "info", "warning", "error"])
     args = p.parse_args(argv)
     return Config(host=args.host, port=args.port, mongo_url=args.mongo_url, db_name=args.db_name,
                   data_dir=args.data_dir, checkpoint_interval=args.checkpoint_interval,
+                  lease_seconds=args.lease_seconds, on_last_viewer_gone=args.on_last_viewer_gone,
                   max_queued=args.max_queued, log_level=args.log_level, pipelines_file=args.pipelines)
 
 
@@ -91,13 +101,18 @@ async def open_services(config, *, pipelines=None, provider_factory=None):
     streams = StreamManager(store, hub, pipelines, instance_id=instance_id,
                             checkpoint_interval=config.checkpoint_interval, lease_seconds=config.lease_seconds,
                             max_queued=config.max_queued, **extra)
-    chat = ChatService(store, hub, streams, pipelines)
+    chat = ChatService(store, hub, streams, pipelines, on_last_viewer_gone=config.on_last_viewer_gone)
+    resumer = Resumer(store, hub, streams, chat)
+    reaper = Reaper(store, hub, streams, lease_seconds=config.lease_seconds)
+    await reaper.sweep()  # replies a previous run left `streaming` end now, if their lease has expired
+    reaper.start()
     return Services(config=config, client=client, store=store, hub=hub, streams=streams, chat=chat,
-                    pipelines=pipelines, auth=NoAuth(), instance_id=instance_id)
+                    resumer=resumer, reaper=reaper, pipelines=pipelines, auth=NoAuth(), instance_id=instance_id)
 
 
 async def close_services(services):
     """Reverse order of creation: end every reply (persisted as interrupted), then the store."""
+    await services.reaper.stop()
     await services.streams.shutdown()
     await services.client.close()
 

@@ -54,7 +54,7 @@ class ChatSocket(websocket.WebSocketHandler):
                                close=self.close, remote_ip=self.request.remote_ip)
         self.services.hub.register(self.conn)
         self.services.hub.join(self.conn, session["_id"])
-        self.protocol = ClientProtocol(self.conn, chat)
+        self.protocol = ClientProtocol(self.conn, chat, self.services.resumer)
         self.conn.send({"type": "connected", "connection_id": self.conn.id, "pipeline_uuid": pipeline,
                         "session_type": session["type"], "session_id": session["_id"],
                         "stream_mode": stream_mode, "user_id": identity.user_id, "protocol": "parley/1",
@@ -69,7 +69,7 @@ class ChatSocket(websocket.WebSocketHandler):
         if self.protocol is not None:
             self.protocol.shutdown()
         if self.conn is not None:
-            self.services.hub.unregister(self.conn)
+            self.services.chat.disconnect(self.conn)
 
     def _write(self, frame):
         try:

@@ -3,6 +3,9 @@
 Offsets count Unicode code points of the answer (`offset`) and of the reasoning (`thinking_offset`) separately.
 """
 from datetime import datetime, timezone
+from types import SimpleNamespace
+
+from services.hub import Cursor
 
 
 def timestamp(dt=None):
@@ -51,7 +54,31 @@ def _reply_base(gen, conn, *, is_final):
 
 
 def delta(gen, conn, *, offset, text, thinking_offset, thinking):
-    """One increment of a live reply. `text`/`thinking` are the new characters, starting at the offsets."""
+    """One increment of a live reply, published right after `text`/`thinking` were appended at the offsets.
+
+    What a connection gets is decided by its cursor, so it never sees a character twice or misses one: it
+    receives everything after its cursor. A delta-mode connection that joined mid-reply has no cursor and gets
+    nothing until it sends `resume` (the final frame still carries the whole text); a cumulative frame is
+    self-contained, so a cumulative connection simply starts following.
+    """
+    cursor = conn.cursors.get(gen.message_id)
+    if cursor is None:
+        if conn.stream_mode == "delta" and (offset or thinking_offset):
+            return None
+        cursor = conn.cursors[gen.message_id] = Cursor(gen.session_id)
+    return catch_up(gen, conn, cursor)
+
+
+def catch_up(gen, conn, cursor):
+    """Everything of `gen` after `cursor` as one non-final frame (None if nothing); advances the cursor.
+
+    `gen` is a live Generation or a `snapshot()` of a stored message.
+    """
+    offset, thinking_offset = cursor.offset, cursor.thinking_offset
+    text, thinking = gen.content[offset:], gen.thinking[thinking_offset:]
+    if not (text or thinking):
+        return None
+    cursor.offset, cursor.thinking_offset = len(gen.content), len(gen.thinking)
     data = _reply_base(gen, conn, is_final=False)
     if conn.stream_mode == "delta":
         data.update(offset=offset, delta=text)
@@ -65,6 +92,7 @@ def delta(gen, conn, *, offset, text, thinking_offset, thinking):
 
 
 def final(gen, conn):
+    conn.cursors.pop(gen.message_id, None)
     data = _reply_base(gen, conn, is_final=True)
     data.update(content=gen.content, message_chain=chain(gen.content), status=gen.status)
     if gen.thinking:
@@ -74,6 +102,22 @@ def final(gen, conn):
     if gen.usage:
         data["usage"] = gen.usage
     return {"type": "response", "data": data}
+
+
+def snapshot(doc):
+    """A stored assistant message, shaped like a Generation for the renderers above."""
+    return SimpleNamespace(message_id=doc["_id"], session_id=doc["session_id"], seq=doc["seq"],
+                           reply_to=doc.get("reply_to"), status=doc["status"], content=doc.get("content") or "",
+                           thinking=doc.get("thinking") or "", error=doc.get("error"), usage=doc.get("usage"))
+
+
+def resumed(session_id, replies):
+    """The answer to `resume`: each reply that follows, where it resumes from, and its state at that moment."""
+    return {"type": "resumed", "data": {"session_id": session_id, "timestamp": timestamp(), "replies": [
+        {"message_id": r.message_id, "seq": r.seq, "reply_to": r.reply_to, "status": r.status,
+         "offset": offset, "thinking_offset": thinking_offset, "length": len(r.content),
+         "thinking_length": len(r.thinking)}
+        for r, offset, thinking_offset in replies]}}
 
 
 def status(gen):

@@ -21,6 +21,7 @@ class Connection:
         self.remote_ip = remote_ip
         self.sessions = set()               # viewed session ids
         self.primary_session = None         # the session a frame without session_id addresses
+        self.cursors = {}                   # message_id -> Cursor: how much of each live reply was sent here
         self.created_at = time.time()
         self.last_active = self.created_at
         self.closed = False
@@ -41,6 +42,16 @@ class Connection:
         except ConnectionClosed:
             self.closed = True
             return False
+
+
+class Cursor:
+    """Where a connection is in one reply: the next answer and thinking offsets it will be sent."""
+    __slots__ = ("session_id", "offset", "thinking_offset")
+
+    def __init__(self, session_id, offset=0, thinking_offset=0):
+        self.session_id = session_id
+        self.offset = offset
+        self.thinking_offset = thinking_offset
 
 
 class ConnectionClosed(Exception):
@@ -78,6 +89,8 @@ class Hub:
 
     def leave(self, conn, session_id):
         conn.sessions.discard(session_id)
+        for message_id in [m for m, c in conn.cursors.items() if c.session_id == session_id]:
+            del conn.cursors[message_id]
         _discard(self.by_session, session_id, conn.id)
         if conn.primary_session == session_id:
             conn.primary_session = next(iter(conn.sessions), None)

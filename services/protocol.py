@@ -1,8 +1,8 @@
 """The client side of one WebSocket: parse frames, answer the quick ones at once, run sends in order.
 
 `receive()` never awaits and never raises, so Tornado's on_message returns at once and `ping`/`stop` are heard
-while a reply streams. Sends go through a small per-connection inbox worked by one task, so a client's messages
-are persisted in the order it sent them.
+while a reply streams. Sends and resumes go through a small per-connection inbox worked by one task, so a
+client's messages are persisted in the order it sent them.
 """
 import asyncio
 import json
@@ -21,15 +21,17 @@ CLOSE_NORMAL = 1000
 
 
 class ClientProtocol:
-    def __init__(self, conn, chat):
+    def __init__(self, conn, chat, resumer):
         self.conn = conn
         self.chat = chat
+        self.resumer = resumer
         self.inbox = asyncio.Queue(INBOX_SIZE)
         self.worker = asyncio.get_running_loop().create_task(self._work(), name=f"inbox-{conn.id}")
         self.busy = False             # the worker is in the middle of a send
 
         self.handlers = {"ping": self.on_ping, "disconnect": self.on_disconnect, "stop": self.on_stop,
-                         "message": self.on_message}
+                         "message": self.queue, "resume": self.queue}
+        self.work = {"message": self._send, "resume": self._resume}
 
     def receive(self, text):
         frame = {}
@@ -69,8 +71,9 @@ class ClientProtocol:
 
     # frames that wait their turn
 
-    def on_message(self, frame):
-        self._session_id(frame)  # reject a foreign session before queueing
+    def queue(self, frame):
+        if frame["type"] == "message":
+            self._session_id(frame)  # reject a foreign session before queueing
         try:
             self.inbox.put_nowait(frame)
         except asyncio.QueueFull:
@@ -83,17 +86,18 @@ class ClientProtocol:
             if self.conn.closed:
                 break
             self.busy = True
+            kind = frame["type"]
+            context = {"request_type": kind, "client_msg_id": frame.get("client_msg_id")}
             try:
-                await self._send(frame)
+                await self.work[kind](frame)
             except PyMongoError as exc:
-                log.error("store error on send conn_id=%s: %s", self.conn.id, exc)
-                self.conn.send(frames.error(Unavailable("the message store is unavailable, try again"),
-                                            request_type="message", client_msg_id=frame.get("client_msg_id")))
+                log.error("store error on %s conn_id=%s: %s", kind, self.conn.id, exc)
+                self.conn.send(frames.error(Unavailable("the message store is unavailable, try again"), **context))
             except ParleyError as err:
-                self.conn.send(frames.error(err, request_type="message", client_msg_id=frame.get("client_msg_id")))
+                self.conn.send(frames.error(err, **context))
             except Exception:
-                log.exception("send failed conn_id=%s", self.conn.id)
-                self.conn.send(frames.error(ParleyError("internal error"), request_type="message"))
+                log.exception("%s failed conn_id=%s", kind, self.conn.id)
+                self.conn.send(frames.error(ParleyError("internal error"), **context))
             finally:
                 self.busy = False
             if self.conn.closed:
@@ -106,6 +110,9 @@ class ClientProtocol:
             identity, session, frame.get("message"), stream=frame.get("stream", True),
             client_msg_id=frame.get("client_msg_id"))
         self.conn.send(frames.ack(user_doc, reply_doc, duplicate))
+
+    async def _resume(self, frame):
+        await self.resumer.resume(self.conn, frame)
 
     def _session_id(self, frame):
         session_id = frame.get("session_id")

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 TERMINAL = ("completed", "stopped", "failed", "timeout", "interrupted")
 LIVE = ("queued", "streaming")
+STOP_FIELDS = {"stop_requested": 1, "status": 1}
 
 
 def utcnow():
@@ -102,6 +103,16 @@ class Store:
             raise NotFound(f"no message {message_id!r}", code="message_not_found")
         return doc
 
+    async def find_message(self, message_id):
+        return await self.messages.find_one({"_id": message_id})
+
+    async def find_replies(self, session_id, message_ids):
+        if not message_ids:
+            return []
+        cursor = self.messages.find({"_id": {"$in": list(message_ids)}, "session_id": session_id,
+                                     "role": "assistant"})
+        return [doc async for doc in cursor]
+
     async def list_messages(self, session_id, *, after_seq=0, limit=50):
         cursor = (self.messages.find({"session_id": session_id, "seq": {"$gt": after_seq}})
                   .sort("seq", ASCENDING).limit(limit))
@@ -115,13 +126,54 @@ class Store:
         return docs[::-1]
 
     async def mark_streaming(self, message_id, *, instance, lease_until):
-        await self.messages.update_one({"_id": message_id, "status": "queued"}, {"$set": {
-            "status": "streaming", "instance": instance, "lease_until": lease_until, "started_at": utcnow()}})
+        """Returns the message's `stop_requested` and `status` (None if it is no longer queued)."""
+        return await self.messages.find_one_and_update(
+            {"_id": message_id, "status": "queued"},
+            {"$set": {"status": "streaming", "instance": instance, "lease_until": lease_until,
+                      "started_at": utcnow()}},
+            projection=STOP_FIELDS, return_document=ReturnDocument.AFTER)
 
     async def checkpoint(self, message_id, *, content, thinking, lease_until):
-        # Only while still live: a late checkpoint must never overwrite a terminal state.
-        await self.messages.update_one({"_id": message_id, "status": {"$in": list(LIVE)}}, {"$set": {
-            "content": content, "thinking": thinking, "lease_until": lease_until, "updated_at": utcnow()}})
+        """Save the text so far and renew the lease. Returns `stop_requested` and `status` (None if not live).
+
+        Only while still live: a late checkpoint must never overwrite a terminal state.
+        """
+        return await self.messages.find_one_and_update(
+            {"_id": message_id, "status": {"$in": list(LIVE)}},
+            {"$set": {"content": content, "thinking": thinking, "lease_until": lease_until, "updated_at": utcnow()}},
+            projection=STOP_FIELDS, return_document=ReturnDocument.AFTER)
+
+    async def request_stop(self, session_id, message_ids):
+        """Record a stop on live messages, so their generation honours it at its next checkpoint."""
+        result = await self.messages.update_many(
+            {"_id": {"$in": list(message_ids)}, "session_id": session_id, "status": {"$in": list(LIVE)}},
+            {"$set": {"stop_requested": True, "stop_requested_at": utcnow()}})
+        return result.modified_count
+
+    async def renew_leases(self, message_ids, *, lease_until):
+        """Keep our live messages (including queued and silent ones) from looking abandoned."""
+        if not message_ids:
+            return 0
+        result = await self.messages.update_many(
+            {"_id": {"$in": list(message_ids)}, "status": {"$in": list(LIVE)}}, {"$set": {"lease_until": lease_until}})
+        return result.modified_count
+
+    async def expired_live(self, *, now, exclude=(), limit=500):
+        """Ids of live messages whose lease expired (or that never had one), except `exclude`."""
+        query = {"status": {"$in": list(LIVE)}, "$or": [{"lease_until": {"$lt": now}}, {"lease_until": None}]}
+        if exclude:
+            query["_id"] = {"$nin": list(exclude)}
+        cursor = self.messages.find(query, {"_id": 1}).limit(limit)
+        return [doc["_id"] async for doc in cursor]
+
+    async def interrupt_expired(self, message_id, *, now):
+        """Mark one abandoned message `interrupted` if it is still live and expired; returns it, or None."""
+        return await self.messages.find_one_and_update(
+            {"_id": message_id, "status": {"$in": list(LIVE)},
+             "$or": [{"lease_until": {"$lt": now}}, {"lease_until": None}]},
+            {"$set": {"status": "interrupted", "lease_until": None, "updated_at": now, "finished_at": now,
+                      "error": {"code": "instance_lost", "message": "the server generating this reply stopped"}}},
+            return_document=ReturnDocument.AFTER)
 
     async def finish(self, message_id, *, status, content, thinking, error=None, usage=None, model=None):
         assert status in TERMINAL, status

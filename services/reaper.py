@@ -1,0 +1,60 @@
+"""Leases: nothing stays `streaming` after the instance generating it is gone (DESIGN.md invariant 5).
+
+A live message carries `lease_until`. The owner renews it at every checkpoint and, here, every lease/2 for all
+its live replies (queued ones and ones waiting for a first token write no checkpoints). Any instance that
+finds a live message whose lease expired marks it `interrupted` and sends its viewers the terminal frame.
+"""
+import asyncio
+import logging
+
+from services import frames
+from services.store import utcnow
+
+log = logging.getLogger(__name__)
+
+
+class Reaper:
+    def __init__(self, store, hub, streams, *, lease_seconds):
+        self.store = store
+        self.hub = hub
+        self.streams = streams
+        self.interval = lease_seconds / 2
+        self.task = None
+
+    def start(self):
+        self.task = asyncio.get_running_loop().create_task(self._loop(), name="reaper")
+
+    async def stop(self):
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+            self.task = None
+
+    async def _loop(self):
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the store may be briefly away: try again next round
+                log.warning("lease sweep failed: %s", exc)
+
+    async def sweep(self):
+        """Renew our leases, then interrupt every expired live message that is not ours. Returns the ids."""
+        await self.store.renew_leases(list(self.streams.generations), lease_until=self.streams.lease_until())
+        now = utcnow()
+        candidates = await self.store.expired_live(now=now, exclude=list(self.streams.generations))
+        reaped = []
+        for message_id in candidates:
+            if message_id in self.streams.generations:  # accepted here while we were awaiting
+                continue
+            doc = await self.store.interrupt_expired(message_id, now=now)
+            if doc is None:  # finished or renewed meanwhile
+                continue
+            reaped.append(message_id)
+            reply = frames.snapshot(doc)
+            self.hub.publish(doc["session_id"], lambda conn: frames.final(reply, conn))
+        if reaped:
+            log.warning("interrupted %d abandoned replies (lease expired): %s", len(reaped), reaped)
+        return reaped

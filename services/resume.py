@@ -1,0 +1,129 @@
+"""Resume: a client that reconnects gets exactly the text after its offsets, then the live stream, then the
+one terminal frame (docs/resume.md).
+
+Lookups await; everything after them runs without an await: the replay is computed from the live buffer and
+the connection's cursor is set in the same loop step, so the next delta published continues exactly where the
+replay ended. A reply that is not live here is replayed from MongoDB: a finished one with its terminal frame;
+one still `streaming` but owned by no one here gets its terminal frame from the reaper when its lease expires.
+"""
+import logging
+
+from services import frames
+from services.chat import check_id
+from services.errors import BadRequest, NotFound
+from services.hub import Cursor
+from services.store import LIVE
+
+log = logging.getLogger(__name__)
+
+MAX_RESUME = 64  # replies named in one session-wide resume
+# Statuses whose stored text is everything that was streamed: an offset beyond it is a client error.
+COMPLETE_TEXT = ("completed", "stopped", "failed", "timeout")
+
+
+def check_offset(value, what):
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadRequest(f"{what} must be a non-negative integer", code="invalid_param")
+    return value
+
+
+class Resumer:
+    def __init__(self, store, hub, streams, chat):
+        self.store = store
+        self.hub = hub
+        self.streams = streams
+        self.chat = chat
+
+    async def resume(self, conn, frame):
+        """Handle one `resume` frame: by `message_id`, or every live reply of a session (plus `offsets` named)."""
+        if frame.get("message_id") is not None:
+            message_id = check_id(frame["message_id"], "message_id")
+            wanted = {message_id: (check_offset(frame.get("offset"), "offset"),
+                                   check_offset(frame.get("thinking_offset"), "thinking_offset"))}
+            doc = await self._find(conn, message_id)
+            session_id = doc["session_id"]
+            docs = {message_id: doc}
+            every_live = False
+        else:
+            session_id = frame.get("session_id", conn.primary_session)
+            check_id(session_id, "session_id")
+            wanted = parse_offsets(frame.get("offsets"))
+            await self.chat.session(conn.identity, conn.pipeline, session_id)
+            docs = {d["_id"]: d for d in await self.store.find_replies(session_id, list(wanted))}
+            if missing := [m for m in wanted if m not in docs]:
+                raise NotFound(f"no reply {missing[0]!r} in this session", code="message_not_found",
+                               message_id=missing[0])
+            every_live = True
+        # A reply that ended while we looked it up is gone from the live map only after its terminal write:
+        # read those again so the replay and the terminal frame come from the final state.
+        # Each await may let another reply end, so look again until nothing is stale; each is read again once.
+        refetched = set()
+        while stale := [m for m, d in docs.items()
+                        if d["status"] in LIVE and m not in self.streams.generations and m not in refetched]:
+            for message_id in stale:
+                docs[message_id] = await self.store.get_message(message_id)
+                refetched.add(message_id)
+        if conn.closed:
+            return
+        self._attach(conn, session_id, docs, wanted, every_live)  # no await from here on
+
+    async def _find(self, conn, message_id):
+        doc = await self.store.find_message(message_id)
+        if doc is not None and doc["role"] == "assistant":
+            try:
+                await self.chat.session(conn.identity, conn.pipeline, doc["session_id"])
+                return doc
+            except NotFound:
+                pass  # someone else's (or another pipeline's): indistinguishable from unknown
+        raise NotFound(f"no reply {message_id!r}", code="message_not_found", message_id=message_id)
+
+    def _attach(self, conn, session_id, docs, wanted, every_live):
+        replies = {}
+        for message_id in docs:
+            gen = self.streams.generations.get(message_id)
+            replies[message_id] = gen if gen is not None else frames.snapshot(docs[message_id])
+        if every_live:
+            for gen in self.streams.live(session_id):
+                replies.setdefault(gen.message_id, gen)
+        plan = []
+        for reply in sorted(replies.values(), key=lambda r: r.seq):
+            offset, thinking_offset = wanted.get(reply.message_id, (0, 0))
+            if offset > len(reply.content) or thinking_offset > len(reply.thinking):
+                if reply.message_id in self.streams.generations or reply.status in COMPLETE_TEXT:
+                    raise BadRequest(f"offset beyond the {len(reply.content)} characters of reply "
+                                     f"{reply.message_id!r}", code="invalid_offset", message_id=reply.message_id)
+                # Interrupted or orphaned: text after the last checkpoint is lost; the final frame is authoritative.
+                offset, thinking_offset = min(offset, len(reply.content)), min(thinking_offset, len(reply.thinking))
+            plan.append((reply, offset, thinking_offset))
+        self.hub.join(conn, session_id)
+        conn.send(frames.resumed(session_id, plan))
+        for reply, offset, thinking_offset in plan:
+            live = reply.message_id in self.streams.generations
+            cursor = Cursor(session_id, offset, thinking_offset)
+            if live:
+                conn.cursors[reply.message_id] = cursor
+                if not reply.stream:
+                    continue  # a non-streamed reply sends only its final frame
+            if (frame := frames.catch_up(reply, conn, cursor)) is not None:
+                conn.send(frame)
+            if not live and reply.status not in LIVE:
+                conn.send(frames.final(reply, conn))
+        log.debug("resumed conn_id=%s session_id=%s replies=%s", conn.id, session_id,
+                  [r.message_id for r, _, _ in plan])
+
+
+def parse_offsets(raw):
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or len(raw) > MAX_RESUME:
+        raise BadRequest(f"offsets must be an object of at most {MAX_RESUME} message ids", code="invalid_param")
+    wanted = {}
+    for message_id, pos in raw.items():
+        check_id(message_id, "message_id")
+        if not isinstance(pos, dict):
+            raise BadRequest("each offsets entry must be {offset, thinking_offset}", code="invalid_param")
+        wanted[message_id] = (check_offset(pos.get("offset"), "offset"),
+                              check_offset(pos.get("thinking_offset"), "thinking_offset"))
+    return wanted

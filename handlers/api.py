@@ -2,6 +2,7 @@
 from handlers.base import BaseHandler
 from services import frames
 from services.chat import check_session_type
+from services.errors import BadRequest
 
 P = r"/api/v1/pipelines/(?P<pipeline>[^/]+)"
 S = P + r"/sessions/(?P<session_id>[^/]+)"
@@ -86,9 +87,12 @@ class MessagesHandler(BaseHandler):
         chat = self.services.chat
         session = await chat.session(self.identity, pipeline, session_id)
         body = self.json_body()
+        key = self.request.headers.get("Idempotency-Key")
+        if key is not None and body.get("client_msg_id", key) != key:
+            raise BadRequest("Idempotency-Key and client_msg_id differ", code="invalid_param")
         user_doc, reply_doc, duplicate = await chat.send(
             self.identity, session, body.get("message"), stream=body.get("stream", True),
-            client_msg_id=body.get("client_msg_id"))
+            client_msg_id=body.get("client_msg_id", key))
         self.ok(frames.ack_data(user_doc, reply_doc, duplicate), status=200 if duplicate else 202)
 
 

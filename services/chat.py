@@ -2,6 +2,7 @@
 
 Every operation takes the caller's Identity and checks access here, once, for both transports.
 """
+import asyncio
 import hashlib
 import logging
 
@@ -64,11 +65,13 @@ def default_session_id(pipeline, session_type, user_id):
 
 
 class ChatService:
-    def __init__(self, store, hub, streams, pipelines):
+    def __init__(self, store, hub, streams, pipelines, *, on_last_viewer_gone="continue"):
         self.store = store
         self.hub = hub
         self.streams = streams
         self.pipelines = pipelines
+        self.on_last_viewer_gone = on_last_viewer_gone  # "continue" | "stop"
+        self._background = set()  # durable-stop writes in flight
 
     # sessions
 
@@ -127,7 +130,9 @@ class ChatService:
             user_doc["client_msg_id"] = client_msg_id
         reply_doc = {"_id": new_id(), "session_id": session["_id"], "pipeline": session["pipeline"],
                      "seq": seq + 1, "role": "assistant", "content": "", "thinking": "", "status": "queued",
-                     "reply_to": user_doc["_id"], "created_at": now, "updated_at": now}
+                     "reply_to": user_doc["_id"], "created_at": now, "updated_at": now,
+                     # leased from the start: a queued reply of a crashed instance is reaped too
+                     "instance": self.streams.instance_id, "lease_until": self.streams.lease_until()}
         try:
             await self.store.insert_messages([user_doc, reply_doc])
         except DuplicateKeyError:  # the same client_msg_id raced in from another tab
@@ -151,7 +156,36 @@ class ChatService:
         """
         if message_id is not None:
             check_id(message_id, "message_id")
-        return self.streams.stop(session_id, message_id)
+        stopped = self.streams.stop(session_id, message_id)
+        self._record_stop(session_id, stopped if message_id is None else [message_id])
+        return stopped
+
+    def _record_stop(self, session_id, message_ids):
+        """Make a stop durable in the background: the generation re-checks it at every checkpoint."""
+        if not message_ids:
+            return
+        task = asyncio.get_running_loop().create_task(self._write_stop(session_id, message_ids),
+                                                      name=f"stop-{session_id}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _write_stop(self, session_id, message_ids):
+        try:
+            await self.store.request_stop(session_id, message_ids)
+        except Exception as exc:  # the local signal already did the work; this is the safety net
+            log.warning("could not record stop session_id=%s message_ids=%s: %s", session_id, message_ids, exc)
+
+    def disconnect(self, conn):
+        """A socket closed. Its replies go on (they belong to the session) unless configured to stop when
+        the last viewer of a session is gone."""
+        sessions = set(conn.sessions)
+        self.hub.unregister(conn)
+        if self.on_last_viewer_gone != "stop":
+            return
+        for session_id in sessions:
+            if not self.hub.viewers(session_id) and self.streams.live(session_id):
+                log.info("last viewer gone, stopping replies session_id=%s", session_id)
+                self.stop(conn.identity, session_id)
 
     async def history(self, identity, session, *, after_seq=0, limit=50):
         return await self.store.list_messages(session["_id"], after_seq=after_seq, limit=limit)

@@ -82,6 +82,10 @@ class StreamManager:
         gen.task = asyncio.get_running_loop().create_task(self._run(gen), name=f"generation-{gen.message_id}")
         return gen
 
+    def live(self, session_id):
+        """The live replies of a session here, in acceptance order."""
+        return list(self.by_session.get(session_id, {}).values())
+
     def stop(self, session_id, message_id=None, reason="stopped"):
         """Stop one reply of a session, or all of them. Returns the message ids a stop was sent to."""
         targets = self.by_session.get(session_id, {})
@@ -125,7 +129,11 @@ class StreamManager:
                 await gen.previous.done.wait()
             gen.previous = None  # let the finished one be collected
             gen.status = "streaming"
-            await self.store.mark_streaming(gen.message_id, instance=self.instance_id, lease_until=self._lease())
+            doc = await self.store.mark_streaming(gen.message_id, instance=self.instance_id,
+                                                  lease_until=self.lease_until())
+            if doc and doc.get("stop_requested"):  # stopped while queued, and the signal did not reach us
+                gen.stop_reason = gen.stop_reason or "stopped"
+                raise asyncio.CancelledError
             self.hub.publish(gen.session_id, lambda conn: frames.status(gen))
             request = await self._request(gen, pipeline)
             await self._consume(gen, pipeline, request)
@@ -205,8 +213,12 @@ class StreamManager:
 
     async def _checkpoint(self, gen):
         try:
-            await self.store.checkpoint(gen.message_id, content=gen.content, thinking=gen.thinking,
-                                        lease_until=self._lease())
+            doc = await self.store.checkpoint(gen.message_id, content=gen.content, thinking=gen.thinking,
+                                              lease_until=self.lease_until())
+            # A durable stop (recorded in MongoDB) is honoured even if its signal never reached this task.
+            if doc and doc.get("stop_requested") and (callback := self.stop_callbacks.get(gen.message_id)):
+                log.info("durable stop honoured message_id=%s", gen.message_id)
+                callback("stopped")
         except Exception as exc:  # a missed checkpoint only costs freshness; the terminal write decides
             log.warning("checkpoint failed message_id=%s: %s", gen.message_id, exc)
         finally:
@@ -233,5 +245,5 @@ class StreamManager:
             self.hub.publish(gen.session_id, lambda conn: frames.final(gen, conn))
             gen.done.set()
 
-    def _lease(self):
+    def lease_until(self):
         return utcnow() + timedelta(seconds=self.lease_seconds)

@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import logging
 
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from services import frames
 from services.errors import BadRequest, NotFound
@@ -135,7 +135,9 @@ class ChatService:
                      "instance": self.streams.instance_id, "lease_until": self.streams.lease_until()}
         try:
             await self.store.insert_messages([user_doc, reply_doc])
-        except DuplicateKeyError:  # the same client_msg_id raced in from another tab
+        except (DuplicateKeyError, BulkWriteError) as exc:  # the same client_msg_id raced in from another tab
+            if client_msg_id is None or not is_duplicate_key(exc):
+                raise
             existing = await self.store.find_by_client_msg_id(session["_id"], client_msg_id)
             if existing is None:
                 raise
@@ -175,6 +177,10 @@ class ChatService:
         except Exception as exc:  # the local signal already did the work; this is the safety net
             log.warning("could not record stop session_id=%s message_ids=%s: %s", session_id, message_ids, exc)
 
+    async def close(self):
+        """Let the durable-stop writes in flight land before the store closes."""
+        await asyncio.gather(*self._background, return_exceptions=True)
+
     def disconnect(self, conn):
         """A socket closed. Its replies go on (they belong to the session) unless configured to stop when
         the last viewer of a session is gone."""
@@ -199,6 +205,14 @@ class ChatService:
                 await gen.done.wait()
         deleted = await self.store.delete_session_messages(session["_id"])
         return {"stopped": stopped, "deleted": deleted}
+
+
+def is_duplicate_key(exc):
+    """insert_many reports a unique-index violation as a BulkWriteError, not a DuplicateKeyError."""
+    if isinstance(exc, DuplicateKeyError):
+        return True
+    errors = exc.details.get("writeErrors", []) if exc.details else []
+    return bool(errors) and all(e.get("code") == 11000 for e in errors)
 
 
 def can_access(identity, session):

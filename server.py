@@ -114,6 +114,7 @@ async def close_services(services):
     """Reverse order of creation: end every reply (persisted as interrupted), then the store."""
     await services.reaper.stop()
     await services.streams.shutdown()
+    await services.chat.close()
     await services.client.close()
 
 

@@ -51,6 +51,9 @@ def make_test_pipelines():
                  options={"words": 3000, "rate": 200}),
         Pipeline(id="thinker", provider="demo", model="demo", timeouts=fast,
                  options={"words": 8, "rate": 0, "thinking": 5}),
+        # Resume tests: thinking then text, ~0.1 s per reply, so a cut lands mid-reply or after it.
+        Pipeline(id="resumable", provider="demo", model="demo", timeouts=fast, history_messages=0,
+                 options={"words": 50, "thinking": 15, "rate": 600}),
         Pipeline(id="stall", provider="stall", timeouts=Timeouts(first_token=2, stall=0.3, total=10)),
         Pipeline(id="mute", provider="stall", options={"before_first": 99},
                  timeouts=Timeouts(first_token=0.3, stall=5, total=10)),

@@ -144,9 +144,9 @@ class Store:
             projection=STOP_FIELDS, return_document=ReturnDocument.AFTER)
 
     async def request_stop(self, session_id, message_ids):
-        """Record a stop on live messages, so their generation honours it at its next checkpoint."""
+        """Record a stop, so a generation honours it at its next checkpoint (harmless on a finished one)."""
         result = await self.messages.update_many(
-            {"_id": {"$in": list(message_ids)}, "session_id": session_id, "status": {"$in": list(LIVE)}},
+            {"_id": {"$in": list(message_ids)}, "session_id": session_id},
             {"$set": {"stop_requested": True, "stop_requested_at": utcnow()}})
         return result.modified_count
 

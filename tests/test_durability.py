@@ -1,0 +1,124 @@
+"""A reply belongs to its session: it outlives its sender, stops durably, and is never sent twice."""
+import asyncio
+
+import pytest
+
+from tests.conftest import settle
+
+pytestmark = pytest.mark.gen_test(timeout=30)
+
+
+async def stored_status(services, message_id, wanted, timeout=10.0):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        doc = await services.store.get_message(message_id)
+        if doc["status"] == wanted or loop.time() > deadline:
+            return doc
+        await asyncio.sleep(0.02)
+
+
+async def test_reply_goes_on_and_is_persisted_in_full_when_its_sender_disconnects(connect, services):
+    c = await connect("resumable", stream_mode="delta")
+    reply_id = (await c.say("keep going"))["data"]["reply_message_id"]
+    await c.recv_type("response")
+    c.close()
+    doc = await stored_status(services, reply_id, "completed")
+    assert doc["status"] == "completed"
+    assert doc["content"].startswith('You said "keep going".') and len(doc["content"].split()) == 4 + 50
+
+
+async def test_on_last_viewer_gone_stop_ends_the_reply_only_when_no_viewer_is_left(connect, services):
+    services.chat.on_last_viewer_gone = "stop"
+    a = await connect("slow")
+    b = await connect("slow", session_id=a.connected["session_id"])
+    reply_id = (await a.say("two viewers"))["data"]["reply_message_id"]
+    await b.recv_type("response")
+    a.close()
+    await settle(lambda: len(services.hub.connections) == 1)
+    for _ in range(5):  # b still views it: it goes on
+        assert not (await b.recv_type("response"))["data"]["is_final"]
+    b.close()
+    doc = await stored_status(services, reply_id, "stopped")
+    assert doc["status"] == "stopped" and doc["content"]
+    await settle(lambda: not services.streams.generations)
+
+
+async def test_a_stop_is_recorded_on_the_message(connect, services):
+    c = await connect("slow")
+    reply_id = (await c.say("stop me"))["data"]["reply_message_id"]
+    await c.recv_type("response")
+    await c.send({"type": "stop", "message_id": reply_id})
+    frames = await c.until_final(reply_id)
+    assert frames[-1]["data"]["status"] == "stopped"
+    await settle(lambda: not services.chat._background)
+    doc = await services.store.get_message(reply_id)
+    assert doc["status"] == "stopped" and doc["stop_requested"] and doc["stop_requested_at"]
+
+
+async def test_a_stop_recorded_only_in_mongodb_is_honoured_at_the_next_checkpoint(connect, services):
+    c = await connect("slow")
+    reply_id = (await c.say("the signal gets lost"))["data"]["reply_message_id"]
+    await c.recv_type("response")
+    # as if a stop arrived elsewhere and its signal never reached this instance
+    await services.store.messages.update_one({"_id": reply_id}, {"$set": {"stop_requested": True}})
+    frames = await c.until_final(reply_id, timeout=5)
+    final = frames[-1]["data"]
+    assert final["status"] == "stopped" and 0 < len(final["content"].split()) < 3000
+    doc = await services.store.get_message(reply_id)
+    assert doc["status"] == "stopped" and doc["content"] == final["content"]
+
+
+async def test_a_queued_reply_with_a_recorded_stop_never_starts(connect, services):
+    c = await connect("slow")
+    first = (await c.say("first"))["data"]["reply_message_id"]
+    second = (await c.say("second"))["data"]["reply_message_id"]
+    await services.store.messages.update_one({"_id": second}, {"$set": {"stop_requested": True}})
+    await c.send({"type": "stop", "message_id": first})
+    assert (await c.until_final(first))[-1]["data"]["status"] == "stopped"
+    frames = await c.until_final(second)
+    assert len(frames) == 1 and frames[0]["data"]["status"] == "stopped" and frames[0]["data"]["content"] == ""
+
+
+async def test_a_repeated_client_msg_id_returns_the_original_and_starts_nothing(connect, services):
+    c = await connect("resumable", stream_mode="delta")
+    first = await c.say("once", client_msg_id="m-1")
+    assert first["data"]["duplicate"] is False
+    await c.until_final(first["data"]["reply_message_id"])
+    again = await c.say("once", client_msg_id="m-1")
+    assert again["data"]["duplicate"] is True
+    for key in ("message_id", "seq", "reply_message_id", "reply_seq"):
+        assert again["data"][key] == first["data"][key]
+    await c.send({"type": "ping"})
+    while (frame := await c.recv())["type"] != "pong":  # no echo, no second reply
+        assert frame["type"] not in ("user_message", "response", "status"), frame
+    assert len(await services.store.list_messages(c.connected["session_id"])) == 2
+
+
+async def test_concurrent_sends_of_one_client_msg_id_from_two_tabs_make_one_message(connect, services):
+    a = await connect("resumable")
+    b = await connect("resumable", session_id=a.connected["session_id"])
+    frame = {"type": "message", "message": [{"type": "Plain", "text": "both tabs"}], "client_msg_id": "same"}
+    await asyncio.gather(a.send(frame), b.send(frame))
+    acks = [await a.recv_type("ack", "error"), await b.recv_type("ack", "error")]
+    assert [x["type"] for x in acks] == ["ack", "ack"], acks
+    assert acks[0]["data"]["reply_message_id"] == acks[1]["data"]["reply_message_id"]
+    assert sorted(x["data"]["duplicate"] for x in acks) == [False, True]
+    await a.until_final(acks[0]["data"]["reply_message_id"])
+    assert len(await services.store.list_messages(a.connected["session_id"])) == 2
+
+
+async def test_rest_send_with_idempotency_key(connect, fetch, services):
+    c = await connect("resumable")
+    path = f"/api/v1/pipelines/resumable/sessions/{c.connected['session_id']}/messages"
+    body = {"message": [{"type": "Plain", "text": "from a bot"}]}
+    code, first = await fetch(path, "POST", body=body, headers={"Idempotency-Key": "bot-42"})
+    assert code == 202 and first["data"]["duplicate"] is False and first["data"]["client_msg_id"] == "bot-42"
+    code, again = await fetch(path, "POST", body=body, headers={"Idempotency-Key": "bot-42"})
+    assert code == 200 and again["data"]["duplicate"] is True
+    assert again["data"]["reply_message_id"] == first["data"]["reply_message_id"]
+    code, err = await fetch(path, "POST", body={**body, "client_msg_id": "other"},
+                            headers={"Idempotency-Key": "bot-42"})
+    assert code == 400 and err["code"] == "invalid_param"
+    await c.until_final(first["data"]["reply_message_id"])
+    assert len(await services.store.list_messages(c.connected["session_id"])) == 2

@@ -6,9 +6,10 @@ finds a live message whose lease expired marks it `interrupted` and sends its vi
 """
 import asyncio
 import logging
+import time
+from datetime import datetime
 
 from services import frames
-from services.store import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +44,13 @@ class Reaper:
     async def sweep(self):
         """Renew our leases, then interrupt every expired live message that is not ours. Returns the ids."""
         await self.store.renew_leases(list(self.streams.generations), lease_until=self.streams.lease_until())
-        now = utcnow()
-        candidates = await self.store.expired_live(now=now, exclude=list(self.streams.generations))
+        now = time.time()
+        leases = await self.store.live_leases(exclude=list(self.streams.generations))
         reaped = []
-        for message_id in candidates:
-            if message_id in self.streams.generations:  # accepted here while we were awaiting
-                continue
-            doc = await self.store.interrupt_expired(message_id, now=now)
+        for message_id, lease_until in leases:
+            if not expired(lease_until, now) or message_id in self.streams.generations:
+                continue  # still leased, or accepted here while we were awaiting
+            doc = await self.store.interrupt_abandoned(message_id, lease_until=lease_until)
             if doc is None:  # finished or renewed meanwhile
                 continue
             reaped.append(message_id)
@@ -58,3 +59,12 @@ class Reaper:
         if reaped:
             log.warning("interrupted %d abandoned replies (lease expired): %s", len(reaped), reaped)
         return reaped
+
+
+def expired(lease_until, now):
+    """Leases are epoch seconds. None (never leased) or anything unreadable counts as expired."""
+    if isinstance(lease_until, datetime):
+        lease_until = lease_until.timestamp()
+    if isinstance(lease_until, (int, float)) and not isinstance(lease_until, bool):
+        return lease_until <= now
+    return True

@@ -1,7 +1,8 @@
 """Every MongoDB query Parley makes, through PyMongo's async API.
 
 Only features that behave the same on real MongoDB and on nx-27017: CRUD, indexes, find_one_and_update.
-Times are timezone-aware UTC datetimes; ids are uuid4 hex strings.
+Times are timezone-aware UTC datetimes, except `lease_until`: epoch seconds, compared across instances (and
+nx-27017 turns a datetime written by $set into a string). Ids are uuid4 hex strings.
 """
 import logging
 import uuid
@@ -158,20 +159,21 @@ class Store:
             {"_id": {"$in": list(message_ids)}, "status": {"$in": list(LIVE)}}, {"$set": {"lease_until": lease_until}})
         return result.modified_count
 
-    async def expired_live(self, *, now, exclude=(), limit=500):
-        """Ids of live messages whose lease expired (or that never had one), except `exclude`."""
-        query = {"status": {"$in": list(LIVE)}, "$or": [{"lease_until": {"$lt": now}}, {"lease_until": None}]}
+    async def live_leases(self, *, exclude=(), limit=1000):
+        """(id, lease_until) of every live message except `exclude`. Live messages are few (in flight only),
+        and expiry is decided by the caller: nx-27017 misses explicit nulls in an indexed `$or` query."""
+        query = {"status": {"$in": list(LIVE)}}
         if exclude:
             query["_id"] = {"$nin": list(exclude)}
-        cursor = self.messages.find(query, {"_id": 1}).limit(limit)
-        return [doc["_id"] async for doc in cursor]
+        cursor = self.messages.find(query, {"lease_until": 1}).limit(limit)
+        return [(doc["_id"], doc.get("lease_until")) async for doc in cursor]
 
-    async def interrupt_expired(self, message_id, *, now):
-        """Mark one abandoned message `interrupted` if it is still live and expired; returns it, or None."""
+    async def interrupt_abandoned(self, message_id, *, lease_until):
+        """Mark a message `interrupted` if it is still live with the very lease we saw expire (compare-and-set:
+        a renewal or a finish since then wins). Returns the updated message, or None."""
         return await self.messages.find_one_and_update(
-            {"_id": message_id, "status": {"$in": list(LIVE)},
-             "$or": [{"lease_until": {"$lt": now}}, {"lease_until": None}]},
-            {"$set": {"status": "interrupted", "lease_until": None, "updated_at": now, "finished_at": now,
+            {"_id": message_id, "status": {"$in": list(LIVE)}, "lease_until": lease_until},
+            {"$set": {"status": "interrupted", "lease_until": None, "updated_at": utcnow(), "finished_at": utcnow(),
                       "error": {"code": "instance_lost", "message": "the server generating this reply stopped"}}},
             return_document=ReturnDocument.AFTER)
 

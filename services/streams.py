@@ -10,12 +10,11 @@ task's `finally` whatever the reason it ended; `by_session` finds them by sessio
 import asyncio
 import contextlib
 import logging
-from datetime import timedelta
+import time
 
 from services import frames
 from services.errors import Busy
 from services.providers import GenerationRequest, ProviderError, Turn, make_provider
-from services.store import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -246,4 +245,5 @@ class StreamManager:
             gen.done.set()
 
     def lease_until(self):
-        return utcnow() + timedelta(seconds=self.lease_seconds)
+        # Epoch seconds, not a datetime: nx-27017 stores a datetime written by $set as a string.
+        return time.time() + self.lease_seconds

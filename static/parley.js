@@ -1,0 +1,337 @@
+/* parley.js: a small dependency-free client for Parley's WebSocket protocol (docs/protocol.md, docs/resume.md).
+ *
+ *   const chat = new Parley.Client({url: "wss://host/api/v1/pipelines/default/ws/connect", token});
+ *   chat.on("delta", e => render(e.message_id, e.content));
+ *   chat.on("final", e => done(e.message_id, e.content, e.status));
+ *   chat.connect();
+ *   await chat.send("hello");          // resolves with the ack: {message_id, reply_message_id, ...}
+ *
+ * It reconnects on its own (exponential backoff with full jitter, 0.5 s to 20 s), resends unacknowledged messages
+ * with the same client_msg_id (the server makes that idempotent), resumes every unfinished reply from the
+ * offsets it holds, and drops anything it has already seen. Offsets count Unicode code points, as Python's
+ * len() does; JS strings are UTF-16, so all offset arithmetic here iterates code points.
+ *
+ * Events: "message" (user_message), "delta", "final", "status" (connection and reply states), "error".
+ */
+(function (root, factory) {
+  if (typeof module === "object" && module.exports) module.exports = factory();
+  else root.Parley = factory();
+})(typeof self !== "undefined" ? self : this, function () {
+  "use strict";
+
+  function cpLength(s) {
+    let n = 0;
+    for (const _ of s) n++; // eslint-disable-line no-unused-vars
+    return n;
+  }
+
+  function cpSlice(s, start) {
+    return start <= 0 ? s : Array.from(s).slice(start).join("");
+  }
+
+  /* Full jitter: uniform in [min, min(max, min * 2^(attempt+1))]. */
+  function backoff(attempt, opts) {
+    const o = Object.assign({min: 500, max: 20000, random: Math.random}, opts);
+    const ceiling = Math.min(o.max, o.min * Math.pow(2, attempt + 1));
+    return o.min + o.random() * (ceiling - o.min);
+  }
+
+  function newId() {
+    const c = typeof crypto !== "undefined" ? crypto : null;
+    if (c && c.randomUUID) return c.randomUUID();
+    return "c-" + Date.now().toString(36) + "-" + Math.random().toString(36).slice(2);
+  }
+
+  /* What the client holds of one reply. Appends only what lies beyond what it has: never twice, never a gap. */
+  class Reply {
+    constructor(id) {
+      this.id = id;
+      this.text = "";
+      this.thinking = "";
+      this.length = 0;          // code points of text
+      this.thinkingLength = 0;
+      this.status = "queued";
+      this.final = false;
+    }
+
+    /* Returns the new part {text, thinking}, or null if it was all seen; throws "gap" if text is missing. */
+    apply(data) {
+      const out = {text: "", thinking: ""};
+      if (typeof data.delta === "string") out.text = this._take("text", "length", data.offset, data.delta);
+      if (typeof data.thinking_delta === "string") {
+        out.thinking = this._take("thinking", "thinkingLength", data.thinking_offset, data.thinking_delta);
+      }
+      return out.text || out.thinking ? out : null;
+    }
+
+    _take(field, lengthField, offset, piece) {
+      if (offset > this[lengthField]) throw new Error("gap");
+      const fresh = cpSlice(piece, this[lengthField] - offset);
+      this[field] += fresh;
+      this[lengthField] += cpLength(fresh);
+      return fresh;
+    }
+
+    offsets() {
+      return {offset: this.length, thinking_offset: this.thinkingLength};
+    }
+  }
+
+  class Client {
+    constructor(options) {
+      this.o = Object.assign({
+        token: null,
+        pingInterval: 15000,     // app-level ping while idle
+        stallTimeout: 40000,     // no frame (or pong) for this long: the connection is dead, reconnect
+        minDelay: 500,
+        maxDelay: 20000,
+        WebSocket: typeof WebSocket !== "undefined" ? WebSocket : null,
+        setTimeout: (f, ms) => setTimeout(f, ms),
+        clearTimeout: (t) => clearTimeout(t),
+        now: () => Date.now(),
+        random: Math.random,
+        document: typeof document !== "undefined" ? document : null,
+      }, options);
+      this.url = this.o.url + (this.o.url.includes("?") ? "&" : "?") + "stream_mode=delta";
+      this.handlers = {};
+      this.replies = new Map();  // message_id -> Reply
+      this.pending = new Map();  // client_msg_id -> {frame, resolve, reject}
+      this.ws = null;
+      this.state = "idle";       // idle | connecting | open | closed
+      this.attempt = 0;
+      this.sessionId = options.sessionId || null;
+      this.lastFrame = 0;
+      this.timers = {};
+      this.stopped = false;
+      if (this.o.document) {
+        this.o.document.addEventListener("visibilitychange", () => this._onVisible());
+      }
+    }
+
+    on(event, fn) {
+      (this.handlers[event] = this.handlers[event] || []).push(fn);
+      return this;
+    }
+
+    _emit(event, payload) {
+      for (const fn of this.handlers[event] || []) fn(payload);
+    }
+
+    connect() {
+      this.stopped = false;
+      this._open();
+    }
+
+    close() {
+      this.stopped = true;
+      this._clearTimers();
+      if (this.ws) this.ws.close(1000, "client closed");
+      this._setState("closed");
+    }
+
+    /* Send a message; resolves with its ack (also across reconnects: it is resent with the same client_msg_id). */
+    send(text, extra) {
+      const clientMsgId = (extra && extra.client_msg_id) || newId();
+      const frame = Object.assign({type: "message", message: [{type: "Plain", text}]}, extra,
+        {client_msg_id: clientMsgId});
+      return new Promise((resolve, reject) => {
+        this.pending.set(clientMsgId, {frame, resolve, reject});
+        if (this.state === "open") this._write(frame);
+      });
+    }
+
+    stop(messageId) {
+      this._write(messageId ? {type: "stop", message_id: messageId} : {type: "stop"});
+    }
+
+    reply(messageId) {
+      return this.replies.get(messageId);
+    }
+
+    // connection lifecycle
+
+    _open() {
+      this._clearTimers();
+      this._setState("connecting");
+      const url = this.sessionId ? this.url + "&session_id=" + encodeURIComponent(this.sessionId) : this.url;
+      const ws = this.ws = new this.o.WebSocket(url);
+      ws.onopen = () => {
+        if (ws !== this.ws) return;
+        if (this.o.token) ws.send(JSON.stringify({type: "authenticate", token: this.o.token}));
+        this.lastFrame = this.o.now();
+        this._watch();
+      };
+      ws.onmessage = (event) => {
+        if (ws === this.ws) this._receive(event.data);
+      };
+      ws.onclose = (event) => {
+        if (ws === this.ws) this._lost(event && event.code);
+      };
+      ws.onerror = () => {};  // onclose follows
+    }
+
+    _lost(code) {
+      this._clearTimers();
+      this.ws = null;
+      if (this.stopped || code === 4401 || code === 4403 || code === 4404 || code === 4400) {
+        this._setState("closed");  // fatal: credentials or parameters will not get better by retrying
+        return;
+      }
+      this._setState("reconnecting");
+      const delay = backoff(this.attempt++, {min: this.o.minDelay, max: this.o.maxDelay, random: this.o.random});
+      this.timers.retry = this.o.setTimeout(() => this._open(), delay);
+    }
+
+    _drop() {
+      /* Give up on a socket that looks dead; its late events are ignored. */
+      const ws = this.ws;
+      if (!ws) return;
+      this.ws = null;
+      try { ws.close(4000, "stalled"); } catch (e) { /* already closing */ }
+      this._lost(4000);
+    }
+
+    _watch() {
+      this.timers.ping = this.o.setTimeout(() => {
+        if (this.o.now() - this.lastFrame >= this.o.stallTimeout) {
+          this._drop();
+          return;
+        }
+        this._write({type: "ping"});
+        this._watch();
+      }, Math.min(this.o.pingInterval, this.o.stallTimeout));
+    }
+
+    _onVisible() {
+      if (this.o.document.visibilityState !== "visible" || this.stopped) return;
+      if (this.state === "reconnecting") {  // do not wait out the backoff when the user is looking
+        this.o.clearTimeout(this.timers.retry);
+        this._open();
+      } else if (this.state === "open") {
+        this._write({type: "ping"});  // a tab woken from sleep may hold a dead socket: the stall timer decides
+      }
+    }
+
+    _clearTimers() {
+      for (const t of Object.values(this.timers)) this.o.clearTimeout(t);
+      this.timers = {};
+    }
+
+    _setState(state) {
+      if (this.state === state) return;
+      this.state = state;
+      this._emit("status", {connection: state});
+    }
+
+    _write(frame) {
+      if (this.ws && this.state === "open") this.ws.send(JSON.stringify(frame));
+    }
+
+    // frames
+
+    _receive(raw) {
+      this.lastFrame = this.o.now();
+      let frame;
+      try { frame = JSON.parse(raw); } catch (e) { return; }
+      const data = frame.data || {};
+      switch (frame.type) {
+        case "connected": return this._connected(frame);
+        case "ack": return this._ack(data);
+        case "user_message": return this._emit("message", data);
+        case "response": return data.is_final ? this._final(data) : this._delta(data);
+        case "status": return this._status(data.message_id, data.status);
+        case "resumed":
+          for (const r of data.replies) this._status(r.message_id, r.status);
+          return;
+        case "reconnect": return this._drop();
+        case "error": return this._error(frame);
+        default: return;  // pong and anything newer than this client
+      }
+    }
+
+    _connected(frame) {
+      this.sessionId = frame.session_id;
+      this.attempt = 0;
+      this._setState("open");
+      // One resume for the whole session: every reply we hold unfinished (it may have ended meanwhile), plus
+      // any live reply we do not know yet (another tab's).
+      this._resumeAll();
+      for (const p of this.pending.values()) this._write(p.frame);
+    }
+
+    _resumeAll() {
+      const offsets = {};
+      for (const r of this.replies.values()) if (!r.final) offsets[r.id] = r.offsets();
+      this._write({type: "resume", session_id: this.sessionId, offsets});
+    }
+
+    _ack(data) {
+      const p = this.pending.get(data.client_msg_id);
+      if (data.reply_message_id && !this.replies.has(data.reply_message_id)) {
+        this.replies.set(data.reply_message_id, new Reply(data.reply_message_id));
+      }
+      if (p) {
+        this.pending.delete(data.client_msg_id);
+        p.resolve(data);
+      }
+    }
+
+    _reply(id) {
+      let r = this.replies.get(id);
+      if (!r) this.replies.set(id, r = new Reply(id));
+      return r;
+    }
+
+    _delta(data) {
+      const r = this._reply(data.message_id);
+      if (r.final) return;
+      let fresh;
+      try {
+        fresh = r.apply(data);
+      } catch (e) {  // a gap: ask for everything after what we hold
+        this._write(Object.assign({type: "resume", message_id: r.id}, r.offsets()));
+        return;
+      }
+      if (!fresh) return;
+      r.status = "streaming";
+      this._emit("delta", {message_id: r.id, session_id: data.session_id, seq: data.seq, text: fresh.text,
+        thinking: fresh.thinking, content: r.text, thinking_content: r.thinking, offset: r.length});
+    }
+
+    _final(data) {
+      const r = this._reply(data.message_id);
+      if (r.final) return;  // the one terminal frame, even if a resume repeats it
+      r.final = true;
+      r.status = data.status;
+      r.text = data.content;  // authoritative (after a crash it may be shorter than what streamed)
+      r.length = cpLength(r.text);
+      r.thinking = data.thinking || r.thinking;
+      r.thinkingLength = cpLength(r.thinking);
+      this._emit("final", {message_id: r.id, session_id: data.session_id, seq: data.seq, status: data.status,
+        content: r.text, thinking: r.thinking, error: data.error || null});
+    }
+
+    _status(id, status) {
+      const r = this._reply(id);
+      if (r.final) return;
+      r.status = status;
+      this._emit("status", {message_id: id, status});
+    }
+
+    _error(frame) {
+      if (frame.request_type === "message" && frame.client_msg_id) {
+        const p = this.pending.get(frame.client_msg_id);
+        if (p) {  // a definite answer: the caller decides whether to try again (e.g. session_busy)
+          this.pending.delete(frame.client_msg_id);
+          p.reject(frame);
+        }
+      } else if (frame.request_type === "resume" && frame.code === "message_not_found" &&
+                 this.replies.delete(frame.message_id)) {
+        this._resumeAll();  // that reply is gone (session reset): resume the rest without it
+      }
+      this._emit("error", frame);
+    }
+  }
+
+  return {Client, Reply, backoff, cpLength, cpSlice};
+});

@@ -72,7 +72,9 @@ class Store:
         return doc
 
     async def list_sessions(self, *, pipeline, user, limit=100):
-        cursor = (self.sessions.find({"pipeline": pipeline, "members": user})
+        # `$in` rather than `{"members": user}`: same meaning on MongoDB, but nx-27017 0.8.1 misses array
+        # elements on an indexed array field with plain equality.
+        cursor = (self.sessions.find({"pipeline": pipeline, "members": {"$in": [user]}})
                   .sort("updated_at", DESCENDING).limit(limit))
         return [doc async for doc in cursor]
 

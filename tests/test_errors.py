@@ -121,3 +121,12 @@ async def test_rest_send_validates_like_the_socket(fetch):
     code, body = await fetch(f"/api/v1/pipelines/default/sessions/{sid}/stop", "POST",
                              body={"message_id": ["a"]})
     assert code == 400 and body["code"] == "invalid_param"
+
+
+async def test_oversized_frame_closes_with_1009_and_the_server_lives_on(connect):
+    c = await connect()
+    await c.send({"type": "message", "message": [{"type": "Plain", "text": "x" * 70_000}]})
+    code, _ = await c.wait_closed()
+    assert code == 1009
+    other = await connect()
+    assert (await other.say("fine"))["type"] == "ack"

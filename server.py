@@ -16,7 +16,7 @@ from tornado import web
 
 from handlers import api, ws
 from handlers.base import NotFoundHandler
-from services.auth import NoAuth
+from services.auth import Authenticator
 from services.chat import ChatService
 from services.embedded_mongo import EmbeddedMongo
 from services.hub import Hub
@@ -41,6 +41,14 @@ class Config:
     ping_interval: float = 25.0
     ping_timeout: float = 10.0
     log_level: str = "info"
+    auth: str = "token"                # token | jwt | none (docs: README "Authentication")
+    token: str | None = None           # token mode: fixed token; None = a random one per start
+    jwt_secret: str | None = None      # jwt mode, HS256
+    jwt_public_key: str | None = None  # jwt mode, RS256 (PEM text)
+    jwt_admin_claim: str = "role"
+    jwt_admin_value: str = "admin"
+    auth_timeout: float = 10.0         # seconds for a WebSocket to send its `authenticate` frame
+    allowed_origins: tuple = ()        # extra origins allowed to open WebSockets ("*" = any)
     pipelines_file: str | None = None  # TOML; None = the built-in `default` demo pipeline
 
 
@@ -68,6 +76,16 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default=env("PARLEY_DATA_DIR", Config.data_dir))
     p.add_argument("--pipelines", default=env("PARLEY_PIPELINES"), metavar="FILE",
                    help="pipelines TOML file (see pipelines.example.toml); default: the offline demo pipeline")
+    p.add_argument("--auth", choices=["token", "jwt", "none"], default=env("PARLEY_AUTH", Config.auth))
+    p.add_argument("--token", default=env("PARLEY_TOKEN"), help="token mode: use this token instead of a random one")
+    p.add_argument("--jwt-secret", default=env("PARLEY_JWT_SECRET"), help="jwt mode: HS256 shared secret")
+    p.add_argument("--jwt-public-key", default=env("PARLEY_JWT_PUBLIC_KEY"), metavar="PEM_FILE",
+                   help="jwt mode: RS256 public key file")
+    p.add_argument("--jwt-admin-claim", default=Config.jwt_admin_claim)
+    p.add_argument("--jwt-admin-value", default=Config.jwt_admin_value)
+    p.add_argument("--allowed-origins", default=env("PARLEY_ALLOWED_ORIGINS", ""),
+                   help="comma-separated origins (https://chat.example) allowed to open WebSockets besides "
+                        "the server's own; * allows any")
     p.add_argument("--checkpoint-interval", type=float, default=Config.checkpoint_interval)
     p.add_argument("--max-queued", type=int, default=Config.max_queued)
     p.add_argument("--log-level", default=env("PARLEY_LOG_LEVEL", Config.log_level),
@@ -75,11 +93,29 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     return Config(host=args.host, port=args.port, mongo_url=args.mongo_url, db_name=args.db_name,
                   data_dir=args.data_dir, checkpoint_interval=args.checkpoint_interval,
-                  max_queued=args.max_queued, log_level=args.log_level, pipelines_file=args.pipelines)
+                  max_queued=args.max_queued, log_level=args.log_level, pipelines_file=args.pipelines,
+                  auth=args.auth, token=args.token, jwt_secret=args.jwt_secret,
+                  jwt_public_key=_read(args.jwt_public_key), jwt_admin_claim=args.jwt_admin_claim,
+                  jwt_admin_value=args.jwt_admin_value,
+                  allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()))
+
+
+def _read(path):
+    if not path:
+        return None
+    with open(path) as f:
+        return f.read()
+
+
+def make_authenticator(config):
+    return Authenticator(config.auth, token=config.token, jwt_secret=config.jwt_secret,
+                         jwt_public_key=config.jwt_public_key, admin_claim=config.jwt_admin_claim,
+                         admin_value=config.jwt_admin_value, host=config.host)
 
 
 async def open_services(config, *, pipelines=None, provider_factory=None):
     """Create every service inside the running loop (an AsyncMongoClient is bound to the loop it starts on)."""
+    auth = make_authenticator(config)
     client = AsyncMongoClient(config.mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000)
     store = Store(client, config.db_name)
     await store.create_indexes()
@@ -93,7 +129,7 @@ async def open_services(config, *, pipelines=None, provider_factory=None):
                             max_queued=config.max_queued, **extra)
     chat = ChatService(store, hub, streams, pipelines)
     return Services(config=config, client=client, store=store, hub=hub, streams=streams, chat=chat,
-                    pipelines=pipelines, auth=NoAuth(), instance_id=instance_id)
+                    pipelines=pipelines, auth=auth, instance_id=instance_id)
 
 
 async def close_services(services):
@@ -116,7 +152,11 @@ async def serve(config):
     services = await open_services(config)
     app = make_app(services)
     server = app.listen(config.port, config.host)
-    log.info("Parley listening on http://%s:%s/ (instance %s)", config.host, config.port, services.instance_id)
+    log.info("Parley listening on http://%s:%s/ (instance %s, auth %s)", config.host, config.port,
+             services.instance_id, config.auth)
+    if services.auth.mode == "token":
+        url = f"http://{config.host}:{config.port}/?token={services.auth.token}"
+        print(f"\n    Parley is running. Open, or connect clients with this token:\n\n        {url}\n", flush=True)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -135,11 +175,12 @@ def main(argv=None):
     config = parse_args(argv)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # one INFO line per upstream request is noise
-    if config.pipelines_file:  # fail before anything starts, naming the file, pipeline and field
-        try:
+    try:  # fail before anything starts, with a message that names the problem
+        make_authenticator(config)
+        if config.pipelines_file:
             load_pipelines(config.pipelines_file)
-        except PipelineConfigError as exc:
-            raise SystemExit(f"parley: {exc}") from None
+    except (PipelineConfigError, ValueError) as exc:
+        raise SystemExit(f"parley: {exc}") from None
     embedded = None
     if not config.mongo_url:
         embedded = EmbeddedMongo(os.path.join(config.data_dir, "mongo")).start()

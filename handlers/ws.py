@@ -1,23 +1,30 @@
-"""The WebSocket endpoint: open -> register a Connection, on_message -> ClientProtocol, on_close -> unregister."""
+"""The WebSocket endpoint: authenticate -> register a Connection, on_message -> ClientProtocol, on_close -> unregister.
+
+Nothing is registered before authentication succeeds: a client without credentials in the handshake has
+--auth-timeout seconds (10) to send `{"type": "authenticate", "token": ...}` as its first frame.
+"""
+import asyncio
 import json
 import logging
 import time
 import uuid
+from urllib.parse import urlparse
 
 from pymongo.errors import PyMongoError
 from tornado import websocket
 
 from services import frames
+from services.auth import Unauthorized
 from services.chat import check_session_type
 from services.errors import BadRequest, ParleyError, Unavailable
 from services.hub import Connection, ConnectionClosed
-from services.protocol import ClientProtocol
+from services.protocol import ClientProtocol, parse
 
 log = logging.getLogger(__name__)
 
 STREAM_MODES = ("cumulative", "delta")
 # Close codes for errors at connect time (docs/protocol.md).
-CLOSE_FOR_STATUS = {400: 4400, 403: 4403, 404: 4404, 503: 1011}
+CLOSE_FOR_STATUS = {400: 4400, 401: 4401, 403: 4403, 404: 4404, 503: 1011}
 
 
 class ChatSocket(websocket.WebSocketHandler):
@@ -25,23 +32,67 @@ class ChatSocket(websocket.WebSocketHandler):
         self.services = services
         self.conn = None
         self.protocol = None
+        self.awaiting_auth = None  # the timer while we wait for an `authenticate` frame
 
     def check_origin(self, origin):
-        return True  # issue "Connections and security" adds the allow-list
+        """Cross-site WebSocket hijacking guard: same host, or an origin on --allowed-origins."""
+        allowed = self.services.config.allowed_origins
+        if "*" in allowed or origin in allowed:
+            return True
+        return urlparse(origin).netloc.lower() == self.request.host.lower()
 
     async def open(self, pipeline):
         try:
-            session_type = check_session_type(self.get_query_argument("session_type", "person"))
-            stream_mode = self.get_query_argument("stream_mode", "cumulative")
-            if stream_mode not in STREAM_MODES:
+            self.services.pipelines.get(pipeline)
+            self.params = {"pipeline": pipeline,
+                           "session_type": check_session_type(self.get_query_argument("session_type", "person")),
+                           "stream_mode": self.get_query_argument("stream_mode", "cumulative"),
+                           "session_id": self.get_query_argument("session_id", None)}
+            if self.params["stream_mode"] not in STREAM_MODES:
                 raise BadRequest("stream_mode must be cumulative or delta", code="invalid_param")
-            identity = self.services.auth.identify(self.request)
-            chat = self.services.chat
-            session_id = self.get_query_argument("session_id", None)
-            if session_id is None:
-                session = await chat.default_session(identity, pipeline, session_type)
+            auth = self.services.auth
+            if auth.requires_credentials and not self._has_credentials():
+                self.awaiting_auth = asyncio.get_running_loop().call_later(
+                    self.services.config.auth_timeout, self._auth_timed_out)
+                return
+            identity = auth.identify(self.request)
+        except ParleyError as err:
+            return self._refuse(err)
+        await self._start(identity)
+
+    async def on_message(self, message):
+        if self.protocol is not None:
+            self.conn.last_active = time.time()
+            self.protocol.receive(message)  # never awaits: ping and stop are heard during a reply
+        elif self.awaiting_auth is not None:
+            await self._authenticate(message)
+
+    def on_close(self):
+        self._cancel_auth_timer()
+        if self.protocol is not None:
+            self.protocol.shutdown()
+        if self.conn is not None:
+            self.services.hub.unregister(self.conn)
+
+    async def _authenticate(self, message):
+        self._cancel_auth_timer()
+        try:
+            frame = parse(message)
+            if frame["type"] != "authenticate":
+                raise Unauthorized("authenticate first: {\"type\": \"authenticate\", \"token\": ...}")
+            identity = self.services.auth.verify(frame.get("token"))
+        except ParleyError as err:
+            return self._refuse(err if isinstance(err, Unauthorized) else Unauthorized(err.message))
+        await self._start(identity)
+
+    async def _start(self, identity):
+        p = self.params
+        chat = self.services.chat
+        try:
+            if p["session_id"] is None:
+                session = await chat.default_session(identity, p["pipeline"], p["session_type"])
             else:
-                session = await chat.session(identity, pipeline, session_id)
+                session = await chat.session(identity, p["pipeline"], p["session_id"])
         except PyMongoError as exc:
             log.error("store error on connect: %s", exc)
             return self._refuse(Unavailable("the message store is unavailable, try again"))
@@ -49,27 +100,28 @@ class ChatSocket(websocket.WebSocketHandler):
             return self._refuse(err)
         if self.ws_connection is None:  # the client left while we looked the session up
             return
-        self.conn = Connection(uuid.uuid4().hex, identity=identity, pipeline=pipeline,
-                               session_type=session["type"], stream_mode=stream_mode, write=self._write,
+        self.conn = Connection(uuid.uuid4().hex, identity=identity, pipeline=p["pipeline"],
+                               session_type=session["type"], stream_mode=p["stream_mode"], write=self._write,
                                close=self.close, remote_ip=self.request.remote_ip)
         self.services.hub.register(self.conn)
         self.services.hub.join(self.conn, session["_id"])
         self.protocol = ClientProtocol(self.conn, chat)
-        self.conn.send({"type": "connected", "connection_id": self.conn.id, "pipeline_uuid": pipeline,
+        self.conn.send({"type": "connected", "connection_id": self.conn.id, "pipeline_uuid": p["pipeline"],
                         "session_type": session["type"], "session_id": session["_id"],
-                        "stream_mode": stream_mode, "user_id": identity.user_id, "protocol": "parley/1",
+                        "stream_mode": p["stream_mode"], "user_id": identity.user_id, "protocol": "parley/1",
                         "timestamp": frames.timestamp()})
 
-    def on_message(self, message):
-        if self.protocol is not None:
-            self.conn.last_active = time.time()
-            self.protocol.receive(message)
+    def _has_credentials(self):
+        return "Authorization" in self.request.headers or "token" in self.request.query_arguments
 
-    def on_close(self):
-        if self.protocol is not None:
-            self.protocol.shutdown()
-        if self.conn is not None:
-            self.services.hub.unregister(self.conn)
+    def _auth_timed_out(self):
+        self.awaiting_auth = None
+        self._refuse(Unauthorized(f"no authenticate frame within {self.services.config.auth_timeout:g} s"))
+
+    def _cancel_auth_timer(self):
+        if self.awaiting_auth is not None:
+            self.awaiting_auth.cancel()
+            self.awaiting_auth = None
 
     def _write(self, frame):
         try:

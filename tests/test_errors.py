@@ -1,6 +1,10 @@
 """Bad input never kills the socket or the process: an `error` frame or a 4xx JSON body with a stable code."""
+import json
+
 import pytest
 from tornado.websocket import websocket_connect
+
+from tests.conftest import ws_request
 
 pytestmark = pytest.mark.gen_test(timeout=20)
 
@@ -67,8 +71,7 @@ async def test_binary_frame_is_refused(connect):
     ("default", {"session_id": "no-such-session"}, "session_not_found", 4404),
 ])
 async def test_fatal_connect_errors_say_why_then_close(ws_url, pipeline, query, code, close_code):
-    ws = await websocket_connect(ws_url(pipeline, **query))
-    import json
+    ws = await websocket_connect(ws_request(ws_url(pipeline, **query)))
     err = json.loads(await ws.read_message())
     assert err["type"] == "error" and err["code"] == code
     assert await ws.read_message() is None

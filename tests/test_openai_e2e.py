@@ -8,7 +8,7 @@ from tornado.websocket import websocket_connect
 
 import server
 from services.pipelines import Pipeline, Pipelines, Timeouts
-from tests.conftest import Client
+from tests.conftest import Client, ws_request
 from tests.upstream import FakeUpstream, Script
 
 pytestmark = pytest.mark.gen_test(timeout=30)
@@ -37,7 +37,7 @@ def gateway(io_loop, config, upstream):
 
     async def connect(**query):
         qs = "&".join(f"{k}={v}" for k, v in query.items())
-        ws = await websocket_connect(f"ws://127.0.0.1:{port}/api/v1/pipelines/gpt/ws/connect?{qs}")
+        ws = await websocket_connect(ws_request(f"ws://127.0.0.1:{port}/api/v1/pipelines/gpt/ws/connect?{qs}"))
         c = Client(ws)
         c.connected = await c.recv()
         clients.append(c)

@@ -12,9 +12,10 @@ from tornado.httpclient import AsyncHTTPClient
 from tornado.websocket import websocket_connect
 
 from services.embedded_mongo import EmbeddedMongo, EmbeddedMongoError, free_port
-from tests.conftest import Client
+from tests.conftest import TEST_TOKEN, Client, ws_request
 
 ROOT = Path(__file__).resolve().parent.parent
+AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
 pytestmark = pytest.mark.gen_test(timeout=60)
 
 
@@ -24,7 +25,8 @@ async def wait_ready(port, proc, timeout=30):
     while True:
         assert proc.poll() is None, f"server exited with {proc.returncode}"
         try:
-            r = await AsyncHTTPClient().fetch(f"http://127.0.0.1:{port}/api/v1/pipelines", raise_error=False)
+            r = await AsyncHTTPClient().fetch(f"http://127.0.0.1:{port}/api/v1/pipelines", raise_error=False,
+                                              headers=AUTH)
             if r.code == 200:
                 return
         except OSError:
@@ -35,7 +37,8 @@ async def wait_ready(port, proc, timeout=30):
 
 def start_server(data_dir, port, *extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}
-    return subprocess.Popen([sys.executable, "server.py", "--port", str(port), "--data-dir", str(data_dir), *extra],
+    return subprocess.Popen([sys.executable, "server.py", "--port", str(port), "--data-dir", str(data_dir),
+                             "--token", TEST_TOKEN, *extra],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -69,7 +72,7 @@ async def test_run_chat_sigterm_restart_keeps_history(tmp_path):
         await wait_ready(port, proc)
         child = nx_pid(tmp_path)
         assert child and alive(child)
-        c = Client(await websocket_connect(f"ws://127.0.0.1:{port}/api/v1/pipelines/default/ws/connect"))
+        c = Client(await websocket_connect(ws_request(f"ws://127.0.0.1:{port}/api/v1/pipelines/default/ws/connect")))
         assert (await c.recv())["type"] == "connected"
         ack = await c.say("remember me")
         final = (await c.until_final(ack["data"]["reply_message_id"], timeout=20))[-1]["data"]
@@ -86,7 +89,8 @@ async def test_run_chat_sigterm_restart_keeps_history(tmp_path):
     proc = start_server(tmp_path, port)
     try:
         await wait_ready(port, proc)
-        r = await AsyncHTTPClient().fetch(f"http://127.0.0.1:{port}/api/v1/pipelines/default/ws/messages/person")
+        r = await AsyncHTTPClient().fetch(f"http://127.0.0.1:{port}/api/v1/pipelines/default/ws/messages/person",
+                                          headers=AUTH)
         messages = json.loads(r.body)["data"]["messages"]
         assert [m["content"] for m in messages] == ["remember me", final["content"]]
     finally:

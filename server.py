@@ -20,6 +20,7 @@ from services.auth import Authenticator
 from services.chat import ChatService
 from services.embedded_mongo import EmbeddedMongo
 from services.hub import Hub
+from services.limits import RateLimiter
 from services.pipelines import PipelineConfigError, default_pipelines, load_pipelines
 from services.store import Store
 from services.streams import StreamManager
@@ -38,6 +39,11 @@ class Config:
     lease_seconds: float = 30.0
     max_queued: int = 8                # replies waiting per session before `session_busy`
     max_message_size: int = 64 * 1024
+    outbox_limit: int = 1024 * 1024    # characters waiting for a slow reader before it is disconnected
+    max_connections: int = 10_000
+    max_connections_per_user: int = 32
+    rate_limit: float = 5.0            # messages per second per user (sustained)
+    rate_burst: int = 20
     ping_interval: float = 25.0
     ping_timeout: float = 10.0
     log_level: str = "info"
@@ -86,6 +92,14 @@ def parse_args(argv=None):
     p.add_argument("--allowed-origins", default=env("PARLEY_ALLOWED_ORIGINS", ""),
                    help="comma-separated origins (https://chat.example) allowed to open WebSockets besides "
                         "the server's own; * allows any")
+    p.add_argument("--max-connections", type=int, default=Config.max_connections)
+    p.add_argument("--max-connections-per-user", type=int, default=Config.max_connections_per_user)
+    p.add_argument("--rate-limit", type=float, default=Config.rate_limit, help="messages per second per user")
+    p.add_argument("--rate-burst", type=int, default=Config.rate_burst)
+    p.add_argument("--max-message-size", type=int, default=Config.max_message_size,
+                   help="largest inbound WebSocket frame in bytes (larger: close 1009)")
+    p.add_argument("--outbox-limit", type=int, default=Config.outbox_limit,
+                   help="characters waiting for a slow reader before it is disconnected (close 4008)")
     p.add_argument("--checkpoint-interval", type=float, default=Config.checkpoint_interval)
     p.add_argument("--max-queued", type=int, default=Config.max_queued)
     p.add_argument("--log-level", default=env("PARLEY_LOG_LEVEL", Config.log_level),
@@ -97,6 +111,9 @@ def parse_args(argv=None):
                   auth=args.auth, token=args.token, jwt_secret=args.jwt_secret,
                   jwt_public_key=_read(args.jwt_public_key), jwt_admin_claim=args.jwt_admin_claim,
                   jwt_admin_value=args.jwt_admin_value,
+                  max_connections=args.max_connections, max_connections_per_user=args.max_connections_per_user,
+                  rate_limit=args.rate_limit, rate_burst=args.rate_burst, max_message_size=args.max_message_size,
+                  outbox_limit=args.outbox_limit,
                   allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()))
 
 
@@ -127,7 +144,8 @@ async def open_services(config, *, pipelines=None, provider_factory=None):
     streams = StreamManager(store, hub, pipelines, instance_id=instance_id,
                             checkpoint_interval=config.checkpoint_interval, lease_seconds=config.lease_seconds,
                             max_queued=config.max_queued, **extra)
-    chat = ChatService(store, hub, streams, pipelines)
+    chat = ChatService(store, hub, streams, pipelines,
+                       limiter=RateLimiter(config.rate_limit, config.rate_burst))
     return Services(config=config, client=client, store=store, hub=hub, streams=streams, chat=chat,
                     pipelines=pipelines, auth=auth, instance_id=instance_id)
 

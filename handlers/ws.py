@@ -18,6 +18,7 @@ from services.auth import Unauthorized
 from services.chat import check_session_type
 from services.errors import BadRequest, ParleyError, Unavailable
 from services.hub import Connection, ConnectionClosed
+from services.limits import CLOSE_CAPACITY, Capacity, check_capacity
 from services.protocol import ClientProtocol, parse
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 STREAM_MODES = ("cumulative", "delta")
 # Close codes for errors at connect time (docs/protocol.md).
 CLOSE_FOR_STATUS = {400: 4400, 401: 4401, 403: 4403, 404: 4404, 503: 1011}
+CLOSE_FOR_CODE = {"capacity": CLOSE_CAPACITY}
 
 
 class ChatSocket(websocket.WebSocketHandler):
@@ -100,16 +102,23 @@ class ChatSocket(websocket.WebSocketHandler):
             return self._refuse(err)
         if self.ws_connection is None:  # the client left while we looked the session up
             return
+        config = self.services.config
+        try:
+            check_capacity(self.services.hub, identity, max_total=config.max_connections,
+                           max_per_user=config.max_connections_per_user)
+        except Capacity as err:
+            return self._refuse(err)
         self.conn = Connection(uuid.uuid4().hex, identity=identity, pipeline=p["pipeline"],
                                session_type=session["type"], stream_mode=p["stream_mode"], write=self._write,
-                               close=self.close, remote_ip=self.request.remote_ip)
+                               close=self.close, remote_ip=self.request.remote_ip,
+                               outbox_limit=self.services.config.outbox_limit)
         self.services.hub.register(self.conn)
-        self.services.hub.join(self.conn, session["_id"])
         self.protocol = ClientProtocol(self.conn, chat)
         self.conn.send({"type": "connected", "connection_id": self.conn.id, "pipeline_uuid": p["pipeline"],
                         "session_type": session["type"], "session_id": session["_id"],
                         "stream_mode": p["stream_mode"], "user_id": identity.user_id, "protocol": "parley/1",
                         "timestamp": frames.timestamp()})
+        self.services.hub.join(self.conn, session["_id"], session["type"])  # after `connected`: presence follows
 
     def _has_credentials(self):
         return "Authorization" in self.request.headers or "token" in self.request.query_arguments
@@ -123,9 +132,9 @@ class ChatSocket(websocket.WebSocketHandler):
             self.awaiting_auth.cancel()
             self.awaiting_auth = None
 
-    def _write(self, frame):
+    def _write(self, text):
         try:
-            self.write_message(json.dumps(frame, ensure_ascii=False))
+            return self.write_message(text)
         except websocket.WebSocketClosedError:
             raise ConnectionClosed() from None
 
@@ -135,7 +144,7 @@ class ChatSocket(websocket.WebSocketHandler):
             self.write_message(json.dumps(frames.error(err), ensure_ascii=False))
         except websocket.WebSocketClosedError:
             return
-        self.close(CLOSE_FOR_STATUS.get(err.http_status, 1011), err.code)
+        self.close(CLOSE_FOR_CODE.get(err.code) or CLOSE_FOR_STATUS.get(err.http_status, 1011), err.code)
 
 
 default_handlers = [

@@ -29,7 +29,9 @@ class ClientProtocol:
         self.busy = False             # the worker is in the middle of a send
 
         self.handlers = {"ping": self.on_ping, "disconnect": self.on_disconnect, "stop": self.on_stop,
-                         "message": self.on_message}
+                         "message": self._queue, "session.join": self._queue, "session.leave": self.on_leave,
+                         "presence": self.on_presence}
+        self.queued = {"message": self._send, "session.join": self._join}
 
     def receive(self, text):
         frame = {}
@@ -67,10 +69,21 @@ class ClientProtocol:
         stopped = self.chat.stop(self.conn.identity, session_id, message_id)
         self.conn.send(frames.stop_ack(session_id, stopped))
 
-    # frames that wait their turn
+    def on_leave(self, frame):
+        session_id = self._session_id(frame)
+        self.chat.hub.leave(self.conn, session_id)
+        self.conn.send({"type": "session.left", "data": {"session_id": session_id, "reason": "left"}})
 
-    def on_message(self, frame):
-        self._session_id(frame)  # reject a foreign session before queueing
+    def on_presence(self, frame):
+        self.conn.send(self.chat.hub.presence_frame(self._session_id(frame)))
+
+    # frames that wait their turn (they touch the store), in the order the client sent them
+
+    def _queue(self, frame):
+        if frame["type"] == "session.join":
+            check_id(frame.get("session_id"), "session_id")
+        else:
+            self._session_id(frame)  # reject a foreign session before queueing
         try:
             self.inbox.put_nowait(frame)
         except asyncio.QueueFull:
@@ -84,13 +97,13 @@ class ClientProtocol:
                 break
             self.busy = True
             try:
-                await self._send(frame)
+                await self.queued[frame["type"]](frame)
             except PyMongoError as exc:
                 log.error("store error on send conn_id=%s: %s", self.conn.id, exc)
                 self.conn.send(frames.error(Unavailable("the message store is unavailable, try again"),
                                             request_type="message", client_msg_id=frame.get("client_msg_id")))
             except ParleyError as err:
-                self.conn.send(frames.error(err, request_type="message", client_msg_id=frame.get("client_msg_id")))
+                self.conn.send(frames.error(err, request_type=frame["type"], client_msg_id=frame.get("client_msg_id")))
             except Exception:
                 log.exception("send failed conn_id=%s", self.conn.id)
                 self.conn.send(frames.error(ParleyError("internal error"), request_type="message"))
@@ -106,6 +119,15 @@ class ClientProtocol:
             identity, session, frame.get("message"), stream=frame.get("stream", True),
             client_msg_id=frame.get("client_msg_id"))
         self.conn.send(frames.ack(user_doc, reply_doc, duplicate))
+
+    async def _join(self, frame):
+        session = await self.chat.session(self.conn.identity, self.conn.pipeline, frame["session_id"])
+        if self.conn.closed:
+            return
+        self.conn.send({"type": "session.joined", "data": {"session_id": session["_id"],
+                                                           "session_type": session["type"],
+                                                           "title": session.get("title", "")}})
+        self.chat.hub.join(self.conn, session["_id"], session["type"])
 
     def _session_id(self, frame):
         session_id = frame.get("session_id")

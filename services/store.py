@@ -78,6 +78,13 @@ class Store:
                   .sort("updated_at", DESCENDING).limit(limit))
         return [doc async for doc in cursor]
 
+    async def change_members(self, session_id, *, add=(), remove=()):
+        if add:
+            await self.sessions.update_one({"_id": session_id}, {"$addToSet": {"members": {"$each": list(add)}}})
+        if remove:
+            await self.sessions.update_one({"_id": session_id}, {"$pull": {"members": {"$in": list(remove)}}})
+        return await self.get_session(session_id)
+
     async def next_seqs(self, session_id, count=1):
         """Reserve `count` consecutive message numbers atomically; returns the first."""
         doc = await self.sessions.find_one_and_update(

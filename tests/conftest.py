@@ -64,6 +64,9 @@ def make_test_pipelines():
                  timeouts=Timeouts(first_token=0.3, stall=5, total=10)),
         Pipeline(id="endless", provider="demo", options={"words": 100000, "rate": 500},
                  timeouts=Timeouts(first_token=5, stall=5, total=0.4)),
+        # As fast as possible and long: floods a reader that stops reading.
+        Pipeline(id="bulk", provider="demo", model="demo", timeouts=fast,
+                 options={"words": 3000, "rate": 0}),
         Pipeline(id="broken", provider="fail", timeouts=fast),
         Pipeline(id="empty", provider="empty", timeouts=fast),
     ])
@@ -82,7 +85,7 @@ def db_name():
 @pytest.fixture
 def config(mongo_url, db_name):
     return server.Config(mongo_url=mongo_url, db_name=db_name, checkpoint_interval=0.05, max_queued=3,
-                         auth="token", token=TEST_TOKEN, auth_timeout=0.5)
+                         auth="token", token=TEST_TOKEN, auth_timeout=0.5, rate_limit=1000, rate_burst=1000)
 
 
 @pytest.fixture

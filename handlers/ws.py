@@ -7,7 +7,7 @@ import uuid
 from pymongo.errors import PyMongoError
 from tornado import websocket
 
-from services import frames
+from services import frames, logs
 from services.chat import check_session_type
 from services.errors import BadRequest, ParleyError, Unavailable
 from services.hub import Connection, ConnectionClosed
@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 STREAM_MODES = ("cumulative", "delta")
 # Close codes for errors at connect time (docs/protocol.md).
 CLOSE_FOR_STATUS = {400: 4400, 403: 4403, 404: 4404, 503: 1011}
+# Server-initiated close code -> parley_ws_disconnects_total{reason}. 1000 is the client's own `disconnect`.
+DISCONNECT_FOR_CODE = {1001: "shutdown", 1008: "auth", 4401: "auth", 4403: "auth", 1009: "oversize",
+                       1013: "capacity", 1011: "unavailable", 4400: "invalid", 4404: "invalid"}
 
 
 class ChatSocket(websocket.WebSocketHandler):
@@ -25,6 +28,7 @@ class ChatSocket(websocket.WebSocketHandler):
         self.services = services
         self.conn = None
         self.protocol = None
+        self.closed_by = None  # why the server ended this socket, if it did (see _close)
 
     def check_origin(self, origin):
         return True  # issue "Connections and security" adds the allow-list
@@ -49,10 +53,14 @@ class ChatSocket(websocket.WebSocketHandler):
             return self._refuse(err)
         if self.ws_connection is None:  # the client left while we looked the session up
             return
+        self._watch_tornado_close()
         self.conn = Connection(uuid.uuid4().hex, identity=identity, pipeline=pipeline,
                                session_type=session["type"], stream_mode=stream_mode, write=self._write,
-                               close=self.close, remote_ip=self.request.remote_ip)
+                               close=self._close, remote_ip=self.request.remote_ip)
+        # This task reads every frame of the socket, and the inbox worker starts from it: both log with these.
+        logs.bind(pipeline=pipeline, session_id=session["_id"], conn_id=self.conn.id)
         self.services.hub.register(self.conn)
+        self.services.metrics.connection_opened(self.conn)
         self.services.hub.join(self.conn, session["_id"])
         self.protocol = ClientProtocol(self.conn, chat)
         self.conn.send({"type": "connected", "connection_id": self.conn.id, "pipeline_uuid": pipeline,
@@ -63,22 +71,61 @@ class ChatSocket(websocket.WebSocketHandler):
     def on_message(self, message):
         if self.protocol is not None:
             self.conn.last_active = time.time()
-            self.protocol.receive(message)
+            self.services.metrics.frame_received(self.protocol.receive(message))
 
     def on_close(self):
         if self.protocol is not None:
             self.protocol.shutdown()
         if self.conn is not None:
             self.services.hub.unregister(self.conn)
+            if self.closed_by in (None, "client_request"):
+                ended_by = "client" if self.close_code is not None or self.closed_by else "lost"
+            else:
+                ended_by = "server"
+            self.services.metrics.connection_closed(self.conn, ended_by)
 
     def _write(self, frame):
+        text = json.dumps(frame, ensure_ascii=False)
         try:
-            self.write_message(json.dumps(frame, ensure_ascii=False))
+            self.write_message(text)
         except websocket.WebSocketClosedError:
             raise ConnectionClosed() from None
+        self.services.metrics.frame_sent(frame.get("type"), len(text) if text.isascii() else len(text.encode()))
+
+    def _close(self, code=None, reason=None):
+        """Connection.close: the server ends the socket; remember why, once."""
+        if self.closed_by is None and self.ws_connection is not None:
+            self._closing(code, reason)
+        self.close(code, reason)
+
+    def _closing(self, code, reason):
+        if code == 1000:
+            self.closed_by = "client_request"  # the client's `disconnect` frame
+        else:
+            self.closed_by = DISCONNECT_FOR_CODE.get(code, "other")
+            self.services.metrics.disconnected(self.closed_by)
+
+    def _watch_tornado_close(self):
+        """Tornado closes a socket itself on a ping timeout or an oversize frame, without telling the handler
+        why; its protocol's close() is the one place that knows, so count the reason there."""
+        protocol = self.ws_connection
+        tornado_close = protocol.close
+
+        def close(code=None, reason=None):
+            if self.closed_by is None:
+                if reason == "ping timed out":
+                    self.closed_by = "ping_timeout"
+                    self.services.metrics.disconnected("ping_timeout")
+                elif code == 1009 and not protocol.client_terminated:
+                    self._closing(code, reason)
+            tornado_close(code, reason)
+
+        protocol.close = close
 
     def _refuse(self, err):
         """A fatal error at connect: say why in an error frame, then close with a documented code."""
+        self.services.metrics.disconnected(
+            {401: "auth", 403: "auth", 503: "unavailable"}.get(err.http_status, "invalid"))
         try:
             self.write_message(json.dumps(frames.error(err), ensure_ascii=False))
         except websocket.WebSocketClosedError:

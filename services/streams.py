@@ -182,7 +182,7 @@ class StreamManager:
         got_token = False
         async with contextlib.aclosing(provider.stream(request)) as chunks:
             try:
-                async with asyncio.timeout(min(total_deadline, loop.time() + limits.first_token)) as deadline:
+                async with asyncio.timeout_at(min(total_deadline, loop.time() + limits.first_token)) as deadline:
                     async for chunk in chunks:
                         got_token = got_token or bool(chunk.text or chunk.thinking)
                         self._apply(gen, chunk)

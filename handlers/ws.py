@@ -28,7 +28,7 @@ class ChatSocket(websocket.WebSocketHandler):
         self.services = services
         self.conn = None
         self.protocol = None
-        self.closed_by = None  # why the server ended this socket, if it did (see _close)
+        self.closed_by = None  # who ended this socket and why (see _close); None: the connection was lost
 
     def check_origin(self, origin):
         return True  # issue "Connections and security" adds the allow-list
@@ -78,10 +78,7 @@ class ChatSocket(websocket.WebSocketHandler):
             self.protocol.shutdown()
         if self.conn is not None:
             self.services.hub.unregister(self.conn)
-            if self.closed_by in (None, "client_request"):
-                ended_by = "client" if self.close_code is not None or self.closed_by else "lost"
-            else:
-                ended_by = "server"
+            ended_by = {None: "lost", "client_request": "client"}.get(self.closed_by, "server")
             self.services.metrics.connection_closed(self.conn, ended_by)
 
     def _write(self, frame):
@@ -113,7 +110,9 @@ class ChatSocket(websocket.WebSocketHandler):
 
         def close(code=None, reason=None):
             if self.closed_by is None:
-                if reason == "ping timed out":
+                if protocol.client_terminated and code != 1009:  # answering the client's close frame
+                    self.closed_by = "client_request"
+                elif reason == "ping timed out":
                     self.closed_by = "ping_timeout"
                     self.services.metrics.disconnected("ping_timeout")
                 elif code == 1009 and not protocol.client_terminated:

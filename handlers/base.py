@@ -5,6 +5,7 @@ import logging
 from pymongo.errors import PyMongoError
 from tornado import web
 
+from services import logs
 from services.errors import BadRequest, NotFound, ParleyError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -13,6 +14,10 @@ log = logging.getLogger(__name__)
 class BaseHandler(web.RequestHandler):
     def initialize(self, services):
         self.services = services
+
+    def prepare(self):
+        # Each request runs in its own task: these log fields stay with this request.
+        logs.bind(pipeline=self.path_kwargs.get("pipeline"), session_id=self.path_kwargs.get("session_id"))
 
     def set_default_headers(self):
         self.set_header("Content-Type", "application/json; charset=utf-8")

@@ -86,7 +86,8 @@ class StreamManager:
         queue[gen.message_id] = gen
         self.generations[gen.message_id] = gen
         self.stop_callbacks[gen.message_id] = lambda reason="stopped", g=gen: self._request_stop(g, reason)
-        log.debug("stream signal registered message_id=%s session_id=%s", gen.message_id, gen.session_id)
+        log.debug("stream signal registered message_id=%s session_id=%s", gen.message_id, gen.session_id,
+                  extra={"pipeline": gen.pipeline_id, "session_id": gen.session_id, "message_id": gen.message_id})
         self.metrics.generation_accepted(gen)
         gen.task = asyncio.get_running_loop().create_task(self._run(gen), name=f"generation-{gen.message_id}")
         return gen
@@ -103,7 +104,8 @@ class StreamManager:
                 callback(reason)
                 stopped.append(mid)
         if stopped:
-            log.info("stop executed locally session_id=%s message_ids=%s", session_id, stopped)
+            log.info("stop executed locally session_id=%s message_ids=%s", session_id, stopped,
+                     extra={"session_id": session_id, "message_id": ",".join(stopped)})
         self.metrics.stop_requested("local" if stopped else "noop")
         return stopped
 

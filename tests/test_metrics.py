@@ -1,6 +1,7 @@
 """Metrics move as they should through a chat, a stop, a failure, refusals and disconnects; health probes."""
 import asyncio
 import json
+import os
 import socket
 
 import pytest
@@ -194,6 +195,14 @@ def test_resume_and_bus_metrics_record_what_later_code_reports():
     assert get("parley_resumes_total", {"pipeline": "other", "source": "live"}) == 1
 
 
+def test_every_metric_is_documented():
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "operations.md")) as f:
+        doc = f.read()
+    names = [family.name + ("_total" if family.type == "counter" else "") for family in Metrics().registry.collect()]
+    assert len(names) > 20
+    assert [n for n in names if f"`{n}`" not in doc] == []
+
+
 async def test_two_apps_have_independent_registries(services):
     other = Metrics(["default"])
     other.generations_started.labels("default").inc()
@@ -241,3 +250,23 @@ async def test_access_is_measured_by_handler_class_and_status(fetch, services):
                  status="404") == 1
     assert value(services, "parley_http_request_duration_seconds_count", handler="SessionsHandler",
                  status="404") == 1
+
+
+class TestPingTimeout:
+    @pytest.fixture
+    def config(self, mongo_url, db_name):
+        return server.Config(mongo_url=mongo_url, db_name=db_name, ping_interval=0.2, ping_timeout=0.2)
+
+    async def test_a_client_that_never_pongs_is_disconnected_and_counted(self, services, http_server, http_port):
+        # A raw socket: it completes the handshake, then never reads, so Tornado's pings go unanswered.
+        reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
+        writer.write(b"GET /api/v1/pipelines/default/ws/connect HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+        try:
+            await settle(lambda: value(services, "parley_ws_disconnects_total", reason="ping_timeout") == 1)
+        finally:
+            writer.close()
+        await settle(lambda: value(services, "parley_connections_open", pipeline="default") == 0)
+        assert value(services, "parley_connections_closed_total", pipeline="default", reason="server") == 1

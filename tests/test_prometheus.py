@@ -1,6 +1,7 @@
 """A real Prometheus scrapes a running Parley: `up` becomes 1 and the chats we drive show in its queries."""
 import asyncio
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -12,6 +13,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from tests.conftest import require
 
 CHATS = 3
+DASHBOARD = os.path.join(os.path.dirname(__file__), "..", "docs", "grafana-dashboard.json")
 
 
 def free_port():
@@ -86,3 +88,11 @@ async def test_prometheus_scrapes_parley(prometheus, connect):
     p99 = await query(prometheus, 'histogram_quantile(0.99, sum by (le) '
                                   '(parley_generation_first_token_seconds_bucket{pipeline="default"}))')
     assert p99 is not None and 0 < p99 <= 10
+    # every panel of the shipped Grafana dashboard is a query this Prometheus accepts
+    with open(DASHBOARD) as f:
+        exprs = [t["expr"] for panel in json.load(f)["panels"] for t in panel["targets"]]
+    assert exprs
+    for expr in exprs:
+        url = f"{prometheus}/api/v1/query?query={urllib.parse.quote(expr)}"
+        body = json.loads((await AsyncHTTPClient().fetch(url, raise_error=False)).body)
+        assert body["status"] == "success", (expr, body)

@@ -4,6 +4,7 @@ import json
 import logging
 
 import pytest
+from pymongo import MongoClient
 from tornado.websocket import websocket_connect
 
 import server
@@ -54,7 +55,6 @@ def services(io_loop, config, mongo_url, db_name, upstream, monkeypatch):
                                                        provider_factory=provider_factory))
     yield svc
     io_loop.run_sync(lambda: server.close_services(svc), timeout=30)
-    from pymongo import MongoClient
     with MongoClient(mongo_url) as client:
         client.drop_database(db_name)
 

@@ -8,7 +8,6 @@ import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 from pymongo import AsyncMongoClient
-from tornado.websocket import websocket_connect
 
 import server
 from services.metrics import Metrics

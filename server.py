@@ -14,13 +14,15 @@ import uuid
 from pymongo import AsyncMongoClient
 from tornado import web
 
-from handlers import api, ws
+from handlers import api, ops, ws
 from handlers.base import NotFoundHandler
+from services import logs
 from services.auth import Authenticator
 from services.chat import ChatService
 from services.embedded_mongo import EmbeddedMongo
 from services.hub import Hub
 from services.limits import RateLimiter
+from services.metrics import Metrics
 from services.pipelines import PipelineConfigError, default_pipelines, load_pipelines
 from services.store import Store
 from services.streams import StreamManager
@@ -55,6 +57,7 @@ class Config:
     jwt_admin_value: str = "admin"
     auth_timeout: float = 10.0         # seconds for a WebSocket to send its `authenticate` frame
     allowed_origins: tuple = ()        # extra origins allowed to open WebSockets ("*" = any)
+    log_format: str = "text"           # or "json": one JSON object per line
     pipelines_file: str | None = None  # TOML; None = the built-in `default` demo pipeline
 
 
@@ -69,6 +72,8 @@ class Services:
     pipelines: object
     auth: object
     instance_id: str
+    metrics: Metrics
+    draining: bool = False             # set when shutdown begins: /readyz answers 503
 
 
 def parse_args(argv=None):
@@ -104,10 +109,12 @@ def parse_args(argv=None):
     p.add_argument("--max-queued", type=int, default=Config.max_queued)
     p.add_argument("--log-level", default=env("PARLEY_LOG_LEVEL", Config.log_level),
                    choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default=env("PARLEY_LOG_FORMAT", Config.log_format), choices=["text", "json"])
     args = p.parse_args(argv)
     return Config(host=args.host, port=args.port, mongo_url=args.mongo_url, db_name=args.db_name,
                   data_dir=args.data_dir, checkpoint_interval=args.checkpoint_interval,
-                  max_queued=args.max_queued, log_level=args.log_level, pipelines_file=args.pipelines,
+                  max_queued=args.max_queued, log_level=args.log_level, log_format=args.log_format,
+                  pipelines_file=args.pipelines,
                   auth=args.auth, token=args.token, jwt_secret=args.jwt_secret,
                   jwt_public_key=_read(args.jwt_public_key), jwt_admin_claim=args.jwt_admin_claim,
                   jwt_admin_value=args.jwt_admin_value,
@@ -133,21 +140,23 @@ def make_authenticator(config):
 async def open_services(config, *, pipelines=None, provider_factory=None):
     """Create every service inside the running loop (an AsyncMongoClient is bound to the loop it starts on)."""
     auth = make_authenticator(config)
-    client = AsyncMongoClient(config.mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000)
-    store = Store(client, config.db_name)
-    await store.create_indexes()
-    instance_id = uuid.uuid4().hex[:12]
     if pipelines is None:
         pipelines = load_pipelines(config.pipelines_file) if config.pipelines_file else default_pipelines()
+    logs.redact(auth.token, *(os.environ.get(p.api_key_env) for p in pipelines if p.api_key_env))  # never logged
+    metrics = Metrics(p.id for p in pipelines)
+    client = AsyncMongoClient(config.mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000)
+    store = Store(client, config.db_name, metrics=metrics)
+    await store.create_indexes()
+    instance_id = uuid.uuid4().hex[:12]
     hub = Hub()
     extra = {"provider_factory": provider_factory} if provider_factory else {}
     streams = StreamManager(store, hub, pipelines, instance_id=instance_id,
                             checkpoint_interval=config.checkpoint_interval, lease_seconds=config.lease_seconds,
-                            max_queued=config.max_queued, **extra)
+                            max_queued=config.max_queued, metrics=metrics, **extra)
     chat = ChatService(store, hub, streams, pipelines,
                        limiter=RateLimiter(config.rate_limit, config.rate_burst))
     return Services(config=config, client=client, store=store, hub=hub, streams=streams, chat=chat,
-                    pipelines=pipelines, auth=auth, instance_id=instance_id)
+                    pipelines=pipelines, auth=auth, instance_id=instance_id, metrics=metrics)
 
 
 async def close_services(services):
@@ -159,11 +168,13 @@ async def close_services(services):
 def make_app(services):
     config = services.config
     deps = {"services": services}
-    routes = [(pattern, handler, deps) for pattern, handler in ws.default_handlers + api.default_handlers]
+    routes = [(pattern, handler, deps)
+              for pattern, handler in ws.default_handlers + api.default_handlers + ops.default_handlers]
     return web.Application(
         routes, default_handler_class=NotFoundHandler, default_handler_args=deps,
         websocket_ping_interval=config.ping_interval, websocket_ping_timeout=config.ping_timeout,
-        websocket_max_message_size=config.max_message_size, xheaders=True)
+        websocket_max_message_size=config.max_message_size, xheaders=True,
+        log_function=ops.log_function(services.metrics))
 
 
 async def serve(config):
@@ -180,6 +191,7 @@ async def serve(config):
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
+    services.draining = True  # /readyz now answers 503, so a balancer stops sending new clients here
     log.info("shutting down")
     server.stop()
     await close_services(services)  # every live reply ends as `interrupted`, and its viewers are told
@@ -191,8 +203,7 @@ async def serve(config):
 
 def main(argv=None):
     config = parse_args(argv)
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("httpx2").setLevel(logging.WARNING)  # one INFO line per upstream request is noise
+    logs.setup(level=config.log_level, fmt=config.log_format)
     try:  # fail before anything starts, with a message that names the problem
         make_authenticator(config)
         if config.pipelines_file:

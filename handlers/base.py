@@ -5,6 +5,7 @@ import logging
 from pymongo.errors import PyMongoError
 from tornado import web
 
+from services import logs
 from services.errors import BadRequest, NotFound, ParleyError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -18,6 +19,8 @@ class BaseHandler(web.RequestHandler):
         self.identity = None
 
     def prepare(self):
+        # Each request runs in its own task: these log fields stay with this request.
+        logs.bind(pipeline=self.path_kwargs.get("pipeline"), session_id=self.path_kwargs.get("session_id"))
         if not self.public:
             self.identity = self.services.auth.identify(self.request)
 

@@ -13,12 +13,13 @@ from urllib.parse import urlparse
 from pymongo.errors import PyMongoError
 from tornado import websocket
 
-from services import frames
+from services import frames, logs
 from services.auth import Unauthorized
 from services.chat import check_session_type
 from services.errors import BadRequest, ParleyError, Unavailable
 from services.hub import Connection, ConnectionClosed
 from services.limits import CLOSE_CAPACITY, Capacity, check_capacity
+from services.outbox import CLOSE_SLOW_CONSUMER
 from services.protocol import ClientProtocol, parse
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,10 @@ STREAM_MODES = ("cumulative", "delta")
 # Close codes for errors at connect time (docs/protocol.md).
 CLOSE_FOR_STATUS = {400: 4400, 401: 4401, 403: 4403, 404: 4404, 503: 1011}
 CLOSE_FOR_CODE = {"capacity": CLOSE_CAPACITY}
+# Server-initiated close code -> parley_ws_disconnects_total{reason}. 1000 is the client's own `disconnect`.
+DISCONNECT_FOR_CODE = {1001: "shutdown", 1008: "auth", 4401: "auth", 4403: "auth", 1009: "oversize",
+                       CLOSE_CAPACITY: "capacity", 1011: "unavailable", 4400: "invalid", 4404: "invalid",
+                       CLOSE_SLOW_CONSUMER: "slow"}
 
 
 class ChatSocket(websocket.WebSocketHandler):
@@ -35,6 +40,7 @@ class ChatSocket(websocket.WebSocketHandler):
         self.conn = None
         self.protocol = None
         self.awaiting_auth = None  # the timer while we wait for an `authenticate` frame
+        self.closed_by = None  # who ended this socket and why (see _close); None: the connection was lost
 
     def check_origin(self, origin):
         """Cross-site WebSocket hijacking guard: same host, or an origin on --allowed-origins."""
@@ -65,7 +71,8 @@ class ChatSocket(websocket.WebSocketHandler):
     async def on_message(self, message):
         if self.protocol is not None:
             self.conn.last_active = time.time()
-            self.protocol.receive(message)  # never awaits: ping and stop are heard during a reply
+            # never awaits: ping and stop are heard during a reply
+            self.services.metrics.frame_received(self.protocol.receive(message))
         elif self.awaiting_auth is not None:
             await self._authenticate(message)
 
@@ -75,6 +82,8 @@ class ChatSocket(websocket.WebSocketHandler):
             self.protocol.shutdown()
         if self.conn is not None:
             self.services.hub.unregister(self.conn)
+            ended_by = {None: "lost", "client_request": "client"}.get(self.closed_by, "server")
+            self.services.metrics.connection_closed(self.conn, ended_by)
 
     async def _authenticate(self, message):
         self._cancel_auth_timer()
@@ -108,11 +117,15 @@ class ChatSocket(websocket.WebSocketHandler):
                            max_per_user=config.max_connections_per_user)
         except Capacity as err:
             return self._refuse(err)
+        self._watch_tornado_close()
         self.conn = Connection(uuid.uuid4().hex, identity=identity, pipeline=p["pipeline"],
                                session_type=session["type"], stream_mode=p["stream_mode"], write=self._write,
-                               close=self.close, remote_ip=self.request.remote_ip,
-                               outbox_limit=self.services.config.outbox_limit)
+                               close=self._close, remote_ip=self.request.remote_ip,
+                               outbox_limit=config.outbox_limit, on_sent=self.services.metrics.frame_sent)
+        # This task reads every frame of the socket, and the inbox worker starts from it: both log with these.
+        logs.bind(pipeline=p["pipeline"], session_id=session["_id"], conn_id=self.conn.id)
         self.services.hub.register(self.conn)
+        self.services.metrics.connection_opened(self.conn)
         self.protocol = ClientProtocol(self.conn, chat)
         self.conn.send({"type": "connected", "connection_id": self.conn.id, "pipeline_uuid": p["pipeline"],
                         "session_type": session["type"], "session_id": session["_id"],
@@ -138,8 +151,42 @@ class ChatSocket(websocket.WebSocketHandler):
         except websocket.WebSocketClosedError:
             raise ConnectionClosed() from None
 
+    def _close(self, code=None, reason=None):
+        """Connection.close: the server ends the socket; remember why, once."""
+        if self.closed_by is None and self.ws_connection is not None:
+            self._closing(code, reason)
+        self.close(code, reason)
+
+    def _closing(self, code, reason):
+        if code == 1000:
+            self.closed_by = "client_request"  # the client's `disconnect` frame
+        else:
+            self.closed_by = DISCONNECT_FOR_CODE.get(code, "other")
+            self.services.metrics.disconnected(self.closed_by)
+
+    def _watch_tornado_close(self):
+        """Tornado closes a socket itself on a ping timeout or an oversize frame, without telling the handler
+        why; its protocol's close() is the one place that knows, so count the reason there."""
+        protocol = self.ws_connection
+        tornado_close = protocol.close
+
+        def close(code=None, reason=None):
+            if self.closed_by is None:
+                if protocol.client_terminated and code != 1009:  # answering the client's close frame
+                    self.closed_by = "client_request"
+                elif reason == "ping timed out":
+                    self.closed_by = "ping_timeout"
+                    self.services.metrics.disconnected("ping_timeout")
+                elif code == 1009 and not protocol.client_terminated:
+                    self._closing(code, reason)
+            tornado_close(code, reason)
+
+        protocol.close = close
+
     def _refuse(self, err):
         """A fatal error at connect: say why in an error frame, then close with a documented code."""
+        self.services.metrics.disconnected(
+            {401: "auth", 403: "auth", 503: "unavailable"}.get(err.http_status, "invalid"))
         try:
             self.write_message(json.dumps(frames.error(err), ensure_ascii=False))
         except websocket.WebSocketClosedError:

@@ -18,7 +18,7 @@ class Connection:
     """
 
     def __init__(self, conn_id, *, identity, pipeline, session_type, stream_mode, write, close, remote_ip="",
-                 outbox_limit=OUTBOX_LIMIT):
+                 outbox_limit=OUTBOX_LIMIT, on_sent=None):
         self.id = conn_id
         self.identity = identity
         self.pipeline = pipeline
@@ -31,7 +31,7 @@ class Connection:
         self.last_active = self.created_at
         self.closed = False
         self.close = close
-        self.outbox = Outbox(write, limit=outbox_limit, on_overflow=self._too_slow)
+        self.outbox = Outbox(write, limit=outbox_limit, on_overflow=self._too_slow, on_sent=on_sent)
 
     @property
     def user_id(self):

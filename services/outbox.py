@@ -45,7 +45,8 @@ def merge(older, newer):
 
 
 class Outbox:
-    def __init__(self, write, *, limit, on_overflow):
+    def __init__(self, write, *, limit, on_overflow, on_sent=None):
+        self.on_sent = on_sent          # on_sent(frame_type, bytes): metrics
         self.write = write              # write(text) -> Future resolved when flushed; raises when closed
         self.limit = limit
         self.on_overflow = on_overflow
@@ -84,6 +85,8 @@ class Outbox:
     def _send(self, frame):
         text = encode(frame)
         future = self.write(text)
+        if self.on_sent is not None:
+            self.on_sent(frame.get("type"), len(text) if text.isascii() else len(text.encode()))
         self.in_flight += len(text)
         future.add_done_callback(lambda f, n=len(text): self._flushed(f, n))
 

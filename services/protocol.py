@@ -34,6 +34,7 @@ class ClientProtocol:
         self.queued = {"message": self._send, "session.join": self._join}
 
     def receive(self, text):
+        """Handle one frame. Returns its type, or "invalid" when it is not a frame (for metrics)."""
         frame = {}
         try:
             frame = parse(text)
@@ -46,6 +47,7 @@ class ClientProtocol:
         except Exception:
             log.exception("frame handling failed conn_id=%s", self.conn.id)
             self.conn.send(frames.error(ParleyError("internal error")))
+        return frame.get("type", "invalid")
 
     def shutdown(self):
         """The socket closed: finish the send in progress (never half-persist one), drop the rest."""

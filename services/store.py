@@ -11,6 +11,7 @@ from pymongo import ASCENDING, DESCENDING, ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
 from services.errors import NotFound
+from services.metrics import Metrics, timed
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,9 @@ def new_id():
 
 
 class Store:
-    def __init__(self, client, db_name="parley"):
+    def __init__(self, client, db_name="parley", *, metrics=None):
         self.client = client
+        self.metrics = metrics or Metrics()
         self.db = client[db_name]
         self.sessions = self.db.sessions
         self.messages = self.db.messages
@@ -42,11 +44,13 @@ class Store:
         await self.messages.create_index([("status", ASCENDING), ("lease_until", ASCENDING)])
         await self.messages.create_index([("reply_to", ASCENDING)])
 
+    @timed
     async def ping(self):
         await self.client.admin.command("ping")
 
     # sessions
 
+    @timed
     async def create_session(self, *, pipeline, session_type, owner, members=(), title="", session_id=None):
         now = utcnow()
         doc = {"_id": session_id or new_id(), "pipeline": pipeline, "type": session_type, "owner": owner,
@@ -55,6 +59,7 @@ class Store:
         await self.sessions.insert_one(doc)
         return doc
 
+    @timed
     async def get_or_create_session(self, *, session_id, **fields):
         """Race-free: a concurrent creator's insert wins and we read it back."""
         doc = await self.sessions.find_one({"_id": session_id})
@@ -65,12 +70,14 @@ class Store:
         except DuplicateKeyError:
             return await self.sessions.find_one({"_id": session_id})
 
+    @timed
     async def get_session(self, session_id):
         doc = await self.sessions.find_one({"_id": session_id})
         if not doc:
             raise NotFound(f"no session {session_id!r}", code="session_not_found")
         return doc
 
+    @timed
     async def list_sessions(self, *, pipeline, user, limit=100):
         # `$in` rather than `{"members": user}`: same meaning on MongoDB, but nx-27017 0.8.1 misses array
         # elements on an indexed array field with plain equality.
@@ -78,6 +85,7 @@ class Store:
                   .sort("updated_at", DESCENDING).limit(limit))
         return [doc async for doc in cursor]
 
+    @timed
     async def change_members(self, session_id, *, add=(), remove=()):
         if add:
             await self.sessions.update_one({"_id": session_id}, {"$addToSet": {"members": {"$each": list(add)}}})
@@ -85,6 +93,7 @@ class Store:
             await self.sessions.update_one({"_id": session_id}, {"$pull": {"members": {"$in": list(remove)}}})
         return await self.get_session(session_id)
 
+    @timed
     async def next_seqs(self, session_id, count=1):
         """Reserve `count` consecutive message numbers atomically; returns the first."""
         doc = await self.sessions.find_one_and_update(
@@ -96,26 +105,32 @@ class Store:
 
     # messages
 
+    @timed
     async def insert_messages(self, docs):
         await self.messages.insert_many(docs, ordered=True)
 
+    @timed
     async def find_by_client_msg_id(self, session_id, client_msg_id):
         return await self.messages.find_one({"session_id": session_id, "client_msg_id": client_msg_id})
 
+    @timed
     async def find_reply(self, user_message_id):
         return await self.messages.find_one({"reply_to": user_message_id})
 
+    @timed
     async def get_message(self, message_id):
         doc = await self.messages.find_one({"_id": message_id})
         if not doc:
             raise NotFound(f"no message {message_id!r}", code="message_not_found")
         return doc
 
+    @timed
     async def list_messages(self, session_id, *, after_seq=0, limit=50):
         cursor = (self.messages.find({"session_id": session_id, "seq": {"$gt": after_seq}})
                   .sort("seq", ASCENDING).limit(limit))
         return [doc async for doc in cursor]
 
+    @timed
     async def recent_messages(self, session_id, *, before_seq, limit):
         """The `limit` messages just before `before_seq`, oldest first (context for a provider)."""
         cursor = (self.messages.find({"session_id": session_id, "seq": {"$lt": before_seq}})
@@ -123,15 +138,18 @@ class Store:
         docs = [doc async for doc in cursor]
         return docs[::-1]
 
+    @timed
     async def mark_streaming(self, message_id, *, instance, lease_until):
         await self.messages.update_one({"_id": message_id, "status": "queued"}, {"$set": {
             "status": "streaming", "instance": instance, "lease_until": lease_until, "started_at": utcnow()}})
 
+    @timed
     async def checkpoint(self, message_id, *, content, thinking, lease_until):
         # Only while still live: a late checkpoint must never overwrite a terminal state.
         await self.messages.update_one({"_id": message_id, "status": {"$in": list(LIVE)}}, {"$set": {
             "content": content, "thinking": thinking, "lease_until": lease_until, "updated_at": utcnow()}})
 
+    @timed
     async def finish(self, message_id, *, status, content, thinking, error=None, usage=None, model=None):
         assert status in TERMINAL, status
         now = utcnow()
@@ -143,6 +161,7 @@ class Store:
             fields["model"] = model
         await self.messages.update_one({"_id": message_id}, {"$set": fields})
 
+    @timed
     async def delete_session_messages(self, session_id):
         result = await self.messages.delete_many({"session_id": session_id})
         return result.deleted_count

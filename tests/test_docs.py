@@ -2,6 +2,7 @@
 import re
 from pathlib import Path
 
+from services.auth import Authenticator, Identity
 from services.pipelines import load_pipelines
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,3 +39,16 @@ def test_readme_pipelines_example_loads(tmp_path):
     toml = readme.split("```toml\n")[1].split("```")[0]
     (tmp_path / "p.toml").write_text(toml)
     assert [p.id for p in load_pipelines(tmp_path / "p.toml")] == ["gpt", "llama", "r1"]
+
+
+def test_readme_jwt_example_makes_tokens_the_server_accepts():
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("```python\nimport time, jwt")
+    code = readme[start + len("```python\n"):readme.index("```", start + 10)]
+    scope = {}
+    exec(code, scope)
+    secret = scope["secret"]
+    assert f"--jwt-secret {secret}" in readme
+    auth = Authenticator("jwt", jwt_secret=secret)
+    assert auth.verify(scope["alice"]) == Identity("alice", is_admin=False)
+    assert auth.verify(scope["admin"]) == Identity("ops", is_admin=True)

@@ -1,7 +1,8 @@
 """REST: the LangBot-compatible /ws/* routes and Parley's native sessions API."""
 from handlers.base import BaseHandler
 from services import frames
-from services.chat import check_session_type
+from services.auth import require_admin
+from services.chat import check_id, check_session_type
 from services.errors import BadRequest
 
 P = r"/api/v1/pipelines/(?P<pipeline>[^/]+)"
@@ -41,14 +42,54 @@ class LegacyResetHandler(BaseHandler):
 
 class LegacyConnectionsHandler(BaseHandler):
     def get(self, pipeline):
+        require_admin(self.identity)
         self.services.pipelines.get(pipeline)
         conns, stats = self.services.hub.stats(pipeline)
         self.ok({"stats": stats, "connections": [{
             "connection_id": c.id, "session_type": c.session_type, "session_ids": sorted(c.sessions),
-            "user_id": c.user_id, "stream_mode": c.stream_mode,
+            "user_id": c.user_id, "stream_mode": c.stream_mode, "remote_ip": c.remote_ip,
             "created_at": frames.timestamp_from_epoch(c.created_at),
             "last_active": frames.timestamp_from_epoch(c.last_active), "is_active": not c.closed,
         } for c in conns]})
+
+
+class LegacyBroadcastHandler(BaseHandler):
+    """LangBot's broadcast to every connection of a pipeline (admin only)."""
+
+    def post(self, pipeline):
+        require_admin(self.identity)
+        self.services.pipelines.get(pipeline)
+        delivered = self.services.hub.broadcast(broadcast_frame(self.json_body()), pipeline)
+        self.ok({"message": "Broadcast sent successfully", "delivered": delivered})
+
+
+class BroadcastHandler(BaseHandler):
+    """Broadcast to every connection of every pipeline (admin only)."""
+
+    def post(self):
+        require_admin(self.identity)
+        delivered = self.services.hub.broadcast(broadcast_frame(self.json_body()))
+        self.ok({"message": "Broadcast sent successfully", "delivered": delivered})
+
+
+class PushHandler(BaseHandler):
+    """Push a message to every connection (every tab and device) of one user (admin only)."""
+
+    def post(self, user_id):
+        require_admin(self.identity)
+        body = self.json_body()
+        if "message" not in body:
+            raise BadRequest("push needs a `message`", code="invalid_param")
+        frame = {"type": "push", "data": {"message": body["message"], "data": body.get("data")},
+                 "timestamp": frames.timestamp()}
+        self.ok({"user_id": user_id, "delivered": self.services.hub.push(check_id(user_id, "user_id"), frame)})
+
+
+def broadcast_frame(body):
+    message = body.get("message")
+    if not isinstance(message, str) or not message:
+        raise BadRequest("broadcast needs a non-empty string `message`", code="invalid_param")
+    return {"type": "broadcast", "message": message, "timestamp": frames.timestamp()}
 
 
 # Native sessions API.
@@ -69,6 +110,16 @@ class SessionsHandler(BaseHandler):
 class SessionHandler(BaseHandler):
     async def get(self, pipeline, session_id):
         self.ok(session_data(await self.services.chat.session(self.identity, pipeline, session_id)))
+
+
+class MembersHandler(BaseHandler):
+    async def post(self, pipeline, session_id):
+        chat = self.services.chat
+        session = await chat.session(self.identity, pipeline, session_id)
+        body = self.json_body()
+        doc = await chat.change_members(self.identity, session, add=body.get("add", []),
+                                        remove=body.get("remove", []))
+        self.ok(session_data(doc))
 
 
 class MessagesHandler(BaseHandler):
@@ -116,8 +167,12 @@ default_handlers = [
     (P + r"/ws/messages/(?P<session_type>[^/]+)", LegacyHistoryHandler),
     (P + r"/ws/reset/(?P<session_type>[^/]+)", LegacyResetHandler),
     (P + r"/ws/connections", LegacyConnectionsHandler),
+    (P + r"/ws/broadcast", LegacyBroadcastHandler),
+    (r"/api/v1/broadcast", BroadcastHandler),
+    (r"/api/v1/users/(?P<user_id>[^/]+)/push", PushHandler),
     (P + r"/sessions", SessionsHandler),
     (S, SessionHandler),
+    (S + r"/members", MembersHandler),
     (S + r"/messages", MessagesHandler),
     (S + r"/stop", StopHandler),
     (S + r"/reset", ResetHandler),

@@ -5,23 +5,29 @@ import logging
 from pymongo.errors import PyMongoError
 from tornado import web
 
+from services import logs
 from services.errors import BadRequest, NotFound, ParleyError, Unavailable
 
 log = logging.getLogger(__name__)
 
 
 class BaseHandler(web.RequestHandler):
+    public = False  # True: no credentials needed (health checks, metrics)
+
     def initialize(self, services):
         self.services = services
+        self.identity = None
+
+    def prepare(self):
+        # Each request runs in its own task: these log fields stay with this request.
+        logs.bind(pipeline=self.path_kwargs.get("pipeline"), session_id=self.path_kwargs.get("session_id"))
+        if not self.public:
+            self.identity = self.services.auth.identify(self.request)
 
     def set_default_headers(self):
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.set_header("X-Content-Type-Options", "nosniff")
         self.set_header("Cache-Control", "no-store")
-
-    @property
-    def identity(self):
-        return self.services.auth.identify(self.request)
 
     def ok(self, data, status=200):
         """LangBot's envelope, which Parley keeps for every success."""
@@ -74,5 +80,7 @@ class BaseHandler(web.RequestHandler):
 
 
 class NotFoundHandler(BaseHandler):
+    public = True
+
     def prepare(self):
         raise NotFound(f"no route for {self.request.path}")

@@ -1,9 +1,29 @@
-"""Who is calling. Handlers ask an Authenticator for the Identity of a request; services check access with it.
+"""Who is calling. Handlers get an Identity from the Authenticator; services check access with it.
 
-Mode `none` (the only mode until issue "Connections and security" adds `token` and `jwt`): every caller is
-the single local user, an admin.
+Modes:
+- `token` (default): one random token made at start-up (or --token), printed with a ready-to-open URL, as
+  Jupyter does. Whoever holds it is the single local user, an admin. The quickstart stays one command, yet
+  nothing is open.
+- `jwt`: HS256 with a shared secret or RS256 with a public key (PyJWT). `sub` is the user id; a role claim
+  (default `role`, value `admin`) marks admins; `exp` is required and enforced.
+- `none`: explicit opt-in for local development; everyone is the local admin. Refused unless bound to loopback.
+
+Credentials: `Authorization: Bearer <token>`, or `?token=` (for WebSocket clients that cannot set headers;
+scrubbed from logs), or, on a WebSocket, a first frame `{"type": "authenticate", "token": ...}`.
 """
+import hmac
+import ipaddress
+import logging
+import secrets
 from dataclasses import dataclass
+
+import jwt
+
+from services.errors import ParleyError
+
+log = logging.getLogger(__name__)
+
+MODES = ("token", "jwt", "none")
 
 
 @dataclass(frozen=True)
@@ -15,8 +35,91 @@ class Identity:
 LOCAL_USER = Identity(user_id="local", is_admin=True)
 
 
-class NoAuth:
-    mode = "none"
+class Unauthorized(ParleyError):
+    code = "unauthorized"
+    http_status = 401
+
+
+class Forbidden(ParleyError):
+    code = "forbidden"
+    http_status = 403
+
+
+def bearer_or_query_token(request):
+    header = request.headers.get("Authorization", "")
+    if header[:7].lower() == "bearer ":
+        return header[7:].strip()
+    values = request.query_arguments.get("token")
+    return values[-1].decode("utf-8", "replace") if values else None
+
+
+def is_loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Authenticator:
+    def __init__(self, mode="token", *, token=None, jwt_secret=None, jwt_public_key=None, admin_claim="role",
+                 admin_value="admin", audience=None, issuer=None, host="127.0.0.1"):
+        if mode not in MODES:
+            raise ValueError(f"auth mode must be one of {', '.join(MODES)}")
+        self.mode = mode
+        if mode == "none":
+            if not is_loopback(host):
+                raise ValueError("--auth none is only allowed when Parley listens on a loopback address")
+            log.warning("authentication is OFF (--auth none): every client is the local admin")
+        self.token = (token or secrets.token_urlsafe(24)) if mode == "token" else None
+        if mode == "jwt":
+            if bool(jwt_secret) == bool(jwt_public_key):
+                raise ValueError("--auth jwt needs exactly one of --jwt-secret (HS256) or --jwt-public-key (RS256)")
+            self._jwt_key = jwt_secret or jwt_public_key
+            self._jwt_algorithms = ["HS256"] if jwt_secret else ["RS256"]
+        self.admin_claim = admin_claim
+        self.admin_value = admin_value
+        self.audience = audience
+        self.issuer = issuer
+
+    @property
+    def requires_credentials(self):
+        return self.mode != "none"
 
     def identify(self, request):
-        return LOCAL_USER
+        """The caller of an HTTP request or WebSocket handshake; raises Unauthorized."""
+        if self.mode == "none":
+            return LOCAL_USER
+        token = bearer_or_query_token(request)
+        if not token:
+            raise Unauthorized("credentials required: Authorization: Bearer <token>")
+        return self.verify(token)
+
+    def verify(self, token):
+        if self.mode == "none":
+            return LOCAL_USER
+        if not isinstance(token, str) or not token:
+            raise Unauthorized("the token must be a non-empty string")
+        if self.mode == "token":
+            if hmac.compare_digest(token.encode(), self.token.encode()):
+                return LOCAL_USER
+            raise Unauthorized("invalid token")
+        try:
+            claims = jwt.decode(token, self._jwt_key, algorithms=self._jwt_algorithms, audience=self.audience,
+                                issuer=self.issuer, options={"require": ["exp", "sub"]})
+        except jwt.ExpiredSignatureError:
+            raise Unauthorized("the token has expired") from None
+        except jwt.InvalidTokenError as exc:
+            raise Unauthorized(f"invalid token: {exc}") from None
+        sub = claims["sub"]
+        if not isinstance(sub, str) or not sub or len(sub) > 128:
+            raise Unauthorized("invalid token: `sub` must be a non-empty string")
+        role = claims.get(self.admin_claim)
+        is_admin = role == self.admin_value or (isinstance(role, list) and self.admin_value in role)
+        return Identity(user_id=sub, is_admin=is_admin)
+
+
+def require_admin(identity):
+    if not identity.is_admin:
+        raise Forbidden("this operation is for admins")

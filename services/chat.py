@@ -9,6 +9,7 @@ import logging
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from services import frames
+from services.auth import Forbidden
 from services.errors import BadRequest, NotFound
 from services.store import new_id, utcnow
 
@@ -65,7 +66,8 @@ def default_session_id(pipeline, session_type, user_id):
 
 
 class ChatService:
-    def __init__(self, store, hub, streams, pipelines, *, on_last_viewer_gone="continue"):
+    def __init__(self, store, hub, streams, pipelines, *, limiter=None, on_last_viewer_gone="continue"):
+        self.limiter = limiter
         self.store = store
         self.hub = hub
         self.streams = streams
@@ -103,6 +105,25 @@ class ChatService:
             raise NotFound(f"no session {session_id!r}", code="session_not_found")
         return doc
 
+    async def change_members(self, identity, session, *, add=(), remove=()):
+        """Owner (or admin) adds or removes members of a group session; removed members stop viewing it."""
+        if not (identity.is_admin or identity.user_id == session["owner"]):
+            raise Forbidden("only the session's owner may change its members")
+        if session["type"] != "group":
+            raise BadRequest("only group sessions have members to change", code="invalid_param")
+        for ids in (add, remove):
+            if not isinstance(ids, list) or len(ids) > 256:
+                raise BadRequest("add and remove must be lists of at most 256 user ids", code="invalid_param")
+        add, remove = [check_id(u, "a member") for u in add], [check_id(u, "a member") for u in remove]
+        if session["owner"] in remove:
+            raise BadRequest("the owner cannot be removed", code="invalid_param")
+        doc = await self.store.change_members(session["_id"], add=add, remove=remove)
+        for conn in self.hub.viewers(session["_id"]):
+            if conn.user_id in remove and not conn.identity.is_admin:
+                self.hub.leave(conn, session["_id"])
+                conn.send({"type": "session.left", "data": {"session_id": session["_id"], "reason": "removed"}})
+        return doc
+
     async def list_sessions(self, identity, pipeline_id):
         self.pipelines.get(pipeline_id)
         return await self.store.list_sessions(pipeline=pipeline_id, user=identity.user_id)
@@ -121,6 +142,8 @@ class ChatService:
             if existing:
                 return await self._duplicate(existing)
         self.streams.check_capacity(session["_id"])
+        if self.limiter is not None:
+            self.limiter.take(identity.user_id)
         seq = await self.store.next_seqs(session["_id"], 2)
         now = utcnow()
         user_doc = {"_id": new_id(), "session_id": session["_id"], "pipeline": session["pipeline"], "seq": seq,

@@ -34,11 +34,6 @@ class NotFound(ParleyError):
     http_status = 404
 
 
-class Forbidden(ParleyError):
-    code = "forbidden"
-    http_status = 403
-
-
 class Busy(ParleyError):
     code = "session_busy"
     http_status = 429

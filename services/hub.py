@@ -5,14 +5,20 @@ Plain dicts owned by the IOLoop (no locks: everything here runs on the loop and 
 import logging
 import time
 
+from services.outbox import CLOSE_SLOW_CONSUMER, ConnectionClosed, Outbox
+
 log = logging.getLogger(__name__)
+
+OUTBOX_LIMIT = 1024 * 1024
 
 
 class Connection:
-    """One WebSocket, as the services see it. `write(frame)` sends one frame (raises ConnectionClosed when the
-    socket is gone); `close(code, reason)` ends the socket."""
+    """One WebSocket, as the services see it. `write(text)` sends one text frame and returns a Future resolved
+    when it is flushed (raises ConnectionClosed when the socket is gone); `close(code, reason)` ends the socket.
+    """
 
-    def __init__(self, conn_id, *, identity, pipeline, session_type, stream_mode, write, close, remote_ip=""):
+    def __init__(self, conn_id, *, identity, pipeline, session_type, stream_mode, write, close, remote_ip="",
+                 outbox_limit=OUTBOX_LIMIT, on_sent=None):
         self.id = conn_id
         self.identity = identity
         self.pipeline = pipeline
@@ -25,23 +31,28 @@ class Connection:
         self.created_at = time.time()
         self.last_active = self.created_at
         self.closed = False
-        self._write = write
         self.close = close
+        self.outbox = Outbox(write, limit=outbox_limit, on_overflow=self._too_slow, on_sent=on_sent)
 
     @property
     def user_id(self):
         return self.identity.user_id
 
     def send(self, frame):
-        """Queue one frame for this client. Never raises: a closed socket just drops it."""
+        """Queue one frame for this client. Never raises and never waits: a closed socket just drops it."""
         if self.closed:
             return False
         try:
-            self._write(frame)
+            self.outbox.put(frame)
             return True
         except ConnectionClosed:
             self.closed = True
             return False
+
+    def _too_slow(self):
+        log.warning("closing a slow consumer conn_id=%s user=%s: %d characters waiting", self.id, self.user_id,
+                    self.outbox.waiting_size)
+        self.close(CLOSE_SLOW_CONSUMER, "slow_consumer")
 
 
 class Cursor:
@@ -54,16 +65,13 @@ class Cursor:
         self.thinking_offset = thinking_offset
 
 
-class ConnectionClosed(Exception):
-    """Raised by a Connection's `write` when its socket is gone."""
-
-
 class Hub:
     def __init__(self):
         self.connections = {}   # conn_id -> Connection
         self.by_session = {}    # session_id -> {conn_id: Connection}
         self.by_user = {}       # user_id -> {conn_id: Connection}
         self.by_pipeline = {}   # pipeline id -> {conn_id: Connection}
+        self.group_sessions = set()  # viewed sessions of type group: their viewers get presence frames
 
     def register(self, conn):
         self.connections[conn.id] = conn
@@ -81,19 +89,56 @@ class Hub:
         conn.closed = True
         log.debug("connection unregistered conn_id=%s", conn.id)
 
-    def join(self, conn, session_id):
+    def join(self, conn, session_id, session_type="person"):
+        if session_id in conn.sessions:
+            return
+        first_of_user = conn.user_id not in self.online(session_id)
         conn.sessions.add(session_id)
         self.by_session.setdefault(session_id, {})[conn.id] = conn
         if conn.primary_session is None:
             conn.primary_session = session_id
+        if session_type == "group":
+            self.group_sessions.add(session_id)
+        if first_of_user:
+            self._presence(session_id, "join", conn.user_id)
 
     def leave(self, conn, session_id):
+        if session_id not in conn.sessions:
+            return
         conn.sessions.discard(session_id)
         for message_id in [m for m, c in conn.cursors.items() if c.session_id == session_id]:
             del conn.cursors[message_id]
         _discard(self.by_session, session_id, conn.id)
         if conn.primary_session == session_id:
             conn.primary_session = next(iter(conn.sessions), None)
+        if conn.user_id not in self.online(session_id):
+            self._presence(session_id, "leave", conn.user_id)
+        if session_id not in self.by_session:
+            self.group_sessions.discard(session_id)
+
+    def online(self, session_id):
+        """The users with at least one connection viewing the session."""
+        return {c.user_id for c in self.by_session.get(session_id, {}).values()}
+
+    def presence_frame(self, session_id, event="snapshot", user_id=None):
+        data = {"session_id": session_id, "event": event, "online": sorted(self.online(session_id))}
+        if user_id is not None:
+            data["user_id"] = user_id
+        return {"type": "presence", "data": data}
+
+    def _presence(self, session_id, event, user_id):
+        # user-level: a second tab of someone already online is not news
+        if session_id in self.group_sessions:
+            frame = self.presence_frame(session_id, event, user_id)
+            self.publish(session_id, lambda conn: frame)
+
+    def push(self, user_id, frame):
+        """Send a frame to every connection of a user; returns how many got it."""
+        return sum(conn.send(frame) for conn in list(self.by_user.get(user_id, {}).values()))
+
+    def broadcast(self, frame, pipeline=None):
+        conns = self.by_pipeline.get(pipeline, {}) if pipeline else self.connections
+        return sum(conn.send(frame) for conn in list(conns.values()))
 
     def viewers(self, session_id):
         return list(self.by_session.get(session_id, {}).values())
@@ -108,13 +153,19 @@ class Hub:
         return sent
 
     def stats(self, pipeline=None):
+        """LangBot's connection stats, plus per-user counts and the oldest and idlest connection."""
         conns = [c for c in self.connections.values() if pipeline is None or c.pipeline == pipeline]
-        by_pipeline, by_type = {}, {}
+        by_pipeline, by_type, by_user = {}, {}, {}
         for c in conns:
             by_pipeline[c.pipeline] = by_pipeline.get(c.pipeline, 0) + 1
             by_type[c.session_type] = by_type.get(c.session_type, 0) + 1
+            by_user[c.user_id] = by_user.get(c.user_id, 0) + 1
+        now = time.time()
         return conns, {"total_connections": len(conns), "pipelines": len(by_pipeline),
-                       "connections_by_pipeline": by_pipeline, "connections_by_session_type": by_type}
+                       "connections_by_pipeline": by_pipeline, "connections_by_session_type": by_type,
+                       "connections_by_user": by_user, "users": len(by_user),
+                       "oldest_connection_seconds": round(max((now - c.created_at for c in conns), default=0), 3),
+                       "max_idle_seconds": round(max((now - c.last_active for c in conns), default=0), 3)}
 
 
 def _discard(index, key, conn_id):

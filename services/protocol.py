@@ -30,10 +30,12 @@ class ClientProtocol:
         self.busy = False             # the worker is in the middle of a send
 
         self.handlers = {"ping": self.on_ping, "disconnect": self.on_disconnect, "stop": self.on_stop,
-                         "message": self.queue, "resume": self.queue}
-        self.work = {"message": self._send, "resume": self._resume}
+                         "message": self._queue, "session.join": self._queue, "session.leave": self.on_leave,
+                         "presence": self.on_presence, "resume": self._queue}
+        self.queued = {"message": self._send, "session.join": self._join, "resume": self._resume}
 
     def receive(self, text):
+        """Handle one frame. Returns its type, or "invalid" when it is not a frame (for metrics)."""
         frame = {}
         try:
             frame = parse(text)
@@ -46,6 +48,7 @@ class ClientProtocol:
         except Exception:
             log.exception("frame handling failed conn_id=%s", self.conn.id)
             self.conn.send(frames.error(ParleyError("internal error")))
+        return frame.get("type", "invalid")
 
     def shutdown(self):
         """The socket closed: finish the send in progress (never half-persist one), drop the rest."""
@@ -69,10 +72,20 @@ class ClientProtocol:
         stopped = self.chat.stop(self.conn.identity, session_id, message_id)
         self.conn.send(frames.stop_ack(session_id, stopped))
 
-    # frames that wait their turn
+    def on_leave(self, frame):
+        session_id = self._session_id(frame)
+        self.chat.hub.leave(self.conn, session_id)
+        self.conn.send({"type": "session.left", "data": {"session_id": session_id, "reason": "left"}})
 
-    def queue(self, frame):
-        if frame["type"] == "message":
+    def on_presence(self, frame):
+        self.conn.send(self.chat.hub.presence_frame(self._session_id(frame)))
+
+    # frames that wait their turn (they touch the store), in the order the client sent them
+
+    def _queue(self, frame):
+        if frame["type"] == "session.join":
+            check_id(frame.get("session_id"), "session_id")
+        elif frame["type"] == "message":
             self._session_id(frame)  # reject a foreign session before queueing
         try:
             self.inbox.put_nowait(frame)
@@ -89,7 +102,7 @@ class ClientProtocol:
             kind = frame["type"]
             context = {"request_type": kind, "client_msg_id": frame.get("client_msg_id")}
             try:
-                await self.work[kind](frame)
+                await self.queued[kind](frame)
             except PyMongoError as exc:
                 log.error("store error on %s conn_id=%s: %s", kind, self.conn.id, exc)
                 self.conn.send(frames.error(Unavailable("the message store is unavailable, try again"), **context))
@@ -110,6 +123,15 @@ class ClientProtocol:
             identity, session, frame.get("message"), stream=frame.get("stream", True),
             client_msg_id=frame.get("client_msg_id"))
         self.conn.send(frames.ack(user_doc, reply_doc, duplicate))
+
+    async def _join(self, frame):
+        session = await self.chat.session(self.conn.identity, self.conn.pipeline, frame["session_id"])
+        if self.conn.closed:
+            return
+        self.conn.send({"type": "session.joined", "data": {"session_id": session["_id"],
+                                                           "session_type": session["type"],
+                                                           "title": session.get("title", "")}})
+        self.chat.hub.join(self.conn, session["_id"], session["type"])
 
     async def _resume(self, frame):
         await self.resumer.resume(self.conn, frame)

@@ -12,6 +12,7 @@ from pymongo import ASCENDING, DESCENDING, ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
 from services.errors import NotFound
+from services.metrics import Metrics, timed
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,9 @@ def new_id():
 
 
 class Store:
-    def __init__(self, client, db_name="parley"):
+    def __init__(self, client, db_name="parley", *, metrics=None):
         self.client = client
+        self.metrics = metrics or Metrics()
         self.db = client[db_name]
         self.sessions = self.db.sessions
         self.messages = self.db.messages
@@ -44,11 +46,13 @@ class Store:
         await self.messages.create_index([("status", ASCENDING), ("lease_until", ASCENDING)])
         await self.messages.create_index([("reply_to", ASCENDING)])
 
+    @timed
     async def ping(self):
         await self.client.admin.command("ping")
 
     # sessions
 
+    @timed
     async def create_session(self, *, pipeline, session_type, owner, members=(), title="", session_id=None):
         now = utcnow()
         doc = {"_id": session_id or new_id(), "pipeline": pipeline, "type": session_type, "owner": owner,
@@ -57,6 +61,7 @@ class Store:
         await self.sessions.insert_one(doc)
         return doc
 
+    @timed
     async def get_or_create_session(self, *, session_id, **fields):
         """Race-free: a concurrent creator's insert wins and we read it back."""
         doc = await self.sessions.find_one({"_id": session_id})
@@ -67,17 +72,30 @@ class Store:
         except DuplicateKeyError:
             return await self.sessions.find_one({"_id": session_id})
 
+    @timed
     async def get_session(self, session_id):
         doc = await self.sessions.find_one({"_id": session_id})
         if not doc:
             raise NotFound(f"no session {session_id!r}", code="session_not_found")
         return doc
 
+    @timed
     async def list_sessions(self, *, pipeline, user, limit=100):
-        cursor = (self.sessions.find({"pipeline": pipeline, "members": user})
+        # `$in` rather than `{"members": user}`: same meaning on MongoDB, but nx-27017 0.8.1 misses array
+        # elements on an indexed array field with plain equality.
+        cursor = (self.sessions.find({"pipeline": pipeline, "members": {"$in": [user]}})
                   .sort("updated_at", DESCENDING).limit(limit))
         return [doc async for doc in cursor]
 
+    @timed
+    async def change_members(self, session_id, *, add=(), remove=()):
+        if add:
+            await self.sessions.update_one({"_id": session_id}, {"$addToSet": {"members": {"$each": list(add)}}})
+        if remove:
+            await self.sessions.update_one({"_id": session_id}, {"$pull": {"members": {"$in": list(remove)}}})
+        return await self.get_session(session_id)
+
+    @timed
     async def next_seqs(self, session_id, count=1):
         """Reserve `count` consecutive message numbers atomically; returns the first."""
         doc = await self.sessions.find_one_and_update(
@@ -89,24 +107,30 @@ class Store:
 
     # messages
 
+    @timed
     async def insert_messages(self, docs):
         await self.messages.insert_many(docs, ordered=True)
 
+    @timed
     async def find_by_client_msg_id(self, session_id, client_msg_id):
         return await self.messages.find_one({"session_id": session_id, "client_msg_id": client_msg_id})
 
+    @timed
     async def find_reply(self, user_message_id):
         return await self.messages.find_one({"reply_to": user_message_id})
 
+    @timed
     async def get_message(self, message_id):
         doc = await self.messages.find_one({"_id": message_id})
         if not doc:
             raise NotFound(f"no message {message_id!r}", code="message_not_found")
         return doc
 
+    @timed
     async def find_message(self, message_id):
         return await self.messages.find_one({"_id": message_id})
 
+    @timed
     async def find_replies(self, session_id, message_ids):
         if not message_ids:
             return []
@@ -114,11 +138,13 @@ class Store:
                                      "role": "assistant"})
         return [doc async for doc in cursor]
 
+    @timed
     async def list_messages(self, session_id, *, after_seq=0, limit=50):
         cursor = (self.messages.find({"session_id": session_id, "seq": {"$gt": after_seq}})
                   .sort("seq", ASCENDING).limit(limit))
         return [doc async for doc in cursor]
 
+    @timed
     async def recent_messages(self, session_id, *, before_seq, limit):
         """The `limit` messages just before `before_seq`, oldest first (context for a provider)."""
         cursor = (self.messages.find({"session_id": session_id, "seq": {"$lt": before_seq}})
@@ -126,6 +152,7 @@ class Store:
         docs = [doc async for doc in cursor]
         return docs[::-1]
 
+    @timed
     async def mark_streaming(self, message_id, *, instance, lease_until):
         """Returns the message's `stop_requested` and `status` (None if it is no longer queued)."""
         return await self.messages.find_one_and_update(
@@ -134,6 +161,7 @@ class Store:
                       "started_at": utcnow()}},
             projection=STOP_FIELDS, return_document=ReturnDocument.AFTER)
 
+    @timed
     async def checkpoint(self, message_id, *, content, thinking, lease_until):
         """Save the text so far and renew the lease. Returns `stop_requested` and `status` (None if not live).
 
@@ -144,6 +172,7 @@ class Store:
             {"$set": {"content": content, "thinking": thinking, "lease_until": lease_until, "updated_at": utcnow()}},
             projection=STOP_FIELDS, return_document=ReturnDocument.AFTER)
 
+    @timed
     async def request_stop(self, session_id, message_ids):
         """Record a stop, so a generation honours it at its next checkpoint (harmless on a finished one)."""
         result = await self.messages.update_many(
@@ -151,6 +180,7 @@ class Store:
             {"$set": {"stop_requested": True, "stop_requested_at": utcnow()}})
         return result.modified_count
 
+    @timed
     async def renew_leases(self, message_ids, *, lease_until):
         """Keep our live messages (including queued and silent ones) from looking abandoned."""
         if not message_ids:
@@ -159,6 +189,7 @@ class Store:
             {"_id": {"$in": list(message_ids)}, "status": {"$in": list(LIVE)}}, {"$set": {"lease_until": lease_until}})
         return result.modified_count
 
+    @timed
     async def live_leases(self, *, exclude=(), limit=1000):
         """(id, lease_until) of every live message except `exclude`. Live messages are few (in flight only),
         and expiry is decided by the caller: nx-27017 misses explicit nulls in an indexed `$or` query."""
@@ -168,6 +199,7 @@ class Store:
         cursor = self.messages.find(query, {"lease_until": 1}).limit(limit)
         return [(doc["_id"], doc.get("lease_until")) async for doc in cursor]
 
+    @timed
     async def interrupt_abandoned(self, message_id, *, lease_until):
         """Mark a message `interrupted` if it is still live with the very lease we saw expire (compare-and-set:
         a renewal or a finish since then wins). Returns the updated message, or None."""
@@ -177,6 +209,7 @@ class Store:
                       "error": {"code": "instance_lost", "message": "the server generating this reply stopped"}}},
             return_document=ReturnDocument.AFTER)
 
+    @timed
     async def finish(self, message_id, *, status, content, thinking, error=None, usage=None, model=None):
         assert status in TERMINAL, status
         now = utcnow()
@@ -188,6 +221,7 @@ class Store:
             fields["model"] = model
         await self.messages.update_one({"_id": message_id}, {"$set": fields})
 
+    @timed
     async def delete_session_messages(self, session_id):
         result = await self.messages.delete_many({"session_id": session_id})
         return result.deleted_count

@@ -12,8 +12,9 @@ import contextlib
 import logging
 import time
 
-from services import frames
+from services import frames, logs
 from services.errors import Busy
+from services.metrics import Metrics
 from services.providers import GenerationRequest, ProviderError, Turn, make_provider
 
 log = logging.getLogger(__name__)
@@ -43,11 +44,15 @@ class Generation:
         self.previous = None          # the generation this one waits for (same session)
         self.checkpoint_task = None
         self.last_checkpoint = 0.0
+        self.dirty_since = None       # monotonic time of the oldest character not yet checkpointed
+        # monotonic times for metrics (services/metrics.py)
+        self.accepted_at = time.monotonic()
+        self.started_at = self.first_token_at = self.stop_requested_at = None
 
 
 class StreamManager:
     def __init__(self, store, hub, pipelines, *, instance_id, checkpoint_interval=1.0, lease_seconds=30.0,
-                 max_queued=8, provider_factory=make_provider):
+                 max_queued=8, provider_factory=make_provider, metrics=None):
         self.store = store
         self.hub = hub
         self.pipelines = pipelines
@@ -56,6 +61,7 @@ class StreamManager:
         self.lease_seconds = lease_seconds
         self.max_queued = max_queued
         self.provider_factory = provider_factory
+        self.metrics = metrics or Metrics()
         self._providers = {}      # pipeline id -> provider, so HTTP clients and their pools are reused
         self.generations = {}     # message_id -> Generation (live: queued or streaming)
         self.stop_callbacks = {}  # message_id -> callable(reason)
@@ -64,7 +70,8 @@ class StreamManager:
     # accepting and stopping
 
     def check_capacity(self, session_id):
-        if len(self.by_session.get(session_id, ())) > self.max_queued:
+        if len(queue := self.by_session.get(session_id, {})) > self.max_queued:
+            self.metrics.session_busy(next(iter(queue.values())).pipeline_id)
             raise Busy("this session already has replies waiting; try again when one finishes",
                        code="session_busy")
 
@@ -77,7 +84,9 @@ class StreamManager:
         queue[gen.message_id] = gen
         self.generations[gen.message_id] = gen
         self.stop_callbacks[gen.message_id] = lambda reason="stopped", g=gen: self._request_stop(g, reason)
-        log.debug("stream signal registered message_id=%s session_id=%s", gen.message_id, gen.session_id)
+        log.debug("stream signal registered message_id=%s session_id=%s", gen.message_id, gen.session_id,
+                  extra={"pipeline": gen.pipeline_id, "session_id": gen.session_id, "message_id": gen.message_id})
+        self.metrics.generation_accepted(gen)
         gen.task = asyncio.get_running_loop().create_task(self._run(gen), name=f"generation-{gen.message_id}")
         return gen
 
@@ -92,10 +101,14 @@ class StreamManager:
         stopped = []
         for mid in ids:
             if mid in targets and (callback := self.stop_callbacks.get(mid)):
+                if targets[mid].stop_requested_at is None:
+                    targets[mid].stop_requested_at = time.monotonic()
                 callback(reason)
                 stopped.append(mid)
         if stopped:
-            log.info("stop executed locally session_id=%s message_ids=%s", session_id, stopped)
+            log.info("stop executed locally session_id=%s message_ids=%s", session_id, stopped,
+                     extra={"session_id": session_id, "message_id": ",".join(stopped)})
+        self.metrics.stop_requested("local" if stopped else "noop")
         return stopped
 
     def _request_stop(self, gen, reason):
@@ -120,6 +133,8 @@ class StreamManager:
 
     async def _run(self, gen):
         gen.running = True
+        # This task's log lines name its reply (it was started from the sender's connection; it outlives it).
+        logs.bind(pipeline=gen.pipeline_id, session_id=gen.session_id, message_id=gen.message_id, conn_id=None)
         try:
             if gen.stop_reason:  # stopped before the task began
                 raise asyncio.CancelledError
@@ -128,6 +143,7 @@ class StreamManager:
                 await gen.previous.done.wait()
             gen.previous = None  # let the finished one be collected
             gen.status = "streaming"
+            self.metrics.generation_streaming(gen)
             doc = await self.store.mark_streaming(gen.message_id, instance=self.instance_id,
                                                   lease_until=self.lease_until())
             if doc and doc.get("stop_requested"):  # stopped while queued, and the signal did not reach us
@@ -174,7 +190,7 @@ class StreamManager:
         got_token = False
         async with contextlib.aclosing(provider.stream(request)) as chunks:
             try:
-                async with asyncio.timeout(min(total_deadline, loop.time() + limits.first_token)) as deadline:
+                async with asyncio.timeout_at(min(total_deadline, loop.time() + limits.first_token)) as deadline:
                     async for chunk in chunks:
                         got_token = got_token or bool(chunk.text or chunk.thinking)
                         self._apply(gen, chunk)
@@ -199,6 +215,9 @@ class StreamManager:
         if not (chunk.text or chunk.thinking):
             return
         offset, thinking_offset = len(gen.content), len(gen.thinking)
+        self.metrics.streamed(gen, chunk.text, chunk.thinking)
+        if gen.dirty_since is None:
+            gen.dirty_since = time.monotonic()
         gen.content += chunk.text
         gen.thinking += chunk.thinking
         if gen.stream:
@@ -211,9 +230,12 @@ class StreamManager:
             gen.checkpoint_task = asyncio.get_running_loop().create_task(self._checkpoint(gen))
 
     async def _checkpoint(self, gen):
+        dirty_since, gen.dirty_since = gen.dirty_since, None
         try:
             doc = await self.store.checkpoint(gen.message_id, content=gen.content, thinking=gen.thinking,
                                               lease_until=self.lease_until())
+            if dirty_since is not None:
+                self.metrics.checkpointed(gen, dirty_since)
             # A durable stop (recorded in MongoDB) is honoured even if its signal never reached this task.
             if doc and doc.get("stop_requested") and (callback := self.stop_callbacks.get(gen.message_id)):
                 log.info("durable stop honoured message_id=%s", gen.message_id)
@@ -242,6 +264,7 @@ class StreamManager:
                 if not queue:
                     del self.by_session[gen.session_id]
             self.hub.publish(gen.session_id, lambda conn: frames.final(gen, conn))
+            self.metrics.generation_finished(gen)
             gen.done.set()
 
     def lease_until(self):

@@ -19,6 +19,14 @@ from services.providers import make_provider
 from tests.fakes import FAKE_PROVIDERS
 
 REQUIRE_ALL = os.environ.get("PARLEY_REQUIRE_ALL") == "1"
+TEST_TOKEN = "test-token-0123456789"
+
+
+def ws_request(url, token=TEST_TOKEN, **headers):
+    """A WebSocket handshake request carrying `Authorization: Bearer` (token=None: no credentials)."""
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    return httpclient.HTTPRequest(url, headers=headers)
 
 
 def require(condition, reason):
@@ -59,6 +67,9 @@ def make_test_pipelines():
                  timeouts=Timeouts(first_token=0.3, stall=5, total=10)),
         Pipeline(id="endless", provider="demo", options={"words": 100000, "rate": 500},
                  timeouts=Timeouts(first_token=5, stall=5, total=0.4)),
+        # As fast as possible and long: floods a reader that stops reading.
+        Pipeline(id="bulk", provider="demo", model="demo", timeouts=fast,
+                 options={"words": 3000, "rate": 0}),
         Pipeline(id="broken", provider="fail", timeouts=fast),
         Pipeline(id="empty", provider="empty", timeouts=fast),
     ])
@@ -76,7 +87,8 @@ def db_name():
 
 @pytest.fixture
 def config(mongo_url, db_name):
-    return server.Config(mongo_url=mongo_url, db_name=db_name, checkpoint_interval=0.05, max_queued=3)
+    return server.Config(mongo_url=mongo_url, db_name=db_name, checkpoint_interval=0.05, max_queued=3,
+                         auth="token", token=TEST_TOKEN, auth_timeout=0.5, rate_limit=1000, rate_burst=1000)
 
 
 @pytest.fixture
@@ -158,8 +170,8 @@ class Client:
 def connect(io_loop, ws_url):
     clients = []
 
-    async def open_client(pipeline="default", *, expect_connected=True, **query):
-        ws = await websocket_connect(ws_url(pipeline, **query))
+    async def open_client(pipeline="default", *, expect_connected=True, token=TEST_TOKEN, headers=None, **query):
+        ws = await websocket_connect(ws_request(ws_url(pipeline, **query), token, **(headers or {})))
         client = Client(ws)
         clients.append(client)
         if expect_connected:
@@ -176,12 +188,16 @@ def connect(io_loop, ws_url):
 def fetch(http_client, base_url):
     """REST helper: JSON in and out, never raises on 4xx; asserts every answer is JSON."""
 
-    async def do(path, method="GET", body=None, **kw):
+    async def do(path, method="GET", body=None, token=TEST_TOKEN, headers=None, **kw):
+        headers = dict(headers or {})
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
         if body is not None and not isinstance(body, (str, bytes)):
             body = json.dumps(body)
         if method == "POST" and body is None:
             body = ""
-        response = await http_client.fetch(base_url + path, method=method, body=body, raise_error=False, **kw)
+        response = await http_client.fetch(base_url + path, method=method, body=body, headers=headers,
+                                           raise_error=False, **kw)
         assert response.headers["Content-Type"].startswith("application/json"), response.headers
         return response.code, json.loads(response.body)
 

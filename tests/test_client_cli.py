@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import TEST_TOKEN
+
 pytestmark = pytest.mark.gen_test(timeout=30)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -12,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 async def run_client(base_url, *args):
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(ROOT / "client.py"), "--url", base_url.replace("http", "ws", 1), *args,
+        sys.executable, str(ROOT / "client.py"), "--url", base_url.replace("http", "ws", 1), "--token", TEST_TOKEN,
+        *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT)
     out, err = await asyncio.wait_for(proc.communicate(), 25)
     return proc.returncode, out.decode(), err.decode()

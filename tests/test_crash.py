@@ -17,7 +17,7 @@ from tornado.websocket import websocket_connect
 import server
 from services.embedded_mongo import free_port
 from services.store import utcnow
-from tests.conftest import Client, make_test_pipelines, provider_factory
+from tests.conftest import TEST_TOKEN, Client, make_test_pipelines, provider_factory, ws_request
 from tests.test_resume import Received, abort, follow, nothing_more
 
 pytestmark = pytest.mark.gen_test(timeout=60)
@@ -78,7 +78,7 @@ async def stop_instance(svc, http):
 
 async def ws(base, pipeline, **query):
     qs = "&".join(f"{k}={v}" for k, v in query.items())
-    client = Client(await websocket_connect(f"{base}/{pipeline}/ws/connect?{qs}"))
+    client = Client(await websocket_connect(ws_request(f"{base}/{pipeline}/ws/connect?{qs}")))
     client.connected = await client.recv_type("connected")
     return client
 
@@ -144,6 +144,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "server.py", "--port", str(self.port), "--mongo-url", mongo_url, "--db-name", db_name,
              "--lease-seconds", "1", "--checkpoint-interval", "0.1", "--pipelines", str(pipelines),
+             "--token", TEST_TOKEN,
              "--log-level", "info"],
             cwd=ROOT, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.base = f"ws://127.0.0.1:{self.port}/api/v1/pipelines"

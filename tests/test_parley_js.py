@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require
+from tests.conftest import TEST_TOKEN, require
 
 JS = Path(__file__).resolve().parent / "js"
 
@@ -31,7 +31,7 @@ async def test_parley_js_survives_two_drops_against_a_real_server(ws_url, servic
                            capture_output=True, timeout=30)
     require(probe.returncode == 0, "this node has no WebSocket (needs Node 20.10+)")
     proc = await asyncio.create_subprocess_exec(
-        exe, "--experimental-websocket", str(JS / "e2e_resume.cjs"), ws_url("slow"), "3,20", "40",
+        exe, "--experimental-websocket", str(JS / "e2e_resume.cjs"), ws_url("slow"), "3,20", "40", TEST_TOKEN,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 25)
     assert proc.returncode == 0, err.decode()

@@ -4,9 +4,9 @@
 const path = require("node:path");
 const Parley = require(path.join(__dirname, "..", "..", "static", "parley.js"));
 
-const [url, cutsArg, stopAt] = process.argv.slice(2);
+const [url, cutsArg, stopAt, token] = process.argv.slice(2);
 const cuts = new Set(cutsArg.split(",").map(Number));
-const chat = new Parley.Client({url, WebSocket, minDelay: 20, maxDelay: 60});
+const chat = new Parley.Client({url, token, WebSocket, minDelay: 20, maxDelay: 60});
 let deltas = 0;
 let streamed = "";
 let thinking = "";

@@ -1,0 +1,290 @@
+"""Prometheus metrics: one Metrics object per app, owning its own CollectorRegistry (docs/operations.md).
+
+Names follow `parley_<noun>_<verb>_<unit>`. Every label value is created at start-up from a closed list (pipeline
+ids from the configuration, statuses, codes), so a dashboard sees zeros instead of gaps and no label can grow
+with traffic: never a user, session, message or connection id. Values outside a list are counted as `other`.
+
+Services record through small methods here (`generation_finished(gen)`, ...) so the instrumented code stays one
+line per event. Times are `time.monotonic()` seconds, the clock of the asyncio loop.
+"""
+import functools
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from pymongo.errors import DuplicateKeyError
+
+from services.errors import ParleyError
+
+TERMINAL = ("completed", "stopped", "failed", "timeout", "interrupted")
+GENERATION_STATES = ("queued", "streaming")
+PROVIDER_ERRORS = (
+    "first_token_timeout", "stall_timeout", "total_timeout", "empty_completion", "internal_error",
+    "missing_api_key", "upstream_bad_request", "upstream_error", "upstream_model_not_found",
+    "upstream_protocol_error", "upstream_rate_limited", "upstream_unauthorized", "upstream_unreachable", "other")
+CLIENT_FRAMES = ("authenticate", "message", "stop", "resume", "ping", "disconnect", "session.join",
+                 "session.leave", "presence", "unknown", "invalid")
+SERVER_FRAMES = ("connected", "user_message", "ack", "response", "status", "stop_ack", "pong", "error",
+                 "broadcast", "push", "presence", "session.joined", "session.left", "reconnect", "other")
+CLOSE_REASONS = ("client", "server", "lost")
+# Server-initiated disconnects. slow and capacity come with the fan-out and limits issues; the codes map to
+# these in handlers/ws.py.
+DISCONNECT_REASONS = ("slow", "capacity", "auth", "ping_timeout", "oversize", "invalid", "unavailable",
+                      "shutdown", "other")
+STOP_OUTCOMES = ("local", "forwarded", "noop")
+RESUME_SOURCES = ("live", "store", "finished")
+BUS_EVENTS = ("stop", "broadcast", "push", "stream", "other")
+STREAMED_KINDS = ("text", "thinking")
+TOKEN_KINDS = ("prompt", "completion")
+
+# Store methods decorated with @timed register their operation name here at import, so their label values
+# exist before the first query.
+STORE_OPERATIONS = []
+
+# Seconds. Time to first token and store latency live mostly under a second; generations run for tens of seconds.
+FAST_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
+SLOW_BUCKETS = (.1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class Metrics:
+    def __init__(self, pipeline_ids=()):
+        self.registry = r = CollectorRegistry()
+        self.pipelines = set(pipeline_ids)
+        p = ("pipeline",)
+
+        self.connections_open = Gauge("parley_connections_open", "WebSocket connections open now", p, registry=r)
+        self.connections_opened = Counter("parley_connections_opened", "WebSocket connections accepted", p,
+                                          registry=r)
+        self.connections_closed = Counter(
+            "parley_connections_closed", "WebSocket connections ended, by who ended them "
+            "(client: close frame from the client; server: Parley closed it; lost: no close frame)",
+            ("pipeline", "reason"), registry=r)
+        self.connection_duration = Histogram("parley_connection_duration_seconds", "Lifetime of a connection",
+                                             p, buckets=(1, 10, 60, 300, 900, 3600, 4 * 3600, 24 * 3600),
+                                             registry=r)
+        self.frames_received = Counter("parley_ws_frames_received", "WebSocket frames from clients, by type",
+                                       ("type",), registry=r)
+        self.frames_sent = Counter("parley_ws_frames_sent", "WebSocket frames to clients, by type", ("type",),
+                                   registry=r)
+        self.bytes_sent = Counter("parley_ws_sent_bytes", "UTF-8 bytes of WebSocket frames sent", registry=r)
+        self.disconnects = Counter("parley_ws_disconnects", "Connections closed or refused by the server, by reason",
+                                   ("reason",), registry=r)
+
+        self.generations_started = Counter("parley_generations_started", "Replies accepted (queued)", p,
+                                           registry=r)
+        self.generations_finished = Counter("parley_generations_finished", "Replies ended, by terminal status",
+                                            ("pipeline", "status"), registry=r)
+        self.generations_active = Gauge("parley_generations_active", "Replies queued or streaming now",
+                                        ("pipeline", "state"), registry=r)
+        self.queue_wait = Histogram("parley_generation_queue_wait_seconds",
+                                    "From accepted to streaming (waiting behind earlier replies of the session)",
+                                    p, buckets=FAST_BUCKETS + (30, 60), registry=r)
+        self.first_token = Histogram("parley_generation_first_token_seconds",
+                                     "From streaming start to the first text or thinking character", p,
+                                     buckets=FAST_BUCKETS + (30,), registry=r)
+        self.generation_duration = Histogram("parley_generation_duration_seconds",
+                                             "From streaming start to the terminal state", ("pipeline", "status"),
+                                             buckets=SLOW_BUCKETS, registry=r)
+        self.streamed_chars = Counter("parley_generation_streamed_characters",
+                                      "Characters streamed to viewers (code points), text or thinking",
+                                      ("pipeline", "kind"), registry=r)
+        self.tokens = Counter("parley_generation_tokens", "Tokens the provider reported in its usage",
+                              ("pipeline", "kind"), registry=r)
+        self.provider_errors = Counter("parley_provider_errors", "Replies that failed or timed out, by code",
+                                       ("pipeline", "code"), registry=r)
+        self.sessions_busy = Counter("parley_sessions_busy_rejections",
+                                     "Messages refused with session_busy (too many replies waiting)", p,
+                                     registry=r)
+
+        self.stop_requests = Counter("parley_stop_requests", "Stop requests, by where they were carried out "
+                                     "(local: here; forwarded: to another instance; noop: nothing to stop)",
+                                     ("outcome",), registry=r)
+        self.stop_latency = Histogram("parley_stop_latency_seconds",
+                                      "From a stop request to the stopped reply's terminal frame", p,
+                                      buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5),
+                                      registry=r)
+        self.resumes = Counter("parley_resumes", "Resume requests served, by where the text came from",
+                               ("pipeline", "source"), registry=r)
+        self.resume_replayed = Counter("parley_resume_replayed_characters",
+                                       "Characters re-sent to resuming clients", p, registry=r)
+
+        self.store_duration = Histogram("parley_store_operation_duration_seconds",
+                                        "MongoDB operations (services/store.py methods)", ("operation",),
+                                        buckets=FAST_BUCKETS, registry=r)
+        self.store_errors = Counter("parley_store_operation_errors", "MongoDB operations that raised",
+                                    ("operation",), registry=r)
+        self.checkpoint_lag = Histogram("parley_checkpoint_lag_seconds",
+                                        "Age of the oldest streamed character not yet in MongoDB, when its "
+                                        "checkpoint lands", p, buckets=FAST_BUCKETS, registry=r)
+        self.bus_published = Counter("parley_bus_events_published", "Cluster bus events sent", ("event",),
+                                     registry=r)
+        self.bus_received = Counter("parley_bus_events_received", "Cluster bus events received from other "
+                                    "instances", ("event",), registry=r)
+        self.bus_lag = Histogram("parley_bus_lag_seconds", "From publish on one instance to receipt on another",
+                                 buckets=FAST_BUCKETS, registry=r)
+
+        self.http_duration = Histogram("parley_http_request_duration_seconds",
+                                       "HTTP requests (WebSocket upgrades included), by handler class and status",
+                                       ("handler", "status"), buckets=FAST_BUCKETS, registry=r)
+
+        self._create_label_values()
+
+    def _create_label_values(self):
+        for pid in self.pipelines | {"other"}:
+            for m in (self.connections_open, self.connections_opened, self.connection_duration,
+                      self.generations_started, self.queue_wait, self.first_token, self.sessions_busy,
+                      self.stop_latency, self.resume_replayed, self.checkpoint_lag):
+                m.labels(pid)
+            for reason in CLOSE_REASONS:
+                self.connections_closed.labels(pid, reason)
+            for status in TERMINAL:
+                self.generations_finished.labels(pid, status)
+                self.generation_duration.labels(pid, status)
+            for state in GENERATION_STATES:
+                self.generations_active.labels(pid, state)
+            for kind in STREAMED_KINDS:
+                self.streamed_chars.labels(pid, kind)
+            for kind in TOKEN_KINDS:
+                self.tokens.labels(pid, kind)
+            for code in PROVIDER_ERRORS:
+                self.provider_errors.labels(pid, code)
+            for source in RESUME_SOURCES:
+                self.resumes.labels(pid, source)
+        for kind in CLIENT_FRAMES:
+            self.frames_received.labels(kind)
+        for kind in SERVER_FRAMES:
+            self.frames_sent.labels(kind)
+        for reason in DISCONNECT_REASONS:
+            self.disconnects.labels(reason)
+        for outcome in STOP_OUTCOMES:
+            self.stop_requests.labels(outcome)
+        for op in STORE_OPERATIONS:
+            self.store_duration.labels(op)
+            self.store_errors.labels(op)
+        for event in BUS_EVENTS:
+            self.bus_published.labels(event)
+            self.bus_received.labels(event)
+
+    def pipeline(self, pipeline_id):
+        return pipeline_id if pipeline_id in self.pipelines else "other"
+
+    # connections (handlers/ws.py, services/hub.py)
+
+    def connection_opened(self, conn):
+        pid = self.pipeline(conn.pipeline)
+        self.connections_opened.labels(pid).inc()
+        self.connections_open.labels(pid).inc()
+
+    def connection_closed(self, conn, reason):
+        pid = self.pipeline(conn.pipeline)
+        self.connections_open.labels(pid).dec()
+        self.connections_closed.labels(pid, _known(reason, CLOSE_REASONS, "lost")).inc()
+        self.connection_duration.labels(pid).observe(time.time() - conn.created_at)
+
+    def frame_received(self, kind):
+        self.frames_received.labels(_known(kind, CLIENT_FRAMES, "unknown")).inc()
+
+    def frame_sent(self, kind, size):
+        self.frames_sent.labels(_known(kind, SERVER_FRAMES, "other")).inc()
+        self.bytes_sent.inc(size)
+
+    def disconnected(self, reason):
+        self.disconnects.labels(_known(reason, DISCONNECT_REASONS, "other")).inc()
+
+    # generations (services/streams.py)
+
+    def generation_accepted(self, gen):
+        pid = self.pipeline(gen.pipeline_id)
+        self.generations_started.labels(pid).inc()
+        self.generations_active.labels(pid, "queued").inc()
+
+    def generation_streaming(self, gen):
+        pid = self.pipeline(gen.pipeline_id)
+        gen.started_at = time.monotonic()
+        self.generations_active.labels(pid, "queued").dec()
+        self.generations_active.labels(pid, "streaming").inc()
+        self.queue_wait.labels(pid).observe(gen.started_at - gen.accepted_at)
+
+    def streamed(self, gen, text, thinking):
+        pid = self.pipeline(gen.pipeline_id)
+        if gen.first_token_at is None and gen.started_at is not None:
+            gen.first_token_at = time.monotonic()
+            self.first_token.labels(pid).observe(gen.first_token_at - gen.started_at)
+        if text:
+            self.streamed_chars.labels(pid, "text").inc(len(text))
+        if thinking:
+            self.streamed_chars.labels(pid, "thinking").inc(len(thinking))
+
+    def generation_finished(self, gen):
+        """After the terminal frame went out: the status is final."""
+        pid = self.pipeline(gen.pipeline_id)
+        now = time.monotonic()
+        state = "queued" if gen.started_at is None else "streaming"
+        self.generations_active.labels(pid, state).dec()
+        status = _known(gen.status, TERMINAL, "failed")
+        self.generations_finished.labels(pid, status).inc()
+        if gen.started_at is not None:
+            self.generation_duration.labels(pid, status).observe(now - gen.started_at)
+        if gen.error and status in ("failed", "timeout"):
+            self.provider_errors.labels(pid, _known(gen.error.get("code"), PROVIDER_ERRORS, "other")).inc()
+        for kind in TOKEN_KINDS:
+            count = (gen.usage or {}).get(f"{kind}_tokens")
+            if isinstance(count, int) and count > 0:
+                self.tokens.labels(pid, kind).inc(count)
+        if gen.stop_requested_at is not None and status == "stopped":
+            self.stop_latency.labels(pid).observe(now - gen.stop_requested_at)
+
+    def session_busy(self, pipeline_id):
+        self.sessions_busy.labels(self.pipeline(pipeline_id)).inc()
+
+    def stop_requested(self, outcome, count=1):
+        self.stop_requests.labels(_known(outcome, STOP_OUTCOMES, "noop")).inc(count)
+
+    def checkpointed(self, gen, dirty_since):
+        self.checkpoint_lag.labels(self.pipeline(gen.pipeline_id)).observe(time.monotonic() - dirty_since)
+
+    # resume and the cluster bus: recorded by the code those issues add
+
+    def resumed(self, pipeline_id, source, replayed_chars):
+        pid = self.pipeline(pipeline_id)
+        self.resumes.labels(pid, _known(source, RESUME_SOURCES, "live")).inc()
+        self.resume_replayed.labels(pid).inc(replayed_chars)
+
+    def bus_event_published(self, event):
+        self.bus_published.labels(_known(event, BUS_EVENTS, "other")).inc()
+
+    def bus_event_received(self, event, lag_seconds):
+        self.bus_received.labels(_known(event, BUS_EVENTS, "other")).inc()
+        self.bus_lag.observe(max(0.0, lag_seconds))
+
+    # HTTP (handlers/ops.py log_function)
+
+    def http_request(self, handler_name, status, seconds):
+        self.http_duration.labels(handler_name, str(status)).observe(seconds)
+
+
+def _known(value, allowed, fallback):
+    return value if value in allowed else fallback
+
+
+def timed(method):
+    """Decorate an async Store method: its latency (and failures) go to parley_store_operation_*{operation}.
+
+    The instance needs a `metrics` attribute; the operation label is the method name.
+    """
+    name = method.__name__
+    STORE_OPERATIONS.append(name)
+
+    @functools.wraps(method)
+    async def wrapper(self, *args, **kwargs):
+        start = time.monotonic()
+        try:
+            return await method(self, *args, **kwargs)
+        except (DuplicateKeyError, ParleyError):  # expected answers (not found, idempotency), not faults
+            raise
+        except Exception:
+            self.metrics.store_errors.labels(name).inc()
+            raise
+        finally:
+            self.metrics.store_duration.labels(name).observe(time.monotonic() - start)
+
+    return wrapper

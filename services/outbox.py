@@ -1,0 +1,117 @@
+"""A connection's bounded send queue: one slow reader never grows memory without bound or delays anyone else.
+
+Frames go straight to the socket while less than WINDOW characters are in flight (written to Tornado but not yet
+flushed to the kernel). Past that they wait here, and chunks of one reply that wait together are merged —
+offsets make that safe: a merged delta starts at the first one's offset, a merged cumulative frame is simply the
+newest. Terminal frames and everything else are never dropped or merged. If what waits still exceeds `limit`
+characters, the connection is too slow to keep: `on_overflow()` closes it.
+"""
+import json
+from collections import deque
+
+WINDOW = 64 * 1024
+CLOSE_SLOW_CONSUMER = 4008
+
+
+class ConnectionClosed(Exception):
+    """Raised by a connection's `write` when its socket is gone."""
+
+
+def encode(frame):
+    return json.dumps(frame, ensure_ascii=False)
+
+
+def is_chunk(frame):
+    return frame.get("type") == "response" and not frame["data"].get("is_final")
+
+
+def mergeable(older, newer):
+    """Delta chunks merge only when the newer continues the older: a resume's catch-up may start earlier."""
+    old, new = older["data"], newer["data"]
+    for text_key, offset_key in (("delta", "offset"), ("thinking_delta", "thinking_offset")):
+        if text_key in new and text_key in old and new[offset_key] != old[offset_key] + len(old[text_key]):
+            return False
+    return True
+
+
+def merge(older, newer):
+    """Fold a newer chunk of the same reply into an older waiting one (same stream mode)."""
+    old, new = older["data"], newer["data"]
+    if "delta" in new or "thinking_delta" in new:  # delta mode: concatenate increments
+        for text_key, offset_key in (("delta", "offset"), ("thinking_delta", "thinking_offset")):
+            if text_key in new:
+                if text_key in old:
+                    old[text_key] += new[text_key]
+                else:
+                    old[text_key], old[offset_key] = new[text_key], new[offset_key]
+    else:  # cumulative mode: the newest text, announced from the oldest offset
+        for key in ("content", "message_chain", "thinking"):
+            if key in new:
+                old[key] = new[key]
+        if "thinking_offset" in new and "thinking_offset" not in old:
+            old["thinking_offset"] = new["thinking_offset"]
+    old["timestamp"] = new["timestamp"]
+
+
+class Outbox:
+    def __init__(self, write, *, limit, on_overflow, on_sent=None):
+        self.on_sent = on_sent          # on_sent(frame_type, bytes): metrics
+        self.write = write              # write(text) -> Future resolved when flushed; raises when closed
+        self.limit = limit
+        self.on_overflow = on_overflow
+        self.waiting = deque()          # [frame, size] in send order
+        self.waiting_size = 0
+        self.in_flight = 0
+        self.chunks = {}                # message_id -> the waiting entry of its latest chunk
+        self.merged = 0                 # chunks folded into another (for metrics and tests)
+        self.overflowed = False
+
+    def put(self, frame):
+        if not self.waiting and self.in_flight < WINDOW:
+            self._send(frame)
+            return
+        mid = frame["data"].get("message_id") if frame.get("type") == "response" else None
+        entry = self.chunks.get(mid) if mid else None
+        if entry is not None and is_chunk(frame) and mergeable(entry[0], frame):
+            merge(entry[0], frame)
+            self.merged += 1
+            size = len(encode(entry[0]))
+            self.waiting_size += size - entry[1]
+            entry[1] = size
+        else:
+            entry = [frame, len(encode(frame))]
+            self.waiting.append(entry)
+            self.waiting_size += entry[1]
+            if mid:
+                if is_chunk(frame):
+                    self.chunks[mid] = entry
+                else:
+                    self.chunks.pop(mid, None)  # after a final, nothing may merge into earlier chunks
+        if self.waiting_size > self.limit and not self.overflowed:
+            self.overflowed = True
+            self.on_overflow()
+
+    def _send(self, frame):
+        text = encode(frame)
+        future = self.write(text)
+        if self.on_sent is not None:
+            self.on_sent(frame.get("type"), len(text) if text.isascii() else len(text.encode()))
+        self.in_flight += len(text)
+        future.add_done_callback(lambda f, n=len(text): self._flushed(f, n))
+
+    def _flushed(self, future, size):
+        future.exception()  # a closed socket: nothing to do, but don't log "never retrieved"
+        self.in_flight -= size
+        while self.waiting and self.in_flight < WINDOW and not future.exception():
+            frame, n = self.waiting.popleft()
+            self.waiting_size -= n
+            mid = frame["data"].get("message_id") if frame.get("type") == "response" else None
+            if mid and self.chunks.get(mid, [None])[0] is frame:
+                del self.chunks[mid]
+            try:
+                self._send(frame)
+            except ConnectionClosed:
+                self.waiting.clear()
+                self.chunks.clear()
+                self.waiting_size = 0
+                return

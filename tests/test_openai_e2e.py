@@ -1,0 +1,118 @@
+"""The OpenAI-compatible provider through the whole server: socket -> stream manager -> fake upstream over HTTP."""
+import time
+
+import pytest
+from tornado.httpserver import HTTPServer
+from tornado.testing import bind_unused_port
+from tornado.websocket import websocket_connect
+
+import server
+from services.pipelines import Pipeline, Pipelines, Timeouts
+from tests.conftest import Client, ws_request
+from tests.upstream import FakeUpstream, Script
+
+pytestmark = pytest.mark.gen_test(timeout=30)
+
+
+@pytest.fixture
+def upstream(io_loop):
+    up = FakeUpstream()
+    io_loop.run_sync(up.start)
+    yield up
+    io_loop.run_sync(up.stop)
+
+
+@pytest.fixture
+def gateway(io_loop, config, upstream):
+    """A Parley whose pipelines call the fake upstream; yields a connect(pipeline) function."""
+    pipelines = Pipelines([
+        Pipeline(id="gpt", provider="openai", model="m", base_url=upstream.base_url, history_messages=2,
+                 system_prompt="Be brief.", timeouts=Timeouts(first_token=5, stall=0.5, total=20)),
+    ])
+    svc = io_loop.run_sync(lambda: server.open_services(config, pipelines=pipelines))
+    sock, port = bind_unused_port()
+    http = HTTPServer(server.make_app(svc))
+    http.add_sockets([sock])
+    clients = []
+
+    async def connect(**query):
+        qs = "&".join(f"{k}={v}" for k, v in query.items())
+        ws = await websocket_connect(ws_request(f"ws://127.0.0.1:{port}/api/v1/pipelines/gpt/ws/connect?{qs}"))
+        c = Client(ws)
+        c.connected = await c.recv()
+        clients.append(c)
+        return c
+
+    connect.services = svc
+    yield connect
+    for c in clients:
+        c.close()
+    http.stop()
+    io_loop.run_sync(lambda: server.close_services(svc), timeout=20)
+
+
+async def test_reply_streams_thinking_then_content_and_is_persisted_as_received(gateway, upstream):
+    upstream.plan("m", Script(reasoning=["Let me ", "think."], content=["Hel", "lo ", "there", "!"]))
+    c = await gateway(stream_mode="delta")
+    ack = await c.say("hi")
+    frames = await c.until_final(ack["data"]["reply_message_id"])
+    text = "".join(f["data"].get("delta", "") for f in frames[:-1])
+    thinking = "".join(f["data"].get("thinking_delta", "") for f in frames[:-1])
+    kinds = ["t" if "thinking_delta" in f["data"] else "c" for f in frames[:-1]]
+    assert kinds == sorted(kinds, reverse=True)  # all thinking before any content
+    final = frames[-1]["data"]
+    assert (text, thinking) == ("Hello there!", "Let me think.")
+    assert final["status"] == "completed" and final["content"] == text and final["thinking"] == thinking
+    stored = await gateway.services.store.get_message(final["message_id"])
+    assert (stored["content"], stored["thinking"], stored["model"]) == (text, thinking, "m")
+    assert stored["usage"]["completion_tokens"] > 0
+
+
+async def test_stop_closes_the_upstream_stream_within_100ms(gateway, upstream):
+    upstream.plan("m", Script(content=[f"w{i} " for i in range(10_000)], rate=200))
+    c = await gateway()
+    ack = await c.say("go on forever")
+    await c.recv_type("response")
+    await c.recv_type("response")
+    asked = time.monotonic()
+    await c.send({"type": "stop"})
+    frames = await c.until_final(ack["data"]["reply_message_id"])
+    call = upstream.calls[-1]
+    left = await call.wait_disconnect(2.0)
+    assert left - asked < 0.1, f"upstream saw the disconnect after {left - asked:.3f} s"
+    assert frames[-1]["data"]["status"] == "stopped"
+    assert call.chunks_sent < 10_000 and not call.completed
+
+
+async def test_history_window_is_sent_upstream(gateway, upstream):
+    upstream.plan("m", Script(content=["ok"]))
+    c = await gateway()
+    for text in ("one", "two", "three"):
+        ack = await c.say(text)
+        await c.until_final(ack["data"]["reply_message_id"])
+    sent = upstream.calls[-1].body["messages"]
+    # system prompt + the 2 most recent earlier messages (window) + the new one
+    assert sent[0]["role"] == "system" and "Be brief." in sent[0]["content"]
+    assert [(m["role"], m["content"]) for m in sent[1:]] == [("user", "two"), ("assistant", "ok"),
+                                                              ("user", "three")]
+
+
+async def test_upstream_stall_ends_in_stall_timeout_and_disconnects(gateway, upstream):
+    upstream.plan("m", Script(content=["a", "b", "c"], stall_after=2))
+    c = await gateway()
+    ack = await c.say("stall please")
+    frames = await c.until_final(ack["data"]["reply_message_id"])
+    final = frames[-1]["data"]
+    assert final["status"] == "timeout" and final["error"]["code"] == "stall_timeout"
+    assert final["content"] == "ab"
+    await upstream.calls[-1].wait_disconnect(1.0)
+
+
+async def test_upstream_errors_end_the_reply_failed_with_their_code(gateway, upstream):
+    upstream.plan("m", Script(status=401))
+    c = await gateway()
+    ack = await c.say("who am I")
+    final = (await c.until_final(ack["data"]["reply_message_id"]))[-1]["data"]
+    assert final["status"] == "failed" and final["error"]["code"] == "upstream_unauthorized"
+    stored = await gateway.services.store.get_message(final["message_id"])
+    assert stored["status"] == "failed" and stored["error"]["code"] == "upstream_unauthorized"

@@ -1,0 +1,98 @@
+"""A real Prometheus scrapes a running Parley: `up` becomes 1 and the chats we drive show in its queries."""
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import urllib.parse
+
+import pytest
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+
+from tests.conftest import require
+
+CHATS = 3
+DASHBOARD = os.path.join(os.path.dirname(__file__), "..", "docs", "grafana-dashboard.json")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def prometheus(tmp_path, http_port, http_server):
+    """Start `prometheus` scraping the test's Parley every second; yields its base URL."""
+    binary = shutil.which("prometheus")
+    require(binary, "the `prometheus` binary is not installed (Debian package prometheus)")
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n"
+        "scrape_configs:\n  - job_name: parley\n    metrics_path: /metrics\n"
+        f"    static_configs:\n      - targets: ['127.0.0.1:{http_port}']\n")
+    log = open(tmp_path / "prometheus.log", "wb")
+    proc = subprocess.Popen(
+        [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    log.close()
+
+
+async def query(base, promql):
+    """The value of an instant query with one series, or None (no answer yet, or no series)."""
+    url = f"{base}/api/v1/query?query={urllib.parse.quote(promql)}"
+    try:
+        response = await AsyncHTTPClient().fetch(url, request_timeout=2)
+    except (HTTPClientError, OSError):  # not listening yet
+        return None
+    body = json.loads(response.body)
+    assert body["status"] == "success", body
+    result = body["data"]["result"]
+    return float(result[0]["value"][1]) if len(result) == 1 else None
+
+
+async def until(base, promql, expected, timeout=60):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    got = None
+    while loop.time() < deadline:
+        got = await query(base, promql)
+        if got == expected:
+            return
+        await asyncio.sleep(0.5)
+    pytest.fail(f"{promql} was {got}, not {expected}, after {timeout} s")
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_prometheus_scrapes_parley(prometheus, connect):
+    await until(prometheus, 'up{job="parley"}', 1.0)
+    c = await connect()
+    for i in range(CHATS):
+        ack = await c.say(f"chat {i}")
+        await c.until_final(ack["data"]["reply_message_id"])
+    await until(prometheus, 'parley_generations_finished_total{pipeline="default",status="completed"}',
+                float(CHATS))
+    await until(prometheus, 'parley_connections_open{pipeline="default"}', 1.0)
+    await until(prometheus, 'sum(parley_generation_first_token_seconds_count{pipeline="default"})',
+                float(CHATS))
+    # a dashboard query (docs/operations.md) evaluates on the real data
+    p99 = await query(prometheus, 'histogram_quantile(0.99, sum by (le) '
+                                  '(parley_generation_first_token_seconds_bucket{pipeline="default"}))')
+    assert p99 is not None and 0 < p99 <= 10
+    # every panel of the shipped Grafana dashboard is a query this Prometheus accepts
+    with open(DASHBOARD) as f:
+        exprs = [t["expr"] for panel in json.load(f)["panels"] for t in panel["targets"]]
+    assert exprs
+    for expr in exprs:
+        url = f"{prometheus}/api/v1/query?query={urllib.parse.quote(expr)}"
+        body = json.loads((await AsyncHTTPClient().fetch(url, raise_error=False)).body)
+        assert body["status"] == "success", (expr, body)

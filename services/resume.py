@@ -42,7 +42,7 @@ class Resumer:
             message_id = check_id(frame["message_id"], "message_id")
             wanted = {message_id: (check_offset(frame.get("offset"), "offset"),
                                    check_offset(frame.get("thinking_offset"), "thinking_offset"))}
-            doc = await self._find(conn, message_id)
+            doc, session = await self._find(conn, message_id)
             session_id = doc["session_id"]
             docs = {message_id: doc}
             every_live = False
@@ -50,7 +50,7 @@ class Resumer:
             session_id = frame.get("session_id", conn.primary_session)
             check_id(session_id, "session_id")
             wanted = parse_offsets(frame.get("offsets"))
-            await self.chat.session(conn.identity, conn.pipeline, session_id)
+            session = await self.chat.session(conn.identity, conn.pipeline, session_id)
             docs = {d["_id"]: d for d in await self.store.find_replies(session_id, list(wanted))}
             if missing := [m for m in wanted if m not in docs]:
                 raise NotFound(f"no reply {missing[0]!r} in this session", code="message_not_found",
@@ -67,19 +67,19 @@ class Resumer:
                 refetched.add(message_id)
         if conn.closed:
             return
-        self._attach(conn, session_id, docs, wanted, every_live)  # no await from here on
+        self._attach(conn, session, docs, wanted, every_live)  # no await from here on
 
     async def _find(self, conn, message_id):
         doc = await self.store.find_message(message_id)
         if doc is not None and doc["role"] == "assistant":
             try:
-                await self.chat.session(conn.identity, conn.pipeline, doc["session_id"])
-                return doc
+                return doc, await self.chat.session(conn.identity, conn.pipeline, doc["session_id"])
             except NotFound:
                 pass  # someone else's (or another pipeline's): indistinguishable from unknown
         raise NotFound(f"no reply {message_id!r}", code="message_not_found", message_id=message_id)
 
-    def _attach(self, conn, session_id, docs, wanted, every_live):
+    def _attach(self, conn, session, docs, wanted, every_live):
+        session_id = session["_id"]
         replies = {}
         for message_id in docs:
             gen = self.streams.generations.get(message_id)
@@ -97,7 +97,7 @@ class Resumer:
                 # Interrupted or orphaned: text after the last checkpoint is lost; the final frame is authoritative.
                 offset, thinking_offset = min(offset, len(reply.content)), min(thinking_offset, len(reply.thinking))
             plan.append((reply, offset, thinking_offset))
-        self.hub.join(conn, session_id)
+        self.hub.join(conn, session_id, session["type"])
         conn.send(frames.resumed(session_id, plan))
         for reply, offset, thinking_offset in plan:
             live = reply.message_id in self.streams.generations

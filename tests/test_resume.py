@@ -259,3 +259,25 @@ async def test_resume_errors(connect, fetch, services):
     # the socket stays usable
     await a.send({"type": "resume", "message_id": got.message_id, "offset": length})
     assert (await a.recv_type("resumed", "error"))["type"] == "resumed"
+
+
+async def test_resume_by_message_makes_the_connection_a_viewer_of_its_session(connect, fetch, services):
+    code, body = await fetch("/api/v1/pipelines/resumable/sessions", "POST", body={"session_type": "group"})
+    group_id = body["data"]["session_id"]
+    a = await connect(PIPE, session_id=group_id, stream_mode="delta")
+    first = Received((await a.say("in the group"))["data"]["reply_message_id"])
+    await follow(a, first)
+    b = await connect(PIPE, stream_mode="delta")  # views its own session, not the group
+    assert b.connected["session_id"] != group_id
+    await b.send({"type": "resume", "message_id": first.message_id, "offset": len(first.text),
+                  "thinking_offset": len(first.thinking)})
+    resumed = await b.recv_type("resumed")
+    assert resumed["data"]["session_id"] == group_id
+    assert (await b.recv_type("response"))["data"]["is_final"]
+    assert group_id in services.hub.group_sessions and b.connected["connection_id"] in services.hub.by_session[group_id]
+    ack = await a.say("after the resume")  # b now gets the group's later frames
+    echo = await b.recv_type("user_message")
+    assert echo["data"]["message_id"] == ack["data"]["message_id"]
+    got = Received(ack["data"]["reply_message_id"])
+    await follow(b, got)
+    assert got.joined(got.text) == got.finals[0]["content"]

@@ -14,11 +14,10 @@ from pymongo.errors import PyMongoError
 from tornado import websocket
 
 from services import frames, logs
-from services.auth import Unauthorized
 from services.chat import check_session_type
-from services.errors import BadRequest, ParleyError, Unavailable
+from services.errors import BadRequest, Capacity, ParleyError, Unauthorized, Unavailable
 from services.hub import Connection, ConnectionClosed
-from services.limits import CLOSE_CAPACITY, Capacity, check_capacity
+from services.limits import CLOSE_CAPACITY, check_capacity
 from services.outbox import CLOSE_SLOW_CONSUMER
 from services.protocol import ClientProtocol, parse
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import jwt
 
-from services.errors import ParleyError
+from services.errors import Forbidden, Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +33,6 @@ class Identity:
 
 
 LOCAL_USER = Identity(user_id="local", is_admin=True)
-
-
-class Unauthorized(ParleyError):
-    code = "unauthorized"
-    http_status = 401
-
-
-class Forbidden(ParleyError):
-    code = "forbidden"
-    http_status = 403
 
 
 def bearer_or_query_token(request):

@@ -9,7 +9,7 @@ import logging
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from services import frames
-from services.auth import Forbidden
+from services.errors import Forbidden
 from services.errors import BadRequest, NotFound
 from services.store import new_id, utcnow
 

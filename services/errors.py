@@ -44,3 +44,25 @@ class Unavailable(ParleyError):
     code = "store_unavailable"
     http_status = 503
     retryable = True
+
+
+class Unauthorized(ParleyError):
+    code = "unauthorized"
+    http_status = 401
+
+
+class Forbidden(ParleyError):
+    code = "forbidden"
+    http_status = 403
+
+
+class Capacity(ParleyError):
+    code = "capacity"
+    http_status = 503
+    retryable = True
+
+
+class RateLimited(ParleyError):
+    code = "rate_limited"
+    http_status = 429
+    retryable = True

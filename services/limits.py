@@ -1,21 +1,9 @@
 """Admission limits: connection caps and a per-user message rate (token bucket). Plain dicts on the loop."""
 import time
 
-from services.errors import ParleyError
+from services.errors import Capacity, RateLimited
 
 CLOSE_CAPACITY = 1013  # "try again later"
-
-
-class Capacity(ParleyError):
-    code = "capacity"
-    http_status = 503
-    retryable = True
-
-
-class RateLimited(ParleyError):
-    code = "rate_limited"
-    http_status = 429
-    retryable = True
 
 
 class RateLimiter:

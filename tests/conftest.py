@@ -17,6 +17,7 @@ from services.embedded_mongo import EmbeddedMongo
 from services.pipelines import Pipeline, Pipelines, Timeouts
 from services.providers import make_provider
 from tests.fakes import FAKE_PROVIDERS
+from tests.upstream import FakeUpstream
 
 REQUIRE_ALL = os.environ.get("PARLEY_REQUIRE_ALL") == "1"
 TEST_TOKEN = "test-token-0123456789"
@@ -78,6 +79,15 @@ def make_test_pipelines():
 def provider_factory(pipeline):
     fake = FAKE_PROVIDERS.get(pipeline.provider)
     return fake(pipeline) if fake else make_provider(pipeline)
+
+
+@pytest.fixture
+def upstream(io_loop):
+    """A fake OpenAI-compatible server on loopback (tests/upstream.py)."""
+    up = FakeUpstream()
+    io_loop.run_sync(up.start)
+    yield up
+    io_loop.run_sync(up.stop)
 
 
 @pytest.fixture

@@ -52,6 +52,8 @@ SESSION_ROUTES = [
     ("GET", "/api/v1/pipelines/slow/sessions/{group}", None, (200, 404, 200, 200)),
     ("GET", "/api/v1/pipelines/slow/sessions/{group}/messages", None, (200, 404, 200, 200)),
     ("POST", "/api/v1/pipelines/slow/sessions/{group}/stop", {}, (200, 404, 200, 200)),
+    ("POST", "/api/v1/pipelines/slow/sessions/{group}/messages",  # any member may send
+     {"message": [{"type": "Plain", "text": "hi"}], "stream": False}, (202, 404, 202, 202)),
     ("POST", "/api/v1/pipelines/slow/sessions/{group}/members", {"add": ["dan"]}, (200, 404, 403, 200)),
     ("GET", "/api/v1/pipelines/slow/ws/connections", None, (403, 403, 403, 200)),
     ("POST", "/api/v1/pipelines/slow/ws/broadcast", {"message": "hello"}, (403, 403, 403, 200)),

@@ -1,6 +1,5 @@
 """Auth handshakes, origins, caps, rate limits, presence, push, broadcast and slow readers."""
 import asyncio
-import dataclasses
 import json
 import time
 
@@ -11,7 +10,6 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from tornado.httpclient import HTTPClientError
 from tornado.websocket import websocket_connect
 
-import server
 from services.auth import Authenticator
 from tests.conftest import TEST_TOKEN, Client, settle, ws_request
 
@@ -224,6 +222,10 @@ async def test_a_reader_still_over_the_limit_is_closed_as_a_slow_consumer(connec
     await settle(lambda: stalled.connected["connection_id"] not in services.hub.connections, timeout=10)
     await bystander.send({"type": "ping"})
     assert (await bystander.recv_type("pong"))["type"] == "pong"
+    assert services.metrics.registry.get_sample_value("parley_ws_disconnects_total", {"reason": "slow"}) == 1
     while (frame := await stalled.ws.read_message()) is not None:
         assert json.loads(frame)["type"] == "broadcast"
-    assert (stalled.ws.close_code, stalled.ws.close_reason) == (4008, "slow_consumer")
+    # The close frame queues behind megabytes already handed to the socket; Tornado aborts the TCP connection if
+    # the peer has not answered it within 5 s, so a reader slowed further by a busy machine may see no code.
+    if stalled.ws.close_code is not None:
+        assert (stalled.ws.close_code, stalled.ws.close_reason) == (4008, "slow_consumer")

@@ -9,17 +9,9 @@ from tornado.websocket import websocket_connect
 import server
 from services.pipelines import Pipeline, Pipelines, Timeouts
 from tests.conftest import Client, ws_request
-from tests.upstream import FakeUpstream, Script
+from tests.upstream import Script
 
 pytestmark = pytest.mark.gen_test(timeout=30)
-
-
-@pytest.fixture
-def upstream(io_loop):
-    up = FakeUpstream()
-    io_loop.run_sync(up.start)
-    yield up
-    io_loop.run_sync(up.stop)
 
 
 @pytest.fixture

@@ -9,17 +9,9 @@ import pytest
 from services.pipelines import Pipeline, Timeouts
 from services.providers import GenerationRequest, ProviderError, Turn, make_provider
 from services.providers.openai_compat import OpenAIProvider, ThinkSplitter, build_messages
-from tests.upstream import FakeUpstream, Script, closed_port
+from tests.upstream import Script, closed_port
 
 KEY = "sk-test-0123456789abcdef"
-
-
-@pytest.fixture
-def upstream(io_loop):
-    up = FakeUpstream()
-    io_loop.run_sync(up.start)
-    yield up
-    io_loop.run_sync(up.stop)
 
 
 @pytest.fixture

@@ -21,6 +21,12 @@ LIVE = ("queued", "streaming")
 STOP_FIELDS = {"stop_requested": 1, "status": 1}
 
 
+def stamp(*fields):
+    """Set `fields` to the server's current time. `$currentDate`, not `$set` with a datetime: the same on MongoDB,
+    and nx-27017 0.8.1 turns a datetime written by `$set` into a string (which then sorts and compares wrongly)."""
+    return {"$currentDate": {f: True for f in fields}}
+
+
 def utcnow():
     return datetime.now(timezone.utc)
 
@@ -99,7 +105,7 @@ class Store:
     async def next_seqs(self, session_id, count=1):
         """Reserve `count` consecutive message numbers atomically; returns the first."""
         doc = await self.sessions.find_one_and_update(
-            {"_id": session_id}, {"$inc": {"next_seq": count}, "$set": {"updated_at": utcnow()}},
+            {"_id": session_id}, {"$inc": {"next_seq": count}, **stamp("updated_at")},
             return_document=ReturnDocument.AFTER)
         if not doc:
             raise NotFound(f"no session {session_id!r}", code="session_not_found")
@@ -157,8 +163,8 @@ class Store:
         """Returns the message's `stop_requested` and `status` (None if it is no longer queued)."""
         return await self.messages.find_one_and_update(
             {"_id": message_id, "status": "queued"},
-            {"$set": {"status": "streaming", "instance": instance, "lease_until": lease_until,
-                      "started_at": utcnow()}},
+            {"$set": {"status": "streaming", "instance": instance, "lease_until": lease_until},
+             **stamp("started_at")},
             projection=STOP_FIELDS, return_document=ReturnDocument.AFTER)
 
     @timed
@@ -169,7 +175,7 @@ class Store:
         """
         return await self.messages.find_one_and_update(
             {"_id": message_id, "status": {"$in": list(LIVE)}},
-            {"$set": {"content": content, "thinking": thinking, "lease_until": lease_until, "updated_at": utcnow()}},
+            {"$set": {"content": content, "thinking": thinking, "lease_until": lease_until}, **stamp("updated_at")},
             projection=STOP_FIELDS, return_document=ReturnDocument.AFTER)
 
     @timed
@@ -177,7 +183,7 @@ class Store:
         """Record a stop, so a generation honours it at its next checkpoint (harmless on a finished one)."""
         result = await self.messages.update_many(
             {"_id": {"$in": list(message_ids)}, "session_id": session_id},
-            {"$set": {"stop_requested": True, "stop_requested_at": utcnow()}})
+            {"$set": {"stop_requested": True}, **stamp("stop_requested_at")})
         return result.modified_count
 
     @timed
@@ -205,21 +211,20 @@ class Store:
         a renewal or a finish since then wins). Returns the updated message, or None."""
         return await self.messages.find_one_and_update(
             {"_id": message_id, "status": {"$in": list(LIVE)}, "lease_until": lease_until},
-            {"$set": {"status": "interrupted", "lease_until": None, "updated_at": utcnow(), "finished_at": utcnow(),
-                      "error": {"code": "instance_lost", "message": "the server generating this reply stopped"}}},
+            {"$set": {"status": "interrupted", "lease_until": None,
+                      "error": {"code": "instance_lost", "message": "the server generating this reply stopped"}},
+             **stamp("updated_at", "finished_at")},
             return_document=ReturnDocument.AFTER)
 
     @timed
     async def finish(self, message_id, *, status, content, thinking, error=None, usage=None, model=None):
         assert status in TERMINAL, status
-        now = utcnow()
-        fields = {"status": status, "content": content, "thinking": thinking, "error": error,
-                  "updated_at": now, "finished_at": now, "lease_until": None}
+        fields = {"status": status, "content": content, "thinking": thinking, "error": error, "lease_until": None}
         if usage:
             fields["usage"] = usage
         if model:
             fields["model"] = model
-        await self.messages.update_one({"_id": message_id}, {"$set": fields})
+        await self.messages.update_one({"_id": message_id}, {"$set": fields, **stamp("updated_at", "finished_at")})
 
     @timed
     async def delete_session_messages(self, session_id):

@@ -165,7 +165,7 @@ async def open_services(config, *, pipelines=None, provider_factory=None):
                             max_queued=config.max_queued, metrics=metrics, **extra)
     chat = ChatService(store, hub, streams, pipelines, limiter=RateLimiter(config.rate_limit, config.rate_burst),
                        on_last_viewer_gone=config.on_last_viewer_gone)
-    resumer = Resumer(store, hub, streams, chat)
+    resumer = Resumer(store, hub, streams, chat, metrics)
     reaper = Reaper(store, hub, streams, lease_seconds=config.lease_seconds)
     await reaper.sweep()  # replies a previous run left `streaming` end now, if their lease has expired
     reaper.start()

@@ -30,7 +30,8 @@ def check_offset(value, what):
 
 
 class Resumer:
-    def __init__(self, store, hub, streams, chat):
+    def __init__(self, store, hub, streams, chat, metrics=None):
+        self.metrics = metrics
         self.store = store
         self.hub = hub
         self.streams = streams
@@ -106,6 +107,10 @@ class Resumer:
                 conn.cursors[reply.message_id] = cursor
                 if not reply.stream:
                     continue  # a non-streamed reply sends only its final frame
+            if self.metrics is not None:
+                source = "live" if live else ("store" if reply.status in LIVE else "finished")
+                replayed = len(reply.content) - offset + len(reply.thinking) - thinking_offset
+                self.metrics.resumed(session["pipeline"], source, replayed)
             if (frame := frames.catch_up(reply, conn, cursor)) is not None:
                 conn.send(frame)
             if not live and reply.status not in LIVE:

@@ -179,6 +179,31 @@ async def test_bad_frames_refusals_and_server_disconnects(connect, services, ws_
     assert v("parley_ws_disconnects_total", reason="other") == 0
 
 
+async def test_resumes_count_by_source_with_the_characters_replayed(connect, services):
+    c = await connect("slow", stream_mode="delta")
+    ack = await c.say("resume me")
+    reply = ack["data"]["reply_message_id"]
+    await c.recv_type("response")
+    c.close()
+    d = await connect("slow", stream_mode="delta")
+    await d.send({"type": "resume", "message_id": reply, "offset": 0})
+    resumed = await d.recv_type("resumed")
+    catch_up = await d.recv_type("response")
+    live = value(services, "parley_resumes_total", pipeline="slow", source="live")
+    assert live == 1
+    assert value(services, "parley_resume_replayed_characters_total", pipeline="slow") == len(catch_up["data"]["delta"])
+    await d.send({"type": "stop"})
+    await d.until_final(reply)
+    e = await connect("slow")
+    await e.send({"type": "resume", "message_id": reply, "offset": 3})
+    await e.recv_type("resumed")
+    final = (await e.until_final(reply))[-1]["data"]
+    assert value(services, "parley_resumes_total", pipeline="slow", source="finished") == 1
+    assert value(services, "parley_resume_replayed_characters_total", pipeline="slow") == (
+        len(catch_up["data"]["delta"]) + len(final["content"]) - 3)
+    assert resumed["data"]["replies"][0]["message_id"] == reply
+
+
 def test_resume_and_bus_metrics_record_what_later_code_reports():
     metrics = Metrics(["default"])
     metrics.resumed("default", "live", 120)

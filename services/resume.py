@@ -1,5 +1,5 @@
 """Resume: a client that reconnects gets exactly the text after its offsets, then the live stream, then the
-one terminal frame (docs/resume.md).
+one terminal frame (docs/protocol.md, "Resume").
 
 Lookups await; everything after them runs without an await: the replay is computed from the live buffer and
 the connection's cursor is set in the same loop step, so the next delta published continues exactly where the

@@ -1,4 +1,4 @@
-/* parley.js: a small dependency-free client for Parley's WebSocket protocol (docs/protocol.md, docs/resume.md).
+/* parley.js: a small dependency-free client for Parley's WebSocket protocol (docs/protocol.md).
  *
  *   const chat = new Parley.Client({url: "wss://host/api/v1/pipelines/default/ws/connect", token});
  *   chat.on("delta", e => render(e.message_id, e.content));

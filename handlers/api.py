@@ -16,6 +16,17 @@ def session_data(doc):
             "updated_at": frames.timestamp(doc["updated_at"])}
 
 
+class RootHandler(BaseHandler):
+    """What a person opening the printed URL sees: the server, its pipelines and where to connect.
+    (The web UI issue serves a page here for browsers.)"""
+
+    def get(self):
+        self.ok({"name": "Parley", "protocol": "parley/1", "user_id": self.identity.user_id,
+                 "websocket": "/api/v1/pipelines/<pipeline>/ws/connect?session_type=person",
+                 "pipelines": [p.public() for p in self.services.pipelines],
+                 "docs": "docs/protocol.md"})
+
+
 class PipelinesHandler(BaseHandler):
     def get(self):
         self.ok({"pipelines": [p.public() for p in self.services.pipelines]})
@@ -163,6 +174,7 @@ class ResetHandler(BaseHandler):
 
 
 default_handlers = [
+    (r"/", RootHandler),
     (r"/api/v1/pipelines", PipelinesHandler),
     (P + r"/ws/messages/(?P<session_type>[^/]+)", LegacyHistoryHandler),
     (P + r"/ws/reset/(?P<session_type>[^/]+)", LegacyResetHandler),

@@ -1,6 +1,8 @@
 """REST: sessions, history (LangBot shape and native pages), reset, send, connections, pipelines."""
 import pytest
 
+from tests.conftest import TEST_TOKEN
+
 pytestmark = pytest.mark.gen_test(timeout=30)
 
 
@@ -125,3 +127,11 @@ async def test_connections_in_langbot_shape(connect, fetch):
     assert ids == {a.connected["connection_id"], b.connected["connection_id"]}
     for conn in body["data"]["connections"]:
         assert conn["is_active"] is True and conn["created_at"] and conn["last_active"]
+
+
+async def test_the_printed_url_answers_with_the_server_and_its_pipelines(fetch):
+    code, body = await fetch(f"/?token={TEST_TOKEN}", token=None)
+    assert code == 200 and body["data"]["name"] == "Parley" and body["data"]["user_id"] == "local"
+    assert "default" in [p["id"] for p in body["data"]["pipelines"]]
+    code, body = await fetch("/", token=None)
+    assert (code, body["code"]) == (401, "unauthorized")

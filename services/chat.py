@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import logging
 
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.errors import DuplicateKeyError
 
 from services import frames
 from services.errors import Forbidden
@@ -158,8 +158,8 @@ class ChatService:
                      "instance": self.streams.instance_id, "lease_until": self.streams.lease_until()}
         try:
             await self.store.insert_messages([user_doc, reply_doc])
-        except (DuplicateKeyError, BulkWriteError) as exc:  # the same client_msg_id raced in from another tab
-            if client_msg_id is None or not is_duplicate_key(exc):
+        except DuplicateKeyError:  # the same client_msg_id raced in from another tab
+            if client_msg_id is None:
                 raise
             existing = await self.store.find_by_client_msg_id(session["_id"], client_msg_id)
             if existing is None:
@@ -228,14 +228,6 @@ class ChatService:
                 await gen.done.wait()
         deleted = await self.store.delete_session_messages(session["_id"])
         return {"stopped": stopped, "deleted": deleted}
-
-
-def is_duplicate_key(exc):
-    """insert_many reports a unique-index violation as a BulkWriteError, not a DuplicateKeyError."""
-    if isinstance(exc, DuplicateKeyError):
-        return True
-    errors = exc.details.get("writeErrors", []) if exc.details else []
-    return bool(errors) and all(e.get("code") == 11000 for e in errors)
 
 
 def can_access(identity, session):

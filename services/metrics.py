@@ -288,3 +288,4 @@ def timed(method):
             self.metrics.store_duration.labels(name).observe(time.monotonic() - start)
 
     return wrapper
+

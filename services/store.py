@@ -9,7 +9,7 @@ import uuid
 from datetime import datetime, timezone
 
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from services.errors import NotFound
 from services.metrics import Metrics, timed
@@ -115,7 +115,15 @@ class Store:
 
     @timed
     async def insert_messages(self, docs):
-        await self.messages.insert_many(docs, ordered=True)
+        try:
+            await self.messages.insert_many(docs, ordered=True)
+        except BulkWriteError as exc:
+            # insert_many reports a unique-index collision as BulkWriteError (MongoDB and nx-27017 alike):
+            # raise what callers (and the metrics) expect, so a duplicate never reads as a store fault.
+            errors = (exc.details or {}).get("writeErrors", [])
+            if errors and all(e.get("code") == 11000 for e in errors):
+                raise DuplicateKeyError(errors[0].get("errmsg", "duplicate key"), 11000, errors[0]) from None
+            raise
 
     @timed
     async def find_by_client_msg_id(self, session_id, client_msg_id):

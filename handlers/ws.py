@@ -129,6 +129,7 @@ class ChatSocket(websocket.WebSocketHandler):
         self.conn.send({"type": "connected", "connection_id": self.conn.id, "pipeline_uuid": p["pipeline"],
                         "session_type": session["type"], "session_id": session["_id"],
                         "stream_mode": p["stream_mode"], "user_id": identity.user_id, "protocol": "parley/1",
+                        "live_replies": [frames.live_reply(g) for g in self.services.streams.live(session["_id"])],
                         "timestamp": frames.timestamp()})
         self.services.hub.join(self.conn, session["_id"], session["type"])  # after `connected`: presence follows
 

@@ -120,6 +120,12 @@ def resumed(session_id, replies):
         for r, offset, thinking_offset in replies]}}
 
 
+def live_reply(gen):
+    """A reply still queued or streaming, as `connected` lists them: what a reconnecting client may resume."""
+    return {"message_id": gen.message_id, "seq": gen.seq, "reply_to": gen.reply_to, "status": gen.status,
+            "length": len(gen.content), "thinking_length": len(gen.thinking)}
+
+
 def status(gen):
     """A reply changed state before its final frame (queued -> streaming): lets every viewer show it."""
     return {"type": "status", "data": {"session_id": gen.session_id, "message_id": gen.message_id,

@@ -24,7 +24,8 @@ PROVIDER_ERRORS = (
 CLIENT_FRAMES = ("authenticate", "message", "stop", "resume", "ping", "disconnect", "session.join",
                  "session.leave", "presence", "unknown", "invalid")
 SERVER_FRAMES = ("connected", "user_message", "ack", "response", "status", "stop_ack", "pong", "error",
-                 "broadcast", "push", "presence", "session.joined", "session.left", "reconnect", "other")
+                 "broadcast", "push", "presence", "session.joined", "session.left", "resumed", "reconnect",
+                 "other")
 CLOSE_REASONS = ("client", "server", "lost")
 # Server-initiated disconnects. slow and capacity come with the fan-out and limits issues; the codes map to
 # these in handlers/ws.py.

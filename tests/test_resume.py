@@ -281,3 +281,20 @@ async def test_resume_by_message_makes_the_connection_a_viewer_of_its_session(co
     got = Received(ack["data"]["reply_message_id"])
     await follow(b, got)
     assert got.joined(got.text) == got.finals[0]["content"]
+
+
+async def test_connected_lists_the_live_replies_to_resume(connect, services):
+    a = await connect("slow", stream_mode="delta")
+    assert a.connected["live_replies"] == []
+    ack = await a.say("keep going")
+    reply = ack["data"]["reply_message_id"]
+    await a.recv_type("response")
+    b = await connect("slow", stream_mode="delta", session_id=a.connected["session_id"])
+    [live] = b.connected["live_replies"]
+    assert live["message_id"] == reply and live["status"] == "streaming" and live["length"] > 0
+    await b.send({"type": "resume", "message_id": reply, "offset": 0})
+    await b.recv_type("resumed")
+    await b.send({"type": "stop"})
+    frames = await b.until_final(reply)
+    text = "".join(f["data"].get("delta", "") for f in frames[:-1])
+    assert text == frames[-1]["data"]["content"]

@@ -102,6 +102,10 @@ def parse_args(argv=None):
     p.add_argument("--allowed-origins", default=env("PARLEY_ALLOWED_ORIGINS", ""),
                    help="comma-separated origins (https://chat.example) allowed to open WebSockets besides "
                         "the server's own; * allows any")
+    p.add_argument("--ping-interval", type=float, default=Config.ping_interval,
+                   help="seconds between WebSocket pings (dead peers are found by them)")
+    p.add_argument("--ping-timeout", type=float, default=Config.ping_timeout,
+                   help="seconds to wait for a pong before closing the connection")
     p.add_argument("--max-connections", type=int, default=Config.max_connections)
     p.add_argument("--max-connections-per-user", type=int, default=Config.max_connections_per_user)
     p.add_argument("--rate-limit", type=float, default=Config.rate_limit, help="messages per second per user")
@@ -130,7 +134,7 @@ def parse_args(argv=None):
                   jwt_admin_value=args.jwt_admin_value,
                   max_connections=args.max_connections, max_connections_per_user=args.max_connections_per_user,
                   rate_limit=args.rate_limit, rate_burst=args.rate_burst, max_message_size=args.max_message_size,
-                  outbox_limit=args.outbox_limit,
+                  outbox_limit=args.outbox_limit, ping_interval=args.ping_interval, ping_timeout=args.ping_timeout,
                   allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()))
 
 

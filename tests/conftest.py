@@ -209,6 +209,7 @@ def fetch(http_client, base_url):
         response = await http_client.fetch(base_url + path, method=method, body=body, headers=headers,
                                            raise_error=False, **kw)
         assert response.headers["Content-Type"].startswith("application/json"), response.headers
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
         return response.code, json.loads(response.body)
 
     return do

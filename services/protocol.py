@@ -31,7 +31,9 @@ class ClientProtocol:
 
         self.handlers = {"ping": self.on_ping, "disconnect": self.on_disconnect, "stop": self.on_stop,
                          "message": self._queue, "session.join": self._queue, "session.leave": self.on_leave,
-                         "presence": self.on_presence, "resume": self._queue}
+                         "presence": self.on_presence, "resume": self._queue,
+                         # already authenticated (by the handshake): a LangBot client's habit, harmless
+                         "authenticate": lambda frame: None}
         self.queued = {"message": self._send, "session.join": self._join, "resume": self._resume}
 
     def receive(self, text):

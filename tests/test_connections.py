@@ -30,6 +30,9 @@ async def test_token_in_query_or_authenticate_frame(ws_url, connect):
     c = Client(ws)
     assert (await c.recv())["type"] == "connected"
     assert (await c.say("authenticated by frame"))["type"] == "ack"
+    await c.send({"type": "authenticate", "token": TEST_TOKEN})  # again: ignored, no error
+    await c.send({"type": "ping"})
+    assert (await c.recv_type("pong", "error"))["type"] == "pong"
 
 
 @pytest.mark.parametrize("first", [

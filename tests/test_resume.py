@@ -5,6 +5,8 @@ import time
 
 import pytest
 
+from tests.conftest import settle
+
 pytestmark = pytest.mark.gen_test(timeout=120)
 
 PIPE = "resumable"
@@ -81,6 +83,10 @@ async def cut_and_resume(connect, services, session_id, run, rng):
             got.add(frame)
         assert not got.finals
     abort(a, rng.choice(("close", "reset")))
+    if got is not None and run % 10 == 0:
+        # every tenth run resumes only after the reply has ended, so the finished path runs however busy the
+        # machine is (the others mostly catch it live)
+        await settle(lambda: got.message_id not in services.streams.generations, timeout=20)
 
     b = await connect(PIPE, session_id=session_id, stream_mode="delta")
     if got is None:
@@ -128,7 +134,7 @@ async def test_200_cuts_at_random_points_resume_with_no_gap_and_no_duplicate(con
           f"{ {s: statuses.count(s) for s in set(statuses)} }")
     assert len(statuses) == workers * runs_each
     # both paths ran: resumed live from the buffer and resumed after the reply had finished
-    assert statuses.count("streaming") >= 20 and statuses.count("completed") >= 5, statuses
+    assert statuses.count("streaming") >= 20 and statuses.count("completed") >= 15, statuses
     for session_id in sessions:  # one user message and one reply per run: no resend started a second one
         docs = await services.store.list_messages(session_id, limit=500)
         assert len(docs) == 2 * runs_each

@@ -62,6 +62,16 @@ def test_make_provider_knows_openai():
 
 # --- streaming -----------------------------------------------------------------------------------------------
 
+async def assert_cancel_disconnects_upstream(task, upstream):
+    """Cancel a consumer the way a stop does; the fake upstream must see its client leave within 100 ms."""
+    stopped = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    seen = await upstream.calls[0].wait_disconnect(1.0)
+    assert seen - stopped < 0.1
+
+
 @pytest.mark.gen_test(timeout=5)
 async def test_thinking_then_content_in_order_with_usage_and_model(upstream, provider_for):
     upstream.plan("m", Script(reasoning=["Let me ", "think."], content=["Hel", "lo ", "there", "!"],
@@ -180,12 +190,7 @@ async def test_cancelling_the_consumer_task_mid_stall_disconnects_upstream(upstr
     task = asyncio.ensure_future(consume())
     while len(received) < 2:
         await asyncio.sleep(0.005)
-    stopped = time.monotonic()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    seen = await upstream.calls[0].wait_disconnect(1.0)
-    assert seen - stopped < 0.1
+    await assert_cancel_disconnects_upstream(task, upstream)
     assert received == ["a", "b"]
 
 
@@ -197,12 +202,7 @@ async def test_cancel_before_the_response_headers_disconnects_upstream(upstream,
     while not upstream.calls:
         await asyncio.sleep(0.005)
     await asyncio.sleep(0.02)
-    stopped = time.monotonic()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    seen = await upstream.calls[0].wait_disconnect(1.0)
-    assert seen - stopped < 0.1
+    await assert_cancel_disconnects_upstream(task, upstream)
 
 
 # --- errors ----------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import dataclasses
 import logging
 import os
 import signal
-import uuid
+import socket
 
 from pymongo import AsyncMongoClient
 from tornado import web
@@ -62,6 +62,9 @@ class Config:
     log_format: str = "text"           # or "json": one JSON object per line
     pipelines_file: str | None = None  # TOML; None = the built-in `default` demo pipeline
     on_last_viewer_gone: str = "continue"  # or "stop": end a session's replies when its last viewer leaves
+    instance_id: str | None = None     # None: host name + port
+    cluster: bool = False              # several instances on one shared store (needs change streams)
+    trusted_proxies: tuple = ()        # peers whose X-Real-IP / X-Forwarded-For are believed (nginx)
 
 
 @dataclasses.dataclass
@@ -120,6 +123,13 @@ def parse_args(argv=None):
     p.add_argument("--on-last-viewer-gone", choices=["continue", "stop"], default=Config.on_last_viewer_gone,
                    help="what a reply does when the last socket viewing its session closes")
     p.add_argument("--max-queued", type=int, default=Config.max_queued)
+    p.add_argument("--instance-id", default=env("PARLEY_INSTANCE_ID"),
+                   help="this instance's name in logs, metrics and the store (default: host name:port)")
+    p.add_argument("--cluster", action="store_true", default=env("PARLEY_CLUSTER") == "1",
+                   help="run as one of several instances sharing --mongo-url (a replica set: change streams)")
+    p.add_argument("--trusted-proxies", default=env("PARLEY_TRUSTED_PROXIES", ""),
+                   help="comma-separated addresses of proxies (nginx) whose X-Real-IP/X-Forwarded-For "
+                        "name the client; from anyone else those headers are ignored")
     p.add_argument("--log-level", default=env("PARLEY_LOG_LEVEL", Config.log_level),
                    choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default=env("PARLEY_LOG_FORMAT", Config.log_format), choices=["text", "json"])
@@ -135,7 +145,9 @@ def parse_args(argv=None):
                   max_connections=args.max_connections, max_connections_per_user=args.max_connections_per_user,
                   rate_limit=args.rate_limit, rate_burst=args.rate_burst, max_message_size=args.max_message_size,
                   outbox_limit=args.outbox_limit, ping_interval=args.ping_interval, ping_timeout=args.ping_timeout,
-                  allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()))
+                  allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
+                  instance_id=args.instance_id, cluster=args.cluster,
+                  trusted_proxies=tuple(a.strip() for a in args.trusted_proxies.split(",") if a.strip()))
 
 
 def _read(path):
@@ -161,7 +173,9 @@ async def open_services(config, *, pipelines=None, provider_factory=None):
     client = AsyncMongoClient(config.mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000)
     store = Store(client, config.db_name, metrics=metrics)
     await store.create_indexes()
-    instance_id = uuid.uuid4().hex[:12]
+    instance_id = config.instance_id or f"{socket.gethostname()}:{config.port}"
+    if config.cluster:
+        await check_change_streams(store)
     hub = Hub()
     extra = {"provider_factory": provider_factory} if provider_factory else {}
     streams = StreamManager(store, hub, pipelines, instance_id=instance_id,
@@ -176,6 +190,20 @@ async def open_services(config, *, pipelines=None, provider_factory=None):
     return Services(config=config, client=client, store=store, hub=hub, streams=streams, chat=chat,
                     resumer=resumer, reaper=reaper, pipelines=pipelines, auth=auth, instance_id=instance_id,
                     metrics=metrics)
+
+
+class ClusterConfigError(RuntimeError):
+    pass
+
+
+async def check_change_streams(store):
+    """--cluster carries events between instances through a change stream: refuse to start without one."""
+    try:
+        await store.check_change_streams()
+    except Exception as exc:
+        raise ClusterConfigError(
+            "--cluster needs a MongoDB that supports change streams (a replica set; a single node is enough: "
+            f"mongod --replSet rs0, then rs.initiate()): {exc}") from None
 
 
 async def close_services(services):
@@ -194,7 +222,7 @@ def make_app(services):
     return web.Application(
         routes, default_handler_class=NotFoundHandler, default_handler_args=deps,
         websocket_ping_interval=config.ping_interval, websocket_ping_timeout=config.ping_timeout,
-        websocket_max_message_size=config.max_message_size, xheaders=True,
+        websocket_max_message_size=config.max_message_size,
         log_function=ops.log_function(services.metrics))
 
 
@@ -229,6 +257,8 @@ def main(argv=None):
         make_authenticator(config)
         if config.pipelines_file:
             load_pipelines(config.pipelines_file)
+        if config.cluster and not config.mongo_url:
+            raise ValueError("--cluster needs --mongo-url: every instance must share one MongoDB (a replica set)")
     except (PipelineConfigError, ValueError) as exc:
         raise SystemExit(f"parley: {exc}") from None
     embedded = None
@@ -237,6 +267,8 @@ def main(argv=None):
         config.mongo_url = embedded.url
     try:
         asyncio.run(serve(config))
+    except ClusterConfigError as exc:
+        raise SystemExit(f"parley: {exc}") from None
     finally:
         if embedded:
             embedded.stop()

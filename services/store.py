@@ -52,6 +52,14 @@ class Store:
         await self.messages.create_index([("status", ASCENDING), ("lease_until", ASCENDING)])
         await self.messages.create_index([("reply_to", ASCENDING)])
 
+    async def check_change_streams(self):
+        """Raise unless the server can open a change stream (MongoDB: a replica set; nx-27017 can)."""
+        stream = await self.db.events.watch()
+        try:
+            await stream.try_next()
+        finally:
+            await stream.close()
+
     @timed
     async def ping(self):
         await self.client.admin.command("ping")

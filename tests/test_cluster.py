@@ -40,3 +40,13 @@ async def test_the_client_address_comes_from_nginx_and_never_from_a_direct_clien
     assert addresses[direct.connected["connection_id"]] == source(5)
     via_nginx.close()
     direct.close()
+
+
+def test_cluster_mode_without_a_shared_store_refuses_to_start(tmp_path):
+    import subprocess
+    import sys
+    from nginx.cluster import ROOT
+    out = subprocess.run([sys.executable, "server.py", "--cluster", "--data-dir", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0
+    assert "--cluster needs --mongo-url" in out.stderr

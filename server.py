@@ -180,7 +180,7 @@ async def open_services(config, *, pipelines=None, provider_factory=None):
     extra = {"provider_factory": provider_factory} if provider_factory else {}
     streams = StreamManager(store, hub, pipelines, instance_id=instance_id,
                             checkpoint_interval=config.checkpoint_interval, lease_seconds=config.lease_seconds,
-                            max_queued=config.max_queued, metrics=metrics, **extra)
+                            max_queued=config.max_queued, metrics=metrics, cluster=config.cluster, **extra)
     chat = ChatService(store, hub, streams, pipelines, limiter=RateLimiter(config.rate_limit, config.rate_burst),
                        on_last_viewer_gone=config.on_last_viewer_gone)
     resumer = Resumer(store, hub, streams, chat, metrics)

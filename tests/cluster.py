@@ -130,3 +130,16 @@ async def wait_for(predicate, timeout=20.0, interval=0.05):
             return value
         assert loop.time() < deadline, "condition not reached in time"
         await asyncio.sleep(interval)
+
+
+async def spread(cluster):
+    """One source address per instance: {instance_id: "127.0.n.1"} (ip_hash is deterministic; cached)."""
+    if getattr(cluster, "sources", None) is None:
+        found = {}
+        for n in range(1, 40):
+            found.setdefault(await instance_for(cluster, source(n)), source(n))
+            if len(found) == len(cluster.instances):
+                break
+        assert len(found) == len(cluster.instances), found
+        cluster.sources = found
+    return cluster.sources

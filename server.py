@@ -65,6 +65,7 @@ class Config:
     instance_id: str | None = None     # None: host name + port
     cluster: bool = False              # several instances on one shared store (needs change streams)
     trusted_proxies: tuple = ()        # peers whose X-Real-IP / X-Forwarded-For are believed (nginx)
+    drain_timeout: float = 10.0        # SIGTERM: seconds live replies get to finish before they are interrupted
 
 
 @dataclasses.dataclass
@@ -127,6 +128,8 @@ def parse_args(argv=None):
                    help="this instance's name in logs, metrics and the store (default: host name:port)")
     p.add_argument("--cluster", action="store_true", default=env("PARLEY_CLUSTER") == "1",
                    help="run as one of several instances sharing --mongo-url (a replica set: change streams)")
+    p.add_argument("--drain-timeout", type=float, default=Config.drain_timeout,
+                   help="on SIGTERM, seconds replies still generating get to finish before they end interrupted")
     p.add_argument("--trusted-proxies", default=env("PARLEY_TRUSTED_PROXIES", ""),
                    help="comma-separated addresses of proxies (nginx) whose X-Real-IP/X-Forwarded-For "
                         "name the client; from anyone else those headers are ignored")
@@ -146,7 +149,7 @@ def parse_args(argv=None):
                   rate_limit=args.rate_limit, rate_burst=args.rate_burst, max_message_size=args.max_message_size,
                   outbox_limit=args.outbox_limit, ping_interval=args.ping_interval, ping_timeout=args.ping_timeout,
                   allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
-                  instance_id=args.instance_id, cluster=args.cluster,
+                  instance_id=args.instance_id, cluster=args.cluster, drain_timeout=args.drain_timeout,
                   trusted_proxies=tuple(a.strip() for a in args.trusted_proxies.split(",") if a.strip()))
 
 
@@ -240,13 +243,20 @@ async def serve(config):
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
-    services.draining = True  # /readyz now answers 503, so a balancer stops sending new clients here
-    log.info("shutting down")
-    server.stop()
-    await close_services(services)  # every live reply ends as `interrupted`, and its viewers are told
+    await drain(services, server)
+
+
+async def drain(services, server):
+    """Graceful shutdown: /readyz and new WebSockets answer 503, connected clients are told to reconnect (they
+    resume on another instance), replies get --drain-timeout to finish, the rest end `interrupted`."""
+    services.draining = True
+    log.info("draining: telling %d clients to reconnect elsewhere", len(services.hub.connections))
+    server.stop()  # no new connections: nginx sends new clients to another instance
     for conn in list(services.hub.connections.values()):
-        conn.send({"type": "reconnect", "reason": "server shutting down"})
-        conn.close(1001, "server shutting down")
+        conn.send({"type": "reconnect", "reason": "server restarting"})
+        conn.close(1012, "server restarting")
+    await services.streams.drain(services.config.drain_timeout)
+    await close_services(services)  # what is still generating is checkpointed and ends `interrupted`
     await server.close_all_connections()
 
 

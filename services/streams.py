@@ -132,6 +132,17 @@ class StreamManager:
             if gen.running:
                 gen.task.cancel()
 
+    async def drain(self, timeout):
+        """Wait up to `timeout` seconds for the live replies to end on their own."""
+        pending = [g.done.wait() for g in self.generations.values()]
+        if pending:
+            log.info("draining: %d replies get %g s to finish", len(pending), timeout)
+            try:
+                async with asyncio.timeout(timeout):
+                    await asyncio.gather(*pending)
+            except TimeoutError:
+                log.info("draining: %d replies still running are interrupted", len(self.generations))
+
     async def shutdown(self):
         """Interrupt every live reply and wait until each has persisted its terminal state."""
         gens = list(self.generations.values())

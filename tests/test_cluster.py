@@ -1,9 +1,11 @@
 """The nginx-fronted cluster: three real instances on one store behind a real nginx (tests/cluster.py)."""
 import asyncio
+import signal
 
 import pytest
 from pymongo import MongoClient
 
+from tests.test_resume import Received, follow
 from tests.cluster import cluster, connect, fetch, instance_for, source, spread, wait_for  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.gen_test(timeout=120)
@@ -117,3 +119,40 @@ async def test_session_busy_counts_replies_waiting_on_every_instance(cluster):
     assert {m["status"] for m in replies} == {"stopped"}
     for c in clients:
         c.close()
+
+
+async def test_sigterm_drains_clients_to_other_instances_and_ends_replies_cleanly(cluster):
+    where = await spread(cluster)
+    victim = cluster.instances[1]
+    src = where[victim.id]
+    client = await connect(cluster, "slow", src=src, user="drained")
+    assert client.instance == victim.id
+    got = Received((await client.say("keep talking"))["data"]["reply_message_id"])
+    for _ in range(10):
+        got.add(await client.recv_type("response"))
+    victim.signal(signal.SIGTERM)
+    while True:  # the rest of what was in flight, then `reconnect`, then close 1012
+        frame = await client.recv(timeout=20)
+        assert frame is not None, "closed without a reconnect frame"
+        if frame["type"] == "reconnect":
+            break
+        if frame["type"] == "response":
+            got.add(frame)
+    assert await client.wait_closed(timeout=20) == (1012, "server restarting")
+    # new sockets from the same address go to another instance at once
+    moved = await connect(cluster, "slow", src=src, user="drained")
+    assert moved.instance != victim.id
+    assert await asyncio.get_running_loop().run_in_executor(None, victim.proc.wait, 30) == 0
+    await moved.send({"type": "resume", "message_id": got.message_id, **got.offsets})
+    await moved.recv_type("resumed")
+    await follow(moved, got, timeout=20)
+    final = got.finals[0]
+    assert final["status"] == "interrupted" and final["content"] == got.joined(got.text)
+    with MongoClient(cluster.mongo_url) as db:
+        stored = db[cluster.db_name].messages.find_one({"_id": got.message_id})
+        assert db[cluster.db_name].messages.count_documents({"status": {"$in": ["queued", "streaming"]},
+                                                               "instance": victim.id}) == 0
+    assert stored["status"] == "interrupted" and stored["content"] == final["content"]
+    moved.close()
+    victim.start()
+    await asyncio.get_running_loop().run_in_executor(None, victim.wait_ready)

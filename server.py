@@ -3,14 +3,13 @@
 config -> services -> make_app() -> listen -> graceful shutdown. With no MongoDB URL, an embedded nx-27017 is
 started under --data-dir and stopped on exit.
 """
-import argparse
 import asyncio
 import dataclasses
 import logging
 import os
 import signal
+import socket
 import sys
-import uuid
 
 from pymongo import AsyncMongoClient
 from tornado import web
@@ -78,7 +77,9 @@ async def open_services(config, *, pipelines=None, provider_factory=None):
     client = AsyncMongoClient(config.mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000)
     store = Store(client, config.db_name, metrics=metrics)
     await store.create_indexes()
-    instance_id = uuid.uuid4().hex[:12]
+    instance_id = config.instance_id or f"{socket.gethostname()}:{config.port}"
+    if config.cluster:
+        await check_change_streams(store)
     hub = Hub()
     extra = {"provider_factory": provider_factory} if provider_factory else {}
     streams = StreamManager(store, hub, pipelines, instance_id=instance_id,
@@ -93,6 +94,20 @@ async def open_services(config, *, pipelines=None, provider_factory=None):
     return Services(config=config, client=client, store=store, hub=hub, streams=streams, chat=chat,
                     resumer=resumer, reaper=reaper, pipelines=pipelines, auth=auth, instance_id=instance_id,
                     metrics=metrics)
+
+
+class ClusterConfigError(RuntimeError):
+    pass
+
+
+async def check_change_streams(store):
+    """--cluster carries events between instances through a change stream: refuse to start without one."""
+    try:
+        await store.check_change_streams()
+    except Exception as exc:
+        raise ClusterConfigError(
+            "--cluster needs a MongoDB that supports change streams (a replica set; a single node is enough: "
+            f"mongod --replSet rs0, then rs.initiate()): {exc}") from None
 
 
 async def close_services(services):
@@ -111,7 +126,7 @@ def make_app(services):
     return web.Application(
         routes, default_handler_class=NotFoundHandler, default_handler_args=deps,
         websocket_ping_interval=config.ping_interval, websocket_ping_timeout=config.ping_timeout,
-        websocket_max_message_size=config.max_message_size, xheaders=True,
+        websocket_max_message_size=config.max_message_size,
         log_function=ops.log_function(services.metrics))
 
 
@@ -146,6 +161,8 @@ def main(argv=None):
         make_authenticator(config)
         if config.pipelines_file:
             load_pipelines(config.pipelines_file)
+        if config.cluster and not config.mongo_url:
+            raise ValueError("--cluster needs --mongo-url: every instance must share one MongoDB (a replica set)")
     except (PipelineConfigError, ValueError) as exc:
         raise SystemExit(f"parley: {exc}") from None
     embedded = None
@@ -154,6 +171,8 @@ def main(argv=None):
         config.mongo_url = embedded.url
     try:
         asyncio.run(serve(config))
+    except ClusterConfigError as exc:
+        raise SystemExit(f"parley: {exc}") from None
     finally:
         if embedded:
             embedded.stop()

@@ -208,13 +208,20 @@ OPTIONS = (
            "interrupted", unit="s", group="replies", minimum=0.1),
     Option("on_last_viewer_gone", str, "continue", "what a reply does when the last socket viewing its session "
            "closes", group="replies", choices=("continue", "stop")),
+    Option("instance_id", str, None, "this instance's name in logs, metrics and the store; none: host name:port",
+           group="cluster", optional=True, metavar="NAME"),
+    Option("cluster", bool, False, "run as one of several instances sharing --mongo-url (a replica set: change "
+           "streams)", group="cluster"),
+    Option("trusted_proxies", tuple, (), "comma-separated addresses of proxies (nginx) whose X-Real-IP/"
+           "X-Forwarded-For name the client; from anyone else those headers are ignored", group="cluster",
+           metavar="ADDRESSES"),
     Option("log_level", str, "info", "lowest level logged", group="logging",
            choices=("debug", "info", "warning", "error")),
     Option("log_format", str, "text", "text, or json: one JSON object per line", group="logging",
            choices=("text", "json")),
 )
 GROUPS = {"server": "Server", "store": "Store", "auth": "Authentication", "limits": "Limits",
-          "replies": "Replies", "logging": "Logging"}
+          "replies": "Replies", "cluster": "Cluster", "logging": "Logging"}
 
 
 def _check_unique():

@@ -47,6 +47,13 @@ def samples(option, tmp_path):
             (f"beta-{option.name}", f"beta-{option.name}", f"beta-{option.name}")]
 
 
+def flag(option, raw):
+    """The command-line form of a raw value (a boolean is --cluster / --no-cluster)."""
+    if option.kind is bool:
+        return [option.flag if raw == "true" else "--no-" + option.flag[2:]]
+    return [option.flag, raw]
+
+
 def toml(values):
     """A TOML document of top-level keys (json.dumps writes valid TOML strings, numbers and arrays)."""
     def literal(v):
@@ -65,8 +72,9 @@ def test_every_option_by_flag_env_and_file(option, tmp_path):
     (raw, value, expected), _ = samples(option, tmp_path)
     assert expected != option.default, "a sample must differ from the default, or the test proves nothing"
     assert getattr(settings.resolve([], {}), option.field) == option.default
-    assert getattr(settings.resolve([option.flag, raw], {}), option.field) == expected
-    assert getattr(settings.resolve([f"{option.flag}={raw}"], {}), option.field) == expected
+    assert getattr(settings.resolve(flag(option, raw), {}), option.field) == expected
+    if option.kind is not bool:
+        assert getattr(settings.resolve([f"{option.flag}={raw}"], {}), option.field) == expected
     assert getattr(settings.resolve([], {option.env: raw}), option.field) == expected
     path = config_file(tmp_path, {option.name: value})
     assert getattr(settings.resolve(["--config", path], {}), option.field) == expected
@@ -78,9 +86,9 @@ def test_precedence_flag_over_env_over_file_over_default(option, tmp_path):
     (raw_a, value_a, a), (raw_b, value_b, b) = samples(option, tmp_path)
     path = config_file(tmp_path, {option.name: value_a})
     assert getattr(settings.resolve(["--config", path], {option.env: raw_b}), option.field) == b
-    assert getattr(settings.resolve(["--config", path, option.flag, raw_b], {option.env: raw_a}),
+    assert getattr(settings.resolve(["--config", path, *flag(option, raw_b)], {option.env: raw_a}),
                    option.field) == b
-    assert getattr(settings.resolve([option.flag, raw_a], {option.env: raw_b}), option.field) == a
+    assert getattr(settings.resolve(flag(option, raw_a), {option.env: raw_b}), option.field) == a
 
 
 @pytest.mark.parametrize("option", [o for o in OPTIONS if o.secret], ids=[o.name for o in OPTIONS if o.secret])
@@ -113,8 +121,11 @@ CHECKED = [o for o in OPTIONS if bad_value(o)]
 @pytest.mark.parametrize("option", CHECKED, ids=[o.name for o in CHECKED])
 def test_a_bad_value_names_the_option_and_the_expected_form(option, tmp_path):
     raw = bad_value(option)
-    for argv, env, where in (([option.flag, raw], {}, option.flag), ([], {option.env: raw}, option.env),
-                             (["--config", config_file(tmp_path, {option.name: raw})], {}, option.name)):
+    ways = [([], {option.env: raw}, option.env), (["--config", config_file(tmp_path, {option.name: raw})], {},
+                                                  option.name)]
+    if option.kind is not bool:  # a boolean flag takes no value
+        ways.append(([option.flag, raw], {}, option.flag))
+    for argv, env, where in ways:
         with pytest.raises(SettingsError) as caught:
             settings.resolve(argv, env)
         message = str(caught.value)
@@ -176,7 +187,7 @@ def test_help_shows_every_option_with_its_default_unit_and_variable():
     assert out.returncode == 0
     entries = re.split(r"\n(?=  -)", out.stdout)  # one entry per option, its help may wrap below it
     for o in OPTIONS:
-        line = next((" ".join(e.split()) for e in entries if e.strip().startswith(o.flag + " ")), None)
+        line = next((" ".join(e.split()) for e in entries if e.strip().startswith((o.flag + " ", o.flag + ","))), None)
         assert line, f"{o.flag} missing from --help"
         assert f"default: {o.describe_default()}" in line and o.env in line, line
         if o.unit:

@@ -69,7 +69,8 @@ def cluster(tmp_path_factory, mongo_url):
     pipelines.write_text(pipelines_toml(upstream_port))
     db_name = "c_" + uuid.uuid4().hex[:12]
     c = Cluster(workdir, instances=3, mongo_url=mongo_url, db_name=db_name, pipelines_file=pipelines,
-                extra_args=["--auth", "jwt", "--jwt-secret", JWT_SECRET, "--lease-seconds", str(LEASE),
+                env={"PARLEY_JWT_SECRET": JWT_SECRET},
+                extra_args=["--auth", "jwt", "--lease-seconds", str(LEASE),
                             "--checkpoint-interval", "0.05", "--drain-timeout", "1", "--rate-limit", "1000", "--rate-burst", "1000",
                             "--log-level", "info"])
     c.upstream_port = upstream_port

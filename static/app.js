@@ -273,9 +273,10 @@
   }
 
   function closeClient() {
-    if (state.client) state.client.close();
-    state.client = null;
-    clearInterval(state.countdown);
+    const client = state.client;
+    state.client = null;  // first: its last events are not this page's business any more
+    if (client) client.close();
+    setConnection({connection: "connecting"});
   }
 
   function connect(session) {

@@ -182,6 +182,15 @@ def send(page, text):
     page.press("#input", "Enter")
 
 
+def new_chat(page):
+    """Click "New chat" and wait until the new, empty conversation is open and connected."""
+    before = page.evaluate("() => location.hash")
+    page.click("#new-chat")
+    page.wait_for_function("before => location.hash !== before && location.hash.split('/').length === 3", arg=before)
+    page.wait_for_selector("#conn[data-state=open]")
+    assert page.locator(".msg").count() == 0
+
+
 def session_id(page):
     return page.evaluate("location.hash").split("/")[2]
 
@@ -240,8 +249,7 @@ def test_a_bad_token_shows_the_sign_in_form_and_a_good_one_gets_in(new_page, ser
 def test_reply_streams_with_a_caret_then_stop_and_retry(new_page, server):
     page = new_page()
     open_app(page, server, "slow")
-    page.click("#new-chat")
-    page.wait_for_function("() => location.hash.split('/').length === 3")
+    new_chat(page)
     send(page, "tell me a long story")
     page.wait_for_selector(".msg.user:not(.pending) >> text=tell me a long story")
     reply = last_reply(page)
@@ -272,8 +280,7 @@ def test_reply_streams_with_a_caret_then_stop_and_retry(new_page, server):
 def test_shift_enter_is_a_new_line_and_thinking_collapses(new_page, server):
     page = new_page()
     open_app(page, server, "thinker")
-    page.click("#new-chat")
-    page.wait_for_function("() => location.hash.split('/').length === 3")
+    new_chat(page)
     page.fill("#input", "line one")
     page.press("#input", "Shift+Enter")
     page.type("#input", "line two")
@@ -292,8 +299,7 @@ def test_shift_enter_is_a_new_line_and_thinking_collapses(new_page, server):
 def test_model_output_is_sanitized(new_page, server):
     page = new_page()
     open_app(page, server, "default")
-    page.click("#new-chat")
-    page.wait_for_function("() => location.hash.split('/').length === 3")
+    new_chat(page)
     send(page, XSS)
     page.wait_for_selector(".msg.assistant[data-status=completed]")
     stored = [m for m in stored_messages(server, page, "default") if m["role"] == "assistant"][-1]
@@ -314,8 +320,7 @@ def test_model_output_is_sanitized(new_page, server):
 def test_reload_mid_reply_resumes_to_the_stored_text(new_page, server):
     page = new_page()
     open_app(page, server, "medium")
-    page.click("#new-chat")
-    page.wait_for_function("() => location.hash.split('/').length === 3")
+    new_chat(page)
     send(page, "resume me")
     page.wait_for_function("() => document.querySelector('.msg.assistant.streaming .body')?.innerText.length > 30")
     page.reload()
@@ -331,8 +336,7 @@ def test_reload_mid_reply_resumes_to_the_stored_text(new_page, server):
 def test_two_tabs_on_one_session_stay_in_sync(new_page, server):
     a = new_page()
     open_app(a, server, "medium")
-    a.click("#new-chat")
-    a.wait_for_function("() => location.hash.split('/').length === 3")
+    new_chat(a)
     b = new_page()
     open_app(b, server, f"medium/{session_id(a)}")
     send(a, "from tab a")
@@ -375,8 +379,7 @@ def test_history_loads_as_you_scroll_up(new_page, server):
 def test_rename_reset_and_notices(new_page, server):
     page = new_page()
     open_app(page, server, "instant")
-    page.click("#new-chat")
-    page.wait_for_function("() => location.hash.split('/').length === 3")
+    new_chat(page)
     page.click("#rename")
     page.fill("#dialog-name", "Groceries")
     page.click("#dialog-ok")

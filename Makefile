@@ -4,10 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install clean bench
+.PHONY: run test install clean cluster bench
 
 run: $(STAMP)
 	$(BIN)/python server.py $(ARGS)
+
+# One store, three instances and nginx on 127.0.0.1:8080 (nginx/README.md); Ctrl-C stops all.
+cluster: $(STAMP)
+	$(BIN)/python nginx/cluster.py $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

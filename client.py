@@ -190,7 +190,7 @@ async def resume_demo(args):
     return 0 if ok else 1
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description="Parley command-line client")
     p.add_argument("--url", default="ws://127.0.0.1:8888", help="server base URL (ws:// or wss://)")
     p.add_argument("--pipeline", default="default")
@@ -201,7 +201,11 @@ def main(argv=None):
     mode.add_argument("--resume-demo", action="store_true", help="drop mid-reply and resume from offsets")
     p.add_argument("--cut-after", type=int, default=10, help="frames to read before dropping (--resume-demo)")
     p.add_argument("text", nargs="?", default="Tell me about resumable streams.")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args.multi:
         return asyncio.run(multi(args))
     if args.resume_demo:

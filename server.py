@@ -3,20 +3,20 @@
 config -> services -> make_app() -> listen -> graceful shutdown. With no MongoDB URL, an embedded nx-27017 is
 started under --data-dir and stopped on exit.
 """
-import argparse
 import asyncio
 import dataclasses
 import logging
 import os
 import signal
-import uuid
+import socket
+import sys
 
 from pymongo import AsyncMongoClient
 from tornado import web
 
 from handlers import api, ops, ws
 from handlers.base import NotFoundHandler
-from services import logs
+from services import logs, settings
 from services.auth import Authenticator
 from services.chat import ChatService
 from services.embedded_mongo import EmbeddedMongo
@@ -31,37 +31,7 @@ from services.streams import StreamManager
 
 log = logging.getLogger("parley")
 
-
-@dataclasses.dataclass
-class Config:
-    host: str = "127.0.0.1"
-    port: int = 8888
-    mongo_url: str | None = None
-    db_name: str = "parley"
-    data_dir: str = "data"
-    checkpoint_interval: float = 1.0   # seconds between partial-text writes of a streaming reply
-    lease_seconds: float = 30.0
-    max_queued: int = 8                # replies waiting per session before `session_busy`
-    max_message_size: int = 64 * 1024
-    outbox_limit: int = 1024 * 1024    # characters waiting for a slow reader before it is disconnected
-    max_connections: int = 10_000
-    max_connections_per_user: int = 32
-    rate_limit: float = 5.0            # messages per second per user (sustained)
-    rate_burst: int = 20
-    ping_interval: float = 25.0
-    ping_timeout: float = 10.0
-    log_level: str = "info"
-    auth: str = "token"                # token | jwt | none (docs: README "Authentication")
-    token: str | None = None           # token mode: fixed token; None = a random one per start
-    jwt_secret: str | None = None      # jwt mode, HS256
-    jwt_public_key: str | None = None  # jwt mode, RS256 (PEM text)
-    jwt_admin_claim: str = "role"
-    jwt_admin_value: str = "admin"
-    auth_timeout: float = 10.0         # seconds for a WebSocket to send its `authenticate` frame
-    allowed_origins: tuple = ()        # extra origins allowed to open WebSockets ("*" = any)
-    log_format: str = "text"           # or "json": one JSON object per line
-    pipelines_file: str | None = None  # TOML; None = the built-in `default` demo pipeline
-    on_last_viewer_gone: str = "continue"  # or "stop": end a session's replies when its last viewer leaves
+Config = settings.Config  # one attribute per option in services/settings.py
 
 
 @dataclasses.dataclass
@@ -81,68 +51,14 @@ class Services:
     draining: bool = False             # set when shutdown begins: /readyz answers 503
 
 
-def parse_args(argv=None):
-    env = os.environ.get
-    p = argparse.ArgumentParser(description="Parley: chat with AI pipelines over WebSocket")
-    p.add_argument("--host", default=env("PARLEY_HOST", Config.host))
-    p.add_argument("--port", type=int, default=int(env("PARLEY_PORT", Config.port)))
-    p.add_argument("--mongo-url", default=env("PARLEY_MONGO_URL"),
-                   help="MongoDB URL; without one an embedded nx-27017 runs with its data in --data-dir")
-    p.add_argument("--db-name", default=env("PARLEY_DB_NAME", Config.db_name))
-    p.add_argument("--data-dir", default=env("PARLEY_DATA_DIR", Config.data_dir))
-    p.add_argument("--pipelines", default=env("PARLEY_PIPELINES"), metavar="FILE",
-                   help="pipelines TOML file (see pipelines.example.toml); default: the offline demo pipeline")
-    p.add_argument("--auth", choices=["token", "jwt", "none"], default=env("PARLEY_AUTH", Config.auth))
-    p.add_argument("--token", default=env("PARLEY_TOKEN"), help="token mode: use this token instead of a random one")
-    p.add_argument("--jwt-secret", default=env("PARLEY_JWT_SECRET"), help="jwt mode: HS256 shared secret")
-    p.add_argument("--jwt-public-key", default=env("PARLEY_JWT_PUBLIC_KEY"), metavar="PEM_FILE",
-                   help="jwt mode: RS256 public key file")
-    p.add_argument("--jwt-admin-claim", default=Config.jwt_admin_claim)
-    p.add_argument("--jwt-admin-value", default=Config.jwt_admin_value)
-    p.add_argument("--allowed-origins", default=env("PARLEY_ALLOWED_ORIGINS", ""),
-                   help="comma-separated origins (https://chat.example) allowed to open WebSockets besides "
-                        "the server's own; * allows any")
-    p.add_argument("--ping-interval", type=float, default=Config.ping_interval,
-                   help="seconds between WebSocket pings (dead peers are found by them)")
-    p.add_argument("--ping-timeout", type=float, default=Config.ping_timeout,
-                   help="seconds to wait for a pong before closing the connection")
-    p.add_argument("--max-connections", type=int, default=Config.max_connections)
-    p.add_argument("--max-connections-per-user", type=int, default=Config.max_connections_per_user)
-    p.add_argument("--rate-limit", type=float, default=Config.rate_limit, help="messages per second per user")
-    p.add_argument("--rate-burst", type=int, default=Config.rate_burst)
-    p.add_argument("--max-message-size", type=int, default=Config.max_message_size,
-                   help="largest inbound WebSocket frame in bytes (larger: close 1009)")
-    p.add_argument("--outbox-limit", type=int, default=Config.outbox_limit,
-                   help="characters waiting for a slow reader before it is disconnected (close 4008)")
-    p.add_argument("--checkpoint-interval", type=float, default=Config.checkpoint_interval)
-    p.add_argument("--lease-seconds", type=float, default=Config.lease_seconds,
-                   help="a reply whose instance stops renewing it for this long is marked interrupted")
-    p.add_argument("--on-last-viewer-gone", choices=["continue", "stop"], default=Config.on_last_viewer_gone,
-                   help="what a reply does when the last socket viewing its session closes")
-    p.add_argument("--max-queued", type=int, default=Config.max_queued)
-    p.add_argument("--log-level", default=env("PARLEY_LOG_LEVEL", Config.log_level),
-                   choices=["debug", "info", "warning", "error"])
-    p.add_argument("--log-format", default=env("PARLEY_LOG_FORMAT", Config.log_format), choices=["text", "json"])
-    args = p.parse_args(argv)
-    return Config(host=args.host, port=args.port, mongo_url=args.mongo_url, db_name=args.db_name,
-                  data_dir=args.data_dir, checkpoint_interval=args.checkpoint_interval,
-                  lease_seconds=args.lease_seconds, on_last_viewer_gone=args.on_last_viewer_gone,
-                  max_queued=args.max_queued, log_level=args.log_level, log_format=args.log_format,
-                  pipelines_file=args.pipelines,
-                  auth=args.auth, token=args.token, jwt_secret=args.jwt_secret,
-                  jwt_public_key=_read(args.jwt_public_key), jwt_admin_claim=args.jwt_admin_claim,
-                  jwt_admin_value=args.jwt_admin_value,
-                  max_connections=args.max_connections, max_connections_per_user=args.max_connections_per_user,
-                  rate_limit=args.rate_limit, rate_burst=args.rate_burst, max_message_size=args.max_message_size,
-                  outbox_limit=args.outbox_limit, ping_interval=args.ping_interval, ping_timeout=args.ping_timeout,
-                  allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()))
-
-
-def _read(path):
-    if not path:
-        return None
-    with open(path) as f:
-        return f.read()
+def parse_args(argv=None, environ=None):
+    """Flags > PARLEY_* environment > --config TOML file > defaults (services/settings.py declares them all).
+    A bad value exits 2 with a message naming the option and the expected form."""
+    try:
+        return settings.resolve(argv, environ)
+    except settings.SettingsError as exc:
+        print(f"parley: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def make_authenticator(config):
@@ -161,7 +77,9 @@ async def open_services(config, *, pipelines=None, provider_factory=None):
     client = AsyncMongoClient(config.mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000)
     store = Store(client, config.db_name, metrics=metrics)
     await store.create_indexes()
-    instance_id = uuid.uuid4().hex[:12]
+    instance_id = config.instance_id or f"{socket.gethostname()}:{config.port}"
+    if config.cluster:
+        await check_change_streams(store)
     hub = Hub()
     extra = {"provider_factory": provider_factory} if provider_factory else {}
     streams = StreamManager(store, hub, pipelines, instance_id=instance_id,
@@ -176,6 +94,20 @@ async def open_services(config, *, pipelines=None, provider_factory=None):
     return Services(config=config, client=client, store=store, hub=hub, streams=streams, chat=chat,
                     resumer=resumer, reaper=reaper, pipelines=pipelines, auth=auth, instance_id=instance_id,
                     metrics=metrics)
+
+
+class ClusterConfigError(RuntimeError):
+    pass
+
+
+async def check_change_streams(store):
+    """--cluster carries events between instances through a change stream: refuse to start without one."""
+    try:
+        await store.check_change_streams()
+    except Exception as exc:
+        raise ClusterConfigError(
+            "--cluster needs a MongoDB that supports change streams (a replica set; a single node is enough: "
+            f"mongod --replSet rs0, then rs.initiate()): {exc}") from None
 
 
 async def close_services(services):
@@ -194,7 +126,7 @@ def make_app(services):
     return web.Application(
         routes, default_handler_class=NotFoundHandler, default_handler_args=deps,
         websocket_ping_interval=config.ping_interval, websocket_ping_timeout=config.ping_timeout,
-        websocket_max_message_size=config.max_message_size, xheaders=True,
+        websocket_max_message_size=config.max_message_size,
         log_function=ops.log_function(services.metrics))
 
 
@@ -229,6 +161,8 @@ def main(argv=None):
         make_authenticator(config)
         if config.pipelines_file:
             load_pipelines(config.pipelines_file)
+        if config.cluster and not config.mongo_url:
+            raise ValueError("--cluster needs --mongo-url: every instance must share one MongoDB (a replica set)")
     except (PipelineConfigError, ValueError) as exc:
         raise SystemExit(f"parley: {exc}") from None
     embedded = None
@@ -237,6 +171,8 @@ def main(argv=None):
         config.mongo_url = embedded.url
     try:
         asyncio.run(serve(config))
+    except ClusterConfigError as exc:
+        raise SystemExit(f"parley: {exc}") from None
     finally:
         if embedded:
             embedded.stop()

@@ -6,6 +6,7 @@ from pymongo.errors import PyMongoError
 from tornado import web
 
 from services import logs
+from services.forwarded import client_address
 from services.errors import BadRequest, NotFound, ParleyError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -17,8 +18,10 @@ class BaseHandler(web.RequestHandler):
     def initialize(self, services):
         self.services = services
         self.identity = None
+        self.set_header("X-Parley-Instance", services.instance_id)
 
     def prepare(self):
+        self.request.remote_ip = client_address(self.request, self.services.config.trusted_proxies)
         # Each request runs in its own task: these log fields stay with this request.
         logs.bind(pipeline=self.path_kwargs.get("pipeline"), session_id=self.path_kwargs.get("session_id"))
         if not self.public:
@@ -28,6 +31,8 @@ class BaseHandler(web.RequestHandler):
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.set_header("X-Content-Type-Options", "nosniff")
         self.set_header("Cache-Control", "no-store")
+        if (services := getattr(self, "services", None)) is not None:  # (Tornado calls this before initialize)
+            self.set_header("X-Parley-Instance", services.instance_id)  # which backend answered (behind nginx)
 
     def ok(self, data, status=200):
         """LangBot's envelope, which Parley keeps for every success."""

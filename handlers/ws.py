@@ -15,6 +15,7 @@ from tornado import websocket
 
 from services import frames, logs
 from services.chat import check_session_type
+from services.forwarded import client_address
 from services.errors import BadRequest, Capacity, ParleyError, Unauthorized, Unavailable
 from services.hub import Connection, ConnectionClosed
 from services.limits import CLOSE_CAPACITY, check_capacity
@@ -40,6 +41,10 @@ class ChatSocket(websocket.WebSocketHandler):
         self.protocol = None
         self.awaiting_auth = None  # the timer while we wait for an `authenticate` frame
         self.closed_by = None  # who ended this socket and why (see _close); None: the connection was lost
+
+    def prepare(self):
+        self.request.remote_ip = client_address(self.request, self.services.config.trusted_proxies)
+        self.set_header("X-Parley-Instance", self.services.instance_id)  # sent with the 101 handshake answer
 
     def check_origin(self, origin):
         """Cross-site WebSocket hijacking guard: same host, or an origin on --allowed-origins."""

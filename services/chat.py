@@ -153,6 +153,7 @@ class ChatService:
             user_doc["client_msg_id"] = client_msg_id
         reply_doc = {"_id": new_id(), "session_id": session["_id"], "pipeline": session["pipeline"],
                      "seq": seq + 1, "role": "assistant", "content": "", "thinking": "", "status": "queued",
+                     "epoch": 0, "length": 0, "thinking_length": 0,
                      "reply_to": user_doc["_id"], "created_at": now, "updated_at": now,
                      # leased from the start: a queued reply of a crashed instance is reaped too
                      "instance": self.streams.instance_id, "lease_until": self.streams.lease_until()}

@@ -122,6 +122,10 @@ class Metrics:
                                     "instances", ("event",), registry=r)
         self.bus_lag = Histogram("parley_bus_lag_seconds", "From publish on one instance to receipt on another",
                                  buckets=FAST_BUCKETS, registry=r)
+        self.fenced_writes = Counter("parley_fenced_writes_refused", "Checkpoint or final writes the store refused "
+                                     "because another instance had ended the reply (stale owner)", registry=r)
+        self.followed_replies = Gauge("parley_followed_replies", "Replies generating on another instance that "
+                                      "connections here view (their deltas cross the bus)", registry=r)
 
         self.http_duration = Histogram("parley_http_request_duration_seconds",
                                        "HTTP requests (WebSocket upgrades included), by handler class and status",
@@ -252,6 +256,9 @@ class Metrics:
 
     def bus_event_published(self, event):
         self.bus_published.labels(_known(event, BUS_EVENTS, "other")).inc()
+
+    def fenced_write_refused(self):
+        self.fenced_writes.inc()
 
     def bus_event_received(self, event, lag_seconds):
         self.bus_received.labels(_known(event, BUS_EVENTS, "other")).inc()

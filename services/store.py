@@ -19,6 +19,18 @@ log = logging.getLogger(__name__)
 TERMINAL = ("completed", "stopped", "failed", "timeout", "interrupted")
 LIVE = ("queued", "streaming")
 STOP_FIELDS = {"stop_requested": 1, "status": 1}
+FENCE_FIELDS = {"stop_requested": 1, "status": 1, "epoch": 1, "length": 1, "thinking_length": 1}
+
+
+def assemble(doc):
+    """A message as readers see it: the text checkpointed so far is `content` plus the appended parts (a
+    streaming reply, or one the reaper ended, still has them; the owner's terminal write folds them in)."""
+    if doc is None:
+        return None
+    if "text_parts" in doc or "thinking_parts" in doc:
+        doc["content"] = (doc.get("content") or "") + "".join(doc.pop("text_parts", None) or ())
+        doc["thinking"] = (doc.get("thinking") or "") + "".join(doc.pop("thinking_parts", None) or ())
+    return doc
 
 
 def stamp(*fields):
@@ -51,6 +63,14 @@ class Store:
                                          partialFilterExpression={"client_msg_id": {"$type": "string"}})
         await self.messages.create_index([("status", ASCENDING), ("lease_until", ASCENDING)])
         await self.messages.create_index([("reply_to", ASCENDING)])
+
+    async def check_change_streams(self):
+        """Raise unless the server can open a change stream (MongoDB: a replica set; nx-27017 can)."""
+        stream = await self.db.events.watch()
+        try:
+            await stream.try_next()
+        finally:
+            await stream.close()
 
     @timed
     async def ping(self):
@@ -131,18 +151,18 @@ class Store:
 
     @timed
     async def find_reply(self, user_message_id):
-        return await self.messages.find_one({"reply_to": user_message_id})
+        return assemble(await self.messages.find_one({"reply_to": user_message_id}))
 
     @timed
     async def get_message(self, message_id):
         doc = await self.messages.find_one({"_id": message_id})
         if not doc:
             raise NotFound(f"no message {message_id!r}", code="message_not_found")
-        return doc
+        return assemble(doc)
 
     @timed
     async def find_message(self, message_id):
-        return await self.messages.find_one({"_id": message_id})
+        return assemble(await self.messages.find_one({"_id": message_id}))
 
     @timed
     async def find_replies(self, session_id, message_ids):
@@ -150,41 +170,51 @@ class Store:
             return []
         cursor = self.messages.find({"_id": {"$in": list(message_ids)}, "session_id": session_id,
                                      "role": "assistant"})
-        return [doc async for doc in cursor]
+        return [assemble(doc) async for doc in cursor]
 
     @timed
     async def list_messages(self, session_id, *, after_seq=0, limit=50):
         cursor = (self.messages.find({"session_id": session_id, "seq": {"$gt": after_seq}})
                   .sort("seq", ASCENDING).limit(limit))
-        return [doc async for doc in cursor]
+        return [assemble(doc) async for doc in cursor]
 
     @timed
     async def recent_messages(self, session_id, *, before_seq, limit):
         """The `limit` messages just before `before_seq`, oldest first (context for a provider)."""
         cursor = (self.messages.find({"session_id": session_id, "seq": {"$lt": before_seq}})
                   .sort("seq", DESCENDING).limit(limit))
-        docs = [doc async for doc in cursor]
+        docs = [assemble(doc) async for doc in cursor]
         return docs[::-1]
 
     @timed
     async def mark_streaming(self, message_id, *, instance, lease_until):
-        """Returns the message's `stop_requested` and `status` (None if it is no longer queued)."""
+        """Claim a queued reply: a new fencing `epoch` that every later write of ours must match. Returns the
+        message's `stop_requested`, `status` and `epoch` (None if it is no longer queued)."""
         return await self.messages.find_one_and_update(
             {"_id": message_id, "status": "queued"},
-            {"$set": {"status": "streaming", "instance": instance, "lease_until": lease_until},
-             **stamp("started_at")},
-            projection=STOP_FIELDS, return_document=ReturnDocument.AFTER)
+            {"$set": {"status": "streaming", "instance": instance, "lease_until": lease_until,
+                      "length": 0, "thinking_length": 0, "text_parts": [], "thinking_parts": []},
+             "$inc": {"epoch": 1}, **stamp("started_at")},
+            projection=FENCE_FIELDS, return_document=ReturnDocument.AFTER)
 
     @timed
-    async def checkpoint(self, message_id, *, content, thinking, lease_until):
-        """Save the text so far and renew the lease. Returns `stop_requested` and `status` (None if not live).
+    async def checkpoint(self, message_id, *, epoch, offset, text, thinking_offset, thinking, lease_until):
+        """Append the text streamed since the last checkpoint (`text` starts at `offset`) and renew the lease.
 
-        Only while still live: a late checkpoint must never overwrite a terminal state.
+        Only by the epoch that claimed the reply, only while it is live, and only right after the previous
+        checkpoint (`length == offset`): a late or repeated write never lands twice, and a paused instance
+        whose reply another instance ended cannot write at all. Returns `stop_requested`, `status`, `epoch`
+        and the stored lengths, or None when the write was refused (see `fenced()`).
         """
+        update = {"$set": {"length": offset + len(text), "thinking_length": thinking_offset + len(thinking),
+                           "lease_until": lease_until}, **stamp("updated_at")}
+        pushes = {k: v for k, v in (("text_parts", text), ("thinking_parts", thinking)) if v}
+        if pushes:
+            update["$push"] = pushes
         return await self.messages.find_one_and_update(
-            {"_id": message_id, "status": {"$in": list(LIVE)}},
-            {"$set": {"content": content, "thinking": thinking, "lease_until": lease_until}, **stamp("updated_at")},
-            projection=STOP_FIELDS, return_document=ReturnDocument.AFTER)
+            {"_id": message_id, "epoch": epoch, "status": "streaming", "length": offset,
+             "thinking_length": thinking_offset},
+            update, projection=FENCE_FIELDS, return_document=ReturnDocument.AFTER)
 
     @timed
     async def request_stop(self, session_id, message_ids):
@@ -217,22 +247,37 @@ class Store:
     async def interrupt_abandoned(self, message_id, *, lease_until):
         """Mark a message `interrupted` if it is still live with the very lease we saw expire (compare-and-set:
         a renewal or a finish since then wins). Returns the updated message, or None."""
-        return await self.messages.find_one_and_update(
+        doc = await self.messages.find_one_and_update(
             {"_id": message_id, "status": {"$in": list(LIVE)}, "lease_until": lease_until},
             {"$set": {"status": "interrupted", "lease_until": None,
                       "error": {"code": "instance_lost", "message": "the server generating this reply stopped"}},
+             "$inc": {"epoch": 1},  # fences the old owner out: none of its later writes can land
              **stamp("updated_at", "finished_at")},
             return_document=ReturnDocument.AFTER)
+        if doc is not None and ("text_parts" in doc or "thinking_parts" in doc):
+            doc = assemble(doc)  # fold the checkpointed parts into the text (no string append in an update)
+            await self.messages.update_one(
+                {"_id": message_id, "epoch": doc["epoch"]},
+                {"$set": {"content": doc["content"], "thinking": doc["thinking"]},
+                 "$unset": {"text_parts": "", "thinking_parts": ""}})
+        return doc
 
     @timed
-    async def finish(self, message_id, *, status, content, thinking, error=None, usage=None, model=None):
+    async def finish(self, message_id, *, epoch, status, content, thinking, error=None, usage=None, model=None):
+        """The terminal write, fenced like a checkpoint. Returns True if it landed; False if the reply is no
+        longer ours (another instance's reaper ended it): the stored message is then the truth."""
         assert status in TERMINAL, status
-        fields = {"status": status, "content": content, "thinking": thinking, "error": error, "lease_until": None}
+        fields = {"status": status, "content": content, "thinking": thinking, "error": error, "lease_until": None,
+                  "length": len(content), "thinking_length": len(thinking)}
         if usage:
             fields["usage"] = usage
         if model:
             fields["model"] = model
-        await self.messages.update_one({"_id": message_id}, {"$set": fields, **stamp("updated_at", "finished_at")})
+        result = await self.messages.update_one(
+            {"_id": message_id, "epoch": epoch, "status": {"$in": list(LIVE)}},
+            {"$set": fields, "$unset": {"text_parts": "", "thinking_parts": ""},
+             **stamp("updated_at", "finished_at")})
+        return result.matched_count == 1
 
     @timed
     async def delete_session_messages(self, session_id):

@@ -14,6 +14,7 @@ import time
 
 from services import frames, logs
 from services.errors import Busy
+from services.store import LIVE
 from services.metrics import Metrics
 from services.providers import GenerationRequest, ProviderError, Turn, make_provider
 
@@ -45,6 +46,9 @@ class Generation:
         self.checkpoint_task = None
         self.last_checkpoint = 0.0
         self.dirty_since = None       # monotonic time of the oldest character not yet checkpointed
+        self.epoch = 0                # fencing token from the store's claim: every write of ours must match it
+        self.saved = self.saved_thinking = 0  # characters of content/thinking already checkpointed
+        self.fenced = False           # the store refused our write: another instance ended this reply
         # monotonic times for metrics (services/metrics.py)
         self.accepted_at = time.monotonic()
         self.started_at = self.first_token_at = self.stop_requested_at = None
@@ -146,7 +150,11 @@ class StreamManager:
             self.metrics.generation_streaming(gen)
             doc = await self.store.mark_streaming(gen.message_id, instance=self.instance_id,
                                                   lease_until=self.lease_until())
-            if doc and doc.get("stop_requested"):  # stopped while queued, and the signal did not reach us
+            if doc is None:  # no longer queued: ended elsewhere (the reaper) while it waited here
+                gen.fenced = True
+                raise asyncio.CancelledError
+            gen.epoch = doc["epoch"]
+            if doc.get("stop_requested"):  # stopped while queued, and the signal did not reach us
                 gen.stop_reason = gen.stop_reason or "stopped"
                 raise asyncio.CancelledError
             self.hub.publish(gen.session_id, lambda conn: frames.status(gen))
@@ -231,31 +239,90 @@ class StreamManager:
 
     async def _checkpoint(self, gen):
         dirty_since, gen.dirty_since = gen.dirty_since, None
+        offset, thinking_offset = gen.saved, gen.saved_thinking
+        text, thinking = gen.content[offset:], gen.thinking[thinking_offset:]
         try:
-            doc = await self.store.checkpoint(gen.message_id, content=gen.content, thinking=gen.thinking,
+            doc = await self.store.checkpoint(gen.message_id, epoch=gen.epoch, offset=offset, text=text,
+                                              thinking_offset=thinking_offset, thinking=thinking,
                                               lease_until=self.lease_until())
+            if doc is None:
+                doc = await self._refused(gen)
+            if doc is None:
+                return
+            gen.saved, gen.saved_thinking = doc.get("length", 0), doc.get("thinking_length", 0)
             if dirty_since is not None:
                 self.metrics.checkpointed(gen, dirty_since)
             # A durable stop (recorded in MongoDB) is honoured even if its signal never reached this task.
-            if doc and doc.get("stop_requested") and (callback := self.stop_callbacks.get(gen.message_id)):
+            if doc.get("stop_requested") and (callback := self.stop_callbacks.get(gen.message_id)):
                 log.info("durable stop honoured message_id=%s", gen.message_id)
                 callback("stopped")
         except Exception as exc:  # a missed checkpoint only costs freshness; the terminal write decides
+            gen.dirty_since = gen.dirty_since or dirty_since
             log.warning("checkpoint failed message_id=%s: %s", gen.message_id, exc)
         finally:
             gen.checkpoint_task = None
+
+    async def _refused(self, gen):
+        """A checkpoint did not land. Either an earlier one landed after all (adopt its lengths), or the reply
+        is no longer ours: the reaper of another instance ended it while we were paused. Then stop generating;
+        the final frame will be the stored one."""
+        doc = await self.store.find_message(gen.message_id)
+        if (doc is not None and doc.get("epoch") == gen.epoch and doc.get("status") == "streaming"
+                and gen.saved <= doc.get("length", 0) <= len(gen.content)):
+            return doc
+        self._fence(gen)
+        return None
+
+    def _fence(self, gen):
+        if not gen.fenced:
+            gen.fenced = True
+            self.metrics.fenced_write_refused()
+            log.warning("fenced: message_id=%s was ended by another instance; its stored final wins",
+                        gen.message_id)
+            if gen.running and not gen.task.done() and gen.task is not asyncio.current_task():
+                gen.stop_reason = gen.stop_reason or "interrupted"
+                gen.task.cancel()
+
+    async def _persist_end(self, gen):
+        """The terminal write, retried while the store is failing (the lease stays ours: the reaper renews it).
+        True: durable. False: fenced (someone else ended it). None: gave up; the reaper will end it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.lease_seconds
+        delay = 0.05
+        while True:
+            try:
+                return await self.store.finish(gen.message_id, epoch=gen.epoch, status=gen.status,
+                                               content=gen.content, thinking=gen.thinking, error=gen.error,
+                                               usage=gen.usage, model=gen.model)
+            except Exception as exc:
+                if loop.time() + delay > deadline:
+                    log.error("could not persist the end of message_id=%s status=%s; its final frame waits for "
+                              "the reaper: %s", gen.message_id, gen.status, exc)
+                    return None
+                log.warning("persisting the end of message_id=%s failed, retrying: %s", gen.message_id, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     async def _finish(self, gen):
         # From here on a stop is a no-op: the reply is already ending.
         self.stop_callbacks.pop(gen.message_id, None)
         log.debug("stream signal removed message_id=%s status=%s", gen.message_id, gen.status)
+        final = None  # what viewers are told: only ever a state the store holds
         try:
             if gen.checkpoint_task is not None:
                 await gen.checkpoint_task  # never let a late checkpoint land after the terminal write
-            await self.store.finish(gen.message_id, status=gen.status, content=gen.content,
-                                    thinking=gen.thinking, error=gen.error, usage=gen.usage, model=gen.model)
+            durable = None if gen.fenced else await self._persist_end(gen)
+            if durable:
+                final = gen
+            elif durable is False or gen.fenced:
+                if not gen.fenced:
+                    self._fence(gen)
+                doc = await self.store.find_message(gen.message_id)
+                if doc is not None and doc["status"] not in LIVE:
+                    final = frames.snapshot(doc)
+                    gen.status, gen.error = doc["status"], doc.get("error")
         except Exception:
-            log.exception("could not persist the end of message_id=%s status=%s", gen.message_id, gen.status)
+            log.exception("could not end message_id=%s status=%s", gen.message_id, gen.status)
         finally:
             self.generations.pop(gen.message_id, None)
             queue = self.by_session.get(gen.session_id)
@@ -263,8 +330,10 @@ class StreamManager:
                 queue.pop(gen.message_id, None)
                 if not queue:
                     del self.by_session[gen.session_id]
-            self.hub.publish(gen.session_id, lambda conn: frames.final(gen, conn))
-            self.metrics.generation_finished(gen)
+            if final is not None:
+                self.hub.publish(gen.session_id, lambda conn: frames.final(final, conn))
+            if gen.status not in LIVE:
+                self.metrics.generation_finished(gen)
             gen.done.set()
 
     def lease_until(self):

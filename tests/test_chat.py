@@ -156,8 +156,8 @@ async def test_checkpoints_are_throttled_not_per_token(connect, services, monkey
     real = services.store.checkpoint
 
     async def counting(message_id, **kw):
-        calls.append(kw["content"])
-        await real(message_id, **kw)
+        calls.append(kw["text"])
+        return await real(message_id, **kw)
 
     monkeypatch.setattr(services.store, "checkpoint", counting)
     c = await connect("slow")

@@ -16,7 +16,7 @@ from tornado.websocket import websocket_connect
 
 import server
 from services.embedded_mongo import free_port
-from services.store import utcnow
+from services.store import assemble, utcnow
 from tests.conftest import TEST_TOKEN, Client, make_test_pipelines, provider_factory, ws_request
 from tests.test_resume import Received, abort, follow, nothing_more
 
@@ -188,7 +188,7 @@ async def test_kill_9_leaves_nothing_streaming_and_a_resuming_client_gets_the_te
         first.proc.kill()  # SIGKILL: no shutdown code runs
         first.proc.wait()
         with MongoClient(mongo_url) as client:
-            doc = client[db_name].messages.find_one({"_id": s.message_id})
+            doc = assemble(client[db_name].messages.find_one({"_id": s.message_id}))
         assert doc["status"] == "streaming" and doc["content"]  # left behind by the dead instance
 
         second = ServerProcess(tmp_path, mongo_url, db_name, "second")

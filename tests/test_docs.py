@@ -1,8 +1,11 @@
 """The docs stay true: README's commands and example, and every code the server can send is documented."""
 import re
+import subprocess
 from pathlib import Path
 
-from services.auth import Authenticator, Identity
+import server
+
+from services.auth import Identity
 from services.pipelines import load_pipelines
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,14 +44,24 @@ def test_readme_pipelines_example_loads(tmp_path):
     assert [p.id for p in load_pipelines(tmp_path / "p.toml")] == ["gpt", "llama", "r1"]
 
 
-def test_readme_jwt_example_makes_tokens_the_server_accepts():
+def test_readme_jwt_example_makes_tokens_the_server_accepts(tmp_path, monkeypatch):
+    """Run the README's JWT set-up as written: the secret goes to a file, the server reads it from the
+    environment (never the command line), and the example's tokens are accepted."""
     readme = (ROOT / "README.md").read_text()
     start = readme.index("```python\nimport time, jwt")
     code = readme[start + len("```python\n"):readme.index("```", start + 10)]
+    shell = readme[:start].rsplit("```\n", 2)[-2]  # the shell block just above the Python one
+    make_secret, run = [line.split("#")[0].strip() for line in shell.strip().splitlines()]
+    assert "--jwt-secret " not in readme, "a secret on the command line shows in ps and shell history"
+    subprocess.run(make_secret, shell=True, cwd=tmp_path, check=True, timeout=30)
+    assert run.endswith("make run")
+    env = dict(word.split("=", 1) for word in run.split()[:-2])
+    assert set(env) == {"PARLEY_AUTH", "PARLEY_JWT_SECRET_FILE"}
+    monkeypatch.chdir(tmp_path)
+    config = server.parse_args([], env)
     scope = {}
     exec(code, scope)
-    secret = scope["secret"]
-    assert f"--jwt-secret {secret}" in readme
-    auth = Authenticator("jwt", jwt_secret=secret)
+    auth = server.make_authenticator(config)
+    assert auth.mode == "jwt" and len(config.jwt_secret) >= 32
     assert auth.verify(scope["alice"]) == Identity("alice", is_admin=False)
     assert auth.verify(scope["admin"]) == Identity("ops", is_admin=True)

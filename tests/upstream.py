@@ -81,8 +81,8 @@ class FakeUpstream:
             return None
         return scripts.pop(0) if len(scripts) > 1 else scripts[0]
 
-    async def start(self):
-        sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
+    async def start(self, port=0):
+        sockets = tornado.netutil.bind_sockets(port, "127.0.0.1")
         self.port = sockets[0].getsockname()[1]
         app = tornado.web.Application([(r"/v1/chat/completions", ChatCompletionsHandler, {"upstream": self})])
         self._server = tornado.httpserver.HTTPServer(app)

@@ -1,0 +1,211 @@
+"""A Parley cluster on loopback: one store, N instances, nginx in front (`make cluster`; the cluster tests).
+
+    python nginx/cluster.py [--instances 3] [--port 8080]     # Ctrl-C stops everything
+
+Everything runs as real processes: nx-27017 (or --mongo-url), `server.py --cluster` per instance on a free
+port, and `nginx -p <workdir> -c <workdir>/nginx.conf` built from nginx/parley.conf (backends, listen port and
+static root rewritten). Each process has its own pid and log file under the work directory.
+"""
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from services.embedded_mongo import EmbeddedMongo, free_port  # noqa: E402
+
+NGINX = os.environ.get("PARLEY_NGINX", "/usr/sbin/nginx")
+TEMPLATE = ROOT / "nginx" / "parley.conf"
+
+
+def nginx_binary():
+    """The nginx executable, or None."""
+    return NGINX if os.access(NGINX, os.X_OK) else shutil.which("nginx")
+
+
+def render_conf(workdir, *, port, backends, template=TEMPLATE):
+    """A complete nginx.conf: nginx/parley.conf inside an `http {}` whose state all lives in `workdir`."""
+    body = Path(template).read_text()
+    servers = "".join(f"    server 127.0.0.1:{p} max_fails=2 fail_timeout=5s;\n" for p in backends)
+    body, n = re.subn(r"(?m)^    server 127\.0\.0\.1:\d+ [^\n]*\n(?:    server [^\n]*\n)*", servers, body)
+    assert n == 1, "nginx/parley.conf: upstream server lines not found"
+    body = re.sub(r"listen 127\.0\.0\.1:\d+;", f"listen 127.0.0.1:{port};", body)
+    body = body.replace("/srv/parley/static/", f"{ROOT / 'static'}/")
+    w = Path(workdir)
+    temp = "\n".join(f"    {kind}_temp_path {w / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    mime = "    include /etc/nginx/mime.types;\n" if Path("/etc/nginx/mime.types").exists() else ""
+    user = "user root;\n" if os.geteuid() == 0 else ""  # as root, workers would otherwise drop to `nobody`
+    return (f"{user}worker_processes 1;\npid {w / 'nginx.pid'};\nerror_log {w / 'nginx-error.log'} info;\n"
+            f"events {{ worker_connections 1024; }}\n"
+            f"http {{\n{mime}    default_type application/octet-stream;\n"
+            f"    access_log {w / 'nginx-access.log'};\n{temp}\n{body}\n}}\n")
+
+
+def wait_http(url, timeout, proc=None, what="server"):
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not answer {url} within {timeout:g} s")
+        time.sleep(0.1)
+
+
+class Instance:
+    def __init__(self, cluster, index):
+        self.cluster = cluster
+        self.index = index
+        self.id = f"parley-{index + 1}"
+        self.port = free_port()
+        self.proc = None
+        self.log_path = Path(cluster.workdir) / f"{self.id}.log"
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self):
+        c = self.cluster
+        cmd = [sys.executable, str(ROOT / "server.py"), "--host", "127.0.0.1", "--port", str(self.port),
+               "--mongo-url", c.mongo_url, "--db-name", c.db_name, "--instance-id", self.id,
+               "--trusted-proxies", "127.0.0.1", "--cluster", *c.extra_args]
+        if c.token:
+            cmd += ["--token", c.token]
+        if c.pipelines_file:
+            cmd += ["--pipelines", str(c.pipelines_file)]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}
+        env.update(c.env)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+        log.close()
+        return self
+
+    def wait_ready(self, timeout=30):
+        wait_http(self.url + "/readyz", timeout, self.proc, self.id)
+
+    def signal(self, sig):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout=20):
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGCONT)  # a paused instance cannot act on SIGTERM
+        self.proc.terminate()
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return None
+
+
+class Cluster:
+    def __init__(self, workdir, *, instances=3, port=None, mongo_url=None, db_name="parley", token=None,
+                 pipelines_file=None, extra_args=(), env=None):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.mongo_url = mongo_url
+        self.db_name = db_name
+        self.token = token
+        self.pipelines_file = pipelines_file
+        self.extra_args = list(extra_args)
+        self.env = dict(env or {})
+        self.store = None
+        self.nginx = None
+        self.instances = [Instance(self, i) for i in range(instances)]
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def by_id(self, instance_id):
+        return next(i for i in self.instances if i.id == instance_id)
+
+    def start(self, timeout=60):
+        binary = nginx_binary()
+        if binary is None:
+            raise RuntimeError("nginx is not installed (Debian package nginx)")
+        try:
+            if self.mongo_url is None:
+                self.store = EmbeddedMongo(self.workdir / "mongo").start()
+                self.mongo_url = self.store.url
+            for inst in self.instances:
+                inst.start()
+            for inst in self.instances:
+                inst.wait_ready(timeout)
+            conf = self.workdir / "nginx.conf"
+            conf.write_text(render_conf(self.workdir, port=self.port, backends=[i.port for i in self.instances]))
+            log = open(self.workdir / "nginx.out", "ab")
+            self.nginx = subprocess.Popen([binary, "-p", str(self.workdir), "-c", str(conf), "-g", "daemon off;"],
+                                          stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            log.close()
+            wait_http(self.url + "/healthz", timeout, self.nginx, "nginx")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self):
+        if self.nginx is not None and self.nginx.poll() is None:
+            self.nginx.send_signal(signal.SIGQUIT)  # graceful: finish what is in flight
+            try:
+                self.nginx.wait(10)
+            except subprocess.TimeoutExpired:
+                self.nginx.kill()
+                self.nginx.wait()
+        for inst in self.instances:
+            inst.stop()
+        if self.store is not None:
+            self.store.stop()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Parley on loopback: one store, N instances, nginx in front")
+    p.add_argument("--instances", type=int, default=3)
+    p.add_argument("--port", type=int, default=8080, help="nginx's port on 127.0.0.1")
+    p.add_argument("--mongo-url", help="a shared MongoDB (replica set); default: an embedded nx-27017")
+    p.add_argument("--token", default=None, help="the instances' shared token (default: a random one)")
+    p.add_argument("--workdir", help="pid files, logs, nginx.conf and store data (default: a temporary directory)")
+    p.add_argument("server_args", nargs="*", help="more server.py options, after --")
+    args = p.parse_args(argv)
+    token = args.token or os.urandom(16).hex()
+    workdir = args.workdir or tempfile.mkdtemp(prefix="parley-cluster-")
+    cluster = Cluster(workdir, instances=args.instances, port=args.port, mongo_url=args.mongo_url, token=token,
+                      extra_args=args.server_args)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        cluster.start()
+        print(f"\n    Parley cluster: nginx on {cluster.url}/ in front of "
+              f"{', '.join(f'{i.id} ({i.url})' for i in cluster.instances)}\n"
+              f"    Open {cluster.url}/?token={token}\n    Logs and state: {workdir}\n    Ctrl-C stops all.\n",
+              flush=True)
+        while all(i.proc.poll() is None for i in cluster.instances) and cluster.nginx.poll() is None:
+            time.sleep(0.5)
+        print("a process exited; stopping the cluster", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

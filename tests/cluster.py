@@ -1,0 +1,132 @@
+"""The cluster fixture: one store, three real `server.py --cluster` instances and a real nginx (nginx/cluster.py).
+
+Clients reach nginx from different loopback source addresses (127.0.1.1, 127.0.2.1, ...): ip_hash hashes an
+IPv4 client by its /24, so each address family member lands on its own backend, as distinct users would.
+Identities are JWTs (HS256), so tests can be several users. Skips without nginx; fails under
+PARLEY_REQUIRE_ALL=1.
+"""
+import asyncio
+import json
+import time
+import uuid
+
+import jwt
+import pytest
+from pymongo import MongoClient
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.websocket import websocket_connect
+
+from nginx.cluster import Cluster, nginx_binary
+from services.embedded_mongo import free_port
+from tests.conftest import Client, require
+
+JWT_SECRET = "cluster-test-secret-0123456789abcdef"
+LEASE = 2.0  # seconds: short, so the reaper's work is observable quickly
+
+
+def token(user="alice", admin=False):
+    claims = {"sub": user, "exp": int(time.time()) + 3600}
+    if admin:
+        claims["role"] = "admin"
+    return jwt.encode(claims, JWT_SECRET, algorithm="HS256")
+
+
+def pipelines_toml(upstream_port):
+    return f"""
+[pipelines.default]
+provider = "demo"
+model = "demo"
+options = {{ words = 12, rate = 0 }}
+
+[pipelines.slow]
+provider = "demo"
+model = "demo"
+options = {{ words = 3000, rate = 200 }}
+timeouts = {{ first_token = 10, stall = 10, total = 120 }}
+
+[pipelines.paced]
+provider = "demo"
+model = "demo"
+history_messages = 0
+options = {{ words = 40, rate = 400 }}
+
+[pipelines.up]
+provider = "openai"
+model = "m"
+base_url = "http://127.0.0.1:{upstream_port}/v1"
+history_messages = 0
+retries = 0
+timeouts = {{ first_token = 10, stall = 10, total = 120 }}
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, mongo_url):
+    require(nginx_binary(), "nginx is not installed (Debian package nginx)")
+    workdir = tmp_path_factory.mktemp("cluster")
+    upstream_port = free_port()
+    pipelines = workdir / "pipelines.toml"
+    pipelines.write_text(pipelines_toml(upstream_port))
+    db_name = "c_" + uuid.uuid4().hex[:12]
+    c = Cluster(workdir, instances=3, mongo_url=mongo_url, db_name=db_name, pipelines_file=pipelines,
+                extra_args=["--auth", "jwt", "--jwt-secret", JWT_SECRET, "--lease-seconds", str(LEASE),
+                            "--checkpoint-interval", "0.05", "--rate-limit", "1000", "--rate-burst", "1000",
+                            "--log-level", "info"])
+    c.upstream_port = upstream_port
+    c.start()
+    yield c
+    c.stop()
+    with MongoClient(mongo_url) as client:
+        client.drop_database(db_name)
+
+
+def source(n):
+    """The n-th client network: 127.0.n.1 (its own /24, so its own ip_hash bucket)."""
+    return f"127.0.{n}.1"
+
+
+async def fetch(cluster, path, *, src=source(1), method="GET", body=None, user="alice", admin=False, base=None):
+    """REST through nginx (or `base`) from source address `src`: (status, json body, answering instance)."""
+    headers = {"Authorization": f"Bearer {token(user, admin)}"}
+    if body is not None and not isinstance(body, str):
+        body = json.dumps(body)
+    if method == "POST" and body is None:
+        body = ""
+    request = HTTPRequest((base or cluster.url) + path, method=method, body=body, headers=headers,
+                          network_interface=src, request_timeout=20)
+    response = await AsyncHTTPClient().fetch(request, raise_error=False)
+    return response.code, json.loads(response.body), response.headers.get("X-Parley-Instance")
+
+
+async def instance_for(cluster, src):
+    code, body, _ = await fetch(cluster, "/healthz", src=src)
+    assert code == 200, body
+    return body["data"]["instance"]
+
+
+async def connect(cluster, pipeline="default", *, src=source(1), user="alice", admin=False, base=None,
+                  headers=None, **query):
+    """A WebSocket through nginx from `src`; returns a Client with `.connected` and `.instance` set."""
+    query.setdefault("stream_mode", "delta")
+    qs = "&".join(f"{k}={v}" for k, v in query.items())
+    url = (base or cluster.url).replace("http", "ws", 1) + f"/api/v1/pipelines/{pipeline}/ws/connect?{qs}"
+    request = HTTPRequest(url, headers={"Authorization": f"Bearer {token(user, admin)}", **(headers or {})},
+                          network_interface=src, request_timeout=20)
+    ws = await websocket_connect(request)
+    client = Client(ws)
+    client.instance = ws.headers.get("X-Parley-Instance")
+    client.connected = await client.recv(timeout=20)
+    assert client.connected["type"] == "connected", client.connected
+    return client
+
+
+async def wait_for(predicate, timeout=20.0, interval=0.05):
+    """Poll an async predicate until it returns something truthy; fail after `timeout`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(interval)

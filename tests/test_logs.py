@@ -110,6 +110,9 @@ async def test_tokens_and_api_keys_never_reach_the_log(ws_url, captured, service
     access = [e for e in captured() if e["logger"] == "tornado.access" and e.get("status") == 101]
     assert access and "token=***" in access[0]["uri"] and access[0]["level"] == "INFO"
     assert any(e["message"].startswith("a careless line: key=***") for e in captured())
+    # the failed reply is one event: one WARNING line, not one from the provider and one from the stream manager
+    failed = [e for e in captured() if e["level"] == "WARNING" and "upstream_unauthorized" in e["message"]]
+    assert len(failed) == 1, failed
 
 
 @pytest.mark.gen_test(timeout=20)

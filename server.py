@@ -92,7 +92,7 @@ async def open_services(config, *, pipelines=None, provider_factory=None, auth=N
     extra = {"provider_factory": provider_factory} if provider_factory else {}
     streams = StreamManager(store, hub, pipelines, instance_id=instance_id,
                             checkpoint_interval=config.checkpoint_interval, lease_seconds=config.lease_seconds,
-                            max_queued=config.max_queued, metrics=metrics, **extra)
+                            max_queued=config.max_queued, metrics=metrics, cluster=config.cluster, **extra)
     chat = ChatService(store, hub, streams, pipelines, limiter=RateLimiter(config.rate_limit, config.rate_burst),
                        on_last_viewer_gone=config.on_last_viewer_gone)
     resumer = Resumer(store, hub, streams, chat, metrics)
@@ -162,13 +162,20 @@ async def serve(config, **made):
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
-    services.draining = True  # /readyz now answers 503, so a balancer stops sending new clients here
-    log.info("shutting down")
-    server.stop()
-    await close_services(services)  # every live reply ends as `interrupted`, and its viewers are told
+    await drain(services, server)
+
+
+async def drain(services, server):
+    """Graceful shutdown: /readyz and new WebSockets answer 503, connected clients are told to reconnect (they
+    resume on another instance), replies get --drain-timeout to finish, the rest end `interrupted`."""
+    services.draining = True
+    log.info("draining: telling %d clients to reconnect elsewhere", len(services.hub.connections))
+    server.stop()  # no new connections: nginx sends new clients to another instance
     for conn in list(services.hub.connections.values()):
-        conn.send({"type": "reconnect", "reason": "server shutting down"})
-        conn.close(1001, "server shutting down")
+        conn.send({"type": "reconnect", "reason": "server restarting"})
+        conn.close(1012, "server restarting")
+    await services.streams.drain(services.config.drain_timeout)
+    await close_services(services)  # what is still generating is checkpointed and ends `interrupted`
     await server.close_all_connections()
 
 

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install clean cluster bench
+.PHONY: run client test install clean cluster bench
 
 run: $(STAMP)
 	$(BIN)/python server.py $(ARGS)
@@ -12,6 +12,10 @@ run: $(STAMP)
 # One store, three instances and nginx on 127.0.0.1:8080 (nginx/README.md); Ctrl-C stops all.
 cluster: $(STAMP)
 	$(BIN)/python nginx/cluster.py $(ARGS)
+
+# The terminal client: make client ARGS="--token …" (or set PARLEY_TOKEN, or pass the URL make run prints).
+client: $(STAMP)
+	$(BIN)/python client.py $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -5,11 +5,13 @@ started under --data-dir and stopped on exit.
 """
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import signal
 import socket
 import sys
+import time
 
 from pymongo import AsyncMongoClient
 from tornado import web
@@ -67,11 +69,17 @@ def make_authenticator(config):
                          admin_value=config.jwt_admin_value, host=config.host)
 
 
-async def open_services(config, *, pipelines=None, provider_factory=None):
-    """Create every service inside the running loop (an AsyncMongoClient is bound to the loop it starts on)."""
-    auth = make_authenticator(config)
+def make_pipelines(config):
+    return load_pipelines(config.pipelines_file) if config.pipelines_file else default_pipelines()
+
+
+async def open_services(config, *, pipelines=None, provider_factory=None, auth=None):
+    """Create every service inside the running loop (an AsyncMongoClient is bound to the loop it starts on).
+    `auth` and `pipelines` made earlier (main validates them) are used as they are: each is built, and its
+    warnings logged, once."""
+    auth = auth or make_authenticator(config)
     if pipelines is None:
-        pipelines = load_pipelines(config.pipelines_file) if config.pipelines_file else default_pipelines()
+        pipelines = make_pipelines(config)
     logs.redact(auth.token, *(os.environ.get(p.api_key_env) for p in pipelines if p.api_key_env))  # never logged
     metrics = Metrics(p.id for p in pipelines)
     client = AsyncMongoClient(config.mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000)
@@ -89,6 +97,7 @@ async def open_services(config, *, pipelines=None, provider_factory=None):
                        on_last_viewer_gone=config.on_last_viewer_gone)
     resumer = Resumer(store, hub, streams, chat, metrics)
     reaper = Reaper(store, hub, streams, lease_seconds=config.lease_seconds)
+    await streams.warm_up()  # the first reply must not pay for imports and client set-up
     await reaper.sweep()  # replies a previous run left `streaming` end now, if their lease has expired
     reaper.start()
     return Services(config=config, client=client, store=store, hub=hub, streams=streams, chat=chat,
@@ -132,15 +141,25 @@ def make_app(services):
         log_function=ops.log_function(services.metrics))
 
 
-async def serve(config):
-    services = await open_services(config)
+def banner(config, url):
+    """The ready-to-use URL, on stdout (it carries the token, so it never goes to the log stream). In JSON mode
+    it is one JSON line too, so every stream Parley writes parses line by line."""
+    if config.log_format == "json":
+        print(json.dumps({"time": logs.iso_time(time.time()), "level": "INFO", "logger": "parley",
+                          "message": "Parley is running", "url": url}), flush=True)
+    else:
+        print(f"\n    Parley is running. Open, or connect clients with this token:\n\n        {url}\n", flush=True)
+
+
+async def serve(config, **made):
+    services = await open_services(config, **made)
+    logs.bind_process(instance=services.instance_id)
     app = make_app(services)
     server = app.listen(config.port, config.host)
     log.info("Parley listening on http://%s:%s/ (instance %s, auth %s)", config.host, config.port,
              services.instance_id, config.auth)
     if services.auth.mode == "token":
-        url = f"http://{config.host}:{config.port}/?token={services.auth.token}"
-        print(f"\n    Parley is running. Open, or connect clients with this token:\n\n        {url}\n", flush=True)
+        banner(config, f"http://{config.host}:{config.port}/?token={services.auth.token}")
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -163,26 +182,32 @@ async def drain(services, server):
     await server.close_all_connections()
 
 
+def fail(config, problem):
+    """End start-up naming the problem: a JSON line in JSON mode (the stream stays parseable), else plain."""
+    if config.log_format == "json":
+        log.critical("parley: %s", problem)
+        raise SystemExit(1)
+    raise SystemExit(f"parley: {problem}")
+
+
 def main(argv=None):
     config = parse_args(argv)
     logs.setup(level=config.log_level, fmt=config.log_format)
     try:  # fail before anything starts, with a message that names the problem
-        make_authenticator(config)
-        if config.pipelines_file:
-            load_pipelines(config.pipelines_file)
+        made = {"auth": make_authenticator(config), "pipelines": make_pipelines(config)}
         web_app.check_frame_ancestors(config.frame_ancestors)
         if config.cluster and not config.mongo_url:
             raise ValueError("--cluster needs --mongo-url: every instance must share one MongoDB (a replica set)")
     except (PipelineConfigError, ValueError) as exc:
-        raise SystemExit(f"parley: {exc}") from None
+        fail(config, exc)
     embedded = None
     if not config.mongo_url:
         embedded = EmbeddedMongo(os.path.join(config.data_dir, "mongo")).start()
         config.mongo_url = embedded.url
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, **made))
     except ClusterConfigError as exc:
-        raise SystemExit(f"parley: {exc}") from None
+        fail(config, exc)
     finally:
         if embedded:
             embedded.stop()

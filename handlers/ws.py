@@ -45,6 +45,9 @@ class ChatSocket(websocket.WebSocketHandler):
     def prepare(self):
         self.request.remote_ip = client_address(self.request, self.services.config.trusted_proxies)
         self.set_header("X-Parley-Instance", self.services.instance_id)  # sent with the 101 handshake answer
+        rid = logs.request_id(self.request.headers.get("X-Request-Id"))
+        self.set_header("X-Request-Id", rid)
+        logs.bind(request_id=rid)  # on every line of this socket's life, with its conn_id once registered
         if self.services.draining:  # behind nginx, the handshake is retried on another instance
             self.set_status(503)
             self.set_header("Content-Type", "application/json; charset=utf-8")
@@ -58,6 +61,9 @@ class ChatSocket(websocket.WebSocketHandler):
         return urlparse(origin).netloc.lower() == self.request.host.lower()
 
     async def open(self, pipeline):
+        # Frames often go out back to back (ack then the first token, stop_ack then the final): without this the
+        # second waits for the peer's delayed ACK (~40 ms).
+        self.set_nodelay(True)
         try:
             self.services.pipelines.get(pipeline)
             self.params = {"pipeline": pipeline,

@@ -70,6 +70,14 @@ class OpenAIProvider:
                 timeout=openai.Timeout(None, connect=t.connect, write=t.connect, pool=t.connect))
         return self._client
 
+    async def warm_up(self):
+        """Build the client now (its TLS context and connection pool take a few hundred ms the first time)."""
+        try:
+            key = self._key()
+        except ProviderError:
+            return  # the first reply says the key is missing; the pipeline loader has warned already
+        self._get_client(key)
+
     async def aclose(self):
         if self._client is not None:
             client, self._client = self._client, None
@@ -101,8 +109,8 @@ class OpenAIProvider:
         try:
             key = self._key()
         except ProviderError as err:
-            log.warning("provider failed: pipeline=%s session=%s message=%s code=%s %s", *ids, err.code,
-                        err.message)
+            log.debug("provider failed: pipeline=%s session=%s message=%s code=%s %s", *ids, err.code,
+                      err.message)  # the stream manager logs the failed reply once, at WARNING
             raise
         client = self._get_client(key)
         body = self.request_body(request)
@@ -199,8 +207,9 @@ class OpenAIProvider:
         return err
 
     def _log_failure(self, err, ids, attempt):
-        log.warning("provider failed: pipeline=%s session=%s message=%s code=%s attempts=%d %s", *ids,
-                    err.code, attempt + 1, err.message)
+        # DEBUG: the stream manager logs the failed reply once, at WARNING; this adds the attempts
+        log.debug("provider failed: pipeline=%s session=%s message=%s code=%s attempts=%d %s", *ids,
+                  err.code, attempt + 1, err.message)
 
 
 class _Retry(Exception):

@@ -724,5 +724,6 @@
     }
   }
 
+  window.ParleyApp = {renderMarkdown};  // for tests and embedding pages: the one renderer of model output
   start();
 })();

@@ -31,10 +31,10 @@ JWT_SECRET = "browser-test-secret-0123456789abcdef"
 WAIT = 20_000  # ms: generous, for a loaded machine; every wait is on a condition
 
 PIPELINES = """
-[pipelines.default]
+[pipelines.default]     # the demo's whole answer: Markdown with a list and a code block
 name = "Demo"
 provider = "demo"
-options = { words = 30, rate = 80 }
+options = { rate = 150 }
 
 [pipelines.medium]      # ~3 s: time to reload or open a second tab mid-reply
 provider = "demo"
@@ -210,6 +210,17 @@ def body_text(locator):
     return locator.locator(".body").inner_text().strip()
 
 
+def shows(reply, content):
+    """The reply's body is exactly `content` rendered (the page's own marked + DOMPurify), copy buttons aside."""
+    return reply.evaluate("""(el, content) => {
+        const shown = el.querySelector('.body').cloneNode(true);
+        shown.querySelectorAll('button.copy').forEach((b) => b.remove());
+        const fresh = document.createElement('div');
+        fresh.append(window.ParleyApp.renderMarkdown(content));
+        return shown.innerHTML === fresh.innerHTML;
+    }""", content)
+
+
 def test_start_up_url_signs_in_and_leaves_the_address_bar(new_page, server):
     page = new_page()
     response = open_app(page, server)
@@ -265,7 +276,7 @@ def test_reply_streams_with_a_caret_then_stop_and_retry(new_page, server):
     assert reply.locator(".badge").inner_text() == "Stopped"
     assert not page.is_visible("#stop") and "streaming" not in reply.get_attribute("class")
     stored = [m for m in stored_messages(server, page, "slow") if m["role"] == "assistant"]
-    assert stored[-1]["status"] == "stopped" and stored[-1]["content"] == body_text(reply)
+    assert stored[-1]["status"] == "stopped" and shows(reply, stored[-1]["content"])
     shot(page, "stopped")
     # Retry asks again; Esc stops that one too
     reply.locator("button.retry").click()
@@ -296,8 +307,8 @@ def test_shift_enter_is_a_new_line_and_thinking_collapses(new_page, server):
     assert thinking.locator(".thinking-text").inner_text() == stored["thinking"]
 
 
-def test_model_output_is_sanitized(new_page, server):
-    page = new_page()
+def test_model_output_is_sanitized_and_code_can_be_copied(new_page, server):
+    page = new_page(permissions=["clipboard-read", "clipboard-write"])
     open_app(page, server, "default")
     new_chat(page)
     send(page, XSS)
@@ -313,6 +324,14 @@ def test_model_output_is_sanitized(new_page, server):
         assert href is None or not href.strip().lower().startswith("javascript:")
     # the user's own text is shown as text
     assert page.locator(".msg.user .body").inner_text() == XSS
+    reply = last_reply(page)
+    assert shows(reply, stored["content"])
+    # Markdown: the demo's answer has a list and a code block, which has a copy button
+    assert reply.locator("li").count() == 3 and reply.locator("pre code").count() == 1
+    reply.locator("pre button.copy").click()
+    page.wait_for_selector("pre button.copy >> text=Copied")
+    copied = page.evaluate("() => navigator.clipboard.readText()")
+    assert copied == reply.locator("pre code").inner_text() and "def explain(topic):" in copied
     shot(page, "sanitized")
     assert page.errors == []
 
@@ -329,7 +348,7 @@ def test_reload_mid_reply_resumes_to_the_stored_text(new_page, server):
     page.wait_for_selector(".msg.assistant[data-status=completed]")
     stored = [m for m in stored_messages(server, page, "medium") if m["role"] == "assistant"]
     assert len(stored) == 1 and stored[0]["status"] == "completed"
-    assert body_text(last_reply(page)) == stored[0]["content"]
+    assert shows(last_reply(page), stored[0]["content"])
     assert page.locator(".msg.assistant").count() == 1 and page.locator(".msg.user").count() == 1
 
 
@@ -393,9 +412,12 @@ def test_rename_reset_and_notices(new_page, server):
     page.click("#reset")
     page.wait_for_function("() => document.querySelectorAll('.msg').length === 0")
     assert stored_messages(server, page, "instant") == []
+    page.wait_for_selector("#conn[data-state=open]")  # the conversation reopened after the reset
     # broadcasts and pushes arrive as notices, dismissable
-    assert server.rest("/api/v1/broadcast", "POST", {"message": "maintenance at <b>18:00</b>"})[0] == 200
-    assert server.rest("/api/v1/users/local/push", "POST", {"message": "build finished"})[0] == 200
+    status, body = server.rest("/api/v1/broadcast", "POST", {"message": "maintenance at <b>18:00</b>"})
+    assert status == 200 and body["data"]["delivered"] >= 1, body
+    status, body = server.rest("/api/v1/users/local/push", "POST", {"message": "build finished"})
+    assert status == 200 and body["data"]["delivered"] >= 1, body
     page.wait_for_selector(".notice >> text=maintenance at <b>18:00</b>")
     page.wait_for_selector(".notice >> text=build finished")
     assert page.locator(".notice b").count() == 0

@@ -172,8 +172,7 @@ class StreamManager:
                 await self._wait_turn(gen)
             gen.status = "streaming"
             self.metrics.generation_streaming(gen)
-            doc = await self.store.mark_streaming(gen.message_id, instance=self.instance_id,
-                                                  lease_until=self.lease_until())
+            doc = await self._claim(gen)
             if doc is None:  # no longer queued: ended elsewhere (the reaper) while it waited here
                 gen.fenced = True
                 raise asyncio.CancelledError
@@ -211,6 +210,19 @@ class StreamManager:
             if turn is None:  # ended elsewhere while it waited: mark_streaming will find it is not ours
                 return
             await asyncio.sleep(TURN_POLL)
+
+    async def _claim(self, gen):
+        claim = asyncio.ensure_future(self.store.mark_streaming(gen.message_id, instance=self.instance_id,
+                                                                lease_until=self.lease_until()))
+        try:
+            return await asyncio.shield(claim)
+        except asyncio.CancelledError:
+            # Stopped while claiming: the claim may have landed all the same. Learn its epoch, or the terminal
+            # write (fenced by epoch) would be refused and the reply left `streaming` until the reaper.
+            with contextlib.suppress(Exception):
+                if (doc := await claim) is not None:
+                    gen.epoch = doc["epoch"]
+            raise
 
     async def _request(self, gen, pipeline):
         turns = []

@@ -16,10 +16,12 @@ from tornado import web
 
 from handlers import api, ops, ws
 from handlers.base import NotFoundHandler
-from services import logs, settings
+from services import events, logs, settings
 from services.auth import Authenticator
 from services.chat import ChatService
 from services.embedded_mongo import EmbeddedMongo
+from services.bus import Bus, LocalBus
+from services.fanout import FanOut
 from services.hub import Hub
 from services.limits import RateLimiter
 from services.metrics import Metrics
@@ -40,6 +42,8 @@ class Services:
     client: AsyncMongoClient
     store: Store
     hub: Hub
+    bus: Bus
+    fanout: FanOut
     streams: StreamManager
     chat: ChatService
     resumer: Resumer
@@ -81,17 +85,22 @@ async def open_services(config, *, pipelines=None, provider_factory=None):
     if config.cluster:
         await check_change_streams(store)
     hub = Hub()
+    bus = LocalBus(instance_id, metrics=metrics)
+    fanout = FanOut(hub, bus, metrics)
     extra = {"provider_factory": provider_factory} if provider_factory else {}
-    streams = StreamManager(store, hub, pipelines, instance_id=instance_id,
+    streams = StreamManager(store, bus, pipelines, instance_id=instance_id,
                             checkpoint_interval=config.checkpoint_interval, lease_seconds=config.lease_seconds,
                             max_queued=config.max_queued, metrics=metrics, **extra)
-    chat = ChatService(store, hub, streams, pipelines, limiter=RateLimiter(config.rate_limit, config.rate_burst),
+    chat = ChatService(store, hub, fanout, bus, streams, pipelines,
+                       limiter=RateLimiter(config.rate_limit, config.rate_burst),
                        on_last_viewer_gone=config.on_last_viewer_gone)
-    resumer = Resumer(store, hub, streams, chat, metrics)
-    reaper = Reaper(store, hub, streams, lease_seconds=config.lease_seconds)
+    resumer = Resumer(store, fanout, streams, chat, metrics)
+    reaper = Reaper(store, bus, streams, lease_seconds=config.lease_seconds)
+    await bus.start()
     await reaper.sweep()  # replies a previous run left `streaming` end now, if their lease has expired
     reaper.start()
-    return Services(config=config, client=client, store=store, hub=hub, streams=streams, chat=chat,
+    return Services(config=config, client=client, store=store, hub=hub, bus=bus, fanout=fanout, streams=streams,
+                    chat=chat,
                     resumer=resumer, reaper=reaper, pipelines=pipelines, auth=auth, instance_id=instance_id,
                     metrics=metrics)
 
@@ -115,6 +124,7 @@ async def close_services(services):
     await services.reaper.stop()
     await services.streams.shutdown()
     await services.chat.close()
+    await services.bus.close()
     await services.client.close()
 
 
@@ -148,8 +158,8 @@ async def serve(config):
     log.info("shutting down")
     server.stop()
     await close_services(services)  # every live reply ends as `interrupted`, and its viewers are told
+    services.bus.publish(events.reconnect("server shutting down"))  # this instance's connections only
     for conn in list(services.hub.connections.values()):
-        conn.send({"type": "reconnect", "reason": "server shutting down"})
         conn.close(1001, "server shutting down")
     await server.close_all_connections()
 

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 
-from services import frames, logs
+from services import events, frames, logs
 from services.errors import Busy
 from services.store import LIVE
 from services.metrics import Metrics
@@ -55,10 +55,10 @@ class Generation:
 
 
 class StreamManager:
-    def __init__(self, store, hub, pipelines, *, instance_id, checkpoint_interval=1.0, lease_seconds=30.0,
+    def __init__(self, store, bus, pipelines, *, instance_id, checkpoint_interval=1.0, lease_seconds=30.0,
                  max_queued=8, provider_factory=make_provider, metrics=None):
         self.store = store
-        self.hub = hub
+        self.bus = bus
         self.pipelines = pipelines
         self.instance_id = instance_id
         self.checkpoint_interval = checkpoint_interval
@@ -70,6 +70,12 @@ class StreamManager:
         self.generations = {}     # message_id -> Generation (live: queued or streaming)
         self.stop_callbacks = {}  # message_id -> callable(reason)
         self.by_session = {}      # session_id -> {message_id: Generation}, in acceptance order
+        bus.subscribe(self._on_event)
+
+    def _on_event(self, event):
+        """A stop published by another instance: the owner of the reply fires its stop callback here."""
+        if event["type"] == "stop" and event.get("origin") != self.instance_id:
+            self.stop(event["session_id"], event.get("message_id"))
 
     # accepting and stopping
 
@@ -157,7 +163,7 @@ class StreamManager:
             if doc.get("stop_requested"):  # stopped while queued, and the signal did not reach us
                 gen.stop_reason = gen.stop_reason or "stopped"
                 raise asyncio.CancelledError
-            self.hub.publish(gen.session_id, lambda conn: frames.status(gen))
+            self.bus.publish(events.reply_started(gen))
             request = await self._request(gen, pipeline)
             await self._consume(gen, pipeline, request)
             if not gen.content:
@@ -229,9 +235,8 @@ class StreamManager:
         gen.content += chunk.text
         gen.thinking += chunk.thinking
         if gen.stream:
-            self.hub.publish(gen.session_id, lambda conn: frames.delta(
-                gen, conn, offset=offset, text=chunk.text, thinking_offset=thinking_offset,
-                thinking=chunk.thinking))
+            self.bus.publish(events.reply_delta(gen, offset=offset, text=chunk.text,
+                                                thinking_offset=thinking_offset, thinking=chunk.thinking))
         now = asyncio.get_running_loop().time()
         if gen.checkpoint_task is None and now - gen.last_checkpoint >= self.checkpoint_interval:
             gen.last_checkpoint = now
@@ -331,7 +336,7 @@ class StreamManager:
                 if not queue:
                     del self.by_session[gen.session_id]
             if final is not None:
-                self.hub.publish(gen.session_id, lambda conn: frames.final(final, conn))
+                self.bus.publish(events.reply_final(final))
             if gen.status not in LIVE:
                 self.metrics.generation_finished(gen)
             gen.done.set()

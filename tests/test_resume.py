@@ -280,7 +280,9 @@ async def test_resume_by_message_makes_the_connection_a_viewer_of_its_session(co
     resumed = await b.recv_type("resumed")
     assert resumed["data"]["session_id"] == group_id
     assert (await b.recv_type("response"))["data"]["is_final"]
-    assert group_id in services.hub.group_sessions and b.connected["connection_id"] in services.hub.by_session[group_id]
+    code, body = await fetch(f"/api/v1/pipelines/{PIPE}/ws/connections")
+    [listed] = [c for c in body["data"]["connections"] if c["connection_id"] == b.connected["connection_id"]]
+    assert code == 200 and group_id in listed["session_ids"]
     ack = await a.say("after the resume")  # b now gets the group's later frames
     echo = await b.recv_type("user_message")
     assert echo["data"]["message_id"] == ack["data"]["message_id"]

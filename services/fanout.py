@@ -19,6 +19,7 @@ from services.store import LIVE
 log = logging.getLogger(__name__)
 
 CONNECTION_ID_IN_DATA = True
+FINALS_REMEMBERED = 32  # per connection: a resume crossing a final in flight must not get it a second time
 _SPLICE_TAIL = '""}}'  # how an encoded frame whose last field is data.connection_id = "" ends
 
 
@@ -123,6 +124,8 @@ class FanOut:
         if frame is None or not conns:
             return 0
         self.encodes += 1
+        if self.metrics is not None:
+            self.metrics.frame_encoded()
         sent = 0
         if connection_id and CONNECTION_ID_IN_DATA:
             data = frame["data"]
@@ -197,8 +200,9 @@ class FanOut:
         conns = []
         for conn in self.hub.viewers(event["session_id"]):
             conn.cursors.pop(message_id, None)
-            if conn.finals_seen is not None:
-                conn.finals_seen.add(message_id)
+            conn.finals_sent[message_id] = None
+            if len(conn.finals_sent) > FINALS_REMEMBERED:
+                del conn.finals_sent[next(iter(conn.finals_sent))]
             conns.append(conn)
         frame = frames.final(Final(event), timestamp=frames.timestamp_from_epoch(event["at"]))
         self._send(frame, conns, connection_id=True)
@@ -267,20 +271,18 @@ class FanOut:
 
     # resume: the catch-up continues exactly where the live stream takes over
 
-    def watch_finals(self, conn):
-        """A resume starts its lookups: remember the finals this connection is sent meanwhile."""
-        conn.finals_seen = set()
-
     def resume(self, conn, session_id, plan):
         """Send `resumed`, then each reply's text after its offsets, then (finished ones) its final; set cursors
         so the next live delta continues exactly there. `plan`: [(reply, offset, thinking_offset)], `reply` a
         frames.snapshot() of the stored message. Never awaits. Returns [(reply, offset, thinking_offset,
-        source)] as sent, `source` = live | store | finished | sent (its final already went out here)."""
-        seen, conn.finals_seen = conn.finals_seen or set(), None
+        source)] as sent, `source` = live | store | finished | sent.
+
+        `sent`: the live stream already sent this connection the reply's final (it arrives before `resumed`:
+        the client sent `resume` as the reply ended), so neither text nor a second final follows."""
         done = []
         for stored, offset, thinking_offset in plan:
             live = self.replies.get(stored.message_id)
-            if stored.message_id in seen:
+            if stored.message_id in conn.finals_sent:
                 done.append((stored, offset, thinking_offset, "sent"))
             elif live is not None:
                 done.append((live, offset, thinking_offset, "live"))  # the client's offsets are what it has

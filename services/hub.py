@@ -28,7 +28,7 @@ class Connection:
         self.sessions = set()               # viewed session ids
         self.primary_session = None         # the session a frame without session_id addresses
         self.cursors = {}                   # message_id -> fanout.Cursor: how much of each live reply was sent here
-        self.finals_seen = None             # set() while a resume is looked up: finals sent meanwhile
+        self.finals_sent = {}               # message ids whose final the live stream sent here (the latest few)
         self.created_at = time.time()
         self.last_active = self.created_at
         self.closed = False

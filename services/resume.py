@@ -5,7 +5,7 @@ Lookups await; then the fan-out (services/fanout.py) does the rest without an aw
 its live text and the connection's cursor is set in the same loop step, so the next delta continues exactly
 where the replay ended. A reply that is not live here is replayed from MongoDB: a finished one with its terminal
 frame; one still `streaming` but owned by no one here gets its terminal frame from the reaper when its lease
-expires. A final the connection was sent while the lookups ran is not sent again.
+expires. A final the live stream already sent this connection is not sent again.
 """
 import logging
 
@@ -41,13 +41,6 @@ class Resumer:
 
     async def resume(self, conn, frame):
         """Handle one `resume` frame: by `message_id`, or every live reply of a session (plus `offsets` named)."""
-        self.fanout.watch_finals(conn)
-        try:
-            await self._resume(conn, frame)
-        finally:
-            conn.finals_seen = None
-
-    async def _resume(self, conn, frame):
         if frame.get("message_id") is not None:
             message_id = check_id(frame["message_id"], "message_id")
             wanted = {message_id: (check_offset(frame.get("offset"), "offset"),

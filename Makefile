@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install clean cluster
+.PHONY: run client test install clean cluster bench
 
 run: $(STAMP)
 	$(BIN)/python server.py $(ARGS)
@@ -13,10 +13,19 @@ run: $(STAMP)
 cluster: $(STAMP)
 	$(BIN)/python nginx/cluster.py $(ARGS)
 
+# The terminal client: make client ARGS="--token …" (or set PARLEY_TOKEN, or pass the URL make run prints).
+client: $(STAMP)
+	$(BIN)/python client.py $(ARGS)
+
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 install: $(STAMP)
+
+# Parley beside a bare Tornado server (and python-socketio) in one run; `make bench BENCH_ARGS=--quick` in seconds.
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit("Parley needs Python 3.11 or newer" if sys.version_info < (3, 11) else 0)'

@@ -5,11 +5,13 @@ started under --data-dir and stopped on exit.
 """
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import signal
 import socket
 import sys
+import time
 
 from pymongo import AsyncMongoClient
 from tornado import web
@@ -71,11 +73,17 @@ def make_authenticator(config):
                          admin_value=config.jwt_admin_value, host=config.host)
 
 
-async def open_services(config, *, pipelines=None, provider_factory=None):
-    """Create every service inside the running loop (an AsyncMongoClient is bound to the loop it starts on)."""
-    auth = make_authenticator(config)
+def make_pipelines(config):
+    return load_pipelines(config.pipelines_file) if config.pipelines_file else default_pipelines()
+
+
+async def open_services(config, *, pipelines=None, provider_factory=None, auth=None):
+    """Create every service inside the running loop (an AsyncMongoClient is bound to the loop it starts on).
+    `auth` and `pipelines` made earlier (main validates them) are used as they are: each is built, and its
+    warnings logged, once."""
+    auth = auth or make_authenticator(config)
     if pipelines is None:
-        pipelines = load_pipelines(config.pipelines_file) if config.pipelines_file else default_pipelines()
+        pipelines = make_pipelines(config)
     logs.redact(auth.token, *(os.environ.get(p.api_key_env) for p in pipelines if p.api_key_env))  # never logged
     metrics = Metrics(p.id for p in pipelines)
     client = AsyncMongoClient(config.mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000)
@@ -90,7 +98,7 @@ async def open_services(config, *, pipelines=None, provider_factory=None):
     extra = {"provider_factory": provider_factory} if provider_factory else {}
     streams = StreamManager(store, bus, pipelines, instance_id=instance_id,
                             checkpoint_interval=config.checkpoint_interval, lease_seconds=config.lease_seconds,
-                            max_queued=config.max_queued, metrics=metrics, **extra)
+                            max_queued=config.max_queued, metrics=metrics, cluster=config.cluster, **extra)
     chat = ChatService(store, hub, fanout, bus, streams, pipelines,
                        limiter=RateLimiter(config.rate_limit, config.rate_burst),
                        on_last_viewer_gone=config.on_last_viewer_gone)
@@ -140,49 +148,72 @@ def make_app(services):
         log_function=ops.log_function(services.metrics))
 
 
-async def serve(config):
-    services = await open_services(config)
+def banner(config, url):
+    """The ready-to-use URL, on stdout (it carries the token, so it never goes to the log stream). In JSON mode
+    it is one JSON line too, so every stream Parley writes parses line by line."""
+    if config.log_format == "json":
+        print(json.dumps({"time": logs.iso_time(time.time()), "level": "INFO", "logger": "parley",
+                          "message": "Parley is running", "url": url}), flush=True)
+    else:
+        print(f"\n    Parley is running. Open, or connect clients with this token:\n\n        {url}\n", flush=True)
+
+
+async def serve(config, **made):
+    services = await open_services(config, **made)
+    logs.bind_process(instance=services.instance_id)
     app = make_app(services)
     server = app.listen(config.port, config.host)
     log.info("Parley listening on http://%s:%s/ (instance %s, auth %s)", config.host, config.port,
              services.instance_id, config.auth)
     if services.auth.mode == "token":
-        url = f"http://{config.host}:{config.port}/?token={services.auth.token}"
-        print(f"\n    Parley is running. Open, or connect clients with this token:\n\n        {url}\n", flush=True)
+        banner(config, f"http://{config.host}:{config.port}/?token={services.auth.token}")
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
-    services.draining = True  # /readyz now answers 503, so a balancer stops sending new clients here
-    log.info("shutting down")
-    server.stop()
-    await close_services(services)  # every live reply ends as `interrupted`, and its viewers are told
-    services.bus.publish(events.reconnect("server shutting down"))  # this instance's connections only
+    await drain(services, server)
+
+
+async def drain(services, server):
+    """Graceful shutdown: /readyz and new WebSockets answer 503, connected clients are told to reconnect (they
+    resume on another instance), replies get --drain-timeout to finish, the rest end `interrupted`."""
+    services.draining = True
+    log.info("draining: telling %d clients to reconnect elsewhere", len(services.hub.connections))
+    server.stop()  # no new connections: nginx sends new clients to another instance
+    services.bus.publish(events.reconnect("server restarting"))  # this instance's connections only
     for conn in list(services.hub.connections.values()):
-        conn.close(1001, "server shutting down")
+        conn.close(1012, "server restarting")
+    await services.streams.drain(services.config.drain_timeout)
+    await close_services(services)  # what is still generating is checkpointed and ends `interrupted`
     await server.close_all_connections()
+
+
+def fail(config, problem):
+    """End start-up naming the problem: a JSON line in JSON mode (the stream stays parseable), else plain."""
+    if config.log_format == "json":
+        log.critical("parley: %s", problem)
+        raise SystemExit(1)
+    raise SystemExit(f"parley: {problem}")
 
 
 def main(argv=None):
     config = parse_args(argv)
     logs.setup(level=config.log_level, fmt=config.log_format)
     try:  # fail before anything starts, with a message that names the problem
-        make_authenticator(config)
-        if config.pipelines_file:
-            load_pipelines(config.pipelines_file)
+        made = {"auth": make_authenticator(config), "pipelines": make_pipelines(config)}
         if config.cluster and not config.mongo_url:
             raise ValueError("--cluster needs --mongo-url: every instance must share one MongoDB (a replica set)")
     except (PipelineConfigError, ValueError) as exc:
-        raise SystemExit(f"parley: {exc}") from None
+        fail(config, exc)
     embedded = None
     if not config.mongo_url:
         embedded = EmbeddedMongo(os.path.join(config.data_dir, "mongo")).start()
         config.mongo_url = embedded.url
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, **made))
     except ClusterConfigError as exc:
-        raise SystemExit(f"parley: {exc}") from None
+        fail(config, exc)
     finally:
         if embedded:
             embedded.stop()

@@ -23,7 +23,9 @@ class BaseHandler(web.RequestHandler):
     def prepare(self):
         self.request.remote_ip = client_address(self.request, self.services.config.trusted_proxies)
         # Each request runs in its own task: these log fields stay with this request.
-        logs.bind(pipeline=self.path_kwargs.get("pipeline"), session_id=self.path_kwargs.get("session_id"))
+        rid = logs.request_id(self.request.headers.get("X-Request-Id"))
+        self.set_header("X-Request-Id", rid)
+        logs.bind(request_id=rid, pipeline=self.path_kwargs.get("pipeline"), session_id=self.path_kwargs.get("session_id"))
         if not self.public:
             self.identity = self.services.auth.identify(self.request)
 

@@ -29,7 +29,7 @@ STREAM_MODES = ("cumulative", "delta")
 CLOSE_FOR_STATUS = {400: 4400, 401: 4401, 403: 4403, 404: 4404, 503: 1011}
 CLOSE_FOR_CODE = {"capacity": CLOSE_CAPACITY}
 # Server-initiated close code -> parley_ws_disconnects_total{reason}. 1000 is the client's own `disconnect`.
-DISCONNECT_FOR_CODE = {1001: "shutdown", 1008: "auth", 4401: "auth", 4403: "auth", 1009: "oversize",
+DISCONNECT_FOR_CODE = {1001: "shutdown", 1012: "shutdown", 1008: "auth", 4401: "auth", 4403: "auth", 1009: "oversize",
                        CLOSE_CAPACITY: "capacity", 1011: "unavailable", 4400: "invalid", 4404: "invalid",
                        CLOSE_SLOW_CONSUMER: "slow"}
 
@@ -45,6 +45,13 @@ class ChatSocket(websocket.WebSocketHandler):
     def prepare(self):
         self.request.remote_ip = client_address(self.request, self.services.config.trusted_proxies)
         self.set_header("X-Parley-Instance", self.services.instance_id)  # sent with the 101 handshake answer
+        rid = logs.request_id(self.request.headers.get("X-Request-Id"))
+        self.set_header("X-Request-Id", rid)
+        logs.bind(request_id=rid)  # on every line of this socket's life, with its conn_id once registered
+        if self.services.draining:  # behind nginx, the handshake is retried on another instance
+            self.set_status(503)
+            self.set_header("Content-Type", "application/json; charset=utf-8")
+            self.finish(json.dumps({"code": "draining", "message": "this server is restarting; connect again"}))
 
     def check_origin(self, origin):
         """Cross-site WebSocket hijacking guard: same host, or an origin on --allowed-origins."""

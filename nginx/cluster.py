@@ -84,8 +84,11 @@ class Instance:
         cmd = [sys.executable, str(ROOT / "server.py"), "--host", "127.0.0.1", "--port", str(self.port),
                "--mongo-url", c.mongo_url, "--db-name", c.db_name, "--instance-id", self.id,
                "--trusted-proxies", "127.0.0.1", "--cluster", *c.extra_args]
-        if c.token:
-            cmd += ["--token", c.token]
+        if c.token:  # from a file: a secret on the command line shows in `ps`
+            token_file = Path(c.workdir) / "token"
+            token_file.write_text(c.token)
+            token_file.chmod(0o600)
+            cmd += ["--token-file", str(token_file)]
         if c.pipelines_file:
             cmd += ["--pipelines", str(c.pipelines_file)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}

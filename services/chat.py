@@ -142,6 +142,7 @@ class ChatService:
             if existing:
                 return await self._duplicate(existing)
         self.streams.check_capacity(session["_id"])
+        await self.streams.check_shared_capacity(session["_id"], session["pipeline"])
         if self.limiter is not None:
             self.limiter.take(identity.user_id)
         seq = await self.store.next_seqs(session["_id"], 2)
@@ -184,12 +185,15 @@ class ChatService:
             check_id(message_id, "message_id")
         stopped = self.streams.stop(session_id, message_id)
         self.bus.publish(events.stop(session_id, message_id))  # the owner of a reply running elsewhere
-        self._record_stop(session_id, stopped if message_id is None else [message_id])
+        if message_id is None and self.streams.cluster:
+            self._record_stop(session_id, None)  # the session's live replies on every instance
+        else:
+            self._record_stop(session_id, stopped if message_id is None else [message_id])
         return stopped
 
     def _record_stop(self, session_id, message_ids):
         """Make a stop durable in the background: the generation re-checks it at every checkpoint."""
-        if not message_ids:
+        if message_ids is not None and not message_ids:
             return
         task = asyncio.get_running_loop().create_task(self._write_stop(session_id, message_ids),
                                                       name=f"stop-{session_id}")
@@ -198,7 +202,10 @@ class ChatService:
 
     async def _write_stop(self, session_id, message_ids):
         try:
-            await self.store.request_stop(session_id, message_ids)
+            if message_ids is None:
+                await self.store.request_session_stop(session_id)
+            else:
+                await self.store.request_stop(session_id, message_ids)
         except Exception as exc:  # the local signal already did the work; this is the safety net
             log.warning("could not record stop session_id=%s message_ids=%s: %s", session_id, message_ids, exc)
 

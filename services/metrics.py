@@ -134,6 +134,11 @@ class Metrics:
                                        ("handler", "status"), buckets=FAST_BUCKETS, registry=r)
 
         self._create_label_values()
+        # Children bound once for the per-frame and per-chunk paths.
+        self._sent = {kind: self.frames_sent.labels(kind) for kind in SERVER_FRAMES}
+        self._received = {kind: self.frames_received.labels(kind) for kind in CLIENT_FRAMES}
+        self._streamed = {pid: tuple(self.streamed_chars.labels(pid, kind) for kind in STREAMED_KINDS)
+                          for pid in self.pipelines | {"other"}}
 
     def _create_label_values(self):
         for pid in self.pipelines | {"other"}:
@@ -188,13 +193,14 @@ class Metrics:
         self.connection_duration.labels(pid).observe(time.time() - conn.created_at)
 
     def frame_received(self, kind):
-        self.frames_received.labels(_known(kind, CLIENT_FRAMES, "unknown")).inc()
+        self._received.get(kind, self._received["unknown"]).inc()
 
     def frame_encoded(self):
         self.frames_encoded.inc()
 
     def frame_sent(self, kind, size):
-        self.frames_sent.labels(_known(kind, SERVER_FRAMES, "other")).inc()
+        # Once per frame per viewer: label children are looked up in a plain dict, not through labels().
+        self._sent.get(kind, self._sent["other"]).inc()
         self.bytes_sent.inc(size)
 
     def disconnected(self, reason):
@@ -219,10 +225,11 @@ class Metrics:
         if gen.first_token_at is None and gen.started_at is not None:
             gen.first_token_at = time.monotonic()
             self.first_token.labels(pid).observe(gen.first_token_at - gen.started_at)
+        text_chars, thinking_chars = self._streamed[pid]
         if text:
-            self.streamed_chars.labels(pid, "text").inc(len(text))
+            text_chars.inc(len(text))
         if thinking:
-            self.streamed_chars.labels(pid, "thinking").inc(len(thinking))
+            thinking_chars.inc(len(thinking))
 
     def generation_finished(self, gen):
         """After the terminal frame went out: the status is final."""

@@ -72,7 +72,7 @@ class Pipelines:
 
 def default_pipelines():
     return Pipelines([Pipeline(id="default", name="Demo assistant", provider="demo", model="demo",
-                               options={"words": 60, "rate": 20})])
+                               options={"rate": 40, "thinking": True})])
 
 
 class PipelineConfigError(ValueError):
@@ -221,7 +221,7 @@ _OPENAI_OPTIONS = {
 _DEMO_OPTIONS = {
     "words": (lambda v: _int(v) and v >= 0, "an integer, 0 or more"),
     "rate": (lambda v: _num(v) and v >= 0, "a number, 0 or more (0 = as fast as possible)"),
-    "thinking": (lambda v: _int(v) and v >= 0, "an integer, 0 or more"),
+    "thinking": (lambda v: isinstance(v, bool) or _int(v) and v >= 0, "true, false, or a word count (0 or more)"),
     "chunk_words": (lambda v: _int(v) and v >= 1, "a positive integer"),
 }
 

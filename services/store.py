@@ -131,6 +131,34 @@ class Store:
             raise NotFound(f"no session {session_id!r}", code="session_not_found")
         return doc["next_seq"] - count + 1
 
+    # one reply at a time per session, across instances (cluster mode)
+
+    @timed
+    async def claim_turn(self, session_id, message_id, seq):
+        """Take the session's generation turn for reply `message_id` (number `seq`): only when it is the oldest
+        live reply of the session and no other reply holds the turn (compare-and-set on the session).
+        True: ours. False: wait. None: this reply is no longer live (ended elsewhere)."""
+        oldest = await self.messages.find_one(
+            {"session_id": session_id, "role": "assistant", "status": {"$in": list(LIVE)}, "seq": {"$lte": seq}},
+            {"_id": 1}, sort=[("seq", ASCENDING)])
+        if oldest is None:
+            return None
+        if oldest["_id"] != message_id:
+            return False
+        doc = await self.sessions.find_one_and_update(
+            {"_id": session_id, "generating": {"$in": [None, message_id]}}, {"$set": {"generating": message_id}},
+            projection={"generating": 1})
+        return doc is not None
+
+    @timed
+    async def release_turn(self, session_id, message_id):
+        await self.sessions.update_one({"_id": session_id, "generating": message_id}, {"$set": {"generating": None}})
+
+    @timed
+    async def count_live_replies(self, session_id):
+        return await self.messages.count_documents(
+            {"session_id": session_id, "role": "assistant", "status": {"$in": list(LIVE)}})
+
     # messages
 
     @timed
@@ -225,6 +253,14 @@ class Store:
         return result.modified_count
 
     @timed
+    async def request_session_stop(self, session_id):
+        """A stop of a whole session: every live reply of it, whichever instance generates it."""
+        result = await self.messages.update_many(
+            {"session_id": session_id, "role": "assistant", "status": {"$in": list(LIVE)}},
+            {"$set": {"stop_requested": True}, **stamp("stop_requested_at")})
+        return result.modified_count
+
+    @timed
     async def renew_leases(self, message_ids, *, lease_until):
         """Keep our live messages (including queued and silent ones) from looking abandoned."""
         if not message_ids:
@@ -254,6 +290,9 @@ class Store:
              "$inc": {"epoch": 1},  # fences the old owner out: none of its later writes can land
              **stamp("updated_at", "finished_at")},
             return_document=ReturnDocument.AFTER)
+        if doc is not None:  # its turn in the session (cluster mode) passes on
+            await self.sessions.update_one({"_id": doc["session_id"], "generating": message_id},
+                                           {"$set": {"generating": None}})
         if doc is not None and ("text_parts" in doc or "thinking_parts" in doc):
             doc = assemble(doc)  # fold the checkpointed parts into the text (no string append in an update)
             await self.messages.update_one(

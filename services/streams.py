@@ -1,7 +1,7 @@
 """The generation lifecycle: one task per reply, the stop-callback dictionary, live buffers and timeouts.
 
 A generation belongs to its session, not to the socket that asked for it: sockets come and go as viewers
-(services/hub.py); the task here runs to exactly one terminal state, persists it, and sends exactly one final
+(services/fanout.py); the task here runs to exactly one terminal state, persists it, and sends exactly one final
 frame. Replies of one session run one at a time, in the order they were accepted.
 
 `stop_callbacks` maps message id -> callable, one entry per accepted reply (queued or running), removed in the
@@ -19,6 +19,8 @@ from services.metrics import Metrics
 from services.providers import GenerationRequest, ProviderError, Turn, make_provider
 
 log = logging.getLogger(__name__)
+
+TURN_POLL = 0.1  # seconds between claims of a session's turn while another instance's reply runs
 
 
 class Generation:
@@ -49,6 +51,7 @@ class Generation:
         self.epoch = 0                # fencing token from the store's claim: every write of ours must match it
         self.saved = self.saved_thinking = 0  # characters of content/thinking already checkpointed
         self.fenced = False           # the store refused our write: another instance ended this reply
+        self.has_turn = False         # cluster mode: holds its session's generation turn in the store
         # monotonic times for metrics (services/metrics.py)
         self.accepted_at = time.monotonic()
         self.started_at = self.first_token_at = self.stop_requested_at = None
@@ -56,7 +59,7 @@ class Generation:
 
 class StreamManager:
     def __init__(self, store, bus, pipelines, *, instance_id, checkpoint_interval=1.0, lease_seconds=30.0,
-                 max_queued=8, provider_factory=make_provider, metrics=None):
+                 max_queued=8, provider_factory=make_provider, metrics=None, cluster=False):
         self.store = store
         self.bus = bus
         self.pipelines = pipelines
@@ -64,6 +67,7 @@ class StreamManager:
         self.checkpoint_interval = checkpoint_interval
         self.lease_seconds = lease_seconds
         self.max_queued = max_queued
+        self.cluster = cluster    # replies of a session may be accepted on several instances: turns are claimed in the store
         self.provider_factory = provider_factory
         self.metrics = metrics or Metrics()
         self._providers = {}      # pipeline id -> provider, so HTTP clients and their pools are reused
@@ -82,6 +86,13 @@ class StreamManager:
     def check_capacity(self, session_id):
         if len(queue := self.by_session.get(session_id, {})) > self.max_queued:
             self.metrics.session_busy(next(iter(queue.values())).pipeline_id)
+            raise Busy("this session already has replies waiting; try again when one finishes",
+                       code="session_busy")
+
+    async def check_shared_capacity(self, session_id, pipeline_id):
+        """Cluster mode: the `session_busy` limit counts the session's live replies on every instance."""
+        if self.cluster and await self.store.count_live_replies(session_id) > self.max_queued:
+            self.metrics.session_busy(pipeline_id)
             raise Busy("this session already has replies waiting; try again when one finishes",
                        code="session_busy")
 
@@ -127,6 +138,17 @@ class StreamManager:
             if gen.running:
                 gen.task.cancel()
 
+    async def drain(self, timeout):
+        """Wait up to `timeout` seconds for the live replies to end on their own."""
+        pending = [g.done.wait() for g in self.generations.values()]
+        if pending:
+            log.info("draining: %d replies get %g s to finish", len(pending), timeout)
+            try:
+                async with asyncio.timeout(timeout):
+                    await asyncio.gather(*pending)
+            except TimeoutError:
+                log.info("draining: %d replies still running are interrupted", len(self.generations))
+
     async def shutdown(self):
         """Interrupt every live reply and wait until each has persisted its terminal state."""
         gens = list(self.generations.values())
@@ -152,6 +174,8 @@ class StreamManager:
             if gen.previous is not None:
                 await gen.previous.done.wait()
             gen.previous = None  # let the finished one be collected
+            if self.cluster:
+                await self._wait_turn(gen)
             gen.status = "streaming"
             self.metrics.generation_streaming(gen)
             doc = await self.store.mark_streaming(gen.message_id, instance=self.instance_id,
@@ -182,6 +206,17 @@ class StreamManager:
             gen.status, gen.error = "failed", {"code": "internal_error", "message": "the reply failed"}
         finally:
             await self._finish(gen)
+
+    async def _wait_turn(self, gen):
+        """Replies of a session accepted on other instances go first when they were accepted first."""
+        while True:
+            turn = await self.store.claim_turn(gen.session_id, gen.message_id, gen.seq)
+            if turn:
+                gen.has_turn = True
+                return
+            if turn is None:  # ended elsewhere while it waited: mark_streaming will find it is not ours
+                return
+            await asyncio.sleep(TURN_POLL)
 
     async def _request(self, gen, pipeline):
         turns = []
@@ -326,6 +361,8 @@ class StreamManager:
                 if doc is not None and doc["status"] not in LIVE:
                     final = frames.snapshot(doc)
                     gen.status, gen.error = doc["status"], doc.get("error")
+            if gen.has_turn and final is not None:
+                await self.store.release_turn(gen.session_id, gen.message_id)
         except Exception:
             log.exception("could not end message_id=%s status=%s", gen.message_id, gen.status)
         finally:

@@ -69,8 +69,9 @@ def cluster(tmp_path_factory, mongo_url):
     pipelines.write_text(pipelines_toml(upstream_port))
     db_name = "c_" + uuid.uuid4().hex[:12]
     c = Cluster(workdir, instances=3, mongo_url=mongo_url, db_name=db_name, pipelines_file=pipelines,
-                extra_args=["--auth", "jwt", "--jwt-secret", JWT_SECRET, "--lease-seconds", str(LEASE),
-                            "--checkpoint-interval", "0.05", "--rate-limit", "1000", "--rate-burst", "1000",
+                env={"PARLEY_JWT_SECRET": JWT_SECRET},
+                extra_args=["--auth", "jwt", "--lease-seconds", str(LEASE),
+                            "--checkpoint-interval", "0.05", "--drain-timeout", "1", "--rate-limit", "1000", "--rate-burst", "1000",
                             "--log-level", "info"])
     c.upstream_port = upstream_port
     c.start()
@@ -130,3 +131,16 @@ async def wait_for(predicate, timeout=20.0, interval=0.05):
             return value
         assert loop.time() < deadline, "condition not reached in time"
         await asyncio.sleep(interval)
+
+
+async def spread(cluster):
+    """One source address per instance: {instance_id: "127.0.n.1"} (ip_hash is deterministic; cached)."""
+    if getattr(cluster, "sources", None) is None:
+        found = {}
+        for n in range(1, 40):
+            found.setdefault(await instance_for(cluster, source(n)), source(n))
+            if len(found) == len(cluster.instances):
+                break
+        assert len(found) == len(cluster.instances), found
+        cluster.sources = found
+    return cluster.sources

@@ -23,7 +23,7 @@ async def run_client(base_url, *args):
 
 async def test_resume_demo_stitches_the_reply_across_a_dropped_connection(base_url, services):
     code, out, err = await run_client(base_url, "--pipeline", "resumable", "--resume-demo", "--cut-after", "5",
-                                      "resume me")
+                                      "--text", "resume me")
     assert code == 0, err
     assert "stitched text equals the final" in err and "resumed at offset" in err
     text = out.rstrip("\n")
@@ -33,7 +33,7 @@ async def test_resume_demo_stitches_the_reply_across_a_dropped_connection(base_u
 
 
 async def test_multi_runs_concurrent_connections(base_url, services):
-    code, out, err = await run_client(base_url, "--pipeline", "resumable", "--multi", "3", "hello")
+    code, out, err = await run_client(base_url, "resumable", "--multi", "3", "--text", "hello")
     assert code == 0, err
     lines = out.strip().splitlines()
     assert len(lines) == 3 and all(": completed " in line for line in lines), out

@@ -1,7 +1,12 @@
 """The nginx-fronted cluster: three real instances on one store behind a real nginx (tests/cluster.py)."""
-import pytest
+import asyncio
+import signal
 
-from tests.cluster import cluster, connect, fetch, instance_for, source  # noqa: F401 (cluster is a fixture)
+import pytest
+from pymongo import MongoClient
+
+from tests.test_resume import Received, follow
+from tests.cluster import cluster, connect, fetch, instance_for, source, spread, wait_for  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.gen_test(timeout=120)
 
@@ -50,3 +55,104 @@ def test_cluster_mode_without_a_shared_store_refuses_to_start(tmp_path):
                          capture_output=True, text=True, timeout=30)
     assert out.returncode != 0
     assert "--cluster needs --mongo-url" in out.stderr
+
+
+async def test_group_replies_run_one_at_a_time_across_instances(cluster):
+    members = ["g1", "g2", "g3"]
+    clients = [await connect(cluster, "paced", src=source(n + 1), user=u) for n, u in enumerate(members)]
+    assert len({c.instance for c in clients}) == 3
+    code, body, _ = await fetch(cluster, "/api/v1/pipelines/paced/sessions", method="POST", user="g1",
+                                body={"session_type": "group", "members": members})
+    assert code in (200, 201), body
+    session_id = body["data"]["session_id"]
+    for c in clients:
+        await c.send({"type": "session.join", "session_id": session_id})
+        await c.recv_type("session.joined")
+    acks = await asyncio.gather(*(c.say(f"from {c.connected['user_id']} #{i}", session_id=session_id)
+                                  for i in range(3) for c in clients))
+    assert all(a["type"] == "ack" for a in acks), acks
+    reply_ids = {a["data"]["reply_message_id"] for a in acks}
+
+    async def all_done():
+        code, body, _ = await fetch(cluster, f"/api/v1/pipelines/paced/sessions/{session_id}/messages?limit=100",
+                                    user="g1")
+        replies = [m for m in body["data"]["messages"] if m["message_id"] in reply_ids]
+        return replies if len(replies) == 9 and all(m["is_final"] for m in replies) else None
+
+    replies = await wait_for(all_done, timeout=60)
+    assert {m["status"] for m in replies} == {"completed"}
+    with MongoClient(cluster.mongo_url) as client:
+        docs = list(client[cluster.db_name].messages.find({"_id": {"$in": list(reply_ids)}}))
+    spans = sorted((d["started_at"], d["finished_at"], d["seq"], d["instance"]) for d in docs)
+    for earlier, later in zip(spans, spans[1:]):
+        assert earlier[1] <= later[0], f"replies overlapped: {earlier} and {later}"
+    assert [s[2] for s in spans] == sorted(s[2] for s in spans), "replies ran out of acceptance order"
+    assert len({s[3] for s in spans}) == 3  # generated on all three instances
+    for c in clients:
+        c.close()
+
+
+async def test_session_busy_counts_replies_waiting_on_every_instance(cluster):
+    where = await spread(cluster)
+    clients = [await connect(cluster, "slow", src=src, user="busy") for src in where.values()]
+    session_id = clients[0].connected["session_id"]  # the user's default session, the same everywhere
+    assert {c.connected["session_id"] for c in clients} == {session_id}
+    answers = []
+    for round_ in range(4):  # 12 sends, at most 4 per instance: only a shared count can refuse any
+        for c in clients:
+            answers.append(await c.say(f"round {round_}"))
+    busy = [a for a in answers if a["type"] == "error"]
+    accepted = [a for a in answers if a["type"] == "ack"]
+    assert busy and all(a["code"] == "session_busy" for a in busy), busy
+    assert len(accepted) == 9  # --max-queued 8: eight waiting behind the running one
+    code, body, _ = await fetch(cluster, f"/api/v1/pipelines/slow/sessions/{session_id}/stop", method="POST",
+                                src=where[cluster.instances[0].id], user="busy")
+    assert code == 200, body
+
+    async def all_ended():
+        code, body, _ = await fetch(cluster, f"/api/v1/pipelines/slow/sessions/{session_id}/messages?limit=100",
+                                    user="busy")
+        replies = [m for m in body["data"]["messages"] if m["role"] == "assistant"]
+        return replies if all(m["is_final"] for m in replies) else None
+
+    replies = await wait_for(all_ended, timeout=30)
+    assert {m["status"] for m in replies} == {"stopped"}
+    for c in clients:
+        c.close()
+
+
+async def test_sigterm_drains_clients_to_other_instances_and_ends_replies_cleanly(cluster):
+    where = await spread(cluster)
+    victim = cluster.instances[1]
+    src = where[victim.id]
+    client = await connect(cluster, "slow", src=src, user="drained")
+    assert client.instance == victim.id
+    got = Received((await client.say("keep talking"))["data"]["reply_message_id"])
+    for _ in range(10):
+        got.add(await client.recv_type("response"))
+    victim.signal(signal.SIGTERM)
+    while True:  # the rest of what was in flight, then `reconnect`, then close 1012
+        frame = await client.recv(timeout=20)
+        assert frame is not None, "closed without a reconnect frame"
+        if frame["type"] == "reconnect":
+            break
+        if frame["type"] == "response":
+            got.add(frame)
+    assert await client.wait_closed(timeout=20) == (1012, "server restarting")
+    # new sockets from the same address go to another instance at once
+    moved = await connect(cluster, "slow", src=src, user="drained")
+    assert moved.instance != victim.id
+    assert await asyncio.get_running_loop().run_in_executor(None, victim.proc.wait, 30) == 0
+    await moved.send({"type": "resume", "message_id": got.message_id, **got.offsets})
+    await moved.recv_type("resumed")
+    await follow(moved, got, timeout=20)
+    final = got.finals[0]
+    assert final["status"] == "interrupted" and final["content"] == got.joined(got.text)
+    with MongoClient(cluster.mongo_url) as db:
+        stored = db[cluster.db_name].messages.find_one({"_id": got.message_id})
+        assert db[cluster.db_name].messages.count_documents({"status": {"$in": ["queued", "streaming"]},
+                                                               "instance": victim.id}) == 0
+    assert stored["status"] == "interrupted" and stored["content"] == final["content"]
+    moved.close()
+    victim.start()
+    await asyncio.get_running_loop().run_in_executor(None, victim.wait_ready)

@@ -2,6 +2,7 @@
 import io
 import json
 import logging
+import re
 
 import pytest
 from pymongo import MongoClient
@@ -85,6 +86,7 @@ async def test_chat_lines_carry_their_ids(connect, captured, services):
     assert stopped["session_id"] == session_id and stopped["message_id"] == reply_id
     assert stopped["conn_id"] == conn_id and stopped["level"] == "INFO"
     assert line("connection registered")["conn_id"] == conn_id
+    assert registered["request_id"] == line("connection registered")["request_id"]  # the socket's handshake
     for entry in lines:
         assert {"time", "level", "logger", "message"} <= entry.keys()
 
@@ -108,6 +110,9 @@ async def test_tokens_and_api_keys_never_reach_the_log(ws_url, captured, service
     access = [e for e in captured() if e["logger"] == "tornado.access" and e.get("status") == 101]
     assert access and "token=***" in access[0]["uri"] and access[0]["level"] == "INFO"
     assert any(e["message"].startswith("a careless line: key=***") for e in captured())
+    # the failed reply is one event: one WARNING line, not one from the provider and one from the stream manager
+    failed = [e for e in captured() if e["level"] == "WARNING" and "upstream_unauthorized" in e["message"]]
+    assert len(failed) == 1, failed
 
 
 @pytest.mark.gen_test(timeout=20)
@@ -117,7 +122,9 @@ async def test_access_log_level_follows_status(fetch, captured, services):
     await fetch("/healthz")
     services.draining = True
     await fetch("/readyz")
-    levels = {(e["uri"], e["status"]): e["level"] for e in captured() if e["logger"] == "tornado.access" and "uri" in e}
+    access = [e for e in captured() if e["logger"] == "tornado.access" and "uri" in e]
+    assert len({e["request_id"] for e in access}) == len(access) == 4  # every request has its own id
+    levels = {(e["uri"], e["status"]): e["level"] for e in access}
     assert levels == {("/api/v1/pipelines", 200): "INFO", ("/api/v1/pipelines/nope/sessions", 404): "WARNING",
                       ("/healthz", 200): "DEBUG", ("/readyz", 503): "ERROR"}
 
@@ -139,3 +146,45 @@ def test_text_format_appends_context_and_scrubs():
     assert "abc123" not in out and "abc.def" not in out
     assert "token=***" in out and "Bearer ***" in out
     assert out.rstrip().endswith("[pipeline=p1 conn_id=c1]")
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_percent_encoded_token_is_scrubbed_too(ws_url, captured, services):
+    # Tornado decodes `%74oken` to `token`, so this connects; the access log must not keep the token either way.
+    for query in ("%74oken", "%74%6F%6B%65%6E"):
+        url = ws_url("default").replace("/ws/connect", "/ws/connect?" + query + "=" + TOKEN)
+        c = Client(await websocket_connect(url))
+        assert (await c.recv())["type"] == "connected"  # it was the token: the server took it
+        c.close()
+    logging.getLogger("parley.test").info("GET /x?%2574oken=" + TOKEN)  # double-encoded, in any line
+    text = captured.text()
+    assert TOKEN not in text
+    uris = [e["uri"] for e in captured() if e["logger"] == "tornado.access" and e.get("status") == 101]
+    assert len(uris) == 2 and all(u.endswith("=***") for u in uris), uris
+
+
+def test_scrub_decodes_before_matching_but_never_forges_a_line():
+    assert logs.scrub("/ws?%74oken=abc&x=1") == "/ws?token=***&x=1"
+    assert logs.scrub("/ws?a=1&%61pi_key=sk-1") == "/ws?a=1&api_key=***"
+    assert logs.scrub("/ws?%54%4F%4B%45%4E=abc") == "/ws?TOKEN=***"
+    assert logs.scrub("/ws?q=a%0Atoken=forged") == "/ws?q=a%0Atoken=forged"  # a newline stays escaped
+
+
+def test_json_lines_have_iso_utc_millisecond_times_and_the_instance():
+    stream = io.StringIO()
+    handler = logs.make_handler("json", stream)
+    log = logging.getLogger("parley.test.json")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    logs.bind_process(instance="test-instance")
+    try:
+        log.info('quote " and %s', "100%22")
+    finally:
+        log.removeHandler(handler)
+        log.propagate = True
+        logs._static.pop("instance", None)
+    (line,) = stream.getvalue().splitlines()
+    entry = json.loads(line)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entry["time"]), entry["time"]
+    assert entry["instance"] == "test-instance" and entry["message"] == 'quote " and 100"'

@@ -334,7 +334,7 @@ async def test_rejected_key_is_logged_with_ids_and_never_shown(upstream, provide
     upstream.api_key = "sk-the-right-one"
     monkeypatch.setenv("PARLEY_TEST_KEY", KEY)
     provider = provider_for("m", api_key_env="PARLEY_TEST_KEY")
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.DEBUG):  # the provider's detail line; the stream manager warns once
         err, _ = await failure(provider, request(provider))
     assert err.code == "upstream_unauthorized"
     assert "Incorrect API key" in err.message and KEY not in err.message   # the fake echoed it; we scrubbed

@@ -1,53 +1,130 @@
-"""The offline default provider: deterministic text at a configurable rate, no network, no key.
+"""The offline default provider: a readable, deterministic answer about the question, no network, no key.
 
-Options (pipeline `options`): `words` (reply length), `rate` (words per second; 0 = as fast as possible),
-`thinking` (words of reasoning streamed first; 0 = none), `chunk_words` (words per chunk).
-The reply starts by quoting the prompt, so a person trying `make run` sees their message was understood.
+The answer quotes the prompt, then explains its topic in Markdown — a paragraph, a list, a code block, a closing
+line — so a first look at streaming shows text worth reading and a client's Markdown rendering. It can think
+first (streamed as `thinking`), and it streams at a set speed.
+
+Options (pipeline `options`, see docs/providers.md):
+  rate         words per second (0 = as fast as possible); the speed of the stream
+  thinking     true: a short reasoning before the answer; N > 0: exactly N words of it; 0/false: none
+  words        0: the whole answer; N > 0: exactly N words after the quote, the answer repeated as needed
+               (long, predictable replies for tests and load)
+  chunk_words  words per chunk
+Non-ASCII text (café, naïve, 🙂) is part of every answer: offsets count code points, and this shows it.
 """
 import asyncio
 import hashlib
+import re
 
 from services.providers import Chunk
 
-VOCABULARY = (
-    "parley streams every reply token by token while anyone in the conversation may stop it and a client "
-    "that drops comes back to the exact character where it left café naïve résumé déjà vu über 🙂 so the "
-    "text stays whole across reloads networks and restarts with nothing lost and nothing doubled"
-).split()
+STOPWORDS = set("""a an and are as at be but by can could did do does for from had has have how i if in into is it
+its me my of on or please should so tell than that the their them then there these this to us was we what when
+where which who why will with would you your about explain show give some more any just""".split())
+
+OPENINGS = (
+    "Here is a short overview of {topic}.",
+    "Good question: {topic} is easier to see in pieces.",
+    "Let's look at {topic} step by step.",
+)
+
+ANSWER = """{opening} In a few words: {topic} is best understood by what it does, why it matters, and how \
+to try it yourself.
+
+The main points:
+
+- **What it is**: the idea behind {topic}, in plain terms, with the one detail that matters most.
+- **Why it matters**: it saves work later, and mistakes show up early instead of in production.
+- **How to try it**: start small, change one thing at a time, and measure before and after.
+
+A small example:
+
+```python
+def explain(topic):
+    steps = ["start small", "measure", "improve"]
+    return f"{{topic}}: " + ", then ".join(steps)
+
+print(explain("{short}"))  # works the same for café, naïve or 🙂
+```
+
+In short: {topic} rewards patience. (This answer comes from Parley's offline demo provider; point a pipeline \
+at a real model to get real answers.)"""
+
+THINKING = """The question is about {topic}. I should say what it is, why it matters and how to try it, \
+then show a short code example and sum up in one line. A list will keep it easy to scan."""
 
 
-def demo_words(seed_text, count):
-    start = int(hashlib.sha256(seed_text.encode()).hexdigest(), 16) % len(VOCABULARY)
-    return [VOCABULARY[(start + i) % len(VOCABULARY)] for i in range(count)]
+def topic_of(prompt):
+    """The prompt's content words, e.g. "What is a resumable stream?" -> "resumable stream"."""
+    words = [w for w in re.findall(r"[\w'’-]+", prompt) if w.lower() not in STOPWORDS]
+    return " ".join(words[:6]) or "this"
+
+
+def tokens(text):
+    """Words with the whitespace before them, so joining them gives the text back exactly."""
+    return re.findall(r"\s*\S+", text)
+
+
+def exactly(text, count):
+    """`count` words of `text`, repeated as needed (separated by a blank line)."""
+    if count <= 0:
+        return []
+    base = tokens(text)
+    out = []
+    while len(out) < count:
+        block = base if not out else ["\n\n" + base[0].lstrip()] + base[1:]
+        out.extend(block[:count - len(out)])
+    return out
 
 
 class DemoProvider:
     def __init__(self, pipeline):
         opts = pipeline.options
-        self.words = int(opts.get("words", 60))
+        self.words = int(opts.get("words", 0))
         self.rate = float(opts.get("rate", 20))
-        self.thinking = int(opts.get("thinking", 0))
+        thinking = opts.get("thinking", 0)
+        self.thinking = -1 if thinking is True else int(thinking or 0)  # -1: the whole reasoning
         self.chunk_words = max(1, int(opts.get("chunk_words", 1)))
         self.model = pipeline.model or "demo"
+
+    def answer(self, prompt):
+        topic = topic_of(prompt)
+        seed = int(hashlib.sha256(prompt.encode()).hexdigest(), 16)
+        opening = OPENINGS[seed % len(OPENINGS)].format(topic=topic)
+        body = ANSWER.format(opening=opening, topic=topic, short=topic.split()[0] if topic else "this")
+        quoted = " ".join(prompt.split()[:12])
+        head = [f'You said "{quoted}".'] if quoted else []
+        parts = exactly(body, self.words) if self.words else tokens(body)
+        if head and parts:
+            parts[0] = "\n\n" + parts[0].lstrip()
+        return head + parts
+
+    def reasoning(self, prompt):
+        text = THINKING.format(topic=topic_of(prompt))
+        return tokens(text) if self.thinking < 0 else exactly(text, self.thinking)
 
     async def stream(self, request):
         prompt = request.prompt.text if request.prompt else ""
         if self.thinking:
-            for piece in self._pieces(demo_words("think:" + prompt, self.thinking)):
+            for piece in self._pieces(self.reasoning(prompt)):
                 await self._pace()
                 yield Chunk(thinking=piece)
-        quoted = " ".join(prompt.split()[:12])
-        head = [f'You said "{quoted}".'] if quoted else []
-        for piece in self._pieces(head + demo_words(prompt, self.words)):
+        words = self.answer(prompt)
+        for piece in self._pieces(words):
             await self._pace()
             yield Chunk(text=piece)
-        n = self.words + len(head)
-        yield Chunk(usage={"prompt_tokens": len(prompt.split()), "completion_tokens": n}, model=self.model)
+        yield Chunk(usage={"prompt_tokens": len(prompt.split()), "completion_tokens": len(words)}, model=self.model)
 
     def _pieces(self, words):
         for i in range(0, len(words), self.chunk_words):
-            yield ("" if i == 0 else " ") + " ".join(words[i:i + self.chunk_words])
+            piece = "".join(words[i:i + self.chunk_words])
+            yield piece.lstrip() if i == 0 else piece
+
+    @property
+    def delay(self):
+        """Seconds between chunks: the stream's speed."""
+        return self.chunk_words / self.rate if self.rate > 0 else 0
 
     async def _pace(self):
         # Always yield to the loop, even at rate 0, so a stop is heard between chunks.
-        await asyncio.sleep(self.chunk_words / self.rate if self.rate > 0 else 0)
+        await asyncio.sleep(self.delay)

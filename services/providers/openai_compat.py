@@ -101,8 +101,8 @@ class OpenAIProvider:
         try:
             key = self._key()
         except ProviderError as err:
-            log.warning("provider failed: pipeline=%s session=%s message=%s code=%s %s", *ids, err.code,
-                        err.message)
+            log.debug("provider failed: pipeline=%s session=%s message=%s code=%s %s", *ids, err.code,
+                      err.message)  # the stream manager logs the failed reply once, at WARNING
             raise
         client = self._get_client(key)
         body = self.request_body(request)
@@ -199,8 +199,9 @@ class OpenAIProvider:
         return err
 
     def _log_failure(self, err, ids, attempt):
-        log.warning("provider failed: pipeline=%s session=%s message=%s code=%s attempts=%d %s", *ids,
-                    err.code, attempt + 1, err.message)
+        # DEBUG: the stream manager logs the failed reply once, at WARNING; this adds the attempts
+        log.debug("provider failed: pipeline=%s session=%s message=%s code=%s attempts=%d %s", *ids,
+                  err.code, attempt + 1, err.message)
 
 
 class _Retry(Exception):

@@ -1,0 +1,163 @@
+"""The terminal client under a real pseudo-terminal, as a person types into it: local commands never reach the
+model, a missing token is explained at once, and a reply streams to the screen."""
+import asyncio
+import os
+import pty
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TEST_TOKEN
+
+pytestmark = pytest.mark.gen_test(timeout=60)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Terminal:
+    """A child process on a pty: `expect` reads the screen until a pattern shows (bounded), `type` types a line."""
+
+    def __init__(self, *args, env=None):
+        self.master, slave = pty.openpty()
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}, **(env or {})}
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "client.py"), *args], stdin=slave, stdout=slave,
+                                     stderr=slave, cwd=ROOT, env=env, close_fds=True)
+        os.close(slave)
+        os.set_blocking(self.master, False)
+        self.screen = ""
+
+    async def expect(self, pattern, timeout=20):
+        """Wait until `pattern` (a regex) appears on the screen after what earlier expects consumed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            self._read()
+            found = re.search(pattern, self.screen, re.S)
+            if found:
+                self.screen = self.screen[found.end():]
+                return found
+            assert loop.time() < deadline, f"{pattern!r} did not appear; screen: {self.screen[-2000:]!r}"
+            await asyncio.sleep(0.02)
+
+    def _read(self):
+        while True:
+            try:
+                chunk = os.read(self.master, 65536)
+            except (BlockingIOError, OSError):  # nothing yet, or the child closed its side (EIO)
+                return
+            if not chunk:
+                return
+            self.screen += chunk.decode(errors="replace").replace("\r\n", "\n")
+
+    def type(self, line):
+        os.write(self.master, (line + "\n").encode())
+
+    async def exit_code(self, timeout=20):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.proc.poll() is None:
+            self._read()
+            assert loop.time() < deadline, "the client did not exit"
+            await asyncio.sleep(0.02)
+        self._read()
+        return self.proc.returncode
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self.master)
+
+
+@pytest.fixture
+def terminal():
+    opened = []
+
+    def start(*args, **kw):
+        t = Terminal(*args, **kw)
+        opened.append(t)
+        return t
+
+    yield start
+    for t in opened:
+        t.close()
+
+
+async def user_messages(services):
+    return [d["content"] async for d in services.store.messages.find({"role": "user"}).sort("created_at", 1)]
+
+
+async def test_local_commands_never_reach_the_model(terminal, base_url, services):
+    t = terminal("default", "--url", base_url, env={"PARLEY_TOKEN": TEST_TOKEN})
+    await t.expect(r"connected to default \(session \w+\); type /help")
+    t.type("/help")
+    for command in ("/stop", "/resume", "/sessions", "/quit"):
+        await t.expect(re.escape(command))
+    t.type("/nonsense")
+    await t.expect(r"unknown command /nonsense")
+    t.type("hello there")
+    await t.expect(r"\[completed\]")
+    t.type("/sessions")
+    await t.expect(r"\* \w+\s+person\s+2 messages")
+    t.type("/resume")  # the reply is complete: the server confirms we have all of it
+    await t.expect(r"\[resuming \w+ at \d+: completed\]")
+    t.type("/stop")
+    t.type("//slash is text")
+    await t.expect(r"\[completed\]")
+    t.type("/quit")
+    assert await t.exit_code() == 0
+    assert await user_messages(services) == ["hello there", "/slash is text"]
+
+
+async def test_a_reply_streams_onto_the_screen(terminal, base_url, services):
+    t = terminal("--url", base_url.replace("http", "ws", 1) + "/?token=" + TEST_TOKEN)  # the URL make run prints
+    await t.expect(r"connected to default")
+    t.type("what is a resumable stream?")
+    shown = (await t.expect(r"stream\?\n(.*)\n\[completed\]")).group(1)  # after the echo of the line we typed
+    t.type("/quit")
+    assert await t.exit_code() == 0
+    reply = (await services.store.messages.find_one({"role": "assistant"}))["content"]
+    assert shown.strip() == reply.strip() and len(reply) > 20
+
+
+async def test_stop_from_the_terminal_stops_the_reply(terminal, base_url, services):
+    t = terminal("slow", "--url", base_url, "--token", TEST_TOKEN)
+    await t.expect(r"connected to slow")
+    t.type("write a lot")
+    await t.expect(r"write a lot\n[^\n]{20,}")  # past the echo of what we typed: the reply is streaming
+    t.type("/stop")
+    await t.expect(r"\[stopped\]")
+    t.type("/quit")
+    assert await t.exit_code() == 0
+    assert await user_messages(services) == ["write a lot"]
+    assert (await services.store.messages.find_one({"role": "assistant"}))["status"] == "stopped"
+
+
+async def test_without_a_token_the_client_says_what_to_do_at_once(terminal, base_url, services):
+    t = terminal("--url", base_url)
+    await t.expect(r"needs a token\. Pass --token TOKEN .*PARLEY_TOKEN.*make run")
+    assert await t.exit_code() == 1
+    assert services.hub.connections == {}  # it never opened a socket to wait on the server's auth timeout
+
+
+async def test_a_wrong_pipeline_or_a_dead_server_is_explained(terminal, base_url, services):
+    t = terminal("nope", "--url", base_url, "--token", TEST_TOKEN)
+    await t.expect(r"no pipeline 'nope' on this server; it has: default")
+    assert await t.exit_code() == 1
+    from services.embedded_mongo import free_port
+    t = terminal("--url", f"ws://127.0.0.1:{free_port()}", "--token", TEST_TOKEN)
+    await t.expect(r"cannot reach Parley at http://127\.0\.0\.1:\d+ .*make run")
+    assert await t.exit_code() == 1
+
+
+def test_without_its_dependencies_client_py_says_how_to_run_it(tmp_path):
+    # A Python without Tornado: the system interpreter in isolated mode, with the repository not on its path.
+    probe = subprocess.run([sys.executable, "-I", "-S", "-c", "import tornado"], capture_output=True)
+    if probe.returncode == 0:
+        pytest.skip("this interpreter has Tornado even with site-packages off")
+    out = subprocess.run([sys.executable, "-I", "-S", str(ROOT / "client.py"), "--help"], capture_output=True,
+                         text=True, timeout=30, cwd=tmp_path)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "make client" in out.stderr and ".venv/bin/parley-client" in out.stderr

@@ -105,6 +105,7 @@ async def open_services(config, *, pipelines=None, provider_factory=None, auth=N
     resumer = Resumer(store, fanout, streams, chat, metrics)
     reaper = Reaper(store, bus, streams, lease_seconds=config.lease_seconds)
     await bus.start()
+    await streams.warm_up()  # the first reply must not pay for imports and client set-up
     await reaper.sweep()  # replies a previous run left `streaming` end now, if their lease has expired
     reaper.start()
     return Services(config=config, client=client, store=store, hub=hub, bus=bus, fanout=fanout, streams=streams,

@@ -178,8 +178,7 @@ class StreamManager:
                 await self._wait_turn(gen)
             gen.status = "streaming"
             self.metrics.generation_streaming(gen)
-            doc = await self.store.mark_streaming(gen.message_id, instance=self.instance_id,
-                                                  lease_until=self.lease_until())
+            doc = await self._claim(gen)
             if doc is None:  # no longer queued: ended elsewhere (the reaper) while it waited here
                 gen.fenced = True
                 raise asyncio.CancelledError
@@ -218,6 +217,19 @@ class StreamManager:
                 return
             await asyncio.sleep(TURN_POLL)
 
+    async def _claim(self, gen):
+        claim = asyncio.ensure_future(self.store.mark_streaming(gen.message_id, instance=self.instance_id,
+                                                                lease_until=self.lease_until()))
+        try:
+            return await asyncio.shield(claim)
+        except asyncio.CancelledError:
+            # Stopped while claiming: the claim may have landed all the same. Learn its epoch, or the terminal
+            # write (fenced by epoch) would be refused and the reply left `streaming` until the reaper.
+            with contextlib.suppress(Exception):
+                if (doc := await claim) is not None:
+                    gen.epoch = doc["epoch"]
+            raise
+
     async def _request(self, gen, pipeline):
         turns = []
         if pipeline.history_messages > 0:
@@ -229,13 +241,26 @@ class StreamManager:
                                  message_id=gen.message_id, history=turns,
                                  prompt=Turn(role="user", text=gen.prompt, sender=gen.sender))
 
+    def provider(self, pipeline):
+        provider = self._providers.get(pipeline.id)
+        if provider is None:
+            provider = self._providers[pipeline.id] = self.provider_factory(pipeline)
+        return provider
+
+    async def warm_up(self):
+        """Before the first client: make every pipeline's provider (imports, HTTP client, TLS context) and let
+        it prepare, so the first reply is as fast as the tenth. A provider that cannot warm up is not an error
+        here: its first reply reports the problem."""
+        for pipeline in self.pipelines:
+            warm = getattr(self.provider(pipeline), "warm_up", None)
+            if warm is not None:
+                await warm()
+
     async def _consume(self, gen, pipeline, request):
         loop = asyncio.get_running_loop()
         limits = pipeline.timeouts
         total_deadline = loop.time() + limits.total
-        provider = self._providers.get(pipeline.id)
-        if provider is None:
-            provider = self._providers[pipeline.id] = self.provider_factory(pipeline)
+        provider = self.provider(pipeline)
         got_token = False
         async with contextlib.aclosing(provider.stream(request)) as chunks:
             try:

@@ -164,7 +164,13 @@
     $("pipeline").value = id;
     localStorage.setItem(PIPELINE_KEY, id);
     await refreshSessions();
-    let target = state.sessions.find((s) => s.session_id === sessionId) || state.sessions[0];
+    let target = state.sessions.find((s) => s.session_id === sessionId);
+    if (!target && sessionId) {  // an older conversation than the list's first page
+      try {
+        return await openSession(sessionId);
+      } catch (e) { /* gone, or not ours: open the newest */ }
+    }
+    target = target || state.sessions[0];
     if (!target) {
       target = await api(P() + "/sessions", {method: "POST", body: {session_type: "person"}});
       await refreshSessions();
@@ -173,8 +179,23 @@
   }
 
   async function refreshSessions() {
-    state.sessions = (await api(P() + "/sessions")).sessions;
+    const page = await api(P() + "/sessions?limit=50");
+    state.sessions = page.sessions;
+    state.sessionsCursor = page.next_cursor || null;
     renderSessions();
+  }
+
+  async function moreSessions() {
+    if (!state.sessionsCursor) return;
+    try {
+      const page = await api(P() + "/sessions?limit=50&cursor=" + encodeURIComponent(state.sessionsCursor));
+      const known = new Set(state.sessions.map((s) => s.session_id));
+      state.sessions.push(...page.sessions.filter((s) => !known.has(s.session_id)));
+      state.sessionsCursor = page.next_cursor || null;
+      renderSessions();
+    } catch (e) {
+      notice("error", "Could not load more conversations: " + e.message, "sessions");
+    }
   }
 
   function sessionLabel(s) {
@@ -188,6 +209,10 @@
       onclick: () => { closeSidebar(); openSession(s.session_id); },
     }, el("span", {class: "title", text: sessionLabel(s)}),
     el("span", {class: "kind", text: s.session_type === "group" ? "group" : ""})))));
+    if (state.sessionsCursor) {
+      $("sessions").append(el("li", null, el("button", {type: "button", class: "link more", text: "More conversations",
+        onclick: moreSessions})));
+    }
   }
 
   async function openSession(id) {

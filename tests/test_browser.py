@@ -409,6 +409,31 @@ def test_history_loads_as_you_scroll_up(new_page, server):
     assert page.inner_text("#session-title") == "Long"
 
 
+def test_the_conversation_list_pages(new_page, server):
+    for i in range(55):
+        status, body = server.rest("/api/v1/pipelines/instant/sessions", "POST", {"title": f"bulk {i}"})
+        assert status == 201, body
+    total, cursor = 0, None
+    for _ in range(20):
+        # the same pages the app asks for (limit=50)
+        body = server.rest("/api/v1/pipelines/instant/sessions?limit=50" + (f"&cursor={cursor}" if cursor else ""))[1]
+        total += len(body["data"]["sessions"])
+        cursor = body["data"]["next_cursor"]
+        if not cursor:
+            break
+    page = new_page()
+    open_app(page, server, "instant")
+    assert page.locator("#sessions button[data-session]").count() == 50
+    page.click("#sessions button.more")
+    page.wait_for_function(f"() => document.querySelectorAll('#sessions button[data-session]').length === {total}")
+    assert page.locator("#sessions button.more").count() == 0
+    # a conversation beyond the first page opens from its address
+    oldest = page.locator("#sessions button[data-session]").last.get_attribute("data-session")
+    page.goto(f"{server.url}/#/instant/{oldest}")
+    page.wait_for_selector("#conn[data-state=open]")
+    assert session_id(page) == oldest
+
+
 def test_rename_reset_and_notices(new_page, server):
     page = new_page()
     open_app(page, server, "instant")

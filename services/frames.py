@@ -1,11 +1,22 @@
-"""Rendering of server frames (docs/protocol.md). LangBot-compatible shapes first, Parley's fields added.
+"""Rendering of server frames (docs/protocol.md), in two dialects.
+
+`langbot` (plain connections): exactly LangBot's frames and fields. `parley` (connections that opted in with the
+`parley.v1` subprotocol or `?protocol=parley.v1`): LangBot's fields plus Parley's, and the extension frames.
+A frame body depends only on the event and the connection's variant (dialect, stream mode), never on which
+connection reads it, so a fan-out can render it once per variant.
 
 Offsets count Unicode code points of the answer (`offset`) and of the reasoning (`thinking_offset`) separately.
 """
 from datetime import datetime, timezone
 from types import SimpleNamespace
 
-from services.hub import Cursor
+from services import hub as _hub  # module, not name: hub imports this module too
+
+
+LANGBOT, PARLEY = "langbot", "parley"
+SUBPROTOCOL = "parley.v1"
+# What a plain LangBot client is ever sent; anything else is an extension frame.
+LANGBOT_TYPES = frozenset({"connected", "response", "user_message", "pong", "broadcast", "error"})
 
 
 def timestamp(dt=None):
@@ -19,8 +30,9 @@ def chain(text):
     return [{"type": "Plain", "text": text}]
 
 
-def message_data(doc, *, connection_id=None):
-    """A persisted message as history and `user_message` frames show it."""
+def message_data(doc, *, connection_id=""):
+    """A persisted message as history and `user_message` frames show it. `connection_id` is LangBot's: the
+    connection that sent a user message ("" for replies and for messages sent over REST)."""
     data = {
         "id": doc["seq"],
         "role": doc["role"],
@@ -36,21 +48,36 @@ def message_data(doc, *, connection_id=None):
     for key in ("thinking", "reply_to", "client_msg_id", "model", "usage", "error"):
         if doc.get(key):
             data[key] = doc[key]
-    if doc["role"] == "assistant":
-        data["is_final"] = doc.get("status") not in ("queued", "streaming")
-    if connection_id:
-        data["connection_id"] = connection_id
+    data["is_final"] = doc.get("status") not in ("queued", "streaming")
+    data["connection_id"] = connection_id
     return data
 
 
-def user_message(doc, conn):
-    return {"type": "user_message", "data": message_data(doc, connection_id=conn.id)}
+def langbot_message(*, id, role, content, message_chain, is_final, connection_id="", ts=None):
+    """LangBot's message object, exactly its seven fields."""
+    return {"id": id, "role": role, "content": content, "message_chain": message_chain,
+            "timestamp": ts or timestamp(), "is_final": is_final, "connection_id": connection_id}
 
 
-def _reply_base(gen, conn, *, is_final):
+def user_message(doc, dialect, session_type, connection_id=""):
+    """The echo of a user's message to every viewer; `connection_id` is the sender's (as LangBot sends it)."""
+    if dialect == LANGBOT:
+        return {"type": "user_message", "session_type": session_type, "data": langbot_message(
+            id=doc["seq"], role="user", content=doc.get("content", ""),
+            message_chain=doc.get("chain") or chain(doc.get("content", "")), is_final=True,
+            connection_id=connection_id, ts=timestamp(doc.get("created_at")))}
+    return {"type": "user_message", "session_type": session_type,
+            "data": message_data(doc, connection_id=connection_id)}
+
+
+def _reply_base(gen, *, is_final):
     return {"id": gen.seq, "role": "assistant", "timestamp": timestamp(), "is_final": is_final,
-            "connection_id": conn.id, "session_id": gen.session_id, "message_id": gen.message_id,
+            "connection_id": "", "session_id": gen.session_id, "message_id": gen.message_id,
             "seq": gen.seq, "reply_to": gen.reply_to}
+
+
+def _session_type(gen, conn):
+    return getattr(gen, "session_type", None) or conn.session_type
 
 
 def delta(gen, conn, *, offset, text, thinking_offset, thinking):
@@ -65,7 +92,7 @@ def delta(gen, conn, *, offset, text, thinking_offset, thinking):
     if cursor is None:
         if conn.stream_mode == "delta" and (offset or thinking_offset):
             return None
-        cursor = conn.cursors[gen.message_id] = Cursor(gen.session_id)
+        cursor = conn.cursors[gen.message_id] = _hub.Cursor(gen.session_id)
     return catch_up(gen, conn, cursor)
 
 
@@ -76,11 +103,21 @@ def catch_up(gen, conn, cursor):
     """
     offset, thinking_offset = cursor.offset, cursor.thinking_offset
     text, thinking = gen.content[offset:], gen.thinking[thinking_offset:]
-    if not (text or thinking):
+    if not (text or thinking) or (conn.dialect == LANGBOT and not text):
+        cursor.offset, cursor.thinking_offset = len(gen.content), len(gen.thinking)
         return None
     cursor.offset, cursor.thinking_offset = len(gen.content), len(gen.thinking)
-    data = _reply_base(gen, conn, is_final=False)
-    if conn.stream_mode == "delta":
+    return chunk(gen, conn.dialect, conn.stream_mode, _session_type(gen, conn), offset, thinking_offset)
+
+
+def chunk(gen, dialect, stream_mode, session_type, offset, thinking_offset):
+    """A non-final frame of `gen` carrying its text after (offset, thinking_offset)."""
+    if dialect == LANGBOT:  # LangBot streams the whole answer so far; reasoning is not shown
+        return {"type": "response", "session_type": session_type, "data": langbot_message(
+            id=gen.seq, role="assistant", content=gen.content, message_chain=chain(gen.content), is_final=False)}
+    text, thinking = gen.content[offset:], gen.thinking[thinking_offset:]
+    data = _reply_base(gen, is_final=False)
+    if stream_mode == "delta":
         data.update(offset=offset, delta=text)
         if thinking:
             data.update(thinking_offset=thinking_offset, thinking_delta=thinking)
@@ -88,12 +125,23 @@ def catch_up(gen, conn, cursor):
         data.update(content=gen.content, message_chain=chain(gen.content), offset=offset)
         if gen.thinking:
             data.update(thinking=gen.thinking, thinking_offset=thinking_offset)
-    return {"type": "response", "data": data}
+    return {"type": "response", "session_type": session_type, "data": data}
 
 
 def final(gen, conn):
     conn.cursors.pop(gen.message_id, None)
-    data = _reply_base(gen, conn, is_final=True)
+    return final_frame(gen, conn.dialect, _session_type(gen, conn))
+
+
+def final_frame(gen, dialect, session_type):
+    """The one final frame of a reply: the whole text and, for Parley, its terminal status."""
+    if dialect == LANGBOT:
+        content = gen.content
+        if gen.status not in ("completed", "stopped") and gen.error:  # say why, or the user sees nothing
+            content += ("\n\n" if content else "") + f"⚠ {gen.error.get('message') or gen.error.get('code')}"
+        return {"type": "response", "session_type": session_type, "data": langbot_message(
+            id=gen.seq, role="assistant", content=content, message_chain=chain(content), is_final=True)}
+    data = _reply_base(gen, is_final=True)
     data.update(content=gen.content, message_chain=chain(gen.content), status=gen.status)
     if gen.thinking:
         data["thinking"] = gen.thinking
@@ -101,12 +149,33 @@ def final(gen, conn):
         data["error"] = gen.error
     if gen.usage:
         data["usage"] = gen.usage
-    return {"type": "response", "data": data}
+    return {"type": "response", "session_type": session_type, "data": data}
 
 
-def snapshot(doc):
+def refusal(err, session_type):
+    """A refused message, as a plain LangBot client is told: a final assistant reply carrying the reason (not
+    stored; a negative `id` that no stored message has). LangBot's client treats any `error` frame as a lost
+    connection."""
+    content = f"⚠ Your message was not accepted: {err.message} ({err.code})"
+    return {"type": "response", "session_type": session_type, "data": langbot_message(
+        id=-int(datetime.now(timezone.utc).timestamp() * 1000), role="assistant", content=content,
+        message_chain=chain(content), is_final=True)}
+
+
+def connected(conn, session, *, live_replies=()):
+    if conn.dialect == LANGBOT:
+        return {"type": "connected", "connection_id": conn.id, "pipeline_uuid": conn.pipeline,
+                "session_type": session["type"], "timestamp": timestamp()}
+    return {"type": "connected", "connection_id": conn.id, "pipeline_uuid": conn.pipeline,
+            "session_type": session["type"], "session_id": session["_id"], "stream_mode": conn.stream_mode,
+            "user_id": conn.user_id, "protocol": "parley/1", "dialect": SUBPROTOCOL,
+            "live_replies": [live_reply(g) for g in live_replies], "timestamp": timestamp()}
+
+
+def snapshot(doc, session_type=None):
     """A stored assistant message, shaped like a Generation for the renderers above."""
     return SimpleNamespace(message_id=doc["_id"], session_id=doc["session_id"], seq=doc["seq"],
+                           session_type=session_type,
                            reply_to=doc.get("reply_to"), status=doc["status"], content=doc.get("content") or "",
                            thinking=doc.get("thinking") or "", error=doc.get("error"), usage=doc.get("usage"))
 

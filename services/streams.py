@@ -354,7 +354,7 @@ class StreamManager:
                     self._fence(gen)
                 doc = await self.store.find_message(gen.message_id)
                 if doc is not None and doc["status"] not in LIVE:
-                    final = frames.snapshot(doc)
+                    final = frames.snapshot(doc, gen.session_type)
                     gen.status, gen.error = doc["status"], doc.get("error")
             if gen.has_turn and final is not None:
                 await self.store.release_turn(gen.session_id, gen.message_id)

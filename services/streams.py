@@ -223,13 +223,26 @@ class StreamManager:
                                  message_id=gen.message_id, history=turns,
                                  prompt=Turn(role="user", text=gen.prompt, sender=gen.sender))
 
+    def provider(self, pipeline):
+        provider = self._providers.get(pipeline.id)
+        if provider is None:
+            provider = self._providers[pipeline.id] = self.provider_factory(pipeline)
+        return provider
+
+    async def warm_up(self):
+        """Before the first client: make every pipeline's provider (imports, HTTP client, TLS context) and let
+        it prepare, so the first reply is as fast as the tenth. A provider that cannot warm up is not an error
+        here: its first reply reports the problem."""
+        for pipeline in self.pipelines:
+            warm = getattr(self.provider(pipeline), "warm_up", None)
+            if warm is not None:
+                await warm()
+
     async def _consume(self, gen, pipeline, request):
         loop = asyncio.get_running_loop()
         limits = pipeline.timeouts
         total_deadline = loop.time() + limits.total
-        provider = self._providers.get(pipeline.id)
-        if provider is None:
-            provider = self._providers[pipeline.id] = self.provider_factory(pipeline)
+        provider = self.provider(pipeline)
         got_token = False
         async with contextlib.aclosing(provider.stream(request)) as chunks:
             try:

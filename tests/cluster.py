@@ -99,6 +99,12 @@ async def fetch(cluster, path, *, src=source(1), method="GET", body=None, user="
     return response.code, json.loads(response.body), response.headers.get("X-Parley-Instance")
 
 
+async def plain(url):
+    """GET a text answer (e.g. /metrics straight from one instance): (status, body text)."""
+    response = await AsyncHTTPClient().fetch(url, raise_error=False, request_timeout=20)
+    return response.code, response.body.decode()
+
+
 async def instance_for(cluster, src):
     code, body, _ = await fetch(cluster, "/healthz", src=src)
     assert code == 200, body

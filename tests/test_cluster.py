@@ -1,12 +1,14 @@
 """The nginx-fronted cluster: three real instances on one store behind a real nginx (tests/cluster.py)."""
 import asyncio
+import re
 import signal
 
 import pytest
 from pymongo import MongoClient
 
+from services.store import assemble
 from tests.test_resume import Received, follow
-from tests.cluster import cluster, connect, fetch, instance_for, source, spread, wait_for  # noqa: F401 (a fixture)
+from tests.cluster import LEASE, cluster, plain, connect, fetch, instance_for, source, spread, wait_for  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.gen_test(timeout=120)
 
@@ -156,3 +158,48 @@ async def test_sigterm_drains_clients_to_other_instances_and_ends_replies_cleanl
     moved.close()
     victim.start()
     await asyncio.get_running_loop().run_in_executor(None, victim.wait_ready)
+
+
+def stored(cluster, message_id):
+    with MongoClient(cluster.mongo_url) as db:
+        return assemble(db[cluster.db_name].messages.find_one({"_id": message_id}))
+
+
+def left_streaming(cluster, instance_id):
+    with MongoClient(cluster.mongo_url) as db:
+        return db[cluster.db_name].messages.count_documents({"status": {"$in": ["queued", "streaming"]},
+                                                           "instance": instance_id})
+
+
+async def restart(instance):
+    instance.stop()
+    instance.start()
+    await asyncio.get_running_loop().run_in_executor(None, instance.wait_ready)
+
+
+async def test_sigstop_past_the_lease_then_sigcont_cannot_overwrite_the_final(cluster):
+    where = await spread(cluster)
+    owner = cluster.instances[2]
+    client = await connect(cluster, "slow", src=where[owner.id], user="paused")
+    got = Received((await client.say("pause me"))["data"]["reply_message_id"])
+    for _ in range(10):
+        got.add(await client.recv_type("response"))
+    owner.signal(signal.SIGSTOP)
+    try:
+        async def reaped():
+            doc = stored(cluster, got.message_id)
+            return doc if doc["status"] == "interrupted" else None
+        truth = await wait_for(reaped, timeout=10 * LEASE)
+    finally:
+        owner.signal(signal.SIGCONT)
+    assert truth["error"]["code"] == "instance_lost"
+    await follow(client, got, timeout=20)  # the woken owner tells its client what the store says
+    final = got.finals[0]
+    assert final["status"] == "interrupted" and final["content"] == truth["content"]
+    await asyncio.sleep(0.5)  # anything the woken owner still tries to write must be refused
+    after = stored(cluster, got.message_id)
+    assert (after["status"], after["content"], after["epoch"]) == ("interrupted", truth["content"], truth["epoch"])
+    assert left_streaming(cluster, owner.id) == 0
+    code, text = await plain(owner.url + "/metrics")
+    assert re.search(r"^parley_fenced_writes_refused_total [1-9]", text, re.M), "no fenced write counted"
+    client.close()

@@ -70,6 +70,14 @@ class OpenAIProvider:
                 timeout=openai.Timeout(None, connect=t.connect, write=t.connect, pool=t.connect))
         return self._client
 
+    async def warm_up(self):
+        """Build the client now (its TLS context and connection pool take a few hundred ms the first time)."""
+        try:
+            key = self._key()
+        except ProviderError:
+            return  # the first reply says the key is missing; the pipeline loader has warned already
+        self._get_client(key)
+
     async def aclose(self):
         if self._client is not None:
             client, self._client = self._client, None

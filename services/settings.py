@@ -186,6 +186,9 @@ OPTIONS = (
            group="auth", minimum=0.01),
     Option("allowed_origins", tuple, (), "comma-separated origins (https://chat.example) allowed to open "
            "WebSockets besides the server's own; * allows any", group="auth", metavar="ORIGINS"),
+    Option("cors_origins", tuple, (), "comma-separated origins (https://app.example) whose web pages may call the "
+           "REST API (CORS, preflight included); * allows any; none: same-origin only", group="auth",
+           metavar="ORIGINS"),
     Option("ping_interval", float, 25.0, "time between WebSocket pings (dead peers are found by them)",
            unit="s", group="limits", minimum=0),
     Option("ping_timeout", float, 10.0, "time to wait for a pong before closing the connection", unit="s",

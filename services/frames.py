@@ -2,21 +2,19 @@
 
 `langbot` (plain connections): exactly LangBot's frames and fields. `parley` (connections that opted in with the
 `parley.v1` subprotocol or `?protocol=parley.v1`): LangBot's fields plus Parley's, and the extension frames.
-A frame body depends only on the event and the connection's variant (dialect, stream mode), never on which
-connection reads it, so a fan-out can render it once per variant.
+A frame depends only on the event and the connection's variant (dialect, stream mode), never on which connection
+reads it: LangBot's `connection_id` is the sender's on `user_message` and "" on `response`, as LangBot sends them.
 
 Offsets count Unicode code points of the answer (`offset`) and of the reasoning (`thinking_offset`) separately.
 """
 from datetime import datetime, timezone
 from types import SimpleNamespace
 
-from services import hub as _hub  # module, not name: hub imports this module too
-
-
 LANGBOT, PARLEY = "langbot", "parley"
 SUBPROTOCOL = "parley.v1"
 # What a plain LangBot client is ever sent; anything else is an extension frame.
 LANGBOT_TYPES = frozenset({"connected", "response", "user_message", "pong", "broadcast", "error"})
+LANGBOT_FIELDS = ("id", "role", "content", "message_chain", "timestamp", "is_final", "connection_id")
 
 
 def timestamp(dt=None):
@@ -53,102 +51,71 @@ def message_data(doc, *, connection_id=""):
     return data
 
 
-def langbot_message(*, id, role, content, message_chain, is_final, connection_id="", ts=None):
+def langbot_message(*, id, role, content, is_final, timestamp, connection_id="", message_chain=None):
     """LangBot's message object, exactly its seven fields."""
-    return {"id": id, "role": role, "content": content, "message_chain": message_chain,
-            "timestamp": ts or timestamp(), "is_final": is_final, "connection_id": connection_id}
+    return {"id": id, "role": role, "content": content,
+            "message_chain": chain(content) if message_chain is None else message_chain,
+            "timestamp": timestamp, "is_final": is_final, "connection_id": connection_id}
 
 
-def user_message(doc, dialect, session_type, connection_id=""):
-    """The echo of a user's message to every viewer; `connection_id` is the sender's (as LangBot sends it)."""
+def user_message(data, dialect, session_type, connection_id=""):
+    """The echo of a stored user message (`data`: message_data()) to every viewer; `connection_id` is the
+    sender's, as LangBot sends it."""
+    data = {**data, "is_final": True, "connection_id": connection_id}
     if dialect == LANGBOT:
-        return {"type": "user_message", "session_type": session_type, "data": langbot_message(
-            id=doc["seq"], role="user", content=doc.get("content", ""),
-            message_chain=doc.get("chain") or chain(doc.get("content", "")), is_final=True,
-            connection_id=connection_id, ts=timestamp(doc.get("created_at")))}
-    return {"type": "user_message", "session_type": session_type,
-            "data": message_data(doc, connection_id=connection_id)}
+        data = {k: data[k] for k in LANGBOT_FIELDS}
+    return {"type": "user_message", "session_type": session_type, "data": data}
 
 
-def _reply_base(gen, *, is_final):
-    return {"id": gen.seq, "role": "assistant", "timestamp": timestamp(), "is_final": is_final,
-            "connection_id": "", "session_id": gen.session_id, "message_id": gen.message_id,
-            "seq": gen.seq, "reply_to": gen.reply_to}
+def _reply_base(reply, *, is_final, timestamp):
+    return {"id": reply.seq, "role": "assistant", "timestamp": timestamp, "is_final": is_final,
+            "connection_id": "", "session_id": reply.session_id, "message_id": reply.message_id, "seq": reply.seq,
+            "reply_to": reply.reply_to}
 
 
-def _session_type(gen, conn):
-    return getattr(gen, "session_type", None) or conn.session_type
+def chunk(reply, stream_mode, *, offset, text, thinking_offset, thinking, timestamp, dialect=PARLEY,
+          session_type="person"):
+    """`text`/`thinking` (the reply's text after the offsets) as one non-final frame (None if nothing).
 
-
-def delta(gen, conn, *, offset, text, thinking_offset, thinking):
-    """One increment of a live reply, published right after `text`/`thinking` were appended at the offsets.
-
-    What a connection gets is decided by its cursor, so it never sees a character twice or misses one: it
-    receives everything after its cursor. A delta-mode connection that joined mid-reply has no cursor and gets
-    nothing until it sends `resume` (the final frame still carries the whole text); a cumulative frame is
-    self-contained, so a cumulative connection simply starts following.
+    `reply`: anything with the text so far (`content`, `thinking`) and its ids (services/fanout.py's Reply or
+    a `snapshot()` of a stored message). Which offsets a connection is sent from is the fan-out's business.
     """
-    cursor = conn.cursors.get(gen.message_id)
-    if cursor is None:
-        if conn.stream_mode == "delta" and (offset or thinking_offset):
-            return None
-        cursor = conn.cursors[gen.message_id] = _hub.Cursor(gen.session_id)
-    return catch_up(gen, conn, cursor)
-
-
-def catch_up(gen, conn, cursor):
-    """Everything of `gen` after `cursor` as one non-final frame (None if nothing); advances the cursor.
-
-    `gen` is a live Generation or a `snapshot()` of a stored message.
-    """
-    offset, thinking_offset = cursor.offset, cursor.thinking_offset
-    text, thinking = gen.content[offset:], gen.thinking[thinking_offset:]
-    if not (text or thinking) or (conn.dialect == LANGBOT and not text):
-        cursor.offset, cursor.thinking_offset = len(gen.content), len(gen.thinking)
-        return None
-    cursor.offset, cursor.thinking_offset = len(gen.content), len(gen.thinking)
-    return chunk(gen, conn.dialect, conn.stream_mode, _session_type(gen, conn), offset, thinking_offset)
-
-
-def chunk(gen, dialect, stream_mode, session_type, offset, thinking_offset):
-    """A non-final frame of `gen` carrying its text after (offset, thinking_offset)."""
     if dialect == LANGBOT:  # LangBot streams the whole answer so far; reasoning is not shown
+        if not text:
+            return None
         return {"type": "response", "session_type": session_type, "data": langbot_message(
-            id=gen.seq, role="assistant", content=gen.content, message_chain=chain(gen.content), is_final=False)}
-    text, thinking = gen.content[offset:], gen.thinking[thinking_offset:]
-    data = _reply_base(gen, is_final=False)
+            id=reply.seq, role="assistant", content=reply.content, is_final=False, timestamp=timestamp)}
+    if not (text or thinking):
+        return None
+    data = _reply_base(reply, is_final=False, timestamp=timestamp)
     if stream_mode == "delta":
         data.update(offset=offset, delta=text)
         if thinking:
             data.update(thinking_offset=thinking_offset, thinking_delta=thinking)
     else:  # cumulative: full text so far; `offset` says where this frame's new text starts
-        data.update(content=gen.content, message_chain=chain(gen.content), offset=offset)
-        if gen.thinking:
-            data.update(thinking=gen.thinking, thinking_offset=thinking_offset)
+        content = reply.content
+        data.update(content=content, message_chain=chain(content), offset=offset)
+        if reply.thinking:
+            data.update(thinking=reply.thinking, thinking_offset=thinking_offset)
     return {"type": "response", "session_type": session_type, "data": data}
 
 
-def final(gen, conn):
-    conn.cursors.pop(gen.message_id, None)
-    return final_frame(gen, conn.dialect, _session_type(gen, conn))
-
-
-def final_frame(gen, dialect, session_type):
-    """The one final frame of a reply: the whole text and, for Parley, its terminal status."""
+def final(reply, *, timestamp, dialect=PARLEY, session_type="person"):
+    """The one terminal frame of a reply: the same for both stream modes."""
     if dialect == LANGBOT:
-        content = gen.content
-        if gen.status not in ("completed", "stopped") and gen.error:  # say why, or the user sees nothing
-            content += ("\n\n" if content else "") + f"⚠ {gen.error.get('message') or gen.error.get('code')}"
+        content = reply.content
+        if reply.status not in ("completed", "stopped") and reply.error:  # say why, or the user sees nothing
+            content += ("\n\n" if content else "") + f"⚠ {reply.error.get('message') or reply.error.get('code')}"
         return {"type": "response", "session_type": session_type, "data": langbot_message(
-            id=gen.seq, role="assistant", content=content, message_chain=chain(content), is_final=True)}
-    data = _reply_base(gen, is_final=True)
-    data.update(content=gen.content, message_chain=chain(gen.content), status=gen.status)
-    if gen.thinking:
-        data["thinking"] = gen.thinking
-    if gen.error:
-        data["error"] = gen.error
-    if gen.usage:
-        data["usage"] = gen.usage
+            id=reply.seq, role="assistant", content=content, is_final=True, timestamp=timestamp)}
+    data = _reply_base(reply, is_final=True, timestamp=timestamp)
+    data.update(content=reply.content, message_chain=chain(reply.content), status=reply.status)
+    if reply.thinking:
+        data["thinking"] = reply.thinking
+    if reply.error:
+        data["error"] = reply.error
+    if reply.usage:
+        data["usage"] = reply.usage
     return {"type": "response", "session_type": session_type, "data": data}
 
 
@@ -156,10 +123,11 @@ def refusal(err, session_type):
     """A refused message, as a plain LangBot client is told: a final assistant reply carrying the reason (not
     stored; a negative `id` that no stored message has). LangBot's client treats any `error` frame as a lost
     connection."""
+    now = datetime.now(timezone.utc)
     content = f"⚠ Your message was not accepted: {err.message} ({err.code})"
     return {"type": "response", "session_type": session_type, "data": langbot_message(
-        id=-int(datetime.now(timezone.utc).timestamp() * 1000), role="assistant", content=content,
-        message_chain=chain(content), is_final=True)}
+        id=-int(now.timestamp() * 1000), role="assistant", content=content, is_final=True,
+        timestamp=timestamp(now))}
 
 
 def connected(conn, session, *, live_replies=()):
@@ -172,10 +140,9 @@ def connected(conn, session, *, live_replies=()):
             "live_replies": [live_reply(g) for g in live_replies], "timestamp": timestamp()}
 
 
-def snapshot(doc, session_type=None):
+def snapshot(doc):
     """A stored assistant message, shaped like a Generation for the renderers above."""
     return SimpleNamespace(message_id=doc["_id"], session_id=doc["session_id"], seq=doc["seq"],
-                           session_type=session_type,
                            reply_to=doc.get("reply_to"), status=doc["status"], content=doc.get("content") or "",
                            thinking=doc.get("thinking") or "", error=doc.get("error"), usage=doc.get("usage"))
 
@@ -195,11 +162,11 @@ def live_reply(gen):
             "length": len(gen.content), "thinking_length": len(gen.thinking)}
 
 
-def status(gen):
+def status(event):
     """A reply changed state before its final frame (queued -> streaming): lets every viewer show it."""
-    return {"type": "status", "data": {"session_id": gen.session_id, "message_id": gen.message_id,
-                                       "seq": gen.seq, "reply_to": gen.reply_to, "status": gen.status,
-                                       "timestamp": timestamp()}}
+    return {"type": "status", "data": {"session_id": event["session_id"], "message_id": event["message_id"],
+                                       "seq": event["seq"], "reply_to": event["reply_to"],
+                                       "status": event["status"], "timestamp": timestamp_from_epoch(event["at"])}}
 
 
 def error(err, **context):

@@ -42,7 +42,9 @@ def main(argv=None):
             n = b.specs[args.pipeline]["n"]
             deadline = time.monotonic() + args.seconds - 2
             while time.monotonic() < deadline:  # keep the server busy while py-spy samples
-                if args.clients == 1:
+                if b.specs[args.pipeline]["rate"]:
+                    b.client(server, {"scenario": "paced", "pipeline": args.pipeline, "clients": args.clients})
+                elif args.clients == 1:
                     b.client(server, {"scenario": "relay", "pipeline": args.pipeline, "n": n, "reps": 1})
                 else:
                     b.client(server, {"scenario": "many", "pipeline": args.pipeline, "n": n,

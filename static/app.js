@@ -309,6 +309,11 @@
     state.client = client;
     const mine = (fn) => (e) => { if (state.client === client) fn(e); };
     client.on("status", mine((e) => {
+      if (e.connection === "closed" && e.code === 4401) {  // the token or JWT is no longer accepted
+        try { sessionStorage.removeItem(TOKEN_KEY); } catch (x) { /* nothing kept */ }
+        closeClient();
+        return showSignin("Your sign-in was not accepted any more: sign in again.");
+      }
       if (e.connection) setConnection(e);
       if (e.message_id) onReplyStatus(e.message_id, e.status);
     }));

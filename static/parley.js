@@ -14,7 +14,8 @@
  * Events: "message" (user_message), "delta", "final", "status" (connection and reply states), "error",
  * "connected" (the connected frame), and every other server frame under its own type ("presence", "push",
  * "broadcast", "session.left", "stop_ack", ...) with the whole frame. A "status" event of a connection that is
- * reconnecting carries `retry_at` (epoch ms of the next attempt), for a countdown.
+ * reconnecting carries `retry_at` (epoch ms of the next attempt), for a countdown; a "closed" one carries the
+ * close `code` (4401: the credentials were refused, 1000: close() was called).
  */
 (function (root, factory) {
   if (typeof module === "object" && module.exports) module.exports = factory();
@@ -191,6 +192,7 @@
       this._clearTimers();
       this.ws = null;
       if (this.stopped || code === 4401 || code === 4403 || code === 4404 || code === 4400) {
+        this.closeCode = this.stopped ? 1000 : code;
         this._setState("closed");  // fatal: credentials or parameters will not get better by retrying
         return;
       }
@@ -240,6 +242,7 @@
       this.state = state;
       const event = {connection: state};
       if (state === "reconnecting") event.retry_at = this.retryAt;
+      if (state === "closed") event.code = this.closeCode;  // 4401: sign in again
       this._emit("status", event);
     }
 

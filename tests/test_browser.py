@@ -566,3 +566,17 @@ def test_group_session_with_two_users(new_page, jwt_server):
     ann.wait_for_selector("#member-list li[data-user=bo]", state="detached")
     status, body = jwt_server.rest(f"/api/v1/pipelines/default/sessions/{session_id(ann)}", token=token("bo"))
     assert status == 404
+
+
+def test_an_expired_jwt_leads_back_to_sign_in(new_page, jwt_server):
+    expires = int(time.time()) + 4
+    page = new_page()
+    open_app(page, jwt_server, "default",
+             token=jwt.encode({"sub": "dee", "exp": expires}, JWT_SECRET, algorithm="HS256"))
+    while time.time() < expires + 1.5:  # bounded: a few seconds
+        time.sleep(0.25)
+    jwt_server.stop()  # the connection drops; the reconnect presents the expired JWT and is refused (4401)
+    jwt_server.start()
+    page.wait_for_selector("#signin:not([hidden])", timeout=60_000)
+    assert "sign in again" in page.inner_text("#signin-error")
+    assert page.evaluate("() => sessionStorage.getItem('parley.token')") is None

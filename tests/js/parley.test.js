@@ -263,4 +263,6 @@ test("the app's hooks: connected, other frames by type, request(), a countdown t
   assert.deepEqual(clock.pending(), []);
   chat.retryNow();  // only while reconnecting
   assert.equal(FakeSocket.all.length, 3);
+  socket().drop(4401);  // refused credentials: closed for good, and the app is told why
+  assert.deepEqual(got.status.pop(), {connection: "closed", code: 4401});
 });

@@ -19,7 +19,7 @@ from tornado import web
 from handlers import api, ops, ws
 from handlers.base import NotFoundHandler
 from services import logs, settings
-from services.auth import Authenticator
+from services.auth import Authenticator, check_jwt_secret
 from services.chat import ChatService
 from services.embedded_mongo import EmbeddedMongo
 from services.hub import Hub
@@ -57,7 +57,13 @@ def parse_args(argv=None, environ=None):
     """Flags > PARLEY_* environment > --config TOML file > defaults (services/settings.py declares them all).
     A bad value exits 2 with a message naming the option and the expected form."""
     try:
-        return settings.resolve(argv, environ)
+        config = settings.resolve(argv, environ)
+        if config.auth == "jwt":
+            try:
+                check_jwt_secret(config.jwt_secret)
+            except ValueError as exc:
+                raise settings.SettingsError(f"option --jwt-secret: {exc}") from None
+        return config
     except settings.SettingsError as exc:
         print(f"parley: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -82,7 +88,7 @@ async def open_services(config, *, pipelines=None, provider_factory=None, auth=N
         pipelines = make_pipelines(config)
     logs.redact(auth.token, *(os.environ.get(p.api_key_env) for p in pipelines if p.api_key_env))  # never logged
     metrics = Metrics(p.id for p in pipelines)
-    client = AsyncMongoClient(config.mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000)
+    client = make_client(config)
     store = Store(client, config.db_name, metrics=metrics)
     await store.create_indexes()
     instance_id = config.instance_id or f"{socket.gethostname()}:{config.port}"
@@ -94,7 +100,7 @@ async def open_services(config, *, pipelines=None, provider_factory=None, auth=N
                             checkpoint_interval=config.checkpoint_interval, lease_seconds=config.lease_seconds,
                             max_queued=config.max_queued, metrics=metrics, cluster=config.cluster, **extra)
     chat = ChatService(store, hub, streams, pipelines, limiter=RateLimiter(config.rate_limit, config.rate_burst),
-                       on_last_viewer_gone=config.on_last_viewer_gone)
+                       on_last_viewer_gone=config.on_last_viewer_gone, max_members=config.max_members)
     resumer = Resumer(store, hub, streams, chat, metrics)
     reaper = Reaper(store, hub, streams, lease_seconds=config.lease_seconds)
     await reaper.sweep()  # replies a previous run left `streaming` end now, if their lease has expired
@@ -102,6 +108,14 @@ async def open_services(config, *, pipelines=None, provider_factory=None, auth=N
     return Services(config=config, client=client, store=store, hub=hub, streams=streams, chat=chat,
                     resumer=resumer, reaper=reaper, pipelines=pipelines, auth=auth, instance_id=instance_id,
                     metrics=metrics)
+
+
+def make_client(config):
+    """Every store operation is bounded (--store-timeout, pymongo's client-side `timeoutMS`): a paused or dead
+    store answers `store_unavailable` instead of holding requests and sockets."""
+    ms = int(config.store_timeout * 1000)
+    return AsyncMongoClient(config.mongo_url, tz_aware=True, timeoutMS=ms, serverSelectionTimeoutMS=ms,
+                            connectTimeoutMS=ms)
 
 
 class ClusterConfigError(RuntimeError):
@@ -133,9 +147,18 @@ def make_app(services):
               for pattern, handler in ws.default_handlers + api.default_handlers + ops.default_handlers]
     return web.Application(
         routes, default_handler_class=NotFoundHandler, default_handler_args=deps,
-        websocket_ping_interval=config.ping_interval, websocket_ping_timeout=config.ping_timeout,
         websocket_max_message_size=config.max_message_size,
+        cross_origin_protection=True,  # cross-site REST writes: 403 (handlers/base.py check_trusted_origin)
         log_function=ops.log_function(services.metrics))
+
+
+def http_server_options(config):
+    """Tornado HTTPServer limits: bodies over --max-body-size are refused before they are read, a client that
+    sends its headers too slowly (slowloris) or idles is closed after --http-idle-timeout."""
+    return {"max_body_size": config.max_body_size,
+            "max_buffer_size": max(config.max_body_size, config.max_message_size) + 64 * 1024,
+            "idle_connection_timeout": config.http_idle_timeout, "body_timeout": config.body_timeout,
+            "max_header_size": 64 * 1024}
 
 
 def banner(config, url):
@@ -152,7 +175,7 @@ async def serve(config, **made):
     services = await open_services(config, **made)
     logs.bind_process(instance=services.instance_id)
     app = make_app(services)
-    server = app.listen(config.port, config.host)
+    server = app.listen(config.port, config.host, **http_server_options(config))
     log.info("Parley listening on http://%s:%s/ (instance %s, auth %s)", config.host, config.port,
              services.instance_id, config.auth)
     if services.auth.mode == "token":

@@ -133,6 +133,16 @@ class MembersHandler(BaseHandler):
         self.ok(session_data(doc))
 
 
+class LeaveHandler(BaseHandler):
+    """A member leaves a group session (and stops viewing it on every connection)."""
+
+    async def post(self, pipeline, session_id):
+        chat = self.services.chat
+        session = await chat.session(self.identity, pipeline, session_id)
+        doc = await chat.leave_group(self.identity, session)
+        self.ok({"session_id": doc["_id"], "left": True})
+
+
 class MessagesHandler(BaseHandler):
     async def get(self, pipeline, session_id):
         chat = self.services.chat
@@ -185,6 +195,7 @@ default_handlers = [
     (P + r"/sessions", SessionsHandler),
     (S, SessionHandler),
     (S + r"/members", MembersHandler),
+    (S + r"/leave", LeaveHandler),
     (S + r"/messages", MessagesHandler),
     (S + r"/stop", StopHandler),
     (S + r"/reset", ResetHandler),

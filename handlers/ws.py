@@ -1,7 +1,12 @@
 """The WebSocket endpoint: authenticate -> register a Connection, on_message -> ClientProtocol, on_close -> unregister.
 
 Nothing is registered before authentication succeeds: a client without credentials in the handshake has
---auth-timeout seconds (10) to send `{"type": "authenticate", "token": ...}` as its first frame.
+--auth-timeout seconds (10) to send `{"type": "authenticate", "token": ...}` as its first frame. Such a socket
+counts against --max-connections from the moment it opens. A socket whose token expires (JWT `exp`) gets
+`reconnect` and close 4401, so its client refreshes the token and resumes.
+
+Only Tornado's public API tells us why a socket ended: our own ping timer (ping/on_pong) finds dead peers,
+`close_code` says how the peer closed. ParleyProtocol (see there) adds close 1007 and notices the peer's close frame.
 """
 import asyncio
 import json
@@ -11,9 +16,9 @@ import uuid
 from urllib.parse import urlparse
 
 from pymongo.errors import PyMongoError
-from tornado import websocket
+from tornado import ioloop, websocket
 
-from services import frames, logs
+from services import frames, guards, logs
 from services.chat import check_session_type
 from services.forwarded import client_address
 from services.errors import BadRequest, Capacity, ParleyError, Unauthorized, Unavailable
@@ -31,7 +36,34 @@ CLOSE_FOR_CODE = {"capacity": CLOSE_CAPACITY}
 # Server-initiated close code -> parley_ws_disconnects_total{reason}. 1000 is the client's own `disconnect`.
 DISCONNECT_FOR_CODE = {1001: "shutdown", 1012: "shutdown", 1008: "auth", 4401: "auth", 4403: "auth", 1009: "oversize",
                        CLOSE_CAPACITY: "capacity", 1011: "unavailable", 4400: "invalid", 4404: "invalid",
-                       CLOSE_SLOW_CONSUMER: "slow"}
+                       CLOSE_SLOW_CONSUMER: "slow", 1007: "invalid"}
+CLOSE_PING_TIMEOUT = 1011  # the peer never sees it (it stopped answering); the metric says ping_timeout
+CLOSE_INVALID_UTF8 = 1007
+
+
+class ParleyProtocol(websocket.WebSocketProtocol13):
+    """Tornado's RFC 6455 protocol with two additions, both pinned by tests so a Tornado upgrade that changes
+    them fails loudly:
+    - Tornado (6.6) drops a connection whose text frame is not UTF-8 without a close frame; RFC 6455 8.1 says
+      close with 1007. There is no public hook for it, so the (long-stable) message dispatch is overridden.
+    - `close()` (public) is where every close passes: the peer's close frame being answered
+      (`client_terminated`; a client's close without a code and a lost connection both leave `close_code`
+      None), and Tornado's own 1009 for an oversize frame (after which it aborts, so no code reaches on_close).
+    """
+
+    def close(self, code=None, reason=None):
+        if not self.server_terminated:
+            self.handler.closing(code, reason, by_peer=self.client_terminated)
+        super().close(code, reason)
+
+    def _handle_message(self, opcode, data):
+        if opcode == 0x1:
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError:
+                self.handler.invalid_utf8()
+                return None
+        return super()._handle_message(opcode, data)
 
 
 class ChatSocket(websocket.WebSocketHandler):
@@ -41,6 +73,11 @@ class ChatSocket(websocket.WebSocketHandler):
         self.protocol = None
         self.awaiting_auth = None  # the timer while we wait for an `authenticate` frame
         self.closed_by = None  # who ended this socket and why (see _close); None: the connection was lost
+        self.pending = False  # counted in hub.pending (open, not registered yet)
+        self.timers = []  # the token expiry, cancelled on close
+        self.pinger = None
+        self.pong_check = None
+        self.ping_sent_at = None  # loop time of the ping still unanswered
 
     def prepare(self):
         self.request.remote_ip = client_address(self.request, self.services.config.trusted_proxies)
@@ -52,6 +89,38 @@ class ChatSocket(websocket.WebSocketHandler):
             self.set_status(503)
             self.set_header("Content-Type", "application/json; charset=utf-8")
             self.finish(json.dumps({"code": "draining", "message": "this server is restarting; connect again"}))
+            return
+        try:
+            guards.check_host(self.request, self.services.config)  # DNS rebinding, before the upgrade
+        except ParleyError as err:
+            self.set_status(err.http_status)
+            self.set_header("Content-Type", "application/json; charset=utf-8")
+            self.finish(json.dumps(err.to_dict()))
+
+    def write_error(self, status_code, **kwargs):
+        """A refused handshake (bad upgrade headers, origin) answers JSON like every other route."""
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(json.dumps({"code": "invalid_request" if status_code < 500 else "internal_error",
+                                "message": self._reason}))
+
+    def get_websocket_protocol(self):
+        if self.request.headers.get("Sec-WebSocket-Version") != "13":
+            return None  # Tornado answers 426 with the version it speaks
+        params = websocket._WebSocketParams(  # Tornado's own pinger stays off: ours is _ping below
+            ping_interval=None, ping_timeout=None, max_message_size=self.max_message_size,
+            compression_options=self.get_compression_options())
+        return ParleyProtocol(self, False, params)
+
+    def closing(self, code, reason, *, by_peer):
+        """ParleyProtocol.close: a close the handler did not start (it records its own in _close)."""
+        if self.closed_by is None:
+            if by_peer:
+                self.closed_by = "client_request"
+            elif code == 1009:
+                self._closing(code, reason)
+
+    def invalid_utf8(self):
+        self._close(CLOSE_INVALID_UTF8, "invalid_utf8")
 
     def check_origin(self, origin):
         """Cross-site WebSocket hijacking guard: same host, or an origin on --allowed-origins."""
@@ -69,6 +138,11 @@ class ChatSocket(websocket.WebSocketHandler):
                            "session_id": self.get_query_argument("session_id", None)}
             if self.params["stream_mode"] not in STREAM_MODES:
                 raise BadRequest("stream_mode must be cumulative or delta", code="invalid_param")
+            config = self.services.config
+            check_capacity(self.services.hub, None, max_total=config.max_connections,
+                           max_per_user=config.max_connections_per_user)
+            self._hold_pending(True)
+            self._start_pinger()
             auth = self.services.auth
             if auth.requires_credentials and not self._has_credentials():
                 self.awaiting_auth = asyncio.get_running_loop().call_later(
@@ -89,6 +163,13 @@ class ChatSocket(websocket.WebSocketHandler):
 
     def on_close(self):
         self._cancel_auth_timer()
+        self._hold_pending(False)
+        for timer in self.timers:
+            timer.cancel()
+        if self.pinger is not None:
+            self.pinger.stop()
+            if self.pong_check is not None:
+                self.pong_check.cancel()
         if self.protocol is not None:
             self.protocol.shutdown()
         if self.conn is not None:
@@ -123,12 +204,15 @@ class ChatSocket(websocket.WebSocketHandler):
         if self.ws_connection is None:  # the client left while we looked the session up
             return
         config = self.services.config
+        self._hold_pending(False)
         try:
             check_capacity(self.services.hub, identity, max_total=config.max_connections,
                            max_per_user=config.max_connections_per_user)
         except Capacity as err:
             return self._refuse(err)
-        self._watch_tornado_close()
+        if identity.expires_at is not None:
+            self.timers.append(asyncio.get_running_loop().call_later(
+                max(0.0, identity.expires_at - time.time()), self._token_expired))
         self.conn = Connection(uuid.uuid4().hex, identity=identity, pipeline=p["pipeline"],
                                session_type=session["type"], stream_mode=p["stream_mode"], write=self._write,
                                close=self._close, remote_ip=self.request.remote_ip,
@@ -176,29 +260,51 @@ class ChatSocket(websocket.WebSocketHandler):
             self.closed_by = DISCONNECT_FOR_CODE.get(code, "other")
             self.services.metrics.disconnected(self.closed_by)
 
-    def _watch_tornado_close(self):
-        """Tornado closes a socket itself on a ping timeout or an oversize frame, without telling the handler
-        why; its protocol's close() is the one place that knows, so count the reason there."""
-        protocol = self.ws_connection
-        tornado_close = protocol.close
+    def _hold_pending(self, held):
+        """Count this socket in hub.pending from open() until it is registered or closed."""
+        if held != self.pending:
+            self.pending = held
+            self.services.hub.pending += 1 if held else -1
 
-        def close(code=None, reason=None):
-            if self.closed_by is None:
-                if protocol.client_terminated and code != 1009:  # answering the client's close frame
-                    self.closed_by = "client_request"
-                elif reason == "ping timed out":
-                    self.closed_by = "ping_timeout"
-                    self.services.metrics.disconnected("ping_timeout")
-                elif code == 1009 and not protocol.client_terminated:
-                    self._closing(code, reason)
-            tornado_close(code, reason)
+    def _token_expired(self):
+        """The client refreshes its token and reconnects (then `resume`s): say so before closing."""
+        if self.conn is not None:
+            self.conn.send({"type": "reconnect", "reason": "token_expired", "timestamp": frames.timestamp()})
+        self._close(4401, "token_expired")
 
-        protocol.close = close
+    def _start_pinger(self):
+        interval = self.services.config.ping_interval
+        if interval and interval > 0:
+            self.pinger = ioloop.PeriodicCallback(self._ping, interval * 1000)
+            self.pinger.start()
+
+    def _ping(self):
+        """WebSocket-level ping (public API); a peer that has not answered within --ping-timeout is dead."""
+        if self.ping_sent_at is not None:
+            return  # the timeout check of the ping in flight decides
+        try:
+            self.ping()
+        except websocket.WebSocketClosedError:
+            return
+        loop = asyncio.get_running_loop()
+        self.ping_sent_at = loop.time()
+        self.pong_check = loop.call_later(self.services.config.ping_timeout or self.pinger.callback_time / 1000,
+                                          self._check_pong)
+
+    def on_pong(self, data):
+        self.ping_sent_at = None
+
+    def _check_pong(self):
+        if self.ping_sent_at is not None and self.ws_connection is not None:
+            self.closed_by = "ping_timeout"
+            self.services.metrics.disconnected("ping_timeout")
+            self.close(CLOSE_PING_TIMEOUT, "ping_timeout")
 
     def _refuse(self, err):
         """A fatal error at connect: say why in an error frame, then close with a documented code."""
         self.services.metrics.disconnected(
             {401: "auth", 403: "auth", 503: "unavailable"}.get(err.http_status, "invalid"))
+        self.closed_by = "refused"
         try:
             self.write_message(json.dumps(frames.error(err), ensure_ascii=False))
         except websocket.WebSocketClosedError:

@@ -19,6 +19,9 @@ SESSION_TYPES = ("person", "group")
 MAX_TEXT = 32_000
 MAX_COMPONENTS = 64
 MAX_CLIENT_MSG_ID = 128
+MAX_MEMBERS = 256        # default of --max-members: a session document stays small (256 ids of <= 128 chars)
+MAX_TITLE = 200
+MAX_VIEWED = 64          # sessions one connection may view at once (session.join)
 
 
 def check_session_type(value):
@@ -66,8 +69,10 @@ def default_session_id(pipeline, session_type, user_id):
 
 
 class ChatService:
-    def __init__(self, store, hub, streams, pipelines, *, limiter=None, on_last_viewer_gone="continue"):
+    def __init__(self, store, hub, streams, pipelines, *, limiter=None, on_last_viewer_gone="continue",
+                 max_members=MAX_MEMBERS):
         self.limiter = limiter
+        self.max_members = max_members
         self.store = store
         self.hub = hub
         self.streams = streams
@@ -87,11 +92,14 @@ class ChatService:
     async def create_session(self, identity, pipeline_id, *, session_type="person", title="", members=()):
         self.pipelines.get(pipeline_id)
         check_session_type(session_type)
-        if not isinstance(title, str) or len(title) > 200:
-            raise BadRequest("title must be a string of at most 200 characters", code="invalid_param")
-        if not isinstance(members, (list, tuple)) or len(members) > 256:
-            raise BadRequest("members must be a list of at most 256 user ids", code="invalid_param")
+        if not isinstance(title, str) or len(title) > MAX_TITLE:
+            raise BadRequest(f"title must be a string of at most {MAX_TITLE} characters", code="invalid_param")
+        if not isinstance(members, (list, tuple)) or len(members) > self.max_members:
+            raise BadRequest(f"members must be a list of at most {self.max_members} user ids",
+                             code="too_many_members")
         members = [check_id(m, "a member") for m in members]
+        if len({identity.user_id, *members}) > self.max_members:
+            raise BadRequest(f"a session has at most {self.max_members} members", code="too_many_members")
         if session_type == "person" and set(members) - {identity.user_id}:
             raise BadRequest("a person session has only its owner; use session_type group", code="invalid_param")
         return await self.store.create_session(pipeline=pipeline_id, session_type=session_type,
@@ -117,11 +125,27 @@ class ChatService:
         add, remove = [check_id(u, "a member") for u in add], [check_id(u, "a member") for u in remove]
         if session["owner"] in remove:
             raise BadRequest("the owner cannot be removed", code="invalid_param")
+        if len((set(session.get("members", ())) | set(add)) - set(remove)) > self.max_members:
+            raise BadRequest(f"a session has at most {self.max_members} members (--max-members)",
+                             code="too_many_members")
         doc = await self.store.change_members(session["_id"], add=add, remove=remove)
         for conn in self.hub.viewers(session["_id"]):
             if conn.user_id in remove and not conn.identity.is_admin:
                 self.hub.leave(conn, session["_id"])
                 conn.send({"type": "session.left", "data": {"session_id": session["_id"], "reason": "removed"}})
+        return doc
+
+    async def leave_group(self, identity, session):
+        """A member leaves a group session (the owner cannot: the group would have nobody to manage it)."""
+        if session["type"] != "group":
+            raise BadRequest("only a group session can be left", code="invalid_param")
+        if identity.user_id == session["owner"]:
+            raise BadRequest("the owner cannot leave their group", code="invalid_param")
+        doc = await self.store.change_members(session["_id"], remove=[identity.user_id])
+        for conn in self.hub.viewers(session["_id"]):
+            if conn.user_id == identity.user_id and not conn.identity.is_admin:
+                self.hub.leave(conn, session["_id"])
+                conn.send({"type": "session.left", "data": {"session_id": session["_id"], "reason": "left_group"}})
         return doc
 
     async def list_sessions(self, identity, pipeline_id):
@@ -148,7 +172,8 @@ class ChatService:
         seq = await self.store.next_seqs(session["_id"], 2)
         now = utcnow()
         user_doc = {"_id": new_id(), "session_id": session["_id"], "pipeline": session["pipeline"], "seq": seq,
-                    "role": "user", "content": text, "chain": chain, "status": "completed",
+                    "role": "user", "content": text, "status": "completed",
+                    "chain": [{"type": "Plain", "text": c["text"]} for c in chain],  # declared fields only
                     "sender": identity.user_id, "created_at": now, "updated_at": now}
         if client_msg_id is not None:
             user_doc["client_msg_id"] = client_msg_id

@@ -72,6 +72,7 @@ class Hub:
         self.by_user = {}       # user_id -> {conn_id: Connection}
         self.by_pipeline = {}   # pipeline id -> {conn_id: Connection}
         self.group_sessions = set()  # viewed sessions of type group: their viewers get presence frames
+        self.pending = 0        # sockets open but not registered yet (authenticating): they count as connections
 
     def register(self, conn):
         self.connections[conn.id] = conn

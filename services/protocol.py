@@ -5,13 +5,12 @@ while a reply streams. Sends and resumes go through a small per-connection inbox
 client's messages are persisted in the order it sent them.
 """
 import asyncio
-import json
 import logging
 
 from pymongo.errors import PyMongoError
 
-from services import frames
-from services.chat import check_id
+from services import frames, untrusted
+from services.chat import MAX_VIEWED, check_id
 from services.errors import BadRequest, ParleyError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -31,10 +30,11 @@ class ClientProtocol:
 
         self.handlers = {"ping": self.on_ping, "disconnect": self.on_disconnect, "stop": self.on_stop,
                          "message": self._queue, "session.join": self._queue, "session.leave": self.on_leave,
-                         "presence": self.on_presence, "resume": self._queue,
+                         "presence": self.on_presence, "resume": self._queue, "group.leave": self._queue,
                          # already authenticated (by the handshake): a LangBot client's habit, harmless
                          "authenticate": lambda frame: None}
-        self.queued = {"message": self._send, "session.join": self._join, "resume": self._resume}
+        self.queued = {"message": self._send, "session.join": self._join, "resume": self._resume,
+                       "group.leave": self._leave_group}
 
     def receive(self, text):
         """Handle one frame. Returns its type, or "invalid" when it is not a frame (for metrics)."""
@@ -85,7 +85,7 @@ class ClientProtocol:
     # frames that wait their turn (they touch the store), in the order the client sent them
 
     def _queue(self, frame):
-        if frame["type"] == "session.join":
+        if frame["type"] in ("session.join", "group.leave"):
             check_id(frame.get("session_id"), "session_id")
         elif frame["type"] == "message":
             self._session_id(frame)  # reject a foreign session before queueing
@@ -130,10 +130,20 @@ class ClientProtocol:
         session = await self.chat.session(self.conn.identity, self.conn.pipeline, frame["session_id"])
         if self.conn.closed:
             return
+        if session["_id"] not in self.conn.sessions and len(self.conn.sessions) >= MAX_VIEWED:
+            raise BadRequest(f"a connection views at most {MAX_VIEWED} sessions; leave one first",
+                             code="too_many_sessions")
         self.conn.send({"type": "session.joined", "data": {"session_id": session["_id"],
                                                            "session_type": session["type"],
                                                            "title": session.get("title", "")}})
         self.chat.hub.join(self.conn, session["_id"], session["type"])
+
+    async def _leave_group(self, frame):
+        session = await self.chat.session(self.conn.identity, self.conn.pipeline, frame["session_id"])
+        viewing = session["_id"] in self.conn.sessions
+        await self.chat.leave_group(self.conn.identity, session)
+        if not viewing or self.conn.identity.is_admin:  # leave_group told the viewing connections already
+            self.conn.send({"type": "session.left", "data": {"session_id": session["_id"], "reason": "left_group"}})
 
     async def _resume(self, frame):
         await self.resumer.resume(self.conn, frame)
@@ -153,10 +163,7 @@ class ClientProtocol:
 def parse(text):
     if isinstance(text, bytes):
         raise BadRequest("frames are JSON text, not binary", code="invalid_frame")
-    try:
-        frame = json.loads(text)
-    except ValueError:
-        raise BadRequest("the frame is not valid JSON", code="invalid_json") from None
+    frame = untrusted.loads(text)
     if not isinstance(frame, dict):
         raise BadRequest("a frame must be a JSON object", code="invalid_frame")
     if not isinstance(frame.get("type"), str):

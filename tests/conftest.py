@@ -204,6 +204,8 @@ def fetch(http_client, base_url):
             headers["Authorization"] = f"Bearer {token}"
         if body is not None and not isinstance(body, (str, bytes)):
             body = json.dumps(body)
+        if body:
+            headers.setdefault("Content-Type", "application/json")
         if method == "POST" and body is None:
             body = ""
         response = await http_client.fetch(base_url + path, method=method, body=body, headers=headers,

@@ -103,6 +103,7 @@ async def open_services(config, *, pipelines=None, provider_factory=None, auth=N
                        on_last_viewer_gone=config.on_last_viewer_gone, max_members=config.max_members)
     resumer = Resumer(store, hub, streams, chat, metrics)
     reaper = Reaper(store, hub, streams, lease_seconds=config.lease_seconds)
+    await streams.warm_up()  # the first reply must not pay for imports and client set-up
     await reaper.sweep()  # replies a previous run left `streaming` end now, if their lease has expired
     reaper.start()
     return Services(config=config, client=client, store=store, hub=hub, streams=streams, chat=chat,

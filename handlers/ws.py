@@ -130,6 +130,9 @@ class ChatSocket(websocket.WebSocketHandler):
         return urlparse(origin).netloc.lower() == self.request.host.lower()
 
     async def open(self, pipeline):
+        # Frames often go out back to back (ack then the first token, stop_ack then the final): without this the
+        # second waits for the peer's delayed ACK (~40 ms).
+        self.set_nodelay(True)
         try:
             self.services.pipelines.get(pipeline)
             self.params = {"pipeline": pipeline,

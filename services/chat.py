@@ -8,7 +8,7 @@ import logging
 
 from pymongo.errors import DuplicateKeyError
 
-from services import frames
+from services import frames, paging
 from services.errors import Forbidden
 from services.errors import BadRequest, NotFound
 from services.store import new_id, utcnow
@@ -148,9 +148,19 @@ class ChatService:
                 conn.send({"type": "session.left", "data": {"session_id": session["_id"], "reason": "left_group"}})
         return doc
 
-    async def list_sessions(self, identity, pipeline_id):
+    async def list_sessions(self, identity, pipeline_id, *, limit=100, cursor=None):
+        """One page of the user's sessions, most recently updated first: (docs, next_cursor)."""
         self.pipelines.get(pipeline_id)
-        return await self.store.list_sessions(pipeline=pipeline_id, user=identity.user_id)
+        kind = f"sessions:{pipeline_id}"
+        position = paging.decode(kind, cursor)
+        before = None
+        if position is not None:
+            if not (isinstance(position, list) and len(position) == 2 and isinstance(position[1], str)):
+                raise BadRequest("cursor is not one this server gave out", code="invalid_cursor")
+            before = (paging.from_epoch_ms(position[0]), position[1])
+        docs = await self.store.list_sessions(pipeline=pipeline_id, user=identity.user_id, limit=limit + 1,
+                                              before=before)
+        return paging.page(docs, limit, kind, lambda d: [paging.epoch_ms(d["updated_at"]), d["_id"]])
 
     # messages
 
@@ -251,6 +261,17 @@ class ChatService:
 
     async def history(self, identity, session, *, after_seq=0, limit=50):
         return await self.store.list_messages(session["_id"], after_seq=after_seq, limit=limit)
+
+    async def history_page(self, identity, session, *, after_seq=0, limit=50, cursor=None):
+        """One page of a session's messages in order: (docs, next_cursor). A cursor wins over after_seq."""
+        kind = f"messages:{session['_id']}"
+        position = paging.decode(kind, cursor)
+        if position is not None:
+            if not isinstance(position, int) or isinstance(position, bool) or position < 0:
+                raise BadRequest("cursor is not one this server gave out", code="invalid_cursor")
+            after_seq = position
+        docs = await self.store.list_messages(session["_id"], after_seq=after_seq, limit=limit + 1)
+        return paging.page(docs, limit, kind, lambda d: d["seq"])
 
     async def reset(self, identity, session):
         """Stop whatever runs, then forget the session's messages. Their seq numbers are never reused."""

@@ -2,7 +2,11 @@
 
 Names follow `parley_<noun>_<verb>_<unit>`. Every label value is created at start-up from a closed list (pipeline
 ids from the configuration, statuses, codes), so a dashboard sees zeros instead of gaps and no label can grow
-with traffic: never a user, session, message or connection id. Values outside a list are counted as `other`.
+with traffic: never a user, session, message or connection id. Codes outside a list are counted as `other`; a
+pipeline that is not configured gets no series at all (nothing is recorded for it). Store operations are the
+exception to pre-creation: an operation's latency series appear when it first runs (27 operations x buckets
+would be most of an idle server's series). `_created` series are off: an idle server with one pipeline exports
+a few hundred series (docs/operations.md; tests/test_metrics.py keeps the count).
 
 Services record through small methods here (`generation_finished(gen)`, ...) so the instrumented code stays one
 line per event. Times are `time.monotonic()` seconds, the clock of the asyncio loop.
@@ -10,7 +14,7 @@ line per event. Times are `time.monotonic()` seconds, the clock of the asyncio l
 import functools
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from pymongo.errors import DuplicateKeyError
 
 from services.errors import ParleyError
@@ -37,12 +41,15 @@ BUS_EVENTS = ("stop", "broadcast", "push", "stream", "other")
 STREAMED_KINDS = ("text", "thinking")
 TOKEN_KINDS = ("prompt", "completion")
 
+disable_created_metrics()  # a `_created` twin for every counter and histogram doubles the series for no query
+
 # Store methods decorated with @timed register their operation name here at import, so their label values
 # exist before the first query.
 STORE_OPERATIONS = []
 
 # Seconds. Time to first token and store latency live mostly under a second; generations run for tens of seconds.
 FAST_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
+STORE_BUCKETS = (.001, .005, .025, .1, .5, 2.5)
 SLOW_BUCKETS = (.1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
@@ -110,7 +117,7 @@ class Metrics:
 
         self.store_duration = Histogram("parley_store_operation_duration_seconds",
                                         "MongoDB operations (services/store.py methods)", ("operation",),
-                                        buckets=FAST_BUCKETS, registry=r)
+                                        buckets=STORE_BUCKETS, registry=r)
         self.store_errors = Counter("parley_store_operation_errors", "MongoDB operations that raised",
                                     ("operation",), registry=r)
         self.checkpoint_lag = Histogram("parley_checkpoint_lag_seconds",
@@ -136,10 +143,10 @@ class Metrics:
         self._sent = {kind: self.frames_sent.labels(kind) for kind in SERVER_FRAMES}
         self._received = {kind: self.frames_received.labels(kind) for kind in CLIENT_FRAMES}
         self._streamed = {pid: tuple(self.streamed_chars.labels(pid, kind) for kind in STREAMED_KINDS)
-                          for pid in self.pipelines | {"other"}}
+                          for pid in self.pipelines}
 
     def _create_label_values(self):
-        for pid in self.pipelines | {"other"}:
+        for pid in self.pipelines:
             for m in (self.connections_open, self.connections_opened, self.connection_duration,
                       self.generations_started, self.queue_wait, self.first_token, self.sessions_busy,
                       self.stop_latency, self.resume_replayed, self.checkpoint_lag):
@@ -168,24 +175,28 @@ class Metrics:
         for outcome in STOP_OUTCOMES:
             self.stop_requests.labels(outcome)
         for op in STORE_OPERATIONS:
-            self.store_duration.labels(op)
             self.store_errors.labels(op)
         for event in BUS_EVENTS:
             self.bus_published.labels(event)
             self.bus_received.labels(event)
 
     def pipeline(self, pipeline_id):
-        return pipeline_id if pipeline_id in self.pipelines else "other"
+        """The label for a configured pipeline; None (record nothing) for any other."""
+        return pipeline_id if pipeline_id in self.pipelines else None
 
     # connections (handlers/ws.py, services/hub.py)
 
     def connection_opened(self, conn):
         pid = self.pipeline(conn.pipeline)
+        if pid is None:
+            return
         self.connections_opened.labels(pid).inc()
         self.connections_open.labels(pid).inc()
 
     def connection_closed(self, conn, reason):
         pid = self.pipeline(conn.pipeline)
+        if pid is None:
+            return
         self.connections_open.labels(pid).dec()
         self.connections_closed.labels(pid, _known(reason, CLOSE_REASONS, "lost")).inc()
         self.connection_duration.labels(pid).observe(time.time() - conn.created_at)
@@ -205,12 +216,16 @@ class Metrics:
 
     def generation_accepted(self, gen):
         pid = self.pipeline(gen.pipeline_id)
+        if pid is None:
+            return
         self.generations_started.labels(pid).inc()
         self.generations_active.labels(pid, "queued").inc()
 
     def generation_streaming(self, gen):
         pid = self.pipeline(gen.pipeline_id)
         gen.started_at = time.monotonic()
+        if pid is None:
+            return
         self.generations_active.labels(pid, "queued").dec()
         self.generations_active.labels(pid, "streaming").inc()
         self.queue_wait.labels(pid).observe(gen.started_at - gen.accepted_at)
@@ -219,7 +234,11 @@ class Metrics:
         pid = self.pipeline(gen.pipeline_id)
         if gen.first_token_at is None and gen.started_at is not None:
             gen.first_token_at = time.monotonic()
+            if pid is None:
+                return
             self.first_token.labels(pid).observe(gen.first_token_at - gen.started_at)
+        if pid is None:
+            return
         text_chars, thinking_chars = self._streamed[pid]
         if text:
             text_chars.inc(len(text))
@@ -229,6 +248,8 @@ class Metrics:
     def generation_finished(self, gen):
         """After the terminal frame went out: the status is final."""
         pid = self.pipeline(gen.pipeline_id)
+        if pid is None:
+            return
         now = time.monotonic()
         state = "queued" if gen.started_at is None else "streaming"
         self.generations_active.labels(pid, state).dec()
@@ -246,18 +267,22 @@ class Metrics:
             self.stop_latency.labels(pid).observe(now - gen.stop_requested_at)
 
     def session_busy(self, pipeline_id):
-        self.sessions_busy.labels(self.pipeline(pipeline_id)).inc()
+        if (pid := self.pipeline(pipeline_id)) is not None:
+            self.sessions_busy.labels(pid).inc()
 
     def stop_requested(self, outcome, count=1):
         self.stop_requests.labels(_known(outcome, STOP_OUTCOMES, "noop")).inc(count)
 
     def checkpointed(self, gen, dirty_since):
-        self.checkpoint_lag.labels(self.pipeline(gen.pipeline_id)).observe(time.monotonic() - dirty_since)
+        if (pid := self.pipeline(gen.pipeline_id)) is not None:
+            self.checkpoint_lag.labels(pid).observe(time.monotonic() - dirty_since)
 
     # resume and the cluster bus: recorded by the code those issues add
 
     def resumed(self, pipeline_id, source, replayed_chars):
         pid = self.pipeline(pipeline_id)
+        if pid is None:
+            return
         self.resumes.labels(pid, _known(source, RESUME_SOURCES, "live")).inc()
         self.resume_replayed.labels(pid).inc(replayed_chars)
 

@@ -189,6 +189,9 @@ OPTIONS = (
     Option("allowed_hosts", tuple, (), "comma-separated host names this server answers to besides loopback "
            "names (DNS-rebinding guard; enforced with --auth none, or in every mode once set); * allows any",
            group="auth", metavar="HOSTS"),
+    Option("cors_origins", tuple, (), "comma-separated origins (https://app.example) whose web pages may call the "
+           "REST API (CORS, preflight included); * allows any; none: same-origin only", group="auth",
+           metavar="ORIGINS"),
     Option("ping_interval", float, 25.0, "time between WebSocket pings (dead peers are found by them)",
            unit="s", group="limits", minimum=0),
     Option("ping_timeout", float, 10.0, "time to wait for a pong before closing the connection", unit="s",

@@ -52,6 +52,7 @@ class Generation:
         self.saved = self.saved_thinking = 0  # characters of content/thinking already checkpointed
         self.fenced = False           # the store refused our write: another instance ended this reply
         self.has_turn = False         # cluster mode: holds its session's generation turn in the store
+        self.finishing = False        # _finish has begun: nothing may cancel the task any more
         # monotonic times for metrics (services/metrics.py)
         self.accepted_at = time.monotonic()
         self.started_at = self.first_token_at = self.stop_requested_at = None
@@ -172,8 +173,8 @@ class StreamManager:
                 await self._wait_turn(gen)
             gen.status = "streaming"
             self.metrics.generation_streaming(gen)
-            doc = await self.store.mark_streaming(gen.message_id, instance=self.instance_id,
-                                                  lease_until=self.lease_until())
+            doc = await self._uncancelled(gen, self.store.mark_streaming(
+                gen.message_id, instance=self.instance_id, lease_until=self.lease_until()))
             if doc is None:  # no longer queued: ended elsewhere (the reaper) while it waited here
                 gen.fenced = True
                 raise asyncio.CancelledError
@@ -193,7 +194,7 @@ class StreamManager:
         except ProviderError as exc:
             gen.status, gen.error = exc.status, {"code": exc.code, "message": exc.message}
             log.warning("generation %s pipeline=%s session_id=%s message_id=%s code=%s: %s", exc.status,
-                        gen.pipeline_id, gen.session_id, gen.message_id, exc.code, exc.message)
+                        gen.pipeline_id, gen.session_id, gen.message_id, exc.code, exc.detail or exc.message)
         except Exception:
             log.exception("generation crashed pipeline=%s session_id=%s message_id=%s",
                           gen.pipeline_id, gen.session_id, gen.message_id)
@@ -204,13 +205,29 @@ class StreamManager:
     async def _wait_turn(self, gen):
         """Replies of a session accepted on other instances go first when they were accepted first."""
         while True:
+            gen.has_turn = True  # (maybe: the claim may land even if we are stopped meanwhile; release is safe)
             turn = await self.store.claim_turn(gen.session_id, gen.message_id, gen.seq)
             if turn:
-                gen.has_turn = True
                 return
+            gen.has_turn = False
             if turn is None:  # ended elsewhere while it waited: mark_streaming will find it is not ours
                 return
             await asyncio.sleep(TURN_POLL)
+
+    async def _uncancelled(self, gen, write):
+        """Await a claim even if the task is stopped meanwhile: a write that lands must be known (its epoch),
+        or the terminal write, conditional on it, could never land. The stop takes effect right after."""
+        task = asyncio.ensure_future(write)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            try:
+                doc = await task
+            except Exception:
+                doc = None
+            if doc is not None:
+                gen.epoch = doc["epoch"]
+            raise
 
     async def _request(self, gen, pipeline):
         turns = []
@@ -223,13 +240,26 @@ class StreamManager:
                                  message_id=gen.message_id, history=turns,
                                  prompt=Turn(role="user", text=gen.prompt, sender=gen.sender))
 
+    def provider(self, pipeline):
+        provider = self._providers.get(pipeline.id)
+        if provider is None:
+            provider = self._providers[pipeline.id] = self.provider_factory(pipeline)
+        return provider
+
+    async def warm_up(self):
+        """Before the first client: make every pipeline's provider (imports, HTTP client, TLS context) and let
+        it prepare, so the first reply is as fast as the tenth. A provider that cannot warm up is not an error
+        here: its first reply reports the problem."""
+        for pipeline in self.pipelines:
+            warm = getattr(self.provider(pipeline), "warm_up", None)
+            if warm is not None:
+                await warm()
+
     async def _consume(self, gen, pipeline, request):
         loop = asyncio.get_running_loop()
         limits = pipeline.timeouts
         total_deadline = loop.time() + limits.total
-        provider = self._providers.get(pipeline.id)
-        if provider is None:
-            provider = self._providers[pipeline.id] = self.provider_factory(pipeline)
+        provider = self.provider(pipeline)
         got_token = False
         async with contextlib.aclosing(provider.stream(request)) as chunks:
             try:
@@ -314,7 +344,7 @@ class StreamManager:
             self.metrics.fenced_write_refused()
             log.warning("fenced: message_id=%s was ended by another instance; its stored final wins",
                         gen.message_id)
-            if gen.running and not gen.task.done() and gen.task is not asyncio.current_task():
+            if gen.running and not gen.finishing and gen.task is not asyncio.current_task():
                 gen.stop_reason = gen.stop_reason or "interrupted"
                 gen.task.cancel()
 
@@ -340,6 +370,7 @@ class StreamManager:
 
     async def _finish(self, gen):
         # From here on a stop is a no-op: the reply is already ending.
+        gen.finishing = True
         self.stop_callbacks.pop(gen.message_id, None)
         log.debug("stream signal removed message_id=%s status=%s", gen.message_id, gen.status)
         final = None  # what viewers are told: only ever a state the store holds
@@ -356,7 +387,7 @@ class StreamManager:
                 if doc is not None and doc["status"] not in LIVE:
                     final = frames.snapshot(doc)
                     gen.status, gen.error = doc["status"], doc.get("error")
-            if gen.has_turn and final is not None:
+            if gen.has_turn:  # conditional on holding it; the next reply still waits until this one is not live
                 await self.store.release_turn(gen.session_id, gen.message_id)
         except Exception:
             log.exception("could not end message_id=%s status=%s", gen.message_id, gen.status)

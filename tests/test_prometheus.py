@@ -96,3 +96,58 @@ async def test_prometheus_scrapes_parley(prometheus, connect):
         url = f"{prometheus}/api/v1/query?query={urllib.parse.quote(expr)}"
         body = json.loads((await AsyncHTTPClient().fetch(url, raise_error=False)).body)
         assert body["status"] == "success", (expr, body)
+
+
+OPERATIONS = os.path.join(os.path.dirname(__file__), "..", "docs", "operations.md")
+
+
+def documented_panels():
+    """docs/operations.md "Dashboard queries": [(title, [query, ...]), ...] from its promql block."""
+    with open(OPERATIONS) as f:
+        section = f.read().split("### Dashboard queries", 1)[1]
+    block = section.split("```promql\n", 1)[1].split("```", 1)[0]
+    panels = []
+    for line in block.splitlines():
+        if line.startswith("# "):
+            panels.append((line[2:], []))
+        elif line.strip():
+            panels[-1][1].append(line.strip())
+    return panels
+
+
+def dashboard_panels():
+    with open(DASHBOARD) as f:
+        return [(p["title"], [t["expr"] for t in p["targets"]]) for p in json.load(f)["panels"]]
+
+
+def test_the_dashboard_has_exactly_the_documented_panels():
+    assert len(documented_panels()) >= 9
+    assert dashboard_panels() == documented_panels()
+
+
+async def values(base, promql):
+    url = f"{base}/api/v1/query?query={urllib.parse.quote(promql)}"
+    body = json.loads((await AsyncHTTPClient().fetch(url, raise_error=False)).body)
+    assert body["status"] == "success", (promql, body)
+    return [float(r["value"][1]) for r in body["data"]["result"]]
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_every_documented_query_has_a_value_on_an_idle_server(prometheus):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while True:  # rate() needs two scrapes in its window; wait for three
+        try:
+            scrapes = await values(prometheus, 'count_over_time(up{job="parley"}[5m])')
+        except OSError:  # Prometheus not listening yet
+            scrapes = []
+        if scrapes and scrapes[0] >= 3:
+            break
+        assert loop.time() < deadline, "Prometheus did not scrape Parley three times"
+        await asyncio.sleep(0.5)
+    for title, queries in documented_panels():
+        for promql in queries:
+            got = await values(prometheus, promql)
+            assert got, f"panel {title!r}: {promql} returns no data on an idle server"
+            if not promql.startswith("histogram_quantile"):  # a quantile of no observations is NaN
+                assert all(v == 0 for v in got), (title, promql, got)

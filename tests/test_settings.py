@@ -214,6 +214,8 @@ def test_docs_mention_only_flags_that_exist():
     import client
     ours = {o.flag for o in OPTIONS} | {o.flag + "-file" for o in OPTIONS if o.secret} | {"--config", "--help"}
     theirs = {a for action in client.build_parser()._actions for a in action.option_strings}
+    for tool in [*ROOT.glob("scripts/*.py"), *ROOT.glob("bench/*.py"), *ROOT.glob("nginx/*.py")]:
+        theirs |= set(re.findall(r"add_argument\(\s*\"(--[a-z][a-z0-9-]+)\"", tool.read_text()))
     for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         spans = re.findall(r"```.*?```|`[^`\n]+`", path.read_text(), flags=re.S)
         for flag in {f for span in spans for f in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", span)}:

@@ -21,6 +21,11 @@ async def test_timestamps_written_by_updates_read_back_as_dates(connect, service
     await c.send({"type": "stop"})
     await c.until_final(ack["data"]["reply_message_id"])
     reply = await services.store.get_message(ack["data"]["reply_message_id"])
+    for _ in range(500):  # the durable stop (stop_requested_at) is written in the background: may trail the final
+        if "stop_requested_at" in reply:
+            break
+        await asyncio.sleep(0.01)
+        reply = await services.store.get_message(ack["data"]["reply_message_id"])
     session = await services.store.get_session(ack["data"]["session_id"])
     for value in (reply["started_at"], reply["updated_at"], reply["finished_at"], reply["stop_requested_at"],
                   session["updated_at"]):

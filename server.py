@@ -222,7 +222,8 @@ def main(argv=None):
         fail(config, exc)
     embedded = None
     if not config.mongo_url:
-        embedded = EmbeddedMongo(os.path.join(config.data_dir, "mongo")).start()
+        os.umask(0o077)  # the data dir and everything in it are private to this user (docs/security.md)
+        embedded = EmbeddedMongo(os.path.join(config.data_dir, "mongo")).start().supervise()
         config.mongo_url = embedded.url
     try:
         asyncio.run(serve(config, **made))

@@ -157,7 +157,7 @@ def http_server_options(config):
     """Tornado HTTPServer limits: bodies over --max-body-size are refused before they are read, a client that
     sends its headers too slowly (slowloris) or idles is closed after --http-idle-timeout."""
     return {"max_body_size": config.max_body_size,
-            "max_buffer_size": max(config.max_body_size, config.max_message_size) + 64 * 1024,
+            "max_buffer_size": max(config.max_body_size, 4 * config.max_message_size) + 64 * 1024,
             "idle_connection_timeout": config.http_idle_timeout, "body_timeout": config.body_timeout,
             "max_header_size": 64 * 1024}
 

@@ -39,6 +39,7 @@ DISCONNECT_FOR_CODE = {1001: "shutdown", 1012: "shutdown", 1008: "auth", 4401: "
                        CLOSE_SLOW_CONSUMER: "slow", 1007: "invalid"}
 CLOSE_PING_TIMEOUT = 1011  # the peer never sees it (it stopped answering); the metric says ping_timeout
 CLOSE_INVALID_UTF8 = 1007
+HARD_CAP_FACTOR = 4  # frames up to 4x --max-message-size are read whole and refused with a clean 1009
 
 
 class ParleyProtocol(websocket.WebSocketProtocol13):
@@ -106,8 +107,11 @@ class ChatSocket(websocket.WebSocketHandler):
     def get_websocket_protocol(self):
         if self.request.headers.get("Sec-WebSocket-Version") != "13":
             return None  # Tornado answers 426 with the version it speaks
-        params = websocket._WebSocketParams(  # Tornado's own pinger stays off: ours is _ping below
-            ping_interval=None, ping_timeout=None, max_message_size=self.max_message_size,
+        # Tornado's own pinger stays off (ours is _ping below). Its size limit is a hard cap above ours: Tornado
+        # aborts at the frame header with the payload unread, so the peer may get a reset and lose the 1009;
+        # on_message reads the whole frame first and closes cleanly (1009) up to the cap.
+        params = websocket._WebSocketParams(
+            ping_interval=None, ping_timeout=None, max_message_size=HARD_CAP_FACTOR * self.max_message_size,
             compression_options=self.get_compression_options())
         return ParleyProtocol(self, False, params)
 
@@ -157,6 +161,10 @@ class ChatSocket(websocket.WebSocketHandler):
         await self._start(identity)
 
     async def on_message(self, message):
+        limit = self.services.config.max_message_size
+        if len(message) > limit // 4 and len(message.encode("utf-8", "surrogatepass") if isinstance(message, str)
+                                            else message) > limit:
+            return self._close(1009, "message_too_big")
         if self.protocol is not None:
             self.conn.last_active = time.time()
             # never awaits: ping and stop are heard during a reply

@@ -94,7 +94,9 @@ class ChatService:
         check_session_type(session_type)
         if not isinstance(title, str) or len(title) > MAX_TITLE:
             raise BadRequest(f"title must be a string of at most {MAX_TITLE} characters", code="invalid_param")
-        if not isinstance(members, (list, tuple)) or len(members) > self.max_members:
+        if not isinstance(members, (list, tuple)):
+            raise BadRequest("members must be a list of user ids", code="invalid_param")
+        if len(members) > self.max_members:
             raise BadRequest(f"members must be a list of at most {self.max_members} user ids",
                              code="too_many_members")
         members = [check_id(m, "a member") for m in members]

@@ -16,12 +16,14 @@ import time
 from pymongo import AsyncMongoClient
 from tornado import web
 
-from handlers import api, ops, ws
+from handlers import api, ops, web as web_app, ws
 from handlers.base import NotFoundHandler
-from services import logs, settings
+from services import events, logs, settings
 from services.auth import Authenticator, check_jwt_secret
 from services.chat import ChatService
 from services.embedded_mongo import EmbeddedMongo
+from services.bus import Bus, LocalBus
+from services.fanout import FanOut
 from services.hub import Hub
 from services.limits import RateLimiter
 from services.metrics import Metrics
@@ -42,6 +44,8 @@ class Services:
     client: AsyncMongoClient
     store: Store
     hub: Hub
+    bus: Bus
+    fanout: FanOut
     streams: StreamManager
     chat: ChatService
     resumer: Resumer
@@ -95,18 +99,23 @@ async def open_services(config, *, pipelines=None, provider_factory=None, auth=N
     if config.cluster:
         await check_change_streams(store)
     hub = Hub()
+    bus = LocalBus(instance_id, metrics=metrics)
+    fanout = FanOut(hub, bus, metrics)
     extra = {"provider_factory": provider_factory} if provider_factory else {}
-    streams = StreamManager(store, hub, pipelines, instance_id=instance_id,
+    streams = StreamManager(store, bus, pipelines, instance_id=instance_id,
                             checkpoint_interval=config.checkpoint_interval, lease_seconds=config.lease_seconds,
                             max_queued=config.max_queued, metrics=metrics, cluster=config.cluster, **extra)
-    chat = ChatService(store, hub, streams, pipelines, limiter=RateLimiter(config.rate_limit, config.rate_burst),
+    chat = ChatService(store, hub, fanout, bus, streams, pipelines,
+                       limiter=RateLimiter(config.rate_limit, config.rate_burst),
                        on_last_viewer_gone=config.on_last_viewer_gone, max_members=config.max_members)
-    resumer = Resumer(store, hub, streams, chat, metrics)
-    reaper = Reaper(store, hub, streams, lease_seconds=config.lease_seconds)
+    resumer = Resumer(store, fanout, streams, chat, metrics)
+    reaper = Reaper(store, bus, streams, lease_seconds=config.lease_seconds)
+    await bus.start()
     await streams.warm_up()  # the first reply must not pay for imports and client set-up
     await reaper.sweep()  # replies a previous run left `streaming` end now, if their lease has expired
     reaper.start()
-    return Services(config=config, client=client, store=store, hub=hub, streams=streams, chat=chat,
+    return Services(config=config, client=client, store=store, hub=hub, bus=bus, fanout=fanout, streams=streams,
+                    chat=chat,
                     resumer=resumer, reaper=reaper, pipelines=pipelines, auth=auth, instance_id=instance_id,
                     metrics=metrics)
 
@@ -138,16 +147,19 @@ async def close_services(services):
     await services.reaper.stop()
     await services.streams.shutdown()
     await services.chat.close()
+    await services.bus.close()
     await services.client.close()
 
 
 def make_app(services):
     config = services.config
     deps = {"services": services}
-    routes = [(pattern, handler, deps)
-              for pattern, handler in ws.default_handlers + api.default_handlers + ops.default_handlers]
+    routes = web_app.default_handlers + [  # the browser's `/` comes before the API's JSON `/`
+        (pattern, handler, deps)
+        for pattern, handler in ws.default_handlers + api.default_handlers + ops.default_handlers]
     return web.Application(
         routes, default_handler_class=NotFoundHandler, default_handler_args=deps,
+        frame_ancestors=config.frame_ancestors,
         websocket_max_message_size=config.max_message_size,
         cross_origin_protection=True,  # cross-site REST writes: 403 (handlers/base.py check_trusted_origin)
         log_function=ops.log_function(services.metrics))
@@ -195,8 +207,8 @@ async def drain(services, server):
     services.draining = True
     log.info("draining: telling %d clients to reconnect elsewhere", len(services.hub.connections))
     server.stop()  # no new connections: nginx sends new clients to another instance
+    services.bus.publish(events.reconnect("server restarting"))  # this instance's connections only
     for conn in list(services.hub.connections.values()):
-        conn.send({"type": "reconnect", "reason": "server restarting"})
         conn.close(1012, "server restarting")
     await services.streams.drain(services.config.drain_timeout)
     await close_services(services)  # what is still generating is checkpointed and ends `interrupted`
@@ -216,6 +228,7 @@ def main(argv=None):
     logs.setup(level=config.log_level, fmt=config.log_format)
     try:  # fail before anything starts, with a message that names the problem
         made = {"auth": make_authenticator(config), "pipelines": make_pipelines(config)}
+        web_app.check_frame_ancestors(config.frame_ancestors)
         if config.cluster and not config.mongo_url:
             raise ValueError("--cluster needs --mongo-url: every instance must share one MongoDB (a replica set)")
     except (PipelineConfigError, ValueError) as exc:

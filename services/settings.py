@@ -189,6 +189,8 @@ OPTIONS = (
     Option("allowed_hosts", tuple, (), "comma-separated host names this server answers to besides loopback "
            "names (DNS-rebinding guard; enforced with --auth none, or in every mode once set); * allows any",
            group="auth", metavar="HOSTS"),
+    Option("frame_ancestors", str, "'none'", "who may embed the web app in a frame: the CSP frame-ancestors "
+           "sources ('self', https://portal.example); 'none' forbids framing", group="auth", metavar="SOURCES"),
     Option("cors_origins", tuple, (), "comma-separated origins (https://app.example) whose web pages may call the "
            "REST API (CORS, preflight included); * allows any; none: same-origin only", group="auth",
            metavar="ORIGINS"),

@@ -16,7 +16,7 @@ import uuid
 from urllib.parse import urlparse
 
 from pymongo.errors import PyMongoError
-from tornado import ioloop, websocket
+from tornado import ioloop, web, websocket
 
 from services import frames, guards, logs
 from services.chat import check_session_type
@@ -133,6 +133,12 @@ class ChatSocket(websocket.WebSocketHandler):
             return True
         return urlparse(origin).netloc.lower() == self.request.host.lower()
 
+    def _query(self, name, default):
+        try:
+            return self.get_query_argument(name, default)
+        except web.HTTPError:  # not UTF-8 (a percent-encoded lone surrogate, say)
+            raise BadRequest(f"{name} is not valid UTF-8", code="invalid_param") from None
+
     async def open(self, pipeline):
         # Frames often go out back to back (ack then the first token, stop_ack then the final): without this the
         # second waits for the peer's delayed ACK (~40 ms).
@@ -140,9 +146,9 @@ class ChatSocket(websocket.WebSocketHandler):
         try:
             self.services.pipelines.get(pipeline)
             self.params = {"pipeline": pipeline,
-                           "session_type": check_session_type(self.get_query_argument("session_type", "person")),
-                           "stream_mode": self.get_query_argument("stream_mode", "cumulative"),
-                           "session_id": self.get_query_argument("session_id", None)}
+                           "session_type": check_session_type(self._query("session_type", "person")),
+                           "stream_mode": self._query("stream_mode", "cumulative"),
+                           "session_id": self._query("session_id", None)}
             if self.params["stream_mode"] not in STREAM_MODES:
                 raise BadRequest("stream_mode must be cumulative or delta", code="invalid_param")
             config = self.services.config

@@ -74,6 +74,16 @@ async def test_deep_json_before_authentication_closes_4401_with_an_error_frame(c
     assert code == 4401
 
 
+@pytest.mark.parametrize("query", [{"session_id": "%ED%A0%80"}, {"session_type": "%FF"},
+                                   {"stream_mode": "%C3"}, {"session_id": "%00"}])
+async def test_hostile_connect_parameters_get_an_error_frame_and_a_close_code(connect, query):
+    c = await connect(expect_connected=False, **query)
+    err = await c.recv()
+    assert err["type"] == "error" and err["code"] in ("invalid_param", "invalid_session_type",
+                                                       "session_not_found"), err
+    assert (await c.wait_closed())[0] in (4400, 4404)
+
+
 async def test_invalid_utf8_text_frame_closes_1007(connect):
     c = await connect()
     await c.ws.write_message(b'{"type": "ping", "x": "\xff\xfe"}', binary=False)

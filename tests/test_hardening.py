@@ -324,3 +324,32 @@ def test_short_hs256_secrets_are_refused_at_start_up(tmp_path):
     assert out.returncode == 2
     assert "--jwt-secret" in out.stderr and "32" in out.stderr
     assert "short" not in out.stderr.replace("--jwt-secret", "")  # the secret itself is never printed
+
+
+class TestManyGroups:
+    @pytest.fixture
+    def config(self, config):
+        return dataclasses.replace(config, auth="jwt", jwt_secret=SECRET, token=None)
+
+    async def test_a_user_added_to_many_groups_still_reaches_their_own_and_can_leave_them(self, fetch):
+        alice, bob = jwt_token("alice"), jwt_token("bob")
+        code, body = await fetch(SESSIONS, "POST", token=bob, body={"title": "bob's own"})
+        own = body["data"]["session_id"]
+        groups = []
+        for _ in range(101):  # the attacker's groups, all more recent than bob's own session
+            code, body = await fetch(SESSIONS, "POST", token=alice, body={"session_type": "group", "members": ["bob"]})
+            assert code == 201
+            groups.append(body["data"]["session_id"])
+        seen, cursor = [], None
+        for _ in range(10):
+            code, body = await fetch(f"{SESSIONS}?limit=100" + (f"&cursor={cursor}" if cursor else ""), token=bob)
+            seen += [s["session_id"] for s in body["data"]["sessions"]]
+            cursor = body["data"]["next_cursor"]
+            if cursor is None:
+                break
+        assert own in seen and len(seen) == 102
+        for group in groups:
+            code, _ = await fetch(f"{SESSIONS}/{group}/leave", "POST", token=bob)
+            assert code == 200
+        code, body = await fetch(SESSIONS, token=bob)
+        assert [s["session_id"] for s in body["data"]["sessions"]] == [own]

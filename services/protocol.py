@@ -36,7 +36,8 @@ class ClientProtocol:
         self.queued = {"message": self._send, "session.join": self._join, "resume": self._resume}
 
     def receive(self, text):
-        """Handle one frame. Returns its type, or "invalid" when it is not a frame (for metrics)."""
+        """Handle one frame. Returns its type, "unknown" for a type Parley does not know, or "invalid" when it is
+        not a frame (for metrics)."""
         kind = None
         try:
             frame = schema.decode_frame(text)
@@ -45,6 +46,8 @@ class ClientProtocol:
         except ParleyError as err:
             kind = kind or schema.peek_type(text)
             self._refuse(err, request_type=kind)
+            if err.code == "unknown_type":
+                return "unknown"
         except Exception:
             log.exception("frame handling failed conn_id=%s", self.conn.id)
             self._refuse(ParleyError("internal error"), request_type=kind)

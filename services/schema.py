@@ -171,13 +171,13 @@ _peek = msgspec.json.Decoder(_Typed)
 
 
 def peek_type(text):
-    """The `type` of a frame that failed validation, if it names a client frame (a refused `message` is
-    answered differently from other errors)."""
+    """The `type` of a frame that failed validation (a refused `message` is answered differently from other
+    errors, and an error names the type it answers), or None."""
     try:
         kind = _peek.decode(text).type
     except (msgspec.DecodeError, RecursionError):
         return None
-    return kind if kind in CLIENT_TYPES else None
+    return kind[:64] if isinstance(kind, str) else None
 
 
 def frame_error(detail):

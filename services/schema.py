@@ -259,11 +259,15 @@ class PushBody(Body):
 
 # Server frames, LangBot dialect: exactly LangBot's shapes
 
+# What the server sends back: the chain as stored (a reply's text may exceed a client component's bounds)
+ServerChain = Annotated[list[dict[str, Any]], Meta(description="LangBot components, as sent or as stored")]
+
+
 class LangBotMessage(Struct, forbid_unknown_fields=True):
     id: int
     role: Literal["user", "assistant"]
     content: str
-    message_chain: list[Component]
+    message_chain: ServerChain
     timestamp: Timestamp
     is_final: bool
     connection_id: str
@@ -343,7 +347,7 @@ class MessageData(Struct, forbid_unknown_fields=True, omit_defaults=True):
     id: int
     role: Literal["user", "assistant"]
     content: str
-    message_chain: list[Component]
+    message_chain: ServerChain
     timestamp: Timestamp
     is_final: bool
     connection_id: str
@@ -377,7 +381,7 @@ class ReplyData(Struct, forbid_unknown_fields=True, omit_defaults=True):
     seq: int
     reply_to: Union[str, None]
     content: Union[str, UnsetType] = UNSET
-    message_chain: Union[list[Component], UnsetType] = UNSET
+    message_chain: Union[ServerChain, UnsetType] = UNSET
     offset: Union[Count, UnsetType] = UNSET
     delta: Union[str, UnsetType] = UNSET
     thinking: Union[str, UnsetType] = UNSET

@@ -26,7 +26,7 @@ PROVIDER_ERRORS = (
     "missing_api_key", "upstream_bad_request", "upstream_error", "upstream_model_not_found",
     "upstream_protocol_error", "upstream_rate_limited", "upstream_unauthorized", "upstream_unreachable", "other")
 CLIENT_FRAMES = ("authenticate", "message", "stop", "resume", "ping", "disconnect", "session.join",
-                 "session.leave", "presence", "unknown", "invalid")
+                 "session.leave", "group.leave", "presence", "unknown", "invalid")
 SERVER_FRAMES = ("connected", "user_message", "ack", "response", "status", "stop_ack", "pong", "error",
                  "broadcast", "push", "presence", "session.joined", "session.left", "session.reset", "resumed",
                  "reconnect", "other")

@@ -25,7 +25,7 @@ class BaseHandler(web.RequestHandler):
     def initialize(self, services):
         self.services = services
         self.identity = None
-        self.body = bytearray()
+        self.raw_body = bytearray()  # filled by data_received (stream_request_body)
         self.set_header("X-Parley-Instance", services.instance_id)
         self._cors_headers()
 
@@ -80,7 +80,7 @@ class BaseHandler(web.RequestHandler):
 
     def data_received(self, chunk):
         # Tornado delivers no more than the Content-Length that prepare() accepted.
-        self.body += chunk
+        self.raw_body += chunk
 
     def set_default_headers(self):
         self.set_header("Content-Type", "application/json; charset=utf-8")
@@ -98,9 +98,9 @@ class BaseHandler(web.RequestHandler):
         self.finish(json.dumps({"code": 0, "msg": "ok", "data": data}))
 
     def json_body(self):
-        if not self.body:
+        if not self.raw_body:
             return {}
-        body = untrusted.loads(self.body, what="the request body")
+        body = untrusted.loads(self.raw_body, what="the request body")
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object", code="invalid_json")
         return body

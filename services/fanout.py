@@ -181,9 +181,12 @@ class FanOut:
                 if conn.stream_mode == "delta" and (offset or thinking_offset):
                     continue
                 cursor = conn.cursors[message_id] = Cursor(reply.session_id)
+            if cursor.offset >= reply.text.length and cursor.thinking_offset >= reply.thinking_text.length:
+                continue  # it already has this much (it resumed from another instance, ahead of us)
             key = (conn.stream_mode, cursor.offset, cursor.thinking_offset)
             groups.setdefault(key, []).append(conn)
-            cursor.offset, cursor.thinking_offset = reply.text.length, reply.thinking_text.length
+            cursor.offset = max(cursor.offset, reply.text.length)
+            cursor.thinking_offset = max(cursor.thinking_offset, reply.thinking_text.length)
         timestamp = frames.timestamp_from_epoch(event["at"])
         for (mode, start, thinking_start), conns in groups.items():
             self._send(self._chunk(reply, mode, start, thinking_start, timestamp), conns, connection_id=True)
@@ -299,13 +302,16 @@ class FanOut:
                 continue  # a non-streamed reply sends only its final frame
             if source == "live":
                 frame = self._chunk(reply, conn.stream_mode, offset, thinking_offset, timestamp)
-                cursor.offset, cursor.thinking_offset = reply.text.length, reply.thinking_text.length
+                # (a client that followed the owner directly may be ahead of what reached this instance)
+                cursor.offset = max(offset, reply.text.length)
+                cursor.thinking_offset = max(thinking_offset, reply.thinking_text.length)
             else:
                 frame = frames.chunk(reply, conn.stream_mode, offset=offset, text=reply.content[offset:],
                                      thinking_offset=thinking_offset, thinking=reply.thinking[thinking_offset:],
                                      timestamp=timestamp)
-                if source == "store":  # live elsewhere (or orphaned): follow from its checkpoint
-                    cursor.offset, cursor.thinking_offset = len(reply.content), len(reply.thinking)
+                if source == "store":  # live elsewhere (or orphaned): follow from its checkpoint, or the client's
+                    cursor.offset = max(offset, len(reply.content))
+                    cursor.thinking_offset = max(thinking_offset, len(reply.thinking))
             self._send(frame, [conn], connection_id=True)
             if source == "finished":
                 self._send(frames.final(reply, timestamp=timestamp), [conn], connection_id=True)

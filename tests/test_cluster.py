@@ -144,11 +144,11 @@ async def test_sigterm_drains_clients_to_other_instances_and_ends_replies_cleanl
     # new sockets from the same address go to another instance at once
     moved = await connect(cluster, "slow", src=src, user="drained")
     assert moved.instance != victim.id
+    await resume(moved, got)
+    await follow(moved, got, timeout=20)  # followed from the draining instance, to the final
     assert await asyncio.get_running_loop().run_in_executor(None, victim.proc.wait, 30) == 0
-    await moved.send({"type": "resume", "message_id": got.message_id, **got.offsets})
-    await moved.recv_type("resumed")
-    await follow(moved, got, timeout=20)
     final = got.finals[0]
+    assert len(got.finals) == 1
     assert final["status"] == "interrupted" and final["content"] == got.joined(got.text)
     with MongoClient(cluster.mongo_url) as db:
         stored = db[cluster.db_name].messages.find_one({"_id": got.message_id})
@@ -158,6 +158,14 @@ async def test_sigterm_drains_clients_to_other_instances_and_ends_replies_cleanl
     moved.close()
     victim.start()
     await asyncio.get_running_loop().run_in_executor(None, victim.wait_ready)
+
+
+async def resume(client, got):
+    """Send `resume` for what `got` has; frames of the reply that arrive before `resumed` count too."""
+    await client.send({"type": "resume", "message_id": got.message_id, **got.offsets})
+    while (frame := await client.recv_type("resumed", "response", timeout=20))["type"] != "resumed":
+        if frame["data"]["message_id"] == got.message_id:
+            got.add(frame)
 
 
 def stored(cluster, message_id):
@@ -203,3 +211,27 @@ async def test_sigstop_past_the_lease_then_sigcont_cannot_overwrite_the_final(cl
     code, text = await plain(owner.url + "/metrics")
     assert re.search(r"^parley_fenced_writes_refused_total [1-9]", text, re.M), "no fenced write counted"
     client.close()
+async def test_kill_9_of_the_owner_clients_get_interrupted_with_the_checkpointed_text(cluster):
+    where = await spread(cluster)
+    owner = cluster.instances[0]
+    client = await connect(cluster, "slow", src=where[owner.id], user="killed")
+    got = Received((await client.say("then the lights went out"))["data"]["reply_message_id"])
+    for _ in range(20):
+        got.add(await client.recv_type("response"))
+    owner.proc.kill()
+    owner.proc.wait()
+    try:
+        await client.wait_closed(timeout=20)
+        moved = await connect(cluster, "slow", src=where[owner.id], user="killed")  # nginx picks a live one
+        assert moved.instance != owner.id
+        await resume(moved, got)
+        await follow(moved, got, timeout=2 * LEASE + 10)
+        final = got.finals[0]
+        truth = stored(cluster, got.message_id)
+        assert final["status"] == truth["status"] == "interrupted"
+        assert final["error"]["code"] == "instance_lost"
+        assert final["content"] == truth["content"] and truth["content"]  # the checkpointed text
+        assert left_streaming(cluster, owner.id) == 0
+        moved.close()
+    finally:
+        await restart(owner)

@@ -226,7 +226,7 @@ class MongoBus(Bus):
         kind = event.get("type")
         if kind == "interest":
             if self.metrics is not None:
-                self.metrics.bus_event_received("other", time.time() - event.get("at", time.time()))
+                self.metrics.bus_event_received("interest", time.time() - event.get("at", time.time()))
             self._on_interest(event)
             return
         if kind == "reply.delta":

@@ -1,6 +1,6 @@
 """REST: the LangBot-compatible /ws/* routes and Parley's native sessions API."""
 from handlers.base import BaseHandler
-from services import frames
+from services import frames, paging
 from services.auth import require_admin
 from services.chat import check_id, check_session_type
 from services.errors import BadRequest
@@ -39,8 +39,10 @@ class LegacyHistoryHandler(BaseHandler):
         chat = self.services.chat
         session = await chat.default_session(self.identity, pipeline, check_session_type(session_type))
         limit = self.int_arg("limit", 200, low=1, high=1000)
-        docs = await chat.history(self.identity, session, limit=limit)
-        self.ok({"session_id": session["_id"], "messages": [frames.message_data(d) for d in docs]})
+        docs, next_cursor = await chat.history_page(self.identity, session, limit=limit,
+                                                    cursor=self.get_query_argument("cursor", None))
+        self.ok({"session_id": session["_id"], "messages": [frames.message_data(d) for d in docs],
+                 "next_cursor": next_cursor})
 
 
 class LegacyResetHandler(BaseHandler):
@@ -56,7 +58,10 @@ class LegacyConnectionsHandler(BaseHandler):
         require_admin(self.identity)
         self.services.pipelines.get(pipeline)
         conns, stats = self.services.hub.stats(pipeline)
-        self.ok({"stats": stats, "connections": [{
+        conns, next_cursor = paging.in_memory(conns, self.int_arg("limit", 1000, low=1, high=10_000),
+                                              f"connections:{pipeline}", self.get_query_argument("cursor", None),
+                                              key=lambda c: c.id)
+        self.ok({"stats": stats, "next_cursor": next_cursor, "connections": [{
             "connection_id": c.id, "session_type": c.session_type, "session_ids": sorted(c.sessions),
             "user_id": c.user_id, "stream_mode": c.stream_mode, "remote_ip": c.remote_ip,
             "created_at": frames.timestamp_from_epoch(c.created_at),
@@ -106,8 +111,10 @@ def broadcast_message(body):
 
 class SessionsHandler(BaseHandler):
     async def get(self, pipeline):
-        docs = await self.services.chat.list_sessions(self.identity, pipeline)
-        self.ok({"sessions": [session_data(d) for d in docs]})
+        docs, next_cursor = await self.services.chat.list_sessions(
+            self.identity, pipeline, limit=self.int_arg("limit", 100, low=1, high=500),
+            cursor=self.get_query_argument("cursor", None))
+        self.ok({"sessions": [session_data(d) for d in docs], "next_cursor": next_cursor})
 
     async def post(self, pipeline):
         body = self.json_body()
@@ -121,8 +128,23 @@ class SessionHandler(BaseHandler):
     async def get(self, pipeline, session_id):
         self.ok(session_data(await self.services.chat.session(self.identity, pipeline, session_id)))
 
+    async def patch(self, pipeline, session_id):
+        chat = self.services.chat
+        session = await chat.session(self.identity, pipeline, session_id)
+        body = self.json_body()
+        if "title" not in body:
+            raise BadRequest("PATCH a session with {\"title\": ...}", code="invalid_param")
+        self.ok(session_data(await chat.rename(self.identity, session, body["title"])))
+
 
 class MembersHandler(BaseHandler):
+    async def get(self, pipeline, session_id):
+        session = await self.services.chat.session(self.identity, pipeline, session_id)
+        members, next_cursor = paging.in_memory(session.get("members", []),
+                                                self.int_arg("limit", 100, low=1, high=1000),
+                                                f"members:{session['_id']}", self.get_query_argument("cursor", None))
+        self.ok({"session_id": session["_id"], "members": members, "next_cursor": next_cursor})
+
     async def post(self, pipeline, session_id):
         chat = self.services.chat
         session = await chat.session(self.identity, pipeline, session_id)
@@ -138,10 +160,11 @@ class MessagesHandler(BaseHandler):
         session = await chat.session(self.identity, pipeline, session_id)
         after_seq = self.int_arg("after_seq", 0, low=0, high=2**53)
         limit = self.int_arg("limit", 50, low=1, high=500)
-        docs = await chat.history(self.identity, session, after_seq=after_seq, limit=limit)
+        docs, next_cursor = await chat.history_page(self.identity, session, after_seq=after_seq, limit=limit,
+                                                    cursor=self.get_query_argument("cursor", None))
         next_after = docs[-1]["seq"] if docs else after_seq
         self.ok({"session_id": session["_id"], "messages": [frames.message_data(d) for d in docs],
-                 "next_after_seq": next_after, "has_more": len(docs) == limit})
+                 "next_after_seq": next_after, "has_more": next_cursor is not None, "next_cursor": next_cursor})
 
     async def post(self, pipeline, session_id):
         """Send as a bot would: the reply streams to the session's viewers; poll history for the result."""

@@ -7,9 +7,14 @@ from tornado import web
 
 from services import logs
 from services.forwarded import client_address
-from services.errors import BadRequest, NotFound, ParleyError, Unavailable
+from services.errors import BadRequest, Forbidden, NotFound, ParleyError, Unavailable
 
 log = logging.getLogger(__name__)
+
+# CORS (--cors-origins): what a page on an allowed origin may send and read.
+CORS_HEADERS = "Authorization, Content-Type, Idempotency-Key, X-Request-Id"
+CORS_EXPOSE = "X-Request-Id, X-Parley-Instance, WWW-Authenticate"
+CORS_MAX_AGE = "600"
 
 
 class BaseHandler(web.RequestHandler):
@@ -19,14 +24,41 @@ class BaseHandler(web.RequestHandler):
         self.services = services
         self.identity = None
         self.set_header("X-Parley-Instance", services.instance_id)
+        self._cors_headers()
+
+    def _cors_origin(self):
+        """The request's Origin when --cors-origins allows it, else None."""
+        allowed = self.services.config.cors_origins
+        origin = self.request.headers.get("Origin")
+        return origin if origin and allowed and ("*" in allowed or origin in allowed) else None
+
+    def _cors_headers(self):
+        if not self.services.config.cors_origins:
+            return
+        self.set_header("Vary", "Origin")  # the answer depends on the Origin: caches must key on it
+        if origin := self._cors_origin():
+            self.set_header("Access-Control-Allow-Origin", origin)
+            self.set_header("Access-Control-Expose-Headers", CORS_EXPOSE)
+
+    def options(self, *args, **kwargs):
+        """CORS preflight: no credentials needed (browsers send none), answered before any route logic."""
+        if self._cors_origin() is None:
+            raise Forbidden("this origin may not call the API (see --cors-origins)", code="cors_forbidden")
+        methods = [m for m in ("GET", "POST", "PUT", "PATCH", "DELETE")
+                   if getattr(type(self), m.lower()) is not getattr(web.RequestHandler, m.lower())]
+        self.set_header("Access-Control-Allow-Methods", ", ".join(methods + ["OPTIONS"]))
+        self.set_header("Access-Control-Allow-Headers", CORS_HEADERS)
+        self.set_header("Access-Control-Max-Age", CORS_MAX_AGE)
+        self.set_status(204)
+        self.finish()
 
     def prepare(self):
         self.request.remote_ip = client_address(self.request, self.services.config.trusted_proxies)
         # Each request runs in its own task: these log fields stay with this request.
-        rid = logs.request_id(self.request.headers.get("X-Request-Id"))
+        rid = self._request_id = logs.request_id(self.request.headers.get("X-Request-Id"))
         self.set_header("X-Request-Id", rid)
         logs.bind(request_id=rid, pipeline=self.path_kwargs.get("pipeline"), session_id=self.path_kwargs.get("session_id"))
-        if not self.public:
+        if not self.public and self.request.method != "OPTIONS":
             self.identity = self.services.auth.identify(self.request)
 
     def set_default_headers(self):
@@ -35,6 +67,9 @@ class BaseHandler(web.RequestHandler):
         self.set_header("Cache-Control", "no-store")
         if (services := getattr(self, "services", None)) is not None:  # (Tornado calls this before initialize)
             self.set_header("X-Parley-Instance", services.instance_id)  # which backend answered (behind nginx)
+            self._cors_headers()  # an error answer (clear() resets headers) must stay readable cross-origin
+            if rid := getattr(self, "_request_id", None):
+                self.set_header("X-Request-Id", rid)
 
     def ok(self, data, status=200):
         """LangBot's envelope, which Parley keeps for every success."""
@@ -79,6 +114,10 @@ class BaseHandler(web.RequestHandler):
             err = Unavailable("the message store is unavailable, try again")
         if isinstance(err, ParleyError):
             self.set_status(err.http_status)
+            if err.http_status == 401:  # RFC 6750: say which scheme, and whether a token was sent but refused
+                sent = "Authorization" in self.request.headers or "token" in self.request.query_arguments
+                self.set_header("WWW-Authenticate", 'Bearer realm="parley"' + (', error="invalid_token"' if sent
+                                                                               else ""))
             self.finish(json.dumps(err.to_dict()))
             return
         codes = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}

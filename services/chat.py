@@ -8,7 +8,7 @@ import logging
 
 from pymongo.errors import DuplicateKeyError
 
-from services import events, frames
+from services import events, frames, paging
 from services.errors import Forbidden
 from services.errors import BadRequest, NotFound
 from services.store import new_id, utcnow
@@ -124,9 +124,27 @@ class ChatService:
         self.bus.publish(events.members(session["_id"], add, remove))  # removed members stop viewing it
         return doc
 
-    async def list_sessions(self, identity, pipeline_id):
+    async def rename(self, identity, session, title):
+        """Owner (or admin) sets a session's title (the web app's Rename)."""
+        if not (identity.is_admin or identity.user_id == session["owner"]):
+            raise Forbidden("only the session's owner may rename it")
+        if not isinstance(title, str) or len(title) > 200:
+            raise BadRequest("title must be a string of at most 200 characters", code="invalid_param")
+        return await self.store.set_title(session["_id"], title.strip())
+
+    async def list_sessions(self, identity, pipeline_id, *, limit=100, cursor=None):
+        """One page of the user's sessions, most recently updated first: (docs, next_cursor)."""
         self.pipelines.get(pipeline_id)
-        return await self.store.list_sessions(pipeline=pipeline_id, user=identity.user_id)
+        kind = f"sessions:{pipeline_id}"
+        position = paging.decode(kind, cursor)
+        before = None
+        if position is not None:
+            if not (isinstance(position, list) and len(position) == 2 and isinstance(position[1], str)):
+                raise BadRequest("cursor is not one this server gave out", code="invalid_cursor")
+            before = (paging.from_epoch_ms(position[0]), position[1])
+        docs = await self.store.list_sessions(pipeline=pipeline_id, user=identity.user_id, limit=limit + 1,
+                                              before=before)
+        return paging.page(docs, limit, kind, lambda d: [paging.epoch_ms(d["updated_at"]), d["_id"]])
 
     # messages
 
@@ -241,6 +259,17 @@ class ChatService:
 
     async def history(self, identity, session, *, after_seq=0, limit=50):
         return await self.store.list_messages(session["_id"], after_seq=after_seq, limit=limit)
+
+    async def history_page(self, identity, session, *, after_seq=0, limit=50, cursor=None):
+        """One page of a session's messages in order: (docs, next_cursor). A cursor wins over after_seq."""
+        kind = f"messages:{session['_id']}"
+        position = paging.decode(kind, cursor)
+        if position is not None:
+            if not isinstance(position, int) or isinstance(position, bool) or position < 0:
+                raise BadRequest("cursor is not one this server gave out", code="invalid_cursor")
+            after_seq = position
+        docs = await self.store.list_messages(session["_id"], after_seq=after_seq, limit=limit + 1)
+        return paging.page(docs, limit, kind, lambda d: d["seq"])
 
     async def reset(self, identity, session):
         """Stop whatever runs, then forget the session's messages. Their seq numbers are never reused."""

@@ -186,6 +186,11 @@ OPTIONS = (
            group="auth", minimum=0.01),
     Option("allowed_origins", tuple, (), "comma-separated origins (https://chat.example) allowed to open "
            "WebSockets besides the server's own; * allows any", group="auth", metavar="ORIGINS"),
+    Option("frame_ancestors", str, "'none'", "who may embed the web app in a frame: the CSP frame-ancestors "
+           "sources ('self', https://portal.example); 'none' forbids framing", group="auth", metavar="SOURCES"),
+    Option("cors_origins", tuple, (), "comma-separated origins (https://app.example) whose web pages may call the "
+           "REST API (CORS, preflight included); * allows any; none: same-origin only", group="auth",
+           metavar="ORIGINS"),
     Option("ping_interval", float, 25.0, "time between WebSocket pings (dead peers are found by them)",
            unit="s", group="limits", minimum=0),
     Option("ping_timeout", float, 10.0, "time to wait for a pong before closing the connection", unit="s",

@@ -106,12 +106,21 @@ class Store:
         return doc
 
     @timed
-    async def list_sessions(self, *, pipeline, user, limit=100):
+    async def list_sessions(self, *, pipeline, user, limit=100, before=None):
+        """Most recently updated first; `before` = (updated_at, _id) of the last session of the previous page."""
         # `$in` rather than `{"members": user}`: same meaning on MongoDB, but nx-27017 0.8.1 misses array
         # elements on an indexed array field with plain equality.
-        cursor = (self.sessions.find({"pipeline": pipeline, "members": {"$in": [user]}})
-                  .sort("updated_at", DESCENDING).limit(limit))
+        query = {"pipeline": pipeline, "members": {"$in": [user]}}
+        if before is not None:
+            updated, sid = before
+            query["$or"] = [{"updated_at": {"$lt": updated}}, {"updated_at": updated, "_id": {"$lt": sid}}]
+        cursor = (self.sessions.find(query).sort([("updated_at", DESCENDING), ("_id", DESCENDING)]).limit(limit))
         return [doc async for doc in cursor]
+
+    @timed
+    async def set_title(self, session_id, title):
+        await self.sessions.update_one({"_id": session_id}, {"$set": {"title": title}, **stamp("updated_at")})
+        return await self.get_session(session_id)
 
     @timed
     async def change_members(self, session_id, *, add=(), remove=()):

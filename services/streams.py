@@ -200,7 +200,7 @@ class StreamManager:
         except ProviderError as exc:
             gen.status, gen.error = exc.status, {"code": exc.code, "message": exc.message}
             log.warning("generation %s pipeline=%s session_id=%s message_id=%s code=%s: %s", exc.status,
-                        gen.pipeline_id, gen.session_id, gen.message_id, exc.code, exc.message)
+                        gen.pipeline_id, gen.session_id, gen.message_id, exc.code, exc.detail or exc.message)
         except Exception:
             log.exception("generation crashed pipeline=%s session_id=%s message_id=%s",
                           gen.pipeline_id, gen.session_id, gen.message_id)

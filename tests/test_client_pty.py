@@ -6,6 +6,7 @@ import pty
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,27 +20,57 @@ ROOT = Path(__file__).resolve().parent.parent
 class Terminal:
     """A child process on a pty: `expect` reads the screen until a pattern shows (bounded), `type` types a line."""
 
-    def __init__(self, *args, env=None):
+    def __init__(self, *args, env=None, argv=None, cwd=ROOT):
         self.master, slave = pty.openpty()
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}, **(env or {})}
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "client.py"), *args], stdin=slave, stdout=slave,
-                                     stderr=slave, cwd=ROOT, env=env, close_fds=True)
+        if argv is None:
+            env = {**{k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}, **(env or {})}
+        argv = argv or [sys.executable, str(ROOT / "client.py"), *args]
+        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env,
+                                     close_fds=True, start_new_session=True)
         os.close(slave)
         os.set_blocking(self.master, False)
         self.screen = ""
+
+    @classmethod
+    def command(cls, argv, *, cwd, env):
+        """Any program (e.g. `make client`) on a pty, with exactly this environment."""
+        return cls(argv=argv, cwd=cwd, env=env)
+
+    def _found(self, pattern):
+        self._read()
+        found = re.search(pattern, self.screen, re.S)
+        if found:
+            self.screen = self.screen[found.end():]
+        return found
+
+    def _late(self, pattern):
+        return f"{pattern!r} did not appear; screen: {self.screen[-2000:]!r}"
 
     async def expect(self, pattern, timeout=20):
         """Wait until `pattern` (a regex) appears on the screen after what earlier expects consumed."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while True:
-            self._read()
-            found = re.search(pattern, self.screen, re.S)
-            if found:
-                self.screen = self.screen[found.end():]
-                return found
-            assert loop.time() < deadline, f"{pattern!r} did not appear; screen: {self.screen[-2000:]!r}"
+        while not (found := self._found(pattern)):
+            assert loop.time() < deadline, self._late(pattern)
             await asyncio.sleep(0.02)
+        return found
+
+    def expect_sync(self, pattern, timeout=30):
+        """`expect` for a test without an event loop (the server is another process)."""
+        deadline = time.monotonic() + timeout
+        while not (found := self._found(pattern)):
+            assert time.monotonic() < deadline, self._late(pattern)
+            time.sleep(0.02)
+        return found
+
+    def wait_sync(self, timeout=30):
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            self._read()
+            assert time.monotonic() < deadline, "the program did not exit"
+            time.sleep(0.02)
+        self._read()
+        return self.proc.returncode
 
     def _read(self):
         while True:

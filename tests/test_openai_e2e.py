@@ -1,4 +1,5 @@
 """The OpenAI-compatible provider through the whole server: socket -> stream manager -> fake upstream over HTTP."""
+import logging
 import time
 
 import pytest
@@ -100,11 +101,15 @@ async def test_upstream_stall_ends_in_stall_timeout_and_disconnects(gateway, ups
     await upstream.calls[-1].wait_disconnect(1.0)
 
 
-async def test_upstream_errors_end_the_reply_failed_with_their_code(gateway, upstream):
+async def test_upstream_errors_end_the_reply_failed_with_their_code(gateway, upstream, caplog):
     upstream.plan("m", Script(status=401))
     c = await gateway()
     ack = await c.say("who am I")
-    final = (await c.until_final(ack["data"]["reply_message_id"]))[-1]["data"]
+    with caplog.at_level(logging.WARNING):
+        final = (await c.until_final(ack["data"]["reply_message_id"]))[-1]["data"]
+    assert "scripted status 401" in caplog.text
     assert final["status"] == "failed" and final["error"]["code"] == "upstream_unauthorized"
+    # viewers get the code and a generic message: the upstream's own text ("scripted status 401") is logged only
+    assert final["error"]["message"] == "the model server refused our credentials"
     stored = await gateway.services.store.get_message(final["message_id"])
-    assert stored["status"] == "failed" and stored["error"]["code"] == "upstream_unauthorized"
+    assert stored["status"] == "failed" and stored["error"] == final["error"]

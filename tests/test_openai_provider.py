@@ -8,7 +8,7 @@ import pytest
 
 from services.pipelines import Pipeline, Timeouts
 from services.providers import GenerationRequest, ProviderError, Turn, make_provider
-from services.providers.openai_compat import OpenAIProvider, ThinkSplitter, build_messages
+from services.providers.openai_compat import OpenAIProvider, ThinkSplitter, _sse_data, build_messages
 from tests.upstream import Script, closed_port
 
 KEY = "sk-test-0123456789abcdef"
@@ -231,7 +231,8 @@ async def test_unknown_model_is_model_not_found(upstream, provider_for):
     provider = provider_for("no-such-model")     # nothing planned: the fake answers 404 like real servers
     err, _ = await failure(provider, request(provider))
     assert err.code == "upstream_model_not_found"
-    assert "no-such-model" in err.message
+    assert "no-such-model" in err.detail                        # the upstream's words: for the log
+    assert err.message == "the model server does not know this model"   # what viewers see
 
 
 @pytest.mark.gen_test(timeout=5)
@@ -248,8 +249,11 @@ async def test_connection_refused_is_unreachable_after_retries(provider_for):
     (Script(content=["a", "b", "c"], close_after=2), "upstream_protocol_error"),
     (Script(content=["a", "b", "c"], malformed_after=2), "upstream_protocol_error"),
     (Script(content=["a", "b", "c"], error_after=2), "upstream_error"),
-    # A body that ends cleanly but without a finish_reason is a truncated stream.
-    (Script(content=["a", "b"], finish=False), "upstream_protocol_error"),
+    # A body that ends with neither a finish_reason nor [DONE] is a truncated stream.
+    (Script(content=["a", "b"], finish=False, done=False), "upstream_protocol_error"),
+    # JSON of the wrong shape is malformed too, not an empty reply.
+    (Script(content=["a", "b", "c"], malformed_after=2, malformed='{"choices": "oops"}'),
+     "upstream_protocol_error"),
 ])
 async def test_mid_stream_failures_keep_the_text_and_never_retry(upstream, provider_for, script, code):
     upstream.plan("m", script, Script(content=["never", "sent"]))
@@ -258,6 +262,52 @@ async def test_mid_stream_failures_keep_the_text_and_never_retry(upstream, provi
     assert err.code == code
     assert "".join(c.text for c in chunks) == "ab"
     assert len(upstream.calls) == 1                   # text went out: no retry
+
+
+@pytest.mark.gen_test(timeout=5)
+async def test_malformed_first_chunk_is_a_protocol_error_not_an_empty_reply(upstream, provider_for):
+    upstream.plan("m", Script(content=["a"], malformed_after=0, malformed='{"choices": "oops"}'))
+    provider = provider_for("m", retries=0)
+    err, chunks = await failure(provider, request(provider))
+    assert (err.code, chunks) == ("upstream_protocol_error", [])
+    assert "oops" not in err.message
+
+
+@pytest.mark.gen_test(timeout=5)
+async def test_done_without_finish_reason_but_with_text_is_completed(upstream, provider_for):
+    upstream.plan("m", Script(content=["Hel", "lo"], finish=False))   # [DONE] still ends the body
+    provider = provider_for("m")
+    chunks = await collect(provider, request(provider))
+    assert "".join(c.text for c in chunks) == "Hello"
+    assert chunks[-1].usage == {"prompt_tokens": 2, "completion_tokens": 2}
+    assert len(upstream.calls) == 1
+
+
+@pytest.mark.gen_test(timeout=5)
+async def test_comment_lines_and_multibyte_text_decode(upstream, provider_for):
+    upstream.plan("m", Script(content=["naïve ", "🙂", " done"], comments=True))
+    provider = provider_for("m")
+    chunks = await collect(provider, request(provider))
+    assert "".join(c.text for c in chunks) == "naïve 🙂 done"
+
+
+class SplitBody:
+    """A response whose body arrives in arbitrary pieces (TCP may cut anywhere, even inside a character)."""
+
+    def __init__(self, body, size):
+        self.pieces = [body[i:i + size] for i in range(0, len(body), size)]
+
+    async def aiter_bytes(self):
+        for piece in self.pieces:
+            yield piece
+
+
+@pytest.mark.gen_test(timeout=5)
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 1000])
+async def test_sse_events_survive_any_split_and_crlf(size):
+    body = ': keep-alive\r\n\r\ndata: {"a": "é🙂"}\r\n\r\nevent: x\ndata: {"b":\ndata: 1}\n\ndata: [DONE]'.encode()
+    events = [e async for e in _sse_data(SplitBody(body, size))]
+    assert events == ['{"a": "é🙂"}'.encode(), b'{"b":\n1}', b"[DONE]"]
 
 
 @pytest.mark.gen_test(timeout=5)
@@ -337,7 +387,8 @@ async def test_rejected_key_is_logged_with_ids_and_never_shown(upstream, provide
     with caplog.at_level(logging.DEBUG):  # the provider's detail line; the stream manager warns once
         err, _ = await failure(provider, request(provider))
     assert err.code == "upstream_unauthorized"
-    assert "Incorrect API key" in err.message and KEY not in err.message   # the fake echoed it; we scrubbed
+    assert "Incorrect API key" in err.detail and KEY not in err.detail     # the fake echoed it; we scrubbed
+    assert err.message == "the model server refused our credentials"      # viewers never see upstream text
     records = [r for r in caplog.records if r.name == "services.providers.openai_compat"]
     assert records
     logged = "\n".join(r.getMessage() for r in caplog.records)

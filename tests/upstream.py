@@ -34,8 +34,10 @@ class Script:
     stall_after: int | None = None   # send K chunks, then hang until the client disconnects
     error_after: int | None = None   # send K chunks, then an in-stream {"error": ...} event and end
     close_after: int | None = None   # send K chunks, then drop the TCP connection mid-body
-    malformed_after: int | None = None   # send K chunks, then a data line that is not JSON
-    finish: bool = True              # send the finish_reason chunk (and [DONE])
+    malformed_after: int | None = None   # send K chunks, then `malformed` as a data line, and end
+    malformed: str = "{this is not json"     # e.g. '{"choices": "oops"}': JSON of the wrong shape
+    finish: bool = True              # send the finish_reason chunk
+    done: bool = True                # end with `data: [DONE]` (False: the body just ends)
     reported_model: str | None = None    # the `model` in chunks; default: the requested model
     comments: bool = False           # an SSE comment line (": keep-alive") before every chunk, as OpenRouter does
 
@@ -168,7 +170,7 @@ class ChatCompletionsHandler(tornado.web.RequestHandler):
                     self.call.completed = True
                     return
                 if i == script.malformed_after:
-                    await self._send_raw("data: {this is not json\n\n")
+                    await self._send_raw(f"data: {script.malformed}\n\n")
                     self.call.completed = True
                     return
                 if script.rate and i:
@@ -197,7 +199,8 @@ class ChatCompletionsHandler(tornado.web.RequestHandler):
                 await self._send({**_chunk(model, None), "choices": [],
                                   "usage": {"prompt_tokens": words, "completion_tokens": n,
                                             "total_tokens": words + n}})
-            await self._send_raw("data: [DONE]\n\n")
+            if script.done:
+                await self._send_raw("data: [DONE]\n\n")
             self.call.completed = True
         except tornado.iostream.StreamClosedError:
             self.on_connection_close()

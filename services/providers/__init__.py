@@ -38,11 +38,12 @@ class GenerationRequest:
 class ProviderError(Exception):
     """A provider failure that ends the reply with `status` and a stable `code` (docs/protocol.md)."""
 
-    def __init__(self, code, message, *, status="failed"):
+    def __init__(self, code, message, *, status="failed", detail=None):
         super().__init__(message)
         self.code = code
-        self.message = message
+        self.message = message    # shown to viewers and stored: never the upstream's own words
         self.status = status
+        self.detail = detail      # for the log only (e.g. the upstream's error text)
 
 
 def make_provider(pipeline):

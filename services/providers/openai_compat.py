@@ -1,10 +1,12 @@
 """The OpenAI Chat Completions streaming provider: OpenAI and every server that speaks its API
 (vLLM, Ollama, llama.cpp server, LM Studio, DeepSeek, OpenRouter).
 
-The official `openai` package does the HTTP, the SSE framing and the response models; this module builds the
-messages (system prompt, windowed history, speaker labels), splits reasoning from the answer, retries only
-before the first token, maps failures to stable codes, and closes the upstream response in its `finally` so a
-stop is seen upstream as a disconnect at once.
+The official `openai` package does the HTTP, auth and the status errors; the streamed body is read raw and its
+chunks decoded here with msgspec (the package's per-chunk pydantic models cost most of the CPU of a fast
+stream). This module builds the messages (system prompt, windowed history, speaker labels), splits reasoning
+from the answer, retries only before the first token, maps failures to stable codes (viewers get the code and a
+generic message; the upstream's own words go to the log only), and closes the upstream response in its
+`finally` so a stop is seen upstream as a disconnect at once.
 
 Named openai_compat.py (not openai.py) so a traceback or a grep never confuses this module with the package.
 Create one provider per pipeline and reuse it: it owns one AsyncOpenAI client (one connection pool, one TLS
@@ -15,9 +17,15 @@ import logging
 import os
 import random
 
+import msgspec
 import openai
 
 from services.providers import Chunk, ProviderError
+
+try:  # the HTTP library this openai release is built on (newer releases: httpx2)
+    import httpx2 as httpx
+except ImportError:  # pragma: no cover
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +48,61 @@ ERRORS = (
     (openai.APIConnectionError, "upstream_unreachable", True),         # refused, DNS, connect timeout
     (openai.APIError, "upstream_error", True),                         # an error event inside the stream
 )
+
+
+# What viewers are told for each code: the upstream's own text may hold its internals (it goes to the log).
+MESSAGES = {
+    "upstream_unauthorized": "the model server refused our credentials",
+    "upstream_model_not_found": "the model server does not know this model",
+    "upstream_rate_limited": "the model server is rate limiting us; try again later",
+    "upstream_bad_request": "the model server rejected the request",
+    "upstream_unreachable": "the model server could not be reached",
+    "upstream_protocol_error": "the model server sent a malformed or truncated stream",
+    "upstream_error": "the model server failed",
+}
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+    reasoning_content: str | None = None   # vLLM, DeepSeek
+    reasoning: str | None = None           # OpenRouter, newer vLLM
+
+
+class _Choice(msgspec.Struct):
+    delta: _Delta | None = None
+    finish_reason: str | None = None
+
+
+class _Event(msgspec.Struct):
+    """One streamed chunk; unknown fields are ignored, wrong shapes (`"choices": "oops"`) are an error."""
+    choices: list[_Choice] | None = None
+    model: object = None
+    usage: object = None
+    error: object = None                   # an error event inside the stream
+
+
+_decode_event = msgspec.json.Decoder(_Event).decode
+
+
+async def _sse_data(response):
+    """The `data` of each server-sent event of a streamed body, as bytes; comments and other fields ignored."""
+    pending, data = b"", []
+    async for block in response.aiter_bytes():
+        lines = (pending + block).split(b"\n")
+        pending = lines.pop()
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line:
+                if data:
+                    yield b"\n".join(data)
+                    data = []
+            elif line.startswith(b"data:"):
+                data.append(line[6:] if line[5:6] == b" " else line[5:])
+    if pending.startswith(b"data:"):
+        data.append(pending[6:] if pending[5:6] == b" " else pending[5:])
+    if data:
+        yield b"\n".join(data)
 
 
 def error_code(exc):
@@ -121,27 +184,35 @@ class OpenAIProvider:
         while True:
             splitter = ThinkSplitter() if self.think_tags else None
             upstream = None
-            finished = False
+            finished = done = False
             try:
                 try:
                     upstream = await client.chat.completions.create(**body, extra_body=self.extra_body)
                 except openai.APIError as exc:
                     raise self._error(exc, key, ids, attempt=attempt) from None
                 try:
-                    async for event in upstream:
-                        model = model or _get(event, "model")
-                        if _get(event, "usage") is not None:
+                    async for data in _sse_data(upstream.response):
+                        if done:
+                            continue  # read the body to its end, so the connection is reused
+                        if data == b"[DONE]":
+                            done = True
+                            continue
+                        event = _decode_event(data)
+                        if event.error:
+                            raise openai.APIError(_error_text(event.error), upstream.response.request,
+                                                  body=event.error)
+                        if isinstance(event.model, str):
+                            model = model or event.model
+                        if event.usage is not None:
                             usage = _usage(event.usage)
-                        for choice in _get(event, "choices") or ():
-                            delta = _get(choice, "delta")
-                            if _get(choice, "finish_reason"):
+                        for choice in event.choices or ():
+                            if choice.finish_reason:
                                 finished = True
+                            delta = choice.delta
                             if delta is None:
                                 continue
-                            reasoning = _get(delta, "reasoning_content") or _get(delta, "reasoning") or ""
-                            content = _get(delta, "content") or ""
-                            if not isinstance(reasoning, str) or not isinstance(content, str):
-                                raise TypeError("delta content is not a string")
+                            reasoning = delta.reasoning_content or delta.reasoning or ""
+                            content = delta.content or ""
                             if splitter and content:
                                 content, more = splitter.feed(content)
                                 reasoning += more
@@ -155,21 +226,19 @@ class OpenAIProvider:
                             sent = True
                             has_text = has_text or bool(chunk.text.strip())
                             yield chunk
-                except openai.APIStatusError as exc:
+                except openai.APIError as exc:  # an error event inside the stream
                     raise self._error(exc, key, ids, attempt=attempt) from None
-                except openai.APIError as exc:
+                except httpx.HTTPError as exc:
                     # Once the response has started, a cut connection is a protocol failure, not "unreachable".
-                    if isinstance(exc, openai.APIConnectionError):
-                        raise self._error(exc, key, ids, attempt=attempt,
-                                          code="upstream_protocol_error", retryable=True) from None
-                    raise self._error(exc, key, ids, attempt=attempt) from None
-                except (ValueError, TypeError) as exc:  # unparsable JSON or wrong shapes in a data line
                     raise self._error(exc, key, ids, attempt=attempt,
                                       code="upstream_protocol_error", retryable=True) from None
-                if not finished:
+                except msgspec.DecodeError as exc:  # unparsable JSON or wrong shapes in a data line
+                    raise self._error(exc, key, ids, attempt=attempt,
+                                      code="upstream_protocol_error", retryable=True) from None
+                if not (finished or done):
                     raise self._error(None, key, ids, attempt=attempt,
                                       code="upstream_protocol_error", retryable=True,
-                                      message="stream ended without a finish_reason (connection cut?)")
+                                      message="stream ended without [DONE] or a finish_reason (connection cut?)")
                 break
             except _Retry as retry:
                 if sent or attempt >= p.retries:
@@ -200,7 +269,7 @@ class OpenAIProvider:
         text = message or _describe(exc)
         if key:
             text = text.replace(key, "***")  # some servers echo the key they rejected
-        err = ProviderError(code, text)
+        err = ProviderError(code, MESSAGES.get(code, MESSAGES["upstream_error"]), detail=text)
         if retryable:
             return _Retry(err, _retry_after(exc))
         self._log_failure(err, ids, attempt)
@@ -209,7 +278,7 @@ class OpenAIProvider:
     def _log_failure(self, err, ids, attempt):
         # DEBUG: the stream manager logs the failed reply once, at WARNING; this adds the attempts
         log.debug("provider failed: pipeline=%s session=%s message=%s code=%s attempts=%d %s", *ids,
-                  err.code, attempt + 1, err.message)
+                  err.code, attempt + 1, err.detail or err.message)
 
 
 class _Retry(Exception):
@@ -219,7 +288,14 @@ class _Retry(Exception):
         self.delay = delay
 
 
+def _error_text(error):
+    message = error.get("message") if isinstance(error, dict) else None
+    return message if isinstance(message, str) and message else "an error event in the stream"
+
+
 def _describe(exc):
+    if isinstance(exc, httpx.HTTPError):
+        return f"the stream broke off ({type(exc).__name__}: {exc})"
     if isinstance(exc, openai.APIError):
         message = exc.message or type(exc).__name__      # "Error code: 429 - {...}" for a status error
         if isinstance(exc, openai.APIConnectionError) and exc.__cause__ is not None:
@@ -238,15 +314,10 @@ def _retry_after(exc):
         return None
 
 
-def _get(obj, name):
-    # Response models allow extra fields (reasoning_content, reasoning); a missing one reads as None.
-    return getattr(obj, name, None)
-
-
 def _usage(u):
     def n(name):
-        value = _get(u, name)
-        return value if isinstance(value, int) else 0
+        value = u.get(name) if isinstance(u, dict) else None
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
     return {"prompt_tokens": n("prompt_tokens"), "completion_tokens": n("completion_tokens")}
 
 

@@ -215,7 +215,7 @@ class MongoBus(Bus):
             return
         self._enqueue({"type": "reply.delta", "session_id": gen.session_id, "message_id": gen.message_id,
                        "seq": gen.seq, "reply_to": gen.reply_to, "offset": 0, "text": gen.content,
-                       "thinking_offset": 0, "thinking": gen.thinking, "origin": self.instance_id,
+                       "thinking_offset": 0, "thinking": gen.thinking, "sync": True, "origin": self.instance_id,
                        "at": time.time()})
 
     # receiving

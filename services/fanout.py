@@ -169,9 +169,24 @@ class FanOut:
                           self.hub.viewers(event["session_id"]))
 
     def _started(self, event):
-        if event["message_id"] not in self.replies:
+        reply = self.replies.get(event["message_id"])
+        if reply is None:
             self.replies[event["message_id"]] = Reply(event)
+        else:  # followed while queued (see follow())
+            reply.status, reply.stream = event["status"], event.get("stream", True)
         self._send(frames.status(event), self.hub.viewers(event["session_id"]))
+
+    def follow(self, stored):
+        """Deliver a live reply from the text a stored message holds so far (its checkpoint): for a reply that
+        is queued, or generating on another instance, when a connection here resumes it. Later `reply.delta`
+        events continue from there; one that overlaps it is trimmed, one that leaves a gap is dropped. Returns
+        the reply as the fan-out knows it. (Its `reply.final` ends it, from whichever instance.)"""
+        reply = self.replies.get(stored.message_id)
+        if reply is None:
+            event = {"session_id": stored.session_id, "message_id": stored.message_id, "seq": stored.seq,
+                     "reply_to": stored.reply_to, "status": stored.status}
+            reply = self.replies[stored.message_id] = Reply(event, stored.content, stored.thinking)
+        return reply
 
     def _delta(self, event):
         message_id, offset, thinking_offset = event["message_id"], event["offset"], event["thinking_offset"]
@@ -180,13 +195,16 @@ class FanOut:
             if offset or thinking_offset:
                 return  # the start of this reply never reached us: its text comes from the store on resume
             reply = self.replies[message_id] = Reply(event)
-        if offset != reply.text.length or thinking_offset != reply.thinking_text.length:
-            if offset > reply.text.length or thinking_offset > reply.thinking_text.length:
-                log.warning("reply.delta with a gap message_id=%s offset=%s have=%s", message_id, offset,
-                            reply.text.length)
-            return  # a repeat (or a gap): offsets make both safe to drop
-        reply.text.append(event["text"])
-        reply.thinking_text.append(event["thinking"])
+        start, thinking_start = reply.text.length, reply.thinking_text.length
+        if offset > start or thinking_offset > thinking_start:
+            log.warning("reply.delta with a gap message_id=%s offset=%s have=%s", message_id, offset, start)
+            return  # the text in between comes from the store (resume) or the final
+        # what we already have (a repeat, or text a checkpoint gave us first) is dropped: offsets say which
+        text, thinking = event["text"][start - offset:], event["thinking"][thinking_start - thinking_offset:]
+        if not (text or thinking):
+            return
+        reply.text.append(text)
+        reply.thinking_text.append(thinking)
         if not reply.stream:
             return
         groups = {}
@@ -195,7 +213,7 @@ class FanOut:
             if cursor is None:
                 # A delta-mode connection that started viewing mid-reply waits for its `resume`; a cumulative
                 # frame is self-contained, so a cumulative one simply starts following.
-                if conn.stream_mode == "delta" and (offset or thinking_offset):
+                if conn.stream_mode == "delta" and (start or thinking_start):
                     continue
                 cursor = conn.cursors[message_id] = Cursor(reply.session_id)
             key = (conn.dialect, conn.stream_mode, cursor.offset, cursor.thinking_offset)
@@ -307,8 +325,10 @@ class FanOut:
                 done.append((stored, offset, thinking_offset, "sent"))
             elif live is not None:
                 done.append((live, offset, thinking_offset, "live"))  # the client's offsets are what it has
+            elif stored.status in LIVE:  # queued, or generating elsewhere: its deltas continue the stored text
+                done.append((self.follow(stored), offset, thinking_offset, "store"))
             else:
-                done.append((stored, offset, thinking_offset, "store" if stored.status in LIVE else "finished"))
+                done.append((stored, offset, thinking_offset, "finished"))
         conn.send(frames.resumed(session_id, [(r, o, t) for r, o, t, _ in done]))
         timestamp = frames.timestamp()
         variant = {"dialect": conn.dialect, "session_type": self._session_type(session_id)}

@@ -331,9 +331,6 @@ class FanOut:
         done = []
         for stored, offset, thinking_offset in plan:
             live = self.replies.get(stored.message_id)
-            if (sent := conn.cursors.get(stored.message_id)) is not None:
-                # this very connection was already following it (the frames before `resumed` reached the client)
-                offset, thinking_offset = max(offset, sent.offset), max(thinking_offset, sent.thinking_offset)
             if stored.message_id in conn.finals_sent:
                 done.append((stored, offset, thinking_offset, "sent"))
             elif live is not None:

@@ -8,7 +8,7 @@ import pytest
 from pymongo import MongoClient
 
 from services.store import assemble
-from tests.test_resume import Received, abort, follow, nothing_more
+from tests.test_resume import Received, abort, follow, nothing_more, send_resume
 from tests.upstream import FakeUpstream, Script
 from tests.cluster import LEASE, cluster, plain, connect, fetch, instance_for, source, spread, wait_for  # noqa: F401 (a fixture)
 
@@ -186,14 +186,10 @@ async def test_sigterm_drains_clients_to_other_instances_and_ends_replies_cleanl
 
 
 async def resume(client, got):
-    """Send `resume` for what `got` has; frames of the reply that arrive before `resumed` count too. Returns
-    True when its final arrived first (it crossed the resume)."""
-    await client.send({"type": "resume", "message_id": got.message_id, **got.offsets})
-    while (frame := await client.recv_type("resumed", "response", "error", timeout=20))["type"] != "resumed":
-        assert frame["type"] != "error", frame
-        if frame["data"]["message_id"] == got.message_id:
-            got.add(frame)
-    return bool(got.finals)
+    """Send `resume` for what `got` has; True when the reply's final arrived before `resumed` (it crossed the
+    resume). Deltas before `resumed` are not counted: the resume asks again from the client's offsets."""
+    resumed, early = await send_resume(client, got)
+    return early
 
 
 def stored(cluster, message_id):

@@ -25,7 +25,7 @@ from services.embedded_mongo import EmbeddedMongo
 from services.hub import Hub
 from services.limits import RateLimiter
 from services.metrics import Metrics
-from services.pipelines import PipelineConfigError, default_pipelines, load_pipelines
+from services.pipelines import PipelineConfigError, api_key, default_pipelines, load_pipelines
 from services.reaper import Reaper
 from services.resume import Resumer
 from services.store import Store
@@ -80,7 +80,7 @@ async def open_services(config, *, pipelines=None, provider_factory=None, auth=N
     auth = auth or make_authenticator(config)
     if pipelines is None:
         pipelines = make_pipelines(config)
-    logs.redact(auth.token, *(os.environ.get(p.api_key_env) for p in pipelines if p.api_key_env))  # never logged
+    logs.redact(auth.token, *(api_key(p) for p in pipelines))  # never logged
     metrics = Metrics(p.id for p in pipelines)
     client = AsyncMongoClient(config.mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000)
     store = Store(client, config.db_name, metrics=metrics)

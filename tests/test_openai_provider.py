@@ -364,6 +364,20 @@ async def test_key_comes_from_the_named_environment_variable(upstream, provider_
 
 
 @pytest.mark.gen_test(timeout=5)
+async def test_key_can_come_from_the_file_the_variable_name_plus_FILE_names(upstream, provider_for, monkeypatch,
+                                                                             tmp_path):
+    upstream.api_key = KEY
+    upstream.plan("m", Script(content=["ok"]))
+    (tmp_path / "key").write_text(KEY + "\n")
+    monkeypatch.delenv("PARLEY_TEST_KEY", raising=False)
+    monkeypatch.setenv("PARLEY_TEST_KEY_FILE", str(tmp_path / "key"))
+    provider = provider_for("m", api_key_env="PARLEY_TEST_KEY")
+    chunks = await collect(provider, request(provider))
+    assert "".join(c.text for c in chunks) == "ok"
+    assert upstream.calls[0].headers["Authorization"] == f"Bearer {KEY}"
+
+
+@pytest.mark.gen_test(timeout=5)
 async def test_missing_key_fails_without_calling_upstream(upstream, provider_for, monkeypatch):
     monkeypatch.delenv("PARLEY_TEST_KEY", raising=False)
     upstream.plan("m", Script())

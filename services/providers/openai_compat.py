@@ -14,12 +14,12 @@ context); `aclose()` it at shutdown.
 """
 import asyncio
 import logging
-import os
 import random
 
 import msgspec
 import openai
 
+from services.pipelines import api_key
 from services.providers import Chunk, ProviderError
 
 try:  # the HTTP library this openai release is built on (newer releases: httpx2)
@@ -157,9 +157,9 @@ class OpenAIProvider:
         name = self.pipeline.api_key_env
         if not name:
             return None
-        key = os.environ.get(name)
+        key = api_key(self.pipeline)
         if not key:
-            raise ProviderError("missing_api_key", f"environment variable {name} is not set")
+            raise ProviderError("missing_api_key", f"environment variable {name} (or {name}_FILE) is not set")
         return key
 
     def request_body(self, request):

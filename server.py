@@ -109,6 +109,10 @@ class ClusterConfigError(RuntimeError):
     pass
 
 
+class ListenError(RuntimeError):
+    pass
+
+
 async def check_change_streams(store):
     """--cluster carries events between instances through a change stream: refuse to start without one."""
     try:
@@ -153,7 +157,11 @@ async def serve(config, **made):
     services = await open_services(config, **made)
     logs.bind_process(instance=services.instance_id)
     app = make_app(services)
-    server = app.listen(config.port, config.host)
+    try:
+        server = app.listen(config.port, config.host)
+    except OSError as exc:  # a port in use, an address not on this host: say so, no traceback
+        await close_services(services)
+        raise ListenError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
     log.info("Parley listening on http://%s:%s/ (instance %s, auth %s)", config.host, config.port,
              services.instance_id, config.auth)
     if services.auth.mode == "token":
@@ -203,7 +211,7 @@ def main(argv=None):
         config.mongo_url = embedded.url
     try:
         asyncio.run(serve(config, **made))
-    except ClusterConfigError as exc:
+    except (ClusterConfigError, ListenError) as exc:
         fail(config, exc)
     finally:
         if embedded:

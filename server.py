@@ -16,7 +16,7 @@ import time
 from pymongo import AsyncMongoClient
 from tornado import web
 
-from handlers import api, ops, ws
+from handlers import api, ops, web as web_app, ws
 from handlers.base import NotFoundHandler
 from services import logs, settings
 from services.auth import Authenticator
@@ -134,10 +134,12 @@ async def close_services(services):
 def make_app(services):
     config = services.config
     deps = {"services": services}
-    routes = [(pattern, handler, deps)
-              for pattern, handler in ws.default_handlers + api.default_handlers + ops.default_handlers]
+    routes = web_app.default_handlers + [  # the browser's `/` comes before the API's JSON `/`
+        (pattern, handler, deps)
+        for pattern, handler in ws.default_handlers + api.default_handlers + ops.default_handlers]
     return web.Application(
         routes, default_handler_class=NotFoundHandler, default_handler_args=deps,
+        frame_ancestors=config.frame_ancestors,
         websocket_ping_interval=config.ping_interval, websocket_ping_timeout=config.ping_timeout,
         websocket_max_message_size=config.max_message_size,
         log_function=ops.log_function(services.metrics))
@@ -201,6 +203,7 @@ def main(argv=None):
     logs.setup(level=config.log_level, fmt=config.log_format)
     try:  # fail before anything starts, with a message that names the problem
         made = {"auth": make_authenticator(config), "pipelines": make_pipelines(config)}
+        web_app.check_frame_ancestors(config.frame_ancestors)
         if config.cluster and not config.mongo_url:
             raise ValueError("--cluster needs --mongo-url: every instance must share one MongoDB (a replica set)")
     except (PipelineConfigError, ValueError) as exc:

@@ -129,6 +129,14 @@ class SessionHandler(BaseHandler):
     async def get(self, pipeline, session_id):
         self.ok(session_data(await self.services.chat.session(self.identity, pipeline, session_id)))
 
+    async def patch(self, pipeline, session_id):
+        chat = self.services.chat
+        session = await chat.session(self.identity, pipeline, session_id)
+        body = self.json_body()
+        if "title" not in body:
+            raise BadRequest("PATCH a session with {\"title\": ...}", code="invalid_param")
+        self.ok(session_data(await chat.rename(self.identity, session, body["title"])))
+
 
 class MembersHandler(BaseHandler):
     async def get(self, pipeline, session_id):

@@ -124,6 +124,14 @@ class ChatService:
                 conn.send({"type": "session.left", "data": {"session_id": session["_id"], "reason": "removed"}})
         return doc
 
+    async def rename(self, identity, session, title):
+        """Owner (or admin) sets a session's title (the web app's Rename)."""
+        if not (identity.is_admin or identity.user_id == session["owner"]):
+            raise Forbidden("only the session's owner may rename it")
+        if not isinstance(title, str) or len(title) > 200:
+            raise BadRequest("title must be a string of at most 200 characters", code="invalid_param")
+        return await self.store.set_title(session["_id"], title.strip())
+
     async def list_sessions(self, identity, pipeline_id, *, limit=100, cursor=None):
         """One page of the user's sessions, most recently updated first: (docs, next_cursor)."""
         self.pipelines.get(pipeline_id)

@@ -186,6 +186,8 @@ OPTIONS = (
            group="auth", minimum=0.01),
     Option("allowed_origins", tuple, (), "comma-separated origins (https://chat.example) allowed to open "
            "WebSockets besides the server's own; * allows any", group="auth", metavar="ORIGINS"),
+    Option("frame_ancestors", str, "'none'", "who may embed the web app in a frame: the CSP frame-ancestors "
+           "sources ('self', https://portal.example); 'none' forbids framing", group="auth", metavar="SOURCES"),
     Option("cors_origins", tuple, (), "comma-separated origins (https://app.example) whose web pages may call the "
            "REST API (CORS, preflight included); * allows any; none: same-origin only", group="auth",
            metavar="ORIGINS"),

@@ -118,6 +118,11 @@ class Store:
         return [doc async for doc in cursor]
 
     @timed
+    async def set_title(self, session_id, title):
+        await self.sessions.update_one({"_id": session_id}, {"$set": {"title": title}, **stamp("updated_at")})
+        return await self.get_session(session_id)
+
+    @timed
     async def change_members(self, session_id, *, add=(), remove=()):
         if add:
             await self.sessions.update_one({"_id": session_id}, {"$addToSet": {"members": {"$each": list(add)}}})

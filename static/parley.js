@@ -11,7 +11,10 @@
  * offsets it holds, and drops anything it has already seen. Offsets count Unicode code points, as Python's
  * len() does; JS strings are UTF-16, so all offset arithmetic here iterates code points.
  *
- * Events: "message" (user_message), "delta", "final", "status" (connection and reply states), "error".
+ * Events: "message" (user_message), "delta", "final", "status" (connection and reply states), "error",
+ * "connected" (the connected frame), and every other server frame under its own type ("presence", "push",
+ * "broadcast", "session.left", "stop_ack", ...) with the whole frame. A "status" event of a connection that is
+ * reconnecting carries `retry_at` (epoch ms of the next attempt), for a countdown.
  */
 (function (root, factory) {
   if (typeof module === "object" && module.exports) module.exports = factory();
@@ -148,6 +151,20 @@
       return this.replies.get(messageId);
     }
 
+    /* Send any other frame (presence, session.join...); false if the socket is not open (it is not queued). */
+    request(frame) {
+      if (this.state !== "open") return false;
+      this._write(frame);
+      return true;
+    }
+
+    /* Reconnect now instead of waiting out the backoff (a "retry now" button). */
+    retryNow() {
+      if (this.state !== "reconnecting" || this.stopped) return;
+      this.o.clearTimeout(this.timers.retry);
+      this._open();
+    }
+
     // connection lifecycle
 
     _open() {
@@ -177,8 +194,9 @@
         this._setState("closed");  // fatal: credentials or parameters will not get better by retrying
         return;
       }
-      this._setState("reconnecting");
       const delay = backoff(this.attempt++, {min: this.o.minDelay, max: this.o.maxDelay, random: this.o.random});
+      this.retryAt = this.o.now() + delay;
+      this._setState("reconnecting", true);
       this.timers.retry = this.o.setTimeout(() => this._open(), delay);
     }
 
@@ -217,10 +235,12 @@
       this.timers = {};
     }
 
-    _setState(state) {
-      if (this.state === state) return;
+    _setState(state, always) {
+      if (this.state === state && !always) return;
       this.state = state;
-      this._emit("status", {connection: state});
+      const event = {connection: state};
+      if (state === "reconnecting") event.retry_at = this.retryAt;
+      this._emit("status", event);
     }
 
     _write(frame) {
@@ -245,7 +265,8 @@
           return;
         case "reconnect": return this._drop();
         case "error": return this._error(frame);
-        default: return;  // pong and anything newer than this client
+        case "pong": return;
+        default: return this._emit(frame.type, frame);  // presence, push, broadcast, ...: for the app
       }
     }
 
@@ -253,6 +274,7 @@
       this.sessionId = frame.session_id;
       this.attempt = 0;
       this._setState("open");
+      this._emit("connected", frame);
       // One resume for the whole session: every reply we hold unfinished (it may have ended meanwhile), plus
       // any live reply we do not know yet (another tab's).
       this._resumeAll();
@@ -294,7 +316,8 @@
       }
       if (!fresh) return;
       r.status = "streaming";
-      this._emit("delta", {message_id: r.id, session_id: data.session_id, seq: data.seq, text: fresh.text,
+      this._emit("delta", {message_id: r.id, session_id: data.session_id, seq: data.seq, reply_to: data.reply_to,
+        text: fresh.text,
         thinking: fresh.thinking, content: r.text, thinking_content: r.thinking, offset: r.length});
     }
 
@@ -307,7 +330,8 @@
       r.length = cpLength(r.text);
       r.thinking = data.thinking || r.thinking;
       r.thinkingLength = cpLength(r.thinking);
-      this._emit("final", {message_id: r.id, session_id: data.session_id, seq: data.seq, status: data.status,
+      this._emit("final", {message_id: r.id, session_id: data.session_id, seq: data.seq, reply_to: data.reply_to,
+        status: data.status,
         content: r.text, thinking: r.thinking, error: data.error || null});
     }
 

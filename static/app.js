@@ -1,0 +1,729 @@
+/* Parley's web app, on static/parley.js (the reconnecting client) and the REST API (docs/protocol.md).
+ *
+ * Model output reaches the DOM only through renderMarkdown(): marked turns it into HTML, DOMPurify sanitizes
+ * that into a DOM fragment. Everything else a user or a model wrote is set as textContent.
+ */
+(function () {
+  "use strict";
+
+  const TOKEN_KEY = "parley.token";
+  const PIPELINE_KEY = "parley.pipeline";
+  const PAGE = 30;              // history messages per page (scrolling up loads the next one)
+  const RENDER_EVERY = 50;      // ms between re-renders of a streaming reply
+  const STATUS_TEXT = {stopped: "Stopped", failed: "Failed", timeout: "Timed out", interrupted: "Interrupted"};
+  const LIVE = new Set(["queued", "streaming"]);
+
+  const $ = (id) => document.getElementById(id);
+  const state = {
+    token: null, user: null, isAdmin: false, pipelines: [], pipeline: null, sessions: [], session: null,
+    client: null, msgs: new Map(), pending: new Map(), oldestSeq: null, moreHistory: false, loadingOlder: false,
+    online: [], countdown: null, generation: 0,
+  };
+
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (k === "class") node.className = v;
+      else if (k === "text") node.textContent = v;
+      else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+      else node.setAttribute(k, v);
+    }
+    for (const c of children) if (c != null) node.append(c);
+    return node;
+  }
+
+  // --- Markdown: marked -> DOMPurify -> a DOM fragment. The only way model output reaches the page.
+
+  function configureMarkdown() {
+    window.DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+      if (node.tagName === "A") {
+        node.setAttribute("target", "_blank");
+        node.setAttribute("rel", "noopener noreferrer nofollow");
+      }
+    });
+  }
+
+  function renderMarkdown(text) {
+    const html = window.marked.parse(text, {gfm: true, breaks: true, async: false});
+    return window.DOMPurify.sanitize(html, {
+      RETURN_DOM_FRAGMENT: true, FORBID_ATTR: ["style"],
+      FORBID_TAGS: ["style", "form", "input", "button", "textarea", "select", "iframe", "object", "embed"],
+    });
+  }
+
+  function addCopyButtons(body) {
+    for (const pre of body.querySelectorAll("pre")) {
+      const code = pre.querySelector("code") || pre;
+      const button = el("button", {type: "button", class: "copy", "aria-label": "Copy code", text: "Copy"});
+      button.addEventListener("click", async () => {
+        try {
+          await navigator.clipboard.writeText(code.textContent);
+          button.textContent = "Copied";
+        } catch (e) {
+          const range = document.createRange();  // no clipboard access: select it for Ctrl+C
+          range.selectNodeContents(code);
+          getSelection().removeAllRanges();
+          getSelection().addRange(range);
+          button.textContent = "Press Ctrl+C";
+        }
+        setTimeout(() => { button.textContent = "Copy"; }, 1500);
+      });
+      pre.append(button);
+    }
+  }
+
+  // --- REST
+
+  async function api(path, options) {
+    const o = options || {};
+    const headers = {Authorization: "Bearer " + state.token, Accept: "application/json"};
+    if (o.body !== undefined) headers["Content-Type"] = "application/json";
+    const res = await fetch(path, {method: o.method || "GET", headers, cache: "no-store",
+      body: o.body === undefined ? undefined : JSON.stringify(o.body)});
+    let payload = null;
+    try { payload = await res.json(); } catch (e) { /* not JSON */ }
+    if (!res.ok) {
+      const err = new Error((payload && payload.message) || res.statusText || "request failed");
+      err.status = res.status;
+      err.code = payload && payload.code;
+      throw err;
+    }
+    return payload && payload.data;
+  }
+
+  const P = () => "/api/v1/pipelines/" + encodeURIComponent(state.pipeline);
+  const S = (id) => P() + "/sessions/" + encodeURIComponent(id || state.session.session_id);
+
+  // --- notices (errors, broadcasts, pushes): text only, dismissable
+
+  function notice(kind, text, key) {
+    const box = $("notices");
+    if (key) for (const n of box.querySelectorAll("[data-key]")) if (n.dataset.key === key) n.remove();
+    const close = el("button", {type: "button", class: "link", "aria-label": "Dismiss", text: "Dismiss"});
+    const node = el("div", {class: "notice " + kind, role: kind === "error" ? "alert" : "status"},
+      el("span", {class: "kind", text: {error: "Error", broadcast: "Broadcast", push: "Message", info: "Note"}[kind] + ":"}),
+      el("span", {class: "text", text}), close);
+    if (key) node.dataset.key = key;
+    close.addEventListener("click", () => node.remove());
+    box.append(node);
+    return node;
+  }
+
+  // --- sign in
+
+  function showSignin(message) {
+    $("app").hidden = true;
+    $("signin").hidden = false;
+    const err = $("signin-error");
+    err.hidden = !message;
+    err.textContent = message || "";
+    $("signin-token").focus();
+  }
+
+  async function signIn(token) {
+    state.token = token;
+    const root = await api("/");
+    try { sessionStorage.setItem(TOKEN_KEY, token); } catch (e) { /* kept in memory only */ }
+    state.user = root.user_id;
+    state.pipelines = root.pipelines;
+    $("whoami").textContent = root.user_id;
+    const select = $("pipeline");
+    select.replaceChildren(...root.pipelines.map((p) => el("option", {value: p.id, text: p.name || p.id})));
+    $("signin").hidden = true;
+    $("app").hidden = false;
+    const wanted = route().pipeline || localStorage.getItem(PIPELINE_KEY);
+    const first = root.pipelines.find((p) => p.id === wanted) || root.pipelines[0];
+    if (first) await openPipeline(first.id, route().session);
+  }
+
+  function signOut() {
+    try { sessionStorage.removeItem(TOKEN_KEY); } catch (e) { /* nothing kept */ }
+    closeClient();
+    state.token = null;
+    history.replaceState(null, "", "/");
+    showSignin();
+  }
+
+  // --- routing: #/<pipeline>/<session id>, so a reload or a second tab opens the same conversation
+
+  function route() {
+    const parts = location.hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
+    return {pipeline: parts[0] || null, session: parts[1] || null};
+  }
+
+  function setRoute() {
+    const hash = "#/" + encodeURIComponent(state.pipeline) +
+      (state.session ? "/" + encodeURIComponent(state.session.session_id) : "");
+    if (location.hash !== hash) history.replaceState(null, "", hash);
+  }
+
+  // --- pipelines and sessions
+
+  async function openPipeline(id, sessionId) {
+    state.pipeline = id;
+    $("pipeline").value = id;
+    localStorage.setItem(PIPELINE_KEY, id);
+    await refreshSessions();
+    let target = state.sessions.find((s) => s.session_id === sessionId) || state.sessions[0];
+    if (!target) {
+      target = await api(P() + "/sessions", {method: "POST", body: {session_type: "person"}});
+      await refreshSessions();
+    }
+    await openSession(target.session_id);
+  }
+
+  async function refreshSessions() {
+    state.sessions = (await api(P() + "/sessions")).sessions;
+    renderSessions();
+  }
+
+  function sessionLabel(s) {
+    return s.title || (s.session_type === "group" ? "Group " : "Chat ") + s.created_at.slice(0, 16).replace("T", " ");
+  }
+
+  function renderSessions() {
+    const current = state.session && state.session.session_id;
+    $("sessions").replaceChildren(...state.sessions.map((s) => el("li", null, el("button", {
+      type: "button", "aria-current": String(s.session_id === current), "data-session": s.session_id,
+      onclick: () => { closeSidebar(); openSession(s.session_id); },
+    }, el("span", {class: "title", text: sessionLabel(s)}),
+    el("span", {class: "kind", text: s.session_type === "group" ? "group" : ""})))));
+  }
+
+  async function openSession(id) {
+    const generation = ++state.generation;  // a later click wins over a slow earlier one
+    closeClient();
+    const session = await api(S(id));
+    if (generation !== state.generation) return;
+    state.session = session;
+    state.msgs.clear();
+    state.pending.clear();
+    state.online = [];
+    $("messages").replaceChildren();
+    $("history-top").textContent = "";
+    renderHead();
+    renderSessions();
+    setRoute();
+    const page = await loadPage(session.last_seq + 1);
+    if (generation !== state.generation) return;
+    page.messages.forEach(fromHistory);
+    state.oldestSeq = page.messages.length ? page.messages[0].seq : null;
+    state.moreHistory = page.more;
+    renderHistoryTop();
+    scrollToEnd(true);
+    connect(session);
+    updateComposer();
+    $("input").focus();
+  }
+
+  function renderHead() {
+    const s = state.session;
+    $("session-title").textContent = sessionLabel(s);
+    const group = s.session_type === "group";
+    $("toggle-members").hidden = !group;
+    if (!group) $("members").hidden = true;
+    $("toggle-members").setAttribute("aria-expanded", String(!$("members").hidden));
+    renderMembers();
+  }
+
+  /* The newest messages with seq < before (up to PAGE), over REST: after_seq windows, skipping gaps a reset left. */
+  async function loadPage(before) {
+    let hi = before - 1;
+    for (let tries = 0; hi >= 1 && tries < 20; tries++) {
+      const lo = Math.max(0, hi - PAGE);
+      const data = await api(S() + "/messages?after_seq=" + lo + "&limit=" + (hi - lo));
+      if (data.messages.length) return {messages: data.messages, more: lo > 0};
+      hi = lo;
+    }
+    return {messages: [], more: false};
+  }
+
+  async function loadOlder() {
+    if (state.loadingOlder || !state.moreHistory || state.oldestSeq == null) return;
+    state.loadingOlder = true;
+    const generation = state.generation;
+    $("history-top").textContent = "Loading earlier messages…";
+    try {
+      const page = await loadPage(state.oldestSeq);
+      if (generation !== state.generation) return;
+      const log = $("log");
+      const before = log.scrollHeight;
+      page.messages.forEach(fromHistory);
+      log.scrollTop += log.scrollHeight - before;  // keep what the reader looks at in place
+      if (page.messages.length) state.oldestSeq = page.messages[0].seq;
+      state.moreHistory = page.more;
+    } catch (e) {
+      notice("error", "Could not load earlier messages: " + e.message, "history");
+    } finally {
+      state.loadingOlder = false;
+      renderHistoryTop();
+    }
+  }
+
+  function renderHistoryTop() {
+    $("history-top").textContent = state.moreHistory ? "Scroll up for earlier messages" :
+      state.msgs.size ? "Start of the conversation" : "";
+  }
+
+  // --- the live connection
+
+  function wsUrl() {
+    const scheme = location.protocol === "https:" ? "wss://" : "ws://";
+    return scheme + location.host + P() + "/ws/connect?session_type=" + state.session.session_type;
+  }
+
+  function closeClient() {
+    const client = state.client;
+    state.client = null;  // first: its last events are not this page's business any more
+    if (client) client.close();
+    setConnection({connection: "connecting"});
+  }
+
+  function connect(session) {
+    const client = new window.Parley.Client({url: wsUrl(), token: state.token, sessionId: session.session_id});
+    state.client = client;
+    const mine = (fn) => (e) => { if (state.client === client) fn(e); };
+    client.on("status", mine((e) => {
+      if (e.connection) setConnection(e);
+      if (e.message_id) onReplyStatus(e.message_id, e.status);
+    }));
+    client.on("connected", mine(() => {
+      if (state.session.session_type === "group") client.request({type: "presence"});
+    }));
+    client.on("message", mine(onUserMessage));
+    client.on("delta", mine(onDelta));
+    client.on("final", mine(onFinal));
+    client.on("error", mine(onError));
+    client.on("presence", mine((f) => { state.online = f.data.online || []; renderMembers(); }));
+    client.on("broadcast", mine((f) => notice("broadcast", String(f.message))));
+    client.on("push", mine((f) => {
+      const m = f.data && f.data.message;
+      notice("push", typeof m === "string" ? m : JSON.stringify(m));
+    }));
+    client.on("session.left", mine((f) => {
+      if (f.data.reason !== "removed") return;
+      notice("info", "You were removed from this group.");
+      closeClient();
+      openPipeline(state.pipeline);
+    }));
+    client.connect();
+  }
+
+  function setConnection(e) {
+    const box = $("conn");
+    clearInterval(state.countdown);
+    $("conn-retry").hidden = true;
+    let stateName = e.connection;
+    if (stateName === "reconnecting" && navigator.onLine === false) stateName = "offline";
+    box.dataset.state = stateName;
+    const text = $("conn-text");
+    if (stateName === "open") text.textContent = "Connected";
+    else if (stateName === "connecting") text.textContent = "Connecting…";
+    else if (stateName === "offline") text.textContent = "Offline";
+    else if (stateName === "closed") text.textContent = "Offline";
+    else if (stateName === "reconnecting") {
+      $("conn-retry").hidden = false;
+      const tick = () => {
+        const left = Math.max(0, Math.ceil(((e.retry_at || Date.now()) - Date.now()) / 1000));
+        text.textContent = left > 0 ? "Reconnecting in " + left + " s…" : "Reconnecting…";
+      };
+      tick();
+      state.countdown = setInterval(tick, 500);
+    }
+    updateComposer();
+  }
+
+  // --- messages
+
+  function entry(id, role, seq) {
+    let m = state.msgs.get(id);
+    if (!m) {
+      m = {id, role, seq: seq == null ? null : seq, content: "", thinking: "", status: null, error: null,
+        reply_to: null, sender: null, el: null, timer: null, thinkingOpened: false, thinkingClosed: false};
+      m.el = role === "user" ? userElement(m) : assistantElement(m);
+      state.msgs.set(id, m);
+      place(m);
+    } else if (seq != null && m.seq == null) {
+      m.seq = seq;
+      place(m);
+    }
+    return m;
+  }
+
+  /* Keep the list in seq order; a message without a seq yet goes last. */
+  function place(m) {
+    const list = $("messages");
+    const stick = nearEnd();
+    if (m.seq != null) {
+      m.el.dataset.seq = m.seq;
+      for (const other of list.children) {
+        if (other !== m.el && other.dataset.seq && Number(other.dataset.seq) > m.seq) {
+          list.insertBefore(m.el, other);
+          if (stick) scrollToEnd();
+          return;
+        }
+      }
+    }
+    const firstPending = list.querySelector(".msg.pending");
+    if (firstPending && firstPending !== m.el && !m.el.classList.contains("pending")) list.insertBefore(m.el, firstPending);
+    else list.append(m.el);
+    if (stick) scrollToEnd();
+  }
+
+  function userElement(m) {
+    const node = el("article", {class: "msg user", "data-id": m.id},
+      el("div", {class: "meta"}), el("div", {class: "body"}));
+    return node;
+  }
+
+  function assistantElement(m) {
+    const thinking = el("details", {class: "thinking", hidden: ""},
+      el("summary", {text: "Thinking"}), el("div", {class: "thinking-text"}));
+    const retry = el("button", {type: "button", class: "retry", text: "Retry"});
+    retry.addEventListener("click", () => retryReply(m));
+    const status = el("div", {class: "final-status", hidden: ""},
+      el("span", {class: "badge"}), el("span", {class: "reason"}), retry);
+    return el("article", {class: "msg assistant", "data-id": m.id},
+      el("div", {class: "meta", text: "Assistant"}), thinking, el("div", {class: "body"}), status);
+  }
+
+  function renderUser(m) {
+    const group = state.session && state.session.session_type === "group";
+    m.el.querySelector(".meta").textContent = group && m.sender ? m.sender : "You";
+    m.el.querySelector(".body").textContent = m.content;
+  }
+
+  /* Re-render a reply at most every RENDER_EVERY ms while it streams; at once when it ends. */
+  function renderSoon(m, now) {
+    if (now) {
+      clearTimeout(m.timer);
+      m.timer = null;
+      renderAssistant(m);
+    } else if (!m.timer) {
+      m.timer = setTimeout(() => { m.timer = null; renderAssistant(m); }, RENDER_EVERY);
+    }
+  }
+
+  function renderAssistant(m) {
+    const stick = nearEnd();
+    const live = LIVE.has(m.status);
+    m.el.classList.toggle("streaming", live);
+    m.el.setAttribute("aria-busy", String(live));
+    const details = m.el.querySelector(".thinking");
+    details.hidden = !m.thinking;
+    if (m.thinking) {
+      m.el.querySelector(".thinking-text").textContent = m.thinking;
+      if (!m.thinkingOpened && live && !m.content) { details.open = true; m.thinkingOpened = true; }
+      if (!m.thinkingClosed && m.content) { details.open = false; m.thinkingClosed = true; }
+    }
+    const body = m.el.querySelector(".body");
+    body.replaceChildren(renderMarkdown(m.content));
+    addCopyButtons(body);
+    const status = m.el.querySelector(".final-status");
+    const label = STATUS_TEXT[m.status];
+    status.hidden = !label;
+    m.el.dataset.status = m.status || "";
+    if (label) {
+      const badge = status.querySelector(".badge");
+      badge.textContent = label;
+      badge.className = "badge " + m.status;
+      const reason = m.error && (m.error.message || m.error.code);
+      status.querySelector(".reason").textContent = reason || "";
+    }
+    if (stick) scrollToEnd();
+    updateComposer();
+  }
+
+  function fromHistory(d) {
+    const existing = state.msgs.get(d.message_id);
+    if (existing && existing.role === "assistant" && !LIVE.has(existing.status) && existing.status) return;
+    const m = entry(d.message_id, d.role, d.seq);
+    m.content = d.content || "";
+    m.sender = d.sender || null;
+    if (d.role === "user") return renderUser(m);
+    m.thinking = d.thinking || "";
+    m.status = d.status;
+    m.error = d.error || null;
+    m.reply_to = d.reply_to || null;
+    renderSoon(m, true);
+  }
+
+  function onUserMessage(d) {
+    if (d.client_msg_id && state.pending.has(d.client_msg_id)) {
+      state.pending.get(d.client_msg_id).remove();
+      state.pending.delete(d.client_msg_id);
+    }
+    const m = entry(d.message_id, "user", d.seq);
+    m.content = d.content;
+    m.sender = d.sender || null;
+    renderUser(m);
+  }
+
+  function onReplyStatus(id, status) {
+    const m = entry(id, "assistant", null);
+    if (m.status && !LIVE.has(m.status)) return;
+    m.status = status;
+    renderSoon(m, true);
+  }
+
+  function onDelta(e) {
+    const m = entry(e.message_id, "assistant", e.seq);
+    if (m.status && !LIVE.has(m.status)) return;
+    m.content = e.content;
+    m.thinking = e.thinking_content;
+    m.status = "streaming";
+    if (e.reply_to) m.reply_to = e.reply_to;
+    renderSoon(m, false);
+  }
+
+  function onFinal(e) {
+    const m = entry(e.message_id, "assistant", e.seq);
+    m.content = e.content;
+    m.thinking = e.thinking || "";
+    m.status = e.status;
+    m.error = e.error;
+    if (e.reply_to) m.reply_to = e.reply_to;
+    renderSoon(m, true);
+  }
+
+  function onError(frame) {
+    if (frame.request_type === "message") return;  // the send's own promise reports it
+    if (frame.request_type === "resume" && frame.code === "message_not_found") return;  // a reset removed it
+    notice("error", frame.message || frame.code, frame.code);
+  }
+
+  function liveReplies() {
+    return [...state.msgs.values()].filter((m) => m.role === "assistant" && LIVE.has(m.status));
+  }
+
+  // --- sending, stopping, retrying
+
+  function newId() {
+    return crypto.randomUUID ? crypto.randomUUID() : "c-" + Date.now().toString(36) + Math.random().toString(36).slice(2);
+  }
+
+  function send(text) {
+    if (!state.client || !text.trim()) return;
+    const clientMsgId = newId();
+    const pending = el("article", {class: "msg user pending", "aria-label": "Sending"},
+      el("div", {class: "meta", text: "Sending…"}), el("div", {class: "body", text}));
+    state.pending.set(clientMsgId, pending);
+    $("messages").append(pending);
+    scrollToEnd(true);
+    state.client.send(text, {client_msg_id: clientMsgId}).catch((frame) => {
+      pending.remove();
+      state.pending.delete(clientMsgId);
+      const retry = frame.retry_after ? " (try again in " + Math.ceil(frame.retry_after) + " s)" : "";
+      notice("error", (frame.message || frame.code || "the message was not accepted") + retry, "send");
+      if (!$("input").value) $("input").value = text;
+    });
+  }
+
+  function stop() {
+    if (state.client && liveReplies().length) state.client.stop();
+  }
+
+  function retryReply(m) {
+    let question = m.reply_to && state.msgs.get(m.reply_to);
+    if (!question) {  // the message just before the reply
+      const users = [...state.msgs.values()].filter((x) => x.role === "user" && x.seq != null && x.seq < m.seq);
+      question = users.sort((a, b) => b.seq - a.seq)[0];
+    }
+    if (question) send(question.content);
+    else notice("error", "The question this reply answered is not loaded; scroll up and try again.", "retry");
+  }
+
+  function updateComposer() {
+    const busy = liveReplies().length > 0;
+    $("stop").hidden = !busy;
+    $("send").disabled = !$("input").value.trim();
+  }
+
+  // --- members (group sessions)
+
+  function renderMembers() {
+    const s = state.session;
+    if (!s || s.session_type !== "group") return;
+    const owner = s.owner === state.user;
+    $("member-list").replaceChildren(...s.members.map((id) => {
+      const online = state.online.includes(id);
+      const item = el("li", {class: online ? "is-online" : "", "data-user": id},
+        el("span", {class: "online", title: online ? "online" : "offline", "aria-hidden": "true"}),
+        el("span", {class: "name", text: id + (id === s.owner ? " (owner)" : "")}),
+        el("span", {class: "visually-hidden", text: online ? ", online" : ", offline"}));
+      if (owner && id !== s.owner) {
+        item.append(el("button", {type: "button", class: "link", "aria-label": "Remove " + id, text: "Remove",
+          onclick: () => changeMembers({remove: [id]})}));
+      }
+      return item;
+    }));
+    $("add-member").hidden = !owner;
+  }
+
+  async function changeMembers(change) {
+    try {
+      state.session = await api(S() + "/members", {method: "POST", body: change});
+      renderMembers();
+    } catch (e) {
+      notice("error", e.message, "members");
+    }
+  }
+
+  // --- dialogs (new group, rename)
+
+  function ask(title, {name = "", members = null} = {}) {
+    const dialog = $("dialog");
+    $("dialog-title").textContent = title;
+    $("dialog-name").value = name;
+    $("dialog-members-row").hidden = members === null;
+    $("dialog-members").value = members || "";
+    return new Promise((resolve) => {
+      dialog.addEventListener("close", () => {
+        if (dialog.returnValue !== "ok") return resolve(null);
+        resolve({name: $("dialog-name").value.trim(),
+          members: $("dialog-members").value.split(",").map((x) => x.trim()).filter(Boolean)});
+      }, {once: true});
+      dialog.returnValue = "";
+      dialog.showModal();
+      $("dialog-name").focus();
+    });
+  }
+
+  async function newSession(type) {
+    let body = {session_type: type};
+    if (type === "group") {
+      const answer = await ask("New group", {members: ""});
+      if (!answer) return;
+      body = {session_type: "group", title: answer.name, members: answer.members};
+    }
+    try {
+      const s = await api(P() + "/sessions", {method: "POST", body});
+      await refreshSessions();
+      await openSession(s.session_id);
+    } catch (e) {
+      notice("error", e.message, "new");
+    }
+  }
+
+  async function rename() {
+    const answer = await ask("Rename conversation", {name: state.session.title});
+    if (!answer) return;
+    try {
+      state.session = await api(S(), {method: "PATCH", body: {title: answer.name}});
+      renderHead();
+      await refreshSessions();
+    } catch (e) {
+      notice("error", e.message, "rename");
+    }
+  }
+
+  async function reset() {
+    if (!confirm("Delete every message of this conversation?")) return;
+    try {
+      await api(S() + "/reset", {method: "POST"});
+      await openSession(state.session.session_id);
+    } catch (e) {
+      notice("error", e.message, "reset");
+    }
+  }
+
+  // --- scrolling and layout
+
+  function nearEnd() {
+    const log = $("log");
+    return log.scrollHeight - log.scrollTop - log.clientHeight < 80;
+  }
+
+  function scrollToEnd(force) {
+    const log = $("log");
+    if (force || nearEnd()) log.scrollTop = log.scrollHeight;
+  }
+
+  function closeSidebar() {
+    $("sidebar").classList.remove("open");
+    $("toggle-sidebar").setAttribute("aria-expanded", "false");
+  }
+
+  function autosize() {
+    const input = $("input");
+    input.rows = Math.min(8, Math.max(1, input.value.split("\n").length));
+  }
+
+  // --- wiring
+
+  function bindUi() {
+    $("signin-form").addEventListener("submit", async (event) => {
+      event.preventDefault();
+      const token = $("signin-token").value.trim();
+      try {
+        await signIn(token);
+        $("signin-token").value = "";
+      } catch (e) {
+        showSignin(e.status === 401 ? "That token was not accepted." : e.message);
+      }
+    });
+    $("signout").addEventListener("click", signOut);
+    $("pipeline").addEventListener("change", (e) => openPipeline(e.target.value));
+    $("new-chat").addEventListener("click", () => newSession("person"));
+    $("new-group").addEventListener("click", () => newSession("group"));
+    $("rename").addEventListener("click", rename);
+    $("reset").addEventListener("click", reset);
+    $("toggle-members").addEventListener("click", () => {
+      $("members").hidden = !$("members").hidden;
+      $("toggle-members").setAttribute("aria-expanded", String(!$("members").hidden));
+    });
+    $("toggle-sidebar").addEventListener("click", () => {
+      const open = $("sidebar").classList.toggle("open");
+      $("toggle-sidebar").setAttribute("aria-expanded", String(open));
+    });
+    $("add-member").addEventListener("submit", (event) => {
+      event.preventDefault();
+      const id = $("add-member-id").value.trim();
+      if (id) changeMembers({add: [id]});
+      $("add-member-id").value = "";
+    });
+    $("composer").addEventListener("submit", (event) => {
+      event.preventDefault();
+      const input = $("input");
+      send(input.value);
+      input.value = "";
+      autosize();
+      updateComposer();
+    });
+    $("input").addEventListener("keydown", (event) => {
+      if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+        event.preventDefault();
+        $("composer").requestSubmit();
+      }
+    });
+    $("input").addEventListener("input", () => { autosize(); updateComposer(); });
+    $("stop").addEventListener("click", stop);
+    document.addEventListener("keydown", (event) => {
+      if (event.key === "Escape" && !$("dialog").open && liveReplies().length) {
+        event.preventDefault();
+        stop();
+      }
+    });
+    $("conn-retry").addEventListener("click", () => state.client && state.client.retryNow());
+    $("log").addEventListener("scroll", () => { if ($("log").scrollTop < 80) loadOlder(); });
+    window.addEventListener("offline", () => state.client && setConnection({connection: "reconnecting"}));
+    window.addEventListener("online", () => state.client && state.client.retryNow());
+  }
+
+  async function start() {
+    configureMarkdown();
+    bindUi();
+    let token = null;
+    try { token = sessionStorage.getItem(TOKEN_KEY); } catch (e) { /* storage disabled */ }
+    if (!token) return showSignin();
+    try {
+      await signIn(token);
+    } catch (e) {
+      if (e.status === 401) try { sessionStorage.removeItem(TOKEN_KEY); } catch (x) { /* nothing kept */ }
+      showSignin(e.status === 401 ? "That token was not accepted: sign in again." : e.message);
+    }
+  }
+
+  window.ParleyApp = {renderMarkdown};  // for tests and embedding pages: the one renderer of model output
+  start();
+})();

@@ -1,0 +1,493 @@
+"""The web app in a real browser: Debian's Chromium driven by Python Playwright, against a real `server.py`.
+
+Never a downloaded browser: Playwright launches /usr/bin/chromium (.ci/apt-packages). Without it (or without the
+playwright package) these tests skip, and fail under PARLEY_REQUIRE_ALL=1. Screenshots of the main states go to
+tests/artifacts/ (git-ignored).
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import jwt
+import pytest
+
+from services.embedded_mongo import free_port
+from tests.conftest import TEST_TOKEN, require
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "tests" / "artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+JWT_SECRET = "browser-test-secret-0123456789abcdef"
+WAIT = 20_000  # ms: generous, for a loaded machine; every wait is on a condition
+
+PIPELINES = """
+[pipelines.default]     # the demo's whole answer: Markdown with a list and a code block
+name = "Demo"
+provider = "demo"
+options = { rate = 150 }
+
+[pipelines.medium]      # ~3 s: time to reload or open a second tab mid-reply
+provider = "demo"
+options = { words = 150, rate = 50 }
+
+[pipelines.slow]        # long: stopped long before its end
+provider = "demo"
+options = { words = 3000, rate = 30 }
+
+[pipelines.thinker]
+provider = "demo"
+options = { words = 20, rate = 80, thinking = 12 }
+
+[pipelines.instant]
+provider = "demo"
+options = { words = 3, rate = 0 }
+"""
+
+XSS = '<img src=x onerror="window.__pwned=1"> [go](javascript:window.__pwned=2) <a href="javascript:window.__pwned=3">x</a>'
+
+
+class Server:
+    """A real `python server.py` process on a fixed port, restartable (same port, same database)."""
+
+    def __init__(self, tmp, mongo_url, *args):
+        self.tmp, self.port = tmp, free_port()
+        self.args = ["--port", str(self.port), "--mongo-url", mongo_url, "--db-name", "b_" + uuid.uuid4().hex[:12],
+                     "--pipelines", str(tmp / "pipelines.toml"), "--checkpoint-interval", "0.2",
+                     "--drain-timeout", "0.2", "--rate-limit", "1000", "--rate-burst", "1000", "--max-queued", "64",
+                     *args]
+        (tmp / "pipelines.toml").write_text(PIPELINES)
+        self.proc = None
+        self.starts = 0
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self):
+        self.starts += 1
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}
+        log = open(self.tmp / f"server-{self.port}-{self.starts}.log", "wb")
+        self.proc = subprocess.Popen([sys.executable, "server.py", *self.args], cwd=ROOT, env=env, stdout=log,
+                                     stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + 30
+        while True:
+            assert self.proc.poll() is None, f"server exited with {self.proc.returncode}"
+            try:
+                with urllib.request.urlopen(self.url + "/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.1)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def rest(self, path, method="GET", body=None, token=TEST_TOKEN):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Authorization": f"Bearer {token}", "Accept": "application/json",
+                                              "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+
+@pytest.fixture(scope="module")
+def browser():
+    require(os.path.exists(CHROMIUM), f"{CHROMIUM} is not installed (Debian package chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        require(False, "the playwright package is not installed (pip install -e '.[test]')")
+    pw = sync_playwright().start()
+    try:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    except Exception:
+        pw.stop()
+        raise
+    yield b
+    b.close()
+    pw.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, mongo_url):
+    s = Server(tmp_path_factory.mktemp("web"), mongo_url, "--token", TEST_TOKEN)
+    s.start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def jwt_server(tmp_path_factory, mongo_url):
+    s = Server(tmp_path_factory.mktemp("webjwt"), mongo_url, "--auth", "jwt", "--jwt-secret", JWT_SECRET)
+    s.start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def new_page(browser):
+    """Pages in fresh contexts (each its own sessionStorage: like separate browser windows)."""
+    contexts = []
+
+    def make(**options):
+        context = browser.new_context(**options)
+        contexts.append(context)
+        page = context.new_page()
+        page.set_default_timeout(WAIT)
+        page.errors = []
+        page.on("pageerror", lambda exc: page.errors.append(str(exc)))
+        return page
+
+    yield make
+    for c in contexts:
+        c.close()
+
+
+def shot(page, name):
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+
+
+def open_app(page, server, fragment="", token=TEST_TOKEN):
+    response = page.goto(f"{server.url}/?token={token}#/{fragment}")
+    page.wait_for_selector("#conn[data-state=open]")
+    return response
+
+
+def send(page, text):
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+
+
+def new_chat(page):
+    """Click "New chat" and wait until the new, empty conversation is open and connected."""
+    before = page.evaluate("() => location.hash")
+    page.click("#new-chat")
+    page.wait_for_function("before => location.hash !== before && location.hash.split('/').length === 3", arg=before)
+    page.wait_for_selector("#conn[data-state=open]")
+    assert page.locator(".msg").count() == 0
+
+
+def session_id(page):
+    return page.evaluate("location.hash").split("/")[2]
+
+
+def stored_messages(server, page, pipeline, token=TEST_TOKEN):
+    status, body = server.rest(f"/api/v1/pipelines/{pipeline}/sessions/{session_id(page)}/messages?limit=500",
+                               token=token)
+    assert status == 200, body
+    return body["data"]["messages"]
+
+
+def last_reply(page):
+    return page.locator(".msg.assistant").last
+
+
+def body_text(locator):
+    return locator.locator(".body").inner_text().strip()
+
+
+def shows(reply, content):
+    """The reply's body is exactly `content` rendered (the page's own marked + DOMPurify), copy buttons aside."""
+    return reply.evaluate("""(el, content) => {
+        const shown = el.querySelector('.body').cloneNode(true);
+        shown.querySelectorAll('button.copy').forEach((b) => b.remove());
+        const fresh = document.createElement('div');
+        fresh.append(window.ParleyApp.renderMarkdown(content));
+        return shown.innerHTML === fresh.innerHTML;
+    }""", content)
+
+
+def test_start_up_url_signs_in_and_leaves_the_address_bar(new_page, server):
+    page = new_page()
+    response = open_app(page, server)
+    assert "token" not in page.url
+    assert page.evaluate("sessionStorage.getItem('parley.token')") == TEST_TOKEN
+    headers = response.headers
+    csp = headers["content-security-policy"]
+    assert "script-src 'self';" in csp and "style-src 'self';" in csp and "frame-ancestors 'none'" in csp
+    assert f"connect-src 'self' ws://127.0.0.1:{server.port}" in csp and "unsafe-inline" not in csp
+    assert headers["x-content-type-options"] == "nosniff" and headers["referrer-policy"] == "no-referrer"
+    assert page.inner_text("#whoami") == "local"
+    assert page.locator("#pipeline option").count() == 5
+    # an API client on the same URL keeps the JSON answer
+    status, body = server.rest("/")
+    assert status == 200 and body["data"]["name"] == "Parley"
+    shot(page, "signed-in")
+    # a reload keeps the tab signed in (sessionStorage), without the token in the URL
+    page.reload()
+    page.wait_for_selector("#conn[data-state=open]")
+    assert page.errors == []
+
+
+def test_a_bad_token_shows_the_sign_in_form_and_a_good_one_gets_in(new_page, server):
+    page = new_page()
+    page.goto(f"{server.url}/?token=wrong-token")
+    page.wait_for_selector("#signin-error:not([hidden])")
+    assert "not accepted" in page.inner_text("#signin-error")
+    assert "token" not in page.url
+    page.fill("#signin-token", TEST_TOKEN)
+    page.click("#signin-form button[type=submit]")
+    page.wait_for_selector("#conn[data-state=open]")
+    page.click("#signout")
+    page.wait_for_selector("#signin:not([hidden])")
+    assert page.evaluate("sessionStorage.getItem('parley.token')") is None
+
+
+def test_reply_streams_with_a_caret_then_stop_and_retry(new_page, server):
+    page = new_page()
+    open_app(page, server, "slow")
+    new_chat(page)
+    send(page, "tell me a long story")
+    page.wait_for_selector(".msg.user:not(.pending) >> text=tell me a long story")
+    reply = last_reply(page)
+    page.wait_for_function("() => document.querySelector('.msg.assistant.streaming .body')?.innerText.length > 20")
+    first = len(body_text(reply))
+    page.wait_for_function(f"() => document.querySelector('.msg.assistant.streaming .body').innerText.length > {first}")
+    assert reply.get_attribute("aria-busy") == "true"
+    assert page.locator("#log").get_attribute("aria-live") == "polite"
+    shot(page, "streaming")
+    assert page.is_visible("#stop")
+    page.click("#stop")
+    page.wait_for_selector(".msg.assistant[data-status=stopped]")
+    assert reply.locator(".badge").inner_text() == "Stopped"
+    assert not page.is_visible("#stop") and "streaming" not in reply.get_attribute("class")
+    stored = [m for m in stored_messages(server, page, "slow") if m["role"] == "assistant"]
+    assert stored[-1]["status"] == "stopped" and shows(reply, stored[-1]["content"])
+    shot(page, "stopped")
+    # Retry asks again; Esc stops that one too
+    reply.locator("button.retry").click()
+    page.wait_for_function("() => document.querySelectorAll('.msg.assistant').length === 2")
+    page.wait_for_selector(".msg.assistant.streaming")
+    page.keyboard.press("Escape")
+    page.wait_for_function("() => document.querySelectorAll('.msg.assistant[data-status=stopped]').length === 2")
+    users = [m["content"] for m in stored_messages(server, page, "slow") if m["role"] == "user"]
+    assert users == ["tell me a long story"] * 2
+
+
+def test_shift_enter_is_a_new_line_and_thinking_collapses(new_page, server):
+    page = new_page()
+    open_app(page, server, "thinker")
+    new_chat(page)
+    page.fill("#input", "line one")
+    page.press("#input", "Shift+Enter")
+    page.type("#input", "line two")
+    assert page.input_value("#input") == "line one\nline two"
+    page.press("#input", "Enter")
+    page.wait_for_selector(".msg.assistant[data-status=completed]")
+    assert page.input_value("#input") == ""
+    assert page.locator(".msg.user .body").inner_text() == "line one\nline two"
+    thinking = page.locator(".msg.assistant details.thinking")
+    assert thinking.is_visible() and thinking.get_attribute("open") is None  # collapsed once the answer came
+    stored = [m for m in stored_messages(server, page, "thinker") if m["role"] == "assistant"][-1]
+    thinking.locator("summary").click()
+    assert thinking.locator(".thinking-text").inner_text() == stored["thinking"]
+
+
+def test_model_output_is_sanitized_and_code_can_be_copied(new_page, server):
+    page = new_page(permissions=["clipboard-read", "clipboard-write"])
+    open_app(page, server, "default")
+    new_chat(page)
+    send(page, XSS)
+    page.wait_for_selector(".msg.assistant[data-status=completed]")
+    stored = [m for m in stored_messages(server, page, "default") if m["role"] == "assistant"][-1]
+    assert 'onerror="window.__pwned=1"' in stored["content"] and "javascript:" in stored["content"]  # it was there
+    assert page.evaluate("window.__pwned") is None
+    assert page.locator("[onerror]").count() == 0
+    links = page.locator(".msg.assistant .body a")
+    assert links.count() == 2
+    for i in range(links.count()):
+        href = links.nth(i).get_attribute("href")
+        assert href is None or not href.strip().lower().startswith("javascript:")
+    # the user's own text is shown as text
+    assert page.locator(".msg.user .body").inner_text() == XSS
+    reply = last_reply(page)
+    assert shows(reply, stored["content"])
+    # Markdown: the demo's answer has a list and a code block, which has a copy button
+    assert reply.locator("li").count() == 3 and reply.locator("pre code").count() == 1
+    reply.locator("pre button.copy").click()
+    page.wait_for_selector("pre button.copy >> text=Copied")
+    copied = page.evaluate("() => navigator.clipboard.readText()")
+    assert copied == reply.locator("pre code").inner_text() and "def explain(topic):" in copied
+    shot(page, "sanitized")
+    assert page.errors == []
+
+
+def test_reload_mid_reply_resumes_to_the_stored_text(new_page, server):
+    page = new_page()
+    open_app(page, server, "medium")
+    new_chat(page)
+    send(page, "resume me")
+    page.wait_for_function("() => document.querySelector('.msg.assistant.streaming .body')?.innerText.length > 30")
+    page.reload()
+    page.wait_for_selector("#conn[data-state=open]")
+    page.wait_for_selector(".msg.assistant.streaming")  # picked up mid-reply, still streaming
+    page.wait_for_selector(".msg.assistant[data-status=completed]")
+    stored = [m for m in stored_messages(server, page, "medium") if m["role"] == "assistant"]
+    assert len(stored) == 1 and stored[0]["status"] == "completed"
+    assert shows(last_reply(page), stored[0]["content"])
+    assert page.locator(".msg.assistant").count() == 1 and page.locator(".msg.user").count() == 1
+
+
+def test_two_tabs_on_one_session_stay_in_sync(new_page, server):
+    a = new_page()
+    open_app(a, server, "medium")
+    new_chat(a)
+    b = new_page()
+    open_app(b, server, f"medium/{session_id(a)}")
+    send(a, "from tab a")
+    b.wait_for_selector(".msg.user >> text=from tab a")
+    b.wait_for_selector(".msg.assistant.streaming")  # b watches it stream too
+    a.wait_for_selector(".msg.assistant[data-status=completed]")
+    b.wait_for_selector(".msg.assistant[data-status=completed]")
+    assert body_text(last_reply(a)) == body_text(last_reply(b)) != ""
+    send(b, "from tab b")
+    a.wait_for_selector(".msg.user >> text=from tab b")
+    a.wait_for_function("() => document.querySelectorAll('.msg.assistant[data-status=completed]').length === 2")
+    b.wait_for_function("() => document.querySelectorAll('.msg.assistant[data-status=completed]').length === 2")
+    assert a.locator(".msg .body").all_inner_texts() == b.locator(".msg .body").all_inner_texts()
+
+
+def test_history_loads_as_you_scroll_up(new_page, server):
+    status, body = server.rest("/api/v1/pipelines/instant/sessions", "POST", {"session_type": "person", "title": "Long"})
+    assert status == 201
+    sid = body["data"]["session_id"]
+    for i in range(25):  # 50 messages: more than one page (30)
+        status, ack = server.rest(f"/api/v1/pipelines/instant/sessions/{sid}/messages", "POST",
+                                  {"message": [{"type": "Plain", "text": f"note {i}"}]})
+        assert status == 202, ack
+    deadline = time.monotonic() + 30
+    while [m["status"] for m in server.rest(f"/api/v1/pipelines/instant/sessions/{sid}/messages?limit=500")[1]
+           ["data"]["messages"]].count("completed") < 50:
+        assert time.monotonic() < deadline, "replies did not finish"
+        time.sleep(0.1)
+    page = new_page()
+    open_app(page, server, f"instant/{sid}")
+    page.wait_for_function("() => document.querySelectorAll('.msg').length === 30")
+    assert page.locator(".msg.user .body").first.inner_text() == "note 10"
+    page.locator("#log").evaluate("el => { el.scrollTop = 0; }")
+    page.wait_for_function("() => document.querySelectorAll('.msg').length === 50")
+    assert page.locator(".msg.user .body").first.inner_text() == "note 0"
+    assert page.inner_text("#history-top") == "Start of the conversation"
+    assert page.inner_text("#session-title") == "Long"
+
+
+def test_rename_reset_and_notices(new_page, server):
+    page = new_page()
+    open_app(page, server, "instant")
+    new_chat(page)
+    page.click("#rename")
+    page.fill("#dialog-name", "Groceries")
+    page.click("#dialog-ok")
+    page.wait_for_selector("#session-title >> text=Groceries")
+    page.wait_for_selector("#sessions button[aria-current=true] >> text=Groceries")
+    status, body = server.rest(f"/api/v1/pipelines/instant/sessions/{session_id(page)}")
+    assert body["data"]["title"] == "Groceries"
+    send(page, "milk")
+    page.wait_for_selector(".msg.assistant[data-status=completed]")
+    page.once("dialog", lambda d: d.accept())
+    page.click("#reset")
+    page.wait_for_function("() => document.querySelectorAll('.msg').length === 0")
+    assert stored_messages(server, page, "instant") == []
+    page.wait_for_selector("#conn[data-state=open]")  # the conversation reopened after the reset
+    # broadcasts and pushes arrive as notices, dismissable
+    status, body = server.rest("/api/v1/broadcast", "POST", {"message": "maintenance at <b>18:00</b>"})
+    assert status == 200 and body["data"]["delivered"] >= 1, body
+    status, body = server.rest("/api/v1/users/local/push", "POST", {"message": "build finished"})
+    assert status == 200 and body["data"]["delivered"] >= 1, body
+    page.wait_for_selector(".notice >> text=maintenance at <b>18:00</b>")
+    page.wait_for_selector(".notice >> text=build finished")
+    assert page.locator(".notice b").count() == 0
+    shot(page, "notices")
+    page.locator(".notice", has_text="build finished").get_by_role("button", name="Dismiss").click()
+    page.wait_for_function("() => document.querySelectorAll('.notice').length === 1")
+
+
+def test_phone_layout_and_dark_theme(new_page, server):
+    page = new_page(viewport={"width": 390, "height": 844}, color_scheme="dark", is_mobile=True, has_touch=True)
+    open_app(page, server, "default")
+    assert not page.is_visible("#new-chat") or page.locator("#sidebar").bounding_box()["x"] < 0
+    page.click("#toggle-sidebar")
+    page.wait_for_function("() => document.getElementById('sidebar').getBoundingClientRect().x >= 0")
+    page.click("#toggle-sidebar")
+    dark = page.evaluate("getComputedStyle(document.body).backgroundColor")
+    light_page = new_page(color_scheme="light")
+    open_app(light_page, server, "default")
+    assert dark != light_page.evaluate("getComputedStyle(document.body).backgroundColor")
+    send(page, "hello from a phone")
+    page.wait_for_selector(".msg.assistant[data-status=completed]")
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390  # nothing overflows sideways
+    shot(page, "phone-dark")
+
+
+def test_reconnecting_indicator_while_the_server_restarts(new_page, server):
+    page = new_page()
+    open_app(page, server, "default")
+    server.stop()
+    page.wait_for_selector("#conn[data-state=reconnecting]")
+    assert "Reconnecting" in page.inner_text("#conn-text")
+    shot(page, "reconnecting")
+    server.start()
+    page.wait_for_selector("#conn[data-state=open]", timeout=60_000)
+    send(page, "back again")
+    page.wait_for_selector(".msg.assistant[data-status=completed] >> text=back again")
+
+
+def test_group_session_with_two_users(new_page, jwt_server):
+    def token(user):
+        return jwt.encode({"sub": user, "exp": int(time.time()) + 3600}, JWT_SECRET, algorithm="HS256")
+
+    ann, bo = new_page(), new_page()
+    open_app(ann, jwt_server, "default", token=token("ann"))
+    ann.click("#new-group")
+    ann.fill("#dialog-name", "Trip")
+    ann.fill("#dialog-members", "bo")
+    ann.click("#dialog-ok")
+    ann.wait_for_selector("#session-title >> text=Trip")
+    ann.click("#toggle-members")
+    ann.wait_for_selector("#member-list li[data-user=ann].is-online")
+    open_app(bo, jwt_server, "default", token=token("bo"))
+    bo.click("#sessions button >> text=Trip")
+    bo.wait_for_selector("#session-title >> text=Trip")
+    ann.wait_for_selector("#member-list li[data-user=bo].is-online")  # presence
+    send(bo, "where shall we go?")
+    ann.wait_for_selector(".msg.user .meta >> text=bo")
+    ann.wait_for_selector(".msg.assistant[data-status=completed]")
+    bo.wait_for_selector(".msg.assistant[data-status=completed]")
+    assert body_text(last_reply(ann)) == body_text(last_reply(bo))
+    shot(ann, "group")
+    # only the owner sees member controls; removing bo takes the group away from bo's screen
+    bo.click("#toggle-members")
+    assert bo.locator("#add-member").is_hidden() and bo.locator("#member-list button").count() == 0
+    ann.fill("#add-member-id", "cy")
+    ann.press("#add-member-id", "Enter")
+    ann.wait_for_selector("#member-list li[data-user=cy]:not(.is-online)")
+    ann.get_by_role("button", name="Remove bo").click()
+    bo.wait_for_selector(".notice >> text=removed from this group")
+    ann.wait_for_selector("#member-list li[data-user=bo]", state="detached")
+    status, body = jwt_server.rest(f"/api/v1/pipelines/default/sessions/{session_id(ann)}", token=token("bo"))
+    assert status == 404

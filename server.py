@@ -18,10 +18,12 @@ from tornado import web
 
 from handlers import api, ops, web as web_app, ws
 from handlers.base import NotFoundHandler
-from services import logs, settings
+from services import events, logs, settings
 from services.auth import Authenticator
 from services.chat import ChatService
 from services.embedded_mongo import EmbeddedMongo
+from services.bus import Bus, LocalBus
+from services.fanout import FanOut
 from services.hub import Hub
 from services.limits import RateLimiter
 from services.metrics import Metrics
@@ -42,6 +44,8 @@ class Services:
     client: AsyncMongoClient
     store: Store
     hub: Hub
+    bus: Bus
+    fanout: FanOut
     streams: StreamManager
     chat: ChatService
     resumer: Resumer
@@ -89,18 +93,23 @@ async def open_services(config, *, pipelines=None, provider_factory=None, auth=N
     if config.cluster:
         await check_change_streams(store)
     hub = Hub()
+    bus = LocalBus(instance_id, metrics=metrics)
+    fanout = FanOut(hub, bus, metrics)
     extra = {"provider_factory": provider_factory} if provider_factory else {}
-    streams = StreamManager(store, hub, pipelines, instance_id=instance_id,
+    streams = StreamManager(store, bus, pipelines, instance_id=instance_id,
                             checkpoint_interval=config.checkpoint_interval, lease_seconds=config.lease_seconds,
                             max_queued=config.max_queued, metrics=metrics, cluster=config.cluster, **extra)
-    chat = ChatService(store, hub, streams, pipelines, limiter=RateLimiter(config.rate_limit, config.rate_burst),
+    chat = ChatService(store, hub, fanout, bus, streams, pipelines,
+                       limiter=RateLimiter(config.rate_limit, config.rate_burst),
                        on_last_viewer_gone=config.on_last_viewer_gone)
-    resumer = Resumer(store, hub, streams, chat, metrics)
-    reaper = Reaper(store, hub, streams, lease_seconds=config.lease_seconds)
+    resumer = Resumer(store, fanout, streams, chat, metrics)
+    reaper = Reaper(store, bus, streams, lease_seconds=config.lease_seconds)
+    await bus.start()
     await streams.warm_up()  # the first reply must not pay for imports and client set-up
     await reaper.sweep()  # replies a previous run left `streaming` end now, if their lease has expired
     reaper.start()
-    return Services(config=config, client=client, store=store, hub=hub, streams=streams, chat=chat,
+    return Services(config=config, client=client, store=store, hub=hub, bus=bus, fanout=fanout, streams=streams,
+                    chat=chat,
                     resumer=resumer, reaper=reaper, pipelines=pipelines, auth=auth, instance_id=instance_id,
                     metrics=metrics)
 
@@ -128,6 +137,7 @@ async def close_services(services):
     await services.reaper.stop()
     await services.streams.shutdown()
     await services.chat.close()
+    await services.bus.close()
     await services.client.close()
 
 
@@ -182,8 +192,8 @@ async def drain(services, server):
     services.draining = True
     log.info("draining: telling %d clients to reconnect elsewhere", len(services.hub.connections))
     server.stop()  # no new connections: nginx sends new clients to another instance
+    services.bus.publish(events.reconnect("server restarting"))  # this instance's connections only
     for conn in list(services.hub.connections.values()):
-        conn.send({"type": "reconnect", "reason": "server restarting"})
         conn.close(1012, "server restarting")
     await services.streams.drain(services.config.drain_timeout)
     await close_services(services)  # what is still generating is checkpointed and ends `interrupted`

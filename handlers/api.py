@@ -75,7 +75,7 @@ class LegacyBroadcastHandler(BaseHandler):
     def post(self, pipeline):
         require_admin(self.identity)
         self.services.pipelines.get(pipeline)
-        delivered = self.services.hub.broadcast(broadcast_frame(self.json_body()), pipeline)
+        delivered = self.services.chat.broadcast(broadcast_message(self.json_body()), pipeline)
         self.ok({"message": "Broadcast sent successfully", "delivered": delivered})
 
 
@@ -84,7 +84,7 @@ class BroadcastHandler(BaseHandler):
 
     def post(self):
         require_admin(self.identity)
-        delivered = self.services.hub.broadcast(broadcast_frame(self.json_body()))
+        delivered = self.services.chat.broadcast(broadcast_message(self.json_body()))
         self.ok({"message": "Broadcast sent successfully", "delivered": delivered})
 
 
@@ -96,16 +96,15 @@ class PushHandler(BaseHandler):
         body = self.json_body()
         if "message" not in body:
             raise BadRequest("push needs a `message`", code="invalid_param")
-        frame = {"type": "push", "data": {"message": body["message"], "data": body.get("data")},
-                 "timestamp": frames.timestamp()}
-        self.ok({"user_id": user_id, "delivered": self.services.hub.push(check_id(user_id, "user_id"), frame)})
+        delivered = self.services.chat.push(check_id(user_id, "user_id"), body["message"], body.get("data"))
+        self.ok({"user_id": user_id, "delivered": delivered})
 
 
-def broadcast_frame(body):
+def broadcast_message(body):
     message = body.get("message")
     if not isinstance(message, str) or not message:
         raise BadRequest("broadcast needs a non-empty string `message`", code="invalid_param")
-    return {"type": "broadcast", "message": message, "timestamp": frames.timestamp()}
+    return message
 
 
 # Native sessions API.

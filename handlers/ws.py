@@ -146,7 +146,7 @@ class ChatSocket(websocket.WebSocketHandler):
                         "stream_mode": p["stream_mode"], "user_id": identity.user_id, "protocol": "parley/1",
                         "live_replies": [frames.live_reply(g) for g in self.services.streams.live(session["_id"])],
                         "timestamp": frames.timestamp()})
-        self.services.hub.join(self.conn, session["_id"], session["type"])  # after `connected`: presence follows
+        self.services.fanout.join(self.conn, session["_id"], session["type"])  # after `connected`: presence follows
 
     def _has_credentials(self):
         return "Authorization" in self.request.headers or "token" in self.request.query_arguments

@@ -8,7 +8,7 @@ import logging
 
 from pymongo.errors import DuplicateKeyError
 
-from services import frames, paging
+from services import events, frames, paging
 from services.errors import Forbidden
 from services.errors import BadRequest, NotFound
 from services.store import new_id, utcnow
@@ -66,10 +66,13 @@ def default_session_id(pipeline, session_type, user_id):
 
 
 class ChatService:
-    def __init__(self, store, hub, streams, pipelines, *, limiter=None, on_last_viewer_gone="continue"):
+    def __init__(self, store, hub, fanout, bus, streams, pipelines, *, limiter=None,
+                 on_last_viewer_gone="continue"):
         self.limiter = limiter
         self.store = store
         self.hub = hub
+        self.fanout = fanout
+        self.bus = bus
         self.streams = streams
         self.pipelines = pipelines
         self.on_last_viewer_gone = on_last_viewer_gone  # "continue" | "stop"
@@ -118,10 +121,7 @@ class ChatService:
         if session["owner"] in remove:
             raise BadRequest("the owner cannot be removed", code="invalid_param")
         doc = await self.store.change_members(session["_id"], add=add, remove=remove)
-        for conn in self.hub.viewers(session["_id"]):
-            if conn.user_id in remove and not conn.identity.is_admin:
-                self.hub.leave(conn, session["_id"])
-                conn.send({"type": "session.left", "data": {"session_id": session["_id"], "reason": "removed"}})
+        self.bus.publish(events.members(session["_id"], add, remove))  # removed members stop viewing it
         return doc
 
     async def rename(self, identity, session, title):
@@ -186,7 +186,7 @@ class ChatService:
                 raise
             return await self._duplicate(existing)
         # No await between here and accept(): the reply is registered before anything else runs.
-        self.hub.publish(session["_id"], lambda conn: frames.user_message(user_doc, conn))
+        self.bus.publish(events.user_message(frames.message_data(user_doc)))
         self.streams.accept(message_id=reply_doc["_id"], session=session, seq=reply_doc["seq"],
                             reply_to=user_doc["_id"], prompt=text, sender=identity.user_id, stream=stream)
         return user_doc, reply_doc, False
@@ -202,6 +202,7 @@ class ChatService:
         if message_id is not None:
             check_id(message_id, "message_id")
         stopped = self.streams.stop(session_id, message_id)
+        self.bus.publish(events.stop(session_id, message_id))  # the owner of a reply running elsewhere
         if message_id is None and self.streams.cluster:
             self._record_stop(session_id, None)  # the session's live replies on every instance
         else:
@@ -234,13 +235,27 @@ class ChatService:
         """A socket closed. Its replies go on (they belong to the session) unless configured to stop when
         the last viewer of a session is gone."""
         sessions = set(conn.sessions)
-        self.hub.unregister(conn)
+        self.fanout.unregister(conn)
         if self.on_last_viewer_gone != "stop":
             return
         for session_id in sessions:
             if not self.hub.viewers(session_id) and self.streams.live(session_id):
                 log.info("last viewer gone, stopping replies session_id=%s", session_id)
                 self.stop(conn.identity, session_id)
+
+    # announcements (the callers check the caller is an admin)
+
+    def broadcast(self, message, pipeline=None):
+        """To every connection of a pipeline (None: of all). Returns how many connections here it reaches."""
+        delivered = sum(not c.closed for c in self.hub.of_pipeline(pipeline))
+        self.bus.publish(events.broadcast(message, pipeline))
+        return delivered
+
+    def push(self, user_id, message, data=None):
+        """To every connection (tab, device) of one user. Returns how many connections here it reaches."""
+        delivered = sum(not c.closed for c in self.hub.of_user(user_id))
+        self.bus.publish(events.push(user_id, message, data))
+        return delivered
 
     async def history(self, identity, session, *, after_seq=0, limit=50):
         return await self.store.list_messages(session["_id"], after_seq=after_seq, limit=limit)
@@ -264,6 +279,7 @@ class ChatService:
             if gen is not None:
                 await gen.done.wait()
         deleted = await self.store.delete_session_messages(session["_id"])
+        self.bus.publish(events.reset(session["_id"], deleted))
         return {"stopped": stopped, "deleted": deleted}
 
 

@@ -5,7 +5,6 @@ Offsets count Unicode code points of the answer (`offset`) and of the reasoning 
 from datetime import datetime, timezone
 from types import SimpleNamespace
 
-from services.hub import Cursor
 
 
 def timestamp(dt=None):
@@ -43,64 +42,43 @@ def message_data(doc, *, connection_id=None):
     return data
 
 
-def user_message(doc, conn):
-    return {"type": "user_message", "data": message_data(doc, connection_id=conn.id)}
+def _reply_base(reply, *, is_final, timestamp):
+    return {"id": reply.seq, "role": "assistant", "timestamp": timestamp, "is_final": is_final,
+            "session_id": reply.session_id, "message_id": reply.message_id, "seq": reply.seq,
+            "reply_to": reply.reply_to}
 
 
-def _reply_base(gen, conn, *, is_final):
-    return {"id": gen.seq, "role": "assistant", "timestamp": timestamp(), "is_final": is_final,
-            "connection_id": conn.id, "session_id": gen.session_id, "message_id": gen.message_id,
-            "seq": gen.seq, "reply_to": gen.reply_to}
+def chunk(reply, stream_mode, *, offset, text, thinking_offset, thinking, timestamp):
+    """`text`/`thinking` (the reply's text after the offsets) as one non-final frame (None if nothing).
 
-
-def delta(gen, conn, *, offset, text, thinking_offset, thinking):
-    """One increment of a live reply, published right after `text`/`thinking` were appended at the offsets.
-
-    What a connection gets is decided by its cursor, so it never sees a character twice or misses one: it
-    receives everything after its cursor. A delta-mode connection that joined mid-reply has no cursor and gets
-    nothing until it sends `resume` (the final frame still carries the whole text); a cumulative frame is
-    self-contained, so a cumulative connection simply starts following.
+    `reply`: anything with the text so far (`content`, `thinking`) and its ids (services/fanout.py's Reply or
+    a `snapshot()` of a stored message). Which offsets a connection is sent from is the fan-out's business.
     """
-    cursor = conn.cursors.get(gen.message_id)
-    if cursor is None:
-        if conn.stream_mode == "delta" and (offset or thinking_offset):
-            return None
-        cursor = conn.cursors[gen.message_id] = Cursor(gen.session_id)
-    return catch_up(gen, conn, cursor)
-
-
-def catch_up(gen, conn, cursor):
-    """Everything of `gen` after `cursor` as one non-final frame (None if nothing); advances the cursor.
-
-    `gen` is a live Generation or a `snapshot()` of a stored message.
-    """
-    offset, thinking_offset = cursor.offset, cursor.thinking_offset
-    text, thinking = gen.content[offset:], gen.thinking[thinking_offset:]
     if not (text or thinking):
         return None
-    cursor.offset, cursor.thinking_offset = len(gen.content), len(gen.thinking)
-    data = _reply_base(gen, conn, is_final=False)
-    if conn.stream_mode == "delta":
+    data = _reply_base(reply, is_final=False, timestamp=timestamp)
+    if stream_mode == "delta":
         data.update(offset=offset, delta=text)
         if thinking:
             data.update(thinking_offset=thinking_offset, thinking_delta=thinking)
     else:  # cumulative: full text so far; `offset` says where this frame's new text starts
-        data.update(content=gen.content, message_chain=chain(gen.content), offset=offset)
-        if gen.thinking:
-            data.update(thinking=gen.thinking, thinking_offset=thinking_offset)
+        content = reply.content
+        data.update(content=content, message_chain=chain(content), offset=offset)
+        if reply.thinking:
+            data.update(thinking=reply.thinking, thinking_offset=thinking_offset)
     return {"type": "response", "data": data}
 
 
-def final(gen, conn):
-    conn.cursors.pop(gen.message_id, None)
-    data = _reply_base(gen, conn, is_final=True)
-    data.update(content=gen.content, message_chain=chain(gen.content), status=gen.status)
-    if gen.thinking:
-        data["thinking"] = gen.thinking
-    if gen.error:
-        data["error"] = gen.error
-    if gen.usage:
-        data["usage"] = gen.usage
+def final(reply, *, timestamp):
+    """The one terminal frame of a reply: the same for both stream modes."""
+    data = _reply_base(reply, is_final=True, timestamp=timestamp)
+    data.update(content=reply.content, message_chain=chain(reply.content), status=reply.status)
+    if reply.thinking:
+        data["thinking"] = reply.thinking
+    if reply.error:
+        data["error"] = reply.error
+    if reply.usage:
+        data["usage"] = reply.usage
     return {"type": "response", "data": data}
 
 
@@ -126,11 +104,11 @@ def live_reply(gen):
             "length": len(gen.content), "thinking_length": len(gen.thinking)}
 
 
-def status(gen):
+def status(event):
     """A reply changed state before its final frame (queued -> streaming): lets every viewer show it."""
-    return {"type": "status", "data": {"session_id": gen.session_id, "message_id": gen.message_id,
-                                       "seq": gen.seq, "reply_to": gen.reply_to, "status": gen.status,
-                                       "timestamp": timestamp()}}
+    return {"type": "status", "data": {"session_id": event["session_id"], "message_id": event["message_id"],
+                                       "seq": event["seq"], "reply_to": event["reply_to"],
+                                       "status": event["status"], "timestamp": timestamp_from_epoch(event["at"])}}
 
 
 def error(err, **context):

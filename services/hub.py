@@ -1,4 +1,4 @@
-"""The connection map: who is connected, which sessions each connection views, and fan-out to them.
+"""The connection map: who is connected and which sessions each connection views (this instance only).
 
 Plain dicts owned by the IOLoop (no locks: everything here runs on the loop and never awaits).
 """
@@ -27,7 +27,8 @@ class Connection:
         self.remote_ip = remote_ip
         self.sessions = set()               # viewed session ids
         self.primary_session = None         # the session a frame without session_id addresses
-        self.cursors = {}                   # message_id -> Cursor: how much of each live reply was sent here
+        self.cursors = {}                   # message_id -> fanout.Cursor: how much of each live reply was sent here
+        self.finals_sent = {}               # message ids whose final the live stream sent here (the latest few)
         self.created_at = time.time()
         self.last_active = self.created_at
         self.closed = False
@@ -38,12 +39,13 @@ class Connection:
     def user_id(self):
         return self.identity.user_id
 
-    def send(self, frame):
-        """Queue one frame for this client. Never raises and never waits: a closed socket just drops it."""
+    def send(self, frame, text=None, nbytes=None):
+        """Queue one frame for this client. Never raises and never waits: a closed socket just drops it.
+        `text` (and its UTF-8 length `nbytes`): the frame already encoded, shared with other connections."""
         if self.closed:
             return False
         try:
-            self.outbox.put(frame)
+            self.outbox.put(frame, text, nbytes)
             return True
         except ConnectionClosed:
             self.closed = True
@@ -55,23 +57,16 @@ class Connection:
         self.close(CLOSE_SLOW_CONSUMER, "slow_consumer")
 
 
-class Cursor:
-    """Where a connection is in one reply: the next answer and thinking offsets it will be sent."""
-    __slots__ = ("session_id", "offset", "thinking_offset")
-
-    def __init__(self, session_id, offset=0, thinking_offset=0):
-        self.session_id = session_id
-        self.offset = offset
-        self.thinking_offset = thinking_offset
-
-
 class Hub:
+    """The local registry of connections: by id, user, session and pipeline. Nothing else: what a connection
+    is sent is decided by services/fanout.py, which is also the only code that joins and leaves sessions."""
+
     def __init__(self):
         self.connections = {}   # conn_id -> Connection
         self.by_session = {}    # session_id -> {conn_id: Connection}
         self.by_user = {}       # user_id -> {conn_id: Connection}
         self.by_pipeline = {}   # pipeline id -> {conn_id: Connection}
-        self.group_sessions = set()  # viewed sessions of type group: their viewers get presence frames
+        self.session_types = {}  # viewed session id -> "person" | "group"
 
     def register(self, conn):
         self.connections[conn.id] = conn
@@ -80,77 +75,55 @@ class Hub:
         log.debug("connection registered conn_id=%s user=%s", conn.id, conn.user_id)
 
     def unregister(self, conn):
+        """Forget a connection (services/fanout.py leaves its sessions first). False if it was not registered."""
         if self.connections.pop(conn.id, None) is None:
-            return
-        for session_id in list(conn.sessions):
-            self.leave(conn, session_id)
+            return False
         _discard(self.by_user, conn.user_id, conn.id)
         _discard(self.by_pipeline, conn.pipeline, conn.id)
         conn.closed = True
         log.debug("connection unregistered conn_id=%s", conn.id)
+        return True
 
     def join(self, conn, session_id, session_type="person"):
+        """Add a viewer. Returns True when this made the user newly online in the session."""
         if session_id in conn.sessions:
-            return
+            return False
         first_of_user = conn.user_id not in self.online(session_id)
         conn.sessions.add(session_id)
         self.by_session.setdefault(session_id, {})[conn.id] = conn
+        self.session_types.setdefault(session_id, session_type)
         if conn.primary_session is None:
             conn.primary_session = session_id
-        if session_type == "group":
-            self.group_sessions.add(session_id)
-        if first_of_user:
-            self._presence(session_id, "join", conn.user_id)
+        return first_of_user
 
     def leave(self, conn, session_id):
+        """Remove a viewer. Returns True when the user has no connection left viewing the session."""
         if session_id not in conn.sessions:
-            return
+            return False
         conn.sessions.discard(session_id)
-        for message_id in [m for m, c in conn.cursors.items() if c.session_id == session_id]:
-            del conn.cursors[message_id]
         _discard(self.by_session, session_id, conn.id)
         if conn.primary_session == session_id:
             conn.primary_session = next(iter(conn.sessions), None)
-        if conn.user_id not in self.online(session_id):
-            self._presence(session_id, "leave", conn.user_id)
         if session_id not in self.by_session:
-            self.group_sessions.discard(session_id)
+            self.session_types.pop(session_id, None)
+        return conn.user_id not in self.online(session_id)
+
+    def session_type(self, session_id):
+        return self.session_types.get(session_id)
 
     def online(self, session_id):
         """The users with at least one connection viewing the session."""
         return {c.user_id for c in self.by_session.get(session_id, {}).values()}
 
-    def presence_frame(self, session_id, event="snapshot", user_id=None):
-        data = {"session_id": session_id, "event": event, "online": sorted(self.online(session_id))}
-        if user_id is not None:
-            data["user_id"] = user_id
-        return {"type": "presence", "data": data}
-
-    def _presence(self, session_id, event, user_id):
-        # user-level: a second tab of someone already online is not news
-        if session_id in self.group_sessions:
-            frame = self.presence_frame(session_id, event, user_id)
-            self.publish(session_id, lambda conn: frame)
-
-    def push(self, user_id, frame):
-        """Send a frame to every connection of a user; returns how many got it."""
-        return sum(conn.send(frame) for conn in list(self.by_user.get(user_id, {}).values()))
-
-    def broadcast(self, frame, pipeline=None):
-        conns = self.by_pipeline.get(pipeline, {}) if pipeline else self.connections
-        return sum(conn.send(frame) for conn in list(conns.values()))
-
     def viewers(self, session_id):
         return list(self.by_session.get(session_id, {}).values())
 
-    def publish(self, session_id, render):
-        """Send `render(conn)` to every viewer of a session; `render` may return None to skip one."""
-        sent = 0
-        for conn in self.viewers(session_id):
-            frame = render(conn)
-            if frame is not None and conn.send(frame):
-                sent += 1
-        return sent
+    def of_user(self, user_id):
+        return list(self.by_user.get(user_id, {}).values())
+
+    def of_pipeline(self, pipeline=None):
+        """Every connection of a pipeline (None: of all pipelines)."""
+        return list((self.by_pipeline.get(pipeline, {}) if pipeline else self.connections).values())
 
     def stats(self, pipeline=None):
         """LangBot's connection stats, plus per-user counts and the oldest and idlest connection."""

@@ -28,8 +28,8 @@ PROVIDER_ERRORS = (
 CLIENT_FRAMES = ("authenticate", "message", "stop", "resume", "ping", "disconnect", "session.join",
                  "session.leave", "presence", "unknown", "invalid")
 SERVER_FRAMES = ("connected", "user_message", "ack", "response", "status", "stop_ack", "pong", "error",
-                 "broadcast", "push", "presence", "session.joined", "session.left", "resumed", "reconnect",
-                 "other")
+                 "broadcast", "push", "presence", "session.joined", "session.left", "session.reset", "resumed",
+                 "reconnect", "other")
 CLOSE_REASONS = ("client", "server", "lost")
 # Server-initiated disconnects. slow and capacity come with the fan-out and limits issues; the codes map to
 # these in handlers/ws.py.
@@ -123,6 +123,8 @@ class Metrics:
         self.checkpoint_lag = Histogram("parley_checkpoint_lag_seconds",
                                         "Age of the oldest streamed character not yet in MongoDB, when its "
                                         "checkpoint lands", p, buckets=FAST_BUCKETS, registry=r)
+        self.frames_encoded = Counter("parley_frames_encoded", "Distinct frames the fan-out JSON-encoded (each "
+                                      "written to every connection that gets the same bytes)", registry=r)
         self.bus_published = Counter("parley_bus_events_published", "Cluster bus events sent", ("event",),
                                      registry=r)
         self.bus_received = Counter("parley_bus_events_received", "Cluster bus events received from other "
@@ -203,6 +205,9 @@ class Metrics:
 
     def frame_received(self, kind):
         self._received.get(kind, self._received["unknown"]).inc()
+
+    def frame_encoded(self):
+        self.frames_encoded.inc()
 
     def frame_sent(self, kind, size):
         # Once per frame per viewer: label children are looked up in a plain dict, not through labels().

@@ -5,6 +5,9 @@ flushed to the kernel). Past that they wait here, and chunks of one reply that w
 offsets make that safe: a merged delta starts at the first one's offset, a merged cumulative frame is simply the
 newest. Terminal frames and everything else are never dropped or merged. If what waits still exceeds `limit`
 characters, the connection is too slow to keep: `on_overflow()` closes it.
+
+The fan-out encodes a frame once for every connection that gets the same bytes: `put(frame, text, nbytes)` takes
+that text as is. Such a frame's dict may be shared with other connections' outboxes, so a merge copies it first.
 """
 import json
 from collections import deque
@@ -35,7 +38,9 @@ def mergeable(older, newer):
 
 
 def merge(older, newer):
-    """Fold a newer chunk of the same reply into an older waiting one (same stream mode)."""
+    """Fold a newer chunk of the same reply into an older waiting one (same stream mode). Returns the merged
+    frame: a new dict, so a frame shared with other connections is never changed."""
+    older = {**older, "data": dict(older["data"])}
     old, new = older["data"], newer["data"]
     if "delta" in new or "thinking_delta" in new:  # delta mode: concatenate increments
         for text_key, offset_key in (("delta", "offset"), ("thinking_delta", "thinking_offset")):
@@ -51,6 +56,7 @@ def merge(older, newer):
         if "thinking_offset" in new and "thinking_offset" not in old:
             old["thinking_offset"] = new["thinking_offset"]
     old["timestamp"] = new["timestamp"]
+    return older
 
 
 class Outbox:
@@ -66,20 +72,24 @@ class Outbox:
         self.merged = 0                 # chunks folded into another (for metrics and tests)
         self.overflowed = False
 
-    def put(self, frame):
+    def put(self, frame, text=None, nbytes=None):
+        """Queue `frame`; `text` is its JSON encoding when the caller has it (shared by many connections)."""
         if not self.waiting and self.in_flight < WINDOW:
-            self._send(frame)
+            self._send(frame, text, nbytes)
             return
         mid = frame["data"].get("message_id") if frame.get("type") == "response" else None
         entry = self.chunks.get(mid) if mid else None
         if entry is not None and is_chunk(frame) and mergeable(entry[0], frame):
-            merge(entry[0], frame)
+            entry[0] = merge(entry[0], frame)
             self.merged += 1
+            entry[2] = entry[3] = None
             size = len(encode(entry[0]))
             self.waiting_size += size - entry[1]
             entry[1] = size
         else:
-            entry = [frame, len(encode(frame))]
+            if text is None:
+                text = encode(frame)
+            entry = [frame, len(text), text, nbytes]   # frame, characters, encoding, bytes (None: not known)
             self.waiting.append(entry)
             self.waiting_size += entry[1]
             if mid:
@@ -91,11 +101,14 @@ class Outbox:
             self.overflowed = True
             self.on_overflow()
 
-    def _send(self, frame):
-        text = encode(frame)
+    def _send(self, frame, text=None, nbytes=None):
+        if text is None:
+            text = encode(frame)
         future = self.write(text)
         if self.on_sent is not None:
-            self.on_sent(frame.get("type"), len(text) if text.isascii() else len(text.encode()))
+            if nbytes is None:
+                nbytes = len(text) if text.isascii() else len(text.encode())
+            self.on_sent(frame.get("type"), nbytes)
         self.in_flight += len(text)
         future.add_done_callback(lambda f, n=len(text): self._flushed(f, n))
 
@@ -103,13 +116,13 @@ class Outbox:
         future.exception()  # a closed socket: nothing to do, but don't log "never retrieved"
         self.in_flight -= size
         while self.waiting and self.in_flight < WINDOW and not future.exception():
-            frame, n = self.waiting.popleft()
+            frame, n, text, nbytes = self.waiting.popleft()
             self.waiting_size -= n
             mid = frame["data"].get("message_id") if frame.get("type") == "response" else None
             if mid and self.chunks.get(mid, [None])[0] is frame:
                 del self.chunks[mid]
             try:
-                self._send(frame)
+                self._send(frame, text, nbytes)
             except ConnectionClosed:
                 self.waiting.clear()
                 self.chunks.clear()

@@ -76,11 +76,11 @@ class ClientProtocol:
 
     def on_leave(self, frame):
         session_id = self._session_id(frame)
-        self.chat.hub.leave(self.conn, session_id)
+        self.chat.fanout.leave(self.conn, session_id)
         self.conn.send({"type": "session.left", "data": {"session_id": session_id, "reason": "left"}})
 
     def on_presence(self, frame):
-        self.conn.send(self.chat.hub.presence_frame(self._session_id(frame)))
+        self.conn.send(self.chat.fanout.presence_frame(self._session_id(frame)))
 
     # frames that wait their turn (they touch the store), in the order the client sent them
 
@@ -133,7 +133,7 @@ class ClientProtocol:
         self.conn.send({"type": "session.joined", "data": {"session_id": session["_id"],
                                                            "session_type": session["type"],
                                                            "title": session.get("title", "")}})
-        self.chat.hub.join(self.conn, session["_id"], session["type"])
+        self.chat.fanout.join(self.conn, session["_id"], session["type"])
 
     async def _resume(self, frame):
         await self.resumer.resume(self.conn, frame)

@@ -9,15 +9,15 @@ import logging
 import time
 from datetime import datetime
 
-from services import frames
+from services import events, frames
 
 log = logging.getLogger(__name__)
 
 
 class Reaper:
-    def __init__(self, store, hub, streams, *, lease_seconds):
+    def __init__(self, store, bus, streams, *, lease_seconds):
         self.store = store
-        self.hub = hub
+        self.bus = bus
         self.streams = streams
         self.interval = lease_seconds / 2
         self.task = None
@@ -54,8 +54,7 @@ class Reaper:
             if doc is None:  # finished or renewed meanwhile
                 continue
             reaped.append(message_id)
-            reply = frames.snapshot(doc)
-            self.hub.publish(doc["session_id"], lambda conn: frames.final(reply, conn))
+            self.bus.publish(events.reply_final(frames.snapshot(doc)))
         if reaped:
             log.warning("interrupted %d abandoned replies (lease expired): %s", len(reaped), reaped)
         return reaped

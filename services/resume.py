@@ -1,17 +1,19 @@
 """Resume: a client that reconnects gets exactly the text after its offsets, then the live stream, then the
 one terminal frame (docs/protocol.md, "Resume").
 
-Lookups await; everything after them runs without an await: the replay is computed from the live buffer and
-the connection's cursor is set in the same loop step, so the next delta published continues exactly where the
-replay ended. A reply that is not live here is replayed from MongoDB: a finished one with its terminal frame;
-one still `streaming` but owned by no one here gets its terminal frame from the reaper when its lease expires.
+Lookups await; then the fan-out (services/fanout.py) does the rest without an await: the replay is computed from
+its live text and the connection's cursor is set in the same loop step, so the next delta continues exactly
+where the replay ended. A reply that is not live here is replayed from MongoDB: a finished one with its terminal
+frame; one still `streaming` but owned by no one here gets its terminal frame from the reaper when its lease
+expires. A final the live stream already sent this connection is not sent again.
 """
 import logging
+
+from types import SimpleNamespace
 
 from services import frames
 from services.chat import check_id
 from services.errors import BadRequest, NotFound
-from services.hub import Cursor
 from services.store import LIVE
 
 log = logging.getLogger(__name__)
@@ -30,10 +32,10 @@ def check_offset(value, what):
 
 
 class Resumer:
-    def __init__(self, store, hub, streams, chat, metrics=None):
+    def __init__(self, store, fanout, streams, chat, metrics=None):
         self.metrics = metrics
         self.store = store
-        self.hub = hub
+        self.fanout = fanout
         self.streams = streams
         self.chat = chat
 
@@ -81,42 +83,39 @@ class Resumer:
 
     def _attach(self, conn, session, docs, wanted, every_live):
         session_id = session["_id"]
-        replies = {}
-        for message_id in docs:
-            gen = self.streams.generations.get(message_id)
-            replies[message_id] = gen if gen is not None else frames.snapshot(docs[message_id])
+        replies = {m: frames.snapshot(doc) for m, doc in docs.items()}
         if every_live:
             for gen in self.streams.live(session_id):
-                replies.setdefault(gen.message_id, gen)
+                replies.setdefault(gen.message_id, _queued(gen))
         plan = []
         for reply in sorted(replies.values(), key=lambda r: r.seq):
             offset, thinking_offset = wanted.get(reply.message_id, (0, 0))
-            if offset > len(reply.content) or thinking_offset > len(reply.thinking):
-                if reply.message_id in self.streams.generations or reply.status in COMPLETE_TEXT:
-                    raise BadRequest(f"offset beyond the {len(reply.content)} characters of reply "
+            live = self.fanout.replies.get(reply.message_id)
+            length, thinking_length = ((live.text.length, live.thinking_text.length) if live is not None
+                                       else (len(reply.content), len(reply.thinking)))
+            if offset > length or thinking_offset > thinking_length:
+                if live is not None or reply.message_id in self.streams.generations or reply.status in COMPLETE_TEXT:
+                    raise BadRequest(f"offset beyond the {length} characters of reply "
                                      f"{reply.message_id!r}", code="invalid_offset", message_id=reply.message_id)
                 # Interrupted or orphaned: text after the last checkpoint is lost; the final frame is authoritative.
-                offset, thinking_offset = min(offset, len(reply.content)), min(thinking_offset, len(reply.thinking))
+                offset, thinking_offset = min(offset, length), min(thinking_offset, thinking_length)
             plan.append((reply, offset, thinking_offset))
-        self.hub.join(conn, session_id, session["type"])
-        conn.send(frames.resumed(session_id, plan))
-        for reply, offset, thinking_offset in plan:
-            live = reply.message_id in self.streams.generations
-            cursor = Cursor(session_id, offset, thinking_offset)
-            if live:
-                conn.cursors[reply.message_id] = cursor
-                if not reply.stream:
-                    continue  # a non-streamed reply sends only its final frame
-            if self.metrics is not None:
-                source = "live" if live else ("store" if reply.status in LIVE else "finished")
-                replayed = len(reply.content) - offset + len(reply.thinking) - thinking_offset
-                self.metrics.resumed(session["pipeline"], source, replayed)
-            if (frame := frames.catch_up(reply, conn, cursor)) is not None:
-                conn.send(frame)
-            if not live and reply.status not in LIVE:
-                conn.send(frames.final(reply, conn))
+        self.fanout.join(conn, session_id, session["type"])
+        sent = self.fanout.resume(conn, session_id, plan)
+        if self.metrics is not None:
+            for reply, offset, thinking_offset, source in sent:
+                if source != "sent":
+                    replayed = len(reply.content) - offset + len(reply.thinking) - thinking_offset
+                    self.metrics.resumed(session["pipeline"], source, replayed)
         log.debug("resumed conn_id=%s session_id=%s replies=%s", conn.id, session_id,
                   [r.message_id for r, _, _ in plan])
+
+
+def _queued(gen):
+    """A live reply not yet looked up in the store: as far as it got (nothing, while queued)."""
+    return SimpleNamespace(message_id=gen.message_id, session_id=gen.session_id, seq=gen.seq,
+                           reply_to=gen.reply_to, status=gen.status, content="", thinking="", error=None,
+                           usage=None)
 
 
 def parse_offsets(raw):

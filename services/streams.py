@@ -1,7 +1,7 @@
 """The generation lifecycle: one task per reply, the stop-callback dictionary, live buffers and timeouts.
 
 A generation belongs to its session, not to the socket that asked for it: sockets come and go as viewers
-(services/hub.py); the task here runs to exactly one terminal state, persists it, and sends exactly one final
+(services/fanout.py); the task here runs to exactly one terminal state, persists it, and sends exactly one final
 frame. Replies of one session run one at a time, in the order they were accepted.
 
 `stop_callbacks` maps message id -> callable, one entry per accepted reply (queued or running), removed in the
@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 
-from services import frames, logs
+from services import events, frames, logs
 from services.errors import Busy
 from services.store import LIVE
 from services.metrics import Metrics
@@ -59,10 +59,10 @@ class Generation:
 
 
 class StreamManager:
-    def __init__(self, store, hub, pipelines, *, instance_id, checkpoint_interval=1.0, lease_seconds=30.0,
+    def __init__(self, store, bus, pipelines, *, instance_id, checkpoint_interval=1.0, lease_seconds=30.0,
                  max_queued=8, provider_factory=make_provider, metrics=None, cluster=False):
         self.store = store
-        self.hub = hub
+        self.bus = bus
         self.pipelines = pipelines
         self.instance_id = instance_id
         self.checkpoint_interval = checkpoint_interval
@@ -75,6 +75,12 @@ class StreamManager:
         self.generations = {}     # message_id -> Generation (live: queued or streaming)
         self.stop_callbacks = {}  # message_id -> callable(reason)
         self.by_session = {}      # session_id -> {message_id: Generation}, in acceptance order
+        bus.subscribe(self._on_event)
+
+    def _on_event(self, event):
+        """A stop published by another instance: the owner of the reply fires its stop callback here."""
+        if event["type"] == "stop" and event.get("origin") != self.instance_id:
+            self.stop(event["session_id"], event.get("message_id"))
 
     # accepting and stopping
 
@@ -182,7 +188,7 @@ class StreamManager:
             if doc.get("stop_requested"):  # stopped while queued, and the signal did not reach us
                 gen.stop_reason = gen.stop_reason or "stopped"
                 raise asyncio.CancelledError
-            self.hub.publish(gen.session_id, lambda conn: frames.status(gen))
+            self.bus.publish(events.reply_started(gen))
             request = await self._request(gen, pipeline)
             await self._consume(gen, pipeline, request)
             if not gen.content:
@@ -294,9 +300,8 @@ class StreamManager:
         gen.content += chunk.text
         gen.thinking += chunk.thinking
         if gen.stream:
-            self.hub.publish(gen.session_id, lambda conn: frames.delta(
-                gen, conn, offset=offset, text=chunk.text, thinking_offset=thinking_offset,
-                thinking=chunk.thinking))
+            self.bus.publish(events.reply_delta(gen, offset=offset, text=chunk.text,
+                                                thinking_offset=thinking_offset, thinking=chunk.thinking))
         now = asyncio.get_running_loop().time()
         if gen.checkpoint_task is None and now - gen.last_checkpoint >= self.checkpoint_interval:
             gen.last_checkpoint = now
@@ -399,7 +404,7 @@ class StreamManager:
                 if not queue:
                     del self.by_session[gen.session_id]
             if final is not None:
-                self.hub.publish(gen.session_id, lambda conn: frames.final(final, conn))
+                self.bus.publish(events.reply_final(final))
             if gen.status not in LIVE:
                 self.metrics.generation_finished(gen)
             gen.done.set()

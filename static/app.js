@@ -505,18 +505,35 @@
   function send(text) {
     if (!state.client || !text.trim()) return;
     const clientMsgId = newId();
+    const session = state.session;
+    const untitled = !session.title && state.msgs.size === 0 && state.pending.size === 0;
     const pending = el("article", {class: "msg user pending", "aria-label": "Sending"},
       el("div", {class: "meta", text: "Sending…"}), el("div", {class: "body", text}));
     state.pending.set(clientMsgId, pending);
     $("messages").append(pending);
     scrollToEnd(true);
-    state.client.send(text, {client_msg_id: clientMsgId}).catch((frame) => {
+    state.client.send(text, {client_msg_id: clientMsgId}).then(() => {
+      if (untitled) nameAfter(session, text);
+    }, (frame) => {
       pending.remove();
       state.pending.delete(clientMsgId);
       const retry = frame.retry_after ? " (try again in " + Math.ceil(frame.retry_after) + " s)" : "";
       notice("error", (frame.message || frame.code || "the message was not accepted") + retry, "send");
       if (!$("input").value) $("input").value = text;
     });
+  }
+
+  /* A new conversation takes its first message as its title, until renamed. */
+  async function nameAfter(session, text) {
+    const title = text.trim().split("\n")[0].slice(0, 60);
+    try {
+      const renamed = await api(S(session.session_id), {method: "PATCH", body: {title}});
+      if (state.session && state.session.session_id === renamed.session_id) {
+        state.session = renamed;
+        renderHead();
+      }
+      await refreshSessions();
+    } catch (e) { /* the date stays as its name */ }
   }
 
   function stop() {

@@ -51,6 +51,17 @@ options = { words = 20, rate = 80, thinking = 12 }
 [pipelines.instant]
 provider = "demo"
 options = { words = 3, rate = 0 }
+
+[pipelines.keyless]     # fails at once: its key variable is not set
+provider = "openai"
+model = "m"
+base_url = "http://127.0.0.1:9/v1"
+api_key_env = "PARLEY_BROWSER_TEST_UNSET_KEY"
+
+[pipelines.hurried]     # times out: a long reply, half a second allowed
+provider = "demo"
+options = { words = 3000, rate = 30 }
+timeouts = { total = 0.5 }
 """
 
 XSS = '<img src=x onerror="window.__pwned=1"> [go](javascript:window.__pwned=2) <a href="javascript:window.__pwned=3">x</a>'
@@ -232,7 +243,7 @@ def test_start_up_url_signs_in_and_leaves_the_address_bar(new_page, server):
     assert f"connect-src 'self' ws://127.0.0.1:{server.port}" in csp and "unsafe-inline" not in csp
     assert headers["x-content-type-options"] == "nosniff" and headers["referrer-policy"] == "no-referrer"
     assert page.inner_text("#whoami") == "local"
-    assert page.locator("#pipeline option").count() == 5
+    assert page.locator("#pipeline option").count() == 7
     # an API client on the same URL keeps the JSON answer
     status, body = server.rest("/")
     assert status == 200 and body["data"]["name"] == "Parley"
@@ -300,6 +311,9 @@ def test_shift_enter_is_a_new_line_and_thinking_collapses(new_page, server):
     page.wait_for_selector(".msg.assistant[data-status=completed]")
     assert page.input_value("#input") == ""
     assert page.locator(".msg.user .body").inner_text() == "line one\nline two"
+    # a new conversation is named after its first line, in the list too
+    page.wait_for_selector("#session-title >> text=line one")
+    page.wait_for_selector("#sessions button[aria-current=true] >> text=line one")
     thinking = page.locator(".msg.assistant details.thinking")
     assert thinking.is_visible() and thinking.get_attribute("open") is None  # collapsed once the answer came
     stored = [m for m in stored_messages(server, page, "thinker") if m["role"] == "assistant"][-1]
@@ -444,17 +458,53 @@ def test_phone_layout_and_dark_theme(new_page, server):
     shot(page, "phone-dark")
 
 
+def test_failed_and_timed_out_replies_say_why_and_offer_retry(new_page, server):
+    page = new_page()
+    open_app(page, server, "keyless")
+    new_chat(page)
+    send(page, "hello")
+    page.wait_for_selector(".msg.assistant[data-status=failed]")
+    reply = last_reply(page)
+    assert reply.locator(".badge").inner_text() == "Failed"
+    stored = [m for m in stored_messages(server, page, "keyless") if m["role"] == "assistant"][-1]
+    assert stored["status"] == "failed" and reply.locator(".reason").inner_text() != ""
+    assert reply.locator("button.retry").is_visible()
+    shot(page, "failed")
+    reply.locator("button.retry").click()
+    page.wait_for_function("() => document.querySelectorAll('.msg.assistant[data-status=failed]').length === 2")
+    page.select_option("#pipeline", "hurried")
+    page.wait_for_function("() => location.hash.startsWith('#/hurried/')")
+    page.wait_for_selector("#conn[data-state=open]")
+    new_chat(page)
+    send(page, "a long one please")
+    page.wait_for_selector(".msg.assistant[data-status=timeout]")
+    reply = last_reply(page)
+    assert reply.locator(".badge").inner_text() == "Timed out" and reply.locator(".reason").inner_text() != ""
+    assert reply.locator("button.retry").is_visible() and not page.is_visible("#stop")
+
+
 def test_reconnecting_indicator_while_the_server_restarts(new_page, server):
     page = new_page()
-    open_app(page, server, "default")
+    open_app(page, server, "slow")
+    new_chat(page)
+    send(page, "a reply the restart interrupts")
+    page.wait_for_selector(".msg.assistant.streaming")
     server.stop()
     page.wait_for_selector("#conn[data-state=reconnecting]")
     assert "Reconnecting" in page.inner_text("#conn-text")
     shot(page, "reconnecting")
     server.start()
     page.wait_for_selector("#conn[data-state=open]", timeout=60_000)
+    reply = last_reply(page)
+    page.wait_for_selector(".msg.assistant[data-status=interrupted]")  # the reply that was cut says so
+    assert reply.locator(".badge").inner_text() == "Interrupted" and reply.locator("button.retry").is_visible()
+    stored = [m for m in stored_messages(server, page, "slow") if m["role"] == "assistant"][-1]
+    assert stored["status"] == "interrupted" and shows(reply, stored["content"])
     send(page, "back again")
-    page.wait_for_selector(".msg.assistant[data-status=completed] >> text=back again")
+    page.wait_for_function("() => document.querySelectorAll('.msg.assistant').length === 2")
+    page.wait_for_selector(".msg.assistant.streaming")
+    page.click("#stop")
+    page.wait_for_selector(".msg.assistant[data-status=stopped]")
 
 
 def test_group_session_with_two_users(new_page, jwt_server):

@@ -224,3 +224,43 @@ test("a gap asks the server for the rest; an error settles the send; an unknown 
   ws.frame({type: "error", code: "message_not_found", request_type: "resume", message_id: "r9"});
   assert.deepEqual(ws.sent.pop(), {type: "resume", session_id: "s1", offsets: {}});
 });
+
+test("the app's hooks: connected, other frames by type, request(), a countdown target and retryNow()", () => {
+  const {chat, socket, clock} = client({random: () => 1});
+  const got = {};
+  for (const e of ["connected", "presence", "push", "broadcast", "session.left", "status"]) {
+    chat.on(e, (p) => (got[e] = got[e] || []).push(p));
+  }
+  assert.equal(chat.request({type: "presence"}), false);  // not open: not sent, not queued
+  chat.connect();
+  const ws = socket();
+  ws.open();
+  ws.frame({type: "connected", session_id: "s1", user_id: "ann"});
+  assert.equal(got.connected[0].user_id, "ann");
+  assert.equal(chat.request({type: "presence"}), true);
+  assert.deepEqual(ws.sent.pop(), {type: "presence"});
+  ws.frame({type: "presence", data: {session_id: "s1", event: "join", online: ["ann", "bo"]}});
+  ws.frame({type: "push", data: {message: "hi"}});
+  ws.frame({type: "broadcast", message: "maintenance"});
+  ws.frame({type: "session.left", data: {session_id: "s1", reason: "removed"}});
+  ws.frame({type: "pong"});
+  assert.deepEqual(got.presence[0].data.online, ["ann", "bo"]);
+  assert.equal(got.push[0].data.message, "hi");
+  assert.equal(got.broadcast[0].message, "maintenance");
+  assert.equal(got["session.left"][0].data.reason, "removed");
+  // each reconnect attempt announces when the next try happens
+  clock.now = 5000;
+  ws.drop();
+  let last = got.status.pop();
+  assert.deepEqual(last, {connection: "reconnecting", retry_at: 6000});
+  clock.advance(1000);
+  socket().drop();
+  last = got.status.pop();
+  assert.equal(last.connection, "reconnecting");
+  assert.equal(last.retry_at, clock.now + 2000);
+  chat.retryNow();  // the user does not wait out the backoff
+  assert.equal(FakeSocket.all.length, 3);
+  assert.deepEqual(clock.pending(), []);
+  chat.retryNow();  // only while reconnecting
+  assert.equal(FakeSocket.all.length, 3);
+});

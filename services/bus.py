@@ -1,0 +1,115 @@
+"""The event bus: everything viewers must see is an event, and every event reaches them through one path.
+
+An event is a plain dict that survives `json.dumps`/BSON unchanged: strings, numbers, booleans, None, lists and
+dicts. Never a closure, never a live object (a Connection, a Generation). Its `type` is one of
+
+    user_message   session_id, message (frames.message_data of the stored user message)
+    reply.started  session_id, message_id, seq, reply_to, status ("streaming"), stream
+    reply.delta    session_id, message_id, seq, reply_to, offset, text, thinking_offset, thinking
+    reply.final    session_id, message_id, seq, reply_to, status, content, thinking, error, usage
+    stop           session_id, message_id (None: every reply of the session)
+    reset          session_id, deleted
+    members        session_id, added, removed
+    presence       session_id, event ("join" | "leave"), user_id
+    broadcast      pipeline (None: every pipeline), message
+    push           user_id, message, data
+    reconnect      reason, retry_after (for the publishing instance's own connections: it is draining)
+
+and `publish` stamps `origin` (the publishing instance's id) and `at` (epoch seconds: the frames' timestamp, and
+the bus lag on another instance) unless already set.
+
+`publish` never awaits: it delivers the event to this instance's subscribers (services/fanout.py and the owner
+of stop callbacks) at once, in publication order (an event published by a subscriber is delivered after the
+current one, not in the middle of it), then hands it to `_publish` for the other instances.
+
+A cluster backend subclasses Bus (the shape of python-socketio's pubsub manager) and overrides:
+    _publish(event)  synchronous, must not block: queue the event for other instances (a writer task started
+                     in `start()` drains the queue); it may drop types other instances need not see.
+    _listen()        an async iterator of events written by any instance; `start()` runs it in a task and
+                     delivers each whose origin is not this instance (a backend may skip them itself).
+    start()/close()  call super() to run/stop the listener.
+LocalBus is the single box: local delivery only, nothing written anywhere.
+"""
+import asyncio
+import logging
+import time
+from collections import deque
+
+log = logging.getLogger(__name__)
+
+
+class Bus:
+    def __init__(self, instance_id, *, metrics=None):
+        self.instance_id = instance_id
+        self.metrics = metrics
+        self.handlers = []
+        self._pending = deque()
+        self._delivering = False
+        self._listener = None
+
+    def subscribe(self, handler):
+        """`handler(event)` is called for every event, local or remote; it must not await or keep the dict."""
+        self.handlers.append(handler)
+
+    def publish(self, event):
+        event.setdefault("origin", self.instance_id)
+        event.setdefault("at", time.time())
+        self._deliver(event)
+        self._publish(event)
+
+    def receive(self, event):
+        """An event from another instance (a backend's listener calls this)."""
+        if event.get("origin") == self.instance_id:
+            return
+        if self.metrics is not None:
+            self.metrics.bus_event_received(event.get("type"), time.time() - event.get("at", time.time()))
+        self._deliver(event)
+
+    def _deliver(self, event):
+        self._pending.append(event)
+        if self._delivering:
+            return  # published by a subscriber: delivered right after the current event
+        self._delivering = True
+        try:
+            while self._pending:
+                current = self._pending.popleft()
+                for handler in self.handlers:
+                    try:
+                        handler(current)
+                    except Exception:  # one bad subscriber must not keep an event from the others
+                        log.exception("bus subscriber failed on a %s event", current.get("type"))
+        finally:
+            self._delivering = False
+
+    # the backend hooks
+
+    def _publish(self, event):
+        """Send to other instances. The single box has none."""
+
+    def _listen(self):
+        """An async iterator of events from other instances, or None when there are none to listen to."""
+        return None
+
+    async def start(self):
+        events = self._listen()
+        if events is not None:
+            self._listener = asyncio.get_running_loop().create_task(self._listen_loop(events), name="bus-listen")
+
+    async def close(self):
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+            self._listener = None
+
+    async def _listen_loop(self, events):
+        async for event in events:
+            try:
+                self.receive(event)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("could not deliver a bus event")
+
+
+class LocalBus(Bus):
+    """One box: events go to this instance's subscribers only."""

@@ -1,0 +1,54 @@
+"""Constructors of the bus's events (the list is in services/bus.py): plain dicts, built from plain values."""
+
+
+def _reply(reply, **fields):
+    """`reply`: a live Generation or a frames.snapshot() of a stored message."""
+    return {"session_id": reply.session_id, "message_id": reply.message_id, "seq": reply.seq,
+            "reply_to": reply.reply_to, **fields}
+
+
+def user_message(data):
+    """`data`: frames.message_data() of the stored user message."""
+    return {"type": "user_message", "session_id": data["session_id"], "message": data}
+
+
+def reply_started(gen):
+    return {"type": "reply.started", **_reply(gen, status=gen.status, stream=gen.stream)}
+
+
+def reply_delta(gen, *, offset, text, thinking_offset, thinking):
+    return {"type": "reply.delta", **_reply(gen, offset=offset, text=text, thinking_offset=thinking_offset,
+                                            thinking=thinking)}
+
+
+def reply_final(reply):
+    return {"type": "reply.final", **_reply(reply, status=reply.status, content=reply.content,
+                                            thinking=reply.thinking, error=reply.error, usage=reply.usage)}
+
+
+def stop(session_id, message_id=None):
+    return {"type": "stop", "session_id": session_id, "message_id": message_id}
+
+
+def reset(session_id, deleted):
+    return {"type": "reset", "session_id": session_id, "deleted": deleted}
+
+
+def members(session_id, added, removed):
+    return {"type": "members", "session_id": session_id, "added": list(added), "removed": list(removed)}
+
+
+def presence(session_id, event, user_id):
+    return {"type": "presence", "session_id": session_id, "event": event, "user_id": user_id}
+
+
+def broadcast(message, pipeline=None):
+    return {"type": "broadcast", "pipeline": pipeline, "message": message}
+
+
+def push(user_id, message, data=None):
+    return {"type": "push", "user_id": user_id, "message": message, "data": data}
+
+
+def reconnect(reason="shutdown", retry_after=None):
+    return {"type": "reconnect", "reason": reason, "retry_after": retry_after}

@@ -1,0 +1,312 @@
+"""The fan-out: one bus event -> frames for the local connections that should get it.
+
+This is the only code that moves a connection's cursor (how much of each live reply it was sent) and the only
+code that joins or leaves sessions (so cursors and presence stay consistent). Whether an event was born here or
+on another instance, it reaches clients through `handle()`.
+
+Each distinct frame is rendered and JSON-encoded once, and the same text is written to every connection that
+gets those bytes: connections are grouped by what they need (stream mode, cursor position). Frames carry the
+event's timestamp, never a per-connection one. LangBot's `response`/`user_message` carry the receiving
+connection's id in `data.connection_id`: it is the frame's last field, so it is spliced into the shared encoding
+rather than encoding the frame again per connection (CONNECTION_ID_IN_DATA turns that off).
+"""
+import logging
+
+from services import events, frames
+from services.outbox import encode
+from services.store import LIVE
+
+log = logging.getLogger(__name__)
+
+CONNECTION_ID_IN_DATA = True
+FINALS_REMEMBERED = 32  # per connection: a resume crossing a final in flight must not get it a second time
+_SPLICE_TAIL = '""}}'  # how an encoded frame whose last field is data.connection_id = "" ends
+
+
+class Cursor:
+    """Where a connection is in one reply: the next answer and thinking offsets it will be sent."""
+    __slots__ = ("session_id", "offset", "thinking_offset")
+
+    def __init__(self, session_id, offset=0, thinking_offset=0):
+        self.session_id = session_id
+        self.offset = offset
+        self.thinking_offset = thinking_offset
+
+
+class Text:
+    """Text that grows by appends and is read mostly from its end: pieces are joined only when all is needed."""
+    __slots__ = ("parts", "length")
+
+    def __init__(self, text=""):
+        self.parts = [text] if text else []
+        self.length = len(text)
+
+    def append(self, text):
+        if text:
+            self.parts.append(text)
+            self.length += len(text)
+
+    def after(self, offset):
+        need = self.length - offset
+        if need <= 0:
+            return ""
+        picked, got = [], 0
+        for part in reversed(self.parts):
+            picked.append(part)
+            got += len(part)
+            if got >= need:
+                break
+        text = "".join(reversed(picked)) if len(picked) > 1 else picked[0]
+        return text[len(text) - need:] if len(text) > need else text
+
+    def __str__(self):
+        if len(self.parts) > 1:
+            self.parts = ["".join(self.parts)]
+        return self.parts[0] if self.parts else ""
+
+
+class Reply:
+    """A live reply as the fan-out knows it: its ids and the text delivered so far."""
+
+    def __init__(self, event, content="", thinking=""):
+        self.session_id = event["session_id"]
+        self.message_id = event["message_id"]
+        self.seq = event["seq"]
+        self.reply_to = event.get("reply_to")
+        self.status = event.get("status", "streaming")
+        self.stream = event.get("stream", True)
+        self.text = Text(content)
+        self.thinking_text = Text(thinking)
+        self.error = self.usage = None
+
+    @property
+    def content(self):
+        return str(self.text)
+
+    @property
+    def thinking(self):
+        return str(self.thinking_text)
+
+
+class Final:
+    """A reply.final event, shaped for frames.final()."""
+
+    def __init__(self, event):
+        self.__dict__.update({k: event.get(k) for k in ("session_id", "message_id", "seq", "reply_to", "status",
+                                                       "error", "usage")})
+        self.content = event.get("content") or ""
+        self.thinking = event.get("thinking") or ""
+
+
+class FanOut:
+    def __init__(self, hub, bus, metrics=None):
+        self.hub = hub
+        self.bus = bus
+        self.metrics = metrics
+        self.replies = {}   # message_id -> Reply: live replies whose deltas this instance delivers
+        self.encodes = 0    # distinct frames encoded, and frames written with them (for bench/ and tests)
+        self.writes = 0
+        self.handlers = {"user_message": self._user_message, "reply.started": self._started,
+                         "reply.delta": self._delta, "reply.final": self._final, "reset": self._reset,
+                         "members": self._members, "presence": self._presence, "broadcast": self._broadcast,
+                         "push": self._push, "reconnect": self._reconnect}
+        bus.subscribe(self.handle)
+
+    def handle(self, event):
+        handler = self.handlers.get(event["type"])
+        if handler is not None:
+            handler(event)
+
+    # sending: one encoding per distinct frame
+
+    def _send(self, frame, conns, *, connection_id=False):
+        """Write one frame to many connections, encoded once. Returns how many took it."""
+        if frame is None or not conns:
+            return 0
+        self.encodes += 1
+        if self.metrics is not None:
+            self.metrics.frame_encoded()
+        sent = 0
+        if connection_id and CONNECTION_ID_IN_DATA:
+            data = frame["data"]
+            data.pop("connection_id", None)
+            data["connection_id"] = ""  # last: its value is spliced in per connection
+            text = encode(frame)
+            head = text[:-len(_SPLICE_TAIL)] + '"'
+            nbytes = len(text) if text.isascii() else len(text.encode())
+            for conn in conns:
+                own = {"type": frame["type"], "data": {**data, "connection_id": conn.id}}
+                sent += conn.send(own, head + conn.id + '"}}', nbytes + len(conn.id))
+        else:
+            text = encode(frame)
+            nbytes = len(text) if text.isascii() else len(text.encode())
+            for conn in conns:
+                sent += conn.send(frame, text, nbytes)
+        self.writes += sent
+        return sent
+
+    # events
+
+    def _user_message(self, event):
+        frame = {"type": "user_message", "data": dict(event["message"])}
+        self._send(frame, self.hub.viewers(event["session_id"]), connection_id=True)
+
+    def _started(self, event):
+        if event["message_id"] not in self.replies:
+            self.replies[event["message_id"]] = Reply(event)
+        self._send(frames.status(event), self.hub.viewers(event["session_id"]))
+
+    def _delta(self, event):
+        message_id, offset, thinking_offset = event["message_id"], event["offset"], event["thinking_offset"]
+        reply = self.replies.get(message_id)
+        if reply is None:
+            if offset or thinking_offset:
+                return  # the start of this reply never reached us: its text comes from the store on resume
+            reply = self.replies[message_id] = Reply(event)
+        if offset != reply.text.length or thinking_offset != reply.thinking_text.length:
+            if offset > reply.text.length or thinking_offset > reply.thinking_text.length:
+                log.warning("reply.delta with a gap message_id=%s offset=%s have=%s", message_id, offset,
+                            reply.text.length)
+            return  # a repeat (or a gap): offsets make both safe to drop
+        reply.text.append(event["text"])
+        reply.thinking_text.append(event["thinking"])
+        if not reply.stream:
+            return
+        groups = {}
+        for conn in self.hub.viewers(reply.session_id):
+            cursor = conn.cursors.get(message_id)
+            if cursor is None:
+                # A delta-mode connection that started viewing mid-reply waits for its `resume`; a cumulative
+                # frame is self-contained, so a cumulative one simply starts following.
+                if conn.stream_mode == "delta" and (offset or thinking_offset):
+                    continue
+                cursor = conn.cursors[message_id] = Cursor(reply.session_id)
+            key = (conn.stream_mode, cursor.offset, cursor.thinking_offset)
+            groups.setdefault(key, []).append(conn)
+            cursor.offset, cursor.thinking_offset = reply.text.length, reply.thinking_text.length
+        timestamp = frames.timestamp_from_epoch(event["at"])
+        for (mode, start, thinking_start), conns in groups.items():
+            self._send(self._chunk(reply, mode, start, thinking_start, timestamp), conns, connection_id=True)
+
+    @staticmethod
+    def _chunk(reply, mode, offset, thinking_offset, timestamp):
+        return frames.chunk(reply, mode, offset=offset, text=reply.text.after(offset),
+                            thinking_offset=thinking_offset, thinking=reply.thinking_text.after(thinking_offset),
+                            timestamp=timestamp)
+
+    def _final(self, event):
+        message_id = event["message_id"]
+        self.replies.pop(message_id, None)
+        conns = []
+        for conn in self.hub.viewers(event["session_id"]):
+            conn.cursors.pop(message_id, None)
+            conn.finals_sent[message_id] = None
+            if len(conn.finals_sent) > FINALS_REMEMBERED:
+                del conn.finals_sent[next(iter(conn.finals_sent))]
+            conns.append(conn)
+        frame = frames.final(Final(event), timestamp=frames.timestamp_from_epoch(event["at"]))
+        self._send(frame, conns, connection_id=True)
+
+    def _reset(self, event):
+        frame = {"type": "session.reset", "data": {"session_id": event["session_id"], "deleted": event["deleted"],
+                                                   "timestamp": frames.timestamp_from_epoch(event["at"])}}
+        self._send(frame, self.hub.viewers(event["session_id"]))
+
+    def _members(self, event):
+        session_id, removed = event["session_id"], set(event["removed"])
+        gone = [c for c in self.hub.viewers(session_id) if c.user_id in removed and not c.identity.is_admin]
+        for conn in gone:
+            self.leave(conn, session_id)
+        self._send({"type": "session.left", "data": {"session_id": session_id, "reason": "removed"}}, gone)
+
+    def _presence(self, event):
+        session_id = event["session_id"]
+        self._send(self.presence_frame(session_id, event["event"], event["user_id"], at=event["at"]),
+                   self.hub.viewers(session_id))
+
+    def _broadcast(self, event):
+        frame = {"type": "broadcast", "message": event["message"],
+                 "timestamp": frames.timestamp_from_epoch(event["at"])}
+        self._send(frame, self.hub.of_pipeline(event.get("pipeline")))
+
+    def _push(self, event):
+        frame = {"type": "push", "data": {"message": event["message"], "data": event.get("data")},
+                 "timestamp": frames.timestamp_from_epoch(event["at"])}
+        self._send(frame, self.hub.of_user(event["user_id"]))
+
+    def _reconnect(self, event):
+        if event.get("origin") != self.bus.instance_id:
+            return  # this instance is draining: other instances' clients stay
+        frame = {"type": "reconnect", "reason": event.get("reason"),
+                 "timestamp": frames.timestamp_from_epoch(event["at"])}
+        if event.get("retry_after") is not None:
+            frame["retry_after"] = event["retry_after"]
+        self._send(frame, self.hub.of_pipeline())
+
+    # who views what
+
+    def join(self, conn, session_id, session_type="person"):
+        if self.hub.join(conn, session_id, session_type) and self.hub.session_type(session_id) == "group":
+            self.bus.publish(events.presence(session_id, "join", conn.user_id))
+
+    def leave(self, conn, session_id):
+        for message_id in [m for m, c in conn.cursors.items() if c.session_id == session_id]:
+            del conn.cursors[message_id]
+        group = self.hub.session_type(session_id) == "group"
+        # user-level: a second tab of someone already online (or still online) is not news
+        if self.hub.leave(conn, session_id) and group:
+            self.bus.publish(events.presence(session_id, "leave", conn.user_id))
+
+    def unregister(self, conn):
+        for session_id in list(conn.sessions):
+            self.leave(conn, session_id)
+        conn.cursors.clear()
+        self.hub.unregister(conn)
+
+    def presence_frame(self, session_id, event="snapshot", user_id=None, at=None):
+        data = {"session_id": session_id, "event": event, "online": sorted(self.hub.online(session_id))}
+        if user_id is not None:
+            data["user_id"] = user_id
+        return {"type": "presence", "data": data}
+
+    # resume: the catch-up continues exactly where the live stream takes over
+
+    def resume(self, conn, session_id, plan):
+        """Send `resumed`, then each reply's text after its offsets, then (finished ones) its final; set cursors
+        so the next live delta continues exactly there. `plan`: [(reply, offset, thinking_offset)], `reply` a
+        frames.snapshot() of the stored message. Never awaits. Returns [(reply, offset, thinking_offset,
+        source)] as sent, `source` = live | store | finished | sent.
+
+        `sent`: the live stream already sent this connection the reply's final (it arrives before `resumed`:
+        the client sent `resume` as the reply ended), so neither text nor a second final follows."""
+        done = []
+        for stored, offset, thinking_offset in plan:
+            live = self.replies.get(stored.message_id)
+            if stored.message_id in conn.finals_sent:
+                done.append((stored, offset, thinking_offset, "sent"))
+            elif live is not None:
+                done.append((live, offset, thinking_offset, "live"))  # the client's offsets are what it has
+            else:
+                done.append((stored, offset, thinking_offset, "store" if stored.status in LIVE else "finished"))
+        conn.send(frames.resumed(session_id, [(r, o, t) for r, o, t, _ in done]))
+        timestamp = frames.timestamp()
+        for reply, offset, thinking_offset, source in done:
+            if source == "sent":
+                continue
+            if source != "finished":
+                cursor = conn.cursors[reply.message_id] = Cursor(session_id, offset, thinking_offset)
+            if source == "live" and not reply.stream:
+                continue  # a non-streamed reply sends only its final frame
+            if source == "live":
+                frame = self._chunk(reply, conn.stream_mode, offset, thinking_offset, timestamp)
+                cursor.offset, cursor.thinking_offset = reply.text.length, reply.thinking_text.length
+            else:
+                frame = frames.chunk(reply, conn.stream_mode, offset=offset, text=reply.content[offset:],
+                                     thinking_offset=thinking_offset, thinking=reply.thinking[thinking_offset:],
+                                     timestamp=timestamp)
+                if source == "store":  # live elsewhere (or orphaned): follow from its checkpoint
+                    cursor.offset, cursor.thinking_offset = len(reply.content), len(reply.thinking)
+            self._send(frame, [conn], connection_id=True)
+            if source == "finished":
+                self._send(frames.final(reply, timestamp=timestamp), [conn], connection_id=True)
+        return done

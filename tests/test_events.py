@@ -1,0 +1,143 @@
+"""Events as data, one fan-out: every event is plain JSON data; one event is encoded once and the same bytes go to
+every connection of the same stream mode; a resume crossing a final never gets that final twice."""
+import json
+import random
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import settle
+from tests.test_resume import Received, nothing_more, send_resume
+
+pytestmark = pytest.mark.gen_test(timeout=120)
+
+
+@pytest.fixture
+def recorded(services):
+    """Every event published on the bus, as it survives a JSON round trip (and the original, to compare)."""
+    seen = []
+    services.bus.subscribe(lambda event: seen.append((event, json.loads(json.dumps(event)))))
+    return seen
+
+
+async def raw_frames(client, message_id, timeout=10.0):
+    """The raw text of every frame of one reply (and its user_message echo), through its final frame."""
+    texts = []
+    while True:
+        text = await client.ws.read_message()  # noqa: the conftest client parses; here the bytes matter
+        assert text is not None, "socket closed"
+        frame = json.loads(text)
+        data = frame.get("data") or {}
+        if frame["type"] in ("response", "status") and data.get("message_id") == message_id:
+            texts.append(text)
+            if data.get("is_final"):
+                return texts
+
+
+def without_connection_id(text):
+    frame = json.loads(text)
+    frame["data"].pop("connection_id", None)
+    return json.dumps(frame, sort_keys=True)
+
+
+async def scrape(http_client, base_url):
+    body = (await http_client.fetch(base_url + "/metrics")).body.decode()
+    return {s.name: s.value for family in text_string_to_metric_families(body) for s in family.samples
+            if not s.labels}, {(s.name, s.labels.get("type")): s.value
+                               for family in text_string_to_metric_families(body) for s in family.samples}
+
+
+async def test_every_event_is_plain_json_data(connect, fetch, services, recorded):
+    code, body = await fetch("/api/v1/pipelines/thinker/sessions", "POST",
+                             body={"session_type": "group", "members": ["bo"]})
+    group = body["data"]["session_id"]
+    a = await connect("thinker", session_id=group)
+    b = await connect("thinker", session_id=group, stream_mode="delta")
+    ack = await a.say("hello events")
+    await a.until_final(ack["data"]["reply_message_id"])
+    await b.until_final(ack["data"]["reply_message_id"])
+    await fetch("/api/v1/broadcast", "POST", body={"message": "to all"})
+    await fetch("/api/v1/users/anyone/push", "POST", body={"message": "to one", "data": {"k": [1, 2]}})
+    await fetch(f"/api/v1/pipelines/thinker/sessions/{group}/members", "POST", body={"remove": ["bo"]})
+    await fetch(f"/api/v1/pipelines/thinker/sessions/{group}/stop", "POST", body={})
+    await fetch(f"/api/v1/pipelines/thinker/sessions/{group}/reset", "POST", body={})
+    b.close()
+    await settle(lambda: len(services.hub.connections) == 1, timeout=10)
+    types = {event["type"] for event, _ in recorded}
+    assert {"user_message", "reply.started", "reply.delta", "reply.final", "broadcast", "push", "members",
+            "stop", "reset"} <= types, types
+    for event, round_tripped in recorded:
+        assert event == round_tripped, event  # nothing a JSON round trip changes: no objects, no tuples
+        assert event["origin"] == services.instance_id and isinstance(event["at"], float)
+    deltas = [e for e, _ in recorded if e["type"] == "reply.delta"]
+    final = next(e for e, _ in recorded if e["type"] == "reply.final")
+    assert "".join(d["text"] for d in deltas) == final["content"]
+    assert "".join(d["thinking"] for d in deltas) == final["thinking"]
+
+
+async def test_one_event_one_encoding_the_same_bytes_for_every_viewer(connect, services, http_client, base_url):
+    sender = await connect("thinker")
+    session = sender.connected["session_id"]
+    cumulative = [await connect("thinker", session_id=session) for _ in range(12)]
+    delta = [await connect("thinker", session_id=session, stream_mode="delta") for _ in range(12)]
+    before, _ = await scrape(http_client, base_url)
+    ack = await sender.say("the same bytes")
+    reply_id = ack["data"]["reply_message_id"]
+    got_cumulative = [await raw_frames(c, reply_id) for c in cumulative]
+    got_delta = [await raw_frames(c, reply_id) for c in delta]
+    await raw_frames(sender, reply_id)
+    after, by_type = await scrape(http_client, base_url)
+    for group in (got_cumulative, got_delta):
+        first = [without_connection_id(t) for t in group[0]]
+        assert len(first) > 3  # status, several chunks, the final
+        for texts in group[1:]:
+            assert [without_connection_id(t) for t in texts] == first
+    assert got_cumulative[0] != got_delta[0]
+    assert got_cumulative[0][-1].replace(json.loads(got_cumulative[0][-1])["data"]["connection_id"], "") == \
+        got_delta[0][-1].replace(json.loads(got_delta[0][-1])["data"]["connection_id"], "")  # one final
+    encoded = after["parley_frames_encoded_total"] - before["parley_frames_encoded_total"]
+    distinct = len(got_cumulative[0]) + len(got_delta[0]) + 1  # per mode; the sender's echo and ack aside
+    # 25 viewers: one encoding per distinct frame (status and final shared by both modes), not one per viewer
+    assert 0 < encoded <= distinct + 2, (encoded, distinct)
+
+
+async def test_a_resume_crossing_the_final_never_gets_a_second_final(connect, services):
+    """A viewer resumes a reply as it ends, many times: exactly one final each time, nothing after it, and the
+    text is whole. (Before the fan-out owned the cursors, about one try in ten got `final, resumed, delta,
+    final`.) A tenth of the tries resume right after the final went out, which always crossed it."""
+    rng = random.Random(20261129)
+    sender = await connect("resumable", stream_mode="delta")
+    session = sender.connected["session_id"]
+    viewer = await connect("resumable", session_id=session, stream_mode="delta")
+    reference = (await sender.say("how long is a reply"))["data"]["reply_message_id"]
+    length = len(await sender.until_final(reference))
+    await viewer.until_final(reference)
+    crossed = 0
+    for run in range(120):
+        reply_id = (await sender.say(f"try {run}"))["data"]["reply_message_id"]
+        cut = length if run % 10 == 0 else rng.randrange(max(0, length - 8), length)
+        seen, sender_done = 0, False
+        while seen < cut and not sender_done:
+            frame = await sender.recv_type("response")
+            seen += 1
+            sender_done = frame["data"]["is_final"]
+        got = Received(reply_id)
+        resumed, early = await send_resume(viewer, got)
+        crossed += early
+        [entry] = resumed["data"]["replies"]
+        while not got.finals:
+            frame = await viewer.recv_type("response")
+            if frame["data"]["message_id"] == reply_id:
+                got.add(frame)
+        await nothing_more(viewer, reply_id)
+        assert len(got.finals) == 1
+        stored = await services.store.get_message(reply_id)
+        assert got.finals[0]["content"] == stored["content"] and got.finals[0]["status"] == "completed"
+        if early:
+            assert entry["status"] == "completed"
+        else:
+            assert got.joined(got.text) == stored["content"]
+            assert got.joined(got.thinking) == stored["thinking"]
+        if not sender_done:
+            await sender.until_final(reply_id)
+    assert crossed >= 12  # at least the tries that resumed after the final was sent

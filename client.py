@@ -53,7 +53,7 @@ class Chat:
                f"&session_type={self.args.session_type}")
         if self.session_id:
             url += f"&session_id={self.session_id}"
-        self.ws = await websocket_connect(HTTPRequest(url, headers=self._headers()))
+        self.ws = await websocket_connect(HTTPRequest(url, headers=self._headers()), subprotocols=["parley.v1"])
         hello = await self.recv()
         if hello.get("type") != "connected":
             raise SystemExit(f"could not connect: {hello}")

@@ -38,7 +38,7 @@ class Target:
         if self.kind == "sio":
             return f"ws://127.0.0.1:{self.port}/socket.io/?EIO=4&transport=websocket"
         return (f"ws://127.0.0.1:{self.port}/api/v1/pipelines/{pipeline}/ws/connect"
-                f"?session_type={session_type}&stream_mode={mode}")
+                f"?session_type={session_type}&stream_mode={mode}&protocol=parley.v1")  # Parley's dialect
 
     async def open(self, pipeline, user="bench", mode="delta", session_type="person"):
         ws = await connect(self.url(pipeline, mode, session_type), compression=None, max_size=None,

@@ -53,6 +53,16 @@ class ChatSocket(websocket.WebSocketHandler):
             self.set_header("Content-Type", "application/json; charset=utf-8")
             self.finish(json.dumps({"code": "draining", "message": "this server is restarting; connect again"}))
 
+    def select_subprotocol(self, subprotocols):
+        """Opt in to Parley's dialect. A browser fails the handshake when the server does not select a
+        subprotocol it offered, so select ours whenever it is offered; anything else stays plain LangBot."""
+        return frames.SUBPROTOCOL if frames.SUBPROTOCOL in subprotocols else None
+
+    def _dialect(self):
+        opted_in = (self.selected_subprotocol == frames.SUBPROTOCOL
+                    or self.get_query_argument("protocol", None) == frames.SUBPROTOCOL)
+        return frames.PARLEY if opted_in else frames.LANGBOT
+
     def check_origin(self, origin):
         """Cross-site WebSocket hijacking guard: same host, or an origin on --allowed-origins."""
         allowed = self.services.config.allowed_origins
@@ -72,6 +82,9 @@ class ChatSocket(websocket.WebSocketHandler):
                            "session_id": self.get_query_argument("session_id", None)}
             if self.params["stream_mode"] not in STREAM_MODES:
                 raise BadRequest("stream_mode must be cumulative or delta", code="invalid_param")
+            self.params["dialect"] = self._dialect()
+            if self.params["dialect"] == frames.LANGBOT:
+                self.params["stream_mode"] = "cumulative"  # LangBot streams the whole text so far
             auth = self.services.auth
             if auth.requires_credentials and not self._has_credentials():
                 self.awaiting_auth = asyncio.get_running_loop().call_later(
@@ -135,17 +148,15 @@ class ChatSocket(websocket.WebSocketHandler):
         self.conn = Connection(uuid.uuid4().hex, identity=identity, pipeline=p["pipeline"],
                                session_type=session["type"], stream_mode=p["stream_mode"], write=self._write,
                                close=self._close, remote_ip=self.request.remote_ip,
-                               outbox_limit=config.outbox_limit, on_sent=self.services.metrics.frame_sent)
+                               outbox_limit=config.outbox_limit, on_sent=self.services.metrics.frame_sent,
+                               dialect=p["dialect"])
         # This task reads every frame of the socket, and the inbox worker starts from it: both log with these.
         logs.bind(pipeline=p["pipeline"], session_id=session["_id"], conn_id=self.conn.id)
         self.services.hub.register(self.conn)
         self.services.metrics.connection_opened(self.conn)
         self.protocol = ClientProtocol(self.conn, chat, self.services.resumer)
-        self.conn.send({"type": "connected", "connection_id": self.conn.id, "pipeline_uuid": p["pipeline"],
-                        "session_type": session["type"], "session_id": session["_id"],
-                        "stream_mode": p["stream_mode"], "user_id": identity.user_id, "protocol": "parley/1",
-                        "live_replies": [frames.live_reply(g) for g in self.services.streams.live(session["_id"])],
-                        "timestamp": frames.timestamp()})
+        self.conn.send(frames.connected(self.conn, session,
+                                        live_replies=self.services.streams.live(session["_id"])))
         self.services.fanout.join(self.conn, session["_id"], session["type"])  # after `connected`: presence follows
 
     def _has_credentials(self):

@@ -148,8 +148,9 @@ class ChatService:
 
     # messages
 
-    async def send(self, identity, session, chain, *, stream=True, client_msg_id=None):
-        """Persist the user's message and accept a reply. Returns (user_doc, reply_doc, duplicate)."""
+    async def send(self, identity, session, chain, *, stream=True, client_msg_id=None, connection_id=""):
+        """Persist the user's message and accept a reply. Returns (user_doc, reply_doc, duplicate).
+        `connection_id`: the sending WebSocket's (LangBot's echo names it), "" over REST."""
         text = chain_text(chain)
         if not isinstance(stream, bool):
             raise BadRequest("stream must be true or false", code="invalid_param")
@@ -186,7 +187,7 @@ class ChatService:
                 raise
             return await self._duplicate(existing)
         # No await between here and accept(): the reply is registered before anything else runs.
-        self.bus.publish(events.user_message(frames.message_data(user_doc)))
+        self.bus.publish(events.user_message(frames.message_data(user_doc), session["type"], connection_id))
         self.streams.accept(message_id=reply_doc["_id"], session=session, seq=reply_doc["seq"],
                             reply_to=user_doc["_id"], prompt=text, sender=identity.user_id, stream=stream)
         return user_doc, reply_doc, False

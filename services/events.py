@@ -7,9 +7,10 @@ def _reply(reply, **fields):
             "reply_to": reply.reply_to, **fields}
 
 
-def user_message(data):
-    """`data`: frames.message_data() of the stored user message."""
-    return {"type": "user_message", "session_id": data["session_id"], "message": data}
+def user_message(data, session_type="person", connection_id=""):
+    """`data`: frames.message_data() of the stored user message; `connection_id`: the sending WebSocket's."""
+    return {"type": "user_message", "session_id": data["session_id"], "message": data,
+            "session_type": session_type, "connection_id": connection_id}
 
 
 def reply_started(gen):

@@ -5,10 +5,11 @@ code that joins or leaves sessions (so cursors and presence stay consistent). Wh
 on another instance, it reaches clients through `handle()`.
 
 Each distinct frame is rendered and JSON-encoded once, and the same text is written to every connection that
-gets those bytes: connections are grouped by what they need (stream mode, cursor position). Frames carry the
-event's timestamp, never a per-connection one. LangBot's `response`/`user_message` carry the receiving
-connection's id in `data.connection_id`: it is the frame's last field, so it is spliced into the shared encoding
-rather than encoding the frame again per connection (CONNECTION_ID_IN_DATA turns that off).
+gets those bytes: connections are grouped by what they need (dialect, stream mode, cursor position). Frames
+carry the event's timestamp, never a per-connection one. LangBot's `data.connection_id` is the sender's on
+`user_message` and "" on `response` (as LangBot's server sends them), so no frame has a per-connection field;
+the splice below (CONNECTION_ID_IN_DATA) is kept for a receiver's id but is off. Extension frames (anything
+outside frames.LANGBOT_TYPES) go only to connections that opted in to the Parley dialect.
 """
 import logging
 
@@ -18,7 +19,7 @@ from services.store import LIVE
 
 log = logging.getLogger(__name__)
 
-CONNECTION_ID_IN_DATA = True
+CONNECTION_ID_IN_DATA = False
 FINALS_REMEMBERED = 32  # per connection: a resume crossing a final in flight must not get it a second time
 _SPLICE_TAIL = '""}}'  # how an encoded frame whose last field is data.connection_id = "" ends
 
@@ -121,6 +122,8 @@ class FanOut:
 
     def _send(self, frame, conns, *, connection_id=False):
         """Write one frame to many connections, encoded once. Returns how many took it."""
+        if frame is not None and frame["type"] not in frames.LANGBOT_TYPES:
+            conns = [c for c in conns if c.dialect != frames.LANGBOT]
         if frame is None or not conns:
             return 0
         self.encodes += 1
@@ -145,11 +148,23 @@ class FanOut:
         self.writes += sent
         return sent
 
+    def _per_dialect(self, render, conns, **kw):
+        """Render once per dialect present among `conns` (render(dialect) -> frame) and send each its own."""
+        by_dialect = {}
+        for conn in conns:
+            by_dialect.setdefault(conn.dialect, []).append(conn)
+        return sum(self._send(render(dialect), group, **kw) for dialect, group in by_dialect.items())
+
+    def _session_type(self, session_id):
+        return self.hub.session_type(session_id) or "person"
+
     # events
 
     def _user_message(self, event):
-        frame = {"type": "user_message", "data": dict(event["message"])}
-        self._send(frame, self.hub.viewers(event["session_id"]), connection_id=True)
+        session_type = event.get("session_type") or self._session_type(event["session_id"])
+        self._per_dialect(lambda dialect: frames.user_message(event["message"], dialect, session_type,
+                                                              event.get("connection_id", "")),
+                          self.hub.viewers(event["session_id"]))
 
     def _started(self, event):
         if event["message_id"] not in self.replies:
@@ -181,18 +196,20 @@ class FanOut:
                 if conn.stream_mode == "delta" and (offset or thinking_offset):
                     continue
                 cursor = conn.cursors[message_id] = Cursor(reply.session_id)
-            key = (conn.stream_mode, cursor.offset, cursor.thinking_offset)
+            key = (conn.dialect, conn.stream_mode, cursor.offset, cursor.thinking_offset)
             groups.setdefault(key, []).append(conn)
             cursor.offset, cursor.thinking_offset = reply.text.length, reply.thinking_text.length
         timestamp = frames.timestamp_from_epoch(event["at"])
-        for (mode, start, thinking_start), conns in groups.items():
-            self._send(self._chunk(reply, mode, start, thinking_start, timestamp), conns, connection_id=True)
+        session_type = self._session_type(reply.session_id)
+        for (dialect, mode, start, thinking_start), conns in groups.items():
+            self._send(self._chunk(reply, mode, start, thinking_start, timestamp, dialect, session_type), conns,
+                       connection_id=True)
 
     @staticmethod
-    def _chunk(reply, mode, offset, thinking_offset, timestamp):
+    def _chunk(reply, mode, offset, thinking_offset, timestamp, dialect=frames.PARLEY, session_type="person"):
         return frames.chunk(reply, mode, offset=offset, text=reply.text.after(offset),
                             thinking_offset=thinking_offset, thinking=reply.thinking_text.after(thinking_offset),
-                            timestamp=timestamp)
+                            timestamp=timestamp, dialect=dialect, session_type=session_type)
 
     def _final(self, event):
         message_id = event["message_id"]
@@ -204,8 +221,10 @@ class FanOut:
             if len(conn.finals_sent) > FINALS_REMEMBERED:
                 del conn.finals_sent[next(iter(conn.finals_sent))]
             conns.append(conn)
-        frame = frames.final(Final(event), timestamp=frames.timestamp_from_epoch(event["at"]))
-        self._send(frame, conns, connection_id=True)
+        final, timestamp = Final(event), frames.timestamp_from_epoch(event["at"])
+        session_type = self._session_type(event["session_id"])
+        self._per_dialect(lambda dialect: frames.final(final, timestamp=timestamp, dialect=dialect,
+                                                       session_type=session_type), conns, connection_id=True)
 
     def _reset(self, event):
         frame = {"type": "session.reset", "data": {"session_id": event["session_id"], "deleted": event["deleted"],
@@ -290,6 +309,7 @@ class FanOut:
                 done.append((stored, offset, thinking_offset, "store" if stored.status in LIVE else "finished"))
         conn.send(frames.resumed(session_id, [(r, o, t) for r, o, t, _ in done]))
         timestamp = frames.timestamp()
+        variant = {"dialect": conn.dialect, "session_type": self._session_type(session_id)}
         for reply, offset, thinking_offset, source in done:
             if source == "sent":
                 continue
@@ -298,15 +318,15 @@ class FanOut:
             if source == "live" and not reply.stream:
                 continue  # a non-streamed reply sends only its final frame
             if source == "live":
-                frame = self._chunk(reply, conn.stream_mode, offset, thinking_offset, timestamp)
+                frame = self._chunk(reply, conn.stream_mode, offset, thinking_offset, timestamp, **variant)
                 cursor.offset, cursor.thinking_offset = reply.text.length, reply.thinking_text.length
             else:
                 frame = frames.chunk(reply, conn.stream_mode, offset=offset, text=reply.content[offset:],
                                      thinking_offset=thinking_offset, thinking=reply.thinking[thinking_offset:],
-                                     timestamp=timestamp)
+                                     timestamp=timestamp, **variant)
                 if source == "store":  # live elsewhere (or orphaned): follow from its checkpoint
                     cursor.offset, cursor.thinking_offset = len(reply.content), len(reply.thinking)
             self._send(frame, [conn], connection_id=True)
             if source == "finished":
-                self._send(frames.final(reply, timestamp=timestamp), [conn], connection_id=True)
+                self._send(frames.final(reply, timestamp=timestamp, **variant), [conn], connection_id=True)
         return done

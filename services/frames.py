@@ -1,10 +1,20 @@
-"""Rendering of server frames (docs/protocol.md). LangBot-compatible shapes first, Parley's fields added.
+"""Rendering of server frames (docs/protocol.md), in two dialects.
+
+`langbot` (plain connections): exactly LangBot's frames and fields. `parley` (connections that opted in with the
+`parley.v1` subprotocol or `?protocol=parley.v1`): LangBot's fields plus Parley's, and the extension frames.
+A frame depends only on the event and the connection's variant (dialect, stream mode), never on which connection
+reads it: LangBot's `connection_id` is the sender's on `user_message` and "" on `response`, as LangBot sends them.
 
 Offsets count Unicode code points of the answer (`offset`) and of the reasoning (`thinking_offset`) separately.
 """
 from datetime import datetime, timezone
 from types import SimpleNamespace
 
+LANGBOT, PARLEY = "langbot", "parley"
+SUBPROTOCOL = "parley.v1"
+# What a plain LangBot client is ever sent; anything else is an extension frame.
+LANGBOT_TYPES = frozenset({"connected", "response", "user_message", "pong", "broadcast", "error"})
+LANGBOT_FIELDS = ("id", "role", "content", "message_chain", "timestamp", "is_final", "connection_id")
 
 
 def timestamp(dt=None):
@@ -18,8 +28,9 @@ def chain(text):
     return [{"type": "Plain", "text": text}]
 
 
-def message_data(doc, *, connection_id=None):
-    """A persisted message as history and `user_message` frames show it."""
+def message_data(doc, *, connection_id=""):
+    """A persisted message as history and `user_message` frames show it. `connection_id` is LangBot's: the
+    connection that sent a user message ("" for replies and for messages sent over REST)."""
     data = {
         "id": doc["seq"],
         "role": doc["role"],
@@ -35,25 +46,45 @@ def message_data(doc, *, connection_id=None):
     for key in ("thinking", "reply_to", "client_msg_id", "model", "usage", "error"):
         if doc.get(key):
             data[key] = doc[key]
-    if doc["role"] == "assistant":
-        data["is_final"] = doc.get("status") not in ("queued", "streaming")
-    if connection_id:
-        data["connection_id"] = connection_id
+    data["is_final"] = doc.get("status") not in ("queued", "streaming")
+    data["connection_id"] = connection_id
     return data
+
+
+def langbot_message(*, id, role, content, is_final, timestamp, connection_id="", message_chain=None):
+    """LangBot's message object, exactly its seven fields."""
+    return {"id": id, "role": role, "content": content,
+            "message_chain": chain(content) if message_chain is None else message_chain,
+            "timestamp": timestamp, "is_final": is_final, "connection_id": connection_id}
+
+
+def user_message(data, dialect, session_type, connection_id=""):
+    """The echo of a stored user message (`data`: message_data()) to every viewer; `connection_id` is the
+    sender's, as LangBot sends it."""
+    data = {**data, "is_final": True, "connection_id": connection_id}
+    if dialect == LANGBOT:
+        data = {k: data[k] for k in LANGBOT_FIELDS}
+    return {"type": "user_message", "session_type": session_type, "data": data}
 
 
 def _reply_base(reply, *, is_final, timestamp):
     return {"id": reply.seq, "role": "assistant", "timestamp": timestamp, "is_final": is_final,
-            "session_id": reply.session_id, "message_id": reply.message_id, "seq": reply.seq,
+            "connection_id": "", "session_id": reply.session_id, "message_id": reply.message_id, "seq": reply.seq,
             "reply_to": reply.reply_to}
 
 
-def chunk(reply, stream_mode, *, offset, text, thinking_offset, thinking, timestamp):
+def chunk(reply, stream_mode, *, offset, text, thinking_offset, thinking, timestamp, dialect=PARLEY,
+          session_type="person"):
     """`text`/`thinking` (the reply's text after the offsets) as one non-final frame (None if nothing).
 
     `reply`: anything with the text so far (`content`, `thinking`) and its ids (services/fanout.py's Reply or
     a `snapshot()` of a stored message). Which offsets a connection is sent from is the fan-out's business.
     """
+    if dialect == LANGBOT:  # LangBot streams the whole answer so far; reasoning is not shown
+        if not text:
+            return None
+        return {"type": "response", "session_type": session_type, "data": langbot_message(
+            id=reply.seq, role="assistant", content=reply.content, is_final=False, timestamp=timestamp)}
     if not (text or thinking):
         return None
     data = _reply_base(reply, is_final=False, timestamp=timestamp)
@@ -66,11 +97,17 @@ def chunk(reply, stream_mode, *, offset, text, thinking_offset, thinking, timest
         data.update(content=content, message_chain=chain(content), offset=offset)
         if reply.thinking:
             data.update(thinking=reply.thinking, thinking_offset=thinking_offset)
-    return {"type": "response", "data": data}
+    return {"type": "response", "session_type": session_type, "data": data}
 
 
-def final(reply, *, timestamp):
+def final(reply, *, timestamp, dialect=PARLEY, session_type="person"):
     """The one terminal frame of a reply: the same for both stream modes."""
+    if dialect == LANGBOT:
+        content = reply.content
+        if reply.status not in ("completed", "stopped") and reply.error:  # say why, or the user sees nothing
+            content += ("\n\n" if content else "") + f"⚠ {reply.error.get('message') or reply.error.get('code')}"
+        return {"type": "response", "session_type": session_type, "data": langbot_message(
+            id=reply.seq, role="assistant", content=content, is_final=True, timestamp=timestamp)}
     data = _reply_base(reply, is_final=True, timestamp=timestamp)
     data.update(content=reply.content, message_chain=chain(reply.content), status=reply.status)
     if reply.thinking:
@@ -79,7 +116,28 @@ def final(reply, *, timestamp):
         data["error"] = reply.error
     if reply.usage:
         data["usage"] = reply.usage
-    return {"type": "response", "data": data}
+    return {"type": "response", "session_type": session_type, "data": data}
+
+
+def refusal(err, session_type):
+    """A refused message, as a plain LangBot client is told: a final assistant reply carrying the reason (not
+    stored; a negative `id` that no stored message has). LangBot's client treats any `error` frame as a lost
+    connection."""
+    now = datetime.now(timezone.utc)
+    content = f"⚠ Your message was not accepted: {err.message} ({err.code})"
+    return {"type": "response", "session_type": session_type, "data": langbot_message(
+        id=-int(now.timestamp() * 1000), role="assistant", content=content, is_final=True,
+        timestamp=timestamp(now))}
+
+
+def connected(conn, session, *, live_replies=()):
+    if conn.dialect == LANGBOT:
+        return {"type": "connected", "connection_id": conn.id, "pipeline_uuid": conn.pipeline,
+                "session_type": session["type"], "timestamp": timestamp()}
+    return {"type": "connected", "connection_id": conn.id, "pipeline_uuid": conn.pipeline,
+            "session_type": session["type"], "session_id": session["_id"], "stream_mode": conn.stream_mode,
+            "user_id": conn.user_id, "protocol": "parley/1", "dialect": SUBPROTOCOL,
+            "live_replies": [live_reply(g) for g in live_replies], "timestamp": timestamp()}
 
 
 def snapshot(doc):

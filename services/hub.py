@@ -5,6 +5,7 @@ Plain dicts owned by the IOLoop (no locks: everything here runs on the loop and 
 import logging
 import time
 
+from services import frames
 from services.outbox import CLOSE_SLOW_CONSUMER, ConnectionClosed, Outbox
 
 log = logging.getLogger(__name__)
@@ -18,8 +19,9 @@ class Connection:
     """
 
     def __init__(self, conn_id, *, identity, pipeline, session_type, stream_mode, write, close, remote_ip="",
-                 outbox_limit=OUTBOX_LIMIT, on_sent=None):
+                 outbox_limit=OUTBOX_LIMIT, on_sent=None, dialect="parley"):
         self.id = conn_id
+        self.dialect = dialect              # "langbot" (plain) or "parley" (opted in): services/frames.py
         self.identity = identity
         self.pipeline = pipeline
         self.session_type = session_type
@@ -44,6 +46,8 @@ class Connection:
         `text` (and its UTF-8 length `nbytes`): the frame already encoded, shared with other connections."""
         if self.closed:
             return False
+        if self.dialect == "langbot" and frame.get("type") not in frames.LANGBOT_TYPES:
+            return False  # extension frames go only to connections that asked for them
         try:
             self.outbox.put(frame, text, nbytes)
             return True

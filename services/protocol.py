@@ -46,10 +46,10 @@ class ClientProtocol:
                 raise BadRequest(f"unknown frame type {frame['type']!r}", code="unknown_type")
             handler(frame)
         except ParleyError as err:
-            self.conn.send(frames.error(err, request_type=frame.get("type")))
+            self._refuse(err, request_type=frame.get("type"))
         except Exception:
             log.exception("frame handling failed conn_id=%s", self.conn.id)
-            self.conn.send(frames.error(ParleyError("internal error")))
+            self._refuse(ParleyError("internal error"), request_type=frame.get("type"))
         return frame.get("type", "invalid")
 
     def shutdown(self):
@@ -57,6 +57,14 @@ class ClientProtocol:
         if not self.busy:
             self.worker.cancel()
         self.conn.closed = True
+
+    def _refuse(self, err, request_type=None, **context):
+        """Tell the client a frame failed. A plain LangBot client takes any `error` frame for a lost connection,
+        so a refused `message` reaches it as a final assistant reply carrying the reason (docs/langbot.md)."""
+        if self.conn.dialect == frames.LANGBOT and request_type == "message":
+            self.conn.send(frames.refusal(err, self.conn.session_type))
+        else:
+            self.conn.send(frames.error(err, request_type=request_type, **context))
 
     # quick frames, answered inline
 
@@ -107,12 +115,12 @@ class ClientProtocol:
                 await self.queued[kind](frame)
             except PyMongoError as exc:
                 log.error("store error on %s conn_id=%s: %s", kind, self.conn.id, exc)
-                self.conn.send(frames.error(Unavailable("the message store is unavailable, try again"), **context))
+                self._refuse(Unavailable("the message store is unavailable, try again"), **context)
             except ParleyError as err:
-                self.conn.send(frames.error(err, **context))
+                self._refuse(err, **context)
             except Exception:
                 log.exception("%s failed conn_id=%s", kind, self.conn.id)
-                self.conn.send(frames.error(ParleyError("internal error"), **context))
+                self._refuse(ParleyError("internal error"), **context)
             finally:
                 self.busy = False
             if self.conn.closed:
@@ -123,7 +131,7 @@ class ClientProtocol:
         session = await self.chat.session(identity, self.conn.pipeline, self._session_id(frame))
         user_doc, reply_doc, duplicate = await self.chat.send(
             identity, session, frame.get("message"), stream=frame.get("stream", True),
-            client_msg_id=frame.get("client_msg_id"))
+            client_msg_id=frame.get("client_msg_id"), connection_id=self.conn.id)
         self.conn.send(frames.ack(user_doc, reply_doc, duplicate))
 
     async def _join(self, frame):

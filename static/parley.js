@@ -171,7 +171,7 @@
       this._clearTimers();
       this._setState("connecting");
       const url = this.sessionId ? this.url + "&session_id=" + encodeURIComponent(this.sessionId) : this.url;
-      const ws = this.ws = new this.o.WebSocket(url);
+      const ws = this.ws = new this.o.WebSocket(url, "parley.v1");  // opt in to Parley's frames (docs/langbot.md)
       ws.onopen = () => {
         if (ws !== this.ws) return;
         if (this.o.token) ws.send(JSON.stringify({type: "authenticate", token: this.o.token}));

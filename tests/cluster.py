@@ -115,6 +115,7 @@ async def connect(cluster, pipeline="default", *, src=source(1), user="alice", a
                   headers=None, **query):
     """A WebSocket through nginx from `src`; returns a Client with `.connected` and `.instance` set."""
     query.setdefault("stream_mode", "delta")
+    query.setdefault("protocol", "parley.v1")  # Parley's dialect (plain connections speak LangBot's)
     qs = "&".join(f"{k}={v}" for k, v in query.items())
     url = (base or cluster.url).replace("http", "ws", 1) + f"/api/v1/pipelines/{pipeline}/ws/connect?{qs}"
     request = HTTPRequest(url, headers={"Authorization": f"Bearer {token(user, admin)}", **(headers or {})},

@@ -21,10 +21,14 @@ from tests.upstream import FakeUpstream
 
 REQUIRE_ALL = os.environ.get("PARLEY_REQUIRE_ALL") == "1"
 TEST_TOKEN = "test-token-0123456789"
+PARLEY_SUBPROTOCOL = "parley.v1"
 
 
-def ws_request(url, token=TEST_TOKEN, **headers):
-    """A WebSocket handshake request carrying `Authorization: Bearer` (token=None: no credentials)."""
+def ws_request(url, token=TEST_TOKEN, protocol=PARLEY_SUBPROTOCOL, **headers):
+    """A WebSocket handshake request carrying `Authorization: Bearer` (token=None: no credentials), opted in to
+    Parley's dialect (protocol=None: a plain LangBot connection)."""
+    if protocol is not None:
+        headers.setdefault("Sec-WebSocket-Protocol", protocol)
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
     return httpclient.HTTPRequest(url, headers=headers)

@@ -93,7 +93,7 @@ async def test_chat_lines_carry_their_ids(connect, captured, services):
 
 @pytest.mark.gen_test(timeout=20)
 async def test_tokens_and_api_keys_never_reach_the_log(ws_url, captured, services, upstream):
-    ws = await websocket_connect(ws_url("keyed", token=TOKEN))
+    ws = await websocket_connect(ws_url("keyed", token=TOKEN), subprotocols=["parley.v1"])
     c = Client(ws)
     assert (await c.recv())["type"] == "connected"
     ack = await c.say("hi")

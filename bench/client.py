@@ -270,7 +270,7 @@ SCENARIOS = {"relay": relay, "many": many, "paced": paced, "idle": idle, "fanout
 
 
 async def run(p):
-    t = Target(p["kind"], p["port"], p["pid"], p.get("timeout", 60))
+    t = Target(p["kind"], p["port"], p["pid"], p.get("timeout", 120))
     wall0, cpu0 = time.monotonic(), time.process_time()
     result = await SCENARIOS[p["scenario"]](t, p)
     result["client_cpu"] = round((time.process_time() - cpu0) / (time.monotonic() - wall0), 2)

@@ -24,7 +24,7 @@ def pipelines(quick):
         "relay": {"source": "demo", "n": relay_n, "rate": 0},
         "fast": {"source": "upstream", "n": relay_n, "rate": 0},
         "many": {"source": "upstream", "n": 500, "rate": 0},
-        "paced": {"source": "upstream", "n": 20 if quick else 100, "rate": 20, "stamped": True},
+        "paced": {"source": "upstream", "n": 20 if quick else 40, "rate": 20, "stamped": True},
         "fan": {"source": "upstream", "n": 10 if quick else 50, "rate": 5, "stamped": True},
         "short": {"source": "demo", "n": 20, "rate": 0},
         "slow": {"source": "demo", "n": 100000, "rate": 200},

@@ -1,12 +1,13 @@
 """`make bench`: every scenario against Parley and its baselines in one invocation; ratios, JSON, a table.
 
-    python -m bench.run [--quick] [--only relay,stop] [--ref REV] [--out FILE]
+    python -m bench.run [--quick] [--only relay,stop] [--ref REV] [--candidates uvloop,gcfreeze] [--out FILE]
 
 Servers and the load client are separate processes on loopback. Each scenario starts a fresh server of each
 kind (Parley; the bare Tornado baseline, bench/baseline.py; python-socketio where the issue compares with it),
 runs bench/client.py against it, and stops it. `--ref REV` also runs Parley as it was at REV (from
-`git archive`), so a change is measured before/after in the same run. Everything is bounded: each client run
-has a timeout, each server start a deadline.
+`git archive`), so a change is measured before/after in the same run; `--candidates` runs the same tree with an
+untried idea switched on from outside (bench/candidates/*/sitecustomize.py), to measure it before adopting it.
+Everything is bounded: each client run has a timeout, each server start a deadline.
 """
 import argparse
 import asyncio
@@ -73,8 +74,9 @@ class Server:
         if self.kind.startswith("parley") and mongo:
             cmd += ["--mongo-url", self.bench.mongo_url, "--db-name", f"bench_{self.port}_{int(time.time())}"]
         self.started = time.monotonic()
+        path = os.pathsep.join(filter(None, [self.bench.paths.get(self.kind), cwd]))
         self.proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=self.bench.log, env={**os.environ, "PYTHONPATH": cwd})
+                                     stderr=self.bench.log, env={**os.environ, "PYTHONPATH": path})
         return self
 
     def ready(self, timeout=60):
@@ -104,6 +106,10 @@ class Bench:
         self.log = open(os.path.join(workdir, "servers.log"), "ab")
         self.specs = pipelines(args.quick)
         self.trees = {"parley": ROOT}
+        self.paths = {}  # kind -> extra PYTHONPATH entry (a candidate's sitecustomize)
+        for name in filter(None, args.candidates.split(",")):
+            self.trees["parley+" + name] = ROOT
+            self.paths["parley+" + name] = os.path.join(ROOT, "bench", "candidates", name)
         if args.ref:
             tree = os.path.join(workdir, "ref")
             os.makedirs(tree)
@@ -193,7 +199,10 @@ def scenarios(b):
                                       "base": "tornado", "target": "p99 <= 50 ms"}}
 
     def idle(b):
-        r = b.each(P + ["tornado", "sio"], {"scenario": "idle", "clients": 200 if q else 10000})
+        n = 200 if q else 10000
+        r = b.each(P + ["tornado"], {"scenario": "idle", "clients": n})
+        # python-socketio connects ~5x slower: fewer connections keep the run short (memory is per connection)
+        r.update(b.each(["sio"], {"scenario": "idle", "clients": n if q else 2000}))
         return {"idle_memory": {**r, "metric": "KB/connection", "key": "kb_per_connection", "base": "tornado",
                                 "target": "<= 20 KB"},
                 "idle_connect_rate": {**r, "metric": "connects/s", "key": "connects_per_s", "base": "tornado",
@@ -313,6 +322,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="small counts: checks the harness in seconds")
     p.add_argument("--only", default="", help="comma-separated scenario groups")
     p.add_argument("--ref", help="also run Parley as of this git revision (before/after in one run)")
+    p.add_argument("--candidates", default="", help="comma-separated: also run Parley with each candidate of "
+                   "bench/candidates/ (uvloop, gcfreeze) installed, beside the plain one")
     p.add_argument("--out", help="results JSON (default bench/results/<date>.json; quick runs: not written)")
     args = p.parse_args(argv)
     raise_fd_limit()

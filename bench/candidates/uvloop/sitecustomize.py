@@ -1,0 +1,4 @@
+# bench --candidates uvloop: run the unchanged server on uvloop's event loop (measurement only).
+import uvloop
+
+uvloop.install()

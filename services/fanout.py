@@ -11,6 +11,7 @@ carry the event's timestamp, never a per-connection one. LangBot's `data.connect
 the splice below (CONNECTION_ID_IN_DATA) is kept for a receiver's id but is off. Extension frames (anything
 outside frames.LANGBOT_TYPES) go only to connections that opted in to the Parley dialect.
 """
+import itertools
 import logging
 
 from services import events, frames
@@ -20,6 +21,7 @@ from services.store import LIVE
 log = logging.getLogger(__name__)
 
 CONNECTION_ID_IN_DATA = False
+PAGE = 48 * 1024  # code points per frame of a delta-mode catch-up: ≤ 4 bytes each, so ≤ 256 KB with escapes
 FINALS_REMEMBERED = 32  # per connection: a resume crossing a final in flight must not get it a second time
 _SPLICE_TAIL = '""}}'  # how an encoded frame whose last field is data.connection_id = "" ends
 
@@ -317,16 +319,31 @@ class FanOut:
                 cursor = conn.cursors[reply.message_id] = Cursor(session_id, offset, thinking_offset)
             if source == "live" and not reply.stream:
                 continue  # a non-streamed reply sends only its final frame
-            if source == "live":
-                frame = self._chunk(reply, conn.stream_mode, offset, thinking_offset, timestamp, **variant)
-                cursor.offset, cursor.thinking_offset = reply.text.length, reply.thinking_text.length
+            content, thinking = reply.content, reply.thinking
+            if source != "finished":  # live elsewhere (or orphaned): follow from its checkpoint
+                cursor.offset, cursor.thinking_offset = len(content), len(thinking)
+            if (conn.stream_mode == "delta" and conn.dialect != frames.LANGBOT
+                    and len(content) - offset + len(thinking) - thinking_offset > PAGE):
+                conn.send_pages(reply.message_id, self._pages(conn, reply, content, offset, thinking,
+                                                              thinking_offset, timestamp, variant))
             else:
-                frame = frames.chunk(reply, conn.stream_mode, offset=offset, text=reply.content[offset:],
-                                     thinking_offset=thinking_offset, thinking=reply.thinking[thinking_offset:],
+                frame = frames.chunk(reply, conn.stream_mode, offset=offset, text=content[offset:],
+                                     thinking_offset=thinking_offset, thinking=thinking[thinking_offset:],
                                      timestamp=timestamp, **variant)
-                if source == "store":  # live elsewhere (or orphaned): follow from its checkpoint
-                    cursor.offset, cursor.thinking_offset = len(reply.content), len(reply.thinking)
-            self._send(frame, [conn], connection_id=True)
+                self._send(frame, [conn], connection_id=True)
             if source == "finished":
                 self._send(frames.final(reply, timestamp=timestamp, **variant), [conn], connection_id=True)
         return done
+
+    def _pages(self, conn, reply, content, offset, thinking, thinking_offset, timestamp, variant):
+        """A huge delta-mode catch-up as frames of at most PAGE code points, made as the client reads them:
+        the reasoning first, then the answer, each page continuing exactly where the previous ended."""
+        pages = itertools.chain(
+            ((offset, "", at, thinking[at:at + PAGE]) for at in range(thinking_offset, len(thinking), PAGE)),
+            ((at, content[at:at + PAGE], len(thinking), "") for at in range(offset, len(content), PAGE)))
+        for text_at, text, thinking_at, thought in pages:
+            frame = frames.chunk(reply, "delta", offset=text_at, text=text, thinking_offset=thinking_at,
+                                 thinking=thought, timestamp=timestamp, **variant)
+            if CONNECTION_ID_IN_DATA:
+                frame["data"]["connection_id"] = conn.id
+            yield frame

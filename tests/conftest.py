@@ -73,6 +73,9 @@ def make_test_pipelines():
         Pipeline(id="endless", provider="demo", options={"words": 100000, "rate": 500},
                  timeouts=Timeouts(first_token=5, stall=5, total=0.4)),
         # As fast as possible and long: floods a reader that stops reading.
+        # Over 524,288 code points of answer (its final frame alone is over the 1 MB outbox limit), in ~100 chunks.
+        Pipeline(id="huge", provider="demo", model="demo", timeouts=fast, history_messages=0,
+                 options={"words": 95000, "thinking": 12000, "rate": 0, "chunk_words": 1000}),
         Pipeline(id="bulk", provider="demo", model="demo", timeouts=fast,
                  options={"words": 3000, "rate": 0}),
         Pipeline(id="broken", provider="fail", timeouts=fast),

@@ -41,18 +41,17 @@ class Resumer:
 
     async def resume(self, conn, frame):
         """Handle one `resume` frame: by `message_id`, or every live reply of a session (plus `offsets` named)."""
-        if frame.get("message_id") is not None:
-            message_id = check_id(frame["message_id"], "message_id")
-            wanted = {message_id: (check_offset(frame.get("offset"), "offset"),
-                                   check_offset(frame.get("thinking_offset"), "thinking_offset"))}
+        if frame.message_id is not None:
+            message_id = frame.message_id
+            wanted = {message_id: (frame.offset, frame.thinking_offset)}
             doc, session = await self._find(conn, message_id)
             session_id = doc["session_id"]
             docs = {message_id: doc}
             every_live = False
         else:
-            session_id = frame.get("session_id", conn.primary_session)
+            session_id = frame.session_id or conn.primary_session
             check_id(session_id, "session_id")
-            wanted = parse_offsets(frame.get("offsets"))
+            wanted = {m: (o.offset, o.thinking_offset) for m, o in frame.offsets.items()}
             session = await self.chat.session(conn.identity, conn.pipeline, session_id)
             docs = {d["_id"]: d for d in await self.store.find_replies(session_id, list(wanted))}
             if missing := [m for m in wanted if m not in docs]:

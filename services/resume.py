@@ -92,8 +92,11 @@ class Resumer:
             live = self.fanout.replies.get(reply.message_id)
             length, thinking_length = ((live.text.length, live.thinking_text.length) if live is not None
                                        else (len(reply.content), len(reply.thinking)))
-            if offset > length or thinking_offset > thinking_length:
-                if live is not None or reply.message_id in self.streams.generations or reply.status in COMPLETE_TEXT:
+            local = reply.message_id in self.streams.generations
+            if (offset > length or thinking_offset > thinking_length) and not local and reply.status in LIVE:
+                pass  # generating on another instance: a client that followed it there may be ahead of us
+            elif offset > length or thinking_offset > thinking_length:
+                if live is not None or local or reply.status in COMPLETE_TEXT:
                     raise BadRequest(f"offset beyond the {length} characters of reply "
                                      f"{reply.message_id!r}", code="invalid_offset", message_id=reply.message_id)
                 # Interrupted or orphaned: text after the last checkpoint is lost; the final frame is authoritative.
@@ -104,7 +107,7 @@ class Resumer:
         if self.metrics is not None:
             for reply, offset, thinking_offset, source in sent:
                 if source != "sent":
-                    replayed = len(reply.content) - offset + len(reply.thinking) - thinking_offset
+                    replayed = max(0, len(reply.content) - offset) + max(0, len(reply.thinking) - thinking_offset)
                     self.metrics.resumed(session["pipeline"], source, replayed)
         log.debug("resumed conn_id=%s session_id=%s replies=%s", conn.id, session_id,
                   [r.message_id for r, _, _ in plan])

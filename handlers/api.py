@@ -125,10 +125,9 @@ class SessionsHandler(BaseHandler):
         self.ok({"sessions": [session_data(d) for d in docs], "next_cursor": next_cursor})
 
     async def post(self, pipeline):
-        body = self.json_body()
+        body = self.body(schema.SessionCreate)
         doc = await self.services.chat.create_session(
-            self.identity, pipeline, session_type=body.get("session_type", "person"),
-            title=body.get("title", ""), members=body.get("members", []))
+            self.identity, pipeline, session_type=body.session_type, title=body.title, members=body.members)
         self.ok(session_data(doc), status=201)
 
 
@@ -139,10 +138,7 @@ class SessionHandler(BaseHandler):
     async def patch(self, pipeline, session_id):
         chat = self.services.chat
         session = await chat.session(self.identity, pipeline, session_id)
-        body = self.json_body()
-        if "title" not in body:
-            raise BadRequest("PATCH a session with {\"title\": ...}", code="invalid_param")
-        self.ok(session_data(await chat.rename(self.identity, session, body["title"])))
+        self.ok(session_data(await chat.rename(self.identity, session, self.body(schema.SessionRename).title)))
 
 
 class MembersHandler(BaseHandler):
@@ -156,9 +152,8 @@ class MembersHandler(BaseHandler):
     async def post(self, pipeline, session_id):
         chat = self.services.chat
         session = await chat.session(self.identity, pipeline, session_id)
-        body = self.json_body()
-        doc = await chat.change_members(self.identity, session, add=body.get("add", []),
-                                        remove=body.get("remove", []))
+        body = self.body(schema.MembersChange)
+        doc = await chat.change_members(self.identity, session, add=body.add, remove=body.remove)
         self.ok(session_data(doc))
 
 

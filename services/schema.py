@@ -216,6 +216,8 @@ def convert(data, type_, what="body"):
         detail = str(exc)
         if " - at `$.message`" in detail or " - at `$.message[" in detail or "field `message`" in detail:
             raise frame_error(detail) from None
+        if detail.endswith(" - at `$.session_type`"):
+            raise BadRequest("session_type must be one of person, group", code="invalid_session_type") from None
         raise BadRequest(f"invalid {what}: {detail}", code="invalid_param") from None
 
 
@@ -231,6 +233,10 @@ class SessionCreate(Body):
     session_type: SessionType = "person"
     title: Annotated[str, Meta(max_length=200)] = ""
     members: Annotated[list[Id], Meta(max_length=256)] = []
+
+
+class SessionRename(Body):
+    title: Annotated[str, Meta(max_length=200)]
 
 
 class MembersChange(Body):
@@ -658,6 +664,8 @@ REST_ROUTES = [
     ("get", P + "/sessions", "the caller's sessions", None, 200, False),
     ("post", P + "/sessions", "create a session", SessionCreate, 201, False),
     ("get", S, "one session", None, 200, False),
+    ("patch", S, "rename a session", SessionRename, 200, False),
+    ("get", S + "/members", "a group's members, paged", None, 200, False),
     ("post", S + "/members", "add or remove group members (owner)", MembersChange, 200, False),
     ("get", S + "/messages", "history, paged by seq", None, 200, False),
     ("post", S + "/messages", "send a message (Idempotency-Key header)", MessageSend, 202, False),

@@ -134,3 +134,22 @@ async def test_hostile_json_gets_an_error_frame_never_an_internal_error(connect)
         assert frame["type"] == "error" and frame["code"] in ("invalid_json", "invalid_message"), frame
     await c.send({"type": "ping"})
     assert (await c.recv())["type"] == "pong"
+
+
+def test_protocol_md_tables_match_the_schema():
+    """The client-frame table, the component table, the fields of each client frame and a heading per server
+    frame in docs/protocol.md agree with services/schema.py."""
+    import re
+    text = (ROOT / "docs/protocol.md").read_text()
+    section = text[text.index("## Client frames"):text.index("## Server frames")]
+    rows = dict(re.findall(r"^\| `([a-z.]+)` \| (.*?) \|", section, re.M))
+    assert set(schema.CLIENT_TYPES) <= set(rows), set(schema.CLIENT_TYPES) - set(rows)
+    for struct in schema.CLIENT_STRUCTS:
+        for name in struct.__struct_fields__:
+            if name != "workspace_uuid":  # LangBot's client sends it; Parley ignores it
+                assert f"`{name}`" in rows[struct.__struct_config__.tag], (struct.__struct_config__.tag, name)
+    components = set(re.findall(r"^\| `([A-Za-z]+)` \|", section, re.M)) - set(rows)
+    assert components == set(schema.COMPONENT_TYPES)
+    headings = " ".join(re.findall(r"^### (.*)$", text, re.M))
+    for struct in {*schema.ParleyServerFrame.__args__, *schema.LangBotServerFrame.__args__}:
+        assert f"`{struct.__struct_config__.tag}`" in headings, struct.__struct_config__.tag

@@ -28,7 +28,7 @@ from services.fanout import FanOut
 from services.hub import Hub
 from services.limits import RateLimiter
 from services.metrics import Metrics
-from services.pipelines import PipelineConfigError, default_pipelines, load_pipelines
+from services.pipelines import PipelineConfigError, api_key, default_pipelines, load_pipelines
 from services.reaper import Reaper
 from services.resume import Resumer
 from services.store import Store
@@ -91,7 +91,7 @@ async def open_services(config, *, pipelines=None, provider_factory=None, auth=N
     auth = auth or make_authenticator(config)
     if pipelines is None:
         pipelines = make_pipelines(config)
-    logs.redact(auth.token, *(os.environ.get(p.api_key_env) for p in pipelines if p.api_key_env))  # never logged
+    logs.redact(auth.token, *(api_key(p) for p in pipelines))  # never logged
     metrics = Metrics(p.id for p in pipelines)
     client = make_client(config)
     store = Store(client, config.db_name, metrics=metrics)
@@ -134,6 +134,10 @@ def make_client(config):
 
 
 class ClusterConfigError(RuntimeError):
+    pass
+
+
+class ListenError(RuntimeError):
     pass
 
 
@@ -193,7 +197,11 @@ async def serve(config, **made):
     services = await open_services(config, **made)
     logs.bind_process(instance=services.instance_id)
     app = make_app(services)
-    server = app.listen(config.port, config.host, **http_server_options(config))
+    try:
+        server = app.listen(config.port, config.host, **http_server_options(config))
+    except OSError as exc:  # a port in use, an address not on this host: say so, no traceback
+        await close_services(services)
+        raise ListenError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
     log.info("Parley listening on http://%s:%s/ (instance %s, auth %s)", config.host, config.port,
              services.instance_id, config.auth)
     if services.auth.mode == "token":
@@ -245,7 +253,7 @@ def main(argv=None):
         config.mongo_url = embedded.url
     try:
         asyncio.run(serve(config, **made))
-    except ClusterConfigError as exc:
+    except (ClusterConfigError, ListenError) as exc:
         fail(config, exc)
     finally:
         if embedded:

@@ -256,7 +256,7 @@ class StopBody(Body):
 
 
 class BroadcastBody(Body):
-    message: Annotated[str, Meta(min_length=1, max_length=MAX_TEXT)]
+    message: Annotated[str, Meta(min_length=1)]  # bounded by the request body size (admin only)
 
 
 class PushBody(Body):

@@ -82,8 +82,9 @@ class Resumer:
         for reply in sorted(replies.values(), key=lambda r: r.seq):
             offset, thinking_offset = wanted.get(reply.message_id, (0, 0))
             live = self.fanout.replies.get(reply.message_id)
-            length, thinking_length = ((live.text.length, live.thinking_text.length) if live is not None
-                                       else (len(reply.content), len(reply.thinking)))
+            length, thinking_length = len(reply.content), len(reply.thinking)
+            if live is not None:  # (one from another instance may lag the store here, or the store it)
+                length, thinking_length = max(length, live.text.length), max(thinking_length, live.thinking_text.length)
             local = reply.message_id in self.streams.generations
             if (offset > length or thinking_offset > thinking_length) and not local and reply.status in LIVE:
                 pass  # generating on another instance: a client that followed it there may be ahead of us

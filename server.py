@@ -23,6 +23,7 @@ from services.auth import Authenticator
 from services.chat import ChatService
 from services.embedded_mongo import EmbeddedMongo
 from services.bus import Bus, LocalBus
+from services.mongo_bus import MongoBus
 from services.fanout import FanOut
 from services.hub import Hub
 from services.limits import RateLimiter
@@ -93,7 +94,11 @@ async def open_services(config, *, pipelines=None, provider_factory=None, auth=N
     if config.cluster:
         await check_change_streams(store)
     hub = Hub()
-    bus = LocalBus(instance_id, metrics=metrics)
+    if config.cluster:  # events cross instances through the store; deltas only where viewed elsewhere
+        bus = MongoBus(instance_id, store, metrics=metrics, viewed_sessions=lambda: hub.by_session.keys(),
+                       live_replies=lambda session_id: streams.live(session_id))
+    else:
+        bus = LocalBus(instance_id, metrics=metrics)
     fanout = FanOut(hub, bus, metrics)
     extra = {"provider_factory": provider_factory} if provider_factory else {}
     streams = StreamManager(store, bus, pipelines, instance_id=instance_id,

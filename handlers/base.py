@@ -87,6 +87,11 @@ class BaseHandler(web.RequestHandler):
             raise BadRequest("the request body must be a JSON object", code="invalid_json")
         return body
 
+    def body(self, type_):
+        """The JSON body validated against its declaration (services/schema.py); unknown fields dropped."""
+        from services.schema import convert
+        return convert(self.json_body(), type_)
+
     def int_arg(self, name, default, *, low, high):
         raw = self.get_query_argument(name, None)
         if raw is None:

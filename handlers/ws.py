@@ -20,7 +20,8 @@ from services.errors import BadRequest, Capacity, ParleyError, Unauthorized, Una
 from services.hub import Connection, ConnectionClosed
 from services.limits import CLOSE_CAPACITY, check_capacity
 from services.outbox import CLOSE_SLOW_CONSUMER
-from services.protocol import ClientProtocol, parse
+from services.protocol import ClientProtocol
+from services.schema import AuthenticateFrame, decode_frame
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ DISCONNECT_FOR_CODE = {1001: "shutdown", 1012: "shutdown", 1008: "auth", 4401: "
 
 
 class ChatSocket(websocket.WebSocketHandler):
+    embed = False  # EmbedSocket: `session_id` is the widget's own browser-session id, not a Parley session
+
     def initialize(self, services):
         self.services = services
         self.conn = None
@@ -79,7 +82,10 @@ class ChatSocket(websocket.WebSocketHandler):
             self.params = {"pipeline": pipeline,
                            "session_type": check_session_type(self.get_query_argument("session_type", "person")),
                            "stream_mode": self.get_query_argument("stream_mode", "cumulative"),
-                           "session_id": self.get_query_argument("session_id", None)}
+                           "session_id": self.get_query_argument("session_id", None), "client_session": None}
+            if self.embed:
+                self.params["client_session"] = self.params.pop("session_id") or "default"
+                self.params["session_id"] = None
             if self.params["stream_mode"] not in STREAM_MODES:
                 raise BadRequest("stream_mode must be cumulative or delta", code="invalid_param")
             self.params["dialect"] = self._dialect()
@@ -115,10 +121,10 @@ class ChatSocket(websocket.WebSocketHandler):
     async def _authenticate(self, message):
         self._cancel_auth_timer()
         try:
-            frame = parse(message)
-            if frame["type"] != "authenticate":
+            frame = decode_frame(message)
+            if not isinstance(frame, AuthenticateFrame):
                 raise Unauthorized("authenticate first: {\"type\": \"authenticate\", \"token\": ...}")
-            identity = self.services.auth.verify(frame.get("token"))
+            identity = self.services.auth.verify(frame.token)
         except ParleyError as err:
             return self._refuse(err if isinstance(err, Unauthorized) else Unauthorized(err.message))
         await self._start(identity)
@@ -127,7 +133,9 @@ class ChatSocket(websocket.WebSocketHandler):
         p = self.params
         chat = self.services.chat
         try:
-            if p["session_id"] is None:
+            if p["client_session"] is not None:
+                session = await chat.embed_session(identity, p["pipeline"], p["session_type"], p["client_session"])
+            elif p["session_id"] is None:
                 session = await chat.default_session(identity, p["pipeline"], p["session_type"])
             else:
                 session = await chat.session(identity, p["pipeline"], p["session_id"])
@@ -220,6 +228,20 @@ class ChatSocket(websocket.WebSocketHandler):
         self.close(CLOSE_FOR_CODE.get(err.code) or CLOSE_FOR_STATUS.get(err.http_status, 1011), err.code)
 
 
+class EmbedSocket(ChatSocket):
+    """LangBot's embed widget: /api/v1/embed/<bot>/ws/connect?session_type=…&session_id=<browser session>.
+    `bot` names a pipeline (its `embed` field, or its id); each browser session is its own Parley session."""
+    embed = True
+
+    async def open(self, bot):
+        try:
+            pipeline = self.services.pipelines.for_embed(bot).id
+        except ParleyError as err:
+            return self._refuse(err)
+        await super().open(pipeline)
+
+
 default_handlers = [
     (r"/api/v1/pipelines/(?P<pipeline>[^/]+)/ws/connect", ChatSocket),
+    (r"/api/v1/embed/(?P<bot>[^/]+)/ws/connect", EmbedSocket),
 ]

@@ -15,6 +15,7 @@ from services.errors import NotFound
 log = logging.getLogger(__name__)
 
 PROVIDERS = ("demo", "openai")
+INPUTS = ("text", "image", "voice", "file")
 ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")        # a pipeline id is a URL path segment
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -44,6 +45,8 @@ class Pipeline:
     retry_backoff: float = 0.5  # first retry delay in seconds; doubles each time, capped
     timeouts: Timeouts = field(default_factory=Timeouts)
     options: dict = field(default_factory=dict)  # provider-specific
+    inputs: tuple = ("text",)   # what its model takes besides text: "image", "voice", "file" (message components)
+    embed: str = ""             # the bot id LangBot's embed widget connects with (/api/v1/embed/<embed>/ws/connect)
 
     def public(self):
         """What clients may see: no secrets, no environment variable names."""
@@ -53,6 +56,13 @@ class Pipeline:
 class Pipelines:
     def __init__(self, pipelines):
         self._by_id = {p.id: p for p in pipelines}
+
+    def for_embed(self, bot):
+        """The pipeline LangBot's embed widget reaches as `bot`: the one declaring `embed = bot`, else `bot`'s id."""
+        for p in self._by_id.values():
+            if p.embed == bot:
+                return p
+        return self.get(bot)
 
     def get(self, pipeline_id):
         try:
@@ -153,6 +163,9 @@ _PIPELINE_FIELDS = {
     "retry_backoff": (_num, "a number", (lambda v: 0 <= v <= 60, "must be between 0 and 60 seconds")),
     "timeouts": (lambda v: isinstance(v, dict), "a table", None),
     "options": (lambda v: isinstance(v, dict), "a table", None),
+    "inputs": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings",
+               (lambda v: "text" in v and set(v) <= set(INPUTS), f"must list text and any of image, voice, file")),
+    "embed": (_str, "a string", (lambda v: v == "" or ID_RE.match(v), "must be 1-64 letters, digits, '_' or '-'")),
 }
 _TIMEOUT_FIELDS = {f.name for f in fields(Timeouts)}
 
@@ -180,6 +193,8 @@ def _pipeline(path, pid, table):
         values["retry_backoff"] = float(values["retry_backoff"])
     if "timeouts" in values:
         values["timeouts"] = _timeouts(path, pid, values["timeouts"])
+    if "inputs" in values:
+        values["inputs"] = tuple(values["inputs"])
 
     provider = values.get("provider", "demo")
     if provider == "openai":

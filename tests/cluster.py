@@ -50,6 +50,12 @@ model = "demo"
 history_messages = 0
 options = {{ words = 40, rate = 400 }}
 
+[pipelines.cuttable]
+provider = "demo"
+model = "demo"
+history_messages = 0
+options = {{ words = 60, thinking = 10, rate = 300 }}
+
 [pipelines.up]
 provider = "openai"
 model = "m"

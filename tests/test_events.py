@@ -1,11 +1,13 @@
 """Events as data, one fan-out: every event is plain JSON data; one event is encoded once and the same bytes go to
 every connection of the same stream mode; a resume crossing a final never gets that final twice."""
+import asyncio
 import json
 import random
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.fanout import PAGE
 from tests.conftest import settle
 from tests.test_resume import Received, nothing_more, send_resume
 
@@ -141,3 +143,30 @@ async def test_a_resume_crossing_the_final_never_gets_a_second_final(connect, se
         if not sender_done:
             await sender.until_final(reply_id)
     assert crossed >= 12  # at least the tries that resumed after the final was sent
+
+
+async def test_a_huge_finished_reply_resumes_in_pages_then_one_final(connect, services):
+    """A reply of more than 524,288 code points (its final frame alone, text twice, is over the 1 MB outbox
+    limit): a delta-mode resume gets it in frames of at most 256 KB, made as the client reads them, then the one
+    final, and the connection is not closed as a slow consumer."""
+    a = await connect("huge", stream_mode="delta")
+    reply_id = (await a.say("a very long answer"))["data"]["reply_message_id"]
+    a.close()
+    await settle(lambda: reply_id not in services.streams.generations, timeout=60)
+    stored = await services.store.get_message(reply_id)
+    assert stored["status"] == "completed" and len(stored["content"]) > 524_288 and len(stored["thinking"]) > PAGE
+    b = await connect("huge", stream_mode="delta")
+    await b.send({"type": "resume", "message_id": reply_id, "offset": 0, "thinking_offset": 0})
+    await b.recv_type("resumed")
+    got, sizes = Received(reply_id), []
+    while not got.finals:
+        text = await asyncio.wait_for(b.ws.read_message(), 30)
+        assert text is not None, "closed: %s %s" % (b.ws.close_code, b.ws.close_reason)
+        frame = json.loads(text)
+        if frame["type"] == "response" and frame["data"]["message_id"] == reply_id:
+            sizes.append(len(text.encode()))
+            got.add(frame)
+    assert len(sizes) >= 12 and max(sizes[:-1]) <= 256 * 1024, sizes
+    assert got.joined(got.text) == stored["content"] == got.finals[0]["content"]
+    assert got.joined(got.thinking) == stored["thinking"] == got.finals[0]["thinking"]
+    await nothing_more(b, reply_id)

@@ -363,6 +363,9 @@ def _message(turn, group):
         # A label inside the content works with every model and chat template; the `name` field is ignored by
         # most open-model templates (vLLM, Ollama, llama.cpp) and OpenAI rejects names outside [A-Za-z0-9_-].
         text = f"[{speaker(turn.sender)}]: {text}"
+    if turn.images:  # OpenAI's content parts: the text, then each image
+        return {"role": role, "content": [{"type": "text", "text": text}] +
+                [{"type": "image_url", "image_url": {"url": url}} for url in turn.images]}
     return {"role": role, "content": text}
 
 

@@ -28,7 +28,7 @@ from services.fanout import FanOut
 from services.hub import Hub
 from services.limits import RateLimiter
 from services.metrics import Metrics
-from services.pipelines import PipelineConfigError, default_pipelines, load_pipelines
+from services.pipelines import PipelineConfigError, api_key, default_pipelines, load_pipelines
 from services.reaper import Reaper
 from services.resume import Resumer
 from services.store import Store
@@ -85,7 +85,7 @@ async def open_services(config, *, pipelines=None, provider_factory=None, auth=N
     auth = auth or make_authenticator(config)
     if pipelines is None:
         pipelines = make_pipelines(config)
-    logs.redact(auth.token, *(os.environ.get(p.api_key_env) for p in pipelines if p.api_key_env))  # never logged
+    logs.redact(auth.token, *(api_key(p) for p in pipelines))  # never logged
     metrics = Metrics(p.id for p in pipelines)
     client = AsyncMongoClient(config.mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000)
     store = Store(client, config.db_name, metrics=metrics)
@@ -120,6 +120,10 @@ async def open_services(config, *, pipelines=None, provider_factory=None, auth=N
 
 
 class ClusterConfigError(RuntimeError):
+    pass
+
+
+class ListenError(RuntimeError):
     pass
 
 
@@ -170,7 +174,11 @@ async def serve(config, **made):
     services = await open_services(config, **made)
     logs.bind_process(instance=services.instance_id)
     app = make_app(services)
-    server = app.listen(config.port, config.host)
+    try:
+        server = app.listen(config.port, config.host)
+    except OSError as exc:  # a port in use, an address not on this host: say so, no traceback
+        await close_services(services)
+        raise ListenError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
     log.info("Parley listening on http://%s:%s/ (instance %s, auth %s)", config.host, config.port,
              services.instance_id, config.auth)
     if services.auth.mode == "token":
@@ -221,7 +229,7 @@ def main(argv=None):
         config.mongo_url = embedded.url
     try:
         asyncio.run(serve(config, **made))
-    except ClusterConfigError as exc:
+    except (ClusterConfigError, ListenError) as exc:
         fail(config, exc)
     finally:
         if embedded:

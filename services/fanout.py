@@ -182,13 +182,16 @@ class FanOut:
             if offset or thinking_offset:
                 return  # the start of this reply never reached us: its text comes from the store on resume
             reply = self.replies[message_id] = self._new_reply(event)
-        if offset != reply.text.length or thinking_offset != reply.thinking_text.length:
-            if offset > reply.text.length or thinking_offset > reply.thinking_text.length:
-                log.warning("reply.delta with a gap message_id=%s offset=%s have=%s", message_id, offset,
-                            reply.text.length)
-            return  # a repeat (or a gap): offsets make both safe to drop
-        reply.text.append(event["text"])
-        reply.thinking_text.append(event["thinking"])
+        have, thinking_have = reply.text.length, reply.thinking_text.length
+        if offset > have or thinking_offset > thinking_have:
+            log.warning("reply.delta with a gap message_id=%s offset=%s have=%s", message_id, offset, have)
+            return  # the text in between comes from the store (resume) or the final
+        # what we already have (a repeat, or an overlap) is dropped: the offsets say how much
+        text, thinking = event["text"][have - offset:], event["thinking"][thinking_have - thinking_offset:]
+        if not (text or thinking):
+            return
+        reply.text.append(text)
+        reply.thinking_text.append(thinking)
         if not reply.stream:
             return
         groups = {}
@@ -198,7 +201,7 @@ class FanOut:
                 # A delta-mode connection that started viewing mid-reply waits for its `resume`; a cumulative
                 # frame is self-contained, so a cumulative one simply starts following.
                 # (A cluster `sync` starts at 0 but is mid-reply too: the reply's text so far, for a newcomer.)
-                if conn.stream_mode == "delta" and (offset or thinking_offset or event.get("sync")
+                if conn.stream_mode == "delta" and (have or thinking_have or event.get("sync")
                                                     or conn.id in reply.late):
                     continue
                 cursor = conn.cursors[message_id] = Cursor(reply.session_id)

@@ -80,6 +80,25 @@ class Pipelines:
         return len(self._by_id)
 
 
+def api_key(pipeline):
+    """The pipeline's key: the variable `api_key_env` names, or the file `<api_key_env>_FILE` names (a secrets
+    mount, as Docker and Kubernetes provide). None when neither is set or the file cannot be read."""
+    name = pipeline.api_key_env
+    if not name:
+        return None
+    if value := os.environ.get(name):
+        return value
+    path = os.environ.get(name + "_FILE")
+    if not path:
+        return None
+    try:
+        with open(path) as f:
+            return f.read().strip() or None
+    except OSError as exc:
+        log.warning("pipeline %s: cannot read %s_FILE (%s)", pipeline.id, name, exc.strerror or exc)
+        return None
+
+
 def default_pipelines():
     return Pipelines([Pipeline(id="default", name="Demo assistant", provider="demo", model="demo",
                                options={"rate": 40, "thinking": True})])
@@ -126,9 +145,9 @@ def load_pipelines(path):
             raise PipelineConfigError(path, "must be a table", pipeline=pid)
         pipelines.append(_pipeline(path, pid, table))
     for p in pipelines:
-        if p.api_key_env and p.api_key_env not in os.environ:
-            log.warning("pipeline %s: environment variable %s is not set; its replies will fail with "
-                        "missing_api_key", p.id, p.api_key_env)
+        if p.api_key_env and p.api_key_env not in os.environ and p.api_key_env + "_FILE" not in os.environ:
+            log.warning("pipeline %s: environment variable %s (or %s_FILE) is not set; its replies will fail "
+                        "with missing_api_key", p.id, p.api_key_env, p.api_key_env)
     return Pipelines(pipelines)
 
 

@@ -3,6 +3,7 @@ every connection of the same stream mode; a resume crossing a final never gets t
 import asyncio
 import json
 import random
+import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -170,3 +171,32 @@ async def test_a_huge_finished_reply_resumes_in_pages_then_one_final(connect, se
     assert got.joined(got.text) == stored["content"] == got.finals[0]["content"]
     assert got.joined(got.thinking) == stored["thinking"] == got.finals[0]["thinking"]
     await nothing_more(b, reply_id)
+
+
+async def test_deltas_from_another_instance_are_applied_by_their_offsets(connect, services):
+    """What the cluster bus relies on, on one box: events of another origin (through Bus.receive) reach the
+    viewers here; a delta overlapping the text already delivered is trimmed, a repeat dropped, an event of our
+    own origin coming back is skipped, and exactly one final arrives. Nothing is kept after it."""
+    a = await connect("default", stream_mode="delta")
+    session_id = a.connected["session_id"]
+    reply = {"session_id": session_id, "message_id": "remote-reply", "seq": 2, "reply_to": "remote-question",
+             "origin": "elsewhere", "at": time.time()}
+    services.bus.receive({"type": "reply.started", "status": "streaming", "stream": True, **reply})
+    assert (await a.recv_type("status"))["data"]["message_id"] == "remote-reply"
+    for offset, text in ((0, "Hello, "), (3, "lo, wor"), (7, "world!"), (12, "!"), (15, "gap")):
+        services.bus.receive({"type": "reply.delta", "offset": offset, "text": text, "thinking_offset": 0,
+                              "thinking": "", **reply})
+    services.bus.receive({"type": "reply.delta", "offset": 13, "text": " Bye.", "thinking_offset": 0,
+                          "thinking": "", **reply, "origin": services.instance_id})  # our own: skipped
+    services.bus.receive({"type": "reply.final", "status": "completed", "content": "Hello, world!",
+                          "thinking": "", "error": None, "usage": None, **reply})
+    got, chunks = Received("remote-reply"), []
+    while not got.finals:
+        frame = await a.recv_type("response")
+        got.add(frame)
+        if not frame["data"]["is_final"]:
+            chunks.append((frame["data"]["offset"], frame["data"]["delta"]))
+    await nothing_more(a, "remote-reply")
+    assert chunks == [(0, "Hello, "), (7, "wor"), (10, "ld!")]
+    assert got.joined(got.text) == "Hello, world!" == got.finals[0]["content"]
+    assert "remote-reply" not in services.fanout.replies

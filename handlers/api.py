@@ -83,7 +83,7 @@ class LegacyBroadcastHandler(BaseHandler):
     def post(self, pipeline):
         require_admin(self.identity)
         self.services.pipelines.get(pipeline)
-        delivered = self.services.chat.broadcast(broadcast_message(self.json_body()), pipeline)
+        delivered = self.services.chat.broadcast(self.body(schema.BroadcastBody).message, pipeline)
         self.ok({"message": "Broadcast sent successfully", "delivered": delivered})
 
 
@@ -92,7 +92,7 @@ class BroadcastHandler(BaseHandler):
 
     def post(self):
         require_admin(self.identity)
-        delivered = self.services.chat.broadcast(broadcast_message(self.json_body()))
+        delivered = self.services.chat.broadcast(self.body(schema.BroadcastBody).message)
         self.ok({"message": "Broadcast sent successfully", "delivered": delivered})
 
 
@@ -101,18 +101,9 @@ class PushHandler(BaseHandler):
 
     def post(self, user_id):
         require_admin(self.identity)
-        body = self.json_body()
-        if "message" not in body:
-            raise BadRequest("push needs a `message`", code="invalid_param")
-        delivered = self.services.chat.push(check_id(user_id, "user_id"), body["message"], body.get("data"))
+        body = self.body(schema.PushBody)
+        delivered = self.services.chat.push(check_id(user_id, "user_id"), body.message, body.data)
         self.ok({"user_id": user_id, "delivered": delivered})
-
-
-def broadcast_message(body):
-    message = body.get("message")
-    if not isinstance(message, str) or not message:
-        raise BadRequest("broadcast needs a non-empty string `message`", code="invalid_param")
-    return message
 
 
 # Native sessions API.

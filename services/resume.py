@@ -18,17 +18,9 @@ from services.store import LIVE
 
 log = logging.getLogger(__name__)
 
-MAX_RESUME = 64  # replies named in one session-wide resume
+MAX_RESUME = 64  # replies named in one session-wide resume (declared in services/schema.py)
 # Statuses whose stored text is everything that was streamed: an offset beyond it is a client error.
 COMPLETE_TEXT = ("completed", "stopped", "failed", "timeout")
-
-
-def check_offset(value, what):
-    if value is None:
-        return 0
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise BadRequest(f"{what} must be a non-negative integer", code="invalid_param")
-    return value
 
 
 class Resumer:
@@ -90,8 +82,9 @@ class Resumer:
         for reply in sorted(replies.values(), key=lambda r: r.seq):
             offset, thinking_offset = wanted.get(reply.message_id, (0, 0))
             live = self.fanout.replies.get(reply.message_id)
-            length, thinking_length = ((live.text.length, live.thinking_text.length) if live is not None
-                                       else (len(reply.content), len(reply.thinking)))
+            length, thinking_length = len(reply.content), len(reply.thinking)
+            if live is not None:  # (one from another instance may lag the store here, or the store it)
+                length, thinking_length = max(length, live.text.length), max(thinking_length, live.thinking_text.length)
             local = reply.message_id in self.streams.generations
             if (offset > length or thinking_offset > thinking_length) and not local and reply.status in LIVE:
                 pass  # generating on another instance: a client that followed it there may be ahead of us
@@ -119,17 +112,3 @@ def _queued(gen):
                            reply_to=gen.reply_to, status=gen.status, content="", thinking="", error=None,
                            usage=None)
 
-
-def parse_offsets(raw):
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict) or len(raw) > MAX_RESUME:
-        raise BadRequest(f"offsets must be an object of at most {MAX_RESUME} message ids", code="invalid_param")
-    wanted = {}
-    for message_id, pos in raw.items():
-        check_id(message_id, "message_id")
-        if not isinstance(pos, dict):
-            raise BadRequest("each offsets entry must be {offset, thinking_offset}", code="invalid_param")
-        wanted[message_id] = (check_offset(pos.get("offset"), "offset"),
-                              check_offset(pos.get("thinking_offset"), "thinking_offset"))
-    return wanted

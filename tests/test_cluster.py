@@ -1,5 +1,6 @@
 """The nginx-fronted cluster: three real instances on one store behind a real nginx (tests/cluster.py)."""
 import asyncio
+import random
 import re
 import signal
 
@@ -7,7 +8,7 @@ import pytest
 from pymongo import MongoClient
 
 from services.store import assemble
-from tests.test_resume import Received, follow, nothing_more
+from tests.test_resume import Received, abort, follow, nothing_more, send_resume
 from tests.upstream import FakeUpstream, Script
 from tests.cluster import LEASE, cluster, plain, connect, fetch, instance_for, source, spread, wait_for  # noqa: F401 (a fixture)
 
@@ -185,14 +186,10 @@ async def test_sigterm_drains_clients_to_other_instances_and_ends_replies_cleanl
 
 
 async def resume(client, got):
-    """Send `resume` for what `got` has; frames of the reply that arrive before `resumed` count too. Returns
-    True when its final arrived first (it crossed the resume)."""
-    await client.send({"type": "resume", "message_id": got.message_id, **got.offsets})
-    while (frame := await client.recv_type("resumed", "response", "error", timeout=20))["type"] != "resumed":
-        assert frame["type"] != "error", frame
-        if frame["data"]["message_id"] == got.message_id:
-            got.add(frame)
-    return bool(got.finals)
+    """Send `resume` for what `got` has; True when the reply's final arrived before `resumed` (it crossed the
+    resume). Deltas before `resumed` are not counted: the resume asks again from the client's offsets."""
+    resumed, early = await send_resume(client, got)
+    return early
 
 
 def stored(cluster, message_id):
@@ -373,3 +370,38 @@ async def test_broadcast_push_presence_membership_and_reset_cross_instances(clus
     assert await presence_of(owner, "bob") == "leave"
     for c in (owner, ann_phone, bob):
         c.close()
+async def test_200_clients_moved_mid_reply_resume_with_no_gap_no_duplicate_and_follow_live(cluster):
+    where = await spread(cluster)
+    ids = [i.id for i in cluster.instances]
+    rng = random.Random(20261129)
+    plans = [[(rng.randrange(0, 80), rng.choice(["close", "drop"])) for _ in range(20)] for _ in range(10)]
+    outcomes = []
+
+    async def worker(w):
+        user = f"mover{w}"
+        first, second = where[ids[w % 3]], where[ids[(w + 1) % 3]]
+        for run, (cut, how) in enumerate(plans[w]):
+            a = await connect(cluster, "cuttable", src=first, user=user)
+            await a.send({"type": "message", "message": [{"type": "Plain", "text": f"run {run}"}],
+                          "client_msg_id": f"{w}-{run}"})
+            got = Received((await a.recv_type("ack", timeout=20))["data"]["reply_message_id"])
+            while len(got.text) + len(got.thinking) < cut and not got.finals:
+                got.add(await next_of(a, got.message_id))
+            abort(a, how)
+            b = await connect(cluster, "cuttable", src=second, user=user)  # another instance
+            assert b.instance != a.instance
+            early = await resume(b, got)
+            await follow(b, got, timeout=20)
+            final = got.finals[0]
+            assert len(got.finals) == 1 and final["status"] == "completed"
+            text, thinking = got.joined(got.text), got.joined(got.thinking)
+            if early:  # the final crossed the resume: it carries the whole text, and nothing follows it
+                assert final["content"].startswith(text) and final.get("thinking", "").startswith(thinking)
+                outcomes.append("final first")
+            else:
+                assert text == final["content"] and thinking == final.get("thinking", "")
+                outcomes.append("mid" if cut < len(text) + len(thinking) else "after end")
+            b.close()
+
+    await asyncio.wait_for(asyncio.gather(*(worker(w) for w in range(10))), 150)
+    assert len(outcomes) == 200 and outcomes.count("mid") >= 50, sorted(set(outcomes))

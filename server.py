@@ -19,15 +19,16 @@ from tornado import web
 from handlers import api, ops, web as web_app, ws
 from handlers.base import NotFoundHandler
 from services import events, logs, settings
-from services.auth import Authenticator
+from services.auth import Authenticator, check_jwt_secret
 from services.chat import ChatService
 from services.embedded_mongo import EmbeddedMongo
 from services.bus import Bus, LocalBus
+from services.mongo_bus import MongoBus
 from services.fanout import FanOut
 from services.hub import Hub
 from services.limits import RateLimiter
 from services.metrics import Metrics
-from services.pipelines import PipelineConfigError, default_pipelines, load_pipelines
+from services.pipelines import PipelineConfigError, api_key, default_pipelines, load_pipelines
 from services.reaper import Reaper
 from services.resume import Resumer
 from services.store import Store
@@ -61,7 +62,13 @@ def parse_args(argv=None, environ=None):
     """Flags > PARLEY_* environment > --config TOML file > defaults (services/settings.py declares them all).
     A bad value exits 2 with a message naming the option and the expected form."""
     try:
-        return settings.resolve(argv, environ)
+        config = settings.resolve(argv, environ)
+        if config.auth == "jwt":
+            try:
+                check_jwt_secret(config.jwt_secret)
+            except ValueError as exc:
+                raise settings.SettingsError(f"option --jwt-secret: {exc}") from None
+        return config
     except settings.SettingsError as exc:
         print(f"parley: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -84,16 +91,20 @@ async def open_services(config, *, pipelines=None, provider_factory=None, auth=N
     auth = auth or make_authenticator(config)
     if pipelines is None:
         pipelines = make_pipelines(config)
-    logs.redact(auth.token, *(os.environ.get(p.api_key_env) for p in pipelines if p.api_key_env))  # never logged
+    logs.redact(auth.token, *(api_key(p) for p in pipelines))  # never logged
     metrics = Metrics(p.id for p in pipelines)
-    client = AsyncMongoClient(config.mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000)
+    client = make_client(config)
     store = Store(client, config.db_name, metrics=metrics)
     await store.create_indexes()
     instance_id = config.instance_id or f"{socket.gethostname()}:{config.port}"
     if config.cluster:
         await check_change_streams(store)
     hub = Hub()
-    bus = LocalBus(instance_id, metrics=metrics)
+    if config.cluster:  # events cross instances through the store; deltas only where viewed elsewhere
+        bus = MongoBus(instance_id, store, metrics=metrics, viewed_sessions=lambda: hub.by_session.keys(),
+                       live_replies=lambda session_id: streams.live(session_id))
+    else:
+        bus = LocalBus(instance_id, metrics=metrics)
     fanout = FanOut(hub, bus, metrics)
     extra = {"provider_factory": provider_factory} if provider_factory else {}
     streams = StreamManager(store, bus, pipelines, instance_id=instance_id,
@@ -101,7 +112,7 @@ async def open_services(config, *, pipelines=None, provider_factory=None, auth=N
                             max_queued=config.max_queued, metrics=metrics, cluster=config.cluster, **extra)
     chat = ChatService(store, hub, fanout, bus, streams, pipelines,
                        limiter=RateLimiter(config.rate_limit, config.rate_burst),
-                       on_last_viewer_gone=config.on_last_viewer_gone)
+                       on_last_viewer_gone=config.on_last_viewer_gone, max_members=config.max_members)
     resumer = Resumer(store, fanout, streams, chat, metrics)
     reaper = Reaper(store, bus, streams, lease_seconds=config.lease_seconds)
     await bus.start()
@@ -114,7 +125,19 @@ async def open_services(config, *, pipelines=None, provider_factory=None, auth=N
                     metrics=metrics)
 
 
+def make_client(config):
+    """Every store operation is bounded (--store-timeout, pymongo's client-side `timeoutMS`): a paused or dead
+    store answers `store_unavailable` instead of holding requests and sockets."""
+    ms = int(config.store_timeout * 1000)
+    return AsyncMongoClient(config.mongo_url, tz_aware=True, timeoutMS=ms, serverSelectionTimeoutMS=ms,
+                            connectTimeoutMS=ms)
+
+
 class ClusterConfigError(RuntimeError):
+    pass
+
+
+class ListenError(RuntimeError):
     pass
 
 
@@ -146,9 +169,18 @@ def make_app(services):
     return web.Application(
         routes, default_handler_class=NotFoundHandler, default_handler_args=deps,
         frame_ancestors=config.frame_ancestors,
-        websocket_ping_interval=config.ping_interval, websocket_ping_timeout=config.ping_timeout,
         websocket_max_message_size=config.max_message_size,
+        cross_origin_protection=True,  # cross-site REST writes: 403 (handlers/base.py check_trusted_origin)
         log_function=ops.log_function(services.metrics))
+
+
+def http_server_options(config):
+    """Tornado HTTPServer limits: bodies over --max-body-size are refused before they are read, a client that
+    sends its headers too slowly (slowloris) or idles is closed after --http-idle-timeout."""
+    return {"max_body_size": config.max_body_size,
+            "max_buffer_size": max(config.max_body_size, 4 * config.max_message_size) + 64 * 1024,
+            "idle_connection_timeout": config.http_idle_timeout, "body_timeout": config.body_timeout,
+            "max_header_size": 64 * 1024}
 
 
 def banner(config, url):
@@ -165,7 +197,11 @@ async def serve(config, **made):
     services = await open_services(config, **made)
     logs.bind_process(instance=services.instance_id)
     app = make_app(services)
-    server = app.listen(config.port, config.host)
+    try:
+        server = app.listen(config.port, config.host, **http_server_options(config))
+    except OSError as exc:  # a port in use, an address not on this host: say so, no traceback
+        await close_services(services)
+        raise ListenError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
     log.info("Parley listening on http://%s:%s/ (instance %s, auth %s)", config.host, config.port,
              services.instance_id, config.auth)
     if services.auth.mode == "token":
@@ -212,11 +248,12 @@ def main(argv=None):
         fail(config, exc)
     embedded = None
     if not config.mongo_url:
-        embedded = EmbeddedMongo(os.path.join(config.data_dir, "mongo")).start()
+        os.umask(0o077)  # the data dir and everything in it are private to this user (docs/security.md)
+        embedded = EmbeddedMongo(os.path.join(config.data_dir, "mongo")).start().supervise()
         config.mongo_url = embedded.url
     try:
         asyncio.run(serve(config, **made))
-    except ClusterConfigError as exc:
+    except (ClusterConfigError, ListenError) as exc:
         fail(config, exc)
     finally:
         if embedded:

@@ -56,13 +56,15 @@ class Server:
         self.kind, self.bench, self.extra = kind, bench, list(extra)
         self.port = free_port()
         self.proc = None
+        self.pipelines = True
 
     def command(self):
         b = self.bench
         if self.kind.startswith("parley"):
             tree = b.trees[self.kind]
+            pipelines = ["--pipelines", b.toml] if self.pipelines else []  # else: the built-in demo pipeline
             return [PY, os.path.join(tree, "server.py"), "--port", str(self.port), "--auth", "jwt",
-                    "--jwt-secret", SECRET, "--pipelines", b.toml, "--log-level", "warning",
+                    "--jwt-secret", SECRET, *pipelines, "--log-level", "warning",
                     "--max-connections", "20000", "--max-connections-per-user", "20000",
                     "--rate-limit", "100000", "--rate-burst", "100000", *self.extra], tree
         module = {"tornado": "bench.baseline", "sio": "bench.sio_server", "upstream": "bench.upstream"}[self.kind]
@@ -236,8 +238,9 @@ def scenarios(b):
             times = []
             for _ in range(1 if q else 3):
                 server = Server(kind, b)
-                if kind.startswith("parley"):
+                if kind.startswith("parley"):  # as `make run` starts: embedded store, the demo pipeline
                     server.extra = ["--data-dir", tempfile.mkdtemp(dir=b.workdir)]
+                    server.pipelines = False
                 server.start(mongo=False)
                 try:
                     times.append(asyncio.run(first_connection(server)))
@@ -255,7 +258,8 @@ def scenarios(b):
 async def first_connection(server, timeout=60):
     """From process start to the first WebSocket that completes its handshake and gets `connected`."""
     from websockets.asyncio.client import connect
-    url = f"ws://127.0.0.1:{server.port}/api/v1/pipelines/short/ws/connect?session_type=person"
+    pipeline = "short" if server.pipelines else "default"
+    url = f"ws://127.0.0.1:{server.port}/api/v1/pipelines/{pipeline}/ws/connect?session_type=person"
     deadline = server.started + timeout
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:

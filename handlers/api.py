@@ -1,6 +1,6 @@
 """REST: the LangBot-compatible /ws/* routes and Parley's native sessions API."""
 from handlers.base import BaseHandler
-from services import frames, paging
+from services import frames, paging, schema
 from services.auth import require_admin
 from services.chat import check_id, check_session_type
 from services.errors import BadRequest
@@ -25,6 +25,14 @@ class RootHandler(BaseHandler):
                  "websocket": "/api/v1/pipelines/<pipeline>/ws/connect?session_type=person",
                  "pipelines": [p.public() for p in self.services.pipelines],
                  "docs": "docs/protocol.md"})
+
+
+class OpenAPIHandler(BaseHandler):
+    """The REST API as OpenAPI 3.1, generated from services/schema.py (the WebSocket: docs/asyncapi.yaml)."""
+
+    def get(self):
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.finish(schema.openapi_json())
 
 
 class PipelinesHandler(BaseHandler):
@@ -75,7 +83,7 @@ class LegacyBroadcastHandler(BaseHandler):
     def post(self, pipeline):
         require_admin(self.identity)
         self.services.pipelines.get(pipeline)
-        delivered = self.services.chat.broadcast(broadcast_message(self.json_body()), pipeline)
+        delivered = self.services.chat.broadcast(self.body(schema.BroadcastBody).message, pipeline)
         self.ok({"message": "Broadcast sent successfully", "delivered": delivered})
 
 
@@ -84,7 +92,7 @@ class BroadcastHandler(BaseHandler):
 
     def post(self):
         require_admin(self.identity)
-        delivered = self.services.chat.broadcast(broadcast_message(self.json_body()))
+        delivered = self.services.chat.broadcast(self.body(schema.BroadcastBody).message)
         self.ok({"message": "Broadcast sent successfully", "delivered": delivered})
 
 
@@ -93,18 +101,9 @@ class PushHandler(BaseHandler):
 
     def post(self, user_id):
         require_admin(self.identity)
-        body = self.json_body()
-        if "message" not in body:
-            raise BadRequest("push needs a `message`", code="invalid_param")
-        delivered = self.services.chat.push(check_id(user_id, "user_id"), body["message"], body.get("data"))
+        body = self.body(schema.PushBody)
+        delivered = self.services.chat.push(check_id(user_id, "user_id"), body.message, body.data)
         self.ok({"user_id": user_id, "delivered": delivered})
-
-
-def broadcast_message(body):
-    message = body.get("message")
-    if not isinstance(message, str) or not message:
-        raise BadRequest("broadcast needs a non-empty string `message`", code="invalid_param")
-    return message
 
 
 # Native sessions API.
@@ -117,10 +116,9 @@ class SessionsHandler(BaseHandler):
         self.ok({"sessions": [session_data(d) for d in docs], "next_cursor": next_cursor})
 
     async def post(self, pipeline):
-        body = self.json_body()
+        body = self.body(schema.SessionCreate)
         doc = await self.services.chat.create_session(
-            self.identity, pipeline, session_type=body.get("session_type", "person"),
-            title=body.get("title", ""), members=body.get("members", []))
+            self.identity, pipeline, session_type=body.session_type, title=body.title, members=body.members)
         self.ok(session_data(doc), status=201)
 
 
@@ -131,10 +129,7 @@ class SessionHandler(BaseHandler):
     async def patch(self, pipeline, session_id):
         chat = self.services.chat
         session = await chat.session(self.identity, pipeline, session_id)
-        body = self.json_body()
-        if "title" not in body:
-            raise BadRequest("PATCH a session with {\"title\": ...}", code="invalid_param")
-        self.ok(session_data(await chat.rename(self.identity, session, body["title"])))
+        self.ok(session_data(await chat.rename(self.identity, session, self.body(schema.SessionRename).title)))
 
 
 class MembersHandler(BaseHandler):
@@ -148,10 +143,19 @@ class MembersHandler(BaseHandler):
     async def post(self, pipeline, session_id):
         chat = self.services.chat
         session = await chat.session(self.identity, pipeline, session_id)
-        body = self.json_body()
-        doc = await chat.change_members(self.identity, session, add=body.get("add", []),
-                                        remove=body.get("remove", []))
+        body = self.body(schema.MembersChange)
+        doc = await chat.change_members(self.identity, session, add=body.add, remove=body.remove)
         self.ok(session_data(doc))
+
+
+class LeaveHandler(BaseHandler):
+    """A member leaves a group session (and stops viewing it on every connection)."""
+
+    async def post(self, pipeline, session_id):
+        chat = self.services.chat
+        session = await chat.session(self.identity, pipeline, session_id)
+        doc = await chat.leave_group(self.identity, session)
+        self.ok({"session_id": doc["_id"], "left": True})
 
 
 class MessagesHandler(BaseHandler):
@@ -170,13 +174,12 @@ class MessagesHandler(BaseHandler):
         """Send as a bot would: the reply streams to the session's viewers; poll history for the result."""
         chat = self.services.chat
         session = await chat.session(self.identity, pipeline, session_id)
-        body = self.json_body()
+        body = self.body(schema.MessageSend)
         key = self.request.headers.get("Idempotency-Key")
-        if key is not None and body.get("client_msg_id", key) != key:
+        if key is not None and body.client_msg_id not in (None, key):
             raise BadRequest("Idempotency-Key and client_msg_id differ", code="invalid_param")
         user_doc, reply_doc, duplicate = await chat.send(
-            self.identity, session, body.get("message"), stream=body.get("stream", True),
-            client_msg_id=body.get("client_msg_id", key))
+            self.identity, session, body.message, stream=body.stream, client_msg_id=body.client_msg_id or key)
         self.ok(frames.ack_data(user_doc, reply_doc, duplicate), status=200 if duplicate else 202)
 
 
@@ -184,7 +187,7 @@ class StopHandler(BaseHandler):
     async def post(self, pipeline, session_id):
         chat = self.services.chat
         session = await chat.session(self.identity, pipeline, session_id)
-        stopped = chat.stop(self.identity, session["_id"], self.json_body().get("message_id"))
+        stopped = chat.stop(self.identity, session["_id"], self.body(schema.StopBody).message_id)
         self.ok(frames.stop_ack(session["_id"], stopped)["data"])
 
 
@@ -198,6 +201,7 @@ class ResetHandler(BaseHandler):
 default_handlers = [
     (r"/", RootHandler),
     (r"/api/v1/pipelines", PipelinesHandler),
+    (r"/openapi.json", OpenAPIHandler),
     (P + r"/ws/messages/(?P<session_type>[^/]+)", LegacyHistoryHandler),
     (P + r"/ws/reset/(?P<session_type>[^/]+)", LegacyResetHandler),
     (P + r"/ws/connections", LegacyConnectionsHandler),
@@ -207,6 +211,7 @@ default_handlers = [
     (P + r"/sessions", SessionsHandler),
     (S, SessionHandler),
     (S + r"/members", MembersHandler),
+    (S + r"/leave", LeaveHandler),
     (S + r"/messages", MessagesHandler),
     (S + r"/stop", StopHandler),
     (S + r"/reset", ResetHandler),

@@ -5,9 +5,10 @@ import logging
 from pymongo.errors import PyMongoError
 from tornado import web
 
-from services import logs
+from services import guards, logs, untrusted
 from services.forwarded import client_address
-from services.errors import BadRequest, Forbidden, NotFound, ParleyError, Unavailable
+from services.errors import (BadRequest, Forbidden, LengthRequired, NotFound, ParleyError, PayloadTooLarge,
+                             Unavailable)
 
 log = logging.getLogger(__name__)
 
@@ -17,12 +18,14 @@ CORS_EXPOSE = "X-Request-Id, X-Parley-Instance, WWW-Authenticate"
 CORS_MAX_AGE = "600"
 
 
+@web.stream_request_body  # prepare() runs on the headers: Host, origin, credentials and size before any body
 class BaseHandler(web.RequestHandler):
     public = False  # True: no credentials needed (health checks, metrics)
 
     def initialize(self, services):
         self.services = services
         self.identity = None
+        self.raw_body = bytearray()  # filled by data_received (stream_request_body)
         self.set_header("X-Parley-Instance", services.instance_id)
         self._cors_headers()
 
@@ -58,8 +61,26 @@ class BaseHandler(web.RequestHandler):
         rid = self._request_id = logs.request_id(self.request.headers.get("X-Request-Id"))
         self.set_header("X-Request-Id", rid)
         logs.bind(request_id=rid, pipeline=self.path_kwargs.get("pipeline"), session_id=self.path_kwargs.get("session_id"))
+        config = self.services.config
+        guards.check_host(self.request, config)
         if not self.public and self.request.method != "OPTIONS":
             self.identity = self.services.auth.identify(self.request)
+        guards.check_json_body(self.request)
+        if "Transfer-Encoding" in self.request.headers:  # so the size is known before the body is read
+            raise LengthRequired("send the request body with a Content-Length")
+        length = self.request.headers.get("Content-Length", "0")
+        if not length.isdigit() or int(length) > config.max_body_size:
+            raise PayloadTooLarge(f"the request body is larger than {config.max_body_size} bytes")
+
+    def check_trusted_origin(self, origin):
+        """Tornado's cross_origin_protection asks this for a write that looks cross-origin."""
+        config = self.services.config
+        allowed = (*config.allowed_origins, *config.cors_origins)
+        return "*" in allowed or origin in allowed
+
+    def data_received(self, chunk):
+        # Tornado delivers no more than the Content-Length that prepare() accepted.
+        self.raw_body += chunk
 
     def set_default_headers(self):
         self.set_header("Content-Type", "application/json; charset=utf-8")
@@ -77,15 +98,17 @@ class BaseHandler(web.RequestHandler):
         self.finish(json.dumps({"code": 0, "msg": "ok", "data": data}))
 
     def json_body(self):
-        if not self.request.body:
+        if not self.raw_body:
             return {}
-        try:
-            body = json.loads(self.request.body)
-        except ValueError:
-            raise BadRequest("the request body is not valid JSON", code="invalid_json") from None
+        body = untrusted.loads(self.raw_body, what="the request body")
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object", code="invalid_json")
         return body
+
+    def body(self, type_):
+        """The JSON body validated against its declaration (services/schema.py); unknown fields dropped."""
+        from services.schema import convert
+        return convert(self.json_body(), type_)
 
     def int_arg(self, name, default, *, low, high):
         raw = self.get_query_argument(name, None)
@@ -112,6 +135,8 @@ class BaseHandler(web.RequestHandler):
         err = kwargs.get("exc_info", (None, None))[1]
         if isinstance(err, PyMongoError):
             err = Unavailable("the message store is unavailable, try again")
+        elif status_code == 403 and isinstance(err, web.HTTPError):  # Tornado's cross_origin_protection
+            err = Forbidden(f"cross-origin write refused: {err.log_message}", code="cross_origin")
         if isinstance(err, ParleyError):
             self.set_status(err.http_status)
             if err.http_status == 401:  # RFC 6750: say which scheme, and whether a token was sent but refused

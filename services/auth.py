@@ -15,6 +15,7 @@ import hmac
 import ipaddress
 import logging
 import secrets
+import dataclasses
 from dataclasses import dataclass
 
 import jwt
@@ -24,12 +25,20 @@ from services.errors import Forbidden, Unauthorized
 log = logging.getLogger(__name__)
 
 MODES = ("token", "jwt", "none")
+MIN_SECRET_BYTES = 32  # RFC 7518 3.2: an HS256 key at least as long as the hash; shorter ones are brute-forced
+
+
+def check_jwt_secret(secret):
+    if secret is not None and len(secret.encode()) < MIN_SECRET_BYTES:
+        raise ValueError(f"--jwt-secret is {len(secret.encode())} bytes; an HS256 secret needs at least "
+                         f"{MIN_SECRET_BYTES} (make one: python -c 'import secrets; print(secrets.token_urlsafe(48))')")
 
 
 @dataclass(frozen=True)
 class Identity:
     user_id: str
     is_admin: bool = False
+    expires_at: float | None = dataclasses.field(default=None, compare=False)  # JWT `exp`: a socket ends then
 
 
 LOCAL_USER = Identity(user_id="local", is_admin=True)
@@ -66,6 +75,7 @@ class Authenticator:
         if mode == "jwt":
             if bool(jwt_secret) == bool(jwt_public_key):
                 raise ValueError("--auth jwt needs exactly one of --jwt-secret (HS256) or --jwt-public-key (RS256)")
+            check_jwt_secret(jwt_secret)
             self._jwt_key = jwt_secret or jwt_public_key
             self._jwt_algorithms = ["HS256"] if jwt_secret else ["RS256"]
         self.admin_claim = admin_claim
@@ -107,7 +117,7 @@ class Authenticator:
             raise Unauthorized("invalid token: `sub` must be a non-empty string")
         role = claims.get(self.admin_claim)
         is_admin = role == self.admin_value or (isinstance(role, list) and self.admin_value in role)
-        return Identity(user_id=sub, is_admin=is_admin)
+        return Identity(user_id=sub, is_admin=is_admin, expires_at=float(claims["exp"]))
 
 
 def require_admin(identity):

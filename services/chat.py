@@ -8,7 +8,7 @@ import logging
 
 from pymongo.errors import DuplicateKeyError
 
-from services import events, frames, paging
+from services import events, frames, paging, schema
 from services.errors import Forbidden
 from services.errors import BadRequest, NotFound
 from services.store import new_id, utcnow
@@ -16,9 +16,10 @@ from services.store import new_id, utcnow
 log = logging.getLogger(__name__)
 
 SESSION_TYPES = ("person", "group")
-MAX_TEXT = 32_000
-MAX_COMPONENTS = 64
-MAX_CLIENT_MSG_ID = 128
+MAX_TEXT = schema.MAX_TEXT
+MAX_MEMBERS = 256        # default of --max-members: a session document stays small (256 ids of <= 128 chars)
+MAX_TITLE = 200
+MAX_VIEWED = 64          # sessions one connection may view at once (session.join)
 
 
 def check_session_type(value):
@@ -34,29 +35,66 @@ def check_id(value, what):
     return value
 
 
-def chain_text(chain):
-    """Validate a LangBot message chain and return its text. Only Plain components carry text today."""
-    if not isinstance(chain, list) or not chain:
-        raise BadRequest("message must be a non-empty list of components", code="invalid_message")
-    if len(chain) > MAX_COMPONENTS:
-        raise BadRequest(f"message has more than {MAX_COMPONENTS} components", code="invalid_message")
-    parts = []
+def compose(chain, pipeline):
+    """A decoded chain (services/schema.py) -> (text for the model, image URLs, the chain to store).
+
+    Plain is text, At/AtAll are `@name`/`@all`, Quote puts the quoted message first as context; Image goes to
+    pipelines whose `inputs` include "image", Voice and File to those declaring "voice"/"file"; any other is
+    refused with the reason. The stored chain is the one sent, minus unknown fields.
+    """
+    parts, images = [], []
     for component in chain:
-        if not isinstance(component, dict) or not isinstance(component.get("type"), str):
-            raise BadRequest("each message component must be an object with a string `type`",
-                             code="invalid_message")
-        if component["type"] != "Plain":
-            raise BadRequest(f"component type {component['type']!r} is not supported (use Plain)",
-                             code="unsupported_component")
-        if not isinstance(component.get("text"), str):
-            raise BadRequest("a Plain component needs a string `text`", code="invalid_message")
-        parts.append(component["text"])
+        if isinstance(component, schema.Quote):
+            quoted, quoted_images = _compose_parts(component.origin, pipeline)
+            images += quoted_images
+            if quoted.strip():
+                parts.append("\n".join("> " + line for line in quoted.splitlines()) + "\n")
+        else:
+            text, more = _compose_parts([component], pipeline)
+            parts.append(text)
+            images += more
     text = "".join(parts)
-    if not text.strip():
+    if not text.strip() and not images:
         raise BadRequest("message text is empty", code="invalid_message")
     if len(text) > MAX_TEXT:
         raise BadRequest(f"message text is longer than {MAX_TEXT} characters", code="message_too_long")
-    return text
+    return text, images, schema.to_builtins(chain)
+
+
+def _compose_parts(components, pipeline):
+    parts, images = [], []
+    for c in components:
+        if isinstance(c, schema.Plain):
+            parts.append(c.text)
+        elif isinstance(c, schema.At):
+            parts.append(f"@{c.display or c.target}")
+        elif isinstance(c, schema.AtAll):
+            parts.append("@all")
+        elif isinstance(c, schema.Image):
+            images.append(_image_url(c, pipeline))
+        elif isinstance(c, schema.Voice):
+            _accepts(pipeline, "voice", "voice messages")
+            parts.append("[voice message]")
+        elif isinstance(c, schema.File):
+            _accepts(pipeline, "file", "files")
+            parts.append(f"[file: {c.name or c.id or 'unnamed'}]")
+    return "".join(parts), images
+
+
+def _accepts(pipeline, kind, what):
+    if kind not in pipeline.inputs:
+        raise BadRequest(f"pipeline {pipeline.id!r} does not accept {what} (its inputs: "
+                         f"{', '.join(pipeline.inputs)})", code="unsupported_component")
+
+
+def _image_url(image, pipeline):
+    _accepts(pipeline, "image", "images")
+    if image.url:
+        return image.url
+    if image.base64:
+        data = image.base64
+        return data if data.startswith("data:image/") else f"data:image/png;base64,{data}"
+    raise BadRequest("an Image needs a `url` (http or https) or `base64`", code="invalid_message")
 
 
 def default_session_id(pipeline, session_type, user_id):
@@ -67,8 +105,9 @@ def default_session_id(pipeline, session_type, user_id):
 
 class ChatService:
     def __init__(self, store, hub, fanout, bus, streams, pipelines, *, limiter=None,
-                 on_last_viewer_gone="continue"):
+                 on_last_viewer_gone="continue", max_members=MAX_MEMBERS):
         self.limiter = limiter
+        self.max_members = max_members
         self.store = store
         self.hub = hub
         self.fanout = fanout
@@ -87,14 +126,28 @@ class ChatService:
             session_id=default_session_id(pipeline_id, session_type, identity.user_id),
             pipeline=pipeline_id, session_type=session_type, owner=identity.user_id)
 
+    async def embed_session(self, identity, pipeline_id, session_type, client_session):
+        """LangBot's embed widget: one session per pipeline, session type, user and browser session."""
+        check_id(client_session, "session_id")
+        self.pipelines.get(pipeline_id)
+        check_session_type(session_type)
+        return await self.store.get_or_create_session(
+            session_id=default_session_id(pipeline_id, session_type, f"{identity.user_id}\0embed\0{client_session}"),
+            pipeline=pipeline_id, session_type=session_type, owner=identity.user_id)
+
     async def create_session(self, identity, pipeline_id, *, session_type="person", title="", members=()):
         self.pipelines.get(pipeline_id)
         check_session_type(session_type)
-        if not isinstance(title, str) or len(title) > 200:
-            raise BadRequest("title must be a string of at most 200 characters", code="invalid_param")
-        if not isinstance(members, (list, tuple)) or len(members) > 256:
-            raise BadRequest("members must be a list of at most 256 user ids", code="invalid_param")
+        if not isinstance(title, str) or len(title) > MAX_TITLE:
+            raise BadRequest(f"title must be a string of at most {MAX_TITLE} characters", code="invalid_param")
+        if not isinstance(members, (list, tuple)):
+            raise BadRequest("members must be a list of user ids", code="invalid_param")
+        if len(members) > self.max_members:
+            raise BadRequest(f"members must be a list of at most {self.max_members} user ids",
+                             code="too_many_members")
         members = [check_id(m, "a member") for m in members]
+        if len({identity.user_id, *members}) > self.max_members:
+            raise BadRequest(f"a session has at most {self.max_members} members", code="too_many_members")
         if session_type == "person" and set(members) - {identity.user_id}:
             raise BadRequest("a person session has only its owner; use session_type group", code="invalid_param")
         return await self.store.create_session(pipeline=pipeline_id, session_type=session_type,
@@ -120,8 +173,22 @@ class ChatService:
         add, remove = [check_id(u, "a member") for u in add], [check_id(u, "a member") for u in remove]
         if session["owner"] in remove:
             raise BadRequest("the owner cannot be removed", code="invalid_param")
+        if len((set(session.get("members", ())) | set(add)) - set(remove)) > self.max_members:
+            raise BadRequest(f"a session has at most {self.max_members} members (--max-members)",
+                             code="too_many_members")
         doc = await self.store.change_members(session["_id"], add=add, remove=remove)
         self.bus.publish(events.members(session["_id"], add, remove))  # removed members stop viewing it
+        return doc
+
+    async def leave_group(self, identity, session):
+        """A member leaves a group session (the owner cannot: the group would have nobody to manage it)."""
+        if session["type"] != "group":
+            raise BadRequest("only a group session can be left", code="invalid_param")
+        if identity.user_id == session["owner"]:
+            raise BadRequest("the owner cannot leave their group", code="invalid_param")
+        doc = await self.store.change_members(session["_id"], remove=[identity.user_id])
+        # their connections viewing it (on every instance) stop, told `session.left` reason left_group
+        self.bus.publish(events.members(session["_id"], (), [identity.user_id], reason="left_group"))
         return doc
 
     async def rename(self, identity, session, title):
@@ -151,12 +218,8 @@ class ChatService:
     async def send(self, identity, session, chain, *, stream=True, client_msg_id=None, connection_id=""):
         """Persist the user's message and accept a reply. Returns (user_doc, reply_doc, duplicate).
         `connection_id`: the sending WebSocket's (LangBot's echo names it), "" over REST."""
-        text = chain_text(chain)
-        if not isinstance(stream, bool):
-            raise BadRequest("stream must be true or false", code="invalid_param")
+        text, images, chain = compose(chain, self.pipelines.get(session["pipeline"]))
         if client_msg_id is not None:
-            if not isinstance(client_msg_id, str) or not 0 < len(client_msg_id) <= MAX_CLIENT_MSG_ID:
-                raise BadRequest("client_msg_id must be a short non-empty string", code="invalid_param")
             existing = await self.store.find_by_client_msg_id(session["_id"], client_msg_id)
             if existing:
                 return await self._duplicate(existing)
@@ -189,7 +252,8 @@ class ChatService:
         # No await between here and accept(): the reply is registered before anything else runs.
         self.bus.publish(events.user_message(frames.message_data(user_doc), session["type"], connection_id))
         self.streams.accept(message_id=reply_doc["_id"], session=session, seq=reply_doc["seq"],
-                            reply_to=user_doc["_id"], prompt=text, sender=identity.user_id, stream=stream)
+                            reply_to=user_doc["_id"], prompt=text, sender=identity.user_id, stream=stream,
+                            images=tuple(images))
         return user_doc, reply_doc, False
 
     async def _duplicate(self, user_doc):

@@ -2,6 +2,13 @@
 
 Same driver, same queries as a real MongoDB. Data lives under `data_dir`; the child gets its own pid and log
 file there (nx-27017's defaults are shared paths under /tmp), and dies with us even on kill -9 (PDEATHSIG).
+
+Security: nx-27017 0.8.1 has no authentication, so it listens on loopback only, and its files are private to
+the user running Parley (directories 0700, files 0600: the child runs with umask 077). Any local process of
+another user can still connect to the port: docs/security.md says so.
+
+Supervision: `supervise()` restarts the child on the same port if it dies (back-off 0.5 s doubling to 10 s);
+the driver reconnects by itself, and /readyz answers 503 until it has.
 """
 import ctypes
 import logging
@@ -10,12 +17,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
+BACKOFF_MIN, BACKOFF_MAX = 0.5, 10.0  # seconds between restarts of a store that keeps dying
+STABLE_AFTER = 30.0  # a store that ran this long before dying restarts after BACKOFF_MIN again
 
 
 class EmbeddedMongoError(RuntimeError):
@@ -28,7 +38,8 @@ def free_port(host="127.0.0.1"):
         return s.getsockname()[1]
 
 
-def _die_with_parent():
+def _child_setup():
+    os.umask(0o077)  # every file the store creates is private: 0600, directories 0700
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
@@ -56,6 +67,10 @@ class EmbeddedMongo:
         self.port = port
         self.db_name = db_name
         self.process = None
+        self.restarts = 0
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._supervisor = None
 
     @property
     def url(self):
@@ -66,18 +81,59 @@ class EmbeddedMongo:
         return self.data_dir / "nx-27017.pid"
 
     def start(self, timeout=30.0):
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        make_private(self.data_dir)
         self._clear_stale_pid_file()
         self.port = self.port or free_port(self.host)
+        log.info("starting embedded MongoDB-wire server (nx-27017) on %s:%s, data in %s",
+                 self.host, self.port, self.data_dir)
+        self._spawn()
+        try:
+            self._wait_until_ready(timeout)
+        except EmbeddedMongoError:
+            self.stop()
+            raise
+        return self
+
+    def _spawn(self):
         cmd = [sys.executable, "-m", "nx_27017.nx_27017", "--host", self.host, "--port", str(self.port),
                "--data-dir", str(self.data_dir / "db"), "--pid-file", str(self.pid_file),
                "--log-file", str(self.data_dir / "nx-27017.log")]
-        log.info("starting embedded MongoDB-wire server (nx-27017) on %s:%s, data in %s",
-                 self.host, self.port, self.data_dir)
-        self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                        stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-        self._wait_until_ready(timeout)
+        with self._lock:
+            if self._stopping.is_set():
+                raise EmbeddedMongoError("stopping")
+            self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                            stdin=subprocess.DEVNULL, preexec_fn=_child_setup)
+
+    def supervise(self):
+        """Restart the store whenever it dies, until stop(). The thread must outlive the child it forks
+        (PDEATHSIG follows the forking thread), so it runs until stop()."""
+        self._supervisor = threading.Thread(target=self._watch, name="nx-27017-supervisor", daemon=True)
+        self._supervisor.start()
         return self
+
+    def _watch(self):
+        delay = BACKOFF_MIN
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            code = self.process.wait()
+            if self._stopping.is_set():
+                return
+            if time.monotonic() - started > STABLE_AFTER:
+                delay = BACKOFF_MIN
+            log.error("embedded store (nx-27017) exited with code %s; restarting in %.1f s", code, delay)
+            if self._stopping.wait(delay):
+                return
+            delay = min(delay * 2, BACKOFF_MAX)
+            try:
+                self._clear_stale_pid_file()
+                self._spawn()
+                self._wait_until_ready(30.0)
+            except EmbeddedMongoError as exc:
+                if not self._stopping.is_set():
+                    log.error("embedded store restart failed: %s", exc)
+                continue
+            self.restarts += 1
+            log.warning("embedded store restarted (pid %s, restart %d)", self.process.pid, self.restarts)
 
     def _clear_stale_pid_file(self):
         try:
@@ -108,11 +164,12 @@ class EmbeddedMongo:
                 return
             except Exception:
                 if time.monotonic() > deadline:
-                    self.stop()
                     raise EmbeddedMongoError(f"nx-27017 did not answer ping within {timeout:g} s") from None
                 time.sleep(0.01)
 
     def stop(self, timeout=10.0):
+        with self._lock:
+            self._stopping.set()
         if self.process is None or self.process.poll() is not None:
             return
         self.process.terminate()
@@ -123,3 +180,15 @@ class EmbeddedMongo:
             self.process.kill()
             self.process.wait()
         self.pid_file.unlink(missing_ok=True)
+
+
+def make_private(path):
+    """Create `path` 0700 and take group/other access away from what an earlier run left there."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for root, dirs, files in os.walk(path):
+        os.chmod(root, 0o700)
+        for name in files:
+            try:
+                os.chmod(os.path.join(root, name), 0o600)
+            except FileNotFoundError:
+                pass

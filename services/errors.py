@@ -66,3 +66,23 @@ class RateLimited(ParleyError):
     code = "rate_limited"
     http_status = 429
     retryable = True
+
+
+class PayloadTooLarge(ParleyError):
+    code = "payload_too_large"
+    http_status = 413
+
+
+class UnsupportedMediaType(ParleyError):
+    code = "unsupported_media_type"
+    http_status = 415
+
+
+class HostNotAllowed(ParleyError):
+    code = "host_not_allowed"
+    http_status = 421
+
+
+class LengthRequired(ParleyError):
+    code = "length_required"
+    http_status = 411

@@ -35,8 +35,10 @@ def reset(session_id, deleted):
     return {"type": "reset", "session_id": session_id, "deleted": deleted}
 
 
-def members(session_id, added, removed):
-    return {"type": "members", "session_id": session_id, "added": list(added), "removed": list(removed)}
+def members(session_id, added, removed, reason="removed"):
+    """`reason`: what the removed members' viewing connections are told (`removed`, or `left_group`)."""
+    return {"type": "members", "session_id": session_id, "added": list(added), "removed": list(removed),
+            "reason": reason}
 
 
 def presence(session_id, event, user_id):

@@ -11,6 +11,7 @@ carry the event's timestamp, never a per-connection one. LangBot's `data.connect
 the splice below (CONNECTION_ID_IN_DATA) is kept for a receiver's id but is off. Extension frames (anything
 outside frames.LANGBOT_TYPES) go only to connections that opted in to the Parley dialect.
 """
+import itertools
 import logging
 
 from services import events, frames
@@ -20,6 +21,7 @@ from services.store import LIVE
 log = logging.getLogger(__name__)
 
 CONNECTION_ID_IN_DATA = False
+PAGE = 48 * 1024  # code points per frame of a delta-mode catch-up: ≤ 4 bytes each, so ≤ 256 KB with escapes
 FINALS_REMEMBERED = 32  # per connection: a resume crossing a final in flight must not get it a second time
 _SPLICE_TAIL = '""}}'  # how an encoded frame whose last field is data.connection_id = "" ends
 
@@ -79,6 +81,8 @@ class Reply:
         self.text = Text(content)
         self.thinking_text = Text(thinking)
         self.error = self.usage = None
+        self.origin = event.get("origin")
+        self.late = set()  # connections that began viewing after this reply started elsewhere (they resume)
 
     @property
     def content(self):
@@ -168,7 +172,7 @@ class FanOut:
 
     def _started(self, event):
         if event["message_id"] not in self.replies:
-            self.replies[event["message_id"]] = Reply(event)
+            self.replies[event["message_id"]] = self._new_reply(event)
         self._send(frames.status(event), self.hub.viewers(event["session_id"]))
 
     def _delta(self, event):
@@ -177,14 +181,17 @@ class FanOut:
         if reply is None:
             if offset or thinking_offset:
                 return  # the start of this reply never reached us: its text comes from the store on resume
-            reply = self.replies[message_id] = Reply(event)
-        if offset != reply.text.length or thinking_offset != reply.thinking_text.length:
-            if offset > reply.text.length or thinking_offset > reply.thinking_text.length:
-                log.warning("reply.delta with a gap message_id=%s offset=%s have=%s", message_id, offset,
-                            reply.text.length)
-            return  # a repeat (or a gap): offsets make both safe to drop
-        reply.text.append(event["text"])
-        reply.thinking_text.append(event["thinking"])
+            reply = self.replies[message_id] = self._new_reply(event)
+        have, thinking_have = reply.text.length, reply.thinking_text.length
+        if offset > have or thinking_offset > thinking_have:
+            log.warning("reply.delta with a gap message_id=%s offset=%s have=%s", message_id, offset, have)
+            return  # the text in between comes from the store (resume) or the final
+        # what we already have (a repeat, or an overlap) is dropped: the offsets say how much
+        text, thinking = event["text"][have - offset:], event["thinking"][thinking_have - thinking_offset:]
+        if not (text or thinking):
+            return
+        reply.text.append(text)
+        reply.thinking_text.append(thinking)
         if not reply.stream:
             return
         groups = {}
@@ -193,17 +200,31 @@ class FanOut:
             if cursor is None:
                 # A delta-mode connection that started viewing mid-reply waits for its `resume`; a cumulative
                 # frame is self-contained, so a cumulative one simply starts following.
-                if conn.stream_mode == "delta" and (offset or thinking_offset):
+                # (A cluster `sync` starts at 0 but is mid-reply too: the reply's text so far, for a newcomer.)
+                if conn.stream_mode == "delta" and (have or thinking_have or event.get("sync")
+                                                    or conn.id in reply.late):
                     continue
                 cursor = conn.cursors[message_id] = Cursor(reply.session_id)
+            if cursor.offset >= reply.text.length and cursor.thinking_offset >= reply.thinking_text.length:
+                continue  # it already has this much (it resumed from another instance, ahead of us)
             key = (conn.dialect, conn.stream_mode, cursor.offset, cursor.thinking_offset)
             groups.setdefault(key, []).append(conn)
-            cursor.offset, cursor.thinking_offset = reply.text.length, reply.thinking_text.length
+            cursor.offset = max(cursor.offset, reply.text.length)
+            cursor.thinking_offset = max(cursor.thinking_offset, reply.thinking_text.length)
         timestamp = frames.timestamp_from_epoch(event["at"])
         session_type = self._session_type(reply.session_id)
         for (dialect, mode, start, thinking_start), conns in groups.items():
             self._send(self._chunk(reply, mode, start, thinking_start, timestamp, dialect, session_type), conns,
                        connection_id=True)
+
+    def _new_reply(self, event):
+        reply = Reply(event)
+        if reply.origin != self.bus.instance_id:
+            # Generated elsewhere, and we may hear of it late: a connection opened after it started (a client
+            # that moved here mid-reply) may already have some of it, so it resumes rather than start at 0.
+            started = event.get("at", 0)
+            reply.late = {c.id for c in self.hub.viewers(reply.session_id) if c.created_at > started}
+        return reply
 
     @staticmethod
     def _chunk(reply, mode, offset, thinking_offset, timestamp, dialect=frames.PARLEY, session_type="person"):
@@ -215,14 +236,22 @@ class FanOut:
         message_id = event["message_id"]
         self.replies.pop(message_id, None)
         conns = []
+        final, timestamp = Final(event), frames.timestamp_from_epoch(event["at"])
+        session_type = self._session_type(event["session_id"])
         for conn in self.hub.viewers(event["session_id"]):
-            conn.cursors.pop(message_id, None)
+            cursor = conn.cursors.pop(message_id, None)
+            if cursor is not None and event.get("origin") != self.bus.instance_id:
+                # A reply from another instance may end before all its text reached us (deltas cross late, or
+                # only once someone here views it): the rest first, so the deltas still add up to the final.
+                self._send(frames.chunk(final, conn.stream_mode, offset=cursor.offset,
+                                        text=final.content[cursor.offset:], thinking_offset=cursor.thinking_offset,
+                                        thinking=final.thinking[cursor.thinking_offset:], timestamp=timestamp,
+                                        dialect=conn.dialect, session_type=session_type),
+                           [conn], connection_id=True)
             conn.finals_sent[message_id] = None
             if len(conn.finals_sent) > FINALS_REMEMBERED:
                 del conn.finals_sent[next(iter(conn.finals_sent))]
             conns.append(conn)
-        final, timestamp = Final(event), frames.timestamp_from_epoch(event["at"])
-        session_type = self._session_type(event["session_id"])
         self._per_dialect(lambda dialect: frames.final(final, timestamp=timestamp, dialect=dialect,
                                                        session_type=session_type), conns, connection_id=True)
 
@@ -236,7 +265,8 @@ class FanOut:
         gone = [c for c in self.hub.viewers(session_id) if c.user_id in removed and not c.identity.is_admin]
         for conn in gone:
             self.leave(conn, session_id)
-        self._send({"type": "session.left", "data": {"session_id": session_id, "reason": "removed"}}, gone)
+        self._send({"type": "session.left", "data": {"session_id": session_id,
+                                                     "reason": event.get("reason", "removed")}}, gone)
 
     def _presence(self, event):
         session_id = event["session_id"]
@@ -265,6 +295,10 @@ class FanOut:
     # who views what
 
     def join(self, conn, session_id, session_type="person"):
+        for reply in self.replies.values():
+            # a reply generating on another instance may reach us later than its start: not from 0 for this one
+            if reply.session_id == session_id and reply.origin != self.bus.instance_id:
+                reply.late.add(conn.id)
         if self.hub.join(conn, session_id, session_type) and self.hub.session_type(session_id) == "group":
             self.bus.publish(events.presence(session_id, "join", conn.user_id))
 
@@ -317,16 +351,31 @@ class FanOut:
                 cursor = conn.cursors[reply.message_id] = Cursor(session_id, offset, thinking_offset)
             if source == "live" and not reply.stream:
                 continue  # a non-streamed reply sends only its final frame
-            if source == "live":
-                frame = self._chunk(reply, conn.stream_mode, offset, thinking_offset, timestamp, **variant)
-                cursor.offset, cursor.thinking_offset = reply.text.length, reply.thinking_text.length
+            content, thinking = reply.content, reply.thinking
+            if source != "finished":  # follow from here; a client that followed the owner directly may be ahead
+                cursor.offset, cursor.thinking_offset = max(offset, len(content)), max(thinking_offset, len(thinking))
+            if (conn.stream_mode == "delta" and conn.dialect != frames.LANGBOT
+                    and len(content) - offset + len(thinking) - thinking_offset > PAGE):
+                conn.send_pages(reply.message_id, self._pages(conn, reply, content, offset, thinking,
+                                                              thinking_offset, timestamp, variant))
             else:
-                frame = frames.chunk(reply, conn.stream_mode, offset=offset, text=reply.content[offset:],
-                                     thinking_offset=thinking_offset, thinking=reply.thinking[thinking_offset:],
+                frame = frames.chunk(reply, conn.stream_mode, offset=offset, text=content[offset:],
+                                     thinking_offset=thinking_offset, thinking=thinking[thinking_offset:],
                                      timestamp=timestamp, **variant)
-                if source == "store":  # live elsewhere (or orphaned): follow from its checkpoint
-                    cursor.offset, cursor.thinking_offset = len(reply.content), len(reply.thinking)
-            self._send(frame, [conn], connection_id=True)
+                self._send(frame, [conn], connection_id=True)
             if source == "finished":
                 self._send(frames.final(reply, timestamp=timestamp, **variant), [conn], connection_id=True)
         return done
+
+    def _pages(self, conn, reply, content, offset, thinking, thinking_offset, timestamp, variant):
+        """A huge delta-mode catch-up as frames of at most PAGE code points, made as the client reads them:
+        the reasoning first, then the answer, each page continuing exactly where the previous ended."""
+        pages = itertools.chain(
+            ((offset, "", at, thinking[at:at + PAGE]) for at in range(thinking_offset, len(thinking), PAGE)),
+            ((at, content[at:at + PAGE], len(thinking), "") for at in range(offset, len(content), PAGE)))
+        for text_at, text, thinking_at, thought in pages:
+            frame = frames.chunk(reply, "delta", offset=text_at, text=text, thinking_offset=thinking_at,
+                                 thinking=thought, timestamp=timestamp, **variant)
+            if CONNECTION_ID_IN_DATA:
+                frame["data"]["connection_id"] = conn.id
+            yield frame

@@ -55,6 +55,17 @@ class Connection:
             self.closed = True
             return False
 
+    def send_pages(self, message_id, pages):
+        """Queue an iterator of frames sent one by one as the client reads them (a huge catch-up)."""
+        if self.closed:
+            return False
+        try:
+            self.outbox.put_pages(message_id, pages)
+            return True
+        except ConnectionClosed:
+            self.closed = True
+            return False
+
     def _too_slow(self):
         log.warning("closing a slow consumer conn_id=%s user=%s: %d characters waiting", self.id, self.user_id,
                     self.outbox.waiting_size)
@@ -71,6 +82,7 @@ class Hub:
         self.by_user = {}       # user_id -> {conn_id: Connection}
         self.by_pipeline = {}   # pipeline id -> {conn_id: Connection}
         self.session_types = {}  # viewed session id -> "person" | "group"
+        self.pending = 0        # sockets open but not registered yet (authenticating): they count as connections
 
     def register(self, conn):
         self.connections[conn.id] = conn

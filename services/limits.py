@@ -30,7 +30,8 @@ class RateLimiter:
 
 
 def check_capacity(hub, identity, *, max_total, max_per_user):
-    if len(hub.connections) >= max_total:
+    """`identity` None: a socket not yet authenticated (only the total applies)."""
+    if len(hub.connections) + hub.pending >= max_total:
         raise Capacity(f"the server is at its connection limit ({max_total}); try again later")
-    if len(hub.by_user.get(identity.user_id, ())) >= max_per_user:
+    if identity is not None and len(hub.by_user.get(identity.user_id, ())) >= max_per_user:
         raise Capacity(f"you already have {max_per_user} connections open; close one first")

@@ -26,7 +26,7 @@ PROVIDER_ERRORS = (
     "missing_api_key", "upstream_bad_request", "upstream_error", "upstream_model_not_found",
     "upstream_protocol_error", "upstream_rate_limited", "upstream_unauthorized", "upstream_unreachable", "other")
 CLIENT_FRAMES = ("authenticate", "message", "stop", "resume", "ping", "disconnect", "session.join",
-                 "session.leave", "presence", "unknown", "invalid")
+                 "session.leave", "group.leave", "presence", "unknown", "invalid")
 SERVER_FRAMES = ("connected", "user_message", "ack", "response", "status", "stop_ack", "pong", "error",
                  "broadcast", "push", "presence", "session.joined", "session.left", "session.reset", "resumed",
                  "reconnect", "other")
@@ -37,7 +37,9 @@ DISCONNECT_REASONS = ("slow", "capacity", "auth", "ping_timeout", "oversize", "i
                       "shutdown", "other")
 STOP_OUTCOMES = ("local", "forwarded", "noop")
 RESUME_SOURCES = ("live", "store", "finished")
-BUS_EVENTS = ("stop", "broadcast", "push", "stream", "other")
+# services/bus.py's event types and the cluster bus's own `interest` (only --cluster writes or reads any)
+BUS_EVENTS = ("user_message", "reply.started", "reply.delta", "reply.final", "stop", "reset", "members", "presence",
+              "broadcast", "push", "reconnect", "interest", "other")
 STREAMED_KINDS = ("text", "thinking")
 TOKEN_KINDS = ("prompt", "completion")
 
@@ -130,7 +132,7 @@ class Metrics:
         self.bus_received = Counter("parley_bus_events_received", "Cluster bus events received from other "
                                     "instances", ("event",), registry=r)
         self.bus_lag = Histogram("parley_bus_lag_seconds", "From publish on one instance to receipt on another",
-                                 buckets=FAST_BUCKETS, registry=r)
+                                 ("event",), buckets=FAST_BUCKETS, registry=r)
         self.fenced_writes = Counter("parley_fenced_writes_refused", "Checkpoint or final writes the store refused "
                                      "because another instance had ended the reply (stale owner)", registry=r)
         self.followed_replies = Gauge("parley_followed_replies", "Replies generating on another instance that "
@@ -176,11 +178,11 @@ class Metrics:
             self.disconnects.labels(reason)
         for outcome in STOP_OUTCOMES:
             self.stop_requests.labels(outcome)
-        for op in STORE_OPERATIONS:
-            self.store_errors.labels(op)
         for event in BUS_EVENTS:
             self.bus_published.labels(event)
             self.bus_received.labels(event)
+        for op in STORE_OPERATIONS:
+            self.store_errors.labels(op)
 
     def pipeline(self, pipeline_id):
         """The label for a configured pipeline; None (record nothing) for any other."""
@@ -298,8 +300,9 @@ class Metrics:
         self.fenced_writes.inc()
 
     def bus_event_received(self, event, lag_seconds):
-        self.bus_received.labels(_known(event, BUS_EVENTS, "other")).inc()
-        self.bus_lag.observe(max(0.0, lag_seconds))
+        event = _known(event, BUS_EVENTS, "other")
+        self.bus_received.labels(event).inc()
+        self.bus_lag.labels(event).observe(max(0.0, lag_seconds))
 
     # HTTP (handlers/ops.py log_function)
 

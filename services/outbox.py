@@ -4,7 +4,9 @@ Frames go straight to the socket while less than WINDOW characters are in flight
 flushed to the kernel). Past that they wait here, and chunks of one reply that wait together are merged —
 offsets make that safe: a merged delta starts at the first one's offset, a merged cumulative frame is simply the
 newest. Terminal frames and everything else are never dropped or merged. If what waits still exceeds `limit`
-characters, the connection is too slow to keep: `on_overflow()` closes it.
+characters, the connection is too slow to keep: `on_overflow()` closes it. A reply's final frame is not counted
+(it comes once per reply, is never dropped, and of a huge reply is bigger than the limit by itself), and a paged
+catch-up (`put_pages`) makes its next frame only when the socket has room, so it never waits here whole.
 
 The fan-out encodes a frame once for every connection that gets the same bytes: `put(frame, text, nbytes)` takes
 that text as is. Such a frame's dict may be shared with other connections' outboxes, so a merge copies it first.
@@ -26,6 +28,10 @@ def encode(frame):
 
 def is_chunk(frame):
     return frame.get("type") == "response" and not frame["data"].get("is_final")
+
+
+def is_final(frame):
+    return frame.get("type") == "response" and bool(frame["data"].get("is_final"))
 
 
 def mergeable(older, newer):
@@ -59,14 +65,25 @@ def merge(older, newer):
     return older
 
 
+def merged_size(size, newer, text=None):
+    """The waiting entry's size once `newer` is folded in, without encoding the merged frame again (that made
+    a busy socket's merges quadratic): a delta grows by its encoded increments (a key it did not have yet is
+    not counted: tens of characters); a cumulative frame becomes as large as the newest."""
+    new = newer["data"]
+    if "delta" in new or "thinking_delta" in new:
+        return size + sum(len(encode(new[key])) - 2 for key in ("delta", "thinking_delta") if key in new)
+    return len(text) if text is not None else len(encode(newer))
+
+
 class Outbox:
     def __init__(self, write, *, limit, on_overflow, on_sent=None):
         self.on_sent = on_sent          # on_sent(frame_type, bytes): metrics
         self.write = write              # write(text) -> Future resolved when flushed; raises when closed
         self.limit = limit
         self.on_overflow = on_overflow
-        self.waiting = deque()          # [frame, size] in send order
+        self.waiting = deque()          # [frame, size, text, nbytes] in send order; frame None: pages
         self.waiting_size = 0
+        self.finals_size = 0            # of waiting_size: final frames, which the limit does not count
         self.in_flight = 0
         self.chunks = {}                # message_id -> the waiting entry of its latest chunk
         self.merged = 0                 # chunks folded into another (for metrics and tests)
@@ -83,7 +100,7 @@ class Outbox:
             entry[0] = merge(entry[0], frame)
             self.merged += 1
             entry[2] = entry[3] = None
-            size = len(encode(entry[0]))
+            size = merged_size(entry[1], frame, text)
             self.waiting_size += size - entry[1]
             entry[1] = size
         else:
@@ -92,14 +109,22 @@ class Outbox:
             entry = [frame, len(text), text, nbytes]   # frame, characters, encoding, bytes (None: not known)
             self.waiting.append(entry)
             self.waiting_size += entry[1]
+            if is_final(frame):
+                self.finals_size += entry[1]
             if mid:
                 if is_chunk(frame):
                     self.chunks[mid] = entry
                 else:
                     self.chunks.pop(mid, None)  # after a final, nothing may merge into earlier chunks
-        if self.waiting_size > self.limit and not self.overflowed:
+        if self.waiting_size - self.finals_size > self.limit and not self.overflowed:
             self.overflowed = True
             self.on_overflow()
+
+    def put_pages(self, message_id, pages):
+        """Queue an iterator of frames (one reply's catch-up), each made only when the socket has room for it."""
+        self.chunks.pop(message_id, None)  # later chunks continue after the pages: never merge before them
+        self.waiting.append([None, 0, pages, None])
+        self._pump()
 
     def _send(self, frame, text=None, nbytes=None):
         if text is None:
@@ -115,16 +140,30 @@ class Outbox:
     def _flushed(self, future, size):
         future.exception()  # a closed socket: nothing to do, but don't log "never retrieved"
         self.in_flight -= size
-        while self.waiting and self.in_flight < WINDOW and not future.exception():
-            frame, n, text, nbytes = self.waiting.popleft()
-            self.waiting_size -= n
-            mid = frame["data"].get("message_id") if frame.get("type") == "response" else None
-            if mid and self.chunks.get(mid, [None])[0] is frame:
-                del self.chunks[mid]
-            try:
+        if future.exception():
+            return
+        self._pump()
+
+    def _pump(self):
+        try:
+            while self.waiting and self.in_flight < WINDOW:
+                entry = self.waiting[0]
+                if entry[0] is None:  # pages: the next one, or on to the next entry
+                    frame = next(entry[2], None)
+                    if frame is None:
+                        self.waiting.popleft()
+                    else:
+                        self._send(frame)
+                    continue
+                frame, n, text, nbytes = self.waiting.popleft()
+                self.waiting_size -= n
+                if is_final(frame):
+                    self.finals_size -= n
+                mid = frame["data"].get("message_id") if frame.get("type") == "response" else None
+                if mid and self.chunks.get(mid, [None])[0] is frame:
+                    del self.chunks[mid]
                 self._send(frame, text, nbytes)
-            except ConnectionClosed:
-                self.waiting.clear()
-                self.chunks.clear()
-                self.waiting_size = 0
-                return
+        except ConnectionClosed:
+            self.waiting.clear()
+            self.chunks.clear()
+            self.waiting_size = self.finals_size = 0

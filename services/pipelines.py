@@ -15,6 +15,7 @@ from services.errors import NotFound
 log = logging.getLogger(__name__)
 
 PROVIDERS = ("demo", "openai")
+INPUTS = ("text", "image", "voice", "file")
 ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")        # a pipeline id is a URL path segment
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -44,6 +45,8 @@ class Pipeline:
     retry_backoff: float = 0.5  # first retry delay in seconds; doubles each time, capped
     timeouts: Timeouts = field(default_factory=Timeouts)
     options: dict = field(default_factory=dict)  # provider-specific
+    inputs: tuple = ("text",)   # what its model takes besides text: "image", "voice", "file" (message components)
+    embed: str = ""             # the bot id LangBot's embed widget connects with (/api/v1/embed/<embed>/ws/connect)
 
     def public(self):
         """What clients may see: no secrets, no environment variable names."""
@@ -53,6 +56,13 @@ class Pipeline:
 class Pipelines:
     def __init__(self, pipelines):
         self._by_id = {p.id: p for p in pipelines}
+
+    def for_embed(self, bot):
+        """The pipeline LangBot's embed widget reaches as `bot`: the one declaring `embed = bot`, else `bot`'s id."""
+        for p in self._by_id.values():
+            if p.embed == bot:
+                return p
+        return self.get(bot)
 
     def get(self, pipeline_id):
         try:
@@ -68,6 +78,25 @@ class Pipelines:
 
     def __len__(self):
         return len(self._by_id)
+
+
+def api_key(pipeline):
+    """The pipeline's key: the variable `api_key_env` names, or the file `<api_key_env>_FILE` names (a secrets
+    mount, as Docker and Kubernetes provide). None when neither is set or the file cannot be read."""
+    name = pipeline.api_key_env
+    if not name:
+        return None
+    if value := os.environ.get(name):
+        return value
+    path = os.environ.get(name + "_FILE")
+    if not path:
+        return None
+    try:
+        with open(path) as f:
+            return f.read().strip() or None
+    except OSError as exc:
+        log.warning("pipeline %s: cannot read %s_FILE (%s)", pipeline.id, name, exc.strerror or exc)
+        return None
 
 
 def default_pipelines():
@@ -116,9 +145,9 @@ def load_pipelines(path):
             raise PipelineConfigError(path, "must be a table", pipeline=pid)
         pipelines.append(_pipeline(path, pid, table))
     for p in pipelines:
-        if p.api_key_env and p.api_key_env not in os.environ:
-            log.warning("pipeline %s: environment variable %s is not set; its replies will fail with "
-                        "missing_api_key", p.id, p.api_key_env)
+        if p.api_key_env and p.api_key_env not in os.environ and p.api_key_env + "_FILE" not in os.environ:
+            log.warning("pipeline %s: environment variable %s (or %s_FILE) is not set; its replies will fail "
+                        "with missing_api_key", p.id, p.api_key_env, p.api_key_env)
     return Pipelines(pipelines)
 
 
@@ -153,6 +182,9 @@ _PIPELINE_FIELDS = {
     "retry_backoff": (_num, "a number", (lambda v: 0 <= v <= 60, "must be between 0 and 60 seconds")),
     "timeouts": (lambda v: isinstance(v, dict), "a table", None),
     "options": (lambda v: isinstance(v, dict), "a table", None),
+    "inputs": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings",
+               (lambda v: "text" in v and set(v) <= set(INPUTS), f"must list text and any of image, voice, file")),
+    "embed": (_str, "a string", (lambda v: v == "" or ID_RE.match(v), "must be 1-64 letters, digits, '_' or '-'")),
 }
 _TIMEOUT_FIELDS = {f.name for f in fields(Timeouts)}
 
@@ -180,6 +212,8 @@ def _pipeline(path, pid, table):
         values["retry_backoff"] = float(values["retry_backoff"])
     if "timeouts" in values:
         values["timeouts"] = _timeouts(path, pid, values["timeouts"])
+    if "inputs" in values:
+        values["inputs"] = tuple(values["inputs"])
 
     provider = values.get("provider", "demo")
     if provider == "openai":

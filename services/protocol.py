@@ -5,13 +5,12 @@ while a reply streams. Sends and resumes go through a small per-connection inbox
 client's messages are persisted in the order it sent them.
 """
 import asyncio
-import json
 import logging
 
 from pymongo.errors import PyMongoError
 
-from services import frames
-from services.chat import check_id
+from services import frames, schema
+from services.chat import MAX_VIEWED, check_id
 from services.errors import BadRequest, ParleyError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -31,26 +30,29 @@ class ClientProtocol:
 
         self.handlers = {"ping": self.on_ping, "disconnect": self.on_disconnect, "stop": self.on_stop,
                          "message": self._queue, "session.join": self._queue, "session.leave": self.on_leave,
-                         "presence": self.on_presence, "resume": self._queue,
+                         "presence": self.on_presence, "resume": self._queue, "group.leave": self._queue,
                          # already authenticated (by the handshake): a LangBot client's habit, harmless
                          "authenticate": lambda frame: None}
-        self.queued = {"message": self._send, "session.join": self._join, "resume": self._resume}
+        self.queued = {"message": self._send, "session.join": self._join, "resume": self._resume,
+                       "group.leave": self._leave_group}
 
     def receive(self, text):
-        """Handle one frame. Returns its type, or "invalid" when it is not a frame (for metrics)."""
-        frame = {}
+        """Handle one frame. Returns its type, "unknown" for a type Parley does not know, or "invalid" when it is
+        not a frame (for metrics)."""
+        kind = None
         try:
-            frame = parse(text)
-            handler = self.handlers.get(frame["type"])
-            if handler is None:
-                raise BadRequest(f"unknown frame type {frame['type']!r}", code="unknown_type")
-            handler(frame)
+            frame = schema.decode_frame(text)
+            kind = schema.frame_type(frame)
+            self.handlers[kind](frame)
         except ParleyError as err:
-            self._refuse(err, request_type=frame.get("type"))
+            kind = kind or schema.peek_type(text)
+            self._refuse(err, request_type=kind)
+            if err.code == "unknown_type":
+                return "unknown"
         except Exception:
             log.exception("frame handling failed conn_id=%s", self.conn.id)
-            self._refuse(ParleyError("internal error"), request_type=frame.get("type"))
-        return frame.get("type", "invalid")
+            self._refuse(ParleyError("internal error"), request_type=kind)
+        return kind if kind in schema.CLIENT_TYPES else "invalid"
 
     def shutdown(self):
         """The socket closed: finish the send in progress (never half-persist one), drop the rest."""
@@ -76,10 +78,7 @@ class ClientProtocol:
 
     def on_stop(self, frame):
         session_id = self._session_id(frame)
-        message_id = frame.get("message_id")
-        if message_id is not None:
-            check_id(message_id, "message_id")
-        stopped = self.chat.stop(self.conn.identity, session_id, message_id)
+        stopped = self.chat.stop(self.conn.identity, session_id, frame.message_id)
         self.conn.send(frames.stop_ack(session_id, stopped))
 
     def on_leave(self, frame):
@@ -93,9 +92,7 @@ class ClientProtocol:
     # frames that wait their turn (they touch the store), in the order the client sent them
 
     def _queue(self, frame):
-        if frame["type"] == "session.join":
-            check_id(frame.get("session_id"), "session_id")
-        elif frame["type"] == "message":
+        if isinstance(frame, schema.MessageFrame):
             self._session_id(frame)  # reject a foreign session before queueing
         try:
             self.inbox.put_nowait(frame)
@@ -109,8 +106,8 @@ class ClientProtocol:
             if self.conn.closed:
                 break
             self.busy = True
-            kind = frame["type"]
-            context = {"request_type": kind, "client_msg_id": frame.get("client_msg_id")}
+            kind = schema.frame_type(frame)
+            context = {"request_type": kind, "client_msg_id": getattr(frame, "client_msg_id", None)}
             try:
                 await self.queued[kind](frame)
             except PyMongoError as exc:
@@ -130,24 +127,34 @@ class ClientProtocol:
         identity = self.conn.identity
         session = await self.chat.session(identity, self.conn.pipeline, self._session_id(frame))
         user_doc, reply_doc, duplicate = await self.chat.send(
-            identity, session, frame.get("message"), stream=frame.get("stream", True),
-            client_msg_id=frame.get("client_msg_id"), connection_id=self.conn.id)
+            identity, session, frame.message, stream=frame.stream, client_msg_id=frame.client_msg_id,
+            connection_id=self.conn.id)
         self.conn.send(frames.ack(user_doc, reply_doc, duplicate))
 
     async def _join(self, frame):
-        session = await self.chat.session(self.conn.identity, self.conn.pipeline, frame["session_id"])
+        session = await self.chat.session(self.conn.identity, self.conn.pipeline, frame.session_id)
         if self.conn.closed:
             return
+        if session["_id"] not in self.conn.sessions and len(self.conn.sessions) >= MAX_VIEWED:
+            raise BadRequest(f"a connection views at most {MAX_VIEWED} sessions; leave one first",
+                             code="too_many_sessions")
         self.conn.send({"type": "session.joined", "data": {"session_id": session["_id"],
                                                            "session_type": session["type"],
                                                            "title": session.get("title", "")}})
         self.chat.fanout.join(self.conn, session["_id"], session["type"])
 
+    async def _leave_group(self, frame):
+        session = await self.chat.session(self.conn.identity, self.conn.pipeline, frame.session_id)
+        viewing = session["_id"] in self.conn.sessions
+        await self.chat.leave_group(self.conn.identity, session)
+        if not viewing or self.conn.identity.is_admin:  # leave_group told the viewing connections already
+            self.conn.send({"type": "session.left", "data": {"session_id": session["_id"], "reason": "left_group"}})
+
     async def _resume(self, frame):
         await self.resumer.resume(self.conn, frame)
 
     def _session_id(self, frame):
-        session_id = frame.get("session_id")
+        session_id = frame.session_id
         if session_id is None:
             if self.conn.primary_session is None:
                 raise BadRequest("this connection views no session", code="session_not_found")
@@ -157,17 +164,4 @@ class ClientProtocol:
             raise BadRequest("this connection does not view that session", code="session_not_found")
         return session_id
 
-
-def parse(text):
-    if isinstance(text, bytes):
-        raise BadRequest("frames are JSON text, not binary", code="invalid_frame")
-    try:
-        frame = json.loads(text)
-    except ValueError:
-        raise BadRequest("the frame is not valid JSON", code="invalid_json") from None
-    if not isinstance(frame, dict):
-        raise BadRequest("a frame must be a JSON object", code="invalid_frame")
-    if not isinstance(frame.get("type"), str):
-        raise BadRequest("a frame needs a string `type`", code="invalid_frame")
-    return frame
 

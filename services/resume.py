@@ -18,17 +18,9 @@ from services.store import LIVE
 
 log = logging.getLogger(__name__)
 
-MAX_RESUME = 64  # replies named in one session-wide resume
+MAX_RESUME = 64  # replies named in one session-wide resume (declared in services/schema.py)
 # Statuses whose stored text is everything that was streamed: an offset beyond it is a client error.
 COMPLETE_TEXT = ("completed", "stopped", "failed", "timeout")
-
-
-def check_offset(value, what):
-    if value is None:
-        return 0
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise BadRequest(f"{what} must be a non-negative integer", code="invalid_param")
-    return value
 
 
 class Resumer:
@@ -41,18 +33,17 @@ class Resumer:
 
     async def resume(self, conn, frame):
         """Handle one `resume` frame: by `message_id`, or every live reply of a session (plus `offsets` named)."""
-        if frame.get("message_id") is not None:
-            message_id = check_id(frame["message_id"], "message_id")
-            wanted = {message_id: (check_offset(frame.get("offset"), "offset"),
-                                   check_offset(frame.get("thinking_offset"), "thinking_offset"))}
+        if frame.message_id is not None:
+            message_id = frame.message_id
+            wanted = {message_id: (frame.offset, frame.thinking_offset)}
             doc, session = await self._find(conn, message_id)
             session_id = doc["session_id"]
             docs = {message_id: doc}
             every_live = False
         else:
-            session_id = frame.get("session_id", conn.primary_session)
+            session_id = frame.session_id or conn.primary_session
             check_id(session_id, "session_id")
-            wanted = parse_offsets(frame.get("offsets"))
+            wanted = {m: (o.offset, o.thinking_offset) for m, o in frame.offsets.items()}
             session = await self.chat.session(conn.identity, conn.pipeline, session_id)
             docs = {d["_id"]: d for d in await self.store.find_replies(session_id, list(wanted))}
             if missing := [m for m in wanted if m not in docs]:
@@ -91,10 +82,14 @@ class Resumer:
         for reply in sorted(replies.values(), key=lambda r: r.seq):
             offset, thinking_offset = wanted.get(reply.message_id, (0, 0))
             live = self.fanout.replies.get(reply.message_id)
-            length, thinking_length = ((live.text.length, live.thinking_text.length) if live is not None
-                                       else (len(reply.content), len(reply.thinking)))
-            if offset > length or thinking_offset > thinking_length:
-                if live is not None or reply.message_id in self.streams.generations or reply.status in COMPLETE_TEXT:
+            length, thinking_length = len(reply.content), len(reply.thinking)
+            if live is not None:  # (one from another instance may lag the store here, or the store it)
+                length, thinking_length = max(length, live.text.length), max(thinking_length, live.thinking_text.length)
+            local = reply.message_id in self.streams.generations
+            if (offset > length or thinking_offset > thinking_length) and not local and reply.status in LIVE:
+                pass  # generating on another instance: a client that followed it there may be ahead of us
+            elif offset > length or thinking_offset > thinking_length:
+                if live is not None or local or reply.status in COMPLETE_TEXT:
                     raise BadRequest(f"offset beyond the {length} characters of reply "
                                      f"{reply.message_id!r}", code="invalid_offset", message_id=reply.message_id)
                 # Interrupted or orphaned: text after the last checkpoint is lost; the final frame is authoritative.
@@ -105,7 +100,7 @@ class Resumer:
         if self.metrics is not None:
             for reply, offset, thinking_offset, source in sent:
                 if source != "sent":
-                    replayed = len(reply.content) - offset + len(reply.thinking) - thinking_offset
+                    replayed = max(0, len(reply.content) - offset) + max(0, len(reply.thinking) - thinking_offset)
                     self.metrics.resumed(session["pipeline"], source, replayed)
         log.debug("resumed conn_id=%s session_id=%s replies=%s", conn.id, session_id,
                   [r.message_id for r, _, _ in plan])
@@ -117,17 +112,3 @@ def _queued(gen):
                            reply_to=gen.reply_to, status=gen.status, content="", thinking="", error=None,
                            usage=None)
 
-
-def parse_offsets(raw):
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict) or len(raw) > MAX_RESUME:
-        raise BadRequest(f"offsets must be an object of at most {MAX_RESUME} message ids", code="invalid_param")
-    wanted = {}
-    for message_id, pos in raw.items():
-        check_id(message_id, "message_id")
-        if not isinstance(pos, dict):
-            raise BadRequest("each offsets entry must be {offset, thinking_offset}", code="invalid_param")
-        wanted[message_id] = (check_offset(pos.get("offset"), "offset"),
-                              check_offset(pos.get("thinking_offset"), "thinking_offset"))
-    return wanted

@@ -186,6 +186,9 @@ OPTIONS = (
            group="auth", minimum=0.01),
     Option("allowed_origins", tuple, (), "comma-separated origins (https://chat.example) allowed to open "
            "WebSockets besides the server's own; * allows any", group="auth", metavar="ORIGINS"),
+    Option("allowed_hosts", tuple, (), "comma-separated host names this server answers to besides loopback "
+           "names (DNS-rebinding guard; enforced with --auth none, or in every mode once set); * allows any",
+           group="auth", metavar="HOSTS"),
     Option("frame_ancestors", str, "'none'", "who may embed the web app in a frame: the CSP frame-ancestors "
            "sources ('self', https://portal.example); 'none' forbids framing", group="auth", metavar="SOURCES"),
     Option("cors_origins", tuple, (), "comma-separated origins (https://app.example) whose web pages may call the "
@@ -205,6 +208,17 @@ OPTIONS = (
            unit="bytes", group="limits", minimum=1),
     Option("outbox_limit", int, 1024 * KiB, "characters waiting for a slow reader before it is disconnected "
            "(close 4008)", unit="characters", group="limits", minimum=1),
+    Option("max_body_size", int, 1024 * KiB, "largest REST request body (larger: 413 before it is read)",
+           unit="bytes", group="limits", minimum=1),
+    Option("http_idle_timeout", float, 30.0, "time an HTTP connection may take to send its request headers, "
+           "or stay idle between requests, before it is closed (slow-header guard)", unit="s", group="limits",
+           minimum=0.1),
+    Option("body_timeout", float, 30.0, "time a client may take to send a request body", unit="s",
+           group="limits", minimum=0.1),
+    Option("max_members", int, 256, "members of one group session", unit="users", group="limits", minimum=1,
+           maximum=10_000),
+    Option("store_timeout", float, 5.0, "longest wait for MongoDB on any operation before `store_unavailable`",
+           unit="s", group="store", minimum=0.1),
     Option("max_queued", int, 8, "replies waiting per session before `session_busy`", unit="replies",
            group="replies", minimum=0),
     Option("checkpoint_interval", float, 1.0, "how often a streaming reply's partial text is saved", unit="s",

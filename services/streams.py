@@ -24,7 +24,7 @@ TURN_POLL = 0.1  # seconds between claims of a session's turn while another inst
 
 
 class Generation:
-    def __init__(self, *, message_id, session, seq, reply_to, prompt, sender, stream):
+    def __init__(self, *, message_id, session, seq, reply_to, prompt, sender, stream, images=()):
         self.message_id = message_id
         self.session_id = session["_id"]
         self.session_type = session["type"]
@@ -32,6 +32,7 @@ class Generation:
         self.seq = seq
         self.reply_to = reply_to      # the user message id this answers
         self.prompt = prompt          # the user's text
+        self.images = images          # image URLs (http(s) or data:) for pipelines with image input
         self.sender = sender
         self.stream = stream          # False: viewers get only the final frame
         self.status = "queued"
@@ -244,7 +245,8 @@ class StreamManager:
                      for d in docs if d.get("content") and d.get("status") in ("completed", "stopped")]
         return GenerationRequest(pipeline=pipeline, session_id=gen.session_id, session_type=gen.session_type,
                                  message_id=gen.message_id, history=turns,
-                                 prompt=Turn(role="user", text=gen.prompt, sender=gen.sender))
+                                 prompt=Turn(role="user", text=gen.prompt, sender=gen.sender,
+                                             images=gen.images))
 
     def provider(self, pipeline):
         provider = self._providers.get(pipeline.id)

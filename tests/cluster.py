@@ -50,6 +50,12 @@ model = "demo"
 history_messages = 0
 options = {{ words = 40, rate = 400 }}
 
+[pipelines.cuttable]
+provider = "demo"
+model = "demo"
+history_messages = 0
+options = {{ words = 60, thinking = 10, rate = 300 }}
+
 [pipelines.up]
 provider = "openai"
 model = "m"
@@ -93,6 +99,8 @@ async def fetch(cluster, path, *, src=source(1), method="GET", body=None, user="
         body = json.dumps(body)
     if method == "POST" and body is None:
         body = ""
+    if body:
+        headers["Content-Type"] = "application/json"  # a body must say it is JSON (415 otherwise)
     request = HTTPRequest((base or cluster.url) + path, method=method, body=body, headers=headers,
                           network_interface=src, request_timeout=20)
     response = await AsyncHTTPClient().fetch(request, raise_error=False)

@@ -10,9 +10,10 @@ import uuid
 import pytest
 from pymongo import MongoClient
 from tornado import httpclient
-from tornado.websocket import websocket_connect
+from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 import server
+from services import schema
 from services.embedded_mongo import EmbeddedMongo
 from services.pipelines import Pipeline, Pipelines, Timeouts
 from services.providers import make_provider
@@ -41,6 +42,29 @@ def require(condition, reason):
     if REQUIRE_ALL:
         pytest.fail(f"required component missing: {reason}")
     pytest.skip(reason)
+
+
+@pytest.fixture(autouse=True)
+def frames_match_their_schema(monkeypatch):
+    """Every frame a test client receives from a Parley WebSocket is checked against its dialect's declaration
+    (services/schema.py); a mismatch fails the test that received it."""
+    mismatches = []
+    receive = WebSocketClientConnection.on_message
+
+    def on_message(self, message):
+        url = getattr(getattr(self, "request", None), "url", "")
+        if isinstance(message, str) and "/ws/connect" in url:
+            dialect = ("parley" if self.selected_subprotocol == PARLEY_SUBPROTOCOL
+                       or f"protocol={PARLEY_SUBPROTOCOL}" in url else "langbot")
+            try:
+                schema.check_server_frame(message, dialect)
+            except ValueError as exc:
+                mismatches.append(f"{exc}\n  frame: {message[:500]}")
+        return receive(self, message)
+
+    monkeypatch.setattr(WebSocketClientConnection, "on_message", on_message)
+    yield mismatches
+    assert not mismatches, "server frames that do not match their schema:\n" + "\n".join(mismatches[:5])
 
 
 @pytest.fixture(scope="session")
@@ -73,9 +97,15 @@ def make_test_pipelines():
         Pipeline(id="endless", provider="demo", options={"words": 100000, "rate": 500},
                  timeouts=Timeouts(first_token=5, stall=5, total=0.4)),
         # As fast as possible and long: floods a reader that stops reading.
+        # Over 524,288 code points of answer (its final frame alone is over the 1 MB outbox limit), in ~100 chunks.
+        Pipeline(id="huge", provider="demo", model="demo", timeouts=fast, history_messages=0,
+                 options={"words": 95000, "thinking": 12000, "rate": 0, "chunk_words": 1000}),
         Pipeline(id="bulk", provider="demo", model="demo", timeouts=fast,
                  options={"words": 3000, "rate": 0}),
         Pipeline(id="broken", provider="fail", timeouts=fast),
+        # Takes images; LangBot's embed widget reaches it as bot "widget".
+        Pipeline(id="vision", provider="demo", model="demo", timeouts=fast, inputs=("text", "image"),
+                 embed="widget", options={"words": 12, "rate": 0}),
         Pipeline(id="empty", provider="empty", timeouts=fast),
     ])
 
@@ -208,6 +238,8 @@ def fetch(http_client, base_url):
             headers["Authorization"] = f"Bearer {token}"
         if body is not None and not isinstance(body, (str, bytes)):
             body = json.dumps(body)
+        if body:
+            headers.setdefault("Content-Type", "application/json")
         if method == "POST" and body is None:
             body = ""
         response = await http_client.fetch(base_url + path, method=method, body=body, headers=headers,

@@ -1,5 +1,6 @@
 """The nginx-fronted cluster: three real instances on one store behind a real nginx (tests/cluster.py)."""
 import asyncio
+import random
 import re
 import signal
 
@@ -7,7 +8,8 @@ import pytest
 from pymongo import MongoClient
 
 from services.store import assemble
-from tests.test_resume import Received, follow
+from tests.test_resume import Received, abort, follow, nothing_more, send_resume
+from tests.upstream import FakeUpstream, Script
 from tests.cluster import LEASE, cluster, plain, connect, fetch, instance_for, source, spread, wait_for  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.gen_test(timeout=120)
@@ -70,10 +72,33 @@ async def test_group_replies_run_one_at_a_time_across_instances(cluster):
     for c in clients:
         await c.send({"type": "session.join", "session_id": session_id})
         await c.recv_type("session.joined")
-    acks = await asyncio.gather(*(c.say(f"from {c.connected['user_id']} #{i}", session_id=session_id)
-                                  for i in range(3) for c in clients))
-    assert all(a["type"] == "ack" for a in acks), acks
-    reply_ids = {a["data"]["reply_message_id"] for a in acks}
+    sends = [c.send({"type": "message", "message": [{"type": "Plain", "text": f"from {c.connected['user_id']} #{i}"}],
+                     "session_id": session_id}) for i in range(3) for c in clients]
+    await asyncio.gather(*sends)  # all at once, through three instances
+
+    async def watch(client):
+        acks, echoes, finals = [], set(), []
+        while len(acks) < 3 or len(echoes) < 9 or len(finals) < 9:
+            frame = await client.recv_type("ack", "error", "user_message", "response", timeout=30)
+            assert frame["type"] != "error", frame
+            data = frame["data"]
+            if frame["type"] == "ack":
+                acks.append(data)
+            elif frame["type"] == "user_message":
+                echoes.add(data["message_id"])
+            elif data["is_final"]:
+                finals.append((data["seq"], data["message_id"], data["status"]))
+        return acks, echoes, finals
+
+    seen = await asyncio.gather(*(watch(c) for c in clients))
+    acks = [a for got in seen for a in got[0]]
+    reply_ids = {a["reply_message_id"] for a in acks}
+    user_ids = {a["message_id"] for a in acks}
+    for _, echoes, finals in seen:  # everyone saw every message and every reply, the replies in one order
+        assert echoes == user_ids
+        assert finals == seen[0][2] == sorted(finals)
+        assert {m for _, m, _ in finals} == reply_ids
+        assert {status for _, _, status in finals} == {"completed"}
 
     async def all_done():
         code, body, _ = await fetch(cluster, f"/api/v1/pipelines/paced/sessions/{session_id}/messages?limit=100",
@@ -144,11 +169,11 @@ async def test_sigterm_drains_clients_to_other_instances_and_ends_replies_cleanl
     # new sockets from the same address go to another instance at once
     moved = await connect(cluster, "slow", src=src, user="drained")
     assert moved.instance != victim.id
+    await resume(moved, got)
+    await follow(moved, got, timeout=20)  # followed from the draining instance, to the final
     assert await asyncio.get_running_loop().run_in_executor(None, victim.proc.wait, 30) == 0
-    await moved.send({"type": "resume", "message_id": got.message_id, **got.offsets})
-    await moved.recv_type("resumed")
-    await follow(moved, got, timeout=20)
     final = got.finals[0]
+    assert len(got.finals) == 1
     assert final["status"] == "interrupted" and final["content"] == got.joined(got.text)
     with MongoClient(cluster.mongo_url) as db:
         stored = db[cluster.db_name].messages.find_one({"_id": got.message_id})
@@ -158,6 +183,13 @@ async def test_sigterm_drains_clients_to_other_instances_and_ends_replies_cleanl
     moved.close()
     victim.start()
     await asyncio.get_running_loop().run_in_executor(None, victim.wait_ready)
+
+
+async def resume(client, got):
+    """Send `resume` for what `got` has; True when the reply's final arrived before `resumed` (it crossed the
+    resume). Deltas before `resumed` are not counted: the resume asks again from the client's offsets."""
+    resumed, early = await send_resume(client, got)
+    return early
 
 
 def stored(cluster, message_id):
@@ -203,3 +235,173 @@ async def test_sigstop_past_the_lease_then_sigcont_cannot_overwrite_the_final(cl
     code, text = await plain(owner.url + "/metrics")
     assert re.search(r"^parley_fenced_writes_refused_total [1-9]", text, re.M), "no fenced write counted"
     client.close()
+async def test_kill_9_of_the_owner_clients_get_interrupted_with_the_checkpointed_text(cluster):
+    where = await spread(cluster)
+    owner = cluster.instances[0]
+    client = await connect(cluster, "slow", src=where[owner.id], user="killed")
+    got = Received((await client.say("then the lights went out"))["data"]["reply_message_id"])
+    for _ in range(20):
+        got.add(await client.recv_type("response"))
+    owner.proc.kill()
+    owner.proc.wait()
+    try:
+        await client.wait_closed(timeout=20)
+        moved = await connect(cluster, "slow", src=where[owner.id], user="killed")  # nginx picks a live one
+        assert moved.instance != owner.id
+        await resume(moved, got)
+        await follow(moved, got, timeout=2 * LEASE + 10)
+        final = got.finals[0]
+        truth = stored(cluster, got.message_id)
+        assert final["status"] == truth["status"] == "interrupted"
+        assert final["error"]["code"] == "instance_lost"
+        assert final["content"] == truth["content"] and truth["content"]  # the checkpointed text
+        assert left_streaming(cluster, owner.id) == 0
+        moved.close()
+    finally:
+        await restart(owner)
+
+
+@pytest.mark.parametrize("via", ["ws", "rest"])
+async def test_a_stop_through_any_instance_stops_the_reply_where_it_generates(cluster, via):
+    upstream = FakeUpstream()
+    await upstream.start(cluster.upstream_port)
+    try:
+        upstream.plan("m", Script(content=[f"w{i} " for i in range(5000)], rate=200))
+        where = await spread(cluster)
+        ids = [i.id for i in cluster.instances]
+        # three viewers of one session, one per instance; the reply generates where the first one is
+        viewers = [await connect(cluster, "up", src=where[i], user="stopper") for i in ids]
+        session_id = viewers[0].connected["session_id"]
+        got = [Received((await viewers[0].say("talk until stopped"))["data"]["reply_message_id"])]
+        got += [Received(got[0].message_id) for _ in viewers[1:]]
+        for v, g in zip(viewers, got):
+            await resume(v, g)  # the other instances' viewers follow it from the start
+        await wait_for(lambda: _async(len(upstream.calls) == 1))
+        for _ in range(5):
+            got[1].add(await next_of(viewers[1], got[1].message_id))  # it streams on the second instance too
+        # stop from an instance that is not generating it
+        if via == "ws":
+            await viewers[2].send({"type": "stop", "session_id": session_id})
+        else:
+            code, body, answered = await fetch(cluster, f"/api/v1/pipelines/up/sessions/{session_id}/stop",
+                                               method="POST", src=where[ids[1]], user="stopper")
+            assert code == 200 and answered == ids[1], body
+        await upstream.calls[0].wait_disconnect(20)  # the upstream request was closed by the owner
+        for v, g in zip(viewers, got):
+            await follow(v, g, timeout=20)
+            assert len(g.finals) == 1 and g.finals[0]["status"] == "stopped"
+            await nothing_more(v, g.message_id)
+        assert stored(cluster, got[0].message_id)["status"] == "stopped"
+        for v in viewers:
+            v.close()
+    finally:
+        await upstream.stop()
+
+
+async def _async(value):
+    return value
+
+
+async def next_of(client, message_id):
+    while True:
+        frame = await client.recv_type("response", timeout=20)
+        if frame["data"]["message_id"] == message_id:
+            return frame
+
+
+async def frame_of(client, kind, timeout=20):
+    return await client.recv_type(kind, timeout=timeout)
+
+
+async def presence_of(client, user_id):
+    """The event of the next presence frame about `user_id` (others, such as one's own join, are skipped)."""
+    while (frame := await frame_of(client, "presence"))["data"].get("user_id") != user_id:
+        pass
+    return frame["data"]["event"]
+
+
+async def test_broadcast_push_presence_membership_and_reset_cross_instances(cluster):
+    where = await spread(cluster)
+    one, two, three = (where[i.id] for i in cluster.instances)
+    owner = await connect(cluster, src=one, user="ann")
+    ann_phone = await connect(cluster, src=three, user="ann")
+    bob = await connect(cluster, src=two, user="bob")
+    assert len({owner.instance, ann_phone.instance, bob.instance}) == 3
+
+    code, body, _ = await fetch(cluster, "/api/v1/broadcast", method="POST", src=two, admin=True,
+                                body={"message": "maintenance at noon"})
+    assert code == 200, body
+    for c in (owner, ann_phone, bob):
+        assert (await frame_of(c, "broadcast"))["message"] == "maintenance at noon"
+
+    code, body, _ = await fetch(cluster, "/api/v1/users/ann/push", method="POST", src=two, admin=True,
+                                body={"message": "for ann's devices"})
+    assert code == 200, body
+    for c in (owner, ann_phone):
+        assert (await frame_of(c, "push"))["data"]["message"] == "for ann's devices"
+
+    code, body, _ = await fetch(cluster, "/api/v1/pipelines/default/sessions", method="POST", src=one, user="ann",
+                                body={"session_type": "group", "members": ["bob"]})
+    assert code in (200, 201), body
+    session_id = body["data"]["session_id"]
+    await owner.send({"type": "session.join", "session_id": session_id})
+    await frame_of(owner, "session.joined")
+    await bob.send({"type": "session.join", "session_id": session_id})
+    await frame_of(bob, "session.joined")
+    assert await presence_of(owner, "bob") == "join"  # bob came online on another instance
+
+    ack = await bob.say("hello group", session_id=session_id)
+    echo = await frame_of(owner, "user_message")
+    assert echo["data"]["message_id"] == ack["data"]["message_id"]
+    final = (await owner.until_final(ack["data"]["reply_message_id"], timeout=20))[-1]["data"]
+    assert final["status"] == "completed"
+
+    code, body, _ = await fetch(cluster, f"/api/v1/pipelines/default/sessions/{session_id}/reset", method="POST",
+                                src=three, user="ann")
+    assert code == 200, body
+    for c in (owner, bob):
+        assert (await frame_of(c, "session.reset"))["data"]["session_id"] == session_id
+
+    code, body, _ = await fetch(cluster, f"/api/v1/pipelines/default/sessions/{session_id}/members",
+                                method="POST", src=three, user="ann", body={"remove": ["bob"]})
+    assert code == 200, body
+    left = await frame_of(bob, "session.left")
+    assert left["data"] == {"session_id": session_id, "reason": "removed"}
+    assert await presence_of(owner, "bob") == "leave"
+    for c in (owner, ann_phone, bob):
+        c.close()
+async def test_200_clients_moved_mid_reply_resume_with_no_gap_no_duplicate_and_follow_live(cluster):
+    where = await spread(cluster)
+    ids = [i.id for i in cluster.instances]
+    rng = random.Random(20261129)
+    plans = [[(rng.randrange(0, 80), rng.choice(["close", "drop"])) for _ in range(20)] for _ in range(10)]
+    outcomes = []
+
+    async def worker(w):
+        user = f"mover{w}"
+        first, second = where[ids[w % 3]], where[ids[(w + 1) % 3]]
+        for run, (cut, how) in enumerate(plans[w]):
+            a = await connect(cluster, "cuttable", src=first, user=user)
+            await a.send({"type": "message", "message": [{"type": "Plain", "text": f"run {run}"}],
+                          "client_msg_id": f"{w}-{run}"})
+            got = Received((await a.recv_type("ack", timeout=20))["data"]["reply_message_id"])
+            while len(got.text) + len(got.thinking) < cut and not got.finals:
+                got.add(await next_of(a, got.message_id))
+            abort(a, how)
+            b = await connect(cluster, "cuttable", src=second, user=user)  # another instance
+            assert b.instance != a.instance
+            early = await resume(b, got)
+            await follow(b, got, timeout=20)
+            final = got.finals[0]
+            assert len(got.finals) == 1 and final["status"] == "completed"
+            text, thinking = got.joined(got.text), got.joined(got.thinking)
+            if early:  # the final crossed the resume: it carries the whole text, and nothing follows it
+                assert final["content"].startswith(text) and final.get("thinking", "").startswith(thinking)
+                outcomes.append("final first")
+            else:
+                assert text == final["content"] and thinking == final.get("thinking", "")
+                outcomes.append("mid" if cut < len(text) + len(thinking) else "after end")
+            b.close()
+
+    await asyncio.wait_for(asyncio.gather(*(worker(w) for w in range(10))), 150)
+    assert len(outcomes) == 200 and outcomes.count("mid") >= 50, sorted(set(outcomes))

@@ -21,7 +21,9 @@ BAD_FRAMES = [
     ('{"type": "message", "message": [{"text": "no type"}]}', "invalid_message"),
     ('{"type": "message", "message": [{"type": "Plain", "text": 5}]}', "invalid_message"),
     ('{"type": "message", "message": [{"type": "Plain", "text": "   "}]}', "invalid_message"),
-    ('{"type": "message", "message": [{"type": "Image", "url": "x"}]}', "unsupported_component"),
+    # an image, to a pipeline whose inputs are text only
+    ('{"type": "message", "message": [{"type": "Image", "url": "https://example.com/a.png"}]}',
+     "unsupported_component"),
     ('{"type": "message", "message": [{"type": "Plain", "text": "hi"}], "stream": "yes"}', "invalid_param"),
     ('{"type": "message", "message": [{"type": "Plain", "text": "hi"}], "client_msg_id": {"$ne": 1}}',
      "invalid_param"),

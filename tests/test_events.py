@@ -1,11 +1,14 @@
 """Events as data, one fan-out: every event is plain JSON data; one event is encoded once and the same bytes go to
 every connection of the same stream mode; a resume crossing a final never gets that final twice."""
+import asyncio
 import json
 import random
+import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.fanout import PAGE
 from tests.conftest import settle
 from tests.test_resume import Received, nothing_more, send_resume
 
@@ -141,3 +144,59 @@ async def test_a_resume_crossing_the_final_never_gets_a_second_final(connect, se
         if not sender_done:
             await sender.until_final(reply_id)
     assert crossed >= 12  # at least the tries that resumed after the final was sent
+
+
+async def test_a_huge_finished_reply_resumes_in_pages_then_one_final(connect, services):
+    """A reply of more than 524,288 code points (its final frame alone, text twice, is over the 1 MB outbox
+    limit): a delta-mode resume gets it in frames of at most 256 KB, made as the client reads them, then the one
+    final, and the connection is not closed as a slow consumer."""
+    a = await connect("huge", stream_mode="delta")
+    reply_id = (await a.say("a very long answer"))["data"]["reply_message_id"]
+    a.close()
+    await settle(lambda: reply_id not in services.streams.generations, timeout=60)
+    stored = await services.store.get_message(reply_id)
+    assert stored["status"] == "completed" and len(stored["content"]) > 524_288 and len(stored["thinking"]) > PAGE
+    b = await connect("huge", stream_mode="delta")
+    await b.send({"type": "resume", "message_id": reply_id, "offset": 0, "thinking_offset": 0})
+    await b.recv_type("resumed")
+    got, sizes = Received(reply_id), []
+    while not got.finals:
+        text = await asyncio.wait_for(b.ws.read_message(), 30)
+        assert text is not None, "closed: %s %s" % (b.ws.close_code, b.ws.close_reason)
+        frame = json.loads(text)
+        if frame["type"] == "response" and frame["data"]["message_id"] == reply_id:
+            sizes.append(len(text.encode()))
+            got.add(frame)
+    assert len(sizes) >= 12 and max(sizes[:-1]) <= 256 * 1024, sizes
+    assert got.joined(got.text) == stored["content"] == got.finals[0]["content"]
+    assert got.joined(got.thinking) == stored["thinking"] == got.finals[0]["thinking"]
+    await nothing_more(b, reply_id)
+
+
+async def test_deltas_from_another_instance_are_applied_by_their_offsets(connect, services):
+    """What the cluster bus relies on, on one box: events of another origin (through Bus.receive) reach the
+    viewers here; a delta overlapping the text already delivered is trimmed, a repeat dropped, an event of our
+    own origin coming back is skipped, and exactly one final arrives. Nothing is kept after it."""
+    a = await connect("default", stream_mode="delta")
+    session_id = a.connected["session_id"]
+    reply = {"session_id": session_id, "message_id": "remote-reply", "seq": 2, "reply_to": "remote-question",
+             "origin": "elsewhere", "at": time.time()}
+    services.bus.receive({"type": "reply.started", "status": "streaming", "stream": True, **reply})
+    assert (await a.recv_type("status"))["data"]["message_id"] == "remote-reply"
+    for offset, text in ((0, "Hello, "), (3, "lo, wor"), (7, "world!"), (12, "!"), (15, "gap")):
+        services.bus.receive({"type": "reply.delta", "offset": offset, "text": text, "thinking_offset": 0,
+                              "thinking": "", **reply})
+    services.bus.receive({"type": "reply.delta", "offset": 13, "text": " Bye.", "thinking_offset": 0,
+                          "thinking": "", **reply, "origin": services.instance_id})  # our own: skipped
+    services.bus.receive({"type": "reply.final", "status": "completed", "content": "Hello, world!",
+                          "thinking": "", "error": None, "usage": None, **reply})
+    got, chunks = Received("remote-reply"), []
+    while not got.finals:
+        frame = await a.recv_type("response")
+        got.add(frame)
+        if not frame["data"]["is_final"]:
+            chunks.append((frame["data"]["offset"], frame["data"]["delta"]))
+    await nothing_more(a, "remote-reply")
+    assert chunks == [(0, "Hello, "), (7, "wor"), (10, "ld!")]
+    assert got.joined(got.text) == "Hello, world!" == got.finals[0]["content"]
+    assert "remote-reply" not in services.fanout.replies

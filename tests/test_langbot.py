@@ -187,3 +187,64 @@ async def test_the_subprotocol_is_selected_when_offered(connect):
     c = await connect()  # the test helper offers parley.v1
     assert c.ws.selected_subprotocol == "parley.v1"
     assert c.connected["dialect"] == "parley.v1"
+
+
+async def test_group_message_with_at_is_text_for_the_model_and_stored_as_sent(langbot, fetch):
+    c = await langbot(session_type="group")
+    chain = [{"type": "At", "target": "bot", "display": "Parley"}, {"type": "Plain", "text": " hello all"},
+             {"type": "AtAll"}]
+    echo, responses = await c.say(chain)
+    assert echo["data"]["content"] == "@Parley hello all@all"
+    assert echo["data"]["message_chain"] == chain
+    assert responses[-1]["data"]["content"].startswith('You said "@Parley hello all@all"')
+    code, body = await fetch("/api/v1/pipelines/default/ws/messages/group")
+    assert body["data"]["messages"][0]["message_chain"] == chain
+
+
+async def test_quote_is_context_and_unknown_fields_are_not_stored(langbot, fetch):
+    c = await langbot()
+    chain = [{"type": "Quote", "id": 1, "origin": [{"type": "Plain", "text": "earlier words"}]},
+             {"type": "Plain", "text": "what about it", "font": "bold"}]
+    echo, responses = await c.say(chain)
+    assert echo["data"]["content"] == "> earlier words\nwhat about it"
+    stored = [{"type": "Quote", "id": 1, "origin": [{"type": "Plain", "text": "earlier words"}]},
+              {"type": "Plain", "text": "what about it"}]
+    assert echo["data"]["message_chain"] == stored
+    code, body = await fetch("/api/v1/pipelines/default/ws/messages/person")
+    assert body["data"]["messages"][0]["message_chain"] == stored
+
+
+@pytest.mark.parametrize("component, reason", [
+    ({"type": "Image", "url": "https://example.com/cat.png"}, "does not accept images"),
+    ({"type": "Voice", "url": "https://example.com/a.ogg", "length": 3}, "does not accept voice messages"),
+    ({"type": "File", "name": "a.pdf", "url": "https://example.com/a.pdf"}, "does not accept files"),
+])
+async def test_components_a_pipeline_cannot_take_are_refused_with_the_reason(langbot, component, reason):
+    c = await langbot()
+    await c.send({"type": "message", "message": [{"type": "Plain", "text": "look"}, component]})
+    frame = await c.recv()
+    assert frame["type"] == "response" and frame["data"]["is_final"] and frame["data"]["id"] < 0
+    assert reason in frame["data"]["content"] and "unsupported_component" in frame["data"]["content"]
+
+
+async def test_an_image_goes_to_a_pipeline_declaring_image_input(langbot, fetch):
+    c = await langbot("vision")
+    chain = [{"type": "Plain", "text": "what is this"}, {"type": "Image", "url": "https://example.com/cat.png"}]
+    echo, responses = await c.say(chain)
+    assert echo["data"]["message_chain"] == chain and responses[-1]["data"]["is_final"]
+
+
+async def test_embed_endpoint_maps_a_bot_to_a_pipeline_and_a_browser_session_to_a_session(langbot):
+    a = await langbot(path="/api/v1/embed/widget/ws/connect", session_id="browser-1")
+    assert a.connected["pipeline_uuid"] == "vision"
+    assert set(a.connected) == {"type", "connection_id", "pipeline_uuid", "session_type", "timestamp"}
+    same = await langbot(path="/api/v1/embed/widget/ws/connect", session_id="browser-1")
+    other = await langbot(path="/api/v1/embed/widget/ws/connect", session_id="browser-2")
+    echo, responses = await a.say(plain("hello widget"))
+    assert responses[-1]["data"]["content"].startswith('You said "hello widget"')
+    seen = await same.recv()  # the same browser session sees it (another tab)
+    assert seen["type"] == "user_message" and seen["data"]["content"] == "hello widget"
+    await other.send({"type": "ping"})
+    assert (await other.recv())["type"] == "pong"  # nothing of browser-1's conversation reached browser-2
+    direct = await langbot(path="/api/v1/embed/default/ws/connect", session_id="b")  # a pipeline's id works too
+    assert direct.connected["pipeline_uuid"] == "default"

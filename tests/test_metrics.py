@@ -216,7 +216,7 @@ def test_resume_and_bus_metrics_record_what_later_code_reports():
     assert get("parley_resumes_total", {"pipeline": "default", "source": "live"}) == 1
     assert get("parley_resume_replayed_characters_total", {"pipeline": "default"}) == 150
     assert get("parley_bus_events_received_total", {"event": "stop"}) == 1
-    assert get("parley_bus_lag_seconds_count", {}) == 1
+    assert get("parley_bus_lag_seconds_count", {"event": "stop"}) == 1
     metrics.resumed("some-unknown-pipeline", "live", 1)  # never a new label value from traffic
     assert get("parley_resumes_total", {"pipeline": "some-unknown-pipeline", "source": "live"}) is None
     exposed = generate_latest(metrics.registry).decode()

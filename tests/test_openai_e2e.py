@@ -20,6 +20,7 @@ def gateway(io_loop, config, upstream):
     """A Parley whose pipelines call the fake upstream; yields a connect(pipeline) function."""
     pipelines = Pipelines([
         Pipeline(id="gpt", provider="openai", model="m", base_url=upstream.base_url, history_messages=2,
+                 inputs=("text", "image"),
                  system_prompt="Be brief.", timeouts=Timeouts(first_token=5, stall=0.5, total=20)),
     ])
     svc = io_loop.run_sync(lambda: server.open_services(config, pipelines=pipelines))
@@ -113,3 +114,18 @@ async def test_upstream_errors_end_the_reply_failed_with_their_code(gateway, ups
     assert final["error"]["message"] == "the model server refused our credentials"
     stored = await gateway.services.store.get_message(final["message_id"])
     assert stored["status"] == "failed" and stored["error"] == final["error"]
+
+
+async def test_an_image_reaches_a_pipeline_declaring_image_input_as_an_openai_image_part(gateway, upstream):
+    upstream.plan("m", Script(content=["A cat."]))
+    c = await gateway()
+    await c.send({"type": "message", "message": [
+        {"type": "Plain", "text": "what is this?"}, {"type": "Image", "url": "https://example.com/cat.png"},
+        {"type": "Image", "base64": "iVBORw0KGgo="}]})
+    ack = await c.recv_type("ack")
+    final = (await c.until_final(ack["data"]["reply_message_id"]))[-1]["data"]
+    assert final["content"] == "A cat."
+    assert upstream.calls[-1].body["messages"][-1]["content"] == [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]

@@ -131,3 +131,17 @@ def test_bad_pipelines_file_fails_start_up_naming_the_problem(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert out.returncode != 0
     assert "p.toml" in out.stderr and "gpt" in out.stderr and "timeouts.stall" in out.stderr
+
+
+def test_a_port_in_use_is_named_without_a_traceback(tmp_path):
+    import socket
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}
+        out = subprocess.run([sys.executable, "server.py", "--port", str(port), "--data-dir", str(tmp_path)],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert f"parley: cannot listen on 127.0.0.1:{port}: Address already in use" in out.stderr
+    assert nx_pid(tmp_path) is None  # the embedded store it had started is stopped again

@@ -53,10 +53,18 @@ class Run:
     """`make run` in the clone, in its own process group (so a signal reaches make and the server)."""
 
     def __init__(self, clone, *args, env=None):
+        self.clone, self.args, self.env = clone, args, env or {}
+        self._start()
+
+    def _start(self):
+        # A port another suite takes between free_port() and our bind fails the start: wait_ready starts again.
         self.port = free_port()
-        self.out_path, self.err_path = clone.parent / f"out-{self.port}", clone.parent / f"err-{self.port}"
-        self.proc = subprocess.Popen(["make", "--no-print-directory", "run", *make_args(clone), *args],
-                                     cwd=clone, env=stranger_env(PARLEY_PORT=str(self.port), **(env or {})),
+        self.instance = f"stranger-{self.port}-{os.getpid()}"  # so readiness is ours, not another suite's
+        self.out_path = self.clone.parent / f"out-{self.instance}"
+        self.err_path = self.clone.parent / f"err-{self.instance}"
+        self.proc = subprocess.Popen(["make", "--no-print-directory", "run", *make_args(self.clone), *self.args],
+                                     cwd=self.clone, env=stranger_env(PARLEY_PORT=str(self.port),
+                                                                      PARLEY_INSTANCE_ID=self.instance, **self.env),
                                      stdout=open(self.out_path, "wb"), stderr=open(self.err_path, "wb"),
                                      start_new_session=True)
         self.base = f"http://127.0.0.1:{self.port}"
@@ -67,13 +75,18 @@ class Run:
     def stderr(self):
         return self.err_path.read_text()
 
-    def wait_ready(self, timeout=60):
+    def wait_ready(self, timeout=60, attempts=3):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"make run exited: {self.stdout()} {self.stderr()}"
+            if self.proc.poll() is not None:
+                attempts -= 1
+                assert attempts > 0 and "Address already in use" in self.stderr(), \
+                    f"make run exited: {self.stdout()} {self.stderr()}"
+                self._start()
+                continue
             try:
                 with urllib.request.urlopen(self.base + "/readyz", timeout=2) as r:
-                    if r.status == 200:
+                    if r.status == 200 and r.headers["X-Parley-Instance"] == self.instance:
                         return
             except OSError:
                 pass

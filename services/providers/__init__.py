@@ -23,6 +23,7 @@ class Turn:
     role: str        # "user" | "assistant"
     text: str
     sender: str | None = None  # user id of a user turn (group sessions label speakers)
+    images: tuple = ()         # image URLs (http(s) or data:) sent with the prompt (pipelines with image input)
 
 
 @dataclass

@@ -14,12 +14,12 @@ context); `aclose()` it at shutdown.
 """
 import asyncio
 import logging
-import os
 import random
 
 import msgspec
 import openai
 
+from services.pipelines import api_key
 from services.providers import Chunk, ProviderError
 
 try:  # the HTTP library this openai release is built on (newer releases: httpx2)
@@ -133,13 +133,20 @@ class OpenAIProvider:
                 timeout=openai.Timeout(None, connect=t.connect, write=t.connect, pool=t.connect))
         return self._client
 
-    async def warm_up(self):
-        """Build the client now (its TLS context and connection pool take a few hundred ms the first time)."""
+    async def warm_up(self, timeout=2.0):
+        """Before the first reply: build the client and its lazily imported parts, and open a pooled connection
+        with one cheap request (GET /models), so the first reply costs what the tenth does. Whatever the
+        upstream answers, or if it is down, the warm-up is over; the first reply reports real problems."""
         try:
             key = self._key()
         except ProviderError:
             return  # the first reply says the key is missing; the pipeline loader has warned already
-        self._get_client(key)
+        client = self._get_client(key)
+        client.chat.completions  # noqa: B018 (the SDK imports its resources on first access)
+        try:
+            await asyncio.wait_for(client.models.list(), timeout)
+        except (openai.APIError, TimeoutError) as exc:
+            log.debug("warm-up request to %s: %s", self.pipeline.base_url, type(exc).__name__)
 
     async def aclose(self):
         if self._client is not None:
@@ -150,9 +157,9 @@ class OpenAIProvider:
         name = self.pipeline.api_key_env
         if not name:
             return None
-        key = os.environ.get(name)
+        key = api_key(self.pipeline)
         if not key:
-            raise ProviderError("missing_api_key", f"environment variable {name} is not set")
+            raise ProviderError("missing_api_key", f"environment variable {name} (or {name}_FILE) is not set")
         return key
 
     def request_body(self, request):
@@ -363,6 +370,9 @@ def _message(turn, group):
         # A label inside the content works with every model and chat template; the `name` field is ignored by
         # most open-model templates (vLLM, Ollama, llama.cpp) and OpenAI rejects names outside [A-Za-z0-9_-].
         text = f"[{speaker(turn.sender)}]: {text}"
+    if turn.images:  # OpenAI's content parts: the text, then each image
+        return {"role": role, "content": [{"type": "text", "text": text}] +
+                [{"type": "image_url", "image_url": {"url": url}} for url in turn.images]}
     return {"role": role, "content": text}
 
 

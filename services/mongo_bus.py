@@ -1,0 +1,318 @@
+"""The cluster bus: events cross instances through MongoDB itself (--cluster). Nothing but the shared store.
+
+Every instance inserts the events other instances need into the `events` collection (TTL-indexed: a day of
+history at most) and reads everyone's inserts through one change stream, skipping its own. After a dropped
+stream it resumes from its resume token, so nothing is missed; when resuming is impossible (the token fell off
+the oplog), `resync()` is called to re-read every followed reply from the store.
+
+Reply deltas are most of the traffic, and most of it is useless to other instances (sticky clients view their
+replies where they are generated). So deltas cross only for sessions another instance has announced interest in
+(it has a viewer of them: a group member elsewhere, a client that moved), merged to at most one event per reply
+per BATCH_INTERVAL. An instance announces the sessions its clients view (`interest` events: at once when the set
+grows, and every INTEREST_REFRESH seconds; an owner forgets an interest not refreshed for INTEREST_TTL). The
+owner answers an announcement with a `sync`: one delta per live reply of those sessions, from offset 0, so the
+newcomer has the whole text. Received deltas are made contiguous per reply here (`Followed`): a repeat is
+trimmed, a gap asks the owner for a sync, so the fan-out always sees each reply's text in order, once.
+"""
+import asyncio
+import logging
+import time
+from collections import deque
+from datetime import datetime, timezone
+
+from pymongo import ASCENDING
+from pymongo.errors import OperationFailure, PyMongoError
+
+from services import events, frames
+from services.bus import Bus
+from services.store import LIVE
+
+log = logging.getLogger(__name__)
+
+EVENTS_TTL = 24 * 3600     # seconds an event document lives (a resume token older than this cannot resume)
+BATCH_INTERVAL = 0.1       # seconds: at most one reply.delta event per reply per interval crosses
+INTEREST_REFRESH = 3.0     # seconds between re-announcements of the sessions viewed here
+INTEREST_TTL = 10.0        # an owner keeps sending deltas this long after the last announcement
+INTEREST_CHECK = 0.05      # seconds between looks for newly viewed sessions (announced at once)
+POLL = 0.02                # seconds between polls of an idle change stream
+WRITE_BATCH = 500          # events per insert
+MAX_WAITING = 50_000       # events queued while the store is away; beyond this the oldest deltas are dropped
+HISTORY_LOST = (260, 280, 286)  # MongoDB: the resume token is no longer in the oplog
+
+
+class Followed:
+    """How much of a remote reply the local fan-out has been given: text and thinking lengths."""
+    __slots__ = ("session_id", "length", "thinking_length")
+
+    def __init__(self, session_id):
+        self.session_id = session_id
+        self.length = 0
+        self.thinking_length = 0
+
+
+class MongoBus(Bus):
+    def __init__(self, instance_id, store, *, metrics=None, viewed_sessions=lambda: (), live_replies=lambda s: ()):
+        super().__init__(instance_id, metrics=metrics)
+        self.store = store
+        self.collection = store.db.events
+        self.viewed_sessions = viewed_sessions  # () -> session ids with a viewer on this instance
+        self.live_replies = live_replies        # session id -> the Generations live here (for a sync)
+        self.interest = {}        # session id -> {instance: monotonic expiry}: who views our replies elsewhere
+        self.followed = {}        # message id -> Followed: remote replies delivered to the local fan-out
+        self.resume_token = None
+        self._announced = set()
+        self._last_announce = 0.0
+        self._wanted = {}         # session id -> monotonic time we last asked for a sync (rate limit)
+        self._outbox = deque()
+        self._batches = {}        # message id -> the merged reply.delta waiting for its interval
+        self._wake = asyncio.Event()
+        self._tasks = []
+
+    async def start(self):
+        await self.collection.create_index([("created", ASCENDING)], expireAfterSeconds=EVENTS_TTL)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._write_loop(), name="bus-write"),
+                       loop.create_task(self._interest_loop(), name="bus-interest")]
+        await super().start()
+
+    async def close(self):
+        await super().close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        await self._flush_all()  # a stop or final published just before shutdown still goes out
+
+    # sending
+
+    def _publish(self, event):
+        kind = event.get("type")
+        if kind == "reply.delta":
+            if self._remote_interest(event["session_id"]):
+                self._batch(event)
+            return
+        if (message_id := event.get("message_id")) and message_id in self._batches:
+            self._enqueue(self._batches.pop(message_id))  # its text before its final
+        self._enqueue(dict(event))
+
+    def _remote_interest(self, session_id):
+        holders = self.interest.get(session_id)
+        if not holders:
+            return False
+        now = time.monotonic()
+        for instance, expiry in list(holders.items()):
+            if expiry < now:
+                del holders[instance]
+        if not holders:
+            del self.interest[session_id]
+        return bool(holders)
+
+    def _batch(self, event):
+        pending = self._batches.get(event["message_id"])
+        if pending is None:
+            self._batches[event["message_id"]] = dict(event)
+            asyncio.get_running_loop().call_later(BATCH_INTERVAL, self._release, event["message_id"])
+        else:  # deltas published here are contiguous: merging is appending
+            pending["text"] += event["text"]
+            pending["thinking"] += event["thinking"]
+
+    def _release(self, message_id):
+        if (pending := self._batches.pop(message_id, None)) is not None:
+            self._enqueue(pending)
+
+    def _enqueue(self, event):
+        if len(self._outbox) >= MAX_WAITING:  # the store has been away long: shed deltas (a sync repairs them)
+            self._outbox = deque(e for e in self._outbox if e.get("type") != "reply.delta")
+        self._outbox.append(event)
+        self._wake.set()
+
+    async def _write_loop(self):
+        delay = 0.05
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._outbox:
+                try:
+                    await self._write_some()
+                    delay = 0.05
+                except asyncio.CancelledError:
+                    raise
+                except PyMongoError as exc:
+                    log.warning("bus: could not write %d events, retrying: %s", len(self._outbox), exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+
+    async def _write_some(self):
+        batch = [self._outbox[i] for i in range(min(WRITE_BATCH, len(self._outbox)))]
+        now = datetime.now(timezone.utc)
+        await self.collection.insert_many([{"origin": self.instance_id, "created": now, "event": e} for e in batch],
+                                          ordered=True)
+        for _ in batch:
+            self._outbox.popleft()
+        if self.metrics is not None:
+            for e in batch:
+                self.metrics.bus_event_published(e.get("type"))
+
+    async def _flush_all(self):
+        for message_id in list(self._batches):
+            self._release(message_id)
+        try:
+            while self._outbox:
+                await self._write_some()
+        except PyMongoError as exc:
+            log.warning("bus: %d events not sent at shutdown: %s", len(self._outbox), exc)
+
+    # interest: which sessions other instances should send us deltas of
+
+    async def _interest_loop(self):
+        while True:
+            await asyncio.sleep(INTEREST_CHECK)
+            viewed = set(self.viewed_sessions())
+            now = time.monotonic()
+            if fresh := viewed - self._announced:
+                self._announce(fresh, sync=True)
+            if now - self._last_announce >= INTEREST_REFRESH:
+                self._announce(viewed, sync=False)
+            self._announced &= viewed
+            if self.metrics is not None:
+                self.metrics.followed_replies.set(len(self.followed))
+
+    def _announce(self, sessions, *, sync):
+        """`sync`: the owners answer with the whole text of the live replies (a newcomer needs it); a refresh
+        only keeps the deltas coming."""
+        self._last_announce = time.monotonic()
+        if not sessions:
+            return
+        self._announced |= set(sessions)
+        self._enqueue({"type": "interest", "sessions": sorted(sessions), "sync": sync, "origin": self.instance_id,
+                       "at": time.time()})
+
+    def want(self, session_id):
+        """Ask the owners of a session's live replies for their whole text (a client here resumes one)."""
+        now = time.monotonic()
+        if now - self._wanted.get(session_id, 0.0) < BATCH_INTERVAL:
+            return
+        self._wanted[session_id] = now
+        self._announced.add(session_id)
+        self._enqueue({"type": "interest", "sessions": [session_id], "sync": True, "origin": self.instance_id,
+                       "at": time.time()})
+
+    def _on_interest(self, event):
+        expiry = time.monotonic() + INTEREST_TTL
+        for session_id in event.get("sessions") or ():
+            holders = self.interest.setdefault(session_id, {})
+            new = event["origin"] not in holders
+            holders[event["origin"]] = expiry
+            if new or event.get("sync"):
+                for gen in self.live_replies(session_id):
+                    self._sync(gen)
+
+    def _sync(self, gen):
+        """The whole text of a live reply so far, as one delta from offset 0 (receivers trim what they have)."""
+        if gen.message_id in self._batches:
+            self._enqueue(self._batches.pop(gen.message_id))
+        if gen.status != "streaming" or not (gen.content or gen.thinking):
+            return
+        self._enqueue({"type": "reply.delta", "session_id": gen.session_id, "message_id": gen.message_id,
+                       "seq": gen.seq, "reply_to": gen.reply_to, "offset": 0, "text": gen.content,
+                       "thinking_offset": 0, "thinking": gen.thinking, "sync": True, "origin": self.instance_id,
+                       "at": time.time()})
+
+    # receiving
+
+    def receive(self, event):
+        if event.get("origin") == self.instance_id:
+            return
+        kind = event.get("type")
+        if kind == "interest":
+            if self.metrics is not None:
+                self.metrics.bus_event_received("interest", time.time() - event.get("at", time.time()))
+            self._on_interest(event)
+            return
+        if kind == "reply.delta":
+            event = self._contiguous(event)
+            if event is None:
+                return
+        elif kind == "reply.final":
+            self.followed.pop(event.get("message_id"), None)
+        super().receive(event)
+
+    def _contiguous(self, event):
+        """Trim what the fan-out already has; on a gap, ask for a sync and deliver nothing."""
+        message_id = event["message_id"]
+        followed = self.followed.get(message_id)
+        if followed is None:
+            if event["offset"] or event["thinking_offset"]:
+                self.want(event["session_id"])  # we came in mid-reply: get it from the start
+                return None
+            followed = self.followed[message_id] = Followed(event["session_id"])
+        have, have_thinking = followed.length, followed.thinking_length
+        if event["offset"] > have or event["thinking_offset"] > have_thinking:
+            self.want(event["session_id"])
+            return None
+        text = event["text"][have - event["offset"]:]
+        thinking = event["thinking"][have_thinking - event["thinking_offset"]:]
+        if not (text or thinking):
+            return None
+        followed.length += len(text)
+        followed.thinking_length += len(thinking)
+        return {**event, "offset": have, "text": text, "thinking_offset": have_thinking, "thinking": thinking}
+
+    def _listen(self):
+        return self._changes()
+
+    async def _changes(self):
+        stream = None
+        delay = 0.05
+        while True:
+            lost = False
+            try:
+                if stream is None:
+                    options = {"resume_after": self.resume_token} if self.resume_token else {}
+                    stream = await self.collection.watch([{"$match": {"operationType": "insert"}}], **options)
+                change = await stream.try_next()
+                self.resume_token = stream.resume_token or self.resume_token
+                delay = 0.05
+                if change is None:
+                    await asyncio.sleep(POLL)
+                    continue
+                doc = change.get("fullDocument") or {}
+                if doc.get("origin") != self.instance_id and isinstance(doc.get("event"), dict):
+                    yield doc["event"]
+            except asyncio.CancelledError:
+                raise
+            except OperationFailure as exc:
+                lost = exc.code in HISTORY_LOST
+                log.warning("bus: change stream failed (%s)%s", exc,
+                            ": events were lost, resynchronizing followed replies" if lost else "")
+            except PyMongoError as exc:
+                log.warning("bus: change stream dropped, resuming: %s", exc)
+            else:
+                continue
+            if stream is not None:
+                try:
+                    await stream.close()
+                except PyMongoError:
+                    pass
+                stream = None
+            if lost:
+                self.resume_token = None
+                await self.resync()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def resync(self):
+        """Events were lost for good: a followed reply that ended meanwhile gets its stored final; the owners of
+        the others are asked for their whole text (offsets make both exact)."""
+        for message_id, followed in list(self.followed.items()):
+            try:
+                doc = await self.store.find_message(message_id)
+            except PyMongoError as exc:
+                log.warning("bus: could not resynchronize message_id=%s: %s", message_id, exc)
+                self.want(followed.session_id)
+                continue
+            if doc is not None and doc["status"] not in LIVE:
+                self.followed.pop(message_id, None)
+                self._deliver(events.reply_final(frames.snapshot(doc)) | {"origin": "store", "at": time.time()})
+            else:
+                self.want(followed.session_id)

@@ -1,0 +1,702 @@
+"""Every frame and body of the protocol, declared once (docs/protocol.md, docs/langbot.md).
+
+Client frames are one tagged union decoded in one call: a bad frame is refused with the failing field's path,
+unknown fields are dropped. Server frames are declared per dialect (LangBot's exact shapes, Parley's superset);
+the test suite checks every frame the server sends against them, and docs/asyncapi.yaml and GET /openapi.json are
+generated from the same definitions (`python -m services.schema` rewrites docs/asyncapi.yaml).
+"""
+import re
+from typing import Annotated, Any, Literal, Union
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+from services.errors import BadRequest
+
+MAX_TEXT = 32_000
+MAX_COMPONENTS = 64
+MAX_URL = 2048
+MAX_INLINE = 4 * 1024 * 1024   # characters of base64 in one component (about 3 MB of data)
+
+Id = Annotated[str, Meta(min_length=1, max_length=128, description="an opaque id")]
+Count = Annotated[int, Meta(ge=0)]
+Text = Annotated[str, Meta(max_length=MAX_TEXT)]
+Url = Annotated[str, Meta(max_length=MAX_URL, pattern=r"^$|^https?://", description="http(s) URL")]
+Inline = Annotated[str, Meta(max_length=MAX_INLINE, description="base64, or a data: URI")]
+Name = Annotated[str, Meta(max_length=256)]
+SessionType = Literal["person", "group"]
+Timestamp = Annotated[str, Meta(description="ISO 8601 UTC with milliseconds")]
+
+
+class Frame(Struct, tag_field="type", omit_defaults=True):
+    """Client frames: unknown fields are dropped."""
+
+
+class Strict(Struct, tag_field="type", omit_defaults=True, forbid_unknown_fields=True):
+    """Server frames: exactly the declared fields."""
+
+
+# LangBot's message components (a message chain is a list of them)
+
+class Plain(Struct, tag="Plain", tag_field="type", omit_defaults=True):
+    text: Text
+
+
+class At(Struct, tag="At", tag_field="type", omit_defaults=True):
+    target: Union[Annotated[str, Meta(max_length=128)], int]
+    display: Name = ""
+
+
+class AtAll(Struct, tag="AtAll", tag_field="type", omit_defaults=True):
+    pass
+
+
+class Image(Struct, tag="Image", tag_field="type", omit_defaults=True):
+    image_id: Name = ""
+    url: Url = ""
+    base64: Inline = ""
+
+
+class Voice(Struct, tag="Voice", tag_field="type", omit_defaults=True):
+    voice_id: Name = ""
+    url: Url = ""
+    base64: Inline = ""
+    length: Count = 0
+
+
+class File(Struct, tag="File", tag_field="type", omit_defaults=True):
+    id: Name = ""
+    name: Name = ""
+    size: Count = 0
+    url: Url = ""
+    base64: Inline = ""
+
+
+Quoted = Union[Plain, At, AtAll, Image, Voice, File]
+
+
+class Quote(Struct, tag="Quote", tag_field="type", omit_defaults=True):
+    """A quoted earlier message: its chain is given to the model as context."""
+    id: Union[int, Name, None] = None
+    sender_id: Union[int, Name, None] = None
+    origin: Annotated[list[Quoted], Meta(max_length=MAX_COMPONENTS)] = []
+
+
+Component = Union[Plain, At, AtAll, Quote, Image, Voice, File]
+COMPONENT_TYPES = ("Plain", "At", "AtAll", "Quote", "Image", "Voice", "File")
+Chain = Annotated[list[Component], Meta(min_length=1, max_length=MAX_COMPONENTS)]
+
+
+# Client frames
+
+class MessageFrame(Frame, tag="message"):
+    message: Chain
+    stream: bool = True
+    client_msg_id: Union[Id, None] = None
+    session_id: Union[Id, None] = None
+
+
+class StopFrame(Frame, tag="stop"):
+    message_id: Union[Id, None] = None
+    session_id: Union[Id, None] = None
+
+
+class PingFrame(Frame, tag="ping"):
+    pass
+
+
+class DisconnectFrame(Frame, tag="disconnect"):
+    pass
+
+
+class AuthenticateFrame(Frame, tag="authenticate"):
+    token: Union[Annotated[str, Meta(max_length=8192)], None] = None
+    workspace_uuid: Union[Name, None] = None  # sent by LangBot's client; ignored
+
+
+class JoinFrame(Frame, tag="session.join"):
+    session_id: Id
+
+
+class LeaveFrame(Frame, tag="session.leave"):
+    session_id: Union[Id, None] = None
+
+
+class GroupLeaveFrame(Frame, tag="group.leave"):
+    session_id: Id
+
+
+class PresenceFrame(Frame, tag="presence"):
+    session_id: Union[Id, None] = None
+
+
+class Offsets(Struct, omit_defaults=True):
+    offset: Count = 0
+    thinking_offset: Count = 0
+
+
+class ResumeFrame(Frame, tag="resume"):
+    message_id: Union[Id, None] = None
+    offset: Count = 0
+    thinking_offset: Count = 0
+    session_id: Union[Id, None] = None
+    offsets: Annotated[dict[Id, Offsets], Meta(max_length=64)] = {}
+
+
+ClientFrame = Union[MessageFrame, StopFrame, PingFrame, DisconnectFrame, AuthenticateFrame, JoinFrame, LeaveFrame,
+                    GroupLeaveFrame, PresenceFrame, ResumeFrame]
+CLIENT_TYPES = ("message", "stop", "ping", "disconnect", "authenticate", "session.join", "session.leave",
+                "group.leave", "presence", "resume")
+
+_decoder = msgspec.json.Decoder(ClientFrame)
+
+
+def decode_frame(text):
+    """One client frame, validated; raises BadRequest with a stable code and the failing path."""
+    if isinstance(text, bytes):
+        raise BadRequest("frames are JSON text, not binary", code="invalid_frame")
+    try:
+        return _decoder.decode(text)
+    except msgspec.ValidationError as exc:
+        raise frame_error(str(exc)) from None
+    except (msgspec.DecodeError, RecursionError) as exc:  # lone surrogates, nesting too deep for the decoder
+        raise BadRequest(f"the frame is not valid JSON ({exc})", code="invalid_json") from None
+
+
+def frame_type(frame):
+    return frame.__struct_config__.tag
+
+
+class _Typed(Struct):
+    type: Any = None
+
+
+_peek = msgspec.json.Decoder(_Typed)
+
+
+def peek_type(text):
+    """The `type` of a frame that failed validation (a refused `message` is answered differently from other
+    errors, and an error names the type it answers), or None."""
+    try:
+        kind = _peek.decode(text).type
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    return kind[:64] if isinstance(kind, str) else None
+
+
+def frame_error(detail):
+    """Map msgspec's message ("Expected `str`, got `int` - at `$.session_id`") to one of our codes."""
+    path = detail.rsplit(" - at `", 1)[1].rstrip("`") if " - at `" in detail else "$"
+    if path == "$":
+        if "missing required field `message`" in detail:
+            return BadRequest("a message frame needs a `message` chain", code="invalid_message")
+        if "missing required field `type`" in detail or "Expected `object`" in detail:
+            return BadRequest("a frame must be a JSON object with a string `type`", code="invalid_frame")
+        return BadRequest(f"invalid frame: {detail}", code="invalid_frame")
+    if path == "$.type":
+        if detail.startswith("Invalid value"):
+            return BadRequest(f"unknown frame type ({detail.split(' - ')[0]})", code="unknown_type")
+        return BadRequest("a frame needs a string `type`", code="invalid_frame")
+    if path == "$.message" or path.startswith("$.message["):
+        if re.fullmatch(r"\$\.message\[\d+\](\.origin\[\d+\])?\.type", path) and detail.startswith("Invalid value"):
+            return BadRequest(f"component type not supported ({detail.split(' - ')[0]}; use one of "
+                              f"{', '.join(COMPONENT_TYPES)}) at {path}", code="unsupported_component")
+        if "Expected `str` of length <=" in detail and path.endswith(".text"):
+            return BadRequest(f"message text is longer than {MAX_TEXT} characters", code="message_too_long")
+        return BadRequest(f"invalid message: {detail}", code="invalid_message")
+    return BadRequest(f"invalid field: {detail}", code="invalid_param")
+
+
+def to_builtins(obj):
+    """A decoded Struct back to plain JSON data (what is stored: only the declared fields)."""
+    return msgspec.to_builtins(obj)
+
+
+def convert(data, type_, what="body"):
+    """Validate already-parsed JSON (a REST body) against a declared type."""
+    try:
+        return msgspec.convert(data, type_)
+    except msgspec.ValidationError as exc:
+        detail = str(exc)
+        chain_error = " - at `$.message`" in detail or " - at `$.message[" in detail or "field `message`" in detail
+        if type_ is MessageSend and chain_error:
+            raise frame_error(detail) from None
+        if detail.endswith(" - at `$.session_type`"):
+            raise BadRequest("session_type must be one of person, group", code="invalid_session_type") from None
+        raise BadRequest(f"invalid {what}: {detail}", code="invalid_param") from None
+
+
+
+
+# REST bodies (Parley's native API; LangBot's /ws/* routes take none but broadcast)
+
+class Body(Struct, omit_defaults=True):
+    """REST bodies: unknown fields are dropped."""
+
+
+class SessionCreate(Body):
+    session_type: SessionType = "person"
+    title: Annotated[str, Meta(max_length=200)] = ""
+    members: Annotated[list[Id], Meta(max_length=256)] = []
+
+
+class SessionRename(Body):
+    title: Annotated[str, Meta(max_length=200)]
+
+
+class MembersChange(Body):
+    add: Annotated[list[Id], Meta(max_length=256)] = []
+    remove: Annotated[list[Id], Meta(max_length=256)] = []
+
+
+class MessageSend(Body):
+    message: Chain
+    stream: bool = True
+    client_msg_id: Union[Id, None] = None
+
+
+class StopBody(Body):
+    message_id: Union[Id, None] = None
+
+
+class BroadcastBody(Body):
+    message: Annotated[str, Meta(min_length=1)]  # bounded by the request body size (admin only)
+
+
+class PushBody(Body):
+    message: Any
+    data: Any = None
+
+
+# Server frames, LangBot dialect: exactly LangBot's shapes
+
+# What the server sends back: the chain as stored (a reply's text may exceed a client component's bounds)
+ServerChain = Annotated[list[dict[str, Any]], Meta(description="LangBot components, as sent or as stored")]
+
+
+class LangBotMessage(Struct, forbid_unknown_fields=True):
+    id: int
+    role: Literal["user", "assistant"]
+    content: str
+    message_chain: ServerChain
+    timestamp: Timestamp
+    is_final: bool
+    connection_id: str
+
+
+class LangBotConnected(Strict, tag="connected"):
+    connection_id: str
+    pipeline_uuid: str
+    session_type: SessionType
+    timestamp: Timestamp
+
+
+class LangBotUserMessage(Strict, tag="user_message"):
+    session_type: SessionType
+    data: LangBotMessage
+
+
+class LangBotResponse(Strict, tag="response"):
+    session_type: SessionType
+    data: LangBotMessage
+
+
+class Pong(Strict, tag="pong"):
+    timestamp: Timestamp
+
+
+class Broadcast(Strict, tag="broadcast"):
+    message: str
+    timestamp: Timestamp
+
+
+class Error(Struct, tag="error", tag_field="type", omit_defaults=True):
+    """Errors may carry context beyond these fields (e.g. `message_id` of a failed resume)."""
+    code: str
+    message: str
+    timestamp: Timestamp
+    request_type: Union[str, UnsetType] = UNSET
+    client_msg_id: Union[str, UnsetType] = UNSET
+    retryable: Union[bool, UnsetType] = UNSET
+    retry_after: Union[float, UnsetType] = UNSET
+
+
+LangBotServerFrame = Union[LangBotConnected, LangBotUserMessage, LangBotResponse, Pong, Broadcast, Error]
+
+
+# Server frames, Parley dialect: LangBot's fields plus Parley's, and the extension frames
+
+class LiveReply(Struct, forbid_unknown_fields=True):
+    message_id: str
+    seq: int
+    reply_to: Union[str, None]
+    status: str
+    length: Count
+    thinking_length: Count
+
+
+class Connected(Strict, tag="connected"):
+    connection_id: str
+    pipeline_uuid: str
+    session_type: SessionType
+    session_id: str
+    stream_mode: Literal["cumulative", "delta"]
+    user_id: str
+    protocol: Literal["parley/1"]
+    dialect: Literal["parley.v1"]
+    live_replies: list[LiveReply]
+    timestamp: Timestamp
+
+
+class ReplyError(Struct):
+    code: str
+    message: str
+
+
+class MessageData(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """A stored message (history, `user_message`): LangBot's seven fields plus Parley's."""
+    id: int
+    role: Literal["user", "assistant"]
+    content: str
+    message_chain: ServerChain
+    timestamp: Timestamp
+    is_final: bool
+    connection_id: str
+    session_id: str
+    message_id: str
+    seq: int
+    status: Union[str, None]
+    sender: Union[str, None]
+    thinking: Union[str, UnsetType] = UNSET
+    reply_to: Union[str, UnsetType] = UNSET
+    client_msg_id: Union[str, UnsetType] = UNSET
+    model: Union[str, UnsetType] = UNSET
+    usage: Union[dict[str, Any], UnsetType] = UNSET
+    error: Union[ReplyError, UnsetType] = UNSET
+
+
+class UserMessage(Strict, tag="user_message"):
+    session_type: SessionType
+    data: MessageData
+
+
+class ReplyData(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """One frame of a reply: cumulative (`content`), delta (`delta`/`thinking_delta`) or final (`status`)."""
+    id: int
+    role: Literal["assistant"]
+    timestamp: Timestamp
+    is_final: bool
+    connection_id: str
+    session_id: str
+    message_id: str
+    seq: int
+    reply_to: Union[str, None]
+    content: Union[str, UnsetType] = UNSET
+    message_chain: Union[ServerChain, UnsetType] = UNSET
+    offset: Union[Count, UnsetType] = UNSET
+    delta: Union[str, UnsetType] = UNSET
+    thinking: Union[str, UnsetType] = UNSET
+    thinking_offset: Union[Count, UnsetType] = UNSET
+    thinking_delta: Union[str, UnsetType] = UNSET
+    status: Union[str, UnsetType] = UNSET
+    usage: Union[dict[str, Any], UnsetType] = UNSET
+    error: Union[ReplyError, UnsetType] = UNSET
+
+
+class Response(Strict, tag="response"):
+    session_type: SessionType
+    data: ReplyData
+
+
+class AckData(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    session_id: str
+    message_id: str
+    seq: int
+    reply_message_id: Union[str, None]
+    reply_seq: Union[int, None]
+    duplicate: bool
+    client_msg_id: Union[str, UnsetType] = UNSET
+
+
+class Ack(Strict, tag="ack"):
+    data: AckData
+
+
+class StatusData(Struct, forbid_unknown_fields=True):
+    session_id: str
+    message_id: str
+    seq: int
+    reply_to: Union[str, None]
+    status: str
+    timestamp: Timestamp
+
+
+class Status(Strict, tag="status"):
+    data: StatusData
+
+
+class StopAckData(Struct, forbid_unknown_fields=True):
+    session_id: str
+    stopped: list[str]
+    count: Count
+
+
+class StopAck(Strict, tag="stop_ack"):
+    data: StopAckData
+
+
+class ResumedReply(Struct, forbid_unknown_fields=True):
+    message_id: str
+    seq: int
+    reply_to: Union[str, None]
+    status: str
+    offset: Count
+    thinking_offset: Count
+    length: Count
+    thinking_length: Count
+
+
+class ResumedData(Struct, forbid_unknown_fields=True):
+    session_id: str
+    timestamp: Timestamp
+    replies: list[ResumedReply]
+
+
+class Resumed(Strict, tag="resumed"):
+    data: ResumedData
+
+
+class JoinedData(Struct, forbid_unknown_fields=True):
+    session_id: str
+    session_type: SessionType
+    title: str
+
+
+class SessionJoined(Strict, tag="session.joined"):
+    data: JoinedData
+
+
+class LeftData(Struct, forbid_unknown_fields=True):
+    session_id: str
+    reason: Literal["left", "removed", "left_group"]
+
+
+class SessionLeft(Strict, tag="session.left"):
+    data: LeftData
+
+
+class PresenceData(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    session_id: str
+    event: Literal["join", "leave", "snapshot"]
+    online: list[str]
+    user_id: Union[str, UnsetType] = UNSET
+
+
+class Presence(Strict, tag="presence"):
+    data: PresenceData
+
+
+class PushData(Struct, forbid_unknown_fields=True):
+    message: Any
+    data: Any
+
+
+class Push(Strict, tag="push"):
+    data: PushData
+    timestamp: Timestamp
+
+
+class Reconnect(Strict, tag="reconnect"):
+    reason: Union[str, None]
+    timestamp: Union[Timestamp, UnsetType] = UNSET
+    retry_after: Union[float, UnsetType] = UNSET
+
+
+class ResetData(Struct, forbid_unknown_fields=True):
+    session_id: str
+    deleted: Count
+    timestamp: Timestamp
+
+
+class SessionReset(Strict, tag="session.reset"):
+    data: ResetData
+
+
+ParleyServerFrame = Union[Connected, UserMessage, Response, Ack, Status, StopAck, Resumed, SessionJoined,
+                          SessionLeft, SessionReset, Presence, Push, Broadcast, Pong, Reconnect, Error]
+SERVER_FRAMES = {"langbot": LangBotServerFrame, "parley": ParleyServerFrame}
+
+
+def check_server_frame(frame, dialect):
+    """Validate one server frame (JSON text or data) against its dialect's declaration; raises ValueError."""
+    try:
+        if isinstance(frame, (str, bytes)):
+            return msgspec.json.decode(frame, type=SERVER_FRAMES[dialect])
+        return msgspec.convert(frame, SERVER_FRAMES[dialect])
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"{dialect} frame does not match its schema: {exc}") from None
+
+
+# Published documents: docs/asyncapi.yaml (WebSocket, both dialects) and GET /openapi.json (REST)
+
+CLIENT_STRUCTS = ClientFrame.__args__
+LANGBOT_CLIENT = (MessageFrame, StopFrame, PingFrame, DisconnectFrame, AuthenticateFrame)
+PIPELINE_WS = "/api/v1/pipelines/{pipeline}/ws/connect"
+EMBED_WS = "/api/v1/embed/{bot}/ws/connect"
+
+
+def _components(types, ref_template):
+    _, components = msgspec.json.schema_components(types, ref_template=ref_template)
+    return components
+
+
+def _strip(node, key):
+    """Drop a keyword everywhere (msgspec's OpenAPI-style `discriminator` is not AsyncAPI Schema's)."""
+    if isinstance(node, dict):
+        return {k: _strip(v, key) for k, v in node.items() if k != key}
+    if isinstance(node, list):
+        return [_strip(v, key) for v in node]
+    return node
+
+
+def _query(*names):
+    props = {
+        "session_type": {"type": "string", "enum": ["person", "group"], "default": "person"},
+        "session_id": {"type": "string", "description": "a session (created over REST) instead of the implicit one"},
+        "token": {"type": "string", "description": "credentials, for clients that cannot set Authorization"},
+        "stream_mode": {"type": "string", "enum": ["cumulative", "delta"], "default": "cumulative"},
+        "protocol": {"type": "string", "const": "parley.v1", "description": "opt in to the Parley dialect"},
+    }
+    return {"ws": {"query": {"type": "object", "properties": {n: props[n] for n in names}}}}
+
+
+def asyncapi():
+    server_structs = {*LangBotServerFrame.__args__, *ParleyServerFrame.__args__}
+    structs = sorted({*CLIENT_STRUCTS, *server_structs}, key=lambda t: t.__name__)
+    schemas = _strip(_components(structs, "#/components/schemas/{name}"), "discriminator")
+    messages = {t.__name__: {"name": t.__struct_config__.tag, "title": f"{t.__struct_config__.tag}",
+                             "summary": (t.__doc__ or "").strip().split("\n")[0] or None,
+                             "payload": {"$ref": f"#/components/schemas/{t.__name__}"}} for t in structs}
+    for m in messages.values():
+        if m["summary"] is None:
+            del m["summary"]
+
+    def channel(address, description, client, server, query, parameters):
+        return {"address": address, "description": description, "parameters": parameters,
+                "messages": {t.__name__: {"$ref": f"#/components/messages/{t.__name__}"} for t in (*client, *server)},
+                "bindings": _query(*query)}
+
+    pipeline = {"pipeline": {"description": "a pipeline id (GET /api/v1/pipelines)"}}
+    channels = {
+        "langbot": channel(PIPELINE_WS, "LangBot's WebSocket IM dialect: every connection that does not opt in.",
+                           LANGBOT_CLIENT, LangBotServerFrame.__args__, ("session_type", "session_id", "token"),
+                           pipeline),
+        "parley": channel(PIPELINE_WS, "Parley's dialect: the `parley.v1` subprotocol (Sec-WebSocket-Protocol) "
+                          "or `?protocol=parley.v1`.", CLIENT_STRUCTS, ParleyServerFrame.__args__,
+                          ("session_type", "session_id", "token", "stream_mode", "protocol"), pipeline),
+        "embed": channel(EMBED_WS, "LangBot's embed widget endpoint, mapped to a pipeline (LangBot dialect).",
+                         LANGBOT_CLIENT, LangBotServerFrame.__args__, ("session_type", "session_id", "token"),
+                         {"bot": {"description": "an embed bot id: a pipeline's `embed` name, or its id"}}),
+    }
+    operations = {}
+    for name, client, server in (("langbot", LANGBOT_CLIENT, LangBotServerFrame.__args__),
+                                 ("parley", CLIENT_STRUCTS, ParleyServerFrame.__args__),
+                                 ("embed", LANGBOT_CLIENT, LangBotServerFrame.__args__)):
+        operations[f"{name}Receive"] = {
+            "action": "receive", "channel": {"$ref": f"#/channels/{name}"}, "summary": "frames a client sends",
+            "messages": [{"$ref": f"#/channels/{name}/messages/{t.__name__}"} for t in client]}
+        operations[f"{name}Send"] = {
+            "action": "send", "channel": {"$ref": f"#/channels/{name}"}, "summary": "frames the server sends",
+            "messages": [{"$ref": f"#/channels/{name}/messages/{t.__name__}"} for t in server]}
+    return {
+        "asyncapi": "3.0.0",
+        "info": {"title": "Parley WebSocket protocol", "version": "1.0.0",
+                 "description": "Generated from services/schema.py by `python -m services.schema`; prose in "
+                                "docs/protocol.md and docs/langbot.md."},
+        "defaultContentType": "application/json",
+        "servers": {"local": {"host": "127.0.0.1:8888", "protocol": "ws"}},
+        "channels": channels, "operations": operations,
+        "components": {"schemas": schemas, "messages": messages},
+    }
+
+
+def openapi(routes=None):
+    """OpenAPI 3.1 for the REST API. `routes`: (method, path, summary, body Struct or None, status, admin)."""
+    routes = routes if routes is not None else REST_ROUTES
+    bodies = sorted({r[3] for r in routes if r[3] is not None}, key=lambda t: t.__name__)
+    schemas = _components(bodies, "#/components/schemas/{name}")
+    schemas["ErrorBody"] = {"type": "object", "required": ["code", "message"], "properties": {
+        "code": {"type": "string", "description": "a stable code (docs/protocol.md)"},
+        "message": {"type": "string"}}}
+    schemas["Envelope"] = {"type": "object", "required": ["code", "msg", "data"], "properties": {
+        "code": {"const": 0}, "msg": {"const": "ok"}, "data": {}}}
+    paths = {}
+    for method, path, summary, body, status, admin in routes:
+        params = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+                  for p in re.findall(r"{(\w+)}", path)]
+        op = {"summary": summary, "operationId": f"{method}_{re.sub(r'[^A-Za-z0-9]+', '_', path).strip('_')}",
+              "responses": {str(status): {"description": "ok (LangBot's envelope)", "content": {
+                  "application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}},
+                  "default": {"description": "an error", "content": {
+                      "application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}}}
+        if params:
+            op["parameters"] = params
+        if body is not None:
+            op["requestBody"] = {"required": body not in (StopBody,), "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{body.__name__}"}}}}
+        if admin:
+            op["description"] = "admin only"
+        paths.setdefault(path, {})[method] = op
+    return {"openapi": "3.1.0",
+            "info": {"title": "Parley REST API", "version": "1.0.0",
+                     "description": "Generated from services/schema.py; prose in docs/protocol.md."},
+            "servers": [{"url": "/"}],
+            "components": {"schemas": schemas, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+            "security": [{"bearer": []}], "paths": paths}
+
+
+P = "/api/v1/pipelines/{pipeline}"
+S = P + "/sessions/{session_id}"
+REST_ROUTES = [
+    ("get", "/", "the server, its pipelines and where to connect", None, 200, False),
+    ("get", "/api/v1/pipelines", "the pipelines", None, 200, False),
+    ("get", P + "/ws/messages/{session_type}", "LangBot: history of the implicit session", None, 200, False),
+    ("post", P + "/ws/reset/{session_type}", "LangBot: reset the implicit session", None, 200, False),
+    ("get", P + "/ws/connections", "LangBot: connections of a pipeline", None, 200, True),
+    ("post", P + "/ws/broadcast", "LangBot: broadcast to a pipeline's connections", BroadcastBody, 200, True),
+    ("post", "/api/v1/broadcast", "broadcast to every connection", BroadcastBody, 200, True),
+    ("post", "/api/v1/users/{user_id}/push", "push to every connection of a user", PushBody, 200, True),
+    ("get", P + "/sessions", "the caller's sessions", None, 200, False),
+    ("post", P + "/sessions", "create a session", SessionCreate, 201, False),
+    ("get", S, "one session", None, 200, False),
+    ("patch", S, "rename a session", SessionRename, 200, False),
+    ("get", S + "/members", "a group's members, paged", None, 200, False),
+    ("post", S + "/members", "add or remove group members (owner)", MembersChange, 200, False),
+    ("get", S + "/messages", "history, paged by seq", None, 200, False),
+    ("post", S + "/messages", "send a message (Idempotency-Key header)", MessageSend, 202, False),
+    ("post", S + "/stop", "stop a reply, or every reply", StopBody, 200, False),
+    ("post", S + "/reset", "stop and forget the session's messages", None, 200, False),
+]
+
+
+_openapi_json = None
+
+
+def openapi_json():
+    global _openapi_json
+    if _openapi_json is None:
+        _openapi_json = msgspec.json.encode(openapi())
+    return _openapi_json
+
+
+def dump_asyncapi():
+    import json
+
+    import yaml  # only the generator and its test need PyYAML
+    plain_data = json.loads(json.dumps(asyncapi()))  # no shared nodes, so no YAML anchors
+    return yaml.safe_dump(plain_data, sort_keys=False, allow_unicode=True, width=120)
+
+
+if __name__ == "__main__":
+    from pathlib import Path
+    Path(__file__).resolve().parent.parent.joinpath("docs/asyncapi.yaml").write_text(dump_asyncapi())

@@ -1,0 +1,106 @@
+"""The MongoDB bus (services/mongo_bus.py) between two instances in one process, on the real store."""
+import asyncio
+import types
+
+import pytest
+from pymongo import AsyncMongoClient, MongoClient
+
+from services.mongo_bus import MongoBus
+from services.store import Store
+from tests.conftest import settle
+
+pytestmark = pytest.mark.gen_test(timeout=30)
+
+
+class Instance:
+    """A bus with what an instance would give it: viewed sessions and live replies."""
+
+    def __init__(self, name, db):
+        self.viewed = set()
+        self.live = {}
+        self.got = []
+        self.bus = MongoBus(name, Store(db.client, db.name), viewed_sessions=lambda: self.viewed,
+                            live_replies=lambda s: [g for g in self.live.values() if g.session_id == s])
+        self.bus.subscribe(self.got.append)
+
+    def of(self, kind):
+        return [e for e in self.got if e["type"] == kind]
+
+
+def gen(message_id="m1", session_id="s1"):
+    return types.SimpleNamespace(message_id=message_id, session_id=session_id, seq=2, reply_to="u1",
+                                 status="streaming", content="", thinking="")
+
+
+def delta(g, text):
+    event = {"type": "reply.delta", "session_id": g.session_id, "message_id": g.message_id, "seq": g.seq,
+             "reply_to": g.reply_to, "offset": len(g.content), "text": text, "thinking_offset": 0, "thinking": ""}
+    g.content += text
+    return event
+
+
+@pytest.fixture
+def pair(io_loop, mongo_url, db_name):
+    client = io_loop.run_sync(lambda: _client(mongo_url))
+    a, b = Instance("a", client[db_name]), Instance("b", client[db_name])
+    io_loop.run_sync(a.bus.start)
+    io_loop.run_sync(b.bus.start)
+    yield a, b
+    io_loop.run_sync(a.bus.close)
+    io_loop.run_sync(b.bus.close)
+    io_loop.run_sync(client.close)
+    with MongoClient(mongo_url) as sync:
+        sync.drop_database(db_name)
+
+
+async def _client(url):
+    return AsyncMongoClient(url, tz_aware=True)
+
+
+async def test_an_event_reaches_the_other_instance_once_and_never_comes_back(pair):
+    a, b = pair
+    a.bus.publish({"type": "broadcast", "pipeline": None, "message": "hello"})
+    await settle(lambda: b.of("broadcast"), timeout=10)
+    await asyncio.sleep(0.3)
+    assert [e["message"] for e in b.of("broadcast")] == ["hello"]
+    assert [e["message"] for e in a.of("broadcast")] == ["hello"]  # local delivery only, not its own echo
+    assert b.of("broadcast")[0]["origin"] == "a"
+
+
+async def test_deltas_cross_only_when_viewed_elsewhere_batched_and_whole(pair):
+    a, b = pair
+    g = a.live["m1"] = gen()
+    for i in range(5):
+        a.bus.publish(delta(g, f"unseen{i} "))
+    await asyncio.sleep(0.4)
+    assert b.of("reply.delta") == []  # nobody on b views s1: nothing crossed
+    b.viewed.add("s1")  # a client on b starts viewing: b announces, a syncs the whole text so far
+    await settle(lambda: b.of("reply.delta"), timeout=10)
+    for i in range(200):
+        a.bus.publish(delta(g, f"w{i} "))
+        if i % 20 == 0:
+            await asyncio.sleep(0.02)
+    a.bus.publish({"type": "reply.final", "session_id": "s1", "message_id": "m1", "seq": 2, "reply_to": "u1",
+                   "status": "completed", "content": g.content, "thinking": "", "error": None, "usage": None})
+    await settle(lambda: b.of("reply.final"), timeout=10)
+    deltas = b.of("reply.delta")
+    position = 0
+    for e in deltas:  # contiguous: each starts where the previous ended
+        assert e["offset"] == position
+        position += len(e["text"])
+    assert "".join(e["text"] for e in deltas) == g.content == b.of("reply.final")[0]["content"]
+    assert len(deltas) < 40, len(deltas)  # batched: far fewer events than the 205 deltas published
+
+
+async def test_a_dropped_stream_resumes_from_its_token_and_misses_nothing(pair):
+    a, b = pair
+    a.bus.publish({"type": "push", "user_id": "u", "message": "before", "data": None})
+    await settle(lambda: b.of("push"), timeout=10)
+    await super(MongoBus, b.bus).close()  # the listener dies; its resume token stays
+    for i in range(3):
+        a.bus.publish({"type": "push", "user_id": "u", "message": f"while away {i}", "data": None})
+    await asyncio.sleep(0.5)
+    assert len(b.of("push")) == 1
+    await super(MongoBus, b.bus).start()
+    await settle(lambda: len(b.of("push")) == 4, timeout=10)
+    assert [e["message"] for e in b.of("push")] == ["before", "while away 0", "while away 1", "while away 2"]

@@ -1,0 +1,155 @@
+"""One schema for every frame and body: the decoder's errors, and the two published documents.
+
+docs/asyncapi.yaml: no PyPI package ships the AsyncAPI 3.0 meta-schema, so the document is checked structurally
+here (version, every $ref resolves, operations only use their channel's messages) and every payload schema in it
+is checked with `jsonschema` against the JSON Schema meta-schema, and used to validate real frames.
+GET /openapi.json: checked with openapi-spec-validator.
+"""
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from openapi_spec_validator import validate as validate_openapi
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+
+from services import schema
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve(doc, ref):
+    node = doc
+    for part in ref.removeprefix("#/").split("/"):
+        node = node[part]
+    return node
+
+
+def refs(node):
+    if isinstance(node, dict):
+        if isinstance(node.get("$ref"), str):
+            yield node["$ref"]
+        for v in node.values():
+            yield from refs(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from refs(v)
+
+
+def test_asyncapi_yaml_is_generated_from_the_code():
+    on_disk = yaml.safe_load((ROOT / "docs/asyncapi.yaml").read_text())
+    assert on_disk == schema.asyncapi(), "docs/asyncapi.yaml is stale: run `.venv/bin/python -m services.schema`"
+
+
+def test_asyncapi_document_is_valid():
+    doc = schema.asyncapi()
+    assert doc["asyncapi"] == "3.0.0" and doc["info"]["title"] and doc["info"]["version"]
+    for ref in refs(doc):
+        assert ref.startswith("#/"), ref
+        resolve(doc, ref)  # raises KeyError when dangling
+    for name, op in doc["operations"].items():
+        assert op["action"] in ("send", "receive")
+        channel = op["channel"]["$ref"]
+        for message in op["messages"]:
+            assert message["$ref"].startswith(channel + "/messages/"), (name, message)
+    for name, payload in doc["components"]["schemas"].items():
+        jsonschema.Draft202012Validator.check_schema(payload)
+    assert set(doc["channels"]) == {"langbot", "parley", "embed"}
+    langbot = set(doc["channels"]["langbot"]["messages"])
+    assert {"LangBotConnected", "LangBotResponse", "LangBotUserMessage", "Pong", "Error"} <= langbot
+    assert not {"Ack", "Status", "StopAck", "Presence", "Resumed"} & langbot
+
+
+def payload_validator(doc, message):
+    """A jsonschema validator for one message's payload, $refs resolved inside the AsyncAPI document."""
+    registry = Registry().with_resource("urn:asyncapi", Resource(contents=doc, specification=DRAFT202012))
+    return jsonschema.Draft202012Validator({"$ref": "urn:asyncapi" + message["payload"]["$ref"]}, registry=registry)
+
+
+def test_asyncapi_payload_schemas_accept_real_frames_and_refuse_extension_fields_for_langbot():
+    doc = json.loads(json.dumps(schema.asyncapi()))
+    messages = doc["components"]["messages"]
+    lb = payload_validator(doc, messages["LangBotResponse"])
+    frame = {"type": "response", "session_type": "person", "data": {
+        "id": 2, "role": "assistant", "content": "hi", "message_chain": [{"type": "Plain", "text": "hi"}],
+        "timestamp": "2026-11-21T10:21:58.567+00:00", "is_final": True, "connection_id": ""}}
+    lb.validate(frame)
+    frame["data"]["status"] = "completed"
+    with pytest.raises(jsonschema.ValidationError):
+        lb.validate(frame)
+    payload_validator(doc, messages["MessageFrame"]).validate(
+        {"type": "message", "message": [{"type": "At", "target": "bot"}, {"type": "Plain", "text": " hi"}]})
+
+
+def test_openapi_document_passes_the_validator():
+    validate_openapi(schema.openapi())
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_openapi_is_served(fetch):
+    code, body = await fetch("/openapi.json")
+    assert code == 200 and body == json.loads(json.dumps(schema.openapi()))
+    validate_openapi(body)
+
+
+@pytest.mark.parametrize("text, code, where", [
+    ('{"type": "message", "message": [{"type": "Plain", "text": "\\ud800"}]}', "invalid_json", None),
+    ('{"type": "ping", "x": ' + "[" * 5000 + "]" * 5000 + "}", "invalid_json", None),
+    ("[" * 100000, "invalid_frame", None),  # not an object: refused before any nesting is read
+    ('{"type": "message", "message": [{"type": "Quote", "origin": ' + "[" * 100000, "invalid_message", None),
+    ("[]", "invalid_frame", None),
+    ('{"type": 3}', "invalid_frame", None),
+    ('{"type": "nope"}', "unknown_type", None),
+    ('{"type": "message", "message": []}', "invalid_message", "$.message"),
+    ('{"type": "message", "message": [{"type": "Face", "id": 1}]}', "unsupported_component", "$.message[0].type"),
+    ('{"type": "message", "message": [{"type": "Image", "url": "ftp://x/y.png"}]}', "invalid_message",
+     "$.message[0].url"),
+    ('{"type": "message", "message": [{"type": "Plain", "text": "' + "x" * 32001 + '"}]}', "message_too_long", None),
+    ('{"type": "stop", "session_id": {"$ne": null}}', "invalid_param", "$.session_id"),
+    ('{"type": "resume", "offset": -1}', "invalid_param", "$.offset"),
+])
+def test_the_decoder_names_the_failing_path_with_a_stable_code(text, code, where):
+    with pytest.raises(Exception) as caught:
+        schema.decode_frame(text)
+    assert caught.value.code == code, caught.value.message
+    if where:
+        assert where in caught.value.message
+
+
+def test_unknown_fields_are_dropped():
+    frame = schema.decode_frame('{"type": "message", "zzz": 1, "message": [{"type": "Plain", "text": "hi", "x": 2}]}')
+    assert schema.to_builtins(frame.message) == [{"type": "Plain", "text": "hi"}]
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_hostile_json_gets_an_error_frame_never_an_internal_error(connect):
+    c = await connect()
+    for text in ('{"type": "message", "message": [{"type": "Plain", "text": "\\ud800"}]}',
+                 '{"type": "message", "message": ' + "[" * 3000 + "]" * 3000 + "}",
+                 '{"type": "message", "message": [{"type": "Plain", "text": "hi"}], "session_id": "\\udfff"}'):
+        await c.send(text)
+        frame = await c.recv()
+        assert frame["type"] == "error" and frame["code"] in ("invalid_json", "invalid_message"), frame
+    await c.send({"type": "ping"})
+    assert (await c.recv())["type"] == "pong"
+
+
+def test_protocol_md_tables_match_the_schema():
+    """The client-frame table, the component table, the fields of each client frame and a heading per server
+    frame in docs/protocol.md agree with services/schema.py."""
+    import re
+    text = (ROOT / "docs/protocol.md").read_text()
+    section = text[text.index("## Client frames"):text.index("## Server frames")]
+    rows = dict(re.findall(r"^\| `([a-z.]+)` \| (.*?) \|", section, re.M))
+    assert set(schema.CLIENT_TYPES) <= set(rows), set(schema.CLIENT_TYPES) - set(rows)
+    for struct in schema.CLIENT_STRUCTS:
+        for name in struct.__struct_fields__:
+            if name != "workspace_uuid":  # LangBot's client sends it; Parley ignores it
+                assert f"`{name}`" in rows[struct.__struct_config__.tag], (struct.__struct_config__.tag, name)
+    components = set(re.findall(r"^\| `([A-Za-z]+)` \|", section, re.M)) - set(rows)
+    assert components == set(schema.COMPONENT_TYPES)
+    headings = " ".join(re.findall(r"^### (.*)$", text, re.M))
+    for struct in {*schema.ParleyServerFrame.__args__, *schema.LangBotServerFrame.__args__}:
+        assert f"`{struct.__struct_config__.tag}`" in headings, struct.__struct_config__.tag

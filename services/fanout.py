@@ -7,9 +7,9 @@ on another instance, it reaches clients through `handle()`.
 Each distinct frame is rendered and JSON-encoded once, and the same text is written to every connection that
 gets those bytes: connections are grouped by what they need (dialect, stream mode, cursor position). Frames
 carry the event's timestamp, never a per-connection one. LangBot's `data.connection_id` is the sender's on
-`user_message` and "" on `response` (as LangBot's server sends them), so no frame has a per-connection field;
-the splice below (CONNECTION_ID_IN_DATA) is kept for a receiver's id but is off. Extension frames (anything
-outside frames.LANGBOT_TYPES) go only to connections that opted in to the Parley dialect.
+`user_message` and "" on `response` (as LangBot's server sends them), so no frame has a per-connection field.
+Extension frames (anything outside
+frames.LANGBOT_TYPES) go only to connections that opted in to the Parley dialect.
 """
 import itertools
 import logging
@@ -20,10 +20,8 @@ from services.store import LIVE
 
 log = logging.getLogger(__name__)
 
-CONNECTION_ID_IN_DATA = False
 PAGE = 48 * 1024  # code points per frame of a delta-mode catch-up: ≤ 4 bytes each, so ≤ 256 KB with escapes
 FINALS_REMEMBERED = 32  # per connection: a resume crossing a final in flight must not get it a second time
-_SPLICE_TAIL = '""}}'  # how an encoded frame whose last field is data.connection_id = "" ends
 
 
 class Cursor:
@@ -124,7 +122,7 @@ class FanOut:
 
     # sending: one encoding per distinct frame
 
-    def _send(self, frame, conns, *, connection_id=False):
+    def _send(self, frame, conns):
         """Write one frame to many connections, encoded once. Returns how many took it."""
         if frame is not None and frame["type"] not in frames.LANGBOT_TYPES:
             conns = [c for c in conns if c.dialect != frames.LANGBOT]
@@ -134,30 +132,19 @@ class FanOut:
         if self.metrics is not None:
             self.metrics.frame_encoded()
         sent = 0
-        if connection_id and CONNECTION_ID_IN_DATA:
-            data = frame["data"]
-            data.pop("connection_id", None)
-            data["connection_id"] = ""  # last: its value is spliced in per connection
-            text = encode(frame)
-            head = text[:-len(_SPLICE_TAIL)] + '"'
-            nbytes = len(text) if text.isascii() else len(text.encode())
-            for conn in conns:
-                own = {"type": frame["type"], "data": {**data, "connection_id": conn.id}}
-                sent += conn.send(own, head + conn.id + '"}}', nbytes + len(conn.id))
-        else:
-            text = encode(frame)
-            nbytes = len(text) if text.isascii() else len(text.encode())
-            for conn in conns:
-                sent += conn.send(frame, text, nbytes)
+        text = encode(frame)
+        nbytes = len(text) if text.isascii() else len(text.encode())
+        for conn in conns:
+            sent += conn.send(frame, text, nbytes)
         self.writes += sent
         return sent
 
-    def _per_dialect(self, render, conns, **kw):
+    def _per_dialect(self, render, conns):
         """Render once per dialect present among `conns` (render(dialect) -> frame) and send each its own."""
         by_dialect = {}
         for conn in conns:
             by_dialect.setdefault(conn.dialect, []).append(conn)
-        return sum(self._send(render(dialect), group, **kw) for dialect, group in by_dialect.items())
+        return sum(self._send(render(dialect), group) for dialect, group in by_dialect.items())
 
     def _session_type(self, session_id):
         return self.hub.session_type(session_id) or "person"
@@ -214,8 +201,7 @@ class FanOut:
         timestamp = frames.timestamp_from_epoch(event["at"])
         session_type = self._session_type(reply.session_id)
         for (dialect, mode, start, thinking_start), conns in groups.items():
-            self._send(self._chunk(reply, mode, start, thinking_start, timestamp, dialect, session_type), conns,
-                       connection_id=True)
+            self._send(self._chunk(reply, mode, start, thinking_start, timestamp, dialect, session_type), conns)
 
     def _new_reply(self, event):
         reply = Reply(event)
@@ -247,13 +233,13 @@ class FanOut:
                                         text=final.content[cursor.offset:], thinking_offset=cursor.thinking_offset,
                                         thinking=final.thinking[cursor.thinking_offset:], timestamp=timestamp,
                                         dialect=conn.dialect, session_type=session_type),
-                           [conn], connection_id=True)
+                           [conn])
             conn.finals_sent[message_id] = None
             if len(conn.finals_sent) > FINALS_REMEMBERED:
                 del conn.finals_sent[next(iter(conn.finals_sent))]
             conns.append(conn)
         self._per_dialect(lambda dialect: frames.final(final, timestamp=timestamp, dialect=dialect,
-                                                       session_type=session_type), conns, connection_id=True)
+                                                       session_type=session_type), conns)
 
     def _reset(self, event):
         frame = {"type": "session.reset", "data": {"session_id": event["session_id"], "deleted": event["deleted"],
@@ -356,18 +342,18 @@ class FanOut:
                 cursor.offset, cursor.thinking_offset = max(offset, len(content)), max(thinking_offset, len(thinking))
             if (conn.stream_mode == "delta" and conn.dialect != frames.LANGBOT
                     and len(content) - offset + len(thinking) - thinking_offset > PAGE):
-                conn.send_pages(reply.message_id, self._pages(conn, reply, content, offset, thinking,
-                                                              thinking_offset, timestamp, variant))
+                conn.send_pages(reply.message_id, self._pages(reply, content, offset, thinking,
+                                                         thinking_offset, timestamp, variant))
             else:
                 frame = frames.chunk(reply, conn.stream_mode, offset=offset, text=content[offset:],
                                      thinking_offset=thinking_offset, thinking=thinking[thinking_offset:],
                                      timestamp=timestamp, **variant)
-                self._send(frame, [conn], connection_id=True)
+                self._send(frame, [conn])
             if source == "finished":
-                self._send(frames.final(reply, timestamp=timestamp, **variant), [conn], connection_id=True)
+                self._send(frames.final(reply, timestamp=timestamp, **variant), [conn])
         return done
 
-    def _pages(self, conn, reply, content, offset, thinking, thinking_offset, timestamp, variant):
+    def _pages(self, reply, content, offset, thinking, thinking_offset, timestamp, variant):
         """A huge delta-mode catch-up as frames of at most PAGE code points, made as the client reads them:
         the reasoning first, then the answer, each page continuing exactly where the previous ended."""
         pages = itertools.chain(
@@ -376,6 +362,4 @@ class FanOut:
         for text_at, text, thinking_at, thought in pages:
             frame = frames.chunk(reply, "delta", offset=text_at, text=text, thinking_offset=thinking_at,
                                  thinking=thought, timestamp=timestamp, **variant)
-            if CONNECTION_ID_IN_DATA:
-                frame["data"]["connection_id"] = conn.id
             yield frame

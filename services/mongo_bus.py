@@ -24,7 +24,7 @@ from pymongo import ASCENDING
 from pymongo.errors import OperationFailure, PyMongoError
 
 from services import events, frames
-from services.bus import Bus
+from services.bus import Bus, stop_task
 from services.store import LIVE
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,7 @@ class MongoBus(Bus):
     async def close(self):
         await super().close()
         for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+            await stop_task(task)
         self._tasks = []
         await self._flush_all()  # a stop or final published just before shutdown still goes out
 

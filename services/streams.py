@@ -137,8 +137,10 @@ class StreamManager:
     def _request_stop(self, gen, reason):
         if gen.stop_reason is None:
             gen.stop_reason = reason
-            if gen.running:
-                gen.task.cancel()
+        # (again on a repeated stop, e.g. the durable flag: a cancellation can be lost inside the driver's
+        # asyncio.wait_for on Python 3.11, services/bus.py stop_task)
+        if gen.running and not gen.finishing:
+            gen.task.cancel()
 
     async def drain(self, timeout):
         """Wait up to `timeout` seconds for the live replies to end on their own."""

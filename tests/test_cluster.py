@@ -6,6 +6,9 @@ import signal
 
 import pytest
 from pymongo import MongoClient
+from tornado.httpclient import HTTPClientError
+from tornado.iostream import StreamClosedError
+from tornado.websocket import WebSocketClosedError
 
 from services.store import assemble
 from tests.test_resume import Received, abort, follow, nothing_more, send_resume
@@ -415,3 +418,101 @@ async def test_200_clients_moved_mid_reply_resume_with_no_gap_no_duplicate_and_f
 
     await asyncio.wait_for(asyncio.gather(*(worker(w) for w in range(10))), 150)
     assert len(outcomes) == 200 and outcomes.count("mid") >= 50, sorted(set(outcomes))
+
+
+async def connect_retrying(cluster, pipeline, *, src, user, attempts=80):
+    """Connect through nginx while instances restart: a refused or closed attempt is tried again (bounded)."""
+    for _ in range(attempts - 1):
+        try:
+            return await connect(cluster, pipeline, src=src, user=user)
+        except (OSError, HTTPClientError, StreamClosedError, WebSocketClosedError, AssertionError,
+                asyncio.TimeoutError):
+            await asyncio.sleep(0.25)
+    return await connect(cluster, pipeline, src=src, user=user)
+
+
+async def test_rolling_restart_under_load_loses_no_accepted_message(cluster):
+    """SIGTERM, restart and wait for each instance in turn while six users chat without pause: every acked
+    message is stored and its reply ended, and every reply ended in exactly one final on the client following it
+    (across its reconnects), with no gap and no duplicate in its text."""
+    where = await spread(cluster)
+    sources = list(where.values())
+    loop = asyncio.get_running_loop()
+    rolling = asyncio.Event()
+    acked = {}          # user message id -> reply id
+    followed = []       # (reply id, its one final, the text the client assembled, final crossed the resume)
+    stray_finals = []   # finals of a reply other than the one its client was following: a duplicate
+    reconnects = []
+
+    async def reopen(w, got):
+        reconnects.append(w)
+        while True:
+            conn = await connect_retrying(cluster, "steady", src=sources[w % 3], user=f"roll{w}")
+            if got is None:
+                return conn, False
+            try:
+                return conn, await resume(conn, got)
+            except (AssertionError, asyncio.TimeoutError, WebSocketClosedError, StreamClosedError):
+                conn.close()  # that instance began draining too: once more
+
+    async def worker(w):
+        conn, _ = await reopen(w, None)
+        n = 0
+        while not rolling.is_set() or n == 0:
+            client_msg_id = f"roll-{w}-{n}"
+            n += 1
+            while True:  # until acked: a repeat of the client_msg_id after a reconnect is the same message
+                try:
+                    await conn.send({"type": "message", "message": [{"type": "Plain", "text": client_msg_id}],
+                                     "client_msg_id": client_msg_id})
+                    ack = await conn.recv_type("ack", "error", timeout=30)
+                    break
+                except (AssertionError, WebSocketClosedError, StreamClosedError):
+                    conn, _ = await reopen(w, None)
+            assert ack["type"] == "ack", ack
+            got = Received(ack["data"]["reply_message_id"])
+            acked[ack["data"]["message_id"]] = got.message_id
+            early = False
+            while not got.finals:
+                try:
+                    frame = await conn.recv(timeout=30)
+                except WebSocketClosedError:
+                    frame = None
+                if frame is None:
+                    conn, early = await reopen(w, got)
+                elif frame["type"] == "response":
+                    if frame["data"]["message_id"] == got.message_id:
+                        got.add(frame)
+                    elif frame["data"]["is_final"]:
+                        stray_finals.append(frame["data"])
+            followed.append((got.message_id, got.finals[0], got.joined(got.text), early))
+        conn.close()
+
+    async def roll():
+        for instance in cluster.instances:
+            before = len(acked)
+            await wait_for(lambda: _async(len(acked) >= before + 6), timeout=60)  # the load runs meanwhile
+            instance.signal(signal.SIGTERM)
+            assert await loop.run_in_executor(None, instance.proc.wait, 60) == 0
+            instance.start()
+            await loop.run_in_executor(None, instance.wait_ready)
+        before = len(acked)
+        await wait_for(lambda: _async(len(acked) >= before + 6), timeout=60)
+        rolling.set()
+
+    await asyncio.wait_for(asyncio.gather(roll(), *(worker(w) for w in range(6))), 180)
+    assert len(set(reconnects)) == 6 and len(reconnects) > 6, "no client was moved by the restarts"
+    assert not stray_finals, stray_finals
+    assert len(followed) == len(acked) == len({r for r, *_ in followed})
+    with MongoClient(cluster.mongo_url) as db:
+        messages = db[cluster.db_name].messages
+        users = {d["_id"] for d in messages.find({"_id": {"$in": list(acked)}, "role": "user"})}
+        replies = {d["_id"]: assemble(d) for d in messages.find({"_id": {"$in": list(acked.values())}})}
+    assert users == set(acked), "an acked message is missing from the store"
+    for reply_id, final, text, early in followed:
+        truth = replies[reply_id]
+        assert truth["status"] in ("completed", "interrupted"), truth["status"]
+        assert (final["status"], final["content"]) == (truth["status"], truth["content"])
+        assert final["content"].startswith(text) if early else text == final["content"]
+    statuses = [replies[r]["status"] for r, *_ in followed]
+    assert statuses.count("completed") >= len(statuses) // 2, statuses

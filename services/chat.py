@@ -20,6 +20,7 @@ MAX_TEXT = schema.MAX_TEXT
 MAX_MEMBERS = 256        # default of --max-members: a session document stays small (256 ids of <= 128 chars)
 MAX_TITLE = 200
 MAX_VIEWED = 64          # sessions one connection may view at once (session.join)
+KNOWN_SESSIONS = 10_000  # sessions whose id, pipeline and type are kept in memory for sends
 
 
 def check_session_type(value):
@@ -116,24 +117,30 @@ class ChatService:
         self.pipelines = pipelines
         self.on_last_viewer_gone = on_last_viewer_gone  # "continue" | "stop"
         self._background = set()  # durable-stop writes in flight
+        self._known = {}          # session id -> its unchanging fields (session_to_send), the latest KNOWN_SESSIONS
+        self._claiming = set()    # sessions with a send between its first write and accept() (see send)
 
     # sessions
 
     async def default_session(self, identity, pipeline_id, session_type):
         self.pipelines.get(pipeline_id)
         check_session_type(session_type)
-        return await self.store.get_or_create_session(
+        doc = await self.store.get_or_create_session(
             session_id=default_session_id(pipeline_id, session_type, identity.user_id),
             pipeline=pipeline_id, session_type=session_type, owner=identity.user_id)
+        self._remember(doc)
+        return doc
 
     async def embed_session(self, identity, pipeline_id, session_type, client_session):
         """LangBot's embed widget: one session per pipeline, session type, user and browser session."""
         check_id(client_session, "session_id")
         self.pipelines.get(pipeline_id)
         check_session_type(session_type)
-        return await self.store.get_or_create_session(
+        doc = await self.store.get_or_create_session(
             session_id=default_session_id(pipeline_id, session_type, f"{identity.user_id}\0embed\0{client_session}"),
             pipeline=pipeline_id, session_type=session_type, owner=identity.user_id)
+        self._remember(doc)
+        return doc
 
     async def create_session(self, identity, pipeline_id, *, session_type="person", title="", members=()):
         self.pipelines.get(pipeline_id)
@@ -159,7 +166,22 @@ class ChatService:
         doc = await self.store.get_session(check_id(session_id, "session_id"))
         if doc["pipeline"] != pipeline_id or not can_access(identity, doc):
             raise NotFound(f"no session {session_id!r}", code="session_not_found")
+        self._remember(doc)
         return doc
+
+    async def session_to_send(self, identity, pipeline_id, session_id):
+        """What send() needs of a session (id, pipeline, type: none of them ever changes), from memory when this
+        instance has seen it; send() checks access again in its own first write (`next_seqs`)."""
+        known = self._known.get(session_id)
+        if known is not None and known["pipeline"] == pipeline_id:
+            return known
+        return await self.session(identity, pipeline_id, session_id)
+
+    def _remember(self, doc):
+        if doc["_id"] not in self._known:
+            if len(self._known) >= KNOWN_SESSIONS:
+                del self._known[next(iter(self._known))]
+            self._known[doc["_id"]] = {"_id": doc["_id"], "pipeline": doc["pipeline"], "type": doc["type"]}
 
     async def change_members(self, identity, session, *, add=(), remove=()):
         """Owner (or admin) adds or removes members of a group session; removed members stop viewing it."""
@@ -227,7 +249,12 @@ class ChatService:
         await self.streams.check_shared_capacity(session["_id"], session["pipeline"])
         if self.limiter is not None:
             self.limiter.take(identity.user_id)
-        seq = await self.store.next_seqs(session["_id"], 2)
+        seq = await self.store.next_seqs(session["_id"], 2, pipeline=session["pipeline"],
+                                         member=None if identity.is_admin else identity.user_id)
+        # The reply is stored already claimed for streaming (one write less before its first token) when it will
+        # start at once: nothing else of its session is live here, and no other instance may claim its turn.
+        streams = self.streams
+        claimed = not (streams.cluster or streams.by_session.get(session["_id"]) or session["_id"] in self._claiming)
         now = utcnow()
         user_doc = {"_id": new_id(), "session_id": session["_id"], "pipeline": session["pipeline"], "seq": seq,
                     "role": "user", "content": text, "chain": chain, "status": "completed",
@@ -240,6 +267,9 @@ class ChatService:
                      "reply_to": user_doc["_id"], "created_at": now, "updated_at": now,
                      # leased from the start: a queued reply of a crashed instance is reaped too
                      "instance": self.streams.instance_id, "lease_until": self.streams.lease_until()}
+        if claimed:  # as store.mark_streaming leaves it
+            reply_doc.update(status="streaming", epoch=1, text_parts=[], thinking_parts=[], started_at=now)
+            self._claiming.add(session["_id"])
         try:
             await self.store.insert_messages([user_doc, reply_doc])
         except DuplicateKeyError:  # the same client_msg_id raced in from another tab
@@ -249,11 +279,14 @@ class ChatService:
             if existing is None:
                 raise
             return await self._duplicate(existing)
+        finally:
+            if claimed:
+                self._claiming.discard(session["_id"])
         # No await between here and accept(): the reply is registered before anything else runs.
         self.bus.publish(events.user_message(frames.message_data(user_doc), session["type"], connection_id))
         self.streams.accept(message_id=reply_doc["_id"], session=session, seq=reply_doc["seq"],
                             reply_to=user_doc["_id"], prompt=text, sender=identity.user_id, stream=stream,
-                            images=tuple(images))
+                            images=tuple(images), epoch=reply_doc["epoch"])
         return user_doc, reply_doc, False
 
     async def _duplicate(self, user_doc):

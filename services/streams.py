@@ -24,7 +24,7 @@ TURN_POLL = 0.1  # seconds between claims of a session's turn while another inst
 
 
 class Generation:
-    def __init__(self, *, message_id, session, seq, reply_to, prompt, sender, stream, images=()):
+    def __init__(self, *, message_id, session, seq, reply_to, prompt, sender, stream, images=(), epoch=0):
         self.message_id = message_id
         self.session_id = session["_id"]
         self.session_type = session["type"]
@@ -49,7 +49,8 @@ class Generation:
         self.checkpoint_task = None
         self.last_checkpoint = 0.0
         self.dirty_since = None       # monotonic time of the oldest character not yet checkpointed
-        self.epoch = 0                # fencing token from the store's claim: every write of ours must match it
+        self.epoch = epoch            # fencing token from the store's claim: every write of ours must match it
+        self.claimed = epoch > 0      # stored already streaming, with this epoch (services/chat.py send)
         self.saved = self.saved_thinking = 0  # characters of content/thinking already checkpointed
         self.fenced = False           # the store refused our write: another instance ended this reply
         self.has_turn = False         # cluster mode: holds its session's generation turn in the store
@@ -180,15 +181,16 @@ class StreamManager:
                 await self._wait_turn(gen)
             gen.status = "streaming"
             self.metrics.generation_streaming(gen)
-            doc = await self._uncancelled(gen, self.store.mark_streaming(
-                gen.message_id, instance=self.instance_id, lease_until=self.lease_until()))
-            if doc is None:  # no longer queued: ended elsewhere (the reaper) while it waited here
-                gen.fenced = True
-                raise asyncio.CancelledError
-            gen.epoch = doc["epoch"]
-            if doc.get("stop_requested"):  # stopped while queued, and the signal did not reach us
-                gen.stop_reason = gen.stop_reason or "stopped"
-                raise asyncio.CancelledError
+            if not gen.claimed:
+                doc = await self._uncancelled(gen, self.store.mark_streaming(
+                    gen.message_id, instance=self.instance_id, lease_until=self.lease_until()))
+                if doc is None:  # no longer queued: ended elsewhere (the reaper) while it waited here
+                    gen.fenced = True
+                    raise asyncio.CancelledError
+                gen.epoch = doc["epoch"]
+                if doc.get("stop_requested"):  # stopped while queued, and the signal did not reach us
+                    gen.stop_reason = gen.stop_reason or "stopped"
+                    raise asyncio.CancelledError
             self.bus.publish(events.reply_started(gen))
             request = await self._request(gen, pipeline)
             await self._consume(gen, pipeline, request)

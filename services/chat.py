@@ -118,7 +118,7 @@ class ChatService:
         self.on_last_viewer_gone = on_last_viewer_gone  # "continue" | "stop"
         self._background = set()  # durable-stop writes in flight
         self._known = {}          # session id -> its unchanging fields (session_to_send), the latest KNOWN_SESSIONS
-        self._claiming = set()    # sessions with a send between its first write and accept() (see send)
+        self._sending = {}        # session id -> sends between their first write and accept() (see send)
 
     # sessions
 
@@ -249,45 +249,52 @@ class ChatService:
         await self.streams.check_shared_capacity(session["_id"], session["pipeline"])
         if self.limiter is not None:
             self.limiter.take(identity.user_id)
-        seq = await self.store.next_seqs(session["_id"], 2, pipeline=session["pipeline"],
-                                         member=None if identity.is_admin else identity.user_id)
-        # The reply is stored already claimed for streaming (one write less before its first token) when it will
-        # start at once: nothing else of its session is live here, and no other instance may claim its turn.
-        streams = self.streams
-        claimed = not (streams.cluster or streams.by_session.get(session["_id"]) or session["_id"] in self._claiming)
-        now = utcnow()
-        user_doc = {"_id": new_id(), "session_id": session["_id"], "pipeline": session["pipeline"], "seq": seq,
-                    "role": "user", "content": text, "chain": chain, "status": "completed",
-                    "sender": identity.user_id, "created_at": now, "updated_at": now}
-        if client_msg_id is not None:
-            user_doc["client_msg_id"] = client_msg_id
-        reply_doc = {"_id": new_id(), "session_id": session["_id"], "pipeline": session["pipeline"],
-                     "seq": seq + 1, "role": "assistant", "content": "", "thinking": "", "status": "queued",
-                     "epoch": 0, "length": 0, "thinking_length": 0,
-                     "reply_to": user_doc["_id"], "created_at": now, "updated_at": now,
-                     # leased from the start: a queued reply of a crashed instance is reaped too
-                     "instance": self.streams.instance_id, "lease_until": self.streams.lease_until()}
-        if claimed:  # as store.mark_streaming leaves it
-            reply_doc.update(status="streaming", epoch=1, text_parts=[], thinking_parts=[], started_at=now)
-            self._claiming.add(session["_id"])
+        # The reply is stored already claimed for streaming (one write less before its first token), and its
+        # context read while its number is reserved, when it will start at once: nothing else of its session is
+        # live or being sent here, and no other instance may claim its turn (not in cluster mode).
+        sid, streams = session["_id"], self.streams
+        claimed = not (streams.cluster or streams.by_session.get(sid) or self._sending.get(sid))
+        self._sending[sid] = self._sending.get(sid, 0) + 1
+        history = streams.prefetch_history(sid, session["pipeline"]) if claimed else None
         try:
-            await self.store.insert_messages([user_doc, reply_doc])
-        except DuplicateKeyError:  # the same client_msg_id raced in from another tab
-            if client_msg_id is None:
-                raise
-            existing = await self.store.find_by_client_msg_id(session["_id"], client_msg_id)
-            if existing is None:
-                raise
-            return await self._duplicate(existing)
+            seq = await self.store.next_seqs(sid, 2, pipeline=session["pipeline"],
+                                             member=None if identity.is_admin else identity.user_id)
+            now = utcnow()
+            user_doc = {"_id": new_id(), "session_id": sid, "pipeline": session["pipeline"], "seq": seq,
+                        "role": "user", "content": text, "chain": chain, "status": "completed",
+                        "sender": identity.user_id, "created_at": now, "updated_at": now}
+            if client_msg_id is not None:
+                user_doc["client_msg_id"] = client_msg_id
+            reply_doc = {"_id": new_id(), "session_id": sid, "pipeline": session["pipeline"],
+                         "seq": seq + 1, "role": "assistant", "content": "", "thinking": "", "status": "queued",
+                         "epoch": 0, "length": 0, "thinking_length": 0,
+                         "reply_to": user_doc["_id"], "created_at": now, "updated_at": now,
+                         # leased from the start: a queued reply of a crashed instance is reaped too
+                         "instance": streams.instance_id, "lease_until": streams.lease_until()}
+            if claimed:  # as store.mark_streaming leaves it
+                reply_doc.update(status="streaming", epoch=1, text_parts=[], thinking_parts=[], started_at=now)
+            try:
+                await self.store.insert_messages([user_doc, reply_doc])
+            except DuplicateKeyError:  # the same client_msg_id raced in from another tab
+                if client_msg_id is None:
+                    raise
+                existing = await self.store.find_by_client_msg_id(sid, client_msg_id)
+                if existing is None:
+                    raise
+                return await self._duplicate(existing)
+            # No await between here and accept(): the reply is registered before anything else runs.
+            self.bus.publish(events.user_message(frames.message_data(user_doc), session["type"], connection_id))
+            streams.accept(message_id=reply_doc["_id"], session=session, seq=reply_doc["seq"],
+                           reply_to=user_doc["_id"], prompt=text, sender=identity.user_id, stream=stream,
+                           images=tuple(images), epoch=reply_doc["epoch"], history=history)
+            history = None  # the generation owns it now
+            return user_doc, reply_doc, False
         finally:
-            if claimed:
-                self._claiming.discard(session["_id"])
-        # No await between here and accept(): the reply is registered before anything else runs.
-        self.bus.publish(events.user_message(frames.message_data(user_doc), session["type"], connection_id))
-        self.streams.accept(message_id=reply_doc["_id"], session=session, seq=reply_doc["seq"],
-                            reply_to=user_doc["_id"], prompt=text, sender=identity.user_id, stream=stream,
-                            images=tuple(images), epoch=reply_doc["epoch"])
-        return user_doc, reply_doc, False
+            if history is not None:
+                discard(history)
+            self._sending[sid] -= 1
+            if not self._sending[sid]:
+                del self._sending[sid]
 
     async def _duplicate(self, user_doc):
         return user_doc, await self.store.find_reply(user_doc["_id"]), True
@@ -379,6 +386,12 @@ class ChatService:
         deleted = await self.store.delete_session_messages(session["_id"])
         self.bus.publish(events.reset(session["_id"], deleted))
         return {"stopped": stopped, "deleted": deleted}
+
+
+def discard(task):
+    """Cancel a task nobody will await, and retrieve its outcome (no "exception never retrieved")."""
+    task.cancel()
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
 def can_access(identity, session):

@@ -224,8 +224,11 @@ class Store:
 
     @timed
     async def recent_messages(self, session_id, *, before_seq, limit):
-        """The `limit` messages just before `before_seq`, oldest first (context for a provider)."""
-        cursor = (self.messages.find({"session_id": session_id, "seq": {"$lt": before_seq}})
+        """The `limit` messages just before `before_seq` (None: the latest), oldest first (context for a provider)."""
+        query = {"session_id": session_id}
+        if before_seq is not None:
+            query["seq"] = {"$lt": before_seq}
+        cursor = (self.messages.find(query)
                   .sort("seq", DESCENDING).limit(limit))
         docs = [assemble(doc) async for doc in cursor]
         return docs[::-1]

@@ -11,7 +11,7 @@ from pymongo.errors import DuplicateKeyError
 from services import events, frames, paging, schema
 from services.errors import Forbidden
 from services.errors import BadRequest, NotFound
-from services.store import new_id, utcnow
+from services.store import new_id, session_position, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -206,12 +206,13 @@ class ChatService:
         position = paging.decode(kind, cursor)
         before = None
         if position is not None:
-            if not (isinstance(position, list) and len(position) == 2 and isinstance(position[1], str)):
+            if not (isinstance(position, list) and len(position) == 2 and type(position[0]) is int
+                    and isinstance(position[1], str)):
                 raise BadRequest("cursor is not one this server gave out", code="invalid_cursor")
-            before = (paging.from_epoch_ms(position[0]), position[1])
+            before = tuple(position)
         docs = await self.store.list_sessions(pipeline=pipeline_id, user=identity.user_id, limit=limit + 1,
                                               before=before)
-        return paging.page(docs, limit, kind, lambda d: [paging.epoch_ms(d["updated_at"]), d["_id"]])
+        return paging.page(docs, limit, kind, lambda d: list(session_position(d)))
 
     # messages
 

@@ -5,7 +5,6 @@ list. Clients must treat it as opaque; its content may change between versions.
 """
 import base64
 import binascii
-import datetime
 import json
 
 from services.errors import BadRequest
@@ -36,16 +35,6 @@ def page(items, limit, kind, position_of):
         return items, None
     items = items[:limit]
     return items, encode(kind, position_of(items[-1]))
-
-
-def epoch_ms(moment):
-    return int(moment.timestamp() * 1000)
-
-
-def from_epoch_ms(value):
-    if not isinstance(value, int):
-        raise BadRequest("cursor is not one this server gave out", code="invalid_cursor")
-    return datetime.datetime.fromtimestamp(value / 1000, tz=datetime.timezone.utc)
 
 
 def in_memory(values, limit, kind, cursor, key=lambda v: v):

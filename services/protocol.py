@@ -150,7 +150,7 @@ class ClientProtocol:
         self.conn.send({"type": "session.joined", "data": {"session_id": session["_id"],
                                                            "session_type": session["type"],
                                                            "title": session.get("title", "")}})
-        self.chat.fanout.join(self.conn, session["_id"], session["type"])
+        self.chat.fanout.join(self.conn, session["_id"], session["type"], session.get("next_seq"))
 
     async def _leave_group(self, frame):
         session = await self.chat.session(self.conn.identity, self.conn.pipeline, frame.session_id)

@@ -6,7 +6,7 @@ nx-27017 turns a datetime written by $set into a string). Ids are uuid4 hex stri
 """
 import logging
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
 from pymongo.errors import BulkWriteError, DuplicateKeyError
@@ -15,6 +15,7 @@ from services.errors import NotFound
 from services.metrics import Metrics, timed
 
 log = logging.getLogger(__name__)
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 TERMINAL = ("completed", "stopped", "failed", "timeout", "interrupted")
 LIVE = ("queued", "streaming")
@@ -41,6 +42,16 @@ def stamp(*fields):
 
 def utcnow():
     return datetime.now(timezone.utc)
+
+
+def epoch_ms(moment):
+    """Exact whole milliseconds since the epoch (integer arithmetic: no float rounding)."""
+    return (moment - EPOCH) // timedelta(milliseconds=1)
+
+
+def session_position(doc):
+    """A session's place in its list: (updated_at in epoch ms, _id); what a sessions cursor carries."""
+    return epoch_ms(doc["updated_at"]), doc["_id"]
 
 
 def new_id():
@@ -107,15 +118,32 @@ class Store:
 
     @timed
     async def list_sessions(self, *, pipeline, user, limit=100, before=None):
-        """Most recently updated first; `before` = (updated_at, _id) of the last session of the previous page."""
+        """Most recently updated first, ordered by (updated_at in epoch ms, _id) descending: up to `limit` sessions
+        below `before` = that pair for the last session of the previous page.
+
+        The boundary is found by reading from the newest, not by a range query on updated_at: nx-27017 keeps a
+        `$currentDate` time below the millisecond and matches it against no date in a query (it sorts it right),
+        so `updated_at < x` missed every session touched since its creation. Reads O(position) small documents."""
         # `$in` rather than `{"members": user}`: same meaning on MongoDB, but nx-27017 0.8.1 misses array
         # elements on an indexed array field with plain equality.
         query = {"pipeline": pipeline, "members": {"$in": [user]}}
-        if before is not None:
-            updated, sid = before
-            query["$or"] = [{"updated_at": {"$lt": updated}}, {"updated_at": updated, "_id": {"$lt": sid}}]
-        cursor = (self.sessions.find(query).sort([("updated_at", DESCENDING), ("_id", DESCENDING)]).limit(limit))
-        return [doc async for doc in cursor]
+        found, boundary_ms = [], None
+        cursor = self.sessions.find(query).sort([("updated_at", DESCENDING), ("_id", DESCENDING)])
+        try:
+            async for doc in cursor:
+                position = session_position(doc)
+                if before is not None and position >= tuple(before):
+                    continue  # on an earlier page
+                if boundary_ms is not None and position[0] < boundary_ms:
+                    break  # the last millisecond of this page is complete
+                found.append(doc)
+                if len(found) == limit:
+                    boundary_ms = position[0]
+        finally:
+            await cursor.close()
+        # within one millisecond the stored order (sub-millisecond on nx-27017) may differ from the _id tiebreak
+        found.sort(key=session_position, reverse=True)
+        return found[:limit]
 
     @timed
     async def set_title(self, session_id, title):

@@ -131,3 +131,23 @@ async def test_cors_refuses_other_origins_and_is_off_by_default(cors, services, 
     services.config.cors_origins = ()
     r = await preflight(http_client, base_url, "https://app.example")
     assert r.code == 403 and "Access-Control-Allow-Origin" not in r.headers
+
+
+async def test_sessions_paging_never_drops_one_at_a_page_boundary(fetch):
+    """41 sessions touched in quick succession (many share a millisecond; nx-27017 keeps sub-millisecond times
+    that a millisecond cursor cannot name), pages of 7: every session exactly once, in the listed order."""
+    created = []
+    for i in range(41):
+        code, body = await fetch(S, "POST", body={"title": f"s{i}"})
+        assert code == 201
+        created.append(body["data"]["session_id"])
+    for sid in created:  # a rename stamps updated_at with the server's clock ($currentDate)
+        code, _ = await fetch(f"{S}/{sid}", "PATCH", body={"title": "renamed"})
+        assert code == 200
+    pages = await all_pages(fetch, S, "sessions", 7)
+    listed = [s["session_id"] for p in pages for s in p]
+    assert len(listed) == len(set(listed)), "a session was listed twice"
+    assert sorted(listed) == sorted(created), f"{len(created) - len(set(listed))} sessions never listed"
+    assert [len(p) for p in pages] == [7] * 5 + [6]
+    stamps = [(s["updated_at"], s["session_id"]) for p in pages for s in p]
+    assert stamps == sorted(stamps, reverse=True)

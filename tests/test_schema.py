@@ -1,8 +1,9 @@
 """One schema for every frame and body: the decoder's errors, and the two published documents.
 
-docs/asyncapi.yaml: no PyPI package ships the AsyncAPI 3.0 meta-schema, so the document is checked structurally
-here (version, every $ref resolves, operations only use their channel's messages) and every payload schema in it
-is checked with `jsonschema` against the JSON Schema meta-schema, and used to validate real frames.
+docs/asyncapi.yaml: validated against the official AsyncAPI 3.0.0 JSON Schema (vendored from npm
+`@asyncapi/specs`, see tests/vendor/README.md), checked structurally (every $ref resolves, operations only use
+their channel's messages), and every payload schema in it is checked against the JSON Schema meta-schema and used
+to validate real frames.
 GET /openapi.json: checked with openapi-spec-validator.
 """
 import json
@@ -41,6 +42,26 @@ def refs(node):
 def test_asyncapi_yaml_is_generated_from_the_code():
     on_disk = yaml.safe_load((ROOT / "docs/asyncapi.yaml").read_text())
     assert on_disk == schema.asyncapi(), "docs/asyncapi.yaml is stale: run `.venv/bin/python -m services.schema`"
+
+
+def asyncapi_meta_validator():
+    meta = json.loads((ROOT / "tests/vendor/asyncapi-3.0.0.schema.json").read_text())
+    return jsonschema.validators.validator_for(meta)(meta)
+
+
+def test_asyncapi_document_is_valid_against_the_official_3_0_schema():
+    validator = asyncapi_meta_validator()
+    errors = [f"{list(e.absolute_path)}: {e.message[:200]}" for e in validator.iter_errors(schema.asyncapi())]
+    assert errors == []
+
+
+def test_the_official_asyncapi_schema_refuses_a_broken_document():
+    # Proves the vendored meta-schema really checks: a channel with an unknown field and an operation without
+    # its required channel are refused.
+    doc = json.loads(json.dumps(schema.asyncapi()))
+    doc["channels"]["langbot"]["bogus"] = 1
+    del next(iter(doc["operations"].values()))["channel"]
+    assert len(list(asyncapi_meta_validator().iter_errors(doc))) >= 2
 
 
 def test_asyncapi_document_is_valid():

@@ -105,7 +105,7 @@ async def open_services(config, *, pipelines=None, provider_factory=None, auth=N
                        live_replies=lambda session_id: streams.live(session_id))
     else:
         bus = LocalBus(instance_id, metrics=metrics)
-    fanout = FanOut(hub, bus, metrics)
+    fanout = FanOut(hub, bus, metrics, store=store)
     extra = {"provider_factory": provider_factory} if provider_factory else {}
     streams = StreamManager(store, bus, pipelines, instance_id=instance_id,
                             checkpoint_interval=config.checkpoint_interval, lease_seconds=config.lease_seconds,
@@ -158,6 +158,7 @@ async def close_services(services):
     await services.streams.shutdown()
     await services.chat.close()
     await services.bus.close()
+    await services.fanout.order.close()
     await services.client.close()
 
 

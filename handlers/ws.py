@@ -263,7 +263,7 @@ class ChatSocket(websocket.WebSocketHandler):
         self.protocol = ClientProtocol(self.conn, chat, self.services.resumer)
         self.conn.send(frames.connected(self.conn, session,
                                         live_replies=self.services.streams.live(session["_id"])))
-        self.services.fanout.join(self.conn, session["_id"], session["type"])  # after `connected`: presence follows
+        self.services.fanout.join(self.conn, session["_id"], session["type"], session.get("next_seq"))  # after `connected`: presence follows
 
     def _has_credentials(self):
         return "Authorization" in self.request.headers or "token" in self.request.query_arguments

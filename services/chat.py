@@ -25,6 +25,7 @@ MAX_TITLE = 200
 MAX_VIEWED = 64          # sessions one connection may view at once (session.join)
 MAX_IMAGE = 512 * 1024   # default of --max-image-size: bytes of one image, decoded
 _DATA_URI = re.compile(r"^data:image/[a-z0-9.+-]{1,32};base64$", re.IGNORECASE)
+KNOWN_SESSIONS = 10_000  # sessions whose id, pipeline and type are kept in memory for sends
 
 
 def check_session_type(value):
@@ -159,24 +160,30 @@ class ChatService:
         self.pipelines = pipelines
         self.on_last_viewer_gone = on_last_viewer_gone  # "continue" | "stop"
         self._background = set()  # durable-stop writes in flight
+        self._known = {}          # session id -> its unchanging fields (session_to_send), the latest KNOWN_SESSIONS
+        self._sending = {}        # session id -> sends between their first write and accept() (see send)
 
     # sessions
 
     async def default_session(self, identity, pipeline_id, session_type):
         self.pipelines.get(pipeline_id)
         check_session_type(session_type)
-        return await self.store.get_or_create_session(
+        doc = await self.store.get_or_create_session(
             session_id=default_session_id(pipeline_id, session_type, identity.user_id),
             pipeline=pipeline_id, session_type=session_type, owner=identity.user_id)
+        self._remember(doc)
+        return doc
 
     async def embed_session(self, identity, pipeline_id, session_type, client_session):
         """LangBot's embed widget: one session per pipeline, session type, user and browser session."""
         check_id(client_session, "session_id")
         self.pipelines.get(pipeline_id)
         check_session_type(session_type)
-        return await self.store.get_or_create_session(
+        doc = await self.store.get_or_create_session(
             session_id=default_session_id(pipeline_id, session_type, f"{identity.user_id}\0embed\0{client_session}"),
             pipeline=pipeline_id, session_type=session_type, owner=identity.user_id)
+        self._remember(doc)
+        return doc
 
     async def create_session(self, identity, pipeline_id, *, session_type="person", title="", members=()):
         self.pipelines.get(pipeline_id)
@@ -202,7 +209,22 @@ class ChatService:
         doc = await self.store.get_session(check_id(session_id, "session_id"))
         if doc["pipeline"] != pipeline_id or not can_access(identity, doc):
             raise NotFound(f"no session {session_id!r}", code="session_not_found")
+        self._remember(doc)
         return doc
+
+    async def session_to_send(self, identity, pipeline_id, session_id):
+        """What send() needs of a session (id, pipeline, type: none of them ever changes), from memory when this
+        instance has seen it; send() checks access again in its own first write (`next_seqs`)."""
+        known = self._known.get(session_id)
+        if known is not None and known["pipeline"] == pipeline_id:
+            return known
+        return await self.session(identity, pipeline_id, session_id)
+
+    def _remember(self, doc):
+        if doc["_id"] not in self._known:
+            if len(self._known) >= KNOWN_SESSIONS:
+                del self._known[next(iter(self._known))]
+            self._known[doc["_id"]] = {"_id": doc["_id"], "pipeline": doc["pipeline"], "type": doc["type"]}
 
     async def change_members(self, identity, session, *, add=(), remove=()):
         """Owner (or admin) adds or removes members of a group session; removed members stop viewing it."""
@@ -271,34 +293,52 @@ class ChatService:
         await self.streams.check_shared_capacity(session["_id"], session["pipeline"])
         if self.limiter is not None:
             self.limiter.take(identity.user_id)
-        seq = await self.store.next_seqs(session["_id"], 2)
-        now = utcnow()
-        user_doc = {"_id": new_id(), "session_id": session["_id"], "pipeline": session["pipeline"], "seq": seq,
-                    "role": "user", "content": text, "chain": chain, "status": "completed",
-                    "sender": identity.user_id, "created_at": now, "updated_at": now}
-        if client_msg_id is not None:
-            user_doc["client_msg_id"] = client_msg_id
-        reply_doc = {"_id": new_id(), "session_id": session["_id"], "pipeline": session["pipeline"],
-                     "seq": seq + 1, "role": "assistant", "content": "", "thinking": "", "status": "queued",
-                     "epoch": 0, "length": 0, "thinking_length": 0,
-                     "reply_to": user_doc["_id"], "created_at": now, "updated_at": now,
-                     # leased from the start: a queued reply of a crashed instance is reaped too
-                     "instance": self.streams.instance_id, "lease_until": self.streams.lease_until()}
+        # The reply is stored already claimed for streaming (one write less before its first token), and its
+        # context read while its number is reserved, when it will start at once: nothing else of its session is
+        # live or being sent here, and no other instance may claim its turn (not in cluster mode).
+        sid, streams = session["_id"], self.streams
+        claimed = not (streams.cluster or streams.by_session.get(sid) or self._sending.get(sid))
+        self._sending[sid] = self._sending.get(sid, 0) + 1
+        history = streams.prefetch_history(sid, session["pipeline"]) if claimed else None
         try:
-            await self.store.insert_messages([user_doc, reply_doc])
-        except DuplicateKeyError:  # the same client_msg_id raced in from another tab
-            if client_msg_id is None:
-                raise
-            existing = await self.store.find_by_client_msg_id(session["_id"], client_msg_id)
-            if existing is None:
-                raise
-            return await self._duplicate(existing)
-        # No await between here and accept(): the reply is registered before anything else runs.
-        self.bus.publish(events.user_message(frames.message_data(user_doc), session["type"], connection_id))
-        self.streams.accept(message_id=reply_doc["_id"], session=session, seq=reply_doc["seq"],
-                            reply_to=user_doc["_id"], prompt=text, sender=identity.user_id, stream=stream,
-                            images=tuple(images))
-        return user_doc, reply_doc, False
+            seq = await self.store.next_seqs(sid, 2, pipeline=session["pipeline"],
+                                             member=None if identity.is_admin else identity.user_id)
+            now = utcnow()
+            user_doc = {"_id": new_id(), "session_id": sid, "pipeline": session["pipeline"], "seq": seq,
+                        "role": "user", "content": text, "chain": chain, "status": "completed",
+                        "sender": identity.user_id, "created_at": now, "updated_at": now}
+            if client_msg_id is not None:
+                user_doc["client_msg_id"] = client_msg_id
+            reply_doc = {"_id": new_id(), "session_id": sid, "pipeline": session["pipeline"],
+                         "seq": seq + 1, "role": "assistant", "content": "", "thinking": "", "status": "queued",
+                         "epoch": 0, "length": 0, "thinking_length": 0,
+                         "reply_to": user_doc["_id"], "created_at": now, "updated_at": now,
+                         # leased from the start: a queued reply of a crashed instance is reaped too
+                         "instance": streams.instance_id, "lease_until": streams.lease_until()}
+            if claimed:  # as store.mark_streaming leaves it
+                reply_doc.update(status="streaming", epoch=1, text_parts=[], thinking_parts=[], started_at=now)
+            try:
+                await self.store.insert_messages([user_doc, reply_doc])
+            except DuplicateKeyError:  # the same client_msg_id raced in from another tab
+                if client_msg_id is None:
+                    raise
+                existing = await self.store.find_by_client_msg_id(sid, client_msg_id)
+                if existing is None:
+                    raise
+                return await self._duplicate(existing)
+            # No await between here and accept(): the reply is registered before anything else runs.
+            self.bus.publish(events.user_message(frames.message_data(user_doc), session["type"], connection_id))
+            streams.accept(message_id=reply_doc["_id"], session=session, seq=reply_doc["seq"],
+                           reply_to=user_doc["_id"], prompt=text, sender=identity.user_id, stream=stream,
+                           images=tuple(images), epoch=reply_doc["epoch"], history=history)
+            history = None  # the generation owns it now
+            return user_doc, reply_doc, False
+        finally:
+            if history is not None:
+                discard(history)
+            self._sending[sid] -= 1
+            if not self._sending[sid]:
+                del self._sending[sid]
 
     async def _duplicate(self, user_doc):
         return user_doc, await self.store.find_reply(user_doc["_id"]), True
@@ -390,6 +430,12 @@ class ChatService:
         deleted = await self.store.delete_session_messages(session["_id"])
         self.bus.publish(events.reset(session["_id"], deleted))
         return {"stopped": stopped, "deleted": deleted}
+
+
+def discard(task):
+    """Cancel a task nobody will await, and retrieve its outcome (no "exception never retrieved")."""
+    task.cancel()
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
 def can_access(identity, session):

@@ -15,6 +15,7 @@ import itertools
 import logging
 
 from services import events, frames
+from services.ordering import Ordering
 from services.outbox import encode
 from services.store import LIVE
 
@@ -102,7 +103,7 @@ class Final:
 
 
 class FanOut:
-    def __init__(self, hub, bus, metrics=None):
+    def __init__(self, hub, bus, metrics=None, store=None):
         self.hub = hub
         self.bus = bus
         self.metrics = metrics
@@ -113,9 +114,14 @@ class FanOut:
                          "reply.delta": self._delta, "reply.final": self._final, "reset": self._reset,
                          "members": self._members, "presence": self._presence, "broadcast": self._broadcast,
                          "push": self._push, "reconnect": self._reconnect}
+        # a session's messages reach its viewers here in the store's order (services/ordering.py)
+        self.order = Ordering(self._dispatch, store, self._session_type)
         bus.subscribe(self.handle)
 
     def handle(self, event):
+        self.order.handle(event)
+
+    def _dispatch(self, event):
         handler = self.handlers.get(event["type"])
         if handler is not None:
             handler(event)
@@ -280,7 +286,10 @@ class FanOut:
 
     # who views what
 
-    def join(self, conn, session_id, session_type="person"):
+    def join(self, conn, session_id, session_type="person", next_seq=None):
+        """`next_seq`: the session's message counter as read from the store for this join (its `next_seq`):
+        messages numbered after it reach the viewers here in order."""
+        self.order.track(session_id, next_seq)
         for reply in self.replies.values():
             # a reply generating on another instance may reach us later than its start: not from 0 for this one
             if reply.session_id == session_id and reply.origin != self.bus.instance_id:
@@ -295,6 +304,8 @@ class FanOut:
         # user-level: a second tab of someone already online (or still online) is not news
         if self.hub.leave(conn, session_id) and group:
             self.bus.publish(events.presence(session_id, "leave", conn.user_id))
+        if not self.hub.by_session.get(session_id):
+            self.order.forget(session_id)
 
     def unregister(self, conn):
         for session_id in list(conn.sessions):

@@ -95,7 +95,7 @@ class Resumer:
                 # Interrupted or orphaned: text after the last checkpoint is lost; the final frame is authoritative.
                 offset, thinking_offset = min(offset, length), min(thinking_offset, thinking_length)
             plan.append((reply, offset, thinking_offset))
-        self.fanout.join(conn, session_id, session["type"])
+        self.fanout.join(conn, session_id, session["type"], session.get("next_seq"))
         sent = self.fanout.resume(conn, session_id, plan)
         if self.metrics is not None:
             for reply, offset, thinking_offset, source in sent:

@@ -77,7 +77,9 @@ async def test_group_replies_run_one_at_a_time_across_instances(cluster):
     await asyncio.gather(*sends)  # all at once, through three instances
 
     async def watch(client):
-        acks, echoes, finals = [], set(), []
+        """What one member saw, in arrival order: user messages (seq) and replies (seq of the first frame, and
+        of the final), and for each reply whether its question's echo came first."""
+        acks, echoes, started, finals, question_first = [], [], [], [], {}
         while len(acks) < 3 or len(echoes) < 9 or len(finals) < 9:
             frame = await client.recv_type("ack", "error", "user_message", "response", timeout=30)
             assert frame["type"] != "error", frame
@@ -85,18 +87,26 @@ async def test_group_replies_run_one_at_a_time_across_instances(cluster):
             if frame["type"] == "ack":
                 acks.append(data)
             elif frame["type"] == "user_message":
-                echoes.add(data["message_id"])
-            elif data["is_final"]:
-                finals.append((data["seq"], data["message_id"], data["status"]))
-        return acks, echoes, finals
+                echoes.append((data["seq"], data["message_id"]))
+            else:
+                if data["message_id"] not in question_first:
+                    started.append(data["seq"])
+                    question_first[data["message_id"]] = data["reply_to"] in {m for _, m in echoes}
+                if data["is_final"]:
+                    finals.append((data["seq"], data["message_id"], data["status"]))
+        return acks, echoes, finals, started, question_first
 
     seen = await asyncio.gather(*(watch(c) for c in clients))
     acks = [a for got in seen for a in got[0]]
     reply_ids = {a["reply_message_id"] for a in acks}
     user_ids = {a["message_id"] for a in acks}
-    for _, echoes, finals in seen:  # everyone saw every message and every reply, the replies in one order
-        assert echoes == user_ids
+    for _, echoes, finals, started, question_first in seen:
+        # everyone saw every message and every reply, each in one order: the store's (seq)
+        assert {m for _, m in echoes} == user_ids
+        assert echoes == seen[0][1] == sorted(echoes), "user messages reached members in different orders"
         assert finals == seen[0][2] == sorted(finals)
+        assert started == seen[0][3] == sorted(started)
+        assert all(question_first.values()), "a reply was shown before its question"
         assert {m for _, m, _ in finals} == reply_ids
         assert {status for _, _, status in finals} == {"completed"}
 

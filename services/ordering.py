@@ -1,0 +1,161 @@
+"""One order of a session's messages for every viewer, on every instance: the store's `seq`.
+
+An instance delivers the events it publishes at once and other instances' through the change stream, so two user
+messages of one session accepted at once on two instances can reach the viewers of a third in either order, and
+even a single box can publish them out of order (two sends await their store writes side by side). The fan-out
+passes each event through `Ordering` first.
+
+`send()` reserves two consecutive numbers per message (the user message n, its reply n + 1: SEQS_PER_SEND), so
+after the user message n the next is n + 2. Per viewed session, `upto` is the highest number accounted for: a
+user message n is delivered when n <= upto + 1, a reply's event when its number <= upto (its question was
+delivered). Anything else is held, in arrival order, with whatever arrives after it for that session. After
+GAP_WAIT the gap is filled from the store, the source of truth: a message found there is delivered from it (its
+event, when it comes, is dropped); a number not there was never used (a send that failed after reserving it).
+A session is tracked from its first viewer here (`track`, with the store's counter at join time) to its last.
+"""
+import asyncio
+import logging
+import time
+
+from services import events, frames
+
+log = logging.getLogger(__name__)
+
+SEQS_PER_SEND = 2  # services/chat.py send(): the user message and its reply
+GAP_WAIT = 1.0     # seconds a missing number may take to arrive before the store is asked
+ORDERED = ("user_message", "reply.started", "reply.delta", "reply.final")
+FILLED_REMEMBERED = 256
+
+
+class Session:
+    __slots__ = ("upto", "held", "timer", "filling", "filled")
+
+    def __init__(self, upto):
+        self.upto = upto
+        self.held = []        # events waiting for a missing number, in arrival order
+        self.timer = None
+        self.filling = False
+        self.filled = {}      # user message numbers delivered from the store (their late events are dropped)
+
+
+def seq_of(event):
+    return event["message"]["seq"] if event["type"] == "user_message" else event["seq"]
+
+
+class Ordering:
+    def __init__(self, deliver, store=None, session_type=lambda session_id: "person"):
+        self.deliver = deliver            # event -> None: the fan-out's rendering
+        self.store = store                # to fill gaps; None: a gap is skipped after GAP_WAIT
+        self.session_type = session_type
+        self.sessions = {}                # session id -> Session, while it has a viewer here
+        self._fills = set()
+
+    def track(self, session_id, upto):
+        if session_id not in self.sessions and upto is not None:
+            self.sessions[session_id] = Session(upto)
+
+    def forget(self, session_id):
+        """The last viewer here left: what is held goes out now (the fan-out still keeps reply state)."""
+        state = self.sessions.pop(session_id, None)
+        if state is not None:
+            if state.timer is not None:
+                state.timer.cancel()
+            for event in state.held:
+                self.deliver(event)
+
+    def handle(self, event):
+        state = self.sessions.get(event.get("session_id")) if event["type"] in ORDERED else None
+        if state is None:
+            self.deliver(event)
+        elif not state.held and self._ready(state, event):
+            self._pass(state, event)
+        else:
+            state.held.append(event)
+            self._release(state)
+            if state.held and state.timer is None and not state.filling:
+                state.timer = asyncio.get_running_loop().call_later(GAP_WAIT, self._fill, event["session_id"])
+
+    def _ready(self, state, event):
+        seq = seq_of(event)
+        return seq <= state.upto + 1 if event["type"] == "user_message" else seq <= state.upto
+
+    def _pass(self, state, event):
+        if event["type"] == "user_message":
+            seq = seq_of(event)
+            if state.filled.pop(seq, False):
+                return  # already delivered from the store
+            state.upto = max(state.upto, seq + SEQS_PER_SEND - 1)
+        self.deliver(event)
+
+    def _release(self, state):
+        moved = True
+        while moved and state.held:
+            moved = False
+            for i, event in enumerate(state.held):
+                if self._ready(state, event):
+                    del state.held[i]
+                    self._pass(state, event)
+                    moved = True
+                    break
+
+    def _needed(self, state):
+        """The highest number that must be accounted for before everything held can go."""
+        return max(seq_of(e) - 1 if e["type"] == "user_message" else seq_of(e) for e in state.held)
+
+    def _fill(self, session_id):
+        state = self.sessions.get(session_id)
+        if state is None:
+            return
+        state.timer = None
+        if not state.held or state.filling:
+            return
+        state.filling = True
+        task = asyncio.get_running_loop().create_task(self._fill_from_store(session_id, state),
+                                                      name=f"order-fill-{session_id}")
+        self._fills.add(task)
+        task.add_done_callback(self._fills.discard)
+
+    async def _fill_from_store(self, session_id, state):
+        needed = self._needed(state)
+        docs = []
+        try:
+            if self.store is not None and needed > state.upto:
+                docs = await self.store.list_messages(session_id, after_seq=state.upto,
+                                                      limit=min(needed - state.upto, 500))
+        except Exception as exc:  # the store is away: give up waiting rather than hold the session
+            log.warning("could not fill a message gap from the store session_id=%s: %s", session_id, exc)
+        finally:
+            state.filling = False
+        if self.sessions.get(session_id) is not state:
+            return  # forgotten meanwhile (everything held was delivered then)
+        held = {seq_of(e) for e in state.held if e["type"] == "user_message"}
+        for doc in docs:
+            seq = doc["seq"]
+            if doc.get("role") != "user" or seq > needed or seq <= state.upto:
+                continue
+            state.upto = max(state.upto, seq - 1)  # the numbers before it that the store lacks were never used
+            if seq in held:
+                self._release(state)
+                continue
+            log.info("message seq=%s of session_id=%s delivered from the store (its event is late or lost)",
+                     seq, session_id)
+            state.filled[seq] = True
+            if len(state.filled) > FILLED_REMEMBERED:
+                del state.filled[next(iter(state.filled))]
+            event = events.user_message(frames.message_data(doc), self.session_type(session_id))
+            event.update(origin="store", at=time.time())
+            state.upto = max(state.upto, seq + SEQS_PER_SEND - 1)
+            self.deliver(event)
+            self._release(state)
+        state.upto = max(state.upto, needed)
+        self._release(state)
+        if state.held and state.timer is None:  # a new gap behind the one just filled
+            state.timer = asyncio.get_running_loop().call_later(GAP_WAIT, self._fill, session_id)
+
+    async def close(self):
+        for state in self.sessions.values():
+            if state.timer is not None:
+                state.timer.cancel()
+        for task in list(self._fills):
+            task.cancel()
+        await asyncio.gather(*self._fills, return_exceptions=True)

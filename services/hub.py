@@ -17,6 +17,10 @@ class Connection:
     """One WebSocket, as the services see it. `write(text)` sends one text frame and returns a Future resolved
     when it is flushed (raises ConnectionClosed when the socket is gone); `close(code, reason)` ends the socket.
     """
+    # thousands of idle ones are held at once: no per-instance __dict__
+    __slots__ = ("id", "dialect", "identity", "pipeline", "session_type", "stream_mode", "remote_ip", "sessions",
+                 "primary_session", "cursors", "finals_sent", "created_at", "last_active", "closed", "close",
+                 "outbox")
 
     def __init__(self, conn_id, *, identity, pipeline, session_type, stream_mode, write, close, remote_ip="",
                  outbox_limit=OUTBOX_LIMIT, on_sent=None, dialect="parley"):

@@ -15,6 +15,7 @@ import json
 from collections import deque
 
 WINDOW = 64 * 1024
+NOTHING_WAITING = ()  # an idle connection's `waiting`: its deque (760 bytes) is made when a frame has to wait
 CLOSE_SLOW_CONSUMER = 4008
 
 
@@ -81,7 +82,7 @@ class Outbox:
         self.write = write              # write(text) -> Future resolved when flushed; raises when closed
         self.limit = limit
         self.on_overflow = on_overflow
-        self.waiting = deque()          # [frame, size, text, nbytes] in send order; frame None: pages
+        self.waiting = NOTHING_WAITING  # [frame, size, text, nbytes] in send order; frame None: pages
         self.waiting_size = 0
         self.finals_size = 0            # of waiting_size: final frames, which the limit does not count
         self.in_flight = 0
@@ -107,7 +108,7 @@ class Outbox:
             if text is None:
                 text = encode(frame)
             entry = [frame, len(text), text, nbytes]   # frame, characters, encoding, bytes (None: not known)
-            self.waiting.append(entry)
+            self._waiting().append(entry)
             self.waiting_size += entry[1]
             if is_final(frame):
                 self.finals_size += entry[1]
@@ -123,8 +124,13 @@ class Outbox:
     def put_pages(self, message_id, pages):
         """Queue an iterator of frames (one reply's catch-up), each made only when the socket has room for it."""
         self.chunks.pop(message_id, None)  # later chunks continue after the pages: never merge before them
-        self.waiting.append([None, 0, pages, None])
+        self._waiting().append([None, 0, pages, None])
         self._pump()
+
+    def _waiting(self):
+        if self.waiting is NOTHING_WAITING:
+            self.waiting = deque()
+        return self.waiting
 
     def _send(self, frame, text=None, nbytes=None):
         if text is None:

@@ -2,7 +2,8 @@
 
 `receive()` never awaits and never raises, so Tornado's on_message returns at once and `ping`/`stop` are heard
 while a reply streams. Sends and resumes go through a small per-connection inbox worked by one task, so a
-client's messages are persisted in the order it sent them.
+client's messages are persisted in the order it sent them. The task starts with the first queued frame and ends
+when the inbox is empty: an idle connection holds no task, queue or coroutine frame (about 5 KB each).
 """
 import asyncio
 import logging
@@ -17,24 +18,24 @@ log = logging.getLogger(__name__)
 
 INBOX_SIZE = 16
 CLOSE_NORMAL = 1000
+# frame type -> method. Quick ones are answered inline; an already authenticated client's `authenticate` (a
+# LangBot habit) is harmless. Queued ones wait their turn in the inbox (they touch the store).
+HANDLERS = {"ping": "on_ping", "disconnect": "on_disconnect", "stop": "on_stop", "message": "_queue",
+            "session.join": "_queue", "session.leave": "on_leave", "presence": "on_presence", "resume": "_queue",
+            "group.leave": "_queue", "authenticate": "on_authenticate"}
+QUEUED = {"message": "_send", "session.join": "_join", "resume": "_resume", "group.leave": "_leave_group"}
 
 
 class ClientProtocol:
+    __slots__ = ("conn", "chat", "resumer", "inbox", "worker", "busy")
+
     def __init__(self, conn, chat, resumer):
         self.conn = conn
         self.chat = chat
         self.resumer = resumer
-        self.inbox = asyncio.Queue(INBOX_SIZE)
-        self.worker = asyncio.get_running_loop().create_task(self._work(), name=f"inbox-{conn.id}")
+        self.inbox = None             # frames waiting for the worker (a list, made by the first one)
+        self.worker = None            # the task working the inbox, while it has frames
         self.busy = False             # the worker is in the middle of a send
-
-        self.handlers = {"ping": self.on_ping, "disconnect": self.on_disconnect, "stop": self.on_stop,
-                         "message": self._queue, "session.join": self._queue, "session.leave": self.on_leave,
-                         "presence": self.on_presence, "resume": self._queue, "group.leave": self._queue,
-                         # already authenticated (by the handshake): a LangBot client's habit, harmless
-                         "authenticate": lambda frame: None}
-        self.queued = {"message": self._send, "session.join": self._join, "resume": self._resume,
-                       "group.leave": self._leave_group}
 
     def receive(self, text):
         """Handle one frame. Returns its type, "unknown" for a type Parley does not know, or "invalid" when it is
@@ -43,7 +44,7 @@ class ClientProtocol:
         try:
             frame = schema.decode_frame(text)
             kind = schema.frame_type(frame)
-            self.handlers[kind](frame)
+            getattr(self, HANDLERS[kind])(frame)
         except ParleyError as err:
             kind = kind or schema.peek_type(text)
             self._refuse(err, request_type=kind)
@@ -56,8 +57,9 @@ class ClientProtocol:
 
     def shutdown(self):
         """The socket closed: finish the send in progress (never half-persist one), drop the rest."""
-        if not self.busy:
+        if self.worker is not None and not self.busy:
             self.worker.cancel()
+        self.inbox = None
         self.conn.closed = True
 
     def _refuse(self, err, request_type=None, **context):
@@ -72,6 +74,9 @@ class ClientProtocol:
 
     def on_ping(self, frame):
         self.conn.send({"type": "pong", "timestamp": frames.timestamp()})
+
+    def on_authenticate(self, frame):
+        pass
 
     def on_disconnect(self, frame):
         self.conn.close(CLOSE_NORMAL, "client disconnect")
@@ -94,38 +99,42 @@ class ClientProtocol:
     def _queue(self, frame):
         if isinstance(frame, schema.MessageFrame):
             self._session_id(frame)  # reject a foreign session before queueing
-        try:
-            self.inbox.put_nowait(frame)
-        except asyncio.QueueFull:
+        if self.inbox is None:
+            self.inbox = []
+        elif len(self.inbox) >= INBOX_SIZE:
             raise ParleyError("too many messages waiting on this connection; slow down",
-                              code="rate_limited", retry_after=1) from None
+                              code="rate_limited", retry_after=1)
+        self.inbox.append(frame)
+        if self.worker is None:
+            self.worker = asyncio.get_running_loop().create_task(self._work(), name=f"inbox-{self.conn.id}")
 
     async def _work(self):
-        while True:
-            frame = await self.inbox.get()
-            if self.conn.closed:
-                break
-            self.busy = True
-            kind = schema.frame_type(frame)
-            context = {"request_type": kind, "client_msg_id": getattr(frame, "client_msg_id", None)}
-            try:
-                await self.queued[kind](frame)
-            except PyMongoError as exc:
-                log.error("store error on %s conn_id=%s: %s", kind, self.conn.id, exc)
-                self._refuse(Unavailable("the message store is unavailable, try again"), **context)
-            except ParleyError as err:
-                self._refuse(err, **context)
-            except Exception:
-                log.exception("%s failed conn_id=%s", kind, self.conn.id)
-                self._refuse(ParleyError("internal error"), **context)
-            finally:
-                self.busy = False
-            if self.conn.closed:
-                break
+        try:
+            while self.inbox and not self.conn.closed:
+                frame = self.inbox.pop(0)
+                self.busy = True
+                kind = schema.frame_type(frame)
+                context = {"request_type": kind, "client_msg_id": getattr(frame, "client_msg_id", None)}
+                try:
+                    await getattr(self, QUEUED[kind])(frame)
+                except PyMongoError as exc:
+                    log.error("store error on %s conn_id=%s: %s", kind, self.conn.id, exc)
+                    self._refuse(Unavailable("the message store is unavailable, try again"), **context)
+                except ParleyError as err:
+                    self._refuse(err, **context)
+                except Exception:
+                    log.exception("%s failed conn_id=%s", kind, self.conn.id)
+                    self._refuse(ParleyError("internal error"), **context)
+                finally:
+                    self.busy = False
+        finally:  # nothing runs between the empty check and here: a frame queued later starts a new worker
+            self.worker = None
+            if not self.inbox:
+                self.inbox = None
 
     async def _send(self, frame):
         identity = self.conn.identity
-        session = await self.chat.session(identity, self.conn.pipeline, self._session_id(frame))
+        session = await self.chat.session_to_send(identity, self.conn.pipeline, self._session_id(frame))
         user_doc, reply_doc, duplicate = await self.chat.send(
             identity, session, frame.message, stream=frame.stream, client_msg_id=frame.client_msg_id,
             connection_id=self.conn.id)

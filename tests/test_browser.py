@@ -792,4 +792,11 @@ def test_offline_then_online_and_every_control_has_a_name(new_page, server):
     phone.click("#toggle-sidebar")
     phone.wait_for_function("() => document.getElementById('sidebar').getBoundingClientRect().x >= 0")
     assert unlabelled_controls(phone) == []
+    phone.click("#toggle-sidebar")
+    phone.set_input_files("#attach-file", files=[{"name": "a-long-file-name.png", "mimeType": "image/png",
+                                                  "buffer": png(4, 4, lambda x, y: (0, 90, 200))}])
+    phone.wait_for_selector("#attachments .attachment img")
+    phone.fill("#input", "an image from a phone")
+    assert phone.evaluate("document.documentElement.scrollWidth") <= 390
+    shot(phone, "phone-attach")
     assert page.errors == [] and phone.errors == []

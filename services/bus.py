@@ -96,6 +96,10 @@ class Bus:
         finally:
             self._delivering = False
 
+    def online_elsewhere(self, session_id):
+        """The users viewing a session on other instances (presence). The single box has none."""
+        return set()
+
     # the backend hooks
 
     def _publish(self, event):

@@ -10,10 +10,13 @@ from tornado.httpclient import HTTPClientError
 from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClosedError
 
+from nginx.cluster import Cluster, nginx_binary
+from services.embedded_mongo import EmbeddedMongo, free_port
 from services.store import assemble
+from tests.conftest import require
 from tests.test_resume import Received, abort, follow, nothing_more, send_resume
 from tests.upstream import FakeUpstream, Script
-from tests.cluster import LEASE, cluster, plain, connect, fetch, instance_for, source, spread, wait_for  # noqa: F401 (a fixture)
+from tests.cluster import JWT_SECRET, LEASE, cluster, pipelines_toml, plain, connect, fetch, instance_for, source, spread, wait_for  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.gen_test(timeout=120)
 
@@ -327,10 +330,10 @@ async def frame_of(client, kind, timeout=20):
 
 
 async def presence_of(client, user_id):
-    """The event of the next presence frame about `user_id` (others, such as one's own join, are skipped)."""
+    """The next presence frame about `user_id` (others, such as one's own join, are skipped): (event, online)."""
     while (frame := await frame_of(client, "presence"))["data"].get("user_id") != user_id:
         pass
-    return frame["data"]["event"]
+    return frame["data"]["event"], frame["data"]["online"]
 
 
 async def test_broadcast_push_presence_membership_and_reset_cross_instances(cluster):
@@ -361,7 +364,14 @@ async def test_broadcast_push_presence_membership_and_reset_cross_instances(clus
     await frame_of(owner, "session.joined")
     await bob.send({"type": "session.join", "session_id": session_id})
     await frame_of(bob, "session.joined")
-    assert await presence_of(owner, "bob") == "join"  # bob came online on another instance
+    assert await presence_of(owner, "bob") == ("join", ["ann", "bob"])  # bob came online on another instance
+
+    async def online_for_bob():  # who is online, as bob's instance sees it (ann is on another one)
+        await bob.send({"type": "presence", "session_id": session_id})
+        while (frame := await frame_of(bob, "presence"))["data"]["event"] != "snapshot":
+            pass
+        return frame["data"]["online"] == ["ann", "bob"]
+    await wait_for(online_for_bob, timeout=20, interval=0.2)
 
     ack = await bob.say("hello group", session_id=session_id)
     echo = await frame_of(owner, "user_message")
@@ -380,7 +390,7 @@ async def test_broadcast_push_presence_membership_and_reset_cross_instances(clus
     assert code == 200, body
     left = await frame_of(bob, "session.left")
     assert left["data"] == {"session_id": session_id, "reason": "removed"}
-    assert await presence_of(owner, "bob") == "leave"
+    assert await presence_of(owner, "bob") == ("leave", ["ann"])
     for c in (owner, ann_phone, bob):
         c.close()
 async def test_200_clients_moved_mid_reply_resume_with_no_gap_no_duplicate_and_follow_live(cluster):
@@ -516,3 +526,67 @@ async def test_rolling_restart_under_load_loses_no_accepted_message(cluster):
         assert final["content"].startswith(text) if early else text == final["content"]
     statuses = [replies[r]["status"] for r, *_ in followed]
     assert statuses.count("completed") >= len(statuses) // 2, statuses
+
+
+async def test_a_follower_on_another_instance_reaches_the_final_after_the_store_restarts(tmp_path):
+    """Break the change stream for real: kill -9 the shared store (nx-27017) while a client on B follows a reply
+    generating on A, keep it down past --store-timeout (the stream errors out, nothing resumes it
+    transparently), then start it again on the same port and data directory. B reopens its stream from its resume
+    token and, unable to prove it missed nothing, resynchronizes the followed reply from the store: the follower
+    gets the rest with no gap and no duplicate, and one final."""
+    require(nginx_binary(), "nginx is not installed (Debian package nginx)")
+    store = EmbeddedMongo(tmp_path / "store").start()
+    cluster = Cluster(tmp_path / "cluster", instances=2, mongo_url=store.url, db_name="restart",
+                      pipelines_file=_pipelines_file(tmp_path), env={"PARLEY_JWT_SECRET": JWT_SECRET},
+                      extra_args=["--auth", "jwt", "--lease-seconds", "60", "--store-timeout", "1",
+                                  "--checkpoint-interval", "0.05", "--log-level", "info"])
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, cluster.start)
+        a, b = cluster.instances
+        writer = await connect(cluster, "slow", user="outage", base=a.url)
+        follower = await connect(cluster, "slow", user="outage", base=b.url)
+        got = Received((await writer.say("keep going through the outage"))["data"]["reply_message_id"])
+        await resume(follower, got)
+        for _ in range(20):
+            got.add(await next_of(follower, got.message_id))  # it crosses from A to B
+        log_b = b.log_path.read_text()
+        store.process.kill()
+        store.process.wait()
+        await wait_for(lambda: _async("change stream" in b.log_path.read_text()[len(log_b):]), timeout=30)
+        store = EmbeddedMongo(tmp_path / "store", port=store.port).start()
+        await follow(follower, got, timeout=60)
+        assert len(got.finals) == 1 and got.finals[0]["status"] == "completed"
+        assert got.joined(got.text) == got.finals[0]["content"]  # every character once, none missing
+        await nothing_more(follower, got.message_id)
+        assert "resynchroniz" in b.log_path.read_text()[len(log_b):]
+        writer.close()
+        follower.close()
+    finally:
+        cluster.stop()
+        store.stop()
+
+
+def _pipelines_file(tmp_path):
+    path = tmp_path / "pipelines.toml"
+    path.write_text(pipelines_toml(free_port()))
+    return path
+
+
+def test_the_cluster_bench_runs_in_quick_mode(tmp_path):
+    """bench/cluster.py (stop across instances, follower lag) cannot rot: a quick run measures every row. No
+    timing is asserted (the numbers go in docs/performance.md)."""
+    import json
+    import subprocess
+    import sys
+    from nginx.cluster import ROOT
+    require(nginx_binary(), "nginx is not installed (Debian package nginx)")
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--only", "cluster", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"stop_across_instances", "follower_lag"}, results
+    stop, lag = results["stop_across_instances"], results["follower_lag"]
+    assert stop["parley"]["reps"] == stop["same_instance"]["reps"] == 3
+    assert lag["follower"]["reps"] > 0 and lag["owner_viewer"]["reps"] > 0
+    assert "| stop_across_instances | stop→final p99 ms | parley |" in proc.stdout

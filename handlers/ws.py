@@ -229,9 +229,10 @@ class ChatSocket(websocket.WebSocketHandler):
         chat = self.services.chat
         try:
             if p["client_session"] is not None:
-                session = await chat.embed_session(identity, p["pipeline"], p["session_type"], p["client_session"])
-            elif p["session_id"] is None:
-                session = await chat.default_session(identity, p["pipeline"], p["session_type"])
+                session = await chat.embed_session(identity, p["pipeline"], p["session_type"], p["client_session"],
+                                                   viewed_ok=True)
+            elif p["session_id"] is None:  # another tab of a viewed session: no store round trip (chat._viewed)
+                session = await chat.default_session(identity, p["pipeline"], p["session_type"], viewed_ok=True)
             else:
                 session = await chat.session(identity, p["pipeline"], p["session_id"])
         except PyMongoError as exc:

@@ -3,14 +3,17 @@
 Every operation takes the caller's Identity and checks access here, once, for both transports.
 """
 import asyncio
+import base64
+import binascii
 import hashlib
 import logging
+import re
 
 from pymongo.errors import DuplicateKeyError
 
 from services import events, frames, paging, schema
 from services.errors import Forbidden
-from services.errors import BadRequest, NotFound
+from services.errors import BadRequest, NotFound, PayloadTooLarge
 from services.store import new_id, session_position, utcnow
 
 log = logging.getLogger(__name__)
@@ -20,6 +23,9 @@ MAX_TEXT = schema.MAX_TEXT
 MAX_MEMBERS = 256        # default of --max-members: a session document stays small (256 ids of <= 128 chars)
 MAX_TITLE = 200
 MAX_VIEWED = 64          # sessions one connection may view at once (session.join)
+MAX_IMAGE = 512 * 1024   # default of --max-image-size: bytes of one image, decoded
+_DATA_URI = re.compile(r"^data:image/[a-z0-9.+-]{1,32};base64$", re.IGNORECASE)
+KNOWN_SESSIONS = 10_000  # sessions whose id, pipeline and type are kept in memory for sends
 
 
 def check_session_type(value):
@@ -35,7 +41,7 @@ def check_id(value, what):
     return value
 
 
-def compose(chain, pipeline):
+def compose(chain, pipeline, *, max_image=MAX_IMAGE):
     """A decoded chain (services/schema.py) -> (text for the model, image URLs, the chain to store).
 
     Plain is text, At/AtAll are `@name`/`@all`, Quote puts the quoted message first as context; Image goes to
@@ -45,12 +51,12 @@ def compose(chain, pipeline):
     parts, images = [], []
     for component in chain:
         if isinstance(component, schema.Quote):
-            quoted, quoted_images = _compose_parts(component.origin, pipeline)
+            quoted, quoted_images = _compose_parts(component.origin, pipeline, max_image)
             images += quoted_images
             if quoted.strip():
                 parts.append("\n".join("> " + line for line in quoted.splitlines()) + "\n")
         else:
-            text, more = _compose_parts([component], pipeline)
+            text, more = _compose_parts([component], pipeline, max_image)
             parts.append(text)
             images += more
     text = "".join(parts)
@@ -61,7 +67,7 @@ def compose(chain, pipeline):
     return text, images, schema.to_builtins(chain)
 
 
-def _compose_parts(components, pipeline):
+def _compose_parts(components, pipeline, max_image):
     parts, images = [], []
     for c in components:
         if isinstance(c, schema.Plain):
@@ -71,7 +77,7 @@ def _compose_parts(components, pipeline):
         elif isinstance(c, schema.AtAll):
             parts.append("@all")
         elif isinstance(c, schema.Image):
-            images.append(_image_url(c, pipeline))
+            images.append(_image_url(c, pipeline, max_image))
         elif isinstance(c, schema.Voice):
             _accepts(pipeline, "voice", "voice messages")
             parts.append("[voice message]")
@@ -87,14 +93,51 @@ def _accepts(pipeline, kind, what):
                          f"{', '.join(pipeline.inputs)})", code="unsupported_component")
 
 
-def _image_url(image, pipeline):
+def _image_url(image, pipeline, max_image):
     _accepts(pipeline, "image", "images")
     if image.url:
         return image.url
     if image.base64:
-        data = image.base64
-        return data if data.startswith("data:image/") else f"data:image/png;base64,{data}"
+        return inline_image(image.base64, max_image)
     raise BadRequest("an Image needs a `url` (http or https) or `base64`", code="invalid_message")
+
+
+def inline_image(value, max_bytes):
+    """An Image's `base64` (raw, or a data: URI) -> a data: URI naming the type its bytes have. Only what vision
+    models take (PNG, JPEG, GIF, WebP), at most `max_bytes` once decoded; the bytes decide the type, not a label."""
+    label, sep, data = value.partition(",")
+    if not sep:
+        label, data = "", value
+    elif not _DATA_URI.match(label):
+        raise BadRequest("an Image's base64 must be raw base64 or a data:image/...;base64, URI",
+                         code="invalid_image")
+    if len(data) > (max_bytes + 2) // 3 * 4 + 4:
+        raise PayloadTooLarge(f"an image is larger than {max_bytes} bytes (--max-image-size)",
+                              code="image_too_large", max_bytes=max_bytes)
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest("an Image's base64 is not valid base64", code="invalid_image") from None
+    if len(raw) > max_bytes:
+        raise PayloadTooLarge(f"an image is larger than {max_bytes} bytes (--max-image-size)",
+                              code="image_too_large", max_bytes=max_bytes)
+    kind = image_type(raw)
+    if kind is None:
+        raise BadRequest("an image must be PNG, JPEG, GIF or WebP", code="invalid_image")
+    return f"data:image/{kind};base64,{data}"
+
+
+def image_type(raw):
+    """PNG, JPEG, GIF or WebP by their magic bytes; None for anything else."""
+    if raw.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if raw.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if raw[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+        return "webp"
+    return None
 
 
 def default_session_id(pipeline, session_type, user_id):
@@ -105,8 +148,9 @@ def default_session_id(pipeline, session_type, user_id):
 
 class ChatService:
     def __init__(self, store, hub, fanout, bus, streams, pipelines, *, limiter=None,
-                 on_last_viewer_gone="continue", max_members=MAX_MEMBERS):
+                 on_last_viewer_gone="continue", max_members=MAX_MEMBERS, max_image_size=MAX_IMAGE):
         self.limiter = limiter
+        self.max_image_size = max_image_size
         self.max_members = max_members
         self.store = store
         self.hub = hub
@@ -116,6 +160,8 @@ class ChatService:
         self.pipelines = pipelines
         self.on_last_viewer_gone = on_last_viewer_gone  # "continue" | "stop"
         self._background = set()  # durable-stop writes in flight
+        self._known = {}          # session id -> its unchanging fields (session_to_send), the latest KNOWN_SESSIONS
+        self._sending = {}        # session id -> sends between their first write and accept() (see send)
 
     # sessions
 
@@ -127,8 +173,10 @@ class ChatService:
         session_id = default_session_id(pipeline_id, session_type, identity.user_id)
         if viewed_ok and (viewed := self._viewed(session_id, session_type)):
             return viewed
-        return await self.store.get_or_create_session(
+        doc = await self.store.get_or_create_session(
             session_id=session_id, pipeline=pipeline_id, session_type=session_type, owner=identity.user_id)
+        self._remember(doc)
+        return doc
 
     async def embed_session(self, identity, pipeline_id, session_type, client_session, *, viewed_ok=False):
         """LangBot's embed widget: one session per pipeline, session type, user and browser session."""
@@ -138,8 +186,10 @@ class ChatService:
         session_id = default_session_id(pipeline_id, session_type, f"{identity.user_id}\0embed\0{client_session}")
         if viewed_ok and (viewed := self._viewed(session_id, session_type)):
             return viewed
-        return await self.store.get_or_create_session(
+        doc = await self.store.get_or_create_session(
             session_id=session_id, pipeline=pipeline_id, session_type=session_type, owner=identity.user_id)
+        self._remember(doc)
+        return doc
 
     def _viewed(self, session_id, session_type):
         """A user's own default (or embed) session that a connection here views already needs no store round
@@ -173,7 +223,22 @@ class ChatService:
         doc = await self.store.get_session(check_id(session_id, "session_id"))
         if doc["pipeline"] != pipeline_id or not can_access(identity, doc):
             raise NotFound(f"no session {session_id!r}", code="session_not_found")
+        self._remember(doc)
         return doc
+
+    async def session_to_send(self, identity, pipeline_id, session_id):
+        """What send() needs of a session (id, pipeline, type: none of them ever changes), from memory when this
+        instance has seen it; send() checks access again in its own first write (`next_seqs`)."""
+        known = self._known.get(session_id)
+        if known is not None and known["pipeline"] == pipeline_id:
+            return known
+        return await self.session(identity, pipeline_id, session_id)
+
+    def _remember(self, doc):
+        if doc["_id"] not in self._known:
+            if len(self._known) >= KNOWN_SESSIONS:
+                del self._known[next(iter(self._known))]
+            self._known[doc["_id"]] = {"_id": doc["_id"], "pipeline": doc["pipeline"], "type": doc["type"]}
 
     async def change_members(self, identity, session, *, add=(), remove=()):
         """Owner (or admin) adds or removes members of a group session; removed members stop viewing it."""
@@ -233,7 +298,7 @@ class ChatService:
     async def send(self, identity, session, chain, *, stream=True, client_msg_id=None, connection_id=""):
         """Persist the user's message and accept a reply. Returns (user_doc, reply_doc, duplicate).
         `connection_id`: the sending WebSocket's (LangBot's echo names it), "" over REST."""
-        text, images, chain = compose(chain, self.pipelines.get(session["pipeline"]))
+        text, images, chain = compose(chain, self.pipelines.get(session["pipeline"]), max_image=self.max_image_size)
         if client_msg_id is not None:
             existing = await self.store.find_by_client_msg_id(session["_id"], client_msg_id)
             if existing:
@@ -242,34 +307,52 @@ class ChatService:
         await self.streams.check_shared_capacity(session["_id"], session["pipeline"])
         if self.limiter is not None:
             self.limiter.take(identity.user_id)
-        seq = await self.store.next_seqs(session["_id"], 2)
-        now = utcnow()
-        user_doc = {"_id": new_id(), "session_id": session["_id"], "pipeline": session["pipeline"], "seq": seq,
-                    "role": "user", "content": text, "chain": chain, "status": "completed",
-                    "sender": identity.user_id, "created_at": now, "updated_at": now}
-        if client_msg_id is not None:
-            user_doc["client_msg_id"] = client_msg_id
-        reply_doc = {"_id": new_id(), "session_id": session["_id"], "pipeline": session["pipeline"],
-                     "seq": seq + 1, "role": "assistant", "content": "", "thinking": "", "status": "queued",
-                     "epoch": 0, "length": 0, "thinking_length": 0,
-                     "reply_to": user_doc["_id"], "created_at": now, "updated_at": now,
-                     # leased from the start: a queued reply of a crashed instance is reaped too
-                     "instance": self.streams.instance_id, "lease_until": self.streams.lease_until()}
+        # The reply is stored already claimed for streaming (one write less before its first token), and its
+        # context read while its number is reserved, when it will start at once: nothing else of its session is
+        # live or being sent here, and no other instance may claim its turn (not in cluster mode).
+        sid, streams = session["_id"], self.streams
+        claimed = not (streams.cluster or streams.by_session.get(sid) or self._sending.get(sid))
+        self._sending[sid] = self._sending.get(sid, 0) + 1
+        history = streams.prefetch_history(sid, session["pipeline"]) if claimed else None
         try:
-            await self.store.insert_messages([user_doc, reply_doc])
-        except DuplicateKeyError:  # the same client_msg_id raced in from another tab
-            if client_msg_id is None:
-                raise
-            existing = await self.store.find_by_client_msg_id(session["_id"], client_msg_id)
-            if existing is None:
-                raise
-            return await self._duplicate(existing)
-        # No await between here and accept(): the reply is registered before anything else runs.
-        self.bus.publish(events.user_message(frames.message_data(user_doc), session["type"], connection_id))
-        self.streams.accept(message_id=reply_doc["_id"], session=session, seq=reply_doc["seq"],
-                            reply_to=user_doc["_id"], prompt=text, sender=identity.user_id, stream=stream,
-                            images=tuple(images))
-        return user_doc, reply_doc, False
+            seq = await self.store.next_seqs(sid, 2, pipeline=session["pipeline"],
+                                             member=None if identity.is_admin else identity.user_id)
+            now = utcnow()
+            user_doc = {"_id": new_id(), "session_id": sid, "pipeline": session["pipeline"], "seq": seq,
+                        "role": "user", "content": text, "chain": chain, "status": "completed",
+                        "sender": identity.user_id, "created_at": now, "updated_at": now}
+            if client_msg_id is not None:
+                user_doc["client_msg_id"] = client_msg_id
+            reply_doc = {"_id": new_id(), "session_id": sid, "pipeline": session["pipeline"],
+                         "seq": seq + 1, "role": "assistant", "content": "", "thinking": "", "status": "queued",
+                         "epoch": 0, "length": 0, "thinking_length": 0,
+                         "reply_to": user_doc["_id"], "created_at": now, "updated_at": now,
+                         # leased from the start: a queued reply of a crashed instance is reaped too
+                         "instance": streams.instance_id, "lease_until": streams.lease_until()}
+            if claimed:  # as store.mark_streaming leaves it
+                reply_doc.update(status="streaming", epoch=1, text_parts=[], thinking_parts=[], started_at=now)
+            try:
+                await self.store.insert_messages([user_doc, reply_doc])
+            except DuplicateKeyError:  # the same client_msg_id raced in from another tab
+                if client_msg_id is None:
+                    raise
+                existing = await self.store.find_by_client_msg_id(sid, client_msg_id)
+                if existing is None:
+                    raise
+                return await self._duplicate(existing)
+            # No await between here and accept(): the reply is registered before anything else runs.
+            self.bus.publish(events.user_message(frames.message_data(user_doc), session["type"], connection_id))
+            streams.accept(message_id=reply_doc["_id"], session=session, seq=reply_doc["seq"],
+                           reply_to=user_doc["_id"], prompt=text, sender=identity.user_id, stream=stream,
+                           images=tuple(images), epoch=reply_doc["epoch"], history=history)
+            history = None  # the generation owns it now
+            return user_doc, reply_doc, False
+        finally:
+            if history is not None:
+                discard(history)
+            self._sending[sid] -= 1
+            if not self._sending[sid]:
+                del self._sending[sid]
 
     async def _duplicate(self, user_doc):
         return user_doc, await self.store.find_reply(user_doc["_id"]), True
@@ -361,6 +444,12 @@ class ChatService:
         deleted = await self.store.delete_session_messages(session["_id"])
         self.bus.publish(events.reset(session["_id"], deleted))
         return {"stopped": stopped, "deleted": deleted}
+
+
+def discard(task):
+    """Cancel a task nobody will await, and retrieve its outcome (no "exception never retrieved")."""
+    task.cancel()
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
 def can_access(identity, session):

@@ -134,7 +134,7 @@ class ClientProtocol:
 
     async def _send(self, frame):
         identity = self.conn.identity
-        session = await self.chat.session(identity, self.conn.pipeline, self._session_id(frame))
+        session = await self.chat.session_to_send(identity, self.conn.pipeline, self._session_id(frame))
         user_doc, reply_doc, duplicate = await self.chat.send(
             identity, session, frame.message, stream=frame.stream, client_msg_id=frame.client_msg_id,
             connection_id=self.conn.id)

@@ -159,10 +159,17 @@ class Store:
         return await self.get_session(session_id)
 
     @timed
-    async def next_seqs(self, session_id, count=1):
-        """Reserve `count` consecutive message numbers atomically; returns the first."""
+    async def next_seqs(self, session_id, count=1, *, pipeline=None, member=None):
+        """Reserve `count` consecutive message numbers atomically; returns the first. With `pipeline` and
+        `member`, only in a session of that pipeline that has that member (the access check of a send, in the
+        same write): otherwise session_not_found."""
+        query = {"_id": session_id}
+        if pipeline is not None:
+            query["pipeline"] = pipeline
+        if member is not None:
+            query["members"] = {"$in": [member]}  # `$in`: see list_sessions
         doc = await self.sessions.find_one_and_update(
-            {"_id": session_id}, {"$inc": {"next_seq": count}, **stamp("updated_at")},
+            query, {"$inc": {"next_seq": count}, **stamp("updated_at")}, projection={"next_seq": 1},
             return_document=ReturnDocument.AFTER)
         if not doc:
             raise NotFound(f"no session {session_id!r}", code="session_not_found")
@@ -245,8 +252,11 @@ class Store:
 
     @timed
     async def recent_messages(self, session_id, *, before_seq, limit):
-        """The `limit` messages just before `before_seq`, oldest first (context for a provider)."""
-        cursor = (self.messages.find({"session_id": session_id, "seq": {"$lt": before_seq}})
+        """The `limit` messages just before `before_seq` (None: the latest), oldest first (context for a provider)."""
+        query = {"session_id": session_id}
+        if before_seq is not None:
+            query["seq"] = {"$lt": before_seq}
+        cursor = (self.messages.find(query)
                   .sort("seq", DESCENDING).limit(limit))
         docs = [assemble(doc) async for doc in cursor]
         return docs[::-1]

@@ -24,7 +24,8 @@ TURN_POLL = 0.1  # seconds between claims of a session's turn while another inst
 
 
 class Generation:
-    def __init__(self, *, message_id, session, seq, reply_to, prompt, sender, stream, images=()):
+    def __init__(self, *, message_id, session, seq, reply_to, prompt, sender, stream, images=(), epoch=0,
+                 history=None):
         self.message_id = message_id
         self.session_id = session["_id"]
         self.session_type = session["type"]
@@ -49,7 +50,9 @@ class Generation:
         self.checkpoint_task = None
         self.last_checkpoint = 0.0
         self.dirty_since = None       # monotonic time of the oldest character not yet checkpointed
-        self.epoch = 0                # fencing token from the store's claim: every write of ours must match it
+        self.epoch = epoch            # fencing token from the store's claim: every write of ours must match it
+        self.claimed = epoch > 0      # stored already streaming, with this epoch (services/chat.py send)
+        self.history = history        # a task reading the context already (prefetch_history), or None
         self.saved = self.saved_thinking = 0  # characters of content/thinking already checkpointed
         self.fenced = False           # the store refused our write: another instance ended this reply
         self.has_turn = False         # cluster mode: holds its session's generation turn in the store
@@ -180,15 +183,16 @@ class StreamManager:
                 await self._wait_turn(gen)
             gen.status = "streaming"
             self.metrics.generation_streaming(gen)
-            doc = await self._uncancelled(gen, self.store.mark_streaming(
-                gen.message_id, instance=self.instance_id, lease_until=self.lease_until()))
-            if doc is None:  # no longer queued: ended elsewhere (the reaper) while it waited here
-                gen.fenced = True
-                raise asyncio.CancelledError
-            gen.epoch = doc["epoch"]
-            if doc.get("stop_requested"):  # stopped while queued, and the signal did not reach us
-                gen.stop_reason = gen.stop_reason or "stopped"
-                raise asyncio.CancelledError
+            if not gen.claimed:
+                doc = await self._uncancelled(gen, self.store.mark_streaming(
+                    gen.message_id, instance=self.instance_id, lease_until=self.lease_until()))
+                if doc is None:  # no longer queued: ended elsewhere (the reaper) while it waited here
+                    gen.fenced = True
+                    raise asyncio.CancelledError
+                gen.epoch = doc["epoch"]
+                if doc.get("stop_requested"):  # stopped while queued, and the signal did not reach us
+                    gen.stop_reason = gen.stop_reason or "stopped"
+                    raise asyncio.CancelledError
             self.bus.publish(events.reply_started(gen))
             request = await self._request(gen, pipeline)
             await self._consume(gen, pipeline, request)
@@ -236,13 +240,27 @@ class StreamManager:
                 gen.epoch = doc["epoch"]
             raise
 
+    def prefetch_history(self, session_id, pipeline_id):
+        """Start reading a reply's context before its messages are stored: the session's latest messages, for a
+        send that nothing else of the session runs beside (services/chat.py). None if the pipeline uses none."""
+        pipeline = self.pipelines.get(pipeline_id)
+        if pipeline.history_messages <= 0:
+            return None
+        return asyncio.get_running_loop().create_task(
+            self.store.recent_messages(session_id, before_seq=None, limit=pipeline.history_messages))
+
     async def _request(self, gen, pipeline):
         turns = []
-        if pipeline.history_messages > 0:
+        if gen.history is not None:
+            history, gen.history = gen.history, None
+            docs = [d for d in await history if d["seq"] < gen.seq - 1]
+        elif pipeline.history_messages > 0:
             docs = await self.store.recent_messages(gen.session_id, before_seq=gen.seq - 1,
                                                     limit=pipeline.history_messages)
-            turns = [Turn(role=d["role"], text=d["content"], sender=d.get("sender"))
-                     for d in docs if d.get("content") and d.get("status") in ("completed", "stopped")]
+        else:
+            docs = ()
+        turns = [Turn(role=d["role"], text=d["content"], sender=d.get("sender"))
+                 for d in docs if d.get("content") and d.get("status") in ("completed", "stopped")]
         return GenerationRequest(pipeline=pipeline, session_id=gen.session_id, session_type=gen.session_type,
                                  message_id=gen.message_id, history=turns,
                                  prompt=Turn(role="user", text=gen.prompt, sender=gen.sender,
@@ -379,6 +397,10 @@ class StreamManager:
         # From here on a stop is a no-op: the reply is already ending.
         gen.finishing = True
         self.stop_callbacks.pop(gen.message_id, None)
+        if gen.history is not None:  # ended before it needed its context
+            gen.history.cancel()
+            gen.history.add_done_callback(lambda t: t.cancelled() or t.exception())
+            gen.history = None
         log.debug("stream signal removed message_id=%s status=%s", gen.message_id, gen.status)
         final = None  # what viewers are told: only ever a state the store holds
         try:

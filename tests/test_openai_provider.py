@@ -146,12 +146,14 @@ def test_think_splitter(pieces, thinking, text):
 async def test_chunks_arrive_as_the_upstream_sends_them(upstream, provider_for):
     upstream.plan("m", Script(content=[f"w{i} " for i in range(10)], rate=50))   # ~0.18 s in all
     provider = provider_for("m")
-    arrivals = []
+    arrivals, text = [], ""
     async with contextlib.aclosing(provider.stream(request(provider))) as stream:
         async for chunk in stream:
             if chunk.text:
                 arrivals.append(time.monotonic())
-    assert len(arrivals) == 10
+                text += chunk.text
+    # deltas that reach us in one network read come as one chunk; these are 20 ms apart: several chunks
+    assert text == "".join(f"w{i} " for i in range(10))
     assert arrivals[-1] - arrivals[0] > 0.12       # not buffered until the end
     assert upstream.calls[0].completed
 
@@ -163,8 +165,10 @@ async def test_closing_the_generator_disconnects_upstream_at_once(upstream, prov
     upstream.plan("m", Script(content=[f"w{i} " for i in range(1000)], rate=100))
     provider = provider_for("m")
     stream = provider.stream(request(provider))
-    got = [await stream.__anext__() for _ in range(3)]
-    assert "".join(c.text for c in got) == "w0 w1 w2 "
+    got = ""
+    while len(got) < len("w0 w1 w2 "):  # (deltas read together come as one chunk)
+        got += (await stream.__anext__()).text
+    assert got.startswith("w0 w1 w2 ")
     stopped = time.monotonic()
     await stream.aclose()
     call = upstream.calls[0]

@@ -86,23 +86,55 @@ _decode_event = msgspec.json.Decoder(_Event).decode
 
 async def _sse_data(response):
     """The `data` of each server-sent event of a streamed body, as bytes; comments and other fields ignored."""
+    async for events in _sse_reads(response):
+        for data in events:
+            yield data
+
+
+async def _sse_reads(response):
+    """The events of a streamed body as they arrive: one list per network read (possibly empty)."""
     pending, data = b"", []
     async for block in response.aiter_bytes():
         lines = (pending + block).split(b"\n")
         pending = lines.pop()
+        events = []
         for line in lines:
             if line.endswith(b"\r"):
                 line = line[:-1]
             if not line:
                 if data:
-                    yield b"\n".join(data)
+                    events.append(b"\n".join(data))
                     data = []
             elif line.startswith(b"data:"):
                 data.append(line[6:] if line[5:6] == b" " else line[5:])
+        yield events
     if pending.startswith(b"data:"):
         data.append(pending[6:] if pending[5:6] == b" " else pending[5:])
     if data:
-        yield b"\n".join(data)
+        yield [b"\n".join(data)]
+
+
+class _Pieces:
+    """The text of one network read, as few chunks as keep its order: consecutive answer (or reasoning)
+    deltas that arrived together become one chunk, so a fast upstream costs one frame per read, not per token."""
+    __slots__ = ("runs",)
+
+    def __init__(self):
+        self.runs = []  # [is_reasoning, [texts]]
+
+    def add(self, content, reasoning):
+        for is_reasoning, text in ((True, reasoning), (False, content)):
+            if text:
+                if self.runs and self.runs[-1][0] is is_reasoning:
+                    self.runs[-1][1].append(text)
+                else:
+                    self.runs.append([is_reasoning, [text]])
+
+    def take(self):
+        runs, self.runs = self.runs, []
+        for is_reasoning, texts in runs:
+            text = "".join(texts)
+            yield Chunk(thinking=text) if is_reasoning else Chunk(text=text)
 
 
 def error_code(exc):
@@ -190,43 +222,53 @@ class OpenAIProvider:
         attempt = 0
         while True:
             splitter = ThinkSplitter() if self.think_tags else None
-            upstream = None
+            upstream = error = None
             finished = done = False
             try:
                 try:
                     upstream = await client.chat.completions.create(**body, extra_body=self.extra_body)
                 except openai.APIError as exc:
                     raise self._error(exc, key, ids, attempt=attempt) from None
+                pieces = _Pieces()
                 try:
-                    async for data in _sse_data(upstream.response):
-                        if done:
-                            continue  # read the body to its end, so the connection is reused
-                        if data == b"[DONE]":
-                            done = True
-                            continue
-                        event = _decode_event(data)
-                        if event.error:
-                            raise openai.APIError(_error_text(event.error), upstream.response.request,
-                                                  body=event.error)
-                        if isinstance(event.model, str):
-                            model = model or event.model
-                        if event.usage is not None:
-                            usage = _usage(event.usage)
-                        for choice in event.choices or ():
-                            if choice.finish_reason:
-                                finished = True
-                            delta = choice.delta
-                            if delta is None:
+                    async for events in _sse_reads(upstream.response):
+                        for data in events:
+                            if done:
+                                break  # read the body to its end, so the connection is reused
+                            if data == b"[DONE]":
+                                done = True
                                 continue
-                            reasoning = delta.reasoning_content or delta.reasoning or ""
-                            content = delta.content or ""
-                            if splitter and content:
-                                content, more = splitter.feed(content)
-                                reasoning += more
-                            for chunk in _chunks(content, reasoning):
-                                sent = True
-                                has_text = has_text or bool(chunk.text.strip())
-                                yield chunk
+                            try:
+                                event = _decode_event(data)
+                            except msgspec.DecodeError as exc:
+                                error = exc  # after the text that came before it
+                                break
+                            if event.error:
+                                error = openai.APIError(_error_text(event.error), upstream.response.request,
+                                                        body=event.error)
+                                break
+                            if isinstance(event.model, str):
+                                model = model or event.model
+                            if event.usage is not None:
+                                usage = _usage(event.usage)
+                            for choice in event.choices or ():
+                                if choice.finish_reason:
+                                    finished = True
+                                delta = choice.delta
+                                if delta is None:
+                                    continue
+                                reasoning = delta.reasoning_content or delta.reasoning or ""
+                                content = delta.content or ""
+                                if splitter and content:
+                                    content, more = splitter.feed(content)
+                                    reasoning += more
+                                pieces.add(content, reasoning)
+                        for chunk in pieces.take():
+                            sent = True
+                            has_text = has_text or bool(chunk.text.strip())
+                            yield chunk
+                        if error is not None:
+                            raise error
                     if splitter:
                         content, reasoning = splitter.flush()
                         for chunk in _chunks(content, reasoning):

@@ -19,8 +19,6 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
-import jwt
-
 from services.errors import Forbidden, Unauthorized
 
 log = logging.getLogger(__name__)
@@ -78,6 +76,8 @@ class Authenticator:
             log.warning("authentication is OFF (--auth none): every client is the local admin")
         self.token = (token or secrets.token_urlsafe(24)) if mode == "token" else None
         if mode == "jwt":
+            import jwt  # PyJWT, and the cryptography it imports (~50 ms of start-up), only when used
+            self._jwt = jwt
             if bool(jwt_secret) == bool(jwt_public_key):
                 raise ValueError("--auth jwt needs exactly one of --jwt-secret (HS256) or --jwt-public-key (RS256)")
             check_jwt_secret(jwt_secret)
@@ -124,6 +124,7 @@ class Authenticator:
         return identity
 
     def _verify_jwt(self, token):
+        jwt = self._jwt
         try:
             claims = jwt.decode(token, self._jwt_key, algorithms=self._jwt_algorithms, audience=self.audience,
                                 issuer=self.issuer, options={"require": ["exp", "sub"]})

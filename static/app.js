@@ -364,7 +364,7 @@
     for (const m of state.msgs.values()) if (m.seq != null && m.seq > after) after = m.seq;
     try {
       for (let pages = 0; pages < 20; pages++) {
-        const data = await api(S() + "/messages?after_seq=" + after + "&limit=100");
+        const data = await api(S() + "/messages?after_seq=" + after + "&limit=" + PAGE);
         if (state.client !== client) return;
         for (const d of data.messages) if (!state.msgs.has(d.message_id)) fromHistory(d);
         if (!data.has_more || !data.messages.length) break;
@@ -1002,6 +1002,11 @@
       }
     });
     $("conn-retry").addEventListener("click", () => state.client && state.client.retryNow());
+    document.addEventListener("visibilitychange", () => {  // back to the tab: groups others added us to
+      if (document.visibilityState === "visible" && state.token && state.pipeline) {
+        refreshSessions().catch(() => { /* the connection state says why */ });
+      }
+    });
     $("log").addEventListener("scroll", () => { if ($("log").scrollTop < 80) loadOlder(); });
     window.addEventListener("offline", () => state.client && setConnection({connection: "reconnecting"}));
     window.addEventListener("online", () => {

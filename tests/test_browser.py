@@ -639,6 +639,12 @@ def test_group_session_with_two_users(new_page, jwt_server):
     ann.wait_for_selector("#member-list li[data-user=bo]", state="detached")
     status, body = jwt_server.rest(f"/api/v1/pipelines/default/sessions/{session_id(ann)}", token=token("bo"))
     assert status == 404
+    # a group bo is added to shows in bo's list when bo comes back to the tab
+    status, body = jwt_server.rest("/api/v1/pipelines/default/sessions", "POST",
+                                   {"session_type": "group", "title": "Dinner", "members": ["bo"]}, token=token("ann"))
+    assert status == 201, body
+    bo.evaluate("() => document.dispatchEvent(new Event('visibilitychange'))")
+    bo.wait_for_selector("#sessions button >> text=Dinner")
 
 
 def test_an_expired_jwt_leads_back_to_sign_in(new_page, jwt_server):
@@ -692,6 +698,17 @@ def test_an_image_attached_reaches_a_pipeline_that_takes_images(new_page, server
     page.set_input_files("#attach-file", files=[{"name": "dot.png", "mimeType": "image/png", "buffer": dot}])
     page.wait_for_selector("#attachments .attachment img")
     page.get_by_role("button", name="Remove dot.png").click()
+    page.wait_for_selector("#attachments", state="hidden")
+    # pasting an image into the message box attaches it too
+    page.evaluate("""b64 => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const data = new DataTransfer();
+        data.items.add(new File([bytes], "pasted.png", {type: "image/png"}));
+        document.getElementById('input').dispatchEvent(
+            new ClipboardEvent('paste', {clipboardData: data, bubbles: true, cancelable: true}));
+    }""", base64.b64encode(dot).decode())
+    page.wait_for_selector("#attachments .attachment >> text=pasted.png")
+    page.get_by_role("button", name="Remove pasted.png").click()
     page.wait_for_selector("#attachments", state="hidden")
     # a type the models do not take is refused with a clear message
     page.set_input_files("#attach-file", files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"hi"}])

@@ -21,6 +21,8 @@ from services.providers import GenerationRequest, ProviderError, Turn, make_prov
 log = logging.getLogger(__name__)
 
 TURN_RECHECK = 1.0  # seconds: a waiting reply claims its turn again when woken by a final, or after this
+HOLE_GRACE = 1.0    # seconds a reply waits for earlier sends of its session whose numbers are reserved, not stored
+HOLE_POLL = 0.05
 
 
 class Generation:
@@ -74,6 +76,7 @@ class StreamManager:
         self.lease_seconds = lease_seconds
         self.max_queued = max_queued
         self.cluster = cluster    # replies of a session may be accepted on several instances: turns are claimed in the store
+        self.hole_grace = HOLE_GRACE
         self.provider_factory = provider_factory
         self.metrics = metrics or Metrics()
         self._providers = {}      # pipeline id -> provider, so HTTP clients and their pools are reused
@@ -233,6 +236,12 @@ class StreamManager:
 
     async def _wait_turn(self, gen):
         """Replies of a session accepted on other instances go first when they were accepted first."""
+        # A send reserves its numbers, then inserts: one accepted just before ours on another instance may not be
+        # stored yet, and the claim below would not see it. Wait (briefly: a number can also stay empty for good)
+        # until every earlier number is stored.
+        while (time.monotonic() - gen.accepted_at < self.hole_grace
+               and await self.store.missing_before(gen.session_id, gen.seq - 1)):
+            await asyncio.sleep(HOLE_POLL)
         while True:
             gen.has_turn = True  # (maybe: the claim may land even if we are stopped meanwhile; release is safe)
             gen.turn_free.clear()  # a final from here on wakes the wait below

@@ -112,7 +112,8 @@ async def open_services(config, *, pipelines=None, provider_factory=None, auth=N
                             max_queued=config.max_queued, metrics=metrics, cluster=config.cluster, **extra)
     chat = ChatService(store, hub, fanout, bus, streams, pipelines,
                        limiter=RateLimiter(config.rate_limit, config.rate_burst),
-                       on_last_viewer_gone=config.on_last_viewer_gone, max_members=config.max_members)
+                       on_last_viewer_gone=config.on_last_viewer_gone, max_members=config.max_members,
+                       max_image_size=config.max_image_size)
     resumer = Resumer(store, fanout, streams, chat, metrics)
     reaper = Reaper(store, bus, streams, lease_seconds=config.lease_seconds)
     await bus.start()

@@ -16,6 +16,12 @@ def session_data(doc):
             "updated_at": frames.timestamp(doc["updated_at"])}
 
 
+def limits(config):
+    """What a client needs to size what it sends (the web app shrinks images to fit)."""
+    return {"max_message_size": config.max_message_size, "max_body_size": config.max_body_size,
+            "max_image_size": config.max_image_size}
+
+
 class RootHandler(BaseHandler):
     """What a person opening the printed URL sees: the server, its pipelines and where to connect.
     (The web UI issue serves a page here for browsers.)"""
@@ -24,7 +30,7 @@ class RootHandler(BaseHandler):
         self.ok({"name": "Parley", "protocol": "parley/1", "user_id": self.identity.user_id,
                  "websocket": "/api/v1/pipelines/<pipeline>/ws/connect?session_type=person",
                  "pipelines": [p.public() for p in self.services.pipelines],
-                 "docs": "docs/protocol.md"})
+                 "limits": limits(self.services.config), "docs": "docs/protocol.md"})
 
 
 class OpenAPIHandler(BaseHandler):

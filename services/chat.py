@@ -3,14 +3,17 @@
 Every operation takes the caller's Identity and checks access here, once, for both transports.
 """
 import asyncio
+import base64
+import binascii
 import hashlib
 import logging
+import re
 
 from pymongo.errors import DuplicateKeyError
 
 from services import events, frames, paging, schema
 from services.errors import Forbidden
-from services.errors import BadRequest, NotFound
+from services.errors import BadRequest, NotFound, PayloadTooLarge
 from services.store import new_id, session_position, utcnow
 
 log = logging.getLogger(__name__)
@@ -20,6 +23,8 @@ MAX_TEXT = schema.MAX_TEXT
 MAX_MEMBERS = 256        # default of --max-members: a session document stays small (256 ids of <= 128 chars)
 MAX_TITLE = 200
 MAX_VIEWED = 64          # sessions one connection may view at once (session.join)
+MAX_IMAGE = 512 * 1024   # default of --max-image-size: bytes of one image, decoded
+_DATA_URI = re.compile(r"^data:image/[a-z0-9.+-]{1,32};base64$", re.IGNORECASE)
 KNOWN_SESSIONS = 10_000  # sessions whose id, pipeline and type are kept in memory for sends
 
 
@@ -36,7 +41,7 @@ def check_id(value, what):
     return value
 
 
-def compose(chain, pipeline):
+def compose(chain, pipeline, *, max_image=MAX_IMAGE):
     """A decoded chain (services/schema.py) -> (text for the model, image URLs, the chain to store).
 
     Plain is text, At/AtAll are `@name`/`@all`, Quote puts the quoted message first as context; Image goes to
@@ -46,12 +51,12 @@ def compose(chain, pipeline):
     parts, images = [], []
     for component in chain:
         if isinstance(component, schema.Quote):
-            quoted, quoted_images = _compose_parts(component.origin, pipeline)
+            quoted, quoted_images = _compose_parts(component.origin, pipeline, max_image)
             images += quoted_images
             if quoted.strip():
                 parts.append("\n".join("> " + line for line in quoted.splitlines()) + "\n")
         else:
-            text, more = _compose_parts([component], pipeline)
+            text, more = _compose_parts([component], pipeline, max_image)
             parts.append(text)
             images += more
     text = "".join(parts)
@@ -62,7 +67,7 @@ def compose(chain, pipeline):
     return text, images, schema.to_builtins(chain)
 
 
-def _compose_parts(components, pipeline):
+def _compose_parts(components, pipeline, max_image):
     parts, images = [], []
     for c in components:
         if isinstance(c, schema.Plain):
@@ -72,7 +77,7 @@ def _compose_parts(components, pipeline):
         elif isinstance(c, schema.AtAll):
             parts.append("@all")
         elif isinstance(c, schema.Image):
-            images.append(_image_url(c, pipeline))
+            images.append(_image_url(c, pipeline, max_image))
         elif isinstance(c, schema.Voice):
             _accepts(pipeline, "voice", "voice messages")
             parts.append("[voice message]")
@@ -88,14 +93,51 @@ def _accepts(pipeline, kind, what):
                          f"{', '.join(pipeline.inputs)})", code="unsupported_component")
 
 
-def _image_url(image, pipeline):
+def _image_url(image, pipeline, max_image):
     _accepts(pipeline, "image", "images")
     if image.url:
         return image.url
     if image.base64:
-        data = image.base64
-        return data if data.startswith("data:image/") else f"data:image/png;base64,{data}"
+        return inline_image(image.base64, max_image)
     raise BadRequest("an Image needs a `url` (http or https) or `base64`", code="invalid_message")
+
+
+def inline_image(value, max_bytes):
+    """An Image's `base64` (raw, or a data: URI) -> a data: URI naming the type its bytes have. Only what vision
+    models take (PNG, JPEG, GIF, WebP), at most `max_bytes` once decoded; the bytes decide the type, not a label."""
+    label, sep, data = value.partition(",")
+    if not sep:
+        label, data = "", value
+    elif not _DATA_URI.match(label):
+        raise BadRequest("an Image's base64 must be raw base64 or a data:image/...;base64, URI",
+                         code="invalid_image")
+    if len(data) > (max_bytes + 2) // 3 * 4 + 4:
+        raise PayloadTooLarge(f"an image is larger than {max_bytes} bytes (--max-image-size)",
+                              code="image_too_large", max_bytes=max_bytes)
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest("an Image's base64 is not valid base64", code="invalid_image") from None
+    if len(raw) > max_bytes:
+        raise PayloadTooLarge(f"an image is larger than {max_bytes} bytes (--max-image-size)",
+                              code="image_too_large", max_bytes=max_bytes)
+    kind = image_type(raw)
+    if kind is None:
+        raise BadRequest("an image must be PNG, JPEG, GIF or WebP", code="invalid_image")
+    return f"data:image/{kind};base64,{data}"
+
+
+def image_type(raw):
+    """PNG, JPEG, GIF or WebP by their magic bytes; None for anything else."""
+    if raw.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if raw.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if raw[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+        return "webp"
+    return None
 
 
 def default_session_id(pipeline, session_type, user_id):
@@ -106,8 +148,9 @@ def default_session_id(pipeline, session_type, user_id):
 
 class ChatService:
     def __init__(self, store, hub, fanout, bus, streams, pipelines, *, limiter=None,
-                 on_last_viewer_gone="continue", max_members=MAX_MEMBERS):
+                 on_last_viewer_gone="continue", max_members=MAX_MEMBERS, max_image_size=MAX_IMAGE):
         self.limiter = limiter
+        self.max_image_size = max_image_size
         self.max_members = max_members
         self.store = store
         self.hub = hub
@@ -241,7 +284,7 @@ class ChatService:
     async def send(self, identity, session, chain, *, stream=True, client_msg_id=None, connection_id=""):
         """Persist the user's message and accept a reply. Returns (user_doc, reply_doc, duplicate).
         `connection_id`: the sending WebSocket's (LangBot's echo names it), "" over REST."""
-        text, images, chain = compose(chain, self.pipelines.get(session["pipeline"]))
+        text, images, chain = compose(chain, self.pipelines.get(session["pipeline"]), max_image=self.max_image_size)
         if client_msg_id is not None:
             existing = await self.store.find_by_client_msg_id(session["_id"], client_msg_id)
             if existing:

@@ -50,7 +50,8 @@ class Pipeline:
 
     def public(self):
         """What clients may see: no secrets, no environment variable names."""
-        return {"id": self.id, "name": self.name or self.id, "provider": self.provider, "model": self.model}
+        return {"id": self.id, "name": self.name or self.id, "provider": self.provider, "model": self.model,
+                "inputs": list(self.inputs)}
 
 
 class Pipelines:

@@ -208,6 +208,9 @@ OPTIONS = (
            unit="bytes", group="limits", minimum=1),
     Option("outbox_limit", int, 1024 * KiB, "characters waiting for a slow reader before it is disconnected "
            "(close 4008)", unit="characters", group="limits", minimum=1),
+    Option("max_image_size", int, 512 * KiB, "largest image in a message, decoded (larger: `image_too_large`); "
+           "the base64 of an image this size needs a REST body (`--max-body-size`) or frame a third larger",
+           unit="bytes", group="limits", minimum=1),
     Option("max_body_size", int, 1024 * KiB, "largest REST request body (larger: 413 before it is read)",
            unit="bytes", group="limits", minimum=1),
     Option("http_idle_timeout", float, 30.0, "time an HTTP connection may take to send its request headers, "

@@ -12,12 +12,19 @@
   const RENDER_EVERY = 50;      // ms between re-renders of a streaming reply
   const STATUS_TEXT = {stopped: "Stopped", failed: "Failed", timeout: "Timed out", interrupted: "Interrupted"};
   const LIVE = new Set(["queued", "streaming"]);
+  const IMAGE_TYPES = ["image/png", "image/jpeg", "image/gif", "image/webp"];  // what the server takes
+  const MAX_PICKED = 20 * 1024 * 1024;  // bytes of a chosen file, before it is shrunk to fit
+  const MAX_IMAGES = 4;                 // per message
+  const MAX_SIDE = 2048;                // px: a shrunk photo's longest side at most
+  const BODY_MARGIN = 64 * 1024;        // of the REST body, kept for the text and JSON around the images
+  const DATA_IMAGE = /^data:image\/(png|jpeg|gif|webp);base64,[A-Za-z0-9+/]+={0,2}$/;
 
   const $ = (id) => document.getElementById(id);
   const state = {
     token: null, user: null, isAdmin: false, pipelines: [], pipeline: null, sessions: [], session: null,
     client: null, msgs: new Map(), pending: new Map(), oldestSeq: null, moreHistory: false, loadingOlder: false,
-    online: [], countdown: null, generation: 0,
+    online: [], countdown: null, generation: 0, attachments: [],
+    limits: {max_message_size: 64 * 1024, max_body_size: 1024 * 1024, max_image_size: 512 * 1024},
   };
 
   function el(tag, attrs, ...children) {
@@ -126,6 +133,7 @@
     try { sessionStorage.setItem(TOKEN_KEY, token); } catch (e) { /* kept in memory only */ }
     state.user = root.user_id;
     state.pipelines = root.pipelines;
+    if (root.limits) state.limits = root.limits;
     $("whoami").textContent = root.user_id;
     const select = $("pipeline");
     select.replaceChildren(...root.pipelines.map((p) => el("option", {value: p.id, text: p.name || p.id})));
@@ -163,6 +171,7 @@
     state.pipeline = id;
     $("pipeline").value = id;
     localStorage.setItem(PIPELINE_KEY, id);
+    updateAttach();
     await refreshSessions();
     let target = state.sessions.find((s) => s.session_id === sessionId);
     if (!target && sessionId) {  // an older conversation than the list's first page
@@ -421,6 +430,35 @@
     const group = state.session && state.session.session_type === "group";
     m.el.querySelector(".meta").textContent = group && m.sender ? m.sender : "You";
     m.el.querySelector(".body").textContent = m.content;
+    const images = chainImages(m.chain);
+    const box = m.el.querySelector(".images");
+    if (images.length) {
+      if (box) box.replaceChildren(...images);
+      else m.el.append(el("div", {class: "images"}, ...images));
+    } else if (box) box.remove();
+  }
+
+  /* The images of a message chain: inline ones as <img> (only data:image/png|jpeg|gif|webp, base64), linked
+   * ones as a link (the page's CSP loads images from this origin and data: only). */
+  function chainImages(chain) {
+    const out = [];
+    for (const c of Array.isArray(chain) ? chain : []) {
+      if (!c || c.type !== "Image") continue;
+      const src = typeof c.base64 === "string" ? imageSrc(c.base64) : null;
+      if (src) out.push(el("img", {src, alt: "Attached image", loading: "lazy"}));
+      else if (typeof c.url === "string" && /^https?:\/\//i.test(c.url)) {
+        out.push(el("a", {href: c.url, target: "_blank", rel: "noopener noreferrer nofollow", text: "Image: " + c.url}));
+      }
+    }
+    return out;
+  }
+
+  function imageSrc(value) {
+    if (DATA_IMAGE.test(value)) return value;
+    const kind = value.startsWith("iVBOR") ? "png" : value.startsWith("/9j/") ? "jpeg" :
+      value.startsWith("R0lG") ? "gif" : value.startsWith("UklG") ? "webp" : null;
+    const src = kind && "data:image/" + kind + ";base64," + value;
+    return src && DATA_IMAGE.test(src) ? src : null;
   }
 
   /* Re-render a reply at most every RENDER_EVERY ms while it streams; at once when it ends. */
@@ -470,6 +508,7 @@
     const m = entry(d.message_id, d.role, d.seq);
     m.content = d.content || "";
     m.sender = d.sender || null;
+    m.chain = d.message_chain || null;
     if (d.role === "user") return renderUser(m);
     m.thinking = d.thinking || "";
     m.status = d.status;
@@ -486,6 +525,7 @@
     const m = entry(d.message_id, "user", d.seq);
     m.content = d.content;
     m.sender = d.sender || null;
+    m.chain = d.message_chain || null;
     renderUser(m);
   }
 
@@ -532,25 +572,163 @@
     return crypto.randomUUID ? crypto.randomUUID() : "c-" + Date.now().toString(36) + Math.random().toString(36).slice(2);
   }
 
-  function send(text) {
-    if (!state.client || !text.trim()) return;
+  /* Send the text, with the attached images if any (or, for Retry, an earlier message's chain with images).
+   * Returns false when there was nothing to send. */
+  function send(text, images, chain) {
+    images = images || [];
+    if (!state.client || (!text.trim() && !images.length && !chain)) return false;
     const clientMsgId = newId();
     const session = state.session;
     const untitled = !session.title && state.msgs.size === 0 && state.pending.size === 0;
     const pending = el("article", {class: "msg user pending", "aria-label": "Sending"},
       el("div", {class: "meta", text: "Sending…"}), el("div", {class: "body", text}));
+    const shown = chain ? chainImages(chain) :
+      images.map((a) => el("img", {src: a.url, alt: "Attached image " + a.name}));
+    if (shown.length) pending.append(el("div", {class: "images"}, ...shown));
     state.pending.set(clientMsgId, pending);
     $("messages").append(pending);
     scrollToEnd(true);
-    state.client.send(text, {client_msg_id: clientMsgId}).then(() => {
-      if (untitled) nameAfter(session, text);
+    const sent = chain ? postMessage(session, chain, clientMsgId) :
+      images.length ? sendOverRest(session, text, images, clientMsgId) :
+        state.client.send(text, {client_msg_id: clientMsgId});
+    sent.then(() => {
+      images.forEach((a) => URL.revokeObjectURL(a.url));
+      if (untitled) nameAfter(session, text.trim() || "Image");
     }, (frame) => {
       pending.remove();
       state.pending.delete(clientMsgId);
       const retry = frame.retry_after ? " (try again in " + Math.ceil(frame.retry_after) + " s)" : "";
       notice("error", (frame.message || frame.code || "the message was not accepted") + retry, "send");
       if (!$("input").value) $("input").value = text;
+      if (images.length && !state.attachments.length && state.session === session) {
+        state.attachments = images;  // back in the composer, to send again
+        renderAttachments();
+      }
     });
+    return true;
+  }
+
+  /* A message with images goes over REST: a WebSocket frame is too small for a photo (--max-message-size).
+   * Its echo and its reply reach this page over the WebSocket like any other. */
+  async function sendOverRest(session, text, images, clientMsgId) {
+    const chain = text.trim() ? [{type: "Plain", text}] : [];
+    for (const a of images) chain.push({type: "Image", base64: await dataUrl(a.blob)});
+    return postMessage(session, chain, clientMsgId);
+  }
+
+  async function postMessage(session, chain, clientMsgId) {
+    try {
+      return await api(S(session.session_id) + "/messages", {method: "POST",
+        body: {message: chain, client_msg_id: clientMsgId}});
+    } catch (e) {
+      throw {code: e.code, message: e.message};
+    }
+  }
+
+  function dataUrl(blob) {
+    return new Promise((resolve, reject) => {
+      const reader = new FileReader();
+      reader.onload = () => resolve(reader.result);
+      reader.onerror = () => reject(reader.error);
+      reader.readAsDataURL(blob);
+    });
+  }
+
+  // --- attaching images (pipelines whose `inputs` include "image")
+
+  function acceptsImages() {
+    const p = state.pipelines.find((x) => x.id === state.pipeline);
+    return !!(p && Array.isArray(p.inputs) && p.inputs.includes("image"));
+  }
+
+  function updateAttach() {
+    const accepts = acceptsImages();
+    $("attach").hidden = !accepts;
+    if (!accepts) clearAttachments();
+  }
+
+  function clearAttachments() {
+    state.attachments.forEach((a) => URL.revokeObjectURL(a.url));
+    state.attachments = [];
+    renderAttachments();
+  }
+
+  /* Bytes of image data one message may still carry: the REST body less a margin, as base64 (4/3). */
+  function imageBudget() {
+    const used = state.attachments.reduce((n, a) => n + a.blob.size, 0);
+    const body = Math.floor((state.limits.max_body_size - BODY_MARGIN) * 3 / 4) - used;
+    return Math.min(state.limits.max_image_size, body);
+  }
+
+  function size(bytes) {
+    return bytes >= 1024 * 1024 ? (bytes / 1024 / 1024).toFixed(1) + " MB" : Math.ceil(bytes / 1024) + " KB";
+  }
+
+  async function attach(files) {
+    for (const file of files) {
+      if (state.attachments.length >= MAX_IMAGES) {
+        notice("error", "At most " + MAX_IMAGES + " images go with one message.", "attach");
+        break;
+      }
+      try {
+        const blob = await fitImage(file, imageBudget());
+        state.attachments.push({name: file.name || "image", blob, url: URL.createObjectURL(blob)});
+        renderAttachments();
+      } catch (e) {
+        notice("error", e.message, "attach");
+      }
+    }
+    updateComposer();
+  }
+
+  /* The file as is when it fits, else shrunk in a canvas (JPEG, longest side at most MAX_SIDE px). */
+  async function fitImage(file, limit) {
+    const name = file.name || "The image";
+    if (!IMAGE_TYPES.includes(file.type)) {
+      throw new Error(name + ": only PNG, JPEG, GIF or WebP images can be attached.");
+    }
+    if (file.size > MAX_PICKED) throw new Error(name + " is " + size(file.size) + ": at most " + size(MAX_PICKED) + ".");
+    if (limit < 4096) throw new Error("No room for another image in this message: send it first.");
+    if (file.size <= limit) return file;
+    let bitmap;
+    try {
+      bitmap = await createImageBitmap(file);
+    } catch (e) {
+      throw new Error(name + " could not be read as an image.");
+    }
+    try {
+      let side = Math.min(MAX_SIDE, Math.max(bitmap.width, bitmap.height));
+      for (let tries = 0; tries < 10 && side >= 64; tries++, side = Math.floor(side * 0.7)) {
+        const scale = Math.min(1, side / Math.max(bitmap.width, bitmap.height));
+        const canvas = el("canvas", {width: Math.max(1, Math.round(bitmap.width * scale)),
+          height: Math.max(1, Math.round(bitmap.height * scale))});
+        const ctx = canvas.getContext("2d");
+        ctx.fillStyle = "#fff";  // JPEG has no transparency
+        ctx.fillRect(0, 0, canvas.width, canvas.height);
+        ctx.drawImage(bitmap, 0, 0, canvas.width, canvas.height);
+        const blob = await new Promise((resolve) => canvas.toBlob(resolve, "image/jpeg", 0.85));
+        if (blob && blob.size <= limit) return blob;
+      }
+    } finally {
+      bitmap.close();
+    }
+    throw new Error(name + " is too large to send, even made smaller (at most " + size(limit) + ").");
+  }
+
+  function renderAttachments() {
+    const box = $("attachments");
+    box.hidden = !state.attachments.length;
+    box.replaceChildren(...state.attachments.map((a, i) => el("div", {class: "attachment"},
+      el("img", {src: a.url, alt: "Image to send: " + a.name}),
+      el("span", {class: "name", text: a.name}),
+      el("button", {type: "button", class: "remove", "aria-label": "Remove " + a.name, text: "×",
+        onclick: () => {
+          URL.revokeObjectURL(a.url);
+          state.attachments.splice(i, 1);
+          renderAttachments();
+          updateComposer();
+          $("input").focus();
+        }}))));
   }
 
   /* A new conversation takes its first message as its title, until renamed. */
@@ -576,14 +754,16 @@
       const users = [...state.msgs.values()].filter((x) => x.role === "user" && x.seq != null && x.seq < m.seq);
       question = users.sort((a, b) => b.seq - a.seq)[0];
     }
-    if (question) send(question.content);
+    const withImages = question && Array.isArray(question.chain) && question.chain.some((c) => c && c.type === "Image");
+    if (withImages) send(question.content, [], question.chain);
+    else if (question) send(question.content);
     else notice("error", "The question this reply answered is not loaded; scroll up and try again.", "retry");
   }
 
   function updateComposer() {
     const busy = liveReplies().length > 0;
     $("stop").hidden = !busy;
-    $("send").disabled = !$("input").value.trim();
+    $("send").disabled = !$("input").value.trim() && !state.attachments.length;
   }
 
   // --- members (group sessions)
@@ -732,10 +912,25 @@
     $("composer").addEventListener("submit", (event) => {
       event.preventDefault();
       const input = $("input");
-      send(input.value);
+      const images = state.attachments;
+      if (!send(input.value, images)) return;
+      state.attachments = [];
+      renderAttachments();
       input.value = "";
       autosize();
       updateComposer();
+    });
+    $("attach").addEventListener("click", () => $("attach-file").click());
+    $("attach-file").addEventListener("change", (event) => {
+      const files = [...event.target.files];
+      event.target.value = "";  // choosing the same file again fires "change" again
+      attach(files);
+    });
+    $("input").addEventListener("paste", (event) => {
+      const files = [...(event.clipboardData ? event.clipboardData.files : [])];
+      if (!files.length || !acceptsImages()) return;
+      event.preventDefault();
+      attach(files);
     });
     $("input").addEventListener("keydown", (event) => {
       if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {

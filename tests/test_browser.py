@@ -4,13 +4,19 @@ Never a downloaded browser: Playwright launches /usr/bin/chromium (.ci/apt-packa
 playwright package) these tests skip, and fail under PARLEY_REQUIRE_ALL=1. Screenshots of the main states go to
 tests/artifacts/ (git-ignored).
 """
+import asyncio
+import base64
 import json
 import os
+import random
 import re
 import signal
+import struct
 import subprocess
 import sys
+import threading
 import time
+import zlib
 import urllib.error
 import urllib.request
 import uuid
@@ -21,6 +27,7 @@ import pytest
 
 from services.embedded_mongo import free_port
 from tests.conftest import TEST_TOKEN, require
+from tests.upstream import FakeUpstream, Script
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -62,7 +69,14 @@ api_key_env = "PARLEY_BROWSER_TEST_UNSET_KEY"
 provider = "demo"
 options = { words = 3000, rate = 30 }
 timeouts = { total = 0.5 }
+
+[pipelines.vision]      # an OpenAI-compatible model that takes images: the fake upstream of tests/upstream.py
+provider = "openai"
+model = "vm"
+base_url = "{upstream}"
+inputs = ["text", "image"]
 """
+MAX_IMAGE = 48 * 1024   # the browser tests' --max-image-size: a modest photo must be shrunk to fit
 
 XSS = '<img src=x onerror="window.__pwned=1"> [go](javascript:window.__pwned=2) <a href="javascript:window.__pwned=3">x</a>'
 
@@ -70,13 +84,13 @@ XSS = '<img src=x onerror="window.__pwned=1"> [go](javascript:window.__pwned=2) 
 class Server:
     """A real `python server.py` process on a fixed port, restartable (same port, same database)."""
 
-    def __init__(self, tmp, mongo_url, *args):
+    def __init__(self, tmp, mongo_url, *args, upstream="http://127.0.0.1:9/v1"):
         self.tmp, self.port = tmp, free_port()
         self.args = ["--port", str(self.port), "--mongo-url", mongo_url, "--db-name", "b_" + uuid.uuid4().hex[:12],
                      "--pipelines", str(tmp / "pipelines.toml"), "--checkpoint-interval", "0.2",
                      "--drain-timeout", "0.2", "--rate-limit", "1000", "--rate-burst", "1000", "--max-queued", "64",
-                     *args]
-        (tmp / "pipelines.toml").write_text(PIPELINES)
+                     "--max-image-size", str(MAX_IMAGE), *args]
+        (tmp / "pipelines.toml").write_text(PIPELINES.replace("{upstream}", upstream))
         self.proc = None
         self.starts = 0
 
@@ -142,9 +156,46 @@ def browser():
     pw.stop()
 
 
+class ThreadedUpstream:
+    """tests/upstream.py's fake Chat Completions server on its own event loop in a thread (these tests are
+    synchronous): what the `vision` pipeline's model receives."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.upstream = FakeUpstream()
+        self.run(self.upstream.start())
+        self.plan(Script(content=["A ", "small ", "picture."]))
+
+    def plan(self, *scripts):
+        self.loop.call_soon_threadsafe(self.upstream.plan, "vm", *scripts)
+
+    def run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    def calls(self):
+        return self.run(self._calls())
+
+    async def _calls(self):
+        return list(self.upstream.calls)
+
+    def close(self):
+        self.run(self.upstream.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, mongo_url):
-    s = Server(tmp_path_factory.mktemp("web"), mongo_url, "--token", TEST_TOKEN)
+def upstream():
+    u = ThreadedUpstream()
+    yield u
+    u.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, mongo_url, upstream):
+    s = Server(tmp_path_factory.mktemp("web"), mongo_url, "--token", TEST_TOKEN, upstream=upstream.upstream.base_url)
     s.start()
     yield s
     s.stop()
@@ -243,7 +294,7 @@ def test_start_up_url_signs_in_and_leaves_the_address_bar(new_page, server):
     assert f"connect-src 'self' ws://127.0.0.1:{server.port}" in csp and "unsafe-inline" not in csp
     assert headers["x-content-type-options"] == "nosniff" and headers["referrer-policy"] == "no-referrer"
     assert page.inner_text("#whoami") == "local"
-    assert page.locator("#pipeline option").count() == 7
+    assert page.locator("#pipeline option").count() == 8
     # an API client on the same URL keeps the JSON answer
     status, body = server.rest("/")
     assert status == 200 and body["data"]["name"] == "Parley"
@@ -580,3 +631,104 @@ def test_an_expired_jwt_leads_back_to_sign_in(new_page, jwt_server):
     page.wait_for_selector("#signin:not([hidden])", timeout=60_000)
     assert "sign in again" in page.inner_text("#signin-error")
     assert page.evaluate("() => sessionStorage.getItem('parley.token')") is None
+
+
+def png(width, height, pixel):
+    """A PNG (8-bit RGB) whose pixel (x, y) is pixel(x, y) -> (r, g, b)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    rows = b"".join(b"\x00" + b"".join(bytes(pixel(x, y)) for x in range(width)) for y in range(height))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def image_parts(upstream, count):
+    """The image_url parts of the last user turn the upstream got, once it has had `count` requests."""
+    deadline = time.monotonic() + WAIT / 1000
+    while len(upstream.calls()) < count:
+        assert time.monotonic() < deadline, "the model was never asked"
+        time.sleep(0.1)
+    content = upstream.calls()[count - 1].body["messages"][-1]["content"]
+    assert isinstance(content, list), content
+    return content[0], [p["image_url"]["url"] for p in content[1:] if p["type"] == "image_url"]
+
+
+def test_an_image_attached_reaches_a_pipeline_that_takes_images(new_page, server, upstream):
+    dot = png(8, 8, lambda x, y: (200, 40 + 20 * x, 20 * y))
+    page = new_page()
+    open_app(page, server, "vision")
+    new_chat(page)
+    page.wait_for_selector("#attach:not([hidden])")
+    assert page.get_attribute("#attach", "aria-label") == "Attach images"
+    # preview, then remove before sending
+    page.set_input_files("#attach-file", files=[{"name": "dot.png", "mimeType": "image/png", "buffer": dot}])
+    page.wait_for_selector("#attachments .attachment img")
+    page.get_by_role("button", name="Remove dot.png").click()
+    page.wait_for_selector("#attachments", state="hidden")
+    # a type the models do not take is refused with a clear message
+    page.set_input_files("#attach-file", files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"hi"}])
+    page.wait_for_selector(".notice >> text=notes.txt: only PNG, JPEG, GIF or WebP images can be attached.")
+    page.set_input_files("#attach-file", files=[{"name": "dot.png", "mimeType": "image/png", "buffer": dot}])
+    page.wait_for_selector("#attachments .attachment img")
+    assert page.locator("#attachments .attachment").count() == 1
+    shot(page, "image-attached")
+    calls = len(upstream.calls())
+    send(page, "what is this?")
+    page.wait_for_selector("#attachments", state="hidden")
+    text, urls = image_parts(upstream, calls + 1)
+    expected = "data:image/png;base64," + base64.b64encode(dot).decode()
+    assert text == {"type": "text", "text": "what is this?"} and urls == [expected]
+    page.wait_for_selector(".msg.assistant[data-status=completed]")
+    assert body_text(last_reply(page)) == "A small picture."
+    user = page.locator(".msg.user:not(.pending)")
+    page.wait_for_function("src => document.querySelector('.msg.user:not(.pending) .images img')?.src === src",
+                           arg=expected)
+    assert user.locator(".body").inner_text() == "what is this?"
+    stored = [m for m in stored_messages(server, page, "vision") if m["role"] == "user"]
+    assert stored[-1]["message_chain"] == [{"type": "Plain", "text": "what is this?"},
+                                           {"type": "Image", "base64": expected}]
+    shot(page, "image-sent")
+    # history shows it after a reload
+    page.reload()
+    page.wait_for_selector("#conn[data-state=open]")
+    page.wait_for_function("src => document.querySelector('.msg.user .images img')?.src === src", arg=expected)
+    # a pipeline that does not take images shows no attach control
+    page.select_option("#pipeline", "default")
+    page.wait_for_function("() => location.hash.startsWith('#/default/')")
+    page.wait_for_selector("#conn[data-state=open]")
+    assert page.locator("#attach").is_hidden() and page.locator("#attachments").is_hidden()
+    assert page.errors == []
+
+
+def test_a_large_photo_is_shrunk_to_fit_and_a_refused_image_says_why(new_page, server, upstream):
+    rng = random.Random(7)
+    noise = png(400, 300, lambda x, y: (rng.randrange(256), rng.randrange(256), rng.randrange(256)))
+    assert len(noise) > MAX_IMAGE
+    page = new_page()
+    open_app(page, server, "vision")
+    new_chat(page)
+    page.set_input_files("#attach-file", files=[{"name": "noise.png", "mimeType": "image/png", "buffer": noise}])
+    page.wait_for_selector("#attachments .attachment img")
+    upstream.plan(Script(status=400), Script(content=["Noise."]))  # the first answer fails
+    calls = len(upstream.calls())
+    page.press("#input", "Enter")  # an image alone may be sent
+    _, urls = image_parts(upstream, calls + 1)
+    assert len(urls) == 1 and urls[0].startswith("data:image/jpeg;base64,")
+    assert len(base64.b64decode(urls[0].split(",", 1)[1])) <= MAX_IMAGE
+    page.wait_for_selector(".msg.assistant[data-status=failed]")
+    last_reply(page).locator("button.retry").click()  # Retry sends the image again
+    _, again = image_parts(upstream, calls + 2)
+    assert again == urls
+    page.wait_for_selector(".msg.assistant[data-status=completed]")
+    assert body_text(last_reply(page)) == "Noise."
+    assert page.locator(".msg.user .images img").count() == 2
+    upstream.plan(Script(content=["A ", "small ", "picture."]))
+    # labelled PNG, but not an image: the server refuses it, the page says why and keeps it to send again
+    page.set_input_files("#attach-file", files=[{"name": "fake.png", "mimeType": "image/png", "buffer": b"not a png"}])
+    page.wait_for_selector("#attachments .attachment img")
+    send(page, "and this?")
+    page.wait_for_selector(".notice >> text=an image must be PNG, JPEG, GIF or WebP")
+    page.wait_for_selector("#attachments .attachment")
+    assert page.input_value("#input") == "and this?"
+    assert len(upstream.calls()) == calls + 2
+    assert page.errors == []

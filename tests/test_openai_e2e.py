@@ -1,8 +1,11 @@
 """The OpenAI-compatible provider through the whole server: socket -> stream manager -> fake upstream over HTTP."""
+import base64
+import json
 import logging
 import time
 
 import pytest
+from tornado.httpclient import AsyncHTTPClient
 from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
 from tornado.websocket import websocket_connect
@@ -38,6 +41,7 @@ def gateway(io_loop, config, upstream):
         return c
 
     connect.services = svc
+    connect.port = port
     yield connect
     for c in clients:
         c.close()
@@ -129,3 +133,58 @@ async def test_an_image_reaches_a_pipeline_declaring_image_input_as_an_openai_im
         {"type": "text", "text": "what is this?"},
         {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]
+
+
+PNG_1x1 = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
+JPEG_HEAD = base64.b64encode(b"\xff\xd8\xff\xe0" + bytes(60)).decode()
+
+
+async def test_an_inline_image_is_checked_and_labelled_by_its_bytes(gateway, upstream):
+    upstream.plan("m", Script(content=["ok"]))
+    c = await gateway()
+    # a JPEG sent under a png label goes upstream as the JPEG it is
+    await c.send({"type": "message", "message": [{"type": "Image", "base64": "data:image/png;base64," + JPEG_HEAD}]})
+    ack = await c.recv_type("ack")
+    await c.until_final(ack["data"]["reply_message_id"])
+    assert upstream.calls[-1].body["messages"][-1]["content"] == [
+        {"type": "text", "text": ""}, {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + JPEG_HEAD}}]
+    for bad, why in [(base64.b64encode(b"<svg onload=alert(1)>").decode(), "PNG, JPEG, GIF or WebP"),
+                     ("data:text/html;base64," + PNG_1x1, "data:image/"), ("not base64!", "not valid base64")]:
+        await c.send({"type": "message", "message": [{"type": "Plain", "text": "see"}, {"type": "Image", "base64": bad}]})
+        err = await c.recv_type("error")
+        assert err["code"] == "invalid_image" and why in err["message"], err
+    calls = len(upstream.calls)
+    too_big = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(gateway.services.config.max_image_size)).decode()
+    status, body = await rest_send(gateway, [{"type": "Plain", "text": "big"}, {"type": "Image", "base64": too_big}])
+    assert (status, body["code"]) == (413, "image_too_large")
+    assert body["max_bytes"] == gateway.services.config.max_image_size and "--max-image-size" in body["message"]
+    assert len(upstream.calls) == calls  # nothing was stored or sent on
+
+
+async def test_an_image_sent_over_rest_reaches_the_model_and_the_history(gateway, upstream):
+    upstream.plan("m", Script(content=["A dot."]))
+    c = await gateway()
+    sid = c.connected["session_id"]
+    status, body = await rest_send(gateway, [{"type": "Plain", "text": "what?"},
+                                             {"type": "Image", "base64": "data:image/png;base64," + PNG_1x1}], sid)
+    assert status == 202, body
+    final = (await c.until_final(body["data"]["reply_message_id"]))[-1]["data"]
+    assert final["content"] == "A dot."
+    assert upstream.calls[-1].body["messages"][-1]["content"][1] == {
+        "type": "image_url", "image_url": {"url": "data:image/png;base64," + PNG_1x1}}
+    history = await gateway.services.store.get_message(body["data"]["message_id"])
+    assert history["chain"][1] == {"type": "Image", "base64": "data:image/png;base64," + PNG_1x1}
+
+
+async def rest_send(gateway, chain, session_id=None):
+    """POST a message over REST to the gateway's `gpt` pipeline: (status, body)."""
+    svc = gateway.services
+    port = gateway.port
+    if session_id is None:
+        session_id = (await gateway()).connected["session_id"]
+    client = AsyncHTTPClient()
+    r = await client.fetch(f"http://127.0.0.1:{port}/api/v1/pipelines/gpt/sessions/{session_id}/messages",
+                           method="POST", raise_error=False, body=json.dumps({"message": chain}),
+                           headers={"Authorization": f"Bearer {svc.config.token}",
+                                    "Content-Type": "application/json"})
+    return r.code, json.loads(r.body)

@@ -63,7 +63,8 @@ def test_integers_are_accepted_where_numbers_are_expected(write):
 def test_public_view_leaks_no_secret_or_configuration():
     p = Pipeline(id="gpt", name="GPT", provider="openai", model="gpt-4o-mini", base_url="https://internal:8443/v1",
                  api_key_env="OPENAI_API_KEY", system_prompt="secret instructions")
-    assert p.public() == {"id": "gpt", "name": "GPT", "provider": "openai", "model": "gpt-4o-mini"}
+    assert p.public() == {"id": "gpt", "name": "GPT", "provider": "openai", "model": "gpt-4o-mini",
+                          "inputs": ["text"]}  # what clients may send it (the web app's attach control)
 
 
 def test_missing_key_variable_is_warned_at_load(write, monkeypatch, caplog):

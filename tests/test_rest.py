@@ -17,7 +17,8 @@ async def test_pipelines_are_listed_without_secrets(fetch):
     assert code == 200 and body["code"] == 0 and body["msg"] == "ok"
     ids = [p["id"] for p in body["data"]["pipelines"]]
     assert "default" in ids and "slow" in ids
-    assert set(body["data"]["pipelines"][0]) == {"id", "name", "provider", "model"}
+    assert set(body["data"]["pipelines"][0]) == {"id", "name", "provider", "model", "inputs"}
+    assert body["data"]["pipelines"][0]["inputs"] == ["text"]
 
 
 async def test_create_list_and_get_sessions(fetch):

@@ -145,7 +145,7 @@ class FanOut:
             self.metrics.frame_encoded()
         sent = 0
         text = encode(frame)
-        nbytes = len(text) if text.isascii() else len(text.encode())
+        nbytes = len(text)
         for conn in conns:
             sent += conn.send(frame, text, nbytes)
         self.writes += sent

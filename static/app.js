@@ -328,6 +328,7 @@
     }));
     client.on("connected", mine(() => {
       if (state.session.session_type === "group") client.request({type: "presence"});
+      catchUp(client);
     }));
     client.on("message", mine(onUserMessage));
     client.on("delta", mine(onDelta));
@@ -339,6 +340,9 @@
       const m = f.data && f.data.message;
       notice("push", typeof m === "string" ? m : JSON.stringify(m));
     }));
+    client.on("session.reset", mine((f) => {  // reset here or in another tab: its messages are gone
+      if (state.session && f.data.session_id === state.session.session_id) clearConversation();
+    }));
     client.on("session.left", mine((f) => {
       if (f.data.reason !== "removed") return;
       notice("info", "You were removed from this group.");
@@ -346,6 +350,25 @@
       openPipeline(state.pipeline);
     }));
     client.connect();
+  }
+
+  /* Messages stored while this page was not connected (before its first connection, or during a drop): the
+   * socket only carries what happens from now on, and resume covers replies, not other people's messages. */
+  async function catchUp(client) {
+    let after = 0;
+    for (const m of state.msgs.values()) if (m.seq != null && m.seq > after) after = m.seq;
+    try {
+      for (let pages = 0; pages < 20; pages++) {
+        const data = await api(S() + "/messages?after_seq=" + after + "&limit=100");
+        if (state.client !== client) return;
+        for (const d of data.messages) if (!state.msgs.has(d.message_id)) fromHistory(d);
+        if (!data.has_more || !data.messages.length) break;
+        after = data.next_after_seq;
+      }
+      renderHistoryTop();
+    } catch (e) {
+      if (state.client === client) notice("error", "Could not load the latest messages: " + e.message, "catch-up");
+    }
   }
 
   function setConnection(e) {
@@ -503,6 +526,7 @@
   }
 
   function fromHistory(d) {
+    settlePending(d.client_msg_id);
     const existing = state.msgs.get(d.message_id);
     if (existing && existing.role === "assistant" && !LIVE.has(existing.status) && existing.status) return;
     const m = entry(d.message_id, d.role, d.seq);
@@ -517,11 +541,15 @@
     renderSoon(m, true);
   }
 
-  function onUserMessage(d) {
-    if (d.client_msg_id && state.pending.has(d.client_msg_id)) {
-      state.pending.get(d.client_msg_id).remove();
-      state.pending.delete(d.client_msg_id);
+  function settlePending(clientMsgId) {
+    if (clientMsgId && state.pending.has(clientMsgId)) {
+      state.pending.get(clientMsgId).remove();
+      state.pending.delete(clientMsgId);
     }
+  }
+
+  function onUserMessage(d) {
+    settlePending(d.client_msg_id);
     const m = entry(d.message_id, "user", d.seq);
     m.content = d.content;
     m.sender = d.sender || null;
@@ -560,6 +588,16 @@
     if (frame.request_type === "message") return;  // the send's own promise reports it
     if (frame.request_type === "resume" && frame.code === "message_not_found") return;  // a reset removed it
     notice("error", frame.message || frame.code, frame.code);
+  }
+
+  function clearConversation() {
+    for (const m of state.msgs.values()) clearTimeout(m.timer);
+    state.msgs.clear();
+    state.oldestSeq = null;
+    state.moreHistory = false;
+    $("messages").replaceChildren(...state.pending.values());
+    renderHistoryTop();
+    updateComposer();
   }
 
   function liveReplies() {
@@ -949,7 +987,12 @@
     $("conn-retry").addEventListener("click", () => state.client && state.client.retryNow());
     $("log").addEventListener("scroll", () => { if ($("log").scrollTop < 80) loadOlder(); });
     window.addEventListener("offline", () => state.client && setConnection({connection: "reconnecting"}));
-    window.addEventListener("online", () => state.client && state.client.retryNow());
+    window.addEventListener("online", () => {
+      const client = state.client;
+      if (!client) return;
+      if (client.state === "open") setConnection({connection: "open"});  // the socket lived through it
+      else client.retryNow();
+    });
   }
 
   async function start() {

@@ -330,6 +330,9 @@ def test_reply_streams_with_a_caret_then_stop_and_retry(new_page, server):
     first = len(body_text(reply))
     page.wait_for_function(f"() => document.querySelector('.msg.assistant.streaming .body').innerText.length > {first}")
     assert reply.get_attribute("aria-busy") == "true"
+    caret = reply.evaluate("el => { const b = el.querySelector('.body'); "
+                           "return getComputedStyle(b.lastElementChild || b, '::after').content; }")
+    assert caret == '"▍"'
     assert page.locator("#log").get_attribute("aria-live") == "polite"
     shot(page, "streaming")
     assert page.is_visible("#stop")
@@ -434,6 +437,15 @@ def test_two_tabs_on_one_session_stay_in_sync(new_page, server):
     a.wait_for_function("() => document.querySelectorAll('.msg.assistant[data-status=completed]').length === 2")
     b.wait_for_function("() => document.querySelectorAll('.msg.assistant[data-status=completed]').length === 2")
     assert a.locator(".msg .body").all_inner_texts() == b.locator(".msg .body").all_inner_texts()
+    # a reset in one tab empties the other
+    a.once("dialog", lambda d: d.accept())
+    a.click("#reset")
+    b.wait_for_function("() => document.querySelectorAll('.msg').length === 0")
+    a.wait_for_function("() => document.querySelectorAll('.msg').length === 0")
+    send(b, "after the reset")
+    a.wait_for_selector(".msg.user >> text=after the reset")
+    b.wait_for_selector(".msg.assistant[data-status=completed]")
+    assert b.locator(".msg").count() == 2
 
 
 def test_history_loads_as_you_scroll_up(new_page, server):
@@ -567,7 +579,9 @@ def test_reconnecting_indicator_while_the_server_restarts(new_page, server):
     page.wait_for_selector(".msg.assistant.streaming")
     server.stop()
     page.wait_for_selector("#conn[data-state=reconnecting]")
-    assert "Reconnecting" in page.inner_text("#conn-text")
+    # a countdown to the next attempt (the server stays down until started again)
+    page.wait_for_function("() => /^Reconnecting in \\d+ s…$/.test(document.getElementById('conn-text').textContent)")
+    assert page.is_visible("#conn-retry")
     shot(page, "reconnecting")
     server.start()
     page.wait_for_selector("#conn[data-state=open]", timeout=60_000)
@@ -631,6 +645,12 @@ def test_an_expired_jwt_leads_back_to_sign_in(new_page, jwt_server):
     page.wait_for_selector("#signin:not([hidden])", timeout=60_000)
     assert "sign in again" in page.inner_text("#signin-error")
     assert page.evaluate("() => sessionStorage.getItem('parley.token')") is None
+    # a fresh JWT typed into the form gets back in, as the same user
+    fresh = jwt.encode({"sub": "dee", "exp": int(time.time()) + 3600}, JWT_SECRET, algorithm="HS256")
+    page.fill("#signin-token", fresh)
+    page.click("#signin-form button[type=submit]")
+    page.wait_for_selector("#conn[data-state=open]")
+    assert page.inner_text("#whoami") == "dee"
 
 
 def png(width, height, pixel):
@@ -732,3 +752,36 @@ def test_a_large_photo_is_shrunk_to_fit_and_a_refused_image_says_why(new_page, s
     assert page.input_value("#input") == "and this?"
     assert len(upstream.calls()) == calls + 2
     assert page.errors == []
+
+
+def unlabelled_controls(page):
+    """Visible controls without an accessible name (label, aria-label, aria-labelledby, text or title)."""
+    return page.evaluate("""() => [...document.querySelectorAll('button, input, select, textarea, [tabindex]')]
+        .filter((e) => e.offsetParent !== null || e.getClientRects().length)
+        .filter((e) => !(e.getAttribute('aria-label') || e.getAttribute('aria-labelledby') ||
+                         (e.labels && e.labels.length) || (e.tagName === 'BUTTON' && e.textContent.trim()) || e.title))
+        .map((e) => e.outerHTML.slice(0, 120))""")
+
+
+def test_offline_then_online_and_every_control_has_a_name(new_page, server):
+    page = new_page()
+    open_app(page, server, "vision")
+    new_chat(page)
+    assert unlabelled_controls(page) == []
+    assert page.get_attribute("#conn", "role") == "status"
+    page.context.set_offline(True)
+    page.wait_for_selector("#conn[data-state=offline]")
+    assert page.inner_text("#conn-text") == "Offline"
+    shot(page, "offline")
+    page.context.set_offline(False)
+    page.wait_for_selector("#conn[data-state=open]")
+    assert page.inner_text("#conn-text") == "Connected"
+    send(page, "still there?")
+    page.wait_for_selector(".msg.assistant[data-status=completed]")
+    # on a phone too, with the conversation list open
+    phone = new_page(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    open_app(phone, server, "vision")
+    phone.click("#toggle-sidebar")
+    phone.wait_for_function("() => document.getElementById('sidebar').getBoundingClientRect().x >= 0")
+    assert unlabelled_controls(phone) == []
+    assert page.errors == [] and phone.errors == []

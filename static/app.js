@@ -334,7 +334,12 @@
     client.on("delta", mine(onDelta));
     client.on("final", mine(onFinal));
     client.on("error", mine(onError));
-    client.on("presence", mine((f) => { state.online = f.data.online || []; renderMembers(); }));
+    client.on("presence", mine((f) => {
+      state.online = f.data.online || [];
+      renderMembers();
+      // someone online who is not on our list: the owner changed the members since we loaded them
+      if (state.online.some((id) => !state.session.members.includes(id))) refreshMembers();
+    }));
     client.on("broadcast", mine((f) => notice("broadcast", String(f.message))));
     client.on("push", mine((f) => {
       const m = f.data && f.data.message;
@@ -825,6 +830,17 @@
     $("add-member").hidden = !owner;
   }
 
+  async function refreshMembers() {
+    const id = state.session && state.session.session_id;
+    try {
+      const session = await api(S(id));
+      if (state.session && state.session.session_id === id) {
+        state.session = session;
+        renderMembers();
+      }
+    } catch (e) { /* removed from it: session.left says so */ }
+  }
+
   async function changeMembers(change) {
     try {
       state.session = await api(S() + "/members", {method: "POST", body: change});
@@ -936,6 +952,7 @@
     $("toggle-members").addEventListener("click", () => {
       $("members").hidden = !$("members").hidden;
       $("toggle-members").setAttribute("aria-expanded", String(!$("members").hidden));
+      if (!$("members").hidden) refreshMembers();  // the owner may have changed them since
     });
     $("toggle-sidebar").addEventListener("click", () => {
       const open = $("sidebar").classList.toggle("open");

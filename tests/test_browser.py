@@ -626,6 +626,14 @@ def test_group_session_with_two_users(new_page, jwt_server):
     ann.fill("#add-member-id", "cy")
     ann.press("#add-member-id", "Enter")
     ann.wait_for_selector("#member-list li[data-user=cy]:not(.is-online)")
+    bo.click("#toggle-members")  # closed, then opened again: bo's list is fetched anew
+    bo.click("#toggle-members")
+    bo.wait_for_selector("#member-list li[data-user=cy]:not(.is-online)")
+    cy = new_page()  # cy comes online in the group: every viewer sees it
+    open_app(cy, jwt_server, "default", token=token("cy"))
+    cy.click("#sessions button >> text=Trip")
+    ann.wait_for_selector("#member-list li[data-user=cy].is-online")
+    bo.wait_for_selector("#member-list li[data-user=cy].is-online")
     ann.get_by_role("button", name="Remove bo").click()
     bo.wait_for_selector(".notice >> text=removed from this group")
     ann.wait_for_selector("#member-list li[data-user=bo]", state="detached")
@@ -784,4 +792,11 @@ def test_offline_then_online_and_every_control_has_a_name(new_page, server):
     phone.click("#toggle-sidebar")
     phone.wait_for_function("() => document.getElementById('sidebar').getBoundingClientRect().x >= 0")
     assert unlabelled_controls(phone) == []
+    phone.click("#toggle-sidebar")
+    phone.set_input_files("#attach-file", files=[{"name": "a-long-file-name.png", "mimeType": "image/png",
+                                                  "buffer": png(4, 4, lambda x, y: (0, 90, 200))}])
+    phone.wait_for_selector("#attachments .attachment img")
+    phone.fill("#input", "an image from a phone")
+    assert phone.evaluate("document.documentElement.scrollWidth") <= 390
+    shot(phone, "phone-attach")
     assert page.errors == [] and phone.errors == []

@@ -24,7 +24,7 @@ def limits(config):
 
 class RootHandler(BaseHandler):
     """What a person opening the printed URL sees: the server, its pipelines and where to connect.
-    (The web UI issue serves a page here for browsers.)"""
+    A browser asking for HTML gets the web app on the same URL instead (handlers/web.py)."""
 
     def get(self):
         self.ok({"name": "Parley", "protocol": "parley/1", "user_id": self.identity.user_id,

@@ -1002,6 +1002,11 @@
       }
     });
     $("conn-retry").addEventListener("click", () => state.client && state.client.retryNow());
+    document.addEventListener("visibilitychange", () => {  // back to the tab: groups others added us to
+      if (document.visibilityState === "visible" && state.token && state.pipeline) {
+        refreshSessions().catch(() => { /* the connection state says why */ });
+      }
+    });
     $("log").addEventListener("scroll", () => { if ($("log").scrollTop < 80) loadOlder(); });
     window.addEventListener("offline", () => state.client && setConnection({connection: "reconnecting"}));
     window.addEventListener("online", () => {

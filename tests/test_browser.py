@@ -639,6 +639,12 @@ def test_group_session_with_two_users(new_page, jwt_server):
     ann.wait_for_selector("#member-list li[data-user=bo]", state="detached")
     status, body = jwt_server.rest(f"/api/v1/pipelines/default/sessions/{session_id(ann)}", token=token("bo"))
     assert status == 404
+    # a group bo is added to shows in bo's list when bo comes back to the tab
+    status, body = jwt_server.rest("/api/v1/pipelines/default/sessions", "POST",
+                                   {"session_type": "group", "title": "Dinner", "members": ["bo"]}, token=token("ann"))
+    assert status == 201, body
+    bo.evaluate("() => document.dispatchEvent(new Event('visibilitychange'))")
+    bo.wait_for_selector("#sessions button >> text=Dinner")
 
 
 def test_an_expired_jwt_leads_back_to_sign_in(new_page, jwt_server):

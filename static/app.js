@@ -364,7 +364,7 @@
     for (const m of state.msgs.values()) if (m.seq != null && m.seq > after) after = m.seq;
     try {
       for (let pages = 0; pages < 20; pages++) {
-        const data = await api(S() + "/messages?after_seq=" + after + "&limit=100");
+        const data = await api(S() + "/messages?after_seq=" + after + "&limit=" + PAGE);
         if (state.client !== client) return;
         for (const d of data.messages) if (!state.msgs.has(d.message_id)) fromHistory(d);
         if (!data.has_more || !data.messages.length) break;

@@ -699,6 +699,17 @@ def test_an_image_attached_reaches_a_pipeline_that_takes_images(new_page, server
     page.wait_for_selector("#attachments .attachment img")
     page.get_by_role("button", name="Remove dot.png").click()
     page.wait_for_selector("#attachments", state="hidden")
+    # pasting an image into the message box attaches it too
+    page.evaluate("""b64 => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const data = new DataTransfer();
+        data.items.add(new File([bytes], "pasted.png", {type: "image/png"}));
+        document.getElementById('input').dispatchEvent(
+            new ClipboardEvent('paste', {clipboardData: data, bubbles: true, cancelable: true}));
+    }""", base64.b64encode(dot).decode())
+    page.wait_for_selector("#attachments .attachment >> text=pasted.png")
+    page.get_by_role("button", name="Remove pasted.png").click()
+    page.wait_for_selector("#attachments", state="hidden")
     # a type the models do not take is refused with a clear message
     page.set_input_files("#attach-file", files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"hi"}])
     page.wait_for_selector(".notice >> text=notes.txt: only PNG, JPEG, GIF or WebP images can be attached.")

@@ -242,7 +242,8 @@ class ChatService:
             raise BadRequest(f"a session has at most {self.max_members} members (--max-members)",
                              code="too_many_members")
         doc = await self.store.change_members(session["_id"], add=add, remove=remove)
-        self.bus.publish(events.members(session["_id"], add, remove))  # removed members stop viewing it
+        # removed members stop viewing it; the others are told who is in it now
+        self.bus.publish(events.members(session["_id"], add, remove, doc.get("members", ()), identity.user_id))
         return doc
 
     async def leave_group(self, identity, session):
@@ -253,7 +254,8 @@ class ChatService:
             raise BadRequest("the owner cannot leave their group", code="invalid_param")
         doc = await self.store.change_members(session["_id"], remove=[identity.user_id])
         # their connections viewing it (on every instance) stop, told `session.left` reason left_group
-        self.bus.publish(events.members(session["_id"], (), [identity.user_id], reason="left_group"))
+        self.bus.publish(events.members(session["_id"], (), [identity.user_id], doc.get("members", ()),
+                                        identity.user_id, reason="left_group"))
         return doc
 
     async def rename(self, identity, session, title):

@@ -35,10 +35,11 @@ def reset(session_id, deleted):
     return {"type": "reset", "session_id": session_id, "deleted": deleted}
 
 
-def members(session_id, added, removed, reason="removed"):
-    """`reason`: what the removed members' viewing connections are told (`removed`, or `left_group`)."""
+def members(session_id, added, removed, members, by, reason="removed"):
+    """`members`: the whole list after the change (as stored), `by`: who changed it; `reason`: what the removed
+    members' viewing connections are told (`removed`, or `left_group`)."""
     return {"type": "members", "session_id": session_id, "added": list(added), "removed": list(removed),
-            "reason": reason}
+            "members": list(members), "by": by, "reason": reason}
 
 
 def presence(session_id, event, user_id):

@@ -303,6 +303,12 @@ class FanOut:
             self.leave(conn, session_id)
         self._send({"type": "session.left", "data": {"session_id": session_id,
                                                      "reason": event.get("reason", "removed")}}, gone)
+        # everyone still viewing it learns the new member list (the web app's members panel follows it)
+        self._send({"type": "session.members",
+                    "data": {"session_id": session_id, "members": event.get("members", []),
+                             "added": event["added"], "removed": event["removed"], "by": event.get("by"),
+                             "timestamp": frames.timestamp_from_epoch(event["at"])}},
+                   self.hub.viewers(session_id))
 
     def _presence(self, event):
         session_id = event["session_id"]

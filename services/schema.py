@@ -485,6 +485,19 @@ class SessionLeft(Strict, tag="session.left"):
     data: LeftData
 
 
+class MembersData(Struct, forbid_unknown_fields=True):
+    session_id: str
+    members: list[str]
+    added: list[str]
+    removed: list[str]
+    by: Union[str, None]
+    timestamp: Timestamp
+
+
+class SessionMembers(Strict, tag="session.members"):
+    data: MembersData
+
+
 class PresenceData(Struct, forbid_unknown_fields=True, omit_defaults=True):
     session_id: str
     event: Literal["join", "leave", "snapshot"]
@@ -523,7 +536,7 @@ class SessionReset(Strict, tag="session.reset"):
 
 
 ParleyServerFrame = Union[Connected, UserMessage, Response, Ack, Status, StopAck, Resumed, SessionJoined,
-                          SessionLeft, SessionReset, Presence, Push, Broadcast, Pong, Reconnect, Error]
+                          SessionLeft, SessionMembers, SessionReset, Presence, Push, Broadcast, Pong, Reconnect, Error]
 SERVER_FRAMES = {"langbot": LangBotServerFrame, "parley": ParleyServerFrame}
 
 

@@ -337,7 +337,7 @@
     client.on("presence", mine((f) => {
       state.online = f.data.online || [];
       renderMembers();
-      // someone online who is not on our list: the owner changed the members since we loaded them
+      // someone online who is not on our list: the members changed while this page was not connected
       if (state.online.some((id) => !state.session.members.includes(id))) refreshMembers();
     }));
     client.on("broadcast", mine((f) => notice("broadcast", String(f.message))));
@@ -347,6 +347,12 @@
     }));
     client.on("session.reset", mine((f) => {  // reset here or in another tab: its messages are gone
       if (state.session && f.data.session_id === state.session.session_id) clearConversation();
+    }));
+    client.on("session.members", mine((f) => {  // the owner changed them (here, in another tab, or elsewhere)
+      const s = state.session;
+      if (!s || f.data.session_id !== s.session_id) return;
+      s.members = f.data.members;
+      renderMembers();
     }));
     client.on("session.left", mine((f) => {
       if (f.data.reason !== "removed") return;

@@ -128,10 +128,19 @@ async def test_websocket_access(connect, ws_url, world, services):
 
 async def test_member_removed_stops_viewing(connect, fetch, world):
     carol = await connect("slow", token=CAROL, session_id=world["group"])
+    alice = await connect("slow", token=ALICE, session_id=world["group"])
     code, _ = await fetch(f"/api/v1/pipelines/slow/sessions/{world['group']}/members", "POST",
-                          body={"remove": ["carol"]}, token=ALICE)
+                          body={"add": ["dave"], "remove": ["carol"]}, token=ALICE)
     assert code == 200
     left = await carol.recv_type("session.left")
     assert left["data"] == {"session_id": world["group"], "reason": "removed"}
+    # the members still viewing it learn the new list; the removed one does not get it
+    members = (await alice.recv_type("session.members"))["data"]
+    assert (members["session_id"], members["added"], members["removed"], members["by"]) == \
+        (world["group"], ["dave"], ["carol"], "alice")
+    assert sorted(members["members"]) == ["alice", "dave"]
+    await carol.send({"type": "ping"})  # frames are in order: whatever carol got before the pong, no members
+    while (frame := await carol.recv(5.0))["type"] != "pong":
+        assert frame["type"] != "session.members", frame
     code, body = await fetch(f"/api/v1/pipelines/slow/sessions/{world['group']}", token=CAROL)
     assert code == 404

@@ -626,17 +626,19 @@ def test_group_session_with_two_users(new_page, jwt_server):
     ann.fill("#add-member-id", "cy")
     ann.press("#add-member-id", "Enter")
     ann.wait_for_selector("#member-list li[data-user=cy]:not(.is-online)")
-    bo.click("#toggle-members")  # closed, then opened again: bo's list is fetched anew
-    bo.click("#toggle-members")
+    # bo's open panel follows the change as it happens (session.members), with no reload or refetch
     bo.wait_for_selector("#member-list li[data-user=cy]:not(.is-online)")
     cy = new_page()  # cy comes online in the group: every viewer sees it
     open_app(cy, jwt_server, "default", token=token("cy"))
     cy.click("#sessions button >> text=Trip")
     ann.wait_for_selector("#member-list li[data-user=cy].is-online")
     bo.wait_for_selector("#member-list li[data-user=cy].is-online")
+    cy.click("#toggle-members")
+    cy.wait_for_selector("#member-list li[data-user=bo]")
     ann.get_by_role("button", name="Remove bo").click()
     bo.wait_for_selector(".notice >> text=removed from this group")
     ann.wait_for_selector("#member-list li[data-user=bo]", state="detached")
+    cy.wait_for_selector("#member-list li[data-user=bo]", state="detached")  # another member's view follows
     status, body = jwt_server.rest(f"/api/v1/pipelines/default/sessions/{session_id(ann)}", token=token("bo"))
     assert status == 404
     # a group bo is added to shows in bo's list when bo comes back to the tab

@@ -377,6 +377,8 @@ async def test_broadcast_push_presence_membership_and_reset_cross_instances(clus
     assert code == 200, body
     left = await frame_of(bob, "session.left")
     assert left["data"] == {"session_id": session_id, "reason": "removed"}
+    members = await frame_of(owner, "session.members")  # the change went through another instance
+    assert (members["data"]["members"], members["data"]["removed"]) == (["ann"], ["bob"])
     assert await presence_of(owner, "bob") == "leave"
     for c in (owner, ann_phone, bob):
         c.close()

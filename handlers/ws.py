@@ -16,7 +16,7 @@ import uuid
 from urllib.parse import urlparse
 
 from pymongo.errors import PyMongoError
-from tornado import ioloop, web, websocket
+from tornado import web, websocket
 
 from services import frames, guards, logs
 from services.chat import check_session_type
@@ -203,7 +203,7 @@ class ChatSocket(websocket.WebSocketHandler):
         for timer in self.timers:
             timer.cancel()
         if self.pinger is not None:
-            self.pinger.stop()
+            self.pinger.cancel()
             if self.pong_check is not None:
                 self.pong_check.cancel()
         if self.protocol is not None:
@@ -229,9 +229,10 @@ class ChatSocket(websocket.WebSocketHandler):
         chat = self.services.chat
         try:
             if p["client_session"] is not None:
-                session = await chat.embed_session(identity, p["pipeline"], p["session_type"], p["client_session"])
-            elif p["session_id"] is None:
-                session = await chat.default_session(identity, p["pipeline"], p["session_type"])
+                session = await chat.embed_session(identity, p["pipeline"], p["session_type"], p["client_session"],
+                                                   viewed_ok=True)
+            elif p["session_id"] is None:  # another tab of a viewed session: no store round trip (chat._viewed)
+                session = await chat.default_session(identity, p["pipeline"], p["session_type"], viewed_ok=True)
             else:
                 session = await chat.session(identity, p["pipeline"], p["session_id"])
         except PyMongoError as exc:
@@ -256,6 +257,7 @@ class ChatSocket(websocket.WebSocketHandler):
                                close=self._close, remote_ip=self.request.remote_ip,
                                outbox_limit=config.outbox_limit, on_sent=self.services.metrics.frame_sent,
                                dialect=p["dialect"])
+        self.params = None  # the handshake's, done with (thousands of idle sockets keep their handler)
         # This task reads every frame of the socket, and the inbox worker starts from it: both log with these.
         logs.bind(pipeline=p["pipeline"], session_id=session["_id"], conn_id=self.conn.id)
         self.services.hub.register(self.conn)
@@ -310,22 +312,22 @@ class ChatSocket(websocket.WebSocketHandler):
 
     def _start_pinger(self):
         interval = self.services.config.ping_interval
-        if interval and interval > 0:
-            self.pinger = ioloop.PeriodicCallback(self._ping, interval * 1000)
-            self.pinger.start()
+        if interval and interval > 0:  # a timer handle re-armed each time: a PeriodicCallback costs ~0.3 KB more
+            self.pinger = asyncio.get_running_loop().call_later(interval, self._ping)
 
     def _ping(self):
         """WebSocket-level ping (public API); a peer that has not answered within --ping-timeout is dead."""
+        config = self.services.config
+        loop = asyncio.get_running_loop()
+        self.pinger = loop.call_later(config.ping_interval, self._ping)
         if self.ping_sent_at is not None:
             return  # the timeout check of the ping in flight decides
         try:
             self.ping()
         except websocket.WebSocketClosedError:
             return
-        loop = asyncio.get_running_loop()
         self.ping_sent_at = loop.time()
-        self.pong_check = loop.call_later(self.services.config.ping_timeout or self.pinger.callback_time / 1000,
-                                          self._check_pong)
+        self.pong_check = loop.call_later(config.ping_timeout or config.ping_interval, self._check_pong)
 
     def on_pong(self, data):
         self.ping_sent_at = None

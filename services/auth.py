@@ -16,9 +16,8 @@ import ipaddress
 import logging
 import secrets
 import dataclasses
+import time
 from dataclasses import dataclass
-
-import jwt
 
 from services.errors import Forbidden, Unauthorized
 
@@ -26,6 +25,10 @@ log = logging.getLogger(__name__)
 
 MODES = ("token", "jwt", "none")
 MIN_SECRET_BYTES = 32  # RFC 7518 3.2: an HS256 key at least as long as the hash; shorter ones are brute-forced
+# A client reconnecting (or opening tabs) presents the same JWT again: its verified claims are remembered for a
+# while, never past its `exp`, so the signature check and claim parsing run once per token, not per connection.
+VERIFIED_TOKENS = 1024
+VERIFIED_SECONDS = 60.0
 
 
 def check_jwt_secret(secret):
@@ -73,6 +76,8 @@ class Authenticator:
             log.warning("authentication is OFF (--auth none): every client is the local admin")
         self.token = (token or secrets.token_urlsafe(24)) if mode == "token" else None
         if mode == "jwt":
+            import jwt  # PyJWT, and the cryptography it imports (~50 ms of start-up), only when used
+            self._jwt = jwt
             if bool(jwt_secret) == bool(jwt_public_key):
                 raise ValueError("--auth jwt needs exactly one of --jwt-secret (HS256) or --jwt-public-key (RS256)")
             check_jwt_secret(jwt_secret)
@@ -82,6 +87,7 @@ class Authenticator:
         self.admin_value = admin_value
         self.audience = audience
         self.issuer = issuer
+        self._verified = {}  # JWT -> (Identity, time until which it is taken without checking again)
 
     @property
     def requires_credentials(self):
@@ -105,6 +111,20 @@ class Authenticator:
             if hmac.compare_digest(token.encode(), self.token.encode()):
                 return LOCAL_USER
             raise Unauthorized("invalid token")
+        now = time.time()
+        known = self._verified.get(token)
+        if known is not None:
+            if now < known[1]:
+                return known[0]
+            del self._verified[token]
+        identity = self._verify_jwt(token)
+        if len(self._verified) >= VERIFIED_TOKENS:
+            del self._verified[next(iter(self._verified))]  # the oldest
+        self._verified[token] = (identity, min(now + VERIFIED_SECONDS, identity.expires_at))
+        return identity
+
+    def _verify_jwt(self, token):
+        jwt = self._jwt
         try:
             claims = jwt.decode(token, self._jwt_key, algorithms=self._jwt_algorithms, audience=self.audience,
                                 issuer=self.issuer, options={"require": ["exp", "sub"]})

@@ -165,25 +165,39 @@ class ChatService:
 
     # sessions
 
-    async def default_session(self, identity, pipeline_id, session_type):
+    async def default_session(self, identity, pipeline_id, session_type, *, viewed_ok=False):
+        """`viewed_ok`: a stand-in {_id, type} will do when a connection here views the session already (see
+        _viewed)."""
         self.pipelines.get(pipeline_id)
         check_session_type(session_type)
+        session_id = default_session_id(pipeline_id, session_type, identity.user_id)
+        if viewed_ok and (viewed := self._viewed(session_id, session_type)):
+            return viewed
         doc = await self.store.get_or_create_session(
-            session_id=default_session_id(pipeline_id, session_type, identity.user_id),
-            pipeline=pipeline_id, session_type=session_type, owner=identity.user_id)
+            session_id=session_id, pipeline=pipeline_id, session_type=session_type, owner=identity.user_id)
         self._remember(doc)
         return doc
 
-    async def embed_session(self, identity, pipeline_id, session_type, client_session):
+    async def embed_session(self, identity, pipeline_id, session_type, client_session, *, viewed_ok=False):
         """LangBot's embed widget: one session per pipeline, session type, user and browser session."""
         check_id(client_session, "session_id")
         self.pipelines.get(pipeline_id)
         check_session_type(session_type)
+        session_id = default_session_id(pipeline_id, session_type, f"{identity.user_id}\0embed\0{client_session}")
+        if viewed_ok and (viewed := self._viewed(session_id, session_type)):
+            return viewed
         doc = await self.store.get_or_create_session(
-            session_id=default_session_id(pipeline_id, session_type, f"{identity.user_id}\0embed\0{client_session}"),
-            pipeline=pipeline_id, session_type=session_type, owner=identity.user_id)
+            session_id=session_id, pipeline=pipeline_id, session_type=session_type, owner=identity.user_id)
         self._remember(doc)
         return doc
+
+    def _viewed(self, session_id, session_type):
+        """A user's own default (or embed) session that a connection here views already needs no store round
+        trip to connect another: it exists (its first viewer here made or read it; sessions are never deleted),
+        its type and owner are in its id, and the fan-out has tracked its order since that first viewer."""
+        if session_id in self.hub.by_session:
+            return {"_id": session_id, "type": session_type}
+        return None
 
     async def create_session(self, identity, pipeline_id, *, session_type="person", title="", members=()):
         self.pipelines.get(pipeline_id)

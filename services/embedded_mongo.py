@@ -81,12 +81,20 @@ class EmbeddedMongo:
         return self.data_dir / "nx-27017.pid"
 
     def start(self, timeout=30.0):
+        return self.spawn().wait_ready(timeout)
+
+    def spawn(self):
+        """Start the child without waiting for it: it needs ~0.5 s to listen, which the caller can spend on
+        other work (server.py imports the app meanwhile) before wait_ready()."""
         make_private(self.data_dir)
         self._clear_stale_pid_file()
         self.port = self.port or free_port(self.host)
+        self._spawn()
+        return self
+
+    def wait_ready(self, timeout=30.0):
         log.info("starting embedded MongoDB-wire server (nx-27017) on %s:%s, data in %s",
                  self.host, self.port, self.data_dir)
-        self._spawn()
         try:
             self._wait_until_ready(timeout)
         except EmbeddedMongoError:
@@ -192,3 +200,23 @@ def make_private(path):
                 os.chmod(os.path.join(root, name), 0o600)
             except FileNotFoundError:
                 pass
+
+
+def start_early(argv=None):
+    """For `python server.py`: spawn the embedded store as soon as the options are read, before the app's
+    imports, so that the two overlap. None when the options name a MongoDB, cannot be read, or the store cannot
+    start here: server.main() then goes the usual way (and reports the problem)."""
+    from services import settings
+    try:
+        config = settings.resolve(argv)
+    except settings.SettingsError:
+        return None
+    if config.mongo_url or config.cluster:
+        return None
+    umask = os.umask(0o077)  # the data dir is private (docs/security.md); the imports that follow are not
+    try:
+        return EmbeddedMongo(os.path.join(config.data_dir, "mongo")).spawn()
+    except (EmbeddedMongoError, OSError):
+        return None
+    finally:
+        os.umask(umask)

@@ -86,6 +86,7 @@ class Hub:
         self.by_user = {}       # user_id -> {conn_id: Connection}
         self.by_pipeline = {}   # pipeline id -> {conn_id: Connection}
         self.session_types = {}  # viewed session id -> "person" | "group"
+        self.session_users = {}  # viewed session id -> {user_id: how many of the user's connections view it}
         self.pending = 0        # sockets open but not registered yet (authenticating): they count as connections
 
     def register(self, conn):
@@ -108,7 +109,10 @@ class Hub:
         """Add a viewer. Returns True when this made the user newly online in the session."""
         if session_id in conn.sessions:
             return False
-        first_of_user = conn.user_id not in self.online(session_id)
+        users = self.session_users.setdefault(session_id, {})
+        user_id = conn.user_id
+        first_of_user = user_id not in users
+        users[user_id] = users.get(user_id, 0) + 1
         conn.sessions.add(session_id)
         self.by_session.setdefault(session_id, {})[conn.id] = conn
         self.session_types.setdefault(session_id, session_type)
@@ -126,14 +130,21 @@ class Hub:
             conn.primary_session = next(iter(conn.sessions), None)
         if session_id not in self.by_session:
             self.session_types.pop(session_id, None)
-        return conn.user_id not in self.online(session_id)
+        users, user_id = self.session_users[session_id], conn.user_id
+        if users[user_id] > 1:
+            users[user_id] -= 1
+            return False
+        del users[user_id]
+        if not users:
+            del self.session_users[session_id]
+        return True
 
     def session_type(self, session_id):
         return self.session_types.get(session_id)
 
     def online(self, session_id):
         """The users with at least one connection viewing the session."""
-        return {c.user_id for c in self.by_session.get(session_id, {}).values()}
+        return set(self.session_users.get(session_id, ()))
 
     def viewers(self, session_id):
         return list(self.by_session.get(session_id, {}).values())

@@ -97,6 +97,24 @@ def test_rs256_jwt_with_role_claim():
         assert err.value.code == "unauthorized"
 
 
+def test_a_remembered_jwt_is_refused_once_it_expires():
+    secret = "remembered-" + "x" * 32
+    auth = Authenticator("jwt", jwt_secret=secret)
+    exp = int(time.time()) + 1
+    token = jwt.encode({"sub": "ann", "exp": exp}, secret, "HS256")
+    assert auth.verify(token).user_id == "ann" and auth.verify(token).user_id == "ann"  # the second is remembered
+    forged = token[:-2] + ("AA" if not token.endswith("AA") else "BB")
+    with pytest.raises(Exception) as err:
+        auth.verify(forged)
+    assert err.value.code == "unauthorized"
+    deadline = time.monotonic() + 10
+    while time.time() < exp + 0.05 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(Exception) as err:
+        auth.verify(token)
+    assert err.value.code == "unauthorized" and "expired" in err.value.message
+
+
 async def test_per_user_connection_cap_leaves_existing_ones_alone(connect, ws_url, services):
     services.config.max_connections_per_user = 2
     a = await connect()

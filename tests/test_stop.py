@@ -146,6 +146,7 @@ async def test_nothing_is_left_behind_after_200_send_stop_disconnect_cycles(conn
     assert services.streams.stop_callbacks == {}
     assert services.streams.by_session == {}
     assert services.hub.by_session == {} and services.hub.by_user == {} and services.hub.by_pipeline == {}
+    assert services.hub.session_users == {} and services.hub.session_types == {}
 
     def ours():  # every task Parley starts is named after what it serves
         return [t.get_name() for t in asyncio.all_tasks(loop) if t.get_name().startswith(("generation-", "inbox-"))]

@@ -5,6 +5,7 @@ Times are timezone-aware UTC datetimes, except `lease_until`: epoch seconds, com
 nx-27017 turns a datetime written by $set into a string). Ids are uuid4 hex strings.
 """
 import logging
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -49,9 +50,21 @@ def epoch_ms(moment):
     return (moment - EPOCH) // timedelta(milliseconds=1)
 
 
+def now_ms():
+    return time.time_ns() // 1_000_000
+
+
+def touched(**fields):
+    """The update that marks a session used now (and sets `fields`): `updated_at`, the server's time shown to
+    clients, and `updated_ms`, the integer epoch ms the sessions list sorts and pages by. A separate integer
+    because nx-27017 keeps a `$currentDate` time below the millisecond and matches it against no date in a query
+    (`$lt`, `$gt`, equality: nothing), though it sorts it right; an integer compares the same on both servers."""
+    return {"$set": {**fields, "updated_ms": now_ms()}, **stamp("updated_at")}
+
+
 def session_position(doc):
-    """A session's place in its list: (updated_at in epoch ms, _id); what a sessions cursor carries."""
-    return epoch_ms(doc["updated_at"]), doc["_id"]
+    """A session's place in its list: (updated_ms, _id); what a sessions cursor carries."""
+    return doc["updated_ms"], doc["_id"]
 
 
 def new_id():
@@ -67,8 +80,15 @@ class Store:
         self.messages = self.db.messages
 
     async def create_indexes(self):
-        await self.sessions.create_index([("pipeline", ASCENDING), ("owner", ASCENDING), ("updated_at", DESCENDING)])
         await self.sessions.create_index([("members", ASCENDING)])
+        await self.sessions.create_index([("pipeline", ASCENDING), ("updated_ms", DESCENDING)])
+        await self._add_updated_ms()
+
+    async def _add_updated_ms(self):
+        """Sessions stored before `updated_ms` existed get it from `updated_at` (once; a no-op afterwards)."""
+        async for doc in self.sessions.find({"updated_ms": {"$exists": False}}, {"updated_at": 1}):
+            await self.sessions.update_one({"_id": doc["_id"], "updated_ms": {"$exists": False}},
+                                           {"$set": {"updated_ms": epoch_ms(doc["updated_at"])}})
         await self.messages.create_index([("session_id", ASCENDING), ("seq", ASCENDING)], unique=True)
         await self.messages.create_index([("session_id", ASCENDING), ("client_msg_id", ASCENDING)], unique=True,
                                          partialFilterExpression={"client_msg_id": {"$type": "string"}})
@@ -94,7 +114,7 @@ class Store:
         now = utcnow()
         doc = {"_id": session_id or new_id(), "pipeline": pipeline, "type": session_type, "owner": owner,
                "members": sorted({owner, *members}), "title": title, "next_seq": 0,
-               "created_at": now, "updated_at": now}
+               "created_at": now, "updated_at": now, "updated_ms": epoch_ms(now)}
         await self.sessions.insert_one(doc)
         return doc
 
@@ -118,36 +138,20 @@ class Store:
 
     @timed
     async def list_sessions(self, *, pipeline, user, limit=100, before=None):
-        """Most recently updated first, ordered by (updated_at in epoch ms, _id) descending: up to `limit` sessions
-        below `before` = that pair for the last session of the previous page.
-
-        The boundary is found by reading from the newest, not by a range query on updated_at: nx-27017 keeps a
-        `$currentDate` time below the millisecond and matches it against no date in a query (it sorts it right),
-        so `updated_at < x` missed every session touched since its creation. Reads O(position) small documents."""
+        """Most recently used first, ordered by (updated_ms, _id) descending: up to `limit` sessions below
+        `before` = that pair for the last session of the previous page (a range query: see `touched`)."""
         # `$in` rather than `{"members": user}`: same meaning on MongoDB, but nx-27017 0.8.1 misses array
         # elements on an indexed array field with plain equality.
         query = {"pipeline": pipeline, "members": {"$in": [user]}}
-        found, boundary_ms = [], None
-        cursor = self.sessions.find(query).sort([("updated_at", DESCENDING), ("_id", DESCENDING)])
-        try:
-            async for doc in cursor:
-                position = session_position(doc)
-                if before is not None and position >= tuple(before):
-                    continue  # on an earlier page
-                if boundary_ms is not None and position[0] < boundary_ms:
-                    break  # the last millisecond of this page is complete
-                found.append(doc)
-                if len(found) == limit:
-                    boundary_ms = position[0]
-        finally:
-            await cursor.close()
-        # within one millisecond the stored order (sub-millisecond on nx-27017) may differ from the _id tiebreak
-        found.sort(key=session_position, reverse=True)
-        return found[:limit]
+        if before is not None:
+            ms, sid = before
+            query["$or"] = [{"updated_ms": {"$lt": ms}}, {"updated_ms": ms, "_id": {"$lt": sid}}]
+        cursor = self.sessions.find(query).sort([("updated_ms", DESCENDING), ("_id", DESCENDING)]).limit(limit)
+        return [doc async for doc in cursor]
 
     @timed
     async def set_title(self, session_id, title):
-        await self.sessions.update_one({"_id": session_id}, {"$set": {"title": title}, **stamp("updated_at")})
+        await self.sessions.update_one({"_id": session_id}, touched(title=title))
         return await self.get_session(session_id)
 
     @timed
@@ -169,7 +173,7 @@ class Store:
         if member is not None:
             query["members"] = {"$in": [member]}  # `$in`: see list_sessions
         doc = await self.sessions.find_one_and_update(
-            query, {"$inc": {"next_seq": count}, **stamp("updated_at")}, projection={"next_seq": 1},
+            query, {"$inc": {"next_seq": count}, **touched()}, projection={"next_seq": 1},
             return_document=ReturnDocument.AFTER)
         if not doc:
             raise NotFound(f"no session {session_id!r}", code="session_not_found")

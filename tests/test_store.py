@@ -46,3 +46,23 @@ async def test_sessions_are_listed_most_recently_active_first(connect, fetch):
     assert listed == [ids[0], ids[2], ids[1]]
     code, body = await fetch(f"/api/v1/pipelines/default/sessions/{ids[0]}")
     assert code == 200 and body["data"]["last_seq"] == 2
+
+
+async def test_sessions_stored_before_updated_ms_existed_are_listed_after_an_upgrade(services, fetch):
+    """A session document written by an older Parley (no `updated_ms`) is still listed, in its place, once the
+    store's start-up (create_indexes) has run."""
+    store = services.store
+    old = await store.create_session(pipeline="default", session_type="person", owner="local", title="old")
+    await store.sessions.update_one({"_id": old["_id"]}, {"$unset": {"updated_ms": ""}})
+    new = await store.create_session(pipeline="default", session_type="person", owner="local", title="new")
+    await store.create_indexes()
+    ids = []
+    cursor = None
+    for _ in range(10):  # pages of one: the range query must find the upgraded session too
+        code, body = await fetch("/api/v1/pipelines/default/sessions?limit=1" + (f"&cursor={cursor}" if cursor else ""))
+        assert code == 200, body
+        ids += [s["session_id"] for s in body["data"]["sessions"]]
+        cursor = body["data"].get("next_cursor")
+        if not cursor:
+            break
+    assert ids.index(new["_id"]) < ids.index(old["_id"])

@@ -19,7 +19,8 @@ from bench import run
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--pipeline", default="fast", help="bench pipeline: relay (demo) or fast (upstream), ...")
+    p.add_argument("--pipeline", default="fast", help="bench pipeline: relay (demo) or fast (upstream), ..., "
+                   "fan (the fan-out scenario with --clients viewers)")
     p.add_argument("--clients", type=int, default=1, help="1: the relay scenario; more: many streams")
     p.add_argument("--seconds", type=int, default=20, help="py-spy's sampling duration")
     p.add_argument("--out", default=None, help="collapsed stacks file (default: in a temp dir)")
@@ -42,7 +43,9 @@ def main(argv=None):
             n = b.specs[args.pipeline]["n"]
             deadline = time.monotonic() + args.seconds - 2
             while time.monotonic() < deadline:  # keep the server busy while py-spy samples
-                if b.specs[args.pipeline]["rate"]:
+                if args.pipeline == "fan":  # one group session, --clients viewers
+                    b.client(server, {"scenario": "fanout", "pipeline": "fan", "viewers": args.clients})
+                elif b.specs[args.pipeline]["rate"]:
                     b.client(server, {"scenario": "paced", "pipeline": args.pipeline, "clients": args.clients})
                 elif args.clients == 1:
                     b.client(server, {"scenario": "relay", "pipeline": args.pipeline, "n": n, "reps": 1})

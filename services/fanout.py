@@ -11,8 +11,10 @@ carry the event's timestamp, never a per-connection one. LangBot's `data.connect
 Extension frames (anything outside
 frames.LANGBOT_TYPES) go only to connections that opted in to the Parley dialect.
 """
+import asyncio
 import itertools
 import logging
+import time
 
 from services import events, frames
 from services.ordering import Ordering
@@ -21,6 +23,7 @@ from services.store import LIVE
 
 log = logging.getLogger(__name__)
 
+CUMULATIVE_INTERVAL = 0.1  # seconds: at most ten frames a second of one reply to cumulative (LangBot) viewers
 PAGE = 48 * 1024  # code points per frame of a delta-mode catch-up: ≤ 4 bytes each, so ≤ 256 KB with escapes
 FINALS_REMEMBERED = 32  # per connection: a resume crossing a final in flight must not get it a second time
 
@@ -81,6 +84,9 @@ class Reply:
         self.thinking_text = Text(thinking)
         self.error = self.usage = None
         self.origin = event.get("origin")
+        self.at = event.get("at", 0.0)   # epoch seconds of the latest text: the timestamp of its frames
+        self.cumulative_due = 0.0        # monotonic time before which cumulative viewers are not sent a frame
+        self.timer = None                # the call that sends them what was held back meanwhile
         self.late = set()  # connections that began viewing after this reply started elsewhere (they resume)
 
     @property
@@ -139,7 +145,7 @@ class FanOut:
             self.metrics.frame_encoded()
         sent = 0
         text = encode(frame)
-        nbytes = len(text) if text.isascii() else len(text.encode())
+        nbytes = len(text)
         for conn in conns:
             sent += conn.send(frame, text, nbytes)
         self.writes += sent
@@ -185,29 +191,64 @@ class FanOut:
             return
         reply.text.append(text)
         reply.thinking_text.append(thinking)
+        reply.at = event["at"]
         if not reply.stream:
             return
+        self._deliver(reply, bool(have or thinking_have or event.get("sync")))
+
+    def _deliver(self, reply, midway, only_cumulative=False):
+        """Send each viewer the reply's text after its cursor, one encoding per distinct frame. Cumulative
+        viewers get at most one frame per CUMULATIVE_INTERVAL (each carries the whole text: sent per token,
+        a reply's bytes would grow with its square); the text of the ones held back follows in the next."""
+        message_id = reply.message_id
+        now = time.monotonic()
+        hold = reply.cumulative_due > now
+        held = cumulative = False
         groups = {}
         for conn in self.hub.viewers(reply.session_id):
+            if conn.stream_mode == "cumulative":
+                if hold:
+                    held = True
+                    continue
+            elif only_cumulative:
+                continue
             cursor = conn.cursors.get(message_id)
             if cursor is None:
                 # A delta-mode connection that started viewing mid-reply waits for its `resume`; a cumulative
                 # frame is self-contained, so a cumulative one simply starts following.
                 # (A cluster `sync` starts at 0 but is mid-reply too: the reply's text so far, for a newcomer.)
-                if conn.stream_mode == "delta" and (have or thinking_have or event.get("sync")
-                                                    or conn.id in reply.late):
+                if conn.stream_mode == "delta" and (midway or conn.id in reply.late):
                     continue
                 cursor = conn.cursors[message_id] = Cursor(reply.session_id)
             if cursor.offset >= reply.text.length and cursor.thinking_offset >= reply.thinking_text.length:
                 continue  # it already has this much (it resumed from another instance, ahead of us)
+            cumulative = cumulative or conn.stream_mode == "cumulative"
             key = (conn.dialect, conn.stream_mode, cursor.offset, cursor.thinking_offset)
             groups.setdefault(key, []).append(conn)
             cursor.offset = max(cursor.offset, reply.text.length)
             cursor.thinking_offset = max(cursor.thinking_offset, reply.thinking_text.length)
-        timestamp = frames.timestamp_from_epoch(event["at"])
+        if cumulative:
+            reply.cumulative_due = now + CUMULATIVE_INTERVAL
+        elif held and reply.timer is None:
+            reply.timer = asyncio.get_running_loop().call_later(reply.cumulative_due - now,
+                                                                self._flush_cumulative, message_id)
+        if not groups:
+            return
+        timestamp = frames.timestamp_from_epoch(reply.at)
         session_type = self._session_type(reply.session_id)
         for (dialect, mode, start, thinking_start), conns in groups.items():
             self._send(self._chunk(reply, mode, start, thinking_start, timestamp, dialect, session_type), conns)
+
+    def _flush_cumulative(self, message_id):
+        """The text held back from cumulative viewers, once their interval has passed (or before the final)."""
+        reply = self.replies.get(message_id)
+        if reply is None:
+            return
+        if reply.timer is not None:
+            reply.timer.cancel()
+            reply.timer = None
+        reply.cumulative_due = 0.0
+        self._deliver(reply, True, only_cumulative=True)
 
     def _new_reply(self, event):
         reply = Reply(event)
@@ -226,6 +267,9 @@ class FanOut:
 
     def _final(self, event):
         message_id = event["message_id"]
+        reply = self.replies.get(message_id)
+        if reply is not None and reply.timer is not None:
+            self._flush_cumulative(message_id)  # what cumulative viewers were held back from: before the final
         self.replies.pop(message_id, None)
         conns = []
         final, timestamp = Final(event), frames.timestamp_from_epoch(event["at"])

@@ -175,8 +175,19 @@ def error(err, **context):
     return body
 
 
+_second = [None, ""]  # the last whole second formatted, and its text up to the seconds
+
+
 def timestamp_from_epoch(seconds):
-    return timestamp(datetime.fromtimestamp(seconds, timezone.utc))
+    """As timestamp(datetime.fromtimestamp(seconds, UTC)), with the part up to the second formatted once a
+    second (a streaming reply asks for one per chunk)."""
+    whole = int(seconds)
+    micros = round((seconds - whole) * 1e6)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    if _second[0] != whole:
+        _second[0], _second[1] = whole, datetime.fromtimestamp(whole, timezone.utc).isoformat()[:19]
+    return f"{_second[1]}.{micros // 1000:03d}+00:00"
 
 
 def ack_data(user_doc, reply_doc, duplicate):

@@ -57,7 +57,10 @@ SLOW_BUCKETS = (.1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 class Metrics:
     def __init__(self, pipeline_ids=()):
-        self.registry = r = CollectorRegistry()
+        self.registry = r = _Registry(self.flush)
+        self._pending_sent = {}     # frame type -> frames sent since the last flush (the per-viewer path)
+        self._pending_bytes = 0
+        self._pending_encoded = 0
         self.pipelines = set(pipeline_ids)
         p = ("pipeline",)
 
@@ -209,12 +212,25 @@ class Metrics:
         self._received.get(kind, self._received["unknown"]).inc()
 
     def frame_encoded(self):
-        self.frames_encoded.inc()
+        self._pending_encoded += 1
 
     def frame_sent(self, kind, size):
-        # Once per frame per viewer: label children are looked up in a plain dict, not through labels().
-        self._sent.get(kind, self._sent["other"]).inc()
-        self.bytes_sent.inc(size)
+        # Once per frame per viewer: counted in plain ints, added to the counters when they are read (flush).
+        pending = self._pending_sent
+        pending[kind] = pending.get(kind, 0) + 1
+        self._pending_bytes += size
+
+    def flush(self):
+        """Add the per-frame counts kept since the last read to their counters (the registry calls this)."""
+        pending, self._pending_sent = self._pending_sent, {}
+        for kind, n in pending.items():
+            self._sent.get(kind, self._sent["other"]).inc(n)
+        if self._pending_bytes:
+            self.bytes_sent.inc(self._pending_bytes)
+            self._pending_bytes = 0
+        if self._pending_encoded:
+            self.frames_encoded.inc(self._pending_encoded)
+            self._pending_encoded = 0
 
     def disconnected(self, reason):
         self.disconnects.labels(_known(reason, DISCONNECT_REASONS, "other")).inc()
@@ -312,6 +328,19 @@ class Metrics:
 
 def _known(value, allowed, fallback):
     return value if value in allowed else fallback
+
+
+class _Registry(CollectorRegistry):
+    """A registry that first has the per-frame counts kept in plain ints added to their counters: whoever reads
+    it (/metrics, a test) sees every frame sent so far, and sending one costs no lock."""
+
+    def __init__(self, flush):
+        super().__init__()
+        self._flush = flush
+
+    def collect(self):
+        self._flush()
+        return super().collect()
 
 
 def timed(method):

@@ -11,8 +11,9 @@ catch-up (`put_pages`) makes its next frame only when the socket has room, so it
 The fan-out encodes a frame once for every connection that gets the same bytes: `put(frame, text, nbytes)` takes
 that text as is. Such a frame's dict may be shared with other connections' outboxes, so a merge copies it first.
 """
-import json
 from collections import deque
+
+import msgspec
 
 WINDOW = 64 * 1024
 NOTHING_WAITING = ()  # an idle connection's `waiting`: its deque (760 bytes) is made when a frame has to wait
@@ -23,8 +24,13 @@ class ConnectionClosed(Exception):
     """Raised by a connection's `write` when its socket is gone."""
 
 
+_encode = msgspec.json.Encoder().encode
+
+
 def encode(frame):
-    return json.dumps(frame, ensure_ascii=False)
+    """A frame as the UTF-8 JSON bytes that go on the wire (Tornado sends bytes as a text frame as they are):
+    msgspec encodes several times faster than json.dumps, and nothing is encoded to UTF-8 a second time."""
+    return _encode(frame)
 
 
 def is_chunk(frame):
@@ -137,9 +143,7 @@ class Outbox:
             text = encode(frame)
         future = self.write(text)
         if self.on_sent is not None:
-            if nbytes is None:
-                nbytes = len(text) if text.isascii() else len(text.encode())
-            self.on_sent(frame.get("type"), nbytes)
+            self.on_sent(frame.get("type"), len(text))
         self.in_flight += len(text)
         future.add_done_callback(lambda f, n=len(text): self._flushed(f, n))
 

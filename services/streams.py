@@ -322,7 +322,7 @@ class StreamManager:
         if gen.stream:
             self.bus.publish(events.reply_delta(gen, offset=offset, text=chunk.text,
                                                 thinking_offset=thinking_offset, thinking=chunk.thinking))
-        now = asyncio.get_running_loop().time()
+        now = time.monotonic()  # = the loop's clock
         if gen.checkpoint_task is None and now - gen.last_checkpoint >= self.checkpoint_interval:
             gen.last_checkpoint = now
             gen.checkpoint_task = asyncio.get_running_loop().create_task(self._checkpoint(gen))

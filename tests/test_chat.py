@@ -162,7 +162,7 @@ async def test_checkpoints_are_throttled_not_per_token(connect, services, monkey
         return await real(message_id, **kw)
 
     monkeypatch.setattr(services.store, "checkpoint", counting)
-    c = await connect("slow")
+    c = await connect("slow", stream_mode="delta")  # a frame per chunk (cumulative frames come 10 a second)
     ack = await c.say("count the writes")
     chunks = 0
     for _ in range(60):  # 60 chunks at 200/s = 0.3 s; checkpoint interval 0.05 s

@@ -110,7 +110,8 @@ async def open_services(config, *, pipelines=None, provider_factory=None, auth=N
     hub = Hub()
     if config.cluster:  # events cross instances through the store; deltas only where viewed elsewhere
         bus = MongoBus(instance_id, store, metrics=metrics, viewed_sessions=lambda: hub.by_session.keys(),
-                       live_replies=lambda session_id: streams.live(session_id))
+                       live_replies=lambda session_id: streams.live(session_id),
+                       online=lambda s: hub.online(s) if hub.session_type(s) == "group" else ())
     else:
         bus = LocalBus(instance_id, metrics=metrics)
     fanout = FanOut(hub, bus, metrics, store=store)

@@ -24,6 +24,7 @@ import tempfile
 import time
 from importlib import metadata
 
+from bench.cluster import scenarios as cluster_scenarios
 from bench.common import pipelines, raise_fd_limit
 from bench.client import SECRET, token
 
@@ -252,7 +253,7 @@ def scenarios(b):
                                "target": "half of 942 ms"}}
 
     return {"relay": relay, "many": many, "paced": paced, "idle": idle, "fanout": fanout,
-            "broadcast": broadcast, "latency": latencies, "coldstart": coldstart}
+            "broadcast": broadcast, "latency": latencies, "coldstart": coldstart, **cluster_scenarios(b)}
 
 
 async def first_connection(server, timeout=60):

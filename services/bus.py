@@ -38,6 +38,21 @@ from collections import deque
 log = logging.getLogger(__name__)
 
 
+async def stop_task(task, *, attempts=50, wait=0.2):
+    """Cancel a task and wait for it to end. Python 3.11's asyncio.wait_for (inside the MongoDB driver) can swallow
+    a cancellation that arrives just as its operation completes, and a listener that lost it would run on (seen as
+    a SIGTERM that never exits): so ask again until it is done, a bounded number of times."""
+    for _ in range(attempts):
+        if task.done():
+            break
+        task.cancel()
+        await asyncio.wait([task], timeout=wait)
+    else:
+        log.error("task %s did not stop", task.get_name())
+    if task.done() and not task.cancelled() and task.exception() is not None:
+        log.warning("task %s ended with %r", task.get_name(), task.exception())
+
+
 class Bus:
     def __init__(self, instance_id, *, metrics=None):
         self.instance_id = instance_id
@@ -81,6 +96,10 @@ class Bus:
         finally:
             self._delivering = False
 
+    def online_elsewhere(self, session_id):
+        """The users viewing a session on other instances (presence). The single box has none."""
+        return set()
+
     # the backend hooks
 
     def _publish(self, event):
@@ -97,8 +116,7 @@ class Bus:
 
     async def close(self):
         if self._listener is not None:
-            self._listener.cancel()
-            await asyncio.gather(self._listener, return_exceptions=True)
+            await stop_task(self._listener)
             self._listener = None
 
     async def _listen_loop(self, events):

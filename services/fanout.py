@@ -170,9 +170,24 @@ class FanOut:
                           self.hub.viewers(event["session_id"]))
 
     def _started(self, event):
-        if event["message_id"] not in self.replies:
+        reply = self.replies.get(event["message_id"])
+        if reply is None:
             self.replies[event["message_id"]] = self._new_reply(event)
+        else:  # followed while queued (follow())
+            reply.status, reply.stream = event["status"], event.get("stream", True)
         self._send(frames.status(event), self.hub.viewers(event["session_id"]))
+
+    def follow(self, stored):
+        """A live reply this instance has no text of (queued, or generating on another instance), resumed by a
+        connection here: the fan-out takes the stored text so far (its checkpoint) as the start, so the reply's
+        next deltas continue it at once (one overlapping it is trimmed, one leaving a gap waits for the owner's
+        sync). Its `reply.final`, from whichever instance, ends it. Returns the reply as the fan-out knows it."""
+        reply = self.replies.get(stored.message_id)
+        if reply is None:
+            event = {"session_id": stored.session_id, "message_id": stored.message_id, "seq": stored.seq,
+                     "reply_to": stored.reply_to, "status": stored.status}
+            reply = self.replies[stored.message_id] = Reply(event, stored.content, stored.thinking)
+        return reply
 
     def _delta(self, event):
         message_id, offset, thinking_offset = event["message_id"], event["offset"], event["thinking_offset"]
@@ -364,7 +379,8 @@ class FanOut:
         self.hub.unregister(conn)
 
     def presence_frame(self, session_id, event="snapshot", user_id=None, at=None):
-        data = {"session_id": session_id, "event": event, "online": sorted(self.hub.online(session_id))}
+        online = self.hub.online(session_id) | self.bus.online_elsewhere(session_id)  # every instance's
+        data = {"session_id": session_id, "event": event, "online": sorted(online)}
         if user_id is not None:
             data["user_id"] = user_id
         return {"type": "presence", "data": data}
@@ -386,8 +402,10 @@ class FanOut:
                 done.append((stored, offset, thinking_offset, "sent"))
             elif live is not None:
                 done.append((live, offset, thinking_offset, "live"))  # the client's offsets are what it has
+            elif stored.status in LIVE:  # queued, or generating elsewhere: its deltas continue the stored text
+                done.append((self.follow(stored), offset, thinking_offset, "store"))
             else:
-                done.append((stored, offset, thinking_offset, "store" if stored.status in LIVE else "finished"))
+                done.append((stored, offset, thinking_offset, "finished"))
         conn.send(frames.resumed(session_id, [(r, o, t) for r, o, t, _ in done]))
         timestamp = frames.timestamp()
         variant = {"dialect": conn.dialect, "session_type": self._session_type(session_id)}

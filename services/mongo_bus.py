@@ -2,8 +2,11 @@
 
 Every instance inserts the events other instances need into the `events` collection (TTL-indexed: a day of
 history at most) and reads everyone's inserts through one change stream, skipping its own. After a dropped
-stream it resumes from its resume token, so nothing is missed; when resuming is impossible (the token fell off
-the oplog), `resync()` is called to re-read every followed reply from the store.
+stream it reopens it from its resume token. A reopen cannot prove that nothing was missed (MongoDB refuses a
+token that fell off the oplog; nx-27017 accepts any token and may return nothing, or skip what it pruned), so
+every reopen also runs `resync()`: each followed reply is re-read from the store (its text past what was
+delivered, or its stored final) and its owner is asked for a sync; offsets make this exact. And a reopened
+stream must return a probe this instance writes within PROBE_WAIT, or it is reopened from the present.
 
 Reply deltas are most of the traffic, and most of it is useless to other instances (sticky clients view their
 replies where they are generated). So deltas cross only for sessions another instance has announced interest in
@@ -17,6 +20,7 @@ trimmed, a gap asks the owner for a sync, so the fan-out always sees each reply'
 import asyncio
 import logging
 import time
+import uuid
 from collections import deque
 from datetime import datetime, timezone
 
@@ -24,7 +28,7 @@ from pymongo import ASCENDING
 from pymongo.errors import OperationFailure, PyMongoError
 
 from services import events, frames
-from services.bus import Bus
+from services.bus import Bus, stop_task
 from services.store import LIVE
 
 log = logging.getLogger(__name__)
@@ -38,6 +42,7 @@ POLL = 0.02                # seconds between polls of an idle change stream
 WRITE_BATCH = 500          # events per insert
 MAX_WAITING = 50_000       # events queued while the store is away; beyond this the oldest deltas are dropped
 HISTORY_LOST = (260, 280, 286)  # MongoDB: the resume token is no longer in the oplog
+PROBE_WAIT = 5.0           # seconds a reopened stream has to return our probe once written, or it is reopened
 
 
 class Followed:
@@ -51,12 +56,15 @@ class Followed:
 
 
 class MongoBus(Bus):
-    def __init__(self, instance_id, store, *, metrics=None, viewed_sessions=lambda: (), live_replies=lambda s: ()):
+    def __init__(self, instance_id, store, *, metrics=None, viewed_sessions=lambda: (), live_replies=lambda s: (),
+                 online=lambda s: ()):
         super().__init__(instance_id, metrics=metrics)
         self.store = store
         self.collection = store.db.events
         self.viewed_sessions = viewed_sessions  # () -> session ids with a viewer on this instance
         self.live_replies = live_replies        # session id -> the Generations live here (for a sync)
+        self.online = online                    # session id -> users viewing it here (group sessions: presence)
+        self.remote_online = {}   # session id -> {instance: (set of users, monotonic expiry)}
         self.interest = {}        # session id -> {instance: monotonic expiry}: who views our replies elsewhere
         self.followed = {}        # message id -> Followed: remote replies delivered to the local fan-out
         self.resume_token = None
@@ -67,6 +75,8 @@ class MongoBus(Bus):
         self._batches = {}        # message id -> the merged reply.delta waiting for its interval
         self._wake = asyncio.Event()
         self._tasks = []
+        self._probe = None        # after a reopen: {"id", "written": monotonic or None}, until it comes back
+        self._opened = False      # a stream was open before: the next one may have missed events
 
     async def start(self):
         await self.collection.create_index([("created", ASCENDING)], expireAfterSeconds=EVENTS_TTL)
@@ -78,8 +88,7 @@ class MongoBus(Bus):
     async def close(self):
         await super().close()
         for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+            await stop_task(task)
         self._tasks = []
         await self._flush_all()  # a stop or final published just before shutdown still goes out
 
@@ -149,6 +158,8 @@ class MongoBus(Bus):
                                           ordered=True)
         for _ in batch:
             self._outbox.popleft()
+        if self._probe is not None and any(e.get("id") == self._probe["id"] for e in batch):
+            self._probe["written"] = time.monotonic()
         if self.metrics is not None:
             for e in batch:
                 self.metrics.bus_event_published(e.get("type"))
@@ -184,8 +195,9 @@ class MongoBus(Bus):
         if not sessions:
             return
         self._announced |= set(sessions)
-        self._enqueue({"type": "interest", "sessions": sorted(sessions), "sync": sync, "origin": self.instance_id,
-                       "at": time.time()})
+        online = {s: sorted(users) for s in sessions if (users := self.online(s))}
+        self._enqueue({"type": "interest", "sessions": sorted(sessions), "sync": sync, "online": online,
+                       "origin": self.instance_id, "at": time.time()})
 
     def want(self, session_id):
         """Ask the owners of a session's live replies for their whole text (a client here resumes one)."""
@@ -197,8 +209,35 @@ class MongoBus(Bus):
         self._enqueue({"type": "interest", "sessions": [session_id], "sync": True, "origin": self.instance_id,
                        "at": time.time()})
 
+    def online_elsewhere(self, session_id):
+        holders = self.remote_online.get(session_id)
+        if not holders:
+            return set()
+        now, users = time.monotonic(), set()
+        for instance, (names, expiry) in list(holders.items()):
+            if expiry < now:  # not refreshed: that instance is gone, or nobody there views it any more
+                del holders[instance]
+            else:
+                users |= names
+        if not holders:
+            del self.remote_online[session_id]
+        return users
+
+    def _on_presence(self, event):
+        """Keep who is online elsewhere current between two announcements."""
+        holders = self.remote_online.setdefault(event["session_id"], {})
+        names, _ = holders.get(event["origin"], (set(), 0))
+        (names.add if event["event"] == "join" else names.discard)(event["user_id"])
+        holders[event["origin"]] = (names, time.monotonic() + INTEREST_TTL)
+
     def _on_interest(self, event):
         expiry = time.monotonic() + INTEREST_TTL
+        origin, online = event["origin"], event.get("online") or {}
+        if not event.get("sync"):  # a refresh lists all of that instance's sessions: what it left is gone
+            for session_id in [s for s, h in self.remote_online.items() if origin in h and s not in online]:
+                del self.remote_online[session_id][origin]
+        for session_id, users in online.items():
+            self.remote_online.setdefault(session_id, {})[origin] = (set(users), expiry)
         for session_id in event.get("sessions") or ():
             holders = self.interest.setdefault(session_id, {})
             new = event["origin"] not in holders
@@ -229,12 +268,19 @@ class MongoBus(Bus):
                 self.metrics.bus_event_received("interest", time.time() - event.get("at", time.time()))
             self._on_interest(event)
             return
+        if kind == "probe":
+            return  # another instance checking its own stream
         if kind == "reply.delta":
             event = self._contiguous(event)
             if event is None:
                 return
+        elif kind == "reply.started":
+            if event["session_id"] in self.viewed_sessions():  # followed from its start: a resync covers it
+                self.followed.setdefault(event["message_id"], Followed(event["session_id"]))
         elif kind == "reply.final":
             self.followed.pop(event.get("message_id"), None)
+        elif kind == "presence":
+            self._on_presence(event)
         super().receive(event)
 
     def _contiguous(self, event):
@@ -266,29 +312,46 @@ class MongoBus(Bus):
         delay = 0.05
         while True:
             lost = False
+            opening = stream is None
             try:
                 if stream is None:
                     options = {"resume_after": self.resume_token} if self.resume_token else {}
                     stream = await self.collection.watch([{"$match": {"operationType": "insert"}}], **options)
+                    if self._opened:
+                        log.warning("bus: change stream reopened%s; resynchronizing followed replies",
+                                    " from its resume token" if options else "")
+                        self._send_probe()
+                        await self.resync()
+                    self._opened = True
                 change = await stream.try_next()
                 self.resume_token = stream.resume_token or self.resume_token
                 delay = 0.05
                 if change is None:
-                    await asyncio.sleep(POLL)
+                    if self._probe_lost():
+                        lost = True  # the server could not resume from our token and says nothing
+                        log.warning("bus: the reopened change stream returned nothing, not even this instance's "
+                                    "probe: reopening it from now")
+                    else:
+                        await asyncio.sleep(POLL)
+                        continue
+                else:
+                    doc = change.get("fullDocument") or {}
+                    event = doc.get("event")
+                    if not isinstance(event, dict):
+                        continue
+                    if doc.get("origin") != self.instance_id:
+                        yield event
+                    elif self._probe is not None and event.get("id") == self._probe["id"]:
+                        self._probe = None  # our own probe came back: the stream delivers
                     continue
-                doc = change.get("fullDocument") or {}
-                if doc.get("origin") != self.instance_id and isinstance(doc.get("event"), dict):
-                    yield doc["event"]
             except asyncio.CancelledError:
                 raise
-            except OperationFailure as exc:
-                lost = exc.code in HISTORY_LOST
+            except OperationFailure as exc:  # refused: the token is no longer valid, or not one this server knows
+                lost = exc.code in HISTORY_LOST or (opening and self.resume_token is not None)
                 log.warning("bus: change stream failed (%s)%s", exc,
-                            ": events were lost, resynchronizing followed replies" if lost else "")
+                            ": reopening it from now" if lost else "")
             except PyMongoError as exc:
                 log.warning("bus: change stream dropped, resuming: %s", exc)
-            else:
-                continue
             if stream is not None:
                 try:
                     await stream.close()
@@ -296,14 +359,23 @@ class MongoBus(Bus):
                     pass
                 stream = None
             if lost:
-                self.resume_token = None
-                await self.resync()
+                self.resume_token = None  # from now on: resync() fills what was missed
+                self._probe = None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
+    def _send_probe(self):
+        self._probe = {"id": uuid.uuid4().hex, "written": None}
+        self._enqueue({"type": "probe", "id": self._probe["id"], "origin": self.instance_id, "at": time.time()})
+
+    def _probe_lost(self):
+        return (self._probe is not None and self._probe["written"] is not None
+                and time.monotonic() - self._probe["written"] > PROBE_WAIT)
+
     async def resync(self):
-        """Events were lost for good: a followed reply that ended meanwhile gets its stored final; the owners of
-        the others are asked for their whole text (offsets make both exact)."""
+        """Events may have been lost: each followed reply is read from the store. One that ended meanwhile gets
+        its stored final; of one still live, the text stored past what was delivered goes out now and its owner
+        is asked for the rest (its sync starts at 0: the receiver trims what it has)."""
         for message_id, followed in list(self.followed.items()):
             try:
                 doc = await self.store.find_message(message_id)
@@ -311,8 +383,21 @@ class MongoBus(Bus):
                 log.warning("bus: could not resynchronize message_id=%s: %s", message_id, exc)
                 self.want(followed.session_id)
                 continue
-            if doc is not None and doc["status"] not in LIVE:
+            if doc is None:
                 self.followed.pop(message_id, None)
-                self._deliver(events.reply_final(frames.snapshot(doc)) | {"origin": "store", "at": time.time()})
-            else:
-                self.want(followed.session_id)
+                continue
+            snapshot = frames.snapshot(doc)
+            if doc["status"] not in LIVE:
+                self.followed.pop(message_id, None)
+                self._deliver(events.reply_final(snapshot) | {"origin": "store", "at": time.time()})
+                continue
+            text, thinking = snapshot.content[followed.length:], snapshot.thinking[followed.thinking_length:]
+            if text or thinking:
+                event = {"type": "reply.delta", "session_id": snapshot.session_id, "message_id": message_id,
+                         "seq": snapshot.seq, "reply_to": snapshot.reply_to, "offset": followed.length,
+                         "text": text, "thinking_offset": followed.thinking_length, "thinking": thinking,
+                         "origin": "store", "at": time.time()}
+                followed.length += len(text)
+                followed.thinking_length += len(thinking)
+                self._deliver(event)
+            self.want(followed.session_id)

@@ -10,6 +10,7 @@ import time
 from datetime import datetime
 
 from services import events, frames
+from services.bus import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,7 @@ class Reaper:
 
     async def stop(self):
         if self.task is not None:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
+            await stop_task(self.task)
             self.task = None
 
     async def _loop(self):

@@ -195,6 +195,15 @@ class Store:
         return doc is not None
 
     @timed
+    async def missing_before(self, session_id, seq, window=32):
+        """The numbers in [seq - window, seq) no message holds. Every number below `seq` was reserved by a send:
+        one missing is a send whose insert has not landed yet (or a send that failed, or a reset's deletion)."""
+        low = max(1, seq - window)
+        cursor = self.messages.find({"session_id": session_id, "seq": {"$gte": low, "$lt": seq}}, {"seq": 1})
+        have = {doc["seq"] async for doc in cursor}
+        return [n for n in range(low, seq) if n not in have]
+
+    @timed
     async def release_turn(self, session_id, message_id):
         await self.sessions.update_one({"_id": session_id, "generating": message_id}, {"$set": {"generating": None}})
 

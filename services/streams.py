@@ -20,7 +20,9 @@ from services.providers import GenerationRequest, ProviderError, Turn, make_prov
 
 log = logging.getLogger(__name__)
 
-TURN_POLL = 0.1  # seconds between claims of a session's turn while another instance's reply runs
+TURN_RECHECK = 1.0  # seconds: a waiting reply claims its turn again when woken by a final, or after this
+HOLE_GRACE = 1.0    # seconds a reply waits for earlier sends of its session whose numbers are reserved, not stored
+HOLE_POLL = 0.05
 
 
 class Generation:
@@ -56,6 +58,7 @@ class Generation:
         self.saved = self.saved_thinking = 0  # characters of content/thinking already checkpointed
         self.fenced = False           # the store refused our write: another instance ended this reply
         self.has_turn = False         # cluster mode: holds its session's generation turn in the store
+        self.turn_free = asyncio.Event()  # cluster mode: a reply of its session ended (claim the turn again)
         self.finishing = False        # _finish has begun: nothing may cancel the task any more
         # monotonic times for metrics (services/metrics.py)
         self.accepted_at = time.monotonic()
@@ -73,6 +76,7 @@ class StreamManager:
         self.lease_seconds = lease_seconds
         self.max_queued = max_queued
         self.cluster = cluster    # replies of a session may be accepted on several instances: turns are claimed in the store
+        self.hole_grace = HOLE_GRACE
         self.provider_factory = provider_factory
         self.metrics = metrics or Metrics()
         self._providers = {}      # pipeline id -> provider, so HTTP clients and their pools are reused
@@ -82,9 +86,15 @@ class StreamManager:
         bus.subscribe(self._on_event)
 
     def _on_event(self, event):
-        """A stop published by another instance: the owner of the reply fires its stop callback here."""
-        if event["type"] == "stop" and event.get("origin") != self.instance_id:
-            self.stop(event["session_id"], event.get("message_id"))
+        """A stop published by another instance: the owner of the reply fires its stop callback here. A final
+        (from any instance) wakes the replies of its session waiting for their turn."""
+        kind = event["type"]
+        if kind == "stop" and event.get("origin") != self.instance_id:
+            if self._stop_here(event["session_id"], event.get("message_id"), "stopped"):
+                self.metrics.stop_requested("local")
+        elif kind == "reply.final" and self.cluster:
+            for gen in self.by_session.get(event["session_id"], {}).values():
+                gen.turn_free.set()
 
     # accepting and stopping
 
@@ -121,7 +131,17 @@ class StreamManager:
         return list(self.by_session.get(session_id, {}).values())
 
     def stop(self, session_id, message_id=None, reason="stopped"):
-        """Stop one reply of a session, or all of them. Returns the message ids a stop was sent to."""
+        """Stop one reply of a session, or all of them. Returns the message ids a stop was sent to. Counted
+        `local` when something ran here; in a cluster else `forwarded` (the caller publishes the stop: the
+        owner, if any, counts it `local` too); on a single box else `noop`."""
+        stopped = self._stop_here(session_id, message_id, reason)
+        if not stopped and self.cluster:
+            log.info("stop forwarded to another instance session_id=%s message_id=%s", session_id, message_id,
+                     extra={"session_id": session_id, "message_id": message_id})
+        self.metrics.stop_requested("local" if stopped else "forwarded" if self.cluster else "noop")
+        return stopped
+
+    def _stop_here(self, session_id, message_id, reason):
         targets = self.by_session.get(session_id, {})
         ids = [message_id] if message_id else list(targets)
         stopped = []
@@ -134,14 +154,15 @@ class StreamManager:
         if stopped:
             log.info("stop executed locally session_id=%s message_ids=%s", session_id, stopped,
                      extra={"session_id": session_id, "message_id": ",".join(stopped)})
-        self.metrics.stop_requested("local" if stopped else "noop")
         return stopped
 
     def _request_stop(self, gen, reason):
         if gen.stop_reason is None:
             gen.stop_reason = reason
-            if gen.running:
-                gen.task.cancel()
+        # (again on a repeated stop, e.g. the durable flag: a cancellation can be lost inside the driver's
+        # asyncio.wait_for on Python 3.11, services/bus.py stop_task)
+        if gen.running and not gen.finishing:
+            gen.task.cancel()
 
     async def drain(self, timeout):
         """Wait up to `timeout` seconds for the live replies to end on their own."""
@@ -215,15 +236,26 @@ class StreamManager:
 
     async def _wait_turn(self, gen):
         """Replies of a session accepted on other instances go first when they were accepted first."""
+        # A send reserves its numbers, then inserts: one accepted just before ours on another instance may not be
+        # stored yet, and the claim below would not see it. Wait (briefly: a number can also stay empty for good)
+        # until every earlier number is stored.
+        while (time.monotonic() - gen.accepted_at < self.hole_grace
+               and await self.store.missing_before(gen.session_id, gen.seq - 1)):
+            await asyncio.sleep(HOLE_POLL)
         while True:
             gen.has_turn = True  # (maybe: the claim may land even if we are stopped meanwhile; release is safe)
+            gen.turn_free.clear()  # a final from here on wakes the wait below
             turn = await self.store.claim_turn(gen.session_id, gen.message_id, gen.seq)
             if turn:
                 return
             gen.has_turn = False
             if turn is None:  # ended elsewhere while it waited: mark_streaming will find it is not ours
                 return
-            await asyncio.sleep(TURN_POLL)
+            # The turn frees when a reply of the session ends: its final reaches every instance on the bus. A lost
+            # event costs at most TURN_RECHECK.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(TURN_RECHECK):
+                    await gen.turn_free.wait()
 
     async def _uncancelled(self, gen, write):
         """Await a claim even if the task is stopped meanwhile: a write that lands must be known (its epoch),

@@ -56,6 +56,12 @@ model = "demo"
 history_messages = 0
 options = {{ words = 60, thinking = 10, rate = 300 }}
 
+[pipelines.steady]
+provider = "demo"
+model = "demo"
+history_messages = 0
+options = {{ words = 80, rate = 100 }}
+
 [pipelines.up]
 provider = "openai"
 model = "m"

@@ -6,11 +6,17 @@ import signal
 
 import pytest
 from pymongo import MongoClient
+from tornado.httpclient import HTTPClientError
+from tornado.iostream import StreamClosedError
+from tornado.websocket import WebSocketClosedError
 
+from nginx.cluster import Cluster, nginx_binary
+from services.embedded_mongo import EmbeddedMongo, free_port
 from services.store import assemble
+from tests.conftest import require
 from tests.test_resume import Received, abort, follow, nothing_more, send_resume
 from tests.upstream import FakeUpstream, Script
-from tests.cluster import LEASE, cluster, plain, connect, fetch, instance_for, source, spread, wait_for  # noqa: F401 (a fixture)
+from tests.cluster import JWT_SECRET, LEASE, cluster, pipelines_toml, plain, connect, fetch, instance_for, source, spread, wait_for  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.gen_test(timeout=120)
 
@@ -324,10 +330,10 @@ async def frame_of(client, kind, timeout=20):
 
 
 async def presence_of(client, user_id):
-    """The event of the next presence frame about `user_id` (others, such as one's own join, are skipped)."""
+    """The next presence frame about `user_id` (others, such as one's own join, are skipped): (event, online)."""
     while (frame := await frame_of(client, "presence"))["data"].get("user_id") != user_id:
         pass
-    return frame["data"]["event"]
+    return frame["data"]["event"], frame["data"]["online"]
 
 
 async def test_broadcast_push_presence_membership_and_reset_cross_instances(cluster):
@@ -358,7 +364,14 @@ async def test_broadcast_push_presence_membership_and_reset_cross_instances(clus
     await frame_of(owner, "session.joined")
     await bob.send({"type": "session.join", "session_id": session_id})
     await frame_of(bob, "session.joined")
-    assert await presence_of(owner, "bob") == "join"  # bob came online on another instance
+    assert await presence_of(owner, "bob") == ("join", ["ann", "bob"])  # bob came online on another instance
+
+    async def online_for_bob():  # who is online, as bob's instance sees it (ann is on another one)
+        await bob.send({"type": "presence", "session_id": session_id})
+        while (frame := await frame_of(bob, "presence"))["data"]["event"] != "snapshot":
+            pass
+        return frame["data"]["online"] == ["ann", "bob"]
+    await wait_for(online_for_bob, timeout=20, interval=0.2)
 
     ack = await bob.say("hello group", session_id=session_id)
     echo = await frame_of(owner, "user_message")
@@ -379,7 +392,7 @@ async def test_broadcast_push_presence_membership_and_reset_cross_instances(clus
     assert left["data"] == {"session_id": session_id, "reason": "removed"}
     members = await frame_of(owner, "session.members")  # the change went through another instance
     assert (members["data"]["members"], members["data"]["removed"]) == (["ann"], ["bob"])
-    assert await presence_of(owner, "bob") == "leave"
+    assert await presence_of(owner, "bob") == ("leave", ["ann"])
     for c in (owner, ann_phone, bob):
         c.close()
 async def test_200_clients_moved_mid_reply_resume_with_no_gap_no_duplicate_and_follow_live(cluster):
@@ -417,3 +430,165 @@ async def test_200_clients_moved_mid_reply_resume_with_no_gap_no_duplicate_and_f
 
     await asyncio.wait_for(asyncio.gather(*(worker(w) for w in range(10))), 150)
     assert len(outcomes) == 200 and outcomes.count("mid") >= 50, sorted(set(outcomes))
+
+
+async def connect_retrying(cluster, pipeline, *, src, user, attempts=80):
+    """Connect through nginx while instances restart: a refused or closed attempt is tried again (bounded)."""
+    for _ in range(attempts - 1):
+        try:
+            return await connect(cluster, pipeline, src=src, user=user)
+        except (OSError, HTTPClientError, StreamClosedError, WebSocketClosedError, AssertionError,
+                asyncio.TimeoutError):
+            await asyncio.sleep(0.25)
+    return await connect(cluster, pipeline, src=src, user=user)
+
+
+async def test_rolling_restart_under_load_loses_no_accepted_message(cluster):
+    """SIGTERM, restart and wait for each instance in turn while six users chat without pause: every acked
+    message is stored and its reply ended, and every reply ended in exactly one final on the client following it
+    (across its reconnects), with no gap and no duplicate in its text."""
+    where = await spread(cluster)
+    sources = list(where.values())
+    loop = asyncio.get_running_loop()
+    rolling = asyncio.Event()
+    acked = {}          # user message id -> reply id
+    followed = []       # (reply id, its one final, the text the client assembled, final crossed the resume)
+    stray_finals = []   # finals of a reply other than the one its client was following: a duplicate
+    reconnects = []
+
+    async def reopen(w, got):
+        reconnects.append(w)
+        while True:
+            conn = await connect_retrying(cluster, "steady", src=sources[w % 3], user=f"roll{w}")
+            if got is None:
+                return conn, False
+            try:
+                return conn, await resume(conn, got)
+            except (AssertionError, asyncio.TimeoutError, WebSocketClosedError, StreamClosedError):
+                conn.close()  # that instance began draining too: once more
+
+    async def worker(w):
+        conn, _ = await reopen(w, None)
+        n = 0
+        while not rolling.is_set() or n == 0:
+            client_msg_id = f"roll-{w}-{n}"
+            n += 1
+            while True:  # until acked: a repeat of the client_msg_id after a reconnect is the same message
+                try:
+                    await conn.send({"type": "message", "message": [{"type": "Plain", "text": client_msg_id}],
+                                     "client_msg_id": client_msg_id})
+                    ack = await conn.recv_type("ack", "error", timeout=30)
+                    break
+                except (AssertionError, WebSocketClosedError, StreamClosedError):
+                    conn, _ = await reopen(w, None)
+            assert ack["type"] == "ack", ack
+            got = Received(ack["data"]["reply_message_id"])
+            acked[ack["data"]["message_id"]] = got.message_id
+            early = False
+            while not got.finals:
+                try:
+                    frame = await conn.recv(timeout=30)
+                except WebSocketClosedError:
+                    frame = None
+                if frame is None:
+                    conn, early = await reopen(w, got)
+                elif frame["type"] == "response":
+                    if frame["data"]["message_id"] == got.message_id:
+                        got.add(frame)
+                    elif frame["data"]["is_final"]:
+                        stray_finals.append(frame["data"])
+            followed.append((got.message_id, got.finals[0], got.joined(got.text), early))
+        conn.close()
+
+    async def roll():
+        for instance in cluster.instances:
+            before = len(acked)
+            await wait_for(lambda: _async(len(acked) >= before + 6), timeout=60)  # the load runs meanwhile
+            instance.signal(signal.SIGTERM)
+            assert await loop.run_in_executor(None, instance.proc.wait, 60) == 0
+            instance.start()
+            await loop.run_in_executor(None, instance.wait_ready)
+        before = len(acked)
+        await wait_for(lambda: _async(len(acked) >= before + 6), timeout=60)
+        rolling.set()
+
+    await asyncio.wait_for(asyncio.gather(roll(), *(worker(w) for w in range(6))), 180)
+    assert len(set(reconnects)) == 6 and len(reconnects) > 6, "no client was moved by the restarts"
+    assert not stray_finals, stray_finals
+    assert len(followed) == len(acked) == len({r for r, *_ in followed})
+    with MongoClient(cluster.mongo_url) as db:
+        messages = db[cluster.db_name].messages
+        users = {d["_id"] for d in messages.find({"_id": {"$in": list(acked)}, "role": "user"})}
+        replies = {d["_id"]: assemble(d) for d in messages.find({"_id": {"$in": list(acked.values())}})}
+    assert users == set(acked), "an acked message is missing from the store"
+    for reply_id, final, text, early in followed:
+        truth = replies[reply_id]
+        assert truth["status"] in ("completed", "interrupted"), truth["status"]
+        assert (final["status"], final["content"]) == (truth["status"], truth["content"])
+        assert final["content"].startswith(text) if early else text == final["content"]
+    statuses = [replies[r]["status"] for r, *_ in followed]
+    assert statuses.count("completed") >= len(statuses) // 2, statuses
+
+
+async def test_a_follower_on_another_instance_reaches_the_final_after_the_store_restarts(tmp_path):
+    """Break the change stream for real: kill -9 the shared store (nx-27017) while a client on B follows a reply
+    generating on A, keep it down past --store-timeout (the stream errors out, nothing resumes it
+    transparently), then start it again on the same port and data directory. B reopens its stream from its resume
+    token and, unable to prove it missed nothing, resynchronizes the followed reply from the store: the follower
+    gets the rest with no gap and no duplicate, and one final."""
+    require(nginx_binary(), "nginx is not installed (Debian package nginx)")
+    store = EmbeddedMongo(tmp_path / "store").start()
+    cluster = Cluster(tmp_path / "cluster", instances=2, mongo_url=store.url, db_name="restart",
+                      pipelines_file=_pipelines_file(tmp_path), env={"PARLEY_JWT_SECRET": JWT_SECRET},
+                      extra_args=["--auth", "jwt", "--lease-seconds", "60", "--store-timeout", "1",
+                                  "--checkpoint-interval", "0.05", "--log-level", "info"])
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, cluster.start)
+        a, b = cluster.instances
+        writer = await connect(cluster, "slow", user="outage", base=a.url)
+        follower = await connect(cluster, "slow", user="outage", base=b.url)
+        got = Received((await writer.say("keep going through the outage"))["data"]["reply_message_id"])
+        await resume(follower, got)
+        for _ in range(20):
+            got.add(await next_of(follower, got.message_id))  # it crosses from A to B
+        log_b = b.log_path.read_text()
+        store.process.kill()
+        store.process.wait()
+        await wait_for(lambda: _async("change stream" in b.log_path.read_text()[len(log_b):]), timeout=30)
+        store = EmbeddedMongo(tmp_path / "store", port=store.port).start()
+        await follow(follower, got, timeout=60)
+        assert len(got.finals) == 1 and got.finals[0]["status"] == "completed"
+        assert got.joined(got.text) == got.finals[0]["content"]  # every character once, none missing
+        await nothing_more(follower, got.message_id)
+        assert "resynchroniz" in b.log_path.read_text()[len(log_b):]
+        writer.close()
+        follower.close()
+    finally:
+        cluster.stop()
+        store.stop()
+
+
+def _pipelines_file(tmp_path):
+    path = tmp_path / "pipelines.toml"
+    path.write_text(pipelines_toml(free_port()))
+    return path
+
+
+def test_the_cluster_bench_runs_in_quick_mode(tmp_path):
+    """bench/cluster.py (stop across instances, follower lag) cannot rot: a quick run measures every row. No
+    timing is asserted (the numbers go in docs/performance.md)."""
+    import json
+    import subprocess
+    import sys
+    from nginx.cluster import ROOT
+    require(nginx_binary(), "nginx is not installed (Debian package nginx)")
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--only", "cluster", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"stop_across_instances", "follower_lag"}, results
+    stop, lag = results["stop_across_instances"], results["follower_lag"]
+    assert stop["parley"]["reps"] == stop["same_instance"]["reps"] == 3
+    assert lag["follower"]["reps"] > 0 and lag["owner_viewer"]["reps"] > 0
+    assert "| stop_across_instances | stop→final p99 ms | parley |" in proc.stdout

@@ -9,6 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.fanout import PAGE
+from services.store import utcnow
 from tests.conftest import settle
 from tests.test_resume import Received, nothing_more, send_resume
 
@@ -198,5 +199,43 @@ async def test_deltas_from_another_instance_are_applied_by_their_offsets(connect
             chunks.append((frame["data"]["offset"], frame["data"]["delta"]))
     await nothing_more(a, "remote-reply")
     assert chunks == [(0, "Hello, "), (7, "wor"), (10, "ld!")]
+    assert got.joined(got.text) == "Hello, world!" == got.finals[0]["content"]
+    assert "remote-reply" not in services.fanout.replies
+
+
+async def test_a_reply_generating_on_another_instance_is_followed_from_its_checkpoint(connect, services):
+    """A client resumes here a reply generating elsewhere (stored with its checkpoint; its deltas and final come
+    as events of another origin): the fan-out takes the stored text as the start (FanOut.follow), so the next
+    deltas continue it at once, trimmed where they overlap it, a repeat dropped; then exactly one final."""
+    a = await connect("default", stream_mode="delta")
+    session_id = a.connected["session_id"]
+    seq = await services.store.next_seqs(session_id, 2)
+    now = utcnow()
+    base = {"session_id": session_id, "pipeline": "default", "created_at": now, "updated_at": now}
+    await services.store.insert_messages([
+        {"_id": "remote-question", "seq": seq, "role": "user", "content": "hi", "status": "completed", **base},
+        {"_id": "remote-reply", "seq": seq + 1, "role": "assistant", "reply_to": "remote-question",
+         "content": "", "text_parts": ["Hello, ", "wor"], "thinking": "", "status": "streaming", "epoch": 1,
+         "length": 10, "thinking_length": 0, "instance": "elsewhere", "lease_until": time.time() + 300, **base}])
+    await a.send({"type": "resume", "message_id": "remote-reply", "offset": 3, "thinking_offset": 0})
+    resumed = await a.recv_type("resumed")
+    assert [(r["status"], r["offset"], r["length"]) for r in resumed["data"]["replies"]] == [("streaming", 3, 10)]
+    got = Received("remote-reply")
+    got.text = dict(enumerate("Hel"))
+    reply = {"session_id": session_id, "message_id": "remote-reply", "seq": seq + 1, "reply_to": "remote-question",
+             "origin": "elsewhere", "at": time.time()}
+    for offset, text in ((7, "world"), (12, "!"), (12, "!")):  # overlaps the checkpoint; then a repeat
+        services.bus.receive({"type": "reply.delta", "offset": offset, "text": text, "thinking_offset": 0,
+                              "thinking": "", **reply})
+    services.bus.receive({"type": "reply.final", "status": "completed", "content": "Hello, world!",
+                          "thinking": "", "error": None, "usage": None, **reply})
+    chunks = []
+    while not got.finals:
+        frame = await a.recv_type("response")
+        got.add(frame)
+        if not frame["data"]["is_final"]:
+            chunks.append((frame["data"]["offset"], frame["data"]["delta"]))
+    await nothing_more(a, "remote-reply")
+    assert chunks == [(3, "lo, wor"), (10, "ld"), (12, "!")]  # live deltas, not the rest in one piece at the end
     assert got.joined(got.text) == "Hello, world!" == got.finals[0]["content"]
     assert "remote-reply" not in services.fanout.replies

@@ -104,3 +104,22 @@ async def test_a_dropped_stream_resumes_from_its_token_and_misses_nothing(pair):
     await super(MongoBus, b.bus).start()
     await settle(lambda: len(b.of("push")) == 4, timeout=10)
     assert [e["message"] for e in b.of("push")] == ["before", "while away 0", "while away 1", "while away 2"]
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_a_reopened_stream_that_returns_nothing_is_opened_again_from_now(pair):
+    """nx-27017 takes a resume token it cannot honour and then returns nothing (MongoDB would refuse it): a
+    reopened stream must bring back this instance's own probe, or it is opened again from the present."""
+    a, b = pair
+    a.bus.publish({"type": "push", "user_id": "u", "message": "before", "data": None})
+    await settle(lambda: b.of("push"), timeout=10)
+    await super(MongoBus, b.bus).close()
+    b.bus.resume_token = {"_data": "nx:999999999"}  # a position this store has never reached
+    await super(MongoBus, b.bus).start()
+    for i in range(120):  # what is published before the stream is opened again may be lost; later events not
+        a.bus.publish({"type": "push", "user_id": "u", "message": f"after {i}", "data": None})
+        if len(b.of("push")) > 1:
+            break
+        await asyncio.sleep(0.5)
+    assert len(b.of("push")) > 1, "the stream stayed silent"
+    assert b.of("probe") == [] and a.of("probe") == []  # probes are the bus's own business

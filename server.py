@@ -213,6 +213,8 @@ async def serve(config, **made):
     except OSError as exc:  # a port in use, an address not on this host: say so, no traceback
         await close_services(services)
         raise ListenError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
+    # Start-up's objects live as long as the process: frozen out of the cyclic collector (stream's fan-out and
+    # relay runs, conn's idle connects: docs/performance.md)
     tune_gc()
     log.info("Parley listening on http://%s:%s/ (instance %s, auth %s)", config.host, config.port,
              services.instance_id, config.auth)

@@ -161,6 +161,7 @@ class ChatService:
         self.on_last_viewer_gone = on_last_viewer_gone  # "continue" | "stop"
         self._background = set()  # durable-stop writes in flight
         self._known = {}          # session id -> its unchanging fields (session_to_send), the latest KNOWN_SESSIONS
+        self._opening = {}        # default/embed session id -> the store lookup in flight (_get_or_create)
         self._sending = {}        # session id -> sends between their first write and accept() (see send)
 
     # sessions
@@ -173,10 +174,7 @@ class ChatService:
         session_id = default_session_id(pipeline_id, session_type, identity.user_id)
         if viewed_ok and (viewed := self._viewed(session_id, session_type)):
             return viewed
-        doc = await self.store.get_or_create_session(
-            session_id=session_id, pipeline=pipeline_id, session_type=session_type, owner=identity.user_id)
-        self._remember(doc)
-        return doc
+        return await self._get_or_create(session_id, pipeline_id, session_type, identity.user_id)
 
     async def embed_session(self, identity, pipeline_id, session_type, client_session, *, viewed_ok=False):
         """LangBot's embed widget: one session per pipeline, session type, user and browser session."""
@@ -186,10 +184,26 @@ class ChatService:
         session_id = default_session_id(pipeline_id, session_type, f"{identity.user_id}\0embed\0{client_session}")
         if viewed_ok and (viewed := self._viewed(session_id, session_type)):
             return viewed
-        doc = await self.store.get_or_create_session(
-            session_id=session_id, pipeline=pipeline_id, session_type=session_type, owner=identity.user_id)
+        return await self._get_or_create(session_id, pipeline_id, session_type, identity.user_id)
+
+    async def _get_or_create(self, session_id, pipeline_id, session_type, owner):
+        """Callers that arrive together for one session (a burst of reconnects after a restart, a user's tabs)
+        share one store lookup instead of each reading, racing to insert and reading again."""
+        pending = self._opening.get(session_id)
+        if pending is None:
+            pending = asyncio.ensure_future(self.store.get_or_create_session(
+                session_id=session_id, pipeline=pipeline_id, session_type=session_type, owner=owner))
+            self._opening[session_id] = pending
+            pending.add_done_callback(lambda f: self._opened(session_id, f))
+        doc = await asyncio.shield(pending)  # one caller going away does not cancel the others' lookup
         self._remember(doc)
-        return doc
+        return dict(doc)
+
+    def _opened(self, session_id, future):
+        if self._opening.get(session_id) is future:
+            del self._opening[session_id]
+        if not future.cancelled():
+            future.exception()  # retrieved here too: every caller may have gone
 
     def _viewed(self, session_id, session_type):
         """A user's own default (or embed) session that a connection here views already needs no store round

@@ -115,6 +115,14 @@ def test_a_remembered_jwt_is_refused_once_it_expires():
     assert err.value.code == "unauthorized" and "expired" in err.value.message
 
 
+async def test_connects_that_arrive_together_share_one_new_session(connect, services):
+    clients = await asyncio.gather(*(connect(session_type="group") for _ in range(20)))
+    ids = {c.connected["session_id"] for c in clients}
+    assert len(ids) == 1 and all(c.connected["session_type"] == "group" for c in clients)
+    assert await services.store.sessions.count_documents({"_id": next(iter(ids))}) == 1
+    assert services.chat._opening == {}  # no lookup left behind
+
+
 async def test_per_user_connection_cap_leaves_existing_ones_alone(connect, ws_url, services):
     services.config.max_connections_per_user = 2
     a = await connect()

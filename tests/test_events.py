@@ -191,16 +191,23 @@ async def test_deltas_from_another_instance_are_applied_by_their_offsets(connect
                           "thinking": "", **reply, "origin": services.instance_id})  # our own: skipped
     services.bus.receive({"type": "reply.final", "status": "completed", "content": "Hello, world!",
                           "thinking": "", "error": None, "usage": None, **reply})
-    got, chunks = Received("remote-reply"), []
-    while not got.finals:
-        frame = await a.recv_type("response")
-        got.add(frame)
-        if not frame["data"]["is_final"]:
-            chunks.append((frame["data"]["offset"], frame["data"]["delta"]))
-    await nothing_more(a, "remote-reply")
+    got = Received("remote-reply")
+    chunks = await chunks_until_final(a, got)
     assert chunks == [(0, "Hello, "), (7, "wor"), (10, "ld!")]
     assert got.joined(got.text) == "Hello, world!" == got.finals[0]["content"]
     assert "remote-reply" not in services.fanout.replies
+
+
+async def chunks_until_final(client, got):
+    """The (offset, delta) of every non-final response frame until the final (added to `got`), then nothing more."""
+    chunks = []
+    while not got.finals:
+        frame = await client.recv_type("response")
+        got.add(frame)
+        if not frame["data"]["is_final"]:
+            chunks.append((frame["data"]["offset"], frame["data"]["delta"]))
+    await nothing_more(client, got.message_id)
+    return chunks
 
 
 async def test_a_reply_generating_on_another_instance_is_followed_from_its_checkpoint(connect, services):
@@ -229,13 +236,7 @@ async def test_a_reply_generating_on_another_instance_is_followed_from_its_check
                               "thinking": "", **reply})
     services.bus.receive({"type": "reply.final", "status": "completed", "content": "Hello, world!",
                           "thinking": "", "error": None, "usage": None, **reply})
-    chunks = []
-    while not got.finals:
-        frame = await a.recv_type("response")
-        got.add(frame)
-        if not frame["data"]["is_final"]:
-            chunks.append((frame["data"]["offset"], frame["data"]["delta"]))
-    await nothing_more(a, "remote-reply")
+    chunks = await chunks_until_final(a, got)
     assert chunks == [(3, "lo, wor"), (10, "ld"), (12, "!")]  # live deltas, not the rest in one piece at the end
     assert got.joined(got.text) == "Hello, world!" == got.finals[0]["content"]
     assert "remote-reply" not in services.fanout.replies

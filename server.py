@@ -28,6 +28,7 @@ from handlers import api, ops, web as web_app, ws
 from handlers.base import NotFoundHandler
 from services import events, logs, settings
 from services.auth import Authenticator, check_jwt_secret
+from services.batching import Admission
 from services.chat import ChatService
 from services.embedded_mongo import EmbeddedMongo
 from services.bus import Bus, LocalBus
@@ -122,7 +123,8 @@ async def open_services(config, *, pipelines=None, provider_factory=None, auth=N
     chat = ChatService(store, hub, fanout, bus, streams, pipelines,
                        limiter=RateLimiter(config.rate_limit, config.rate_burst),
                        on_last_viewer_gone=config.on_last_viewer_gone, max_members=config.max_members,
-                       max_image_size=config.max_image_size)
+                       max_image_size=config.max_image_size,
+                       admission=Admission(config.send_concurrency, config.send_queue, config.store_timeout))
     resumer = Resumer(store, fanout, streams, chat, metrics)
     reaper = Reaper(store, bus, streams, lease_seconds=config.lease_seconds)
     await bus.start()
@@ -168,6 +170,7 @@ async def close_services(services):
     await services.chat.close()
     await services.bus.close()
     await services.fanout.order.close()
+    await services.store.close()  # the writes gathered for a bulk write land first
     await services.client.close()
 
 

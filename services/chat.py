@@ -12,6 +12,7 @@ import re
 from pymongo.errors import DuplicateKeyError
 
 from services import events, frames, paging, schema
+from services.batching import Admission
 from services.errors import Forbidden
 from services.errors import BadRequest, NotFound, PayloadTooLarge
 from services.store import new_id, session_position, utcnow
@@ -148,8 +149,11 @@ def default_session_id(pipeline, session_type, user_id):
 
 class ChatService:
     def __init__(self, store, hub, fanout, bus, streams, pipelines, *, limiter=None,
-                 on_last_viewer_gone="continue", max_members=MAX_MEMBERS, max_image_size=MAX_IMAGE):
+                 on_last_viewer_gone="continue", max_members=MAX_MEMBERS, max_image_size=MAX_IMAGE,
+                 admission=None):
         self.limiter = limiter
+        # sends writing to the store at once (--send-concurrency), the rest queued (--send-queue)
+        self.admission = admission or Admission(64, 10_000, 5.0)
         self.max_image_size = max_image_size
         self.max_members = max_members
         self.store = store
@@ -315,6 +319,10 @@ class ChatService:
         """Persist the user's message and accept a reply. Returns (user_doc, reply_doc, duplicate).
         `connection_id`: the sending WebSocket's (LangBot's echo names it), "" over REST."""
         text, images, chain = compose(chain, self.pipelines.get(session["pipeline"]), max_image=self.max_image_size)
+        async with self.admission.slot():  # a burst waits its turn here, not in the driver (services/batching.py)
+            return await self._send(identity, session, text, images, chain, stream, client_msg_id, connection_id)
+
+    async def _send(self, identity, session, text, images, chain, stream, client_msg_id, connection_id):
         if client_msg_id is not None:
             existing = await self.store.find_by_client_msg_id(session["_id"], client_msg_id)
             if existing:

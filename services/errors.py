@@ -46,6 +46,12 @@ class Unavailable(ParleyError):
     retryable = True
 
 
+class Overloaded(ParleyError):
+    code = "overloaded"
+    http_status = 503
+    retryable = True
+
+
 class Unauthorized(ParleyError):
     code = "unauthorized"
     http_status = 401

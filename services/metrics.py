@@ -138,6 +138,9 @@ class Metrics:
                                  ("event",), buckets=FAST_BUCKETS, registry=r)
         self.fenced_writes = Counter("parley_fenced_writes_refused", "Checkpoint or final writes the store refused "
                                      "because another instance had ended the reply (stale owner)", registry=r)
+        self.store_batch = Histogram("parley_store_batch_size", "Writes gathered into one bulk write (group "
+                                     "commit, services/batching.py), by operation", ("operation",),
+                                     buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500), registry=r)
         self.followed_replies = Gauge("parley_followed_replies", "Replies generating on another instance that "
                                       "connections here view (their deltas cross the bus)", registry=r)
 
@@ -311,6 +314,9 @@ class Metrics:
 
     def bus_event_published(self, event):
         self.bus_published.labels(_known(event, BUS_EVENTS, "other")).inc()
+
+    def store_batched(self, operation, size):
+        self.store_batch.labels(operation).observe(size)
 
     def fenced_write_refused(self):
         self.fenced_writes.inc()

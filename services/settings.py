@@ -222,6 +222,11 @@ OPTIONS = (
            maximum=10_000),
     Option("store_timeout", float, 5.0, "longest wait for MongoDB on any operation before `store_unavailable`",
            unit="s", group="store", minimum=0.1),
+    Option("send_concurrency", int, 64, "messages being written to MongoDB at once; more wait their turn (a "
+           "burst of sends queues instead of timing out in the driver)", unit="messages", group="store",
+           minimum=1),
+    Option("send_queue", int, 10_000, "messages waiting for their turn to be written before `overloaded`",
+           unit="messages", group="store", minimum=0),
     Option("max_queued", int, 8, "replies waiting per session before `session_busy`", unit="replies",
            group="replies", minimum=0),
     Option("checkpoint_interval", float, 1.0, "how often a streaming reply's partial text is saved", unit="s",

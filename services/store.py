@@ -1,6 +1,8 @@
 """Every MongoDB query Parley makes, through PyMongo's async API.
 
-Only features that behave the same on real MongoDB and on nx-27017: CRUD, indexes, find_one_and_update.
+Only features that behave the same on real MongoDB and on nx-27017: CRUD, bulk writes, indexes,
+find_one_and_update. Message inserts, checkpoints and terminal writes issued together go out as one bulk write
+(services/batching.py: group commit).
 Times are timezone-aware UTC datetimes, except `lease_until`: epoch seconds, compared across instances (and
 nx-27017 turns a datetime written by $set into a string). Ids are uuid4 hex strings.
 """
@@ -9,8 +11,10 @@ import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
-from pymongo import ASCENDING, DESCENDING, ReturnDocument
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo import ASCENDING, DESCENDING, InsertOne, ReturnDocument, UpdateOne
+from pymongo.errors import BulkWriteError, DuplicateKeyError, WriteError
+
+from services.batching import GroupCommit
 
 from services.errors import NotFound
 from services.metrics import Metrics, timed
@@ -21,6 +25,7 @@ EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 TERMINAL = ("completed", "stopped", "failed", "timeout", "interrupted")
 LIVE = ("queued", "streaming")
 STOP_FIELDS = {"stop_requested": 1, "status": 1}
+UPDATED_MS_MIGRATION = "sessions.updated_ms"  # the marker of _add_updated_ms in the `migrations` collection
 FENCE_FIELDS = {"stop_requested": 1, "status": 1, "epoch": 1, "length": 1, "thinking_length": 1}
 
 
@@ -78,22 +83,36 @@ class Store:
         self.db = client[db_name]
         self.sessions = self.db.sessions
         self.messages = self.db.messages
+        batched = lambda name: (lambda size: self.metrics.store_batched(name, size))  # noqa: E731
+        self._inserts = GroupCommit(self._insert_batch, on_batch=batched("insert_messages"))
+        self._checkpoints = GroupCommit(self._checkpoint_batch, on_batch=batched("checkpoint"))
+        self._finishes = GroupCommit(self._finish_batch, on_batch=batched("finish"))
+
+    async def close(self):
+        """Let the writes already gathered for a bulk write land (before the client closes)."""
+        for batcher in (self._inserts, self._checkpoints, self._finishes):
+            await batcher.close()
 
     async def create_indexes(self):
         await self.sessions.create_index([("members", ASCENDING)])
         await self.sessions.create_index([("pipeline", ASCENDING), ("updated_ms", DESCENDING)])
-        await self._add_updated_ms()
-
-    async def _add_updated_ms(self):
-        """Sessions stored before `updated_ms` existed get it from `updated_at` (once; a no-op afterwards)."""
-        async for doc in self.sessions.find({"updated_ms": {"$exists": False}}, {"updated_at": 1}):
-            await self.sessions.update_one({"_id": doc["_id"], "updated_ms": {"$exists": False}},
-                                           {"$set": {"updated_ms": epoch_ms(doc["updated_at"])}})
         await self.messages.create_index([("session_id", ASCENDING), ("seq", ASCENDING)], unique=True)
         await self.messages.create_index([("session_id", ASCENDING), ("client_msg_id", ASCENDING)], unique=True,
                                          partialFilterExpression={"client_msg_id": {"$type": "string"}})
         await self.messages.create_index([("status", ASCENDING), ("lease_until", ASCENDING)])
         await self.messages.create_index([("reply_to", ASCENDING)])
+        await self._add_updated_ms()
+
+    async def _add_updated_ms(self):
+        """Sessions stored before `updated_ms` existed get it from `updated_at`, once per store: the query is a
+        collection scan on MongoDB (no index on a missing field), so a marker in `migrations` says it ran."""
+        if await self.db.migrations.find_one({"_id": UPDATED_MS_MIGRATION}):
+            return
+        async for doc in self.sessions.find({"updated_ms": {"$exists": False}}, {"updated_at": 1}):
+            await self.sessions.update_one({"_id": doc["_id"], "updated_ms": {"$exists": False}},
+                                           {"$set": {"updated_ms": epoch_ms(doc["updated_at"])}})
+        await self.db.migrations.update_one({"_id": UPDATED_MS_MIGRATION}, {"$set": {"done_ms": now_ms()}},
+                                            upsert=True)
 
     async def check_change_streams(self):
         """Raise unless the server can open a change stream (MongoDB: a replica set; nx-27017 can)."""
@@ -220,15 +239,52 @@ class Store:
 
     @timed
     async def insert_messages(self, docs):
+        """Insert one send's messages (the user's, then its reply), both or neither landing for a duplicate
+        `client_msg_id`. Sends issued together share one bulk insert (see _insert_batch)."""
+        return await self._inserts.submit(docs)
+
+    async def _insert_batch(self, sends):
+        if len(sends) == 1:
+            try:
+                await self.messages.insert_many(sends[0], ordered=True)
+                return [None]
+            except BulkWriteError as exc:
+                return [write_error(exc, next(iter((exc.details or {}).get("writeErrors", [])), None))]
+        # One unordered bulk: every send's messages, except the reply of an idempotent send (one with a
+        # `client_msg_id`, whose user message may collide with another tab's): those go in a second bulk, only
+        # for the user messages that landed, so a losing send never leaves a reply behind.
+        results = [None] * len(sends)
+        first, owner, later = [], [], []
+        for i, docs in enumerate(sends):
+            idempotent = "client_msg_id" in docs[0]
+            for doc in docs[:1] if idempotent else docs:
+                first.append(InsertOne(doc))
+                owner.append(i)
+            if idempotent:
+                later.append(i)
+        for i, error in (await self._bulk_errors(first, owner)).items():
+            results[i] = error
+        second = [i for i in later if results[i] is None and len(sends[i]) > 1]
+        if second:
+            errors = await self._bulk_errors([InsertOne(d) for i in second for d in sends[i][1:]],
+                                             [i for i in second for _ in sends[i][1:]])
+            for i, error in errors.items():
+                results[i] = error
+        return results
+
+    async def _bulk_errors(self, ops, owner):
+        """Run an unordered bulk write; {owner[index]: its error} for the operations that failed alone (a
+        failure of the whole call, a timeout say, fails every owner)."""
         try:
-            await self.messages.insert_many(docs, ordered=True)
+            await self.messages.bulk_write(ops, ordered=False)
+            return {}
         except BulkWriteError as exc:
-            # insert_many reports a unique-index collision as BulkWriteError (MongoDB and nx-27017 alike):
-            # raise what callers (and the metrics) expect, so a duplicate never reads as a store fault.
-            errors = (exc.details or {}).get("writeErrors", [])
-            if errors and all(e.get("code") == 11000 for e in errors):
-                raise DuplicateKeyError(errors[0].get("errmsg", "duplicate key"), 11000, errors[0]) from None
-            raise
+            errors = {}
+            for error in (exc.details or {}).get("writeErrors", []):
+                errors.setdefault(owner[error["index"]], write_error(exc, error))
+            return errors
+        except Exception as exc:
+            return {i: exc for i in owner}
 
     @timed
     async def find_by_client_msg_id(self, session_id, client_msg_id):
@@ -294,15 +350,38 @@ class Store:
         whose reply another instance ended cannot write at all. Returns `stop_requested`, `status`, `epoch`
         and the stored lengths, or None when the write was refused (see `fenced()`).
         """
-        update = {"$set": {"length": offset + len(text), "thinking_length": thinking_offset + len(thinking),
-                           "lease_until": lease_until}, **stamp("updated_at")}
-        pushes = {k: v for k, v in (("text_parts", text), ("thinking_parts", thinking)) if v}
-        if pushes:
-            update["$push"] = pushes
-        return await self.messages.find_one_and_update(
-            {"_id": message_id, "epoch": epoch, "status": "streaming", "length": offset,
-             "thinking_length": thinking_offset},
-            update, projection=FENCE_FIELDS, return_document=ReturnDocument.AFTER)
+        return await self._checkpoints.submit(
+            {"_id": message_id, "epoch": epoch, "offset": offset, "text": text, "thinking_offset": thinking_offset,
+             "thinking": thinking, "lease_until": lease_until})
+
+    async def _checkpoint_batch(self, items):
+        """Every live reply's checkpoint in one bulk write. All matched (the usual case): each landed, and only
+        the stop flags are read back (one query for the whole batch). Fewer matched than sent: the batch's
+        replies are read back to find out which landed."""
+        ops = []
+        for c in items:
+            update = {"$set": {"length": c["offset"] + len(c["text"]),
+                               "thinking_length": c["thinking_offset"] + len(c["thinking"]),
+                               "lease_until": c["lease_until"]}, **stamp("updated_at")}
+            pushes = {k: v for k, v in (("text_parts", c["text"]), ("thinking_parts", c["thinking"])) if v}
+            if pushes:
+                update["$push"] = pushes
+            ops.append(UpdateOne({"_id": c["_id"], "epoch": c["epoch"], "status": "streaming",
+                                  "length": c["offset"], "thinking_length": c["thinking_offset"]}, update))
+        result = await self.messages.bulk_write(ops, ordered=False)
+        ids = [c["_id"] for c in items]
+        if result.matched_count == len(items):
+            stopped = {doc["_id"] async for doc in self.messages.find(
+                {"_id": {"$in": ids}, "stop_requested": {"$exists": True}}, {"stop_requested": 1})
+                if doc.get("stop_requested")}
+            return [{"_id": c["_id"], "stop_requested": c["_id"] in stopped, "status": "streaming",
+                     "epoch": c["epoch"], "length": c["offset"] + len(c["text"]),
+                     "thinking_length": c["thinking_offset"] + len(c["thinking"])} for c in items]
+        stored = {doc["_id"]: doc async for doc in self.messages.find({"_id": {"$in": ids}}, FENCE_FIELDS)}
+        return [doc if (doc := stored.get(c["_id"])) is not None and doc.get("epoch") == c["epoch"]
+                and doc.get("status") == "streaming" and doc.get("length") == c["offset"] + len(c["text"])
+                and doc.get("thinking_length") == c["thinking_offset"] + len(c["thinking"]) else None
+                for c in items]
 
     @timed
     async def request_stop(self, session_id, message_ids):
@@ -372,14 +451,35 @@ class Store:
             fields["usage"] = usage
         if model:
             fields["model"] = model
-        result = await self.messages.update_one(
+        return await self._finishes.submit((message_id, epoch, status, fields))
+
+    async def _finish_batch(self, items):
+        """Terminal writes issued together, as one bulk write. All matched: each landed. Otherwise the batch's
+        messages are read back: ours landed where the stored epoch is ours and the status the one we wrote
+        (which also recognizes a write that landed on an earlier attempt whose answer was lost)."""
+        result = await self.messages.bulk_write([UpdateOne(
             {"_id": message_id, "epoch": epoch, "status": {"$in": list(LIVE)}},
-            {"$set": fields, "$unset": {"text_parts": "", "thinking_parts": ""},
-             **stamp("updated_at", "finished_at")})
-        return result.matched_count == 1
+            {"$set": fields, "$unset": {"text_parts": "", "thinking_parts": ""}, **stamp("updated_at", "finished_at")})
+            for message_id, epoch, _, fields in items], ordered=False)
+        if result.matched_count == len(items):
+            return [True] * len(items)
+        stored = {doc["_id"]: doc async for doc in self.messages.find(
+            {"_id": {"$in": [item[0] for item in items]}}, {"status": 1, "epoch": 1})}
+        return [(doc := stored.get(message_id)) is not None and doc.get("epoch") == epoch
+                and doc.get("status") == status for message_id, epoch, status, _ in items]
 
     @timed
     async def delete_session_messages(self, session_id):
         result = await self.messages.delete_many({"session_id": session_id})
         return result.deleted_count
 
+
+
+def write_error(exc, error):
+    """One failed write of a bulk as the error its caller expects: a duplicate key as DuplicateKeyError (so an
+    idempotent send's race never reads as a store fault), anything else as a WriteError (store_unavailable)."""
+    if error is None:
+        return exc
+    if error.get("code") == 11000:
+        return DuplicateKeyError(error.get("errmsg", "duplicate key"), 11000, error)
+    return WriteError(error.get("errmsg", "write failed"), error.get("code"), error)

@@ -55,6 +55,7 @@ async def test_sessions_stored_before_updated_ms_existed_are_listed_after_an_upg
     old = await store.create_session(pipeline="default", session_type="person", owner="local", title="old")
     await store.sessions.update_one({"_id": old["_id"]}, {"$unset": {"updated_ms": ""}})
     new = await store.create_session(pipeline="default", session_type="person", owner="local", title="new")
+    await store.db.migrations.delete_many({})  # a store written by an older Parley has no migration marker
     await store.create_indexes()
     ids = []
     cursor = None
@@ -66,3 +67,13 @@ async def test_sessions_stored_before_updated_ms_existed_are_listed_after_an_upg
         if not cursor:
             break
     assert ids.index(new["_id"]) < ids.index(old["_id"])
+
+
+async def test_the_updated_ms_migration_runs_once_per_store(services):
+    """Its query is a collection scan on MongoDB: after the first start-up it is not run again."""
+    store = services.store
+    assert await store.db.migrations.find_one({"_id": "sessions.updated_ms"})  # start-up ran it
+    late = await store.create_session(pipeline="default", session_type="person", owner="local")
+    await store.sessions.update_one({"_id": late["_id"]}, {"$unset": {"updated_ms": ""}})
+    await store.create_indexes()  # the next start-up
+    assert "updated_ms" not in await store.get_session(late["_id"])

@@ -147,13 +147,15 @@ class Ordering:
         if self.sessions.get(session_id) is not state:
             return  # forgotten meanwhile (everything held was delivered then)
         held = {seq_of(e) for e in state.held if e["type"] == "user_message"}
+        # replies whose own events reached us (held until now): those go out as they came, never from the store
+        heard = {e["message_id"] for e in state.held if e["type"] != "user_message"}
         filled = set()  # the user messages delivered from the store just now
         for doc in docs:
             seq = doc["seq"]
             if seq > needed:
                 continue
             if doc.get("role") != "user":
-                if doc.get("reply_to") in filled:
+                if doc.get("reply_to") in filled and doc["_id"] not in heard:
                     self._fill_reply(state, doc)  # its question's event was lost: its own may be too
                 continue
             if seq <= state.upto:
@@ -183,12 +185,9 @@ class Ordering:
             del state.filled[next(iter(state.filled))]
 
     def _fill_reply(self, state, doc):
-        """A reply whose question was delivered from the store: unless its own events are held here (they go
-        out in order), its stored final goes out now (ended), or its start (still generating: the owner's text
-        follows; a queued one announces its own start later)."""
-        message_id = doc["_id"]
-        if any(e["type"] != "user_message" and e["message_id"] == message_id for e in state.held):
-            return
+        """A reply whose question was delivered from the store, and none of whose events came: its stored final
+        goes out now (ended), or its start (still generating: the owner's text follows; a queued one announces
+        its own start later)."""
         if doc["status"] == "queued":
             return
         snapshot = frames.snapshot(doc)

@@ -34,6 +34,7 @@ from services.bus import Bus, LocalBus
 from services.mongo_bus import MongoBus
 from services.fanout import FanOut
 from services.hub import Hub
+from services.keepalive import Keepalive
 from services.limits import RateLimiter
 from services.metrics import Metrics
 from services.pipelines import PipelineConfigError, api_key, default_pipelines, load_pipelines
@@ -63,6 +64,7 @@ class Services:
     auth: object
     instance_id: str
     metrics: Metrics
+    keepalive: Keepalive
     draining: bool = False             # set when shutdown begins: /readyz answers 503
 
 
@@ -129,10 +131,12 @@ async def open_services(config, *, pipelines=None, provider_factory=None, auth=N
     await streams.warm_up()  # the first reply must not pay for imports and client set-up
     await reaper.sweep()  # replies a previous run left `streaming` end now, if their lease has expired
     reaper.start()
+    keepalive = Keepalive(hub, ping_interval=config.ping_interval, ping_timeout=config.ping_timeout)
+    keepalive.start()
     return Services(config=config, client=client, store=store, hub=hub, bus=bus, fanout=fanout, streams=streams,
                     chat=chat,
                     resumer=resumer, reaper=reaper, pipelines=pipelines, auth=auth, instance_id=instance_id,
-                    metrics=metrics)
+                    metrics=metrics, keepalive=keepalive)
 
 
 def make_client(config):
@@ -163,6 +167,7 @@ async def check_change_streams(store):
 
 async def close_services(services):
     """Reverse order of creation: end every reply (persisted as interrupted), then the store."""
+    services.keepalive.stop()
     await services.reaper.stop()
     await services.streams.shutdown()
     await services.chat.close()
@@ -180,7 +185,6 @@ def make_app(services):
     return web.Application(
         routes, default_handler_class=NotFoundHandler, default_handler_args=deps,
         frame_ancestors=config.frame_ancestors,
-        websocket_max_message_size=config.max_message_size,
         cross_origin_protection=True,  # cross-site REST writes: 403 (handlers/base.py check_trusted_origin)
         log_function=ops.log_function(services.metrics))
 

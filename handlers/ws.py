@@ -2,11 +2,14 @@
 
 Nothing is registered before authentication succeeds: a client without credentials in the handshake has
 --auth-timeout seconds (10) to send `{"type": "authenticate", "token": ...}` as its first frame. Such a socket
-counts against --max-connections from the moment it opens. A socket whose token expires (JWT `exp`) gets
-`reconnect` and close 4401, so its client refreshes the token and resumes.
+counts against --max-connections from the moment it opens. Pings and token expiry (`reconnect`, then 4401) are
+services/keepalive.py's, one timer for every socket.
 
-Only Tornado's public API tells us why a socket ended: our own ping timer (ping/on_pong) finds dead peers,
-`close_code` says how the peer closed. ParleyProtocol (see there) adds close 1007 and notices the peer's close frame.
+Only Tornado's public API: the `ping_interval` and `max_message_size` properties (Tornado's own pinger off, its
+size limit a hard cap above ours), `ping`/`on_pong`, `close_code` (how the peer closed). What that API cannot
+tell (docs/protocol.md "Close codes"): a peer's close frame without a status code from a lost connection (both
+`close_code` None: counted `lost`), and why Tornado failed a connection itself (a text frame that is not UTF-8,
+a frame over the hard cap: it drops the TCP connection, and the handler only sees it end).
 """
 import asyncio
 import json
@@ -16,7 +19,7 @@ import uuid
 from urllib.parse import urlparse
 
 from pymongo.errors import PyMongoError
-from tornado import web, websocket
+from tornado import httputil, web, websocket
 
 from services import frames, guards, logs
 from services.chat import check_session_type
@@ -37,35 +40,9 @@ CLOSE_FOR_CODE = {"capacity": CLOSE_CAPACITY}
 # Server-initiated close code -> parley_ws_disconnects_total{reason}. 1000 is the client's own `disconnect`.
 DISCONNECT_FOR_CODE = {1001: "shutdown", 1012: "shutdown", 1008: "auth", 4401: "auth", 4403: "auth", 1009: "oversize",
                        CLOSE_CAPACITY: "capacity", 1011: "unavailable", 4400: "invalid", 4404: "invalid",
-                       CLOSE_SLOW_CONSUMER: "slow", 1007: "invalid"}
-CLOSE_PING_TIMEOUT = 1011  # the peer never sees it (it stopped answering); the metric says ping_timeout
-CLOSE_INVALID_UTF8 = 1007
+                       CLOSE_SLOW_CONSUMER: "slow"}
+DISCONNECT_FOR_REASON = {"ping_timeout": "ping_timeout"}  # services/keepalive.py: 1011 is also `unavailable`
 HARD_CAP_FACTOR = 4  # frames up to 4x --max-message-size are read whole and refused with a clean 1009
-
-
-class ParleyProtocol(websocket.WebSocketProtocol13):
-    """Tornado's RFC 6455 protocol with two additions, both pinned by tests so a Tornado upgrade that changes
-    them fails loudly:
-    - Tornado (6.6) drops a connection whose text frame is not UTF-8 without a close frame; RFC 6455 8.1 says
-      close with 1007. There is no public hook for it, so the (long-stable) message dispatch is overridden.
-    - `close()` (public) is where every close passes: the peer's close frame being answered
-      (`client_terminated`; a client's close without a code and a lost connection both leave `close_code`
-      None), and Tornado's own 1009 for an oversize frame (after which it aborts, so no code reaches on_close).
-    """
-
-    def close(self, code=None, reason=None):
-        if not self.server_terminated:
-            self.handler.closing(code, reason, by_peer=self.client_terminated)
-        super().close(code, reason)
-
-    def _handle_message(self, opcode, data):
-        if opcode == 0x1:
-            try:
-                data.decode("utf-8")
-            except UnicodeDecodeError:
-                self.handler.invalid_utf8()
-                return None
-        return super()._handle_message(opcode, data)
 
 
 class ChatSocket(websocket.WebSocketHandler):
@@ -76,12 +53,8 @@ class ChatSocket(websocket.WebSocketHandler):
         self.conn = None
         self.protocol = None
         self.awaiting_auth = None  # the timer while we wait for an `authenticate` frame
-        self.closed_by = None  # who ended this socket and why (see _close); None: the connection was lost
+        self.closed_by = None  # why the server ended this socket (see _close); None: the peer ended it
         self.pending = False  # counted in hub.pending (open, not registered yet)
-        self.timers = []  # the token expiry, cancelled on close
-        self.pinger = None
-        self.pong_check = None
-        self.ping_sent_at = None  # loop time of the ping still unanswered
 
     def prepare(self):
         self.request.remote_ip = client_address(self.request, self.services.config.trusted_proxies)
@@ -103,31 +76,21 @@ class ChatSocket(websocket.WebSocketHandler):
 
     def write_error(self, status_code, **kwargs):
         """A refused handshake (bad upgrade headers, origin) answers JSON like every other route."""
+        error = kwargs.get("exc_info", (None, None, None))[1]
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.finish(json.dumps({"code": "invalid_request" if status_code < 500 else "internal_error",
-                                "message": self._reason}))
+                                "message": getattr(error, "reason", None) or httputil.responses.get(status_code,
+                                                                                                 "error")}))
 
-    def get_websocket_protocol(self):
-        if self.request.headers.get("Sec-WebSocket-Version") != "13":
-            return None  # Tornado answers 426 with the version it speaks
-        # Tornado's own pinger stays off (ours is _ping below). Its size limit is a hard cap above ours: Tornado
-        # aborts at the frame header with the payload unread, so the peer may get a reset and lose the 1009;
-        # on_message reads the whole frame first and closes cleanly (1009) up to the cap.
-        params = websocket._WebSocketParams(
-            ping_interval=None, ping_timeout=None, max_message_size=HARD_CAP_FACTOR * self.max_message_size,
-            compression_options=self.get_compression_options())
-        return ParleyProtocol(self, False, params)
+    @property
+    def ping_interval(self):
+        return 0  # Tornado's pinger (a task per socket, its timeout untold) stays off: services/keepalive.py
 
-    def closing(self, code, reason, *, by_peer):
-        """ParleyProtocol.close: a close the handler did not start (it records its own in _close)."""
-        if self.closed_by is None:
-            if by_peer:
-                self.closed_by = "client_request"
-            elif code == 1009:
-                self._closing(code, reason)
-
-    def invalid_utf8(self):
-        self._close(CLOSE_INVALID_UTF8, "invalid_utf8")
+    @property
+    def max_message_size(self):
+        """Tornado's limit is a hard cap above ours: it closes at the frame header with the payload unread (the
+        peer may get a reset and lose the 1009); on_message reads the whole frame first and closes cleanly."""
+        return HARD_CAP_FACTOR * self.services.config.max_message_size
 
     def select_subprotocol(self, subprotocols):
         """Opt in to Parley's dialect. A browser fails the handshake when the server does not select a
@@ -174,7 +137,6 @@ class ChatSocket(websocket.WebSocketHandler):
             check_capacity(self.services.hub, None, max_total=config.max_connections,
                            max_per_user=config.max_connections_per_user)
             self._hold_pending(True)
-            self._start_pinger()
             auth = self.services.auth
             if auth.requires_credentials and not self._has_credentials():
                 self.awaiting_auth = asyncio.get_running_loop().call_later(
@@ -197,20 +159,21 @@ class ChatSocket(websocket.WebSocketHandler):
         elif self.awaiting_auth is not None:
             await self._authenticate(message)
 
+    def on_pong(self, data):
+        if self.conn is not None:
+            self.conn.pong()
+
     def on_close(self):
         self._cancel_auth_timer()
         self._hold_pending(False)
-        for timer in self.timers:
-            timer.cancel()
-        if self.pinger is not None:
-            self.pinger.cancel()
-            if self.pong_check is not None:
-                self.pong_check.cancel()
         if self.protocol is not None:
             self.protocol.shutdown()
         if self.conn is not None:
             self.services.chat.disconnect(self.conn)  # unregisters; may stop replies (--on-last-viewer-gone)
-            ended_by = {None: "lost", "client_request": "client"}.get(self.closed_by, "server")
+            if self.closed_by is not None:
+                ended_by = "client" if self.closed_by == "client_request" else "server"
+            else:  # the peer's close frame carries a status code; a lost connection (or a bare close frame) none
+                ended_by = "client" if self.close_code is not None else "lost"
             self.services.metrics.connection_closed(self.conn, ended_by)
 
     async def _authenticate(self, message):
@@ -249,14 +212,11 @@ class ChatSocket(websocket.WebSocketHandler):
                            max_per_user=config.max_connections_per_user)
         except Capacity as err:
             return self._refuse(err)
-        if identity.expires_at is not None:
-            self.timers.append(asyncio.get_running_loop().call_later(
-                max(0.0, identity.expires_at - time.time()), self._token_expired))
         self.conn = Connection(uuid.uuid4().hex, identity=identity, pipeline=p["pipeline"],
                                session_type=session["type"], stream_mode=p["stream_mode"], write=self._write,
                                close=self._close, remote_ip=self.request.remote_ip,
                                outbox_limit=config.outbox_limit, on_sent=self.services.metrics.frame_sent,
-                               dialect=p["dialect"])
+                               dialect=p["dialect"], ping=self._ping)
         self.params = None  # the handshake's, done with (thousands of idle sockets keep their handler)
         # This task reads every frame of the socket, and the inbox worker starts from it: both log with these.
         logs.bind(pipeline=p["pipeline"], session_id=session["_id"], conn_id=self.conn.id)
@@ -295,7 +255,7 @@ class ChatSocket(websocket.WebSocketHandler):
         if code == 1000:
             self.closed_by = "client_request"  # the client's `disconnect` frame
         else:
-            self.closed_by = DISCONNECT_FOR_CODE.get(code, "other")
+            self.closed_by = DISCONNECT_FOR_REASON.get(reason) or DISCONNECT_FOR_CODE.get(code, "other")
             self.services.metrics.disconnected(self.closed_by)
 
     def _hold_pending(self, held):
@@ -304,39 +264,13 @@ class ChatSocket(websocket.WebSocketHandler):
             self.pending = held
             self.services.hub.pending += 1 if held else -1
 
-    def _token_expired(self):
-        """The client refreshes its token and reconnects (then `resume`s): say so before closing."""
-        if self.conn is not None:
-            self.conn.send({"type": "reconnect", "reason": "token_expired", "timestamp": frames.timestamp()})
-        self._close(4401, "token_expired")
-
-    def _start_pinger(self):
-        interval = self.services.config.ping_interval
-        if interval and interval > 0:  # a timer handle re-armed each time: a PeriodicCallback costs ~0.3 KB more
-            self.pinger = asyncio.get_running_loop().call_later(interval, self._ping)
-
     def _ping(self):
-        """WebSocket-level ping (public API); a peer that has not answered within --ping-timeout is dead."""
-        config = self.services.config
-        loop = asyncio.get_running_loop()
-        self.pinger = loop.call_later(config.ping_interval, self._ping)
-        if self.ping_sent_at is not None:
-            return  # the timeout check of the ping in flight decides
+        """Connection.ping (services/keepalive.py): a WebSocket ping, answered by on_pong."""
         try:
             self.ping()
+            return True
         except websocket.WebSocketClosedError:
-            return
-        self.ping_sent_at = loop.time()
-        self.pong_check = loop.call_later(config.ping_timeout or config.ping_interval, self._check_pong)
-
-    def on_pong(self, data):
-        self.ping_sent_at = None
-
-    def _check_pong(self):
-        if self.ping_sent_at is not None and self.ws_connection is not None:
-            self.closed_by = "ping_timeout"
-            self.services.metrics.disconnected("ping_timeout")
-            self.close(CLOSE_PING_TIMEOUT, "ping_timeout")
+            return False
 
     def _refuse(self, err):
         """A fatal error at connect: say why in an error frame, then close with a documented code."""

@@ -15,15 +15,16 @@ OUTBOX_LIMIT = 1024 * 1024
 
 class Connection:
     """One WebSocket, as the services see it. `write(text)` sends one text frame and returns a Future resolved
-    when it is flushed (raises ConnectionClosed when the socket is gone); `close(code, reason)` ends the socket.
+    when it is flushed (raises ConnectionClosed when the socket is gone); `close(code, reason)` ends the socket;
+    `ping()` sends a WebSocket ping (False when the socket is gone), answered by `pong()` (services/keepalive.py).
     """
     # thousands of idle ones are held at once: no per-instance __dict__
     __slots__ = ("id", "dialect", "identity", "pipeline", "session_type", "stream_mode", "remote_ip", "sessions",
                  "primary_session", "cursors", "finals_sent", "created_at", "last_active", "closed", "close",
-                 "outbox")
+                 "outbox", "ping", "pinged_at")
 
     def __init__(self, conn_id, *, identity, pipeline, session_type, stream_mode, write, close, remote_ip="",
-                 outbox_limit=OUTBOX_LIMIT, on_sent=None, dialect="parley"):
+                 outbox_limit=OUTBOX_LIMIT, on_sent=None, dialect="parley", ping=None):
         self.id = conn_id
         self.dialect = dialect              # "langbot" (plain) or "parley" (opted in): services/frames.py
         self.identity = identity
@@ -39,11 +40,16 @@ class Connection:
         self.last_active = self.created_at
         self.closed = False
         self.close = close
+        self.ping = ping
+        self.pinged_at = None               # loop time of the WebSocket ping still unanswered (keepalive.py)
         self.outbox = Outbox(write, limit=outbox_limit, on_overflow=self._too_slow, on_sent=on_sent)
 
     @property
     def user_id(self):
         return self.identity.user_id
+
+    def pong(self):
+        self.pinged_at = None
 
     def send(self, frame, text=None, nbytes=None):
         """Queue one frame for this client. Never raises and never waits: a closed socket just drops it.

@@ -3,7 +3,8 @@
 Invariants, for random frames and bodies (valid and invalid: unicode edge cases, lone surrogates, NUL, RTL
 marks, invalid UTF-8, huge and deeply nested values) in random order:
 - the server answers (WebSocket `error` frames and REST errors carry a code documented in docs/protocol.md) or
-  closes with a documented close code; never HTTP 500, never a socket dropped without a close frame (1006);
+  closes with a documented close code; never HTTP 500, never a socket dropped without a close frame (1006),
+  except the one a text frame that is not UTF-8 fails (Tornado drops it; docs/protocol.md "Close codes");
 - no `internal_error`, and never a traceback in the server's log;
 - every accepted message (`ack`) ends in exactly one final frame;
 - another user's reply, running alongside, completes unaffected.
@@ -234,9 +235,13 @@ def test_websocket_fuzz(server, frames, authenticate_in_frame, dialect):
         else:
             server_closed = False  # we close on leaving `with`; a busy machine may not echo within the timeout
     received = ws.protocol.close_rcvd
+    bad_utf8 = any(isinstance(item, tuple) for item in frames)
+    if bad_utf8:  # Tornado fails such a connection before Parley sees the frame: it cannot survive it
+        assert server_closed, "a text frame that is not UTF-8 left the connection open"
     if server_closed:
         code = received.code if received else None
-        assert code in CLOSE_CODES, f"closed with {code} (None: no close frame)"
+        if not (bad_utf8 and code is None):  # ... and it drops the TCP connection without a close frame
+            assert code in CLOSE_CODES, f"closed with {code} (None: no close frame)"
     assert set(errors) <= ERROR_CODES, errors
     assert all(finals.count(m) == 1 for m in acks), f"a reply had more than one final: {finals}"
     bystander_acks, bystander_finals = run_bystander(server)

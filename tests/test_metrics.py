@@ -60,7 +60,7 @@ async def test_a_chat_moves_connection_frame_generation_and_store_metrics(connec
     assert v("parley_store_operation_duration_seconds_count", operation="finish") == 1
     assert v("parley_store_operation_errors_total", operation="finish") == 0
 
-    c.close()
+    c.ws.close(1001)  # a close frame with a status code (a browser leaving the page; parley.js closes with 1000)
     await settle(lambda: v("parley_connections_open", pipeline="default") == 0)
     assert v("parley_connections_closed_total", pipeline="default", reason="client") == 1
     assert v("parley_connection_duration_seconds_count", pipeline="default") == 1
@@ -300,6 +300,16 @@ class TestPingTimeout:
             writer.close()
         await settle(lambda: value(services, "parley_connections_open", pipeline="default") == 0)
         assert value(services, "parley_connections_closed_total", pipeline="default", reason="server") == 1
+
+    async def test_a_client_that_answers_pings_stays_connected(self, services, connect):
+        c = await connect()
+        pings = []
+        c.ws.on_ping = pings.append  # Tornado's client answers each ping with a pong, then calls this
+        await settle(lambda: len(pings) >= 4, timeout=15)  # each ping waits for the previous one's pong
+        await c.send({"type": "ping"})
+        assert (await c.recv_type("pong"))["type"] == "pong"
+        assert value(services, "parley_ws_disconnects_total", reason="ping_timeout") == 0
+        assert len(services.hub.connections) == 1
 
 
 IDLE_SERIES_LIMIT = 400  # docs/operations.md "Series count"

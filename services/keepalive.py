@@ -1,0 +1,71 @@
+"""One loop timer for every registered connection of this instance: WebSocket pings (a peer that leaves one
+unanswered for --ping-timeout is closed, 1011 `ping_timeout`) and token expiry (a JWT's `exp`: `reconnect`, then
+4401 `token_expired`).
+
+Why not a timer per socket: two loop timers per connection (ping, expiry) were ~0.45 KB of each idle
+connection, and Tornado's own pinger is a task per socket and cannot tell the handler that a ping timed out. The
+sweep keeps no timer and no time of its own per connection: a connection is pinged at every multiple of
+--ping-interval since it was created (so pings spread like the connects did), and the ping in flight is
+remembered by the sweep's own clock value, shared by every connection it pinged.
+"""
+import asyncio
+import logging
+import time
+
+from services import frames
+
+log = logging.getLogger(__name__)
+
+CLOSE_PING_TIMEOUT = 1011  # the peer never sees it (it stopped answering); the metric says ping_timeout
+CLOSE_TOKEN_EXPIRED = 4401
+MAX_STEP = 1.0   # token expiry is noticed within a second
+MIN_STEP = 0.05
+
+
+class Keepalive:
+    def __init__(self, hub, *, ping_interval, ping_timeout):
+        self.hub = hub
+        self.interval = ping_interval if ping_interval and ping_interval > 0 else 0
+        self.timeout = ping_timeout or self.interval  # 0: as long as the interval (Tornado's default too)
+        shortest = min(x for x in (self.interval, self.timeout, 4 * MAX_STEP) if x > 0)
+        self.step = max(MIN_STEP, shortest / 4)
+        self.timer = None
+        self.last = None  # wall time of the previous sweep
+
+    def start(self):
+        self.last = time.time()
+        self.timer = asyncio.get_running_loop().call_later(self.step, self.sweep)
+
+    def stop(self):
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def sweep(self):
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_later(self.step, self.sweep)
+        now, wall, last = loop.time(), time.time(), self.last
+        self.last = wall
+        interval, timeout = self.interval, self.timeout
+        for conn in list(self.hub.connections.values()):  # closing one may change the map
+            if conn.closed:
+                continue
+            try:
+                expires = conn.identity.expires_at
+                if expires is not None and wall >= expires:
+                    self.expired(conn)
+                elif conn.pinged_at is not None:
+                    if now - conn.pinged_at >= timeout:
+                        conn.close(CLOSE_PING_TIMEOUT, "ping_timeout")
+                elif interval and (wall - conn.created_at) // interval > (max(last, conn.created_at)
+                                                                           - conn.created_at) // interval:
+                    if conn.ping():
+                        conn.pinged_at = now
+            except Exception:  # one connection's failure must not stop the sweep for the others
+                log.exception("keepalive failed conn_id=%s", conn.id)
+
+    @staticmethod
+    def expired(conn):
+        """The client refreshes its token and reconnects (then `resume`s): say so before closing."""
+        conn.send({"type": "reconnect", "reason": "token_expired", "timestamp": frames.timestamp()})
+        conn.close(CLOSE_TOKEN_EXPIRED, "token_expired")

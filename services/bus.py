@@ -14,6 +14,9 @@ dicts. Never a closure, never a live object (a Connection, a Generation). Its `t
     broadcast      pipeline (None: every pipeline), message
     push           user_id, message, data
     reconnect      reason, retry_after (for the publishing instance's own connections: it is draining)
+    catch_up       resync (a cluster bus, to its own subscribers only, never published: events may have been
+                   lost, after a reopened change stream (resync true) or as a periodic check, so the fan-out
+                   compares the sessions' stored message numbers with what it delivered, services/ordering.py)
 
 and `publish` stamps `origin` (the publishing instance's id) and `at` (epoch seconds: the frames' timestamp, and
 the bus lag on another instance) unless already set.
@@ -96,8 +99,9 @@ class Bus:
         finally:
             self._delivering = False
 
-    def online_elsewhere(self, session_id):
-        """The users viewing a session on other instances (presence). The single box has none."""
+    def online_elsewhere(self, session_id, besides=None):
+        """The users viewing a session on other instances (presence), those of instance `besides` left out.
+        The single box has none."""
         return set()
 
     # the backend hooks

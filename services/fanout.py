@@ -119,7 +119,8 @@ class FanOut:
         self.handlers = {"user_message": self._user_message, "reply.started": self._started,
                          "reply.delta": self._delta, "reply.final": self._final, "reset": self._reset,
                          "members": self._members, "presence": self._presence, "broadcast": self._broadcast,
-                         "push": self._push, "reconnect": self._reconnect}
+                         "push": self._push, "reconnect": self._reconnect,
+                         "catch_up": lambda event: self.order.catch_up(event.get("resync", False))}
         # a session's messages reach its viewers here in the store's order (services/ordering.py)
         self.order = Ordering(self._dispatch, store, self._session_type)
         bus.subscribe(self.handle)
@@ -326,7 +327,12 @@ class FanOut:
                    self.hub.viewers(session_id))
 
     def _presence(self, event):
-        session_id = event["session_id"]
+        session_id, user_id, origin = event["session_id"], event["user_id"], event["origin"]
+        # A user is online once across instances: their tab's join or leave on one instance is news only when
+        # no tab of theirs views the session anywhere else (here, or on a third instance).
+        if user_id in self.bus.online_elsewhere(session_id, besides=origin) or (
+                origin != self.bus.instance_id and user_id in self.hub.online(session_id)):
+            return
         self._send(self.presence_frame(session_id, event["event"], event["user_id"], at=event["at"]),
                    self.hub.viewers(session_id))
 

@@ -43,6 +43,7 @@ WRITE_BATCH = 500          # events per insert
 MAX_WAITING = 50_000       # events queued while the store is away; beyond this the oldest deltas are dropped
 HISTORY_LOST = (260, 280, 286)  # MongoDB: the resume token is no longer in the oplog
 PROBE_WAIT = 5.0           # seconds a reopened stream has to return our probe once written, or it is reopened
+CATCH_UP = 2.0             # seconds between checks of the viewed sessions' stored message numbers (lost events)
 
 
 class Followed:
@@ -77,6 +78,7 @@ class MongoBus(Bus):
         self._tasks = []
         self._probe = None        # after a reopen: {"id", "written": monotonic or None}, until it comes back
         self._opened = False      # a stream was open before: the next one may have missed events
+        self._last_catch_up = time.monotonic()
 
     async def start(self):
         await self.collection.create_index([("created", ASCENDING)], expireAfterSeconds=EVENTS_TTL)
@@ -185,6 +187,8 @@ class MongoBus(Bus):
             if now - self._last_announce >= INTEREST_REFRESH:
                 self._announce(viewed, sync=False)
             self._announced &= viewed
+            if now - self._last_catch_up >= CATCH_UP:
+                self._catch_up(resync=False)
             if self.metrics is not None:
                 self.metrics.followed_replies.set(len(self.followed))
 
@@ -199,6 +203,13 @@ class MongoBus(Bus):
         self._enqueue({"type": "interest", "sessions": sorted(sessions), "sync": sync, "online": online,
                        "origin": self.instance_id, "at": time.time()})
 
+    def _catch_up(self, *, resync):
+        """Tell this instance's subscribers to check the stored message numbers of the sessions viewed here: a
+        user message (and its reply) whose event was lost reaches the viewers from the store, at once after a
+        reopen (`resync`), else within two CATCH_UP intervals (services/ordering.py)."""
+        self._last_catch_up = time.monotonic()
+        self._deliver({"type": "catch_up", "resync": resync, "origin": self.instance_id, "at": time.time()})
+
     def want(self, session_id):
         """Ask the owners of a session's live replies for their whole text (a client here resumes one)."""
         now = time.monotonic()
@@ -209,7 +220,7 @@ class MongoBus(Bus):
         self._enqueue({"type": "interest", "sessions": [session_id], "sync": True, "origin": self.instance_id,
                        "at": time.time()})
 
-    def online_elsewhere(self, session_id):
+    def online_elsewhere(self, session_id, besides=None):
         holders = self.remote_online.get(session_id)
         if not holders:
             return set()
@@ -217,7 +228,7 @@ class MongoBus(Bus):
         for instance, (names, expiry) in list(holders.items()):
             if expiry < now:  # not refreshed: that instance is gone, or nobody there views it any more
                 del holders[instance]
-            else:
+            elif instance != besides:
                 users |= names
         if not holders:
             del self.remote_online[session_id]
@@ -321,6 +332,7 @@ class MongoBus(Bus):
                         log.warning("bus: change stream reopened%s; resynchronizing followed replies",
                                     " from its resume token" if options else "")
                         self._send_probe()
+                        self._catch_up(resync=True)
                         await self.resync()
                     self._opened = True
                 change = await stream.try_next()

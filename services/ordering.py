@@ -12,6 +12,14 @@ delivered). Anything else is held, in arrival order, with whatever arrives after
 GAP_WAIT the gap is filled from the store, the source of truth: a message found there is delivered from it (its
 event, when it comes, is dropped); a number not there was never used (a send that failed after reserving it).
 A session is tracked from its first viewer here (`track`, with the store's counter at join time) to its last.
+
+A lost event shows as a gap only when a later one of its session arrives, which may be never (the session's last
+message). So the numbers the store has reserved are also checked without waiting for a later event (`catch_up`,
+run by a cluster bus): after a change stream was reopened (events may be lost) every tracked session is filled up
+to its stored counter at once; otherwise every CATCH_UP interval, up to the counter seen at the previous check (a
+number reserved that long ago whose event has not come is late or lost). A filled reply that has ended is
+delivered as its stored final, one still generating as its start (its text follows from its owner); the reply's
+own events, if they come after all, are dropped.
 """
 import asyncio
 import logging
@@ -25,17 +33,19 @@ SEQS_PER_SEND = 2  # services/chat.py send(): the user message and its reply
 GAP_WAIT = 1.0     # seconds a missing number may take to arrive before the store is asked
 ORDERED = ("user_message", "reply.started", "reply.delta", "reply.final")
 FILLED_REMEMBERED = 256
+COUNTERS_BATCH = 500  # sessions per counter read of a catch-up
 
 
 class Session:
-    __slots__ = ("upto", "held", "timer", "filling", "filled")
+    __slots__ = ("upto", "held", "timer", "filling", "filled", "seen")
 
     def __init__(self, upto):
         self.upto = upto
         self.held = []        # events waiting for a missing number, in arrival order
         self.timer = None
         self.filling = False
-        self.filled = {}      # user message numbers delivered from the store (their late events are dropped)
+        self.filled = {}      # numbers delivered from the store -> "user" | "reply" (their late events are dropped)
+        self.seen = upto      # the store's counter at the previous catch-up
 
 
 def seq_of(event):
@@ -49,6 +59,8 @@ class Ordering:
         self.session_type = session_type
         self.sessions = {}                # session id -> Session, while it has a viewer here
         self._fills = set()
+        self._catching_up = None          # the running catch-up task
+        self._resync_again = False        # a reopen asked for one while another ran
 
     def track(self, session_id, upto):
         if session_id not in self.sessions and upto is not None:
@@ -80,11 +92,15 @@ class Ordering:
         return seq <= state.upto + 1 if event["type"] == "user_message" else seq <= state.upto
 
     def _pass(self, state, event):
-        if event["type"] == "user_message":
+        if state.filled:
             seq = seq_of(event)
-            if state.filled.pop(seq, False):
-                return  # already delivered from the store
-            state.upto = max(state.upto, seq + SEQS_PER_SEND - 1)
+            if event["type"] == "user_message":
+                if state.filled.pop(seq, None):
+                    return  # already delivered from the store
+            elif seq in state.filled:
+                return  # the reply's final was delivered from the store
+        if event["type"] == "user_message":
+            state.upto = max(state.upto, seq_of(event) + SEQS_PER_SEND - 1)
         self.deliver(event)
 
     def _release(self, state):
@@ -115,8 +131,10 @@ class Ordering:
         self._fills.add(task)
         task.add_done_callback(self._fills.discard)
 
-    async def _fill_from_store(self, session_id, state):
-        needed = self._needed(state)
+    async def _fill_from_store(self, session_id, state, needed=0):
+        """Deliver from the store what numbers up to `needed` (and what the held events need) hold."""
+        if state.held:
+            needed = max(needed, self._needed(state))
         docs = []
         try:
             if self.store is not None and needed > state.upto:
@@ -129,9 +147,18 @@ class Ordering:
         if self.sessions.get(session_id) is not state:
             return  # forgotten meanwhile (everything held was delivered then)
         held = {seq_of(e) for e in state.held if e["type"] == "user_message"}
+        # replies whose own events reached us (held until now): those go out as they came, never from the store
+        heard = {e["message_id"] for e in state.held if e["type"] != "user_message"}
+        filled = set()  # the user messages delivered from the store just now
         for doc in docs:
             seq = doc["seq"]
-            if doc.get("role") != "user" or seq > needed or seq <= state.upto:
+            if seq > needed:
+                continue
+            if doc.get("role") != "user":
+                if doc.get("reply_to") in filled and doc["_id"] not in heard:
+                    self._fill_reply(state, doc)  # its question's event was lost: its own may be too
+                continue
+            if seq <= state.upto:
                 continue
             state.upto = max(state.upto, seq - 1)  # the numbers before it that the store lacks were never used
             if seq in held:
@@ -139,9 +166,8 @@ class Ordering:
                 continue
             log.info("message seq=%s of session_id=%s delivered from the store (its event is late or lost)",
                      seq, session_id)
-            state.filled[seq] = True
-            if len(state.filled) > FILLED_REMEMBERED:
-                del state.filled[next(iter(state.filled))]
+            self._remember(state, seq, "user")
+            filled.add(doc["_id"])
             event = events.user_message(frames.message_data(doc), self.session_type(session_id))
             event.update(origin="store", at=time.time())
             state.upto = max(state.upto, seq + SEQS_PER_SEND - 1)
@@ -152,7 +178,69 @@ class Ordering:
         if state.held and state.timer is None:  # a new gap behind the one just filled
             state.timer = asyncio.get_running_loop().call_later(GAP_WAIT, self._fill, session_id)
 
+    @staticmethod
+    def _remember(state, seq, kind):
+        state.filled[seq] = kind
+        if len(state.filled) > FILLED_REMEMBERED:
+            del state.filled[next(iter(state.filled))]
+
+    def _fill_reply(self, state, doc):
+        """A reply whose question was delivered from the store, and none of whose events came: its stored final
+        goes out now (ended), or its start (still generating: the owner's text follows; a queued one announces
+        its own start later)."""
+        if doc["status"] == "queued":
+            return
+        snapshot = frames.snapshot(doc)
+        if doc["status"] == "streaming":  # its deltas and final come from its owner: let them through
+            event = {"type": "reply.started", "session_id": snapshot.session_id, "message_id": snapshot.message_id,
+                     "seq": snapshot.seq, "reply_to": snapshot.reply_to, "status": "streaming", "stream": True}
+        else:
+            event = events.reply_final(snapshot)
+            self._remember(state, doc["seq"], "reply")  # its late events, if any, are dropped
+        log.info("reply seq=%s of session_id=%s delivered from the store (%s; its events are late or lost)",
+                 doc["seq"], doc["session_id"], doc["status"])
+        event.update(origin="store", at=time.time())
+        self.deliver(event)
+
+    def catch_up(self, resync=False):
+        """Fill every tracked session up to the numbers the store has reserved: all of them after a change stream
+        was reopened (`resync`), else those already reserved at the previous call. Never awaits."""
+        if not self.sessions or self.store is None:
+            return
+        if self._catching_up is not None:
+            self._resync_again = self._resync_again or resync
+            return
+        self._catching_up = asyncio.get_running_loop().create_task(self._catch_up(resync), name="order-catch-up")
+
+    async def _catch_up(self, resync):
+        try:
+            while True:
+                ids = list(self.sessions)
+                for i in range(0, len(ids), COUNTERS_BATCH):
+                    counters = await self.store.seq_counters(ids[i:i + COUNTERS_BATCH])
+                    for session_id, counter in counters.items():
+                        state = self.sessions.get(session_id)
+                        if state is None or counter is None:
+                            continue
+                        target = counter if resync else min(counter, state.seen)
+                        state.seen = counter
+                        if target > state.upto and not state.filling:
+                            state.filling = True
+                            await self._fill_from_store(session_id, state, target)
+                if not self._resync_again:
+                    return
+                self._resync_again, resync = False, True
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the store is away: the next call tries again
+            log.warning("could not check the sessions' message numbers: %s", exc)
+        finally:
+            self._catching_up = None
+
     async def close(self):
+        if self._catching_up is not None:
+            self._catching_up.cancel()
+            await asyncio.gather(self._catching_up, return_exceptions=True)
         for state in self.sessions.values():
             if state.timer is not None:
                 state.timer.cancel()

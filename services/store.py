@@ -205,7 +205,18 @@ class Store:
         low = max(1, seq - window)
         cursor = self.messages.find({"session_id": session_id, "seq": {"$gte": low, "$lt": seq}}, {"seq": 1})
         have = {doc["seq"] async for doc in cursor}
-        return [n for n in range(low, seq) if n not in have]
+        missing = [n for n in range(low, seq) if n not in have]
+        if missing:  # (rare: one more read) numbers a reset deleted are not on their way
+            session = await self.sessions.find_one({"_id": session_id}, {"reset_seq": 1})
+            floor = (session or {}).get("reset_seq") or 0
+            missing = [n for n in missing if n > floor]
+        return missing
+
+    @timed
+    async def seq_counters(self, session_ids):
+        """{session id: its message counter (the last number reserved)} for up to a few hundred sessions."""
+        cursor = self.sessions.find({"_id": {"$in": list(session_ids)}}, {"next_seq": 1})
+        return {doc["_id"]: doc.get("next_seq") async for doc in cursor}
 
     @timed
     async def release_turn(self, session_id, message_id):
@@ -380,6 +391,11 @@ class Store:
 
     @timed
     async def delete_session_messages(self, session_id):
+        # First mark how far the numbers went (`reset_seq`): a reply waiting for earlier numbers of its session
+        # (cluster turns, `missing_before`) must not wait for the ones deleted here.
+        session = await self.sessions.find_one({"_id": session_id}, {"next_seq": 1})
+        if session is not None:
+            await self.sessions.update_one({"_id": session_id}, {"$max": {"reset_seq": session.get("next_seq", 0)}})
         result = await self.messages.delete_many({"session_id": session_id})
         return result.deleted_count
 

@@ -216,6 +216,7 @@ class StreamManager:
                     raise asyncio.CancelledError
             self.bus.publish(events.reply_started(gen))
             request = await self._request(gen, pipeline)
+            self._heed_stop(gen)  # (the context read awaits the store)
             await self._consume(gen, pipeline, request)
             if not gen.content:
                 raise ProviderError("empty_completion", "the model returned no text")
@@ -239,13 +240,21 @@ class StreamManager:
         # A send reserves its numbers, then inserts: one accepted just before ours on another instance may not be
         # stored yet, and the claim below would not see it. Wait (briefly: a number can also stay empty for good)
         # until every earlier number is stored.
-        while (time.monotonic() - gen.accepted_at < self.hole_grace
-               and await self.store.missing_before(gen.session_id, gen.seq - 1)):
+        missing = ()
+        while time.monotonic() - gen.accepted_at < self.hole_grace:
+            missing = await self.store.missing_before(gen.session_id, gen.seq - 1)
+            self._heed_stop(gen)
+            if not missing:
+                break
             await asyncio.sleep(HOLE_POLL)
+        if missing:
+            log.info("turn: message_id=%s waited %g s for numbers %s of its session that were never stored",
+                     gen.message_id, self.hole_grace, missing[:8])
         while True:
             gen.has_turn = True  # (maybe: the claim may land even if we are stopped meanwhile; release is safe)
             gen.turn_free.clear()  # a final from here on wakes the wait below
             turn = await self.store.claim_turn(gen.session_id, gen.message_id, gen.seq)
+            self._heed_stop(gen)
             if turn:
                 return
             gen.has_turn = False
@@ -256,6 +265,14 @@ class StreamManager:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(TURN_RECHECK):
                     await gen.turn_free.wait()
+
+    @staticmethod
+    def _heed_stop(gen):
+        """After awaiting the store: a stop that arrived meanwhile may have been swallowed by the driver's
+        asyncio.wait_for (Python 3.11 returns a result that is ready instead of raising the cancellation); its
+        reason is set all the same, so it ends the reply here."""
+        if gen.stop_reason:
+            raise asyncio.CancelledError
 
     async def _uncancelled(self, gen, write):
         """Await a claim even if the task is stopped meanwhile: a write that lands must be known (its epoch),

@@ -592,3 +592,165 @@ def test_the_cluster_bench_runs_in_quick_mode(tmp_path):
     assert stop["parley"]["reps"] == stop["same_instance"]["reps"] == 3
     assert lag["follower"]["reps"] > 0 and lag["owner_viewer"]["reps"] > 0
     assert "| stop_across_instances | stop→final p99 ms | parley |" in proc.stdout
+
+
+async def said(sender, viewers, text):
+    """`sender` sends `text`; every viewer (the sender among them) gets its echo and then its reply's final.
+    Returns the ack's data and the echoes' data."""
+    await sender.send({"type": "message", "message": [{"type": "Plain", "text": text}]})
+    echoes, ack = {}, None
+    while ack is None:  # the sender's own echo comes before its ack
+        frame = await sender.recv_type("ack", "error", "user_message")
+        assert frame["type"] != "error", frame
+        if frame["type"] == "ack":
+            ack = frame["data"]
+        else:
+            echoes[sender] = frame["data"]
+    for v in viewers:
+        if v not in echoes:
+            echoes[v] = (await v.recv_type("user_message"))["data"]
+        assert echoes[v]["message_id"] == ack["message_id"]
+        await v.until_final(ack["reply_message_id"])
+    return ack, list(echoes.values())
+
+
+def store_without_event(cluster, session_id, text, reply="from the store only"):
+    """What a send stores when its instance dies before its bus write: the numbers reserved, the user message and
+    its ended reply inserted, and no event ever published. Returns (user id, reply id, user seq)."""
+    from datetime import datetime, timezone
+    from pymongo import ReturnDocument
+    from services.store import new_id
+    now = datetime.now(timezone.utc)
+    with MongoClient(cluster.mongo_url) as db:
+        store = db[cluster.db_name]
+        session = store.sessions.find_one_and_update({"_id": session_id}, {"$inc": {"next_seq": 2}},
+                                                     return_document=ReturnDocument.AFTER)
+        seq = session["next_seq"] - 1
+        user = {"_id": new_id(), "session_id": session_id, "pipeline": session["pipeline"], "seq": seq,
+                "role": "user", "content": text, "chain": [{"type": "Plain", "text": text}], "status": "completed",
+                "sender": session["owner"], "created_at": now, "updated_at": now}
+        answer = {"_id": new_id(), "session_id": session_id, "pipeline": session["pipeline"], "seq": seq + 1,
+                  "role": "assistant", "content": reply, "thinking": "", "status": "completed", "epoch": 1,
+                  "length": len(reply), "thinking_length": 0, "reply_to": user["_id"], "created_at": now,
+                  "updated_at": now, "started_at": now, "finished_at": now, "instance": "gone"}
+        store.messages.insert_many([user, answer])
+    return user["_id"], answer["_id"], seq
+
+
+async def test_the_last_message_of_a_session_whose_event_was_lost_reaches_every_viewer_from_the_store(cluster):
+    """A send's instance stores the message and its reply, then dies before its bus write: no event will ever come,
+    and no later message shows the gap. The viewers on every instance still get the message and the reply's
+    final, from the store, and then the conversation goes on in order."""
+    where = await spread(cluster)
+    viewers = [await connect(cluster, src=where[i.id], user="lossy") for i in cluster.instances]
+    session_id = viewers[0].connected["session_id"]
+    await said(viewers[0], viewers, "before the loss")
+    user_id, reply_id, seq = store_without_event(cluster, session_id, "stored, never announced")
+    for v in viewers:
+        echo = await v.recv_type("user_message", timeout=30)
+        assert (echo["data"]["message_id"], echo["data"]["seq"]) == (user_id, seq)
+        final = (await v.until_final(reply_id, timeout=30))[-1]["data"]
+        assert (final["status"], final["content"]) == ("completed", "from the store only")
+    _, echoes = await said(viewers[1], viewers, "after the loss")
+    assert {e["seq"] for e in echoes} == {seq + 2}  # the next one, in order, and nothing of the lost one twice
+    for v in viewers:
+        await nothing_more(v, reply_id)
+    for v in viewers:
+        v.close()
+
+
+async def next_presence(client, skip=()):
+    """The next presence frame about a user not in `skip`: (event, user, online)."""
+    while (data := (await frame_of(client, "presence"))["data"]).get("user_id") in skip:
+        pass
+    return data["event"], data.get("user_id"), data["online"]
+
+
+async def test_a_user_with_tabs_on_two_instances_is_online_once_and_leaves_with_the_last_tab(cluster):
+    """Presence is per user across instances. The events of one instance reach the others in the order it
+    published them, so a marker (another user's join on the same instance, published after the tab's) shows that
+    nothing was announced about the tab in between."""
+    where = await spread(cluster)
+    one, two, three = (where[i.id] for i in cluster.instances)
+    code, body, _ = await fetch(cluster, "/api/v1/pipelines/default/sessions", method="POST", src=three,
+                                user="w1", body={"session_type": "group", "members": ["w2", "tabs", "m1", "m2"]})
+    assert code in (200, 201), body
+    session_id = body["data"]["session_id"]
+
+    async def join(src, user):
+        client = await connect(cluster, src=src, user=user)
+        await client.send({"type": "session.join", "session_id": session_id})
+        await frame_of(client, "session.joined")
+        return client
+
+    watchers = [await join(three, "w1"), await join(one, "w2")]  # on a third instance, and beside the first tab
+    skip = ("w1", "w2")
+
+    async def everyone_sees(event, user, online):
+        for w in watchers:
+            assert await next_presence(w, skip) == (event, user, sorted(online))
+
+    tab1 = await join(one, "tabs")
+    await everyone_sees("join", "tabs", ["w1", "w2", "tabs"])
+    tab2 = await join(two, "tabs")  # the same user on another instance: not news
+    m1 = await join(two, "m1")
+    await everyone_sees("join", "m1", ["w1", "w2", "tabs", "m1"])
+    await tab1.send({"type": "session.leave", "session_id": session_id})  # tab 2 still views it: still online
+    await frame_of(tab1, "session.left")
+    m2 = await join(one, "m2")
+    await everyone_sees("join", "m2", ["w1", "w2", "tabs", "m1", "m2"])
+    tab2.close()  # the last tab anywhere
+    await everyone_sees("leave", "tabs", ["w1", "w2", "m1", "m2"])
+    for c in (*watchers, tab1, m1, m2):
+        c.close()
+
+
+async def test_the_first_reply_after_a_reset_starts_at_once_and_replies_keep_their_order(cluster):
+    """A reset deletes the session's messages: a reply waiting for earlier numbers of its session to be stored
+    (a send accepted just before it elsewhere) must not wait for the deleted ones. And after it, replies sent at
+    once through three instances still run one at a time in acceptance order, each shown after its question."""
+    where = await spread(cluster)
+    viewers = [await connect(cluster, "paced", src=where[i.id], user="resetter") for i in cluster.instances]
+    session_id = viewers[0].connected["session_id"]
+    await said(viewers[0], viewers, "before the reset")
+    code, body, _ = await fetch(cluster, f"/api/v1/pipelines/paced/sessions/{session_id}/reset", method="POST",
+                                src=where[cluster.instances[2].id], user="resetter")
+    assert code == 200 and body["data"]["deleted"] == 2, body
+    for v in viewers:
+        await frame_of(v, "session.reset")
+    owner = cluster.by_id(viewers[0].instance)
+    log_before = len(owner.log_path.read_text())
+    ack, _ = await said(viewers[0], viewers, "the first after the reset")
+    waited = [line for line in owner.log_path.read_text()[log_before:].splitlines()
+              if f"message_id={ack['reply_message_id']} waited" in line]
+    assert not waited, waited  # it did not wait for the numbers the reset deleted
+
+    await asyncio.gather(*(v.send({"type": "message", "message": [{"type": "Plain", "text": f"at once {n}"}]})
+                           for n, v in enumerate(viewers)))
+    seen = []
+    for v in viewers:
+        echoes, finals, shown = [], [], set()
+        while len(echoes) < 3 or len(finals) < 3:
+            frame = await v.recv_type("user_message", "response", "error")
+            assert frame["type"] != "error", frame
+            data = frame["data"]
+            if frame["type"] == "user_message":
+                echoes.append(data["seq"])
+                shown.add(data["message_id"])
+            else:
+                assert data["reply_to"] in shown, "a reply was shown before its question"
+                if data["is_final"]:
+                    finals.append((data["seq"], data["message_id"], data["status"]))
+        seen.append((echoes, finals))
+    for echoes, finals in seen:
+        assert echoes == sorted(echoes) == seen[0][0]
+        assert finals == sorted(finals) == seen[0][1]
+        assert {status for *_, status in finals} == {"completed"}
+    with MongoClient(cluster.mongo_url) as db:
+        docs = list(db[cluster.db_name].messages.find({"_id": {"$in": [m for _, m, _ in seen[0][1]]}}))
+    spans = sorted((d["started_at"], d["finished_at"], d["seq"]) for d in docs)
+    for earlier, later in zip(spans, spans[1:]):
+        assert earlier[1] <= later[0], f"replies overlapped: {earlier} and {later}"
+    assert [s[2] for s in spans] == sorted(s[2] for s in spans), "replies ran out of acceptance order"
+    for v in viewers:
+        v.close()

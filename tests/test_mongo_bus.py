@@ -106,6 +106,22 @@ async def test_a_dropped_stream_resumes_from_its_token_and_misses_nothing(pair):
     assert [e["message"] for e in b.of("push")] == ["before", "while away 0", "while away 1", "while away 2"]
 
 
+async def test_a_reopened_stream_asks_the_fan_out_to_check_every_viewed_session_from_the_store(pair):
+    """Events may have been lost across a reopen: the bus tells its own subscribers at once (`catch_up` with
+    `resync`), so user messages whose events are gone are filled from the store; it never crosses instances."""
+    a, b = pair
+    a.bus.publish({"type": "push", "user_id": "u", "message": "before", "data": None})
+    await settle(lambda: b.of("push"), timeout=10)
+    assert not [e for e in b.of("catch_up") if e["resync"]]
+    await super(MongoBus, b.bus).close()
+    await super(MongoBus, b.bus).start()
+    await settle(lambda: [e for e in b.of("catch_up") if e["resync"]], timeout=10)
+    a.bus.publish({"type": "push", "user_id": "u", "message": "after", "data": None})
+    await settle(lambda: len(b.of("push")) == 2, timeout=10)
+    assert not [e for e in a.of("catch_up") if e["resync"]] and a.of("catch_up") == [
+        e for e in a.of("catch_up") if e["origin"] == "a"]
+
+
 @pytest.mark.gen_test(timeout=90)
 async def test_a_reopened_stream_that_returns_nothing_is_opened_again_from_now(pair):
     """nx-27017 takes a resume token it cannot honour and then returns nothing (MongoDB would refuse it): a

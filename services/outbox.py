@@ -151,9 +151,9 @@ class Outbox:
         future.add_done_callback(lambda f, n=len(text): self._flushed(f, n))
 
     def _flushed(self, future, size):
-        future.exception()  # a closed socket: nothing to do, but don't log "never retrieved"
         self.in_flight -= size
-        if future.exception():
+        # a closed socket: nothing to do (reading the exception keeps asyncio from logging it as never retrieved)
+        if not future.cancelled() and future.exception() is not None:
             return
         self._pump()
 

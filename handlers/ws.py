@@ -42,6 +42,9 @@ DISCONNECT_FOR_CODE = {1001: "shutdown", 1012: "shutdown", 1008: "auth", 4401: "
                        CLOSE_CAPACITY: "capacity", 1011: "unavailable", 4400: "invalid", 4404: "invalid",
                        CLOSE_SLOW_CONSUMER: "slow"}
 DISCONNECT_FOR_REASON = {"ping_timeout": "ping_timeout"}  # services/keepalive.py: 1011 is also `unavailable`
+# What the 101 answer carried (Tornado's, then ours), emptied once it is sent: see _forget_handshake.
+RESPONSE_HEADERS = ("Server", "Content-Type", "Date", "Upgrade", "Connection", "Sec-WebSocket-Accept",
+                    "Sec-WebSocket-Protocol", "Sec-WebSocket-Extensions", "X-Parley-Instance", "X-Request-Id")
 HARD_CAP_FACTOR = 4  # frames up to 4x --max-message-size are read whole and refused with a clean 1009
 
 
@@ -115,7 +118,9 @@ class ChatSocket(websocket.WebSocketHandler):
         except web.HTTPError:  # not UTF-8 (a percent-encoded lone surrogate, say)
             raise BadRequest(f"{name} is not valid UTF-8", code="invalid_param") from None
 
-    async def open(self, pipeline):
+    def open(self, pipeline):
+        """Not a coroutine unless it must wait for the store (see _start): Tornado keeps what open() returned
+        for the socket's life."""
         # Frames often go out back to back (ack then the first token, stop_ack then the final): without this the
         # second waits for the peer's delayed ACK (~40 ms).
         self.set_nodelay(True)
@@ -145,7 +150,7 @@ class ChatSocket(websocket.WebSocketHandler):
             identity = auth.identify(self.request)
         except ParleyError as err:
             return self._refuse(err)
-        await self._start(identity)
+        return self._start(identity)
 
     async def on_message(self, message):
         limit = self.services.config.max_message_size
@@ -185,9 +190,25 @@ class ChatSocket(websocket.WebSocketHandler):
             identity = self.services.auth.verify(frame.token)
         except ParleyError as err:
             return self._refuse(err if isinstance(err, Unauthorized) else Unauthorized(err.message))
-        await self._start(identity)
+        looking_up = self._start(identity)
+        if looking_up is not None:
+            await looking_up
 
-    async def _start(self, identity):
+    def _start(self, identity):
+        """Register at once when a connection here views the session already (another tab, a reconnect: no
+        store round trip); else return the coroutine that looks it up first."""
+        p = self.params
+        try:
+            session = self.services.chat.viewed_default_session(identity, p["pipeline"], p["session_type"],
+                                                                p["client_session"]) \
+                if p["session_id"] is None else None
+        except ParleyError as err:
+            return self._refuse(err)
+        if session is None:
+            return self._look_up(identity)
+        self._register(identity, session)
+
+    async def _look_up(self, identity):
         p = self.params
         chat = self.services.chat
         try:
@@ -205,6 +226,10 @@ class ChatSocket(websocket.WebSocketHandler):
             return self._refuse(err)
         if self.ws_connection is None:  # the client left while we looked the session up
             return
+        self._register(identity, session)
+
+    def _register(self, identity, session):
+        p = self.params
         config = self.services.config
         self._hold_pending(False)
         try:
@@ -212,6 +237,7 @@ class ChatSocket(websocket.WebSocketHandler):
                            max_per_user=config.max_connections_per_user)
         except Capacity as err:
             return self._refuse(err)
+        chat = self.services.chat
         self.conn = Connection(uuid.uuid4().hex, identity=identity, pipeline=p["pipeline"],
                                session_type=session["type"], stream_mode=p["stream_mode"], write=self._write,
                                close=self._close, remote_ip=self.request.remote_ip,
@@ -226,6 +252,19 @@ class ChatSocket(websocket.WebSocketHandler):
         self.conn.send(frames.connected(self.conn, session,
                                         live_replies=self.services.streams.live(session["_id"])))
         self.services.fanout.join(self.conn, session["_id"], session["type"], session.get("next_seq"))  # after `connected`: presence follows
+        self._forget_handshake()
+
+    def _forget_handshake(self):
+        """Thousands of idle sockets keep their handler, its request and its HTTP connection for hours: the
+        headers (both ways) and query arguments only the handshake needed are emptied in place. Tornado's HTTP
+        connection holds the same objects, so dropping our references would free nothing (measured:
+        docs/performance.md). Public API only: HTTPHeaders and the argument dicts are mutable mappings."""
+        request = self.request
+        request.headers.clear()
+        request.arguments.clear()
+        request.query_arguments.clear()
+        for name in RESPONSE_HEADERS:
+            self.clear_header(name)
 
     def _has_credentials(self):
         return "Authorization" in self.request.headers or "token" in self.request.query_arguments
@@ -289,12 +328,12 @@ class EmbedSocket(ChatSocket):
     `bot` names a pipeline (its `embed` field, or its id); each browser session is its own Parley session."""
     embed = True
 
-    async def open(self, bot):
+    def open(self, bot):
         try:
             pipeline = self.services.pipelines.for_embed(bot).id
         except ParleyError as err:
             return self._refuse(err)
-        await super().open(pipeline)
+        return super().open(pipeline)
 
 
 default_handlers = [

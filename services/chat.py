@@ -205,6 +205,17 @@ class ChatService:
         if not future.cancelled():
             future.exception()  # retrieved here too: every caller may have gone
 
+    def viewed_default_session(self, identity, pipeline_id, session_type, client_session=None):
+        """default_session (embed_session with `client_session`) without waiting: the stand-in when a connection
+        here views it already (see _viewed), else None. Raises what they raise for bad arguments."""
+        self.pipelines.get(pipeline_id)
+        check_session_type(session_type)
+        user = identity.user_id
+        if client_session is not None:
+            check_id(client_session, "session_id")
+            user = f"{user}\0embed\0{client_session}"
+        return self._viewed(default_session_id(pipeline_id, session_type, user), session_type)
+
     def _viewed(self, session_id, session_type):
         """A user's own default (or embed) session that a connection here views already needs no store round
         trip to connect another: it exists (its first viewer here made or read it; sessions are never deleted),

@@ -32,7 +32,7 @@ class Connection:
         self.session_type = session_type
         self.stream_mode = stream_mode      # "cumulative" (LangBot-compatible) or "delta"
         self.remote_ip = remote_ip
-        self.sessions = set()               # viewed session ids
+        self.sessions = ()                  # viewed session ids, in join order (a few: a set is 216 bytes)
         self.primary_session = None         # the session a frame without session_id addresses
         self.cursors = {}                   # message_id -> fanout.Cursor: how much of each live reply was sent here
         self.finals_sent = {}               # message ids whose final the live stream sent here (the latest few)
@@ -119,7 +119,7 @@ class Hub:
         user_id = conn.user_id
         first_of_user = user_id not in users
         users[user_id] = users.get(user_id, 0) + 1
-        conn.sessions.add(session_id)
+        conn.sessions += (session_id,)
         self.by_session.setdefault(session_id, {})[conn.id] = conn
         self.session_types.setdefault(session_id, session_type)
         if conn.primary_session is None:
@@ -130,7 +130,7 @@ class Hub:
         """Remove a viewer. Returns True when the user has no connection left viewing the session."""
         if session_id not in conn.sessions:
             return False
-        conn.sessions.discard(session_id)
+        conn.sessions = tuple(s for s in conn.sessions if s != session_id)
         _discard(self.by_session, session_id, conn.id)
         if conn.primary_session == session_id:
             conn.primary_session = next(iter(conn.sessions), None)

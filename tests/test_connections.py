@@ -123,6 +123,28 @@ async def test_connects_that_arrive_together_share_one_new_session(connect, serv
     assert services.chat._opening == {}  # no lookup left behind
 
 
+async def test_a_second_tab_registers_without_the_store_and_its_handshake_answer_is_whole(ws_url, connect,
+                                                                                        services, monkeypatch):
+    first = await connect()
+    lookups = []
+    store_lookup = services.store.get_or_create_session
+    monkeypatch.setattr(services.store, "get_or_create_session",
+                        lambda *a, **kw: lookups.append(kw) or store_lookup(*a, **kw))
+    ws = await websocket_connect(ws_request(ws_url(), **{"X-Request-Id": "second-tab"}))
+    # sent with the 101 answer, before the handler empties its headers (docs/performance.md)
+    assert ws.headers["X-Request-Id"] == "second-tab"
+    assert ws.headers["X-Parley-Instance"] == services.instance_id
+    assert ws.headers["Sec-WebSocket-Protocol"] == "parley.v1" and ws.headers["Sec-WebSocket-Accept"]
+    second = Client(ws)
+    second.connected = await second.recv()
+    assert second.connected["session_id"] == first.connected["session_id"]
+    assert lookups == []  # the session is viewed here already
+    ack = await second.say("from the second tab")
+    assert ack["type"] == "ack"
+    assert (await first.recv_type("user_message"))["data"]["message_id"] == ack["data"]["message_id"]
+    await second.until_final(ack["data"]["reply_message_id"])
+
+
 async def test_per_user_connection_cap_leaves_existing_ones_alone(connect, ws_url, services):
     services.config.max_connections_per_user = 2
     a = await connect()

@@ -99,7 +99,7 @@ class Instance:
         log.close()
         return self
 
-    def wait_ready(self, timeout=30):
+    def wait_ready(self, timeout=120):  # a bound: instances start slowly on a loaded machine
         wait_http(self.url + "/readyz", timeout, self.proc, self.id)
 
     def signal(self, sig):
@@ -142,7 +142,7 @@ class Cluster:
     def by_id(self, instance_id):
         return next(i for i in self.instances if i.id == instance_id)
 
-    def start(self, timeout=60):
+    def start(self, timeout=120):
         binary = nginx_binary()
         if binary is None:
             raise RuntimeError("nginx is not installed (Debian package nginx)")

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 TURN_RECHECK = 1.0  # seconds: a waiting reply claims its turn again when woken by a final, or after this
 HOLE_GRACE = 1.0    # seconds a reply waits for earlier sends of its session whose numbers are reserved, not stored
 HOLE_POLL = 0.05
+HOLE_ROUND_TRIPS = 10  # ... or this many of the store's round trips, when they are slow
 
 
 class Generation:
@@ -240,16 +241,20 @@ class StreamManager:
         # A send reserves its numbers, then inserts: one accepted just before ours on another instance may not be
         # stored yet, and the claim below would not see it. Wait (briefly: a number can also stay empty for good)
         # until every earlier number is stored.
-        missing = ()
-        while time.monotonic() - gen.accepted_at < self.hole_grace:
+        # The grace grows with the store's round trip as we see it (a loaded machine: the other send's insert is
+        # slow too), so a send that is merely late keeps its place.
+        missing, grace = (), self.hole_grace
+        while time.monotonic() - gen.accepted_at < grace:
+            asked = time.monotonic()
             missing = await self.store.missing_before(gen.session_id, gen.seq - 1)
+            grace = max(grace, HOLE_ROUND_TRIPS * (time.monotonic() - asked))
             self._heed_stop(gen)
             if not missing:
                 break
             await asyncio.sleep(HOLE_POLL)
         if missing:
-            log.info("turn: message_id=%s waited %g s for numbers %s of its session that were never stored",
-                     gen.message_id, self.hole_grace, missing[:8])
+            log.info("turn: message_id=%s waited %.1f s for numbers %s of its session that were never stored",
+                     gen.message_id, time.monotonic() - gen.accepted_at, missing[:8])
         while True:
             gen.has_turn = True  # (maybe: the claim may land even if we are stopped meanwhile; release is safe)
             gen.turn_free.clear()  # a final from here on wakes the wait below

@@ -18,7 +18,7 @@ from tests.test_resume import Received, abort, follow, nothing_more, send_resume
 from tests.upstream import FakeUpstream, Script
 from tests.cluster import JWT_SECRET, LEASE, cluster, pipelines_toml, plain, connect, fetch, instance_for, source, spread, wait_for  # noqa: F401 (a fixture)
 
-pytestmark = pytest.mark.gen_test(timeout=120)
+pytestmark = pytest.mark.gen_test(timeout=300)  # a bound for a loaded machine, not a speed
 
 
 async def test_ip_hash_keeps_an_address_on_one_backend_and_spreads_networks(cluster):
@@ -62,7 +62,7 @@ def test_cluster_mode_without_a_shared_store_refuses_to_start(tmp_path):
     import sys
     from nginx.cluster import ROOT
     out = subprocess.run([sys.executable, "server.py", "--cluster", "--data-dir", str(tmp_path)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=30)
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert "--cluster needs --mongo-url" in out.stderr
 
@@ -122,7 +122,7 @@ async def test_group_replies_run_one_at_a_time_across_instances(cluster):
         replies = [m for m in body["data"]["messages"] if m["message_id"] in reply_ids]
         return replies if len(replies) == 9 and all(m["is_final"] for m in replies) else None
 
-    replies = await wait_for(all_done, timeout=60)
+    replies = await wait_for(all_done)
     assert {m["status"] for m in replies} == {"completed"}
     with MongoClient(cluster.mongo_url) as client:
         docs = list(client[cluster.db_name].messages.find({"_id": {"$in": list(reply_ids)}}))
@@ -137,7 +137,7 @@ async def test_group_replies_run_one_at_a_time_across_instances(cluster):
 
 async def test_session_busy_counts_replies_waiting_on_every_instance(cluster):
     where = await spread(cluster)
-    clients = [await connect(cluster, "slow", src=src, user="busy") for src in where.values()]
+    clients = [await connect(cluster, "endless", src=src, user="busy") for src in where.values()]
     session_id = clients[0].connected["session_id"]  # the user's default session, the same everywhere
     assert {c.connected["session_id"] for c in clients} == {session_id}
     answers = []
@@ -148,17 +148,17 @@ async def test_session_busy_counts_replies_waiting_on_every_instance(cluster):
     accepted = [a for a in answers if a["type"] == "ack"]
     assert busy and all(a["code"] == "session_busy" for a in busy), busy
     assert len(accepted) == 9  # --max-queued 8: eight waiting behind the running one
-    code, body, _ = await fetch(cluster, f"/api/v1/pipelines/slow/sessions/{session_id}/stop", method="POST",
+    code, body, _ = await fetch(cluster, f"/api/v1/pipelines/endless/sessions/{session_id}/stop", method="POST",
                                 src=where[cluster.instances[0].id], user="busy")
     assert code == 200, body
 
     async def all_ended():
-        code, body, _ = await fetch(cluster, f"/api/v1/pipelines/slow/sessions/{session_id}/messages?limit=100",
+        code, body, _ = await fetch(cluster, f"/api/v1/pipelines/endless/sessions/{session_id}/messages?limit=100",
                                     user="busy")
         replies = [m for m in body["data"]["messages"] if m["role"] == "assistant"]
         return replies if all(m["is_final"] for m in replies) else None
 
-    replies = await wait_for(all_ended, timeout=30)
+    replies = await wait_for(all_ended)
     assert {m["status"] for m in replies} == {"stopped"}
     for c in clients:
         c.close()
@@ -187,7 +187,7 @@ async def test_sigterm_drains_clients_to_other_instances_and_ends_replies_cleanl
     assert moved.instance != victim.id
     await resume(moved, got)
     await follow(moved, got, timeout=20)  # followed from the draining instance, to the final
-    assert await asyncio.get_running_loop().run_in_executor(None, victim.proc.wait, 30) == 0
+    assert await asyncio.get_running_loop().run_in_executor(None, victim.proc.wait, 120) == 0
     final = got.finals[0]
     assert len(got.finals) == 1
     assert final["status"] == "interrupted" and final["content"] == got.joined(got.text)
@@ -237,19 +237,21 @@ async def test_sigstop_past_the_lease_then_sigcont_cannot_overwrite_the_final(cl
         async def reaped():
             doc = stored(cluster, got.message_id)
             return doc if doc["status"] == "interrupted" else None
-        truth = await wait_for(reaped, timeout=10 * LEASE)
+        truth = await wait_for(reaped)
     finally:
         owner.signal(signal.SIGCONT)
     assert truth["error"]["code"] == "instance_lost"
     await follow(client, got, timeout=20)  # the woken owner tells its client what the store says
     final = got.finals[0]
     assert final["status"] == "interrupted" and final["content"] == truth["content"]
-    await asyncio.sleep(0.5)  # anything the woken owner still tries to write must be refused
+
+    async def fenced():  # the woken owner tried to write, and was refused
+        code, text = await plain(owner.url + "/metrics")
+        return re.search(r"^parley_fenced_writes_refused_total [1-9]", text, re.M)
+    await wait_for(fenced)
     after = stored(cluster, got.message_id)
     assert (after["status"], after["content"], after["epoch"]) == ("interrupted", truth["content"], truth["epoch"])
     assert left_streaming(cluster, owner.id) == 0
-    code, text = await plain(owner.url + "/metrics")
-    assert re.search(r"^parley_fenced_writes_refused_total [1-9]", text, re.M), "no fenced write counted"
     client.close()
 async def test_kill_9_of_the_owner_clients_get_interrupted_with_the_checkpointed_text(cluster):
     where = await spread(cluster)
@@ -265,7 +267,7 @@ async def test_kill_9_of_the_owner_clients_get_interrupted_with_the_checkpointed
         moved = await connect(cluster, "slow", src=where[owner.id], user="killed")  # nginx picks a live one
         assert moved.instance != owner.id
         await resume(moved, got)
-        await follow(moved, got, timeout=2 * LEASE + 10)
+        await follow(moved, got)  # once the lease expires, another instance's reaper ends it
         final = got.finals[0]
         truth = stored(cluster, got.message_id)
         assert final["status"] == truth["status"] == "interrupted"
@@ -428,7 +430,7 @@ async def test_200_clients_moved_mid_reply_resume_with_no_gap_no_duplicate_and_f
                 outcomes.append("mid" if cut < len(text) + len(thinking) else "after end")
             b.close()
 
-    await asyncio.wait_for(asyncio.gather(*(worker(w) for w in range(10))), 150)
+    await asyncio.wait_for(asyncio.gather(*(worker(w) for w in range(10))), 280)
     assert len(outcomes) == 200 and outcomes.count("mid") >= 50, sorted(set(outcomes))
 
 
@@ -503,16 +505,16 @@ async def test_rolling_restart_under_load_loses_no_accepted_message(cluster):
     async def roll():
         for instance in cluster.instances:
             before = len(acked)
-            await wait_for(lambda: _async(len(acked) >= before + 6), timeout=60)  # the load runs meanwhile
+            await wait_for(lambda: _async(len(acked) >= before + 6))  # the load runs meanwhile
             instance.signal(signal.SIGTERM)
-            assert await loop.run_in_executor(None, instance.proc.wait, 60) == 0
+            assert await loop.run_in_executor(None, instance.proc.wait, 120) == 0
             instance.start()
             await loop.run_in_executor(None, instance.wait_ready)
         before = len(acked)
-        await wait_for(lambda: _async(len(acked) >= before + 6), timeout=60)
+        await wait_for(lambda: _async(len(acked) >= before + 6))
         rolling.set()
 
-    await asyncio.wait_for(asyncio.gather(roll(), *(worker(w) for w in range(6))), 180)
+    await asyncio.wait_for(asyncio.gather(roll(), *(worker(w) for w in range(6))), 280)
     assert len(set(reconnects)) == 6 and len(reconnects) > 6, "no client was moved by the restarts"
     assert not stray_finals, stray_finals
     assert len(followed) == len(acked) == len({r for r, *_ in followed})
@@ -554,7 +556,7 @@ async def test_a_follower_on_another_instance_reaches_the_final_after_the_store_
         log_b = b.log_path.read_text()
         store.process.kill()
         store.process.wait()
-        await wait_for(lambda: _async("change stream" in b.log_path.read_text()[len(log_b):]), timeout=30)
+        await wait_for(lambda: _async("change stream" in b.log_path.read_text()[len(log_b):]))
         store = EmbeddedMongo(tmp_path / "store", port=store.port).start()
         await follow(follower, got, timeout=60)
         assert len(got.finals) == 1 and got.finals[0]["status"] == "completed"

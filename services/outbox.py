@@ -1,12 +1,15 @@
 """A connection's bounded send queue: one slow reader never grows memory without bound or delays anyone else.
 
-Frames go straight to the socket while less than WINDOW characters are in flight (written to Tornado but not yet
-flushed to the kernel). Past that they wait here, and chunks of one reply that wait together are merged —
-offsets make that safe: a merged delta starts at the first one's offset, a merged cumulative frame is simply the
-newest. Terminal frames and everything else are never dropped or merged. If what waits still exceeds `limit`
-characters, the connection is too slow to keep: `on_overflow()` closes it. A reply's final frame is not counted
-(it comes once per reply, is never dropped, and of a huge reply is bigger than the limit by itself), and a paged
-catch-up (`put_pages`) makes its next frame only when the socket has room, so it never waits here whole.
+A frame goes straight to the socket when nothing is in flight (no write of this connection whose future Tornado
+has not resolved yet). While a write is in flight the socket is busy: frames wait here, and chunks of one reply
+that wait together are merged — offsets make that safe: a merged delta starts at the first one's offset, a
+merged cumulative frame is simply the newest. When the write completes, what waits goes out (as long as less
+than WINDOW characters are in flight). So a reply that streams faster than one write per loop turn goes out in
+fewer, larger frames, and a frame that finds the socket idle goes out at once. Terminal frames and everything
+else are never dropped or merged. If what waits still exceeds `limit` characters, the connection is too slow to
+keep: `on_overflow()` closes it. A reply's final frame is not counted (it comes once per reply, is never
+dropped, and of a huge reply is bigger than the limit by itself), and a paged catch-up (`put_pages`) makes its
+next frame only when the socket has room, so it never waits here whole.
 
 The fan-out encodes a frame once for every connection that gets the same bytes: `put(frame, text, nbytes)` takes
 that text as is. Such a frame's dict may be shared with other connections' outboxes, so a merge copies it first.
@@ -98,7 +101,7 @@ class Outbox:
 
     def put(self, frame, text=None, nbytes=None):
         """Queue `frame`; `text` is its JSON encoding when the caller has it (shared by many connections)."""
-        if not self.waiting and self.in_flight < WINDOW:
+        if not self.in_flight and not self.waiting:
             self._send(frame, text, nbytes)
             return
         mid = frame["data"].get("message_id") if frame.get("type") == "response" else None
@@ -148,9 +151,9 @@ class Outbox:
         future.add_done_callback(lambda f, n=len(text): self._flushed(f, n))
 
     def _flushed(self, future, size):
-        future.exception()  # a closed socket: nothing to do, but don't log "never retrieved"
         self.in_flight -= size
-        if future.exception():
+        # a closed socket: nothing to do (reading the exception keeps asyncio from logging it as never retrieved)
+        if not future.cancelled() and future.exception() is not None:
             return
         self._pump()
 
@@ -173,7 +176,9 @@ class Outbox:
                 if mid and self.chunks.get(mid, [None])[0] is frame:
                     del self.chunks[mid]
                 self._send(frame, text, nbytes)
+            if not self.waiting:
+                self.waiting = NOTHING_WAITING  # a busy moment is over: no deque kept per quiet connection
         except ConnectionClosed:
-            self.waiting.clear()
+            self.waiting = NOTHING_WAITING
             self.chunks.clear()
             self.waiting_size = self.finals_size = 0

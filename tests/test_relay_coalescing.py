@@ -1,0 +1,156 @@
+"""A busy socket gets merged chunks: while a write of a connection is in flight (Tornado has not resolved its
+future yet), chunks of a reply wait in its outbox and go out merged when the write completes. The text, offsets,
+final frame and resume stay exact; a socket that is idle gets each frame at once."""
+import asyncio
+import json
+
+import pytest
+from tornado.concurrent import Future
+
+from services.outbox import Outbox
+from services.providers.demo import DemoProvider
+from tests.test_resume import Received, follow, nothing_more, send_resume
+
+
+def chunk(offset, text, mid="m", **extra):
+    return {"type": "response", "data": {"message_id": mid, "is_final": False, "offset": offset, "delta": text,
+                                         "timestamp": "t", **extra}}
+
+
+def final(content, mid="m"):
+    return {"type": "response", "data": {"message_id": mid, "is_final": True, "content": content,
+                                         "timestamp": "t"}}
+
+
+class Socket:
+    """A write whose future the test resolves: the socket is busy until then."""
+
+    def __init__(self):
+        self.written, self.pending = [], []
+
+    def write(self, text):
+        self.written.append(text)
+        future = Future()
+        self.pending.append(future)
+        return future
+
+    def complete(self):
+        pending, self.pending = self.pending, []
+        for future in pending:
+            future.set_result(None)
+
+
+async def turn():
+    """Let the loop run the write futures' callbacks."""
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+def decoded(socket):
+    return [json.loads(t) for t in socket.written]
+
+
+@pytest.mark.gen_test
+async def test_chunks_wait_while_a_write_is_in_flight_and_go_out_merged_when_it_completes():
+    sock = Socket()
+    box = Outbox(sock.write, limit=10**9, on_overflow=lambda: None)
+    box.put(chunk(0, "ab"))                 # idle socket: at once
+    assert len(sock.written) == 1
+    box.put(chunk(2, "cd"))                 # busy: held
+    box.put(chunk(4, "e", thinking_offset=0, thinking_delta="hm"))
+    box.put({"type": "presence", "data": {"x": 1}})   # not a chunk: waits in order, never merged
+    box.put(chunk(5, "f"))                  # merges into the waiting chunk of its reply
+    assert len(sock.written) == 1 and box.merged == 2
+    sock.complete()
+    await turn()
+    frames = decoded(sock)
+    assert [f["type"] for f in frames] == ["response", "response", "presence"]
+    merged = frames[1]["data"]
+    assert (merged["offset"], merged["delta"]) == (2, "cdef")
+    assert (merged["thinking_offset"], merged["thinking_delta"]) == (0, "hm")
+    # the socket is busy again with those two writes: the final waits, and is never merged into a chunk
+    box.put(chunk(6, "g"))
+    box.put(final("abcdefg"))
+    sock.complete()
+    await turn()
+    frames = decoded(sock)
+    assert [(f["data"].get("delta"), f["data"]["is_final"]) for f in frames[3:]] == [("g", False), (None, True)]
+    sock.complete()
+    await turn()
+    assert box.in_flight == 0 and box.waiting_size == 0 and not box.waiting and not box.chunks
+    box.put(chunk(0, "x", mid="n"))         # idle again: at once
+    assert len(sock.written) == 6
+
+
+@pytest.mark.gen_test
+async def test_a_busy_cumulative_socket_gets_the_newest_text_from_the_oldest_offset():
+    sock = Socket()
+    box = Outbox(sock.write, limit=10**9, on_overflow=lambda: None)
+
+    def cumulative(offset, content):
+        return {"type": "response", "data": {"message_id": "m", "is_final": False, "offset": offset,
+                                             "content": content, "timestamp": "t"}}
+    box.put(cumulative(0, "a"))
+    box.put(cumulative(1, "ab"))
+    box.put(cumulative(2, "abc"))
+    sock.complete()
+    await turn()
+    frames = decoded(sock)
+    assert [(f["data"]["offset"], f["data"]["content"]) for f in frames] == [(0, "a"), (1, "abc")]
+
+
+@pytest.mark.gen_test
+async def test_a_closed_socket_drops_what_waits():
+    sock = Socket()
+    box = Outbox(sock.write, limit=10**9, on_overflow=lambda: None)
+    box.put(chunk(0, "a"))
+    box.put(chunk(1, "b"))
+    sock.pending[0].set_exception(ConnectionError("gone"))
+    await turn()
+    assert box.in_flight == 0
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_a_reply_at_full_speed_is_merged_and_arrives_exact(connect, services):
+    """`bulk`: 3,000 words as fast as the provider makes them, one chunk per word. The socket is busy whenever a
+    chunk comes (the previous write is in flight), so chunks merge; the client still gets every character
+    once, each delta where the previous ended, then one final equal to the stored text."""
+    client = await connect("bulk", stream_mode="delta")
+    ack = await client.say("merge me")
+    got = Received(ack["data"]["reply_message_id"])
+    frames = 0
+    while not got.finals:
+        frame = await client.recv_type("response", timeout=20)
+        got.add(frame)
+        frames += 1
+    await nothing_more(client, got.message_id)
+    stored = await services.store.get_message(got.message_id)
+    assert got.joined(got.text) == got.finals[0]["content"] == stored["content"]
+    chunks = len(DemoProvider(services.streams.pipelines.get("bulk")).answer("merge me"))
+    conn = services.hub.connections[client.connected["connection_id"]]
+    assert conn.outbox.merged > 0 and frames - 1 < chunks, (frames, chunks)  # fewer frames than chunks
+    assert frames - 1 + conn.outbox.merged == chunks  # each chunk sent once: in its own frame or merged
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_a_resume_into_a_busy_reply_continues_exactly(connect, services):
+    """A second tab resumes from the middle of a reply streaming at full speed: its catch-up and the merged live
+    chunks after it give exactly the text after its offset, and its final."""
+    first_tab = await connect("torrent", stream_mode="delta")
+    ack = await first_tab.say("resume into me")
+    first = Received(ack["data"]["reply_message_id"])
+    for _ in range(20):
+        first.add(await first_tab.recv_type("response", timeout=20))
+    assert not first.finals
+    offset = len(first.text) // 2
+    second = await connect("torrent", stream_mode="delta", session_id=first_tab.connected["session_id"])
+    got = Received(first.message_id)
+    got.text = {i: ch for i, ch in first.text.items() if i < offset}  # what a client that dropped had
+    resumed, early = await send_resume(second, got)
+    [entry] = resumed["data"]["replies"]
+    assert entry["offset"] == offset and entry["status"] == "streaming" and not early, entry
+    await follow(second, got, timeout=20)
+    await follow(first_tab, first, timeout=20)
+    stored = await services.store.get_message(first.message_id)
+    assert len(got.finals) == 1 and len(first.finals) == 1
+    assert got.joined(got.text) == first.joined(first.text) == stored["content"]

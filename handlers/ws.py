@@ -259,8 +259,9 @@ class ChatSocket(websocket.WebSocketHandler):
         headers (both ways) and query arguments only the handshake needed are emptied in place. Tornado's HTTP
         connection holds the same objects, so dropping our references would free nothing (measured:
         docs/performance.md). Public API only: HTTPHeaders and the argument dicts are mutable mappings."""
-        request = self.request
-        request.headers.clear()
+        request, headers = self.request, self.request.headers
+        for name in list(headers):  # MutableMapping.clear() would build every combined value first: 4x slower
+            del headers[name]
         request.arguments.clear()
         request.query_arguments.clear()
         for name in RESPONSE_HEADERS:

@@ -3,7 +3,7 @@ import json
 import logging
 
 from pymongo.errors import PyMongoError
-from tornado import web
+from tornado import httputil, web
 
 from services import guards, logs, untrusted
 from services.forwarded import client_address
@@ -16,6 +16,13 @@ log = logging.getLogger(__name__)
 CORS_HEADERS = "Authorization, Content-Type, Idempotency-Key, X-Request-Id"
 CORS_EXPOSE = "X-Request-Id, X-Parley-Instance, WWW-Authenticate"
 CORS_MAX_AGE = "600"
+
+
+def error_reason(status_code, write_error_kwargs):
+    """The reason phrase of an error answer, from Tornado's public API: the HTTPError's own `reason`, else the
+    standard phrase of the status (what Tornado keeps in its private `_reason`)."""
+    error = write_error_kwargs.get("exc_info", (None, None, None))[1]
+    return getattr(error, "reason", None) or httputil.responses.get(status_code, "Unknown")
 
 
 @web.stream_request_body  # prepare() runs on the headers: Host, origin, credentials and size before any body
@@ -147,7 +154,7 @@ class BaseHandler(web.RequestHandler):
             return
         codes = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
         code = codes.get(status_code, "internal_error" if status_code >= 500 else "http_error")
-        self.finish(json.dumps({"code": code, "message": self._reason}))
+        self.finish(json.dumps({"code": code, "message": error_reason(status_code, kwargs)}))
 
 
 class NotFoundHandler(BaseHandler):

@@ -11,6 +11,8 @@ import re
 
 from tornado import routing, web
 
+from handlers.base import error_reason
+
 STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
 _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
 _ASSET = re.compile(r'(src|href)="/static/([^"?#]+)"')
@@ -97,7 +99,7 @@ class StaticHandler(web.StaticFileHandler):
     def write_error(self, status_code, **kwargs):
         self.set_header("Content-Type", "application/json; charset=utf-8")
         code = {404: "not_found", 405: "method_not_allowed"}.get(status_code, "http_error")
-        self.finish({"code": code, "message": self._reason})
+        self.finish({"code": code, "message": error_reason(status_code, kwargs)})
 
 
 default_handlers = [

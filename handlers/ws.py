@@ -19,8 +19,9 @@ import uuid
 from urllib.parse import urlparse
 
 from pymongo.errors import PyMongoError
-from tornado import httputil, web, websocket
+from tornado import web, websocket
 
+from handlers.base import error_reason
 from services import frames, guards, logs
 from services.chat import check_session_type
 from services.forwarded import client_address
@@ -79,11 +80,9 @@ class ChatSocket(websocket.WebSocketHandler):
 
     def write_error(self, status_code, **kwargs):
         """A refused handshake (bad upgrade headers, origin) answers JSON like every other route."""
-        error = kwargs.get("exc_info", (None, None, None))[1]
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.finish(json.dumps({"code": "invalid_request" if status_code < 500 else "internal_error",
-                                "message": getattr(error, "reason", None) or httputil.responses.get(status_code,
-                                                                                                 "error")}))
+                                "message": error_reason(status_code, kwargs)}))
 
     @property
     def ping_interval(self):

@@ -2,10 +2,12 @@
 a generated chunk -> StreamManager._apply -> bus -> fan-out -> frames -> encoding -> outbox -> a socket write
 that completes at once (Tornado's own work and the syscall are left out: the same for the bare baseline).
 
-    python -m bench.hotpath [--ref REV] [--viewers 1,1000] [--chunks 5000]
+    python -m bench.hotpath [--ref REV] [--viewers 1,1000] [--chunks 5000] [--write done|task]
 
 Prints microseconds per chunk with one viewer and per delivery with many, for the working tree and for REV
 (each measured in its own process, with the tree's own services/ on sys.path; CPU time, best of 5).
+`--write task`: each write returns a Task that completes one loop turn later, as Tornado's `write_message` does,
+so a socket is busy when the next chunk comes (the outbox merges) and the Task's cost is included.
 """
 import argparse
 import asyncio
@@ -19,7 +21,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def measure(viewers, chunks, mode="delta", repeats=5):
+def measure(viewers, chunks, mode="delta", repeats=5, write="done"):
     from tornado.concurrent import Future
 
     from services import fanout as fanout_module, hub as hub_module
@@ -39,11 +41,21 @@ def measure(viewers, chunks, mode="delta", repeats=5):
         streams = StreamManager(None, bus, None, instance_id="i1", checkpoint_interval=1e9, metrics=metrics)
         done = Future()
         done.set_result(None)
+
+        async def written():
+            return None
+
+        def write_now(text):
+            return done
+
+        def write_task(text):  # Tornado's write_message: a Task awaiting the stream's (already done) write
+            return asyncio.ensure_future(written())
         identity = type("Identity", (), {"user_id": "u", "is_admin": False, "expires_at": None})()
         session = {"_id": "s" * 24, "type": "group" if viewers > 1 else "person", "pipeline": "p"}
         for i in range(viewers):
             conn = hub_module.Connection(f"c{i}", identity=identity, pipeline="p", session_type=session["type"],
-                                         stream_mode=mode, write=lambda text: done, close=lambda *a: None,
+                                         stream_mode=mode, write=write_task if write == "task" else write_now,
+                                         close=lambda *a: None,
                                          on_sent=metrics.frame_sent)
             hub.register(conn)
             fan.join(conn, session["_id"], session["type"])
@@ -73,7 +85,7 @@ def measure(viewers, chunks, mode="delta", repeats=5):
 
 def child(args):
     sys.path.insert(0, args.tree)
-    out = {v: round(measure(v, max(50, args.chunks // v), args.mode), 2) for v in args.viewers}
+    out = {v: round(measure(v, max(50, args.chunks // v), args.mode, write=args.write), 2) for v in args.viewers}
     print(json.dumps(out))
 
 
@@ -83,6 +95,8 @@ def main(argv=None):
     p.add_argument("--viewers", default="1,1000", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--chunks", type=int, default=5000)
     p.add_argument("--mode", default="delta")
+    p.add_argument("--write", default="done", choices=("done", "task"),
+                   help="done: a write completes at once; task: one loop turn later, as Tornado's")
     p.add_argument("--tree", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.tree:
@@ -95,7 +109,7 @@ def main(argv=None):
         trees[args.ref] = tree
     for label, tree in trees.items():
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--tree", tree, "--chunks",
-                              str(args.chunks), "--mode", args.mode, "--viewers",
+                              str(args.chunks), "--mode", args.mode, "--write", args.write, "--viewers",
                               ",".join(map(str, args.viewers))], capture_output=True, text=True, timeout=600,
                              env={**os.environ, "PYTHONPATH": tree})
         if out.returncode:
@@ -103,7 +117,7 @@ def main(argv=None):
             continue
         for viewers, us in json.loads(out.stdout).items():
             what = "chunk" if viewers == "1" else "delivery"
-            print(f"{label}: {viewers} viewer(s), {args.mode}: {us} us per {what}")
+            print(f"{label}: {viewers} viewer(s), {args.mode}, write {args.write}: {us} us per {what}")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,10 @@ def reply_started(gen):
 
 
 def reply_delta(gen, *, offset, text, thinking_offset, thinking):
-    return {"type": "reply.delta", **_reply(gen, offset=offset, text=text, thinking_offset=thinking_offset,
-                                            thinking=thinking)}
+    # once per chunk: one dict, built at once (the same keys as _reply's)
+    return {"type": "reply.delta", "session_id": gen.session_id, "message_id": gen.message_id, "seq": gen.seq,
+            "reply_to": gen.reply_to, "offset": offset, "text": text, "thinking_offset": thinking_offset,
+            "thinking": thinking}
 
 
 def reply_final(reply):

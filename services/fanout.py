@@ -55,6 +55,9 @@ class Text:
         need = self.length - offset
         if need <= 0:
             return ""
+        last = self.parts[-1]
+        if len(last) >= need:  # the usual case: what a viewer lacks is within the latest piece
+            return last if len(last) == need else last[len(last) - need:]
         picked, got = [], 0
         for part in reversed(self.parts):
             picked.append(part)
@@ -217,10 +220,12 @@ class FanOut:
         viewers get at most one frame per CUMULATIVE_INTERVAL (each carries the whole text: sent per token,
         a reply's bytes would grow with its square); the text of the ones held back follows in the next."""
         message_id = reply.message_id
-        now = time.monotonic()
+        # the clock only when a cumulative viewer is being paced (a delta-only reply never reads it)
+        now = time.monotonic() if reply.cumulative_due else 0.0
         hold = reply.cumulative_due > now
         held = cumulative = False
         groups = {}
+        length, thinking_length = reply.text.length, reply.thinking_text.length
         for conn in self.hub.viewers(reply.session_id):
             if conn.stream_mode == "cumulative":
                 if hold:
@@ -236,24 +241,42 @@ class FanOut:
                 if conn.stream_mode == "delta" and (midway or conn.id in reply.late):
                     continue
                 cursor = conn.cursors[message_id] = Cursor(reply.session_id)
-            if cursor.offset >= reply.text.length and cursor.thinking_offset >= reply.thinking_text.length:
+            offset, thinking_offset = cursor.offset, cursor.thinking_offset
+            if offset >= length and thinking_offset >= thinking_length:
                 continue  # it already has this much (it resumed from another instance, ahead of us)
             cumulative = cumulative or conn.stream_mode == "cumulative"
-            key = (conn.dialect, conn.stream_mode, cursor.offset, cursor.thinking_offset)
-            groups.setdefault(key, []).append(conn)
-            cursor.offset = max(cursor.offset, reply.text.length)
-            cursor.thinking_offset = max(cursor.thinking_offset, reply.thinking_text.length)
+            key = (conn.dialect, conn.stream_mode, offset, thinking_offset)
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [conn]
+            else:
+                group.append(conn)
+            if offset < length:
+                cursor.offset = length
+            if thinking_offset < thinking_length:
+                cursor.thinking_offset = thinking_length
         if cumulative:
-            reply.cumulative_due = now + CUMULATIVE_INTERVAL
+            reply.cumulative_due = time.monotonic() + CUMULATIVE_INTERVAL
         elif held and reply.timer is None:
             reply.timer = asyncio.get_running_loop().call_later(reply.cumulative_due - now,
                                                                 self._flush_cumulative, message_id)
         if not groups:
             return
         timestamp = frames.timestamp_from_epoch(reply.at)
-        session_type = self._session_type(reply.session_id)
+        session_type = None
         for (dialect, mode, start, thinking_start), conns in groups.items():
-            self._send(self._chunk(reply, mode, start, thinking_start, timestamp, dialect, session_type), conns)
+            text, thinking = reply.text.after(start), reply.thinking_text.after(thinking_start)
+            if mode == "delta" and dialect == frames.PARLEY:
+                # a busy socket with this reply's chunk still waiting takes the new text into it: no frame made
+                conns = [c for c in conns
+                         if not c.outbox.extend(message_id, start, text, thinking_start, thinking, timestamp)]
+                if not conns:
+                    continue
+            if session_type is None:
+                session_type = self._session_type(reply.session_id)
+            self._send(frames.chunk(reply, mode, offset=start, text=text, thinking_offset=thinking_start,
+                                    thinking=thinking, timestamp=timestamp, dialect=dialect,
+                                    session_type=session_type), conns)
 
     def _flush_cumulative(self, message_id):
         """The text held back from cumulative viewers, once their interval has passed (or before the final)."""
@@ -274,12 +297,6 @@ class FanOut:
             started = event.get("at", 0)
             reply.late = {c.id for c in self.hub.viewers(reply.session_id) if c.created_at > started}
         return reply
-
-    @staticmethod
-    def _chunk(reply, mode, offset, thinking_offset, timestamp, dialect=frames.PARLEY, session_type="person"):
-        return frames.chunk(reply, mode, offset=offset, text=reply.text.after(offset),
-                            thinking_offset=thinking_offset, thinking=reply.thinking_text.after(thinking_offset),
-                            timestamp=timestamp, dialect=dialect, session_type=session_type)
 
     def _final(self, event):
         message_id = event["message_id"]

@@ -87,12 +87,14 @@ def chunk(reply, stream_mode, *, offset, text, thinking_offset, thinking, timest
             id=reply.seq, role="assistant", content=reply.content, is_final=False, timestamp=timestamp)}
     if not (text or thinking):
         return None
-    data = _reply_base(reply, is_final=False, timestamp=timestamp)
-    if stream_mode == "delta":
-        data.update(offset=offset, delta=text)
+    if stream_mode == "delta":  # (once per chunk: the fields of _reply_base in one dict)
+        data = {"id": reply.seq, "role": "assistant", "timestamp": timestamp, "is_final": False,
+                "connection_id": "", "session_id": reply.session_id, "message_id": reply.message_id,
+                "seq": reply.seq, "reply_to": reply.reply_to, "offset": offset, "delta": text}
         if thinking:
             data.update(thinking_offset=thinking_offset, thinking_delta=thinking)
     else:  # cumulative: full text so far; `offset` says where this frame's new text starts
+        data = _reply_base(reply, is_final=False, timestamp=timestamp)
         content = reply.content
         data.update(content=content, message_chain=chain(content), offset=offset)
         if reply.thinking:
@@ -176,18 +178,23 @@ def error(err, **context):
 
 
 _second = [None, ""]  # the last whole second formatted, and its text up to the seconds
+_milli = [None, ""]   # the last millisecond formatted (whole second * 1000 + ms), and its text
 
 
 def timestamp_from_epoch(seconds):
     """As timestamp(datetime.fromtimestamp(seconds, UTC)), with the part up to the second formatted once a
-    second (a streaming reply asks for one per chunk)."""
+    second and the whole once a millisecond (a streaming reply asks for one per chunk)."""
     whole = int(seconds)
     micros = round((seconds - whole) * 1e6)
     if micros >= 1_000_000:
         whole, micros = whole + 1, micros - 1_000_000
+    key = whole * 1000 + micros // 1000
+    if _milli[0] == key:
+        return _milli[1]
     if _second[0] != whole:
         _second[0], _second[1] = whole, datetime.fromtimestamp(whole, timezone.utc).isoformat()[:19]
-    return f"{_second[1]}.{micros // 1000:03d}+00:00"
+    _milli[0], _milli[1] = key, f"{_second[1]}.{micros // 1000:03d}+00:00"
+    return _milli[1]
 
 
 def ack_data(user_doc, reply_doc, duplicate):

@@ -62,6 +62,7 @@ class Metrics:
         self._pending_bytes = 0
         self._pending_encoded = 0
         self.pipelines = set(pipeline_ids)
+        self._pending_streamed = {pid: [0, 0] for pid in self.pipelines}  # characters: text, thinking (per chunk)
         p = ("pipeline",)
 
         self.connections_open = Gauge("parley_connections_open", "WebSocket connections open now", p, registry=r)
@@ -234,6 +235,11 @@ class Metrics:
         if self._pending_encoded:
             self.frames_encoded.inc(self._pending_encoded)
             self._pending_encoded = 0
+        for pid, counts in self._pending_streamed.items():
+            for child, i in zip(self._streamed[pid], (0, 1)):
+                if counts[i]:
+                    child.inc(counts[i])
+                    counts[i] = 0
 
     def disconnected(self, reason):
         self.disconnects.labels(_known(reason, DISCONNECT_REASONS, "other")).inc()
@@ -257,19 +263,17 @@ class Metrics:
         self.queue_wait.labels(pid).observe(gen.started_at - gen.accepted_at)
 
     def streamed(self, gen, text, thinking):
-        pid = self.pipeline(gen.pipeline_id)
+        # Once per chunk: counted in plain ints, added to the counter when it is read (flush).
+        counts = self._pending_streamed.get(gen.pipeline_id)  # None: not a configured pipeline
         if gen.first_token_at is None and gen.started_at is not None:
             gen.first_token_at = time.monotonic()
-            if pid is None:
+            if counts is None:
                 return
-            self.first_token.labels(pid).observe(gen.first_token_at - gen.started_at)
-        if pid is None:
+            self.first_token.labels(gen.pipeline_id).observe(gen.first_token_at - gen.started_at)
+        if counts is None:
             return
-        text_chars, thinking_chars = self._streamed[pid]
-        if text:
-            text_chars.inc(len(text))
-        if thinking:
-            thinking_chars.inc(len(thinking))
+        counts[0] += len(text)
+        counts[1] += len(thinking)
 
     def generation_finished(self, gen):
         """After the terminal frame went out: the status is final."""

@@ -130,6 +130,47 @@ class Outbox:
             self.overflowed = True
             self.on_overflow()
 
+    def extend(self, message_id, offset, text, thinking_offset, thinking, timestamp):
+        """What put() does with the next delta-mode chunk of a reply whose chunk is waiting here, without the
+        frame being made: its text joins the waiting one. False (nothing done) when no chunk of the reply waits
+        or the text does not continue it; the caller then makes the frame and put()s it."""
+        entry = self.chunks.get(message_id)
+        if entry is None:
+            return False
+        frame = entry[0]
+        data = frame["data"]
+        if "content" in data:  # a cumulative chunk
+            return False
+        if ((text and "delta" in data and offset != data["offset"] + len(data["delta"]))
+                or (thinking and "thinking_delta" in data
+                    and thinking_offset != data["thinking_offset"] + len(data["thinking_delta"]))):
+            return False
+        if entry[2] is not None:  # still the frame as the fan-out made it (maybe shared): merge into a copy
+            frame = entry[0] = {**frame, "data": dict(data)}
+            data = frame["data"]
+            entry[2] = entry[3] = None
+        grown = 0
+        if text:
+            if "delta" in data:
+                data["delta"] += text
+            else:
+                data["delta"], data["offset"] = text, offset
+            grown += len(_encode(text)) - 2
+        if thinking:
+            if "thinking_delta" in data:
+                data["thinking_delta"] += thinking
+            else:
+                data["thinking_delta"], data["thinking_offset"] = thinking, thinking_offset
+            grown += len(_encode(thinking)) - 2
+        data["timestamp"] = timestamp
+        entry[1] += grown
+        self.waiting_size += grown
+        self.merged += 1
+        if self.waiting_size - self.finals_size > self.limit and not self.overflowed:
+            self.overflowed = True
+            self.on_overflow()
+        return True
+
     def put_pages(self, message_id, pages):
         """Queue an iterator of frames (one reply's catch-up), each made only when the socket has room for it."""
         self.chunks.pop(message_id, None)  # later chunks continue after the pages: never merge before them

@@ -40,7 +40,8 @@ class Generation:
         self.sender = sender
         self.stream = stream          # False: viewers get only the final frame
         self.status = "queued"
-        self.content = ""
+        self._content = []            # the answer's pieces, joined when read: `+=` per chunk copied the reply
+        self.content_length = 0
         self.thinking = ""
         self.error = None             # {"code", "message"} when failed/timeout
         self.usage = None
@@ -64,6 +65,19 @@ class Generation:
         # monotonic times for metrics (services/metrics.py)
         self.accepted_at = time.monotonic()
         self.started_at = self.first_token_at = self.stop_requested_at = None
+
+    @property
+    def content(self):
+        """The answer so far."""
+        parts = self._content
+        if len(parts) > 1:
+            parts[:] = ["".join(parts)]
+        return parts[0] if parts else ""
+
+    def add_content(self, text):
+        if text:
+            self._content.append(text)
+            self.content_length += len(text)
 
 
 class StreamManager:
@@ -343,17 +357,24 @@ class StreamManager:
         got_token = False
         async with contextlib.aclosing(provider.stream(request)) as chunks:
             try:
-                # The stall deadline moves on only when it would move by more than `slack` (a stall is then
-                # detected at most 1 % early): rescheduling the timer for every chunk was ~9 % of a relay's CPU.
-                slack = limits.stall / 100
+                # From the first token on, the deadline is the stall limit after the latest chunk (or the total
+                # limit). It moves only when it would move by more than `slack` (a stall is then detected at most
+                # 1 % early): rescheduling the timer for every chunk was ~9 % of a relay's CPU.
+                stall = limits.stall
+                slack = stall / 100
+                due = None  # the stall deadline as last set
                 async with asyncio.timeout_at(min(total_deadline, loop.time() + limits.first_token)) as deadline:
                     async for chunk in chunks:
-                        got_token = got_token or bool(chunk.text or chunk.thinking)
-                        self._apply(gen, chunk)
+                        now = loop.time()
+                        if self._apply(gen, chunk, now):
+                            got_token = True
                         if got_token:
-                            when = min(total_deadline, loop.time() + limits.stall)
-                            if when - deadline.when() > slack:
+                            when = now + stall
+                            if when > total_deadline:
+                                when = total_deadline
+                            if due is None or when - due > slack:
                                 deadline.reschedule(when)
+                                due = when
             except TimeoutError:
                 if not deadline.expired():
                     raise
@@ -365,26 +386,31 @@ class StreamManager:
                     code, what = "stall_timeout", f"the model stalled for {limits.stall:g} s"
                 raise ProviderError(code, what, status="timeout") from None
 
-    def _apply(self, gen, chunk):
+    def _apply(self, gen, chunk, now=None):
+        """One chunk of the provider's stream: True if it carried text. `now`: the loop's clock."""
         if chunk.usage:
             gen.usage = chunk.usage
         if chunk.model:
             gen.model = chunk.model
-        if not (chunk.text or chunk.thinking):
-            return
-        offset, thinking_offset = len(gen.content), len(gen.thinking)
-        self.metrics.streamed(gen, chunk.text, chunk.thinking)
+        text, thinking = chunk.text, chunk.thinking
+        if not (text or thinking):
+            return False
+        if now is None:
+            now = time.monotonic()  # = the loop's clock
+        offset, thinking_offset = gen.content_length, len(gen.thinking)
+        self.metrics.streamed(gen, text, thinking)
         if gen.dirty_since is None:
-            gen.dirty_since = time.monotonic()
-        gen.content += chunk.text
-        gen.thinking += chunk.thinking
+            gen.dirty_since = now
+        gen.add_content(text)
+        if thinking:
+            gen.thinking += thinking
         if gen.stream:
-            self.bus.publish(events.reply_delta(gen, offset=offset, text=chunk.text,
-                                                thinking_offset=thinking_offset, thinking=chunk.thinking))
-        now = time.monotonic()  # = the loop's clock
+            self.bus.publish(events.reply_delta(gen, offset=offset, text=text, thinking_offset=thinking_offset,
+                                                thinking=thinking))
         if gen.checkpoint_task is None and now - gen.last_checkpoint >= self.checkpoint_interval:
             gen.last_checkpoint = now
             gen.checkpoint_task = asyncio.get_running_loop().create_task(self._checkpoint(gen))
+        return True
 
     async def _checkpoint(self, gen):
         dirty_since, gen.dirty_since = gen.dirty_since, None

@@ -92,6 +92,9 @@ def make_test_pipelines():
         Pipeline(id="resumable", provider="demo", model="demo", timeouts=fast, history_messages=0,
                  options={"words": 50, "thinking": 15, "rate": 600}),
         Pipeline(id="stall", provider="stall", timeouts=Timeouts(first_token=2, stall=0.3, total=10)),
+        # A first-token limit far longer than the stall limit: a stall after the first token is still timed by
+        # the stall limit.
+        Pipeline(id="stall_late", provider="stall", timeouts=Timeouts(first_token=60, stall=0.3, total=120)),
         Pipeline(id="mute", provider="stall", options={"before_first": 99},
                  timeouts=Timeouts(first_token=0.3, stall=5, total=10)),
         Pipeline(id="endless", provider="demo", options={"words": 100000, "rate": 500},

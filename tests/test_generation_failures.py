@@ -23,6 +23,14 @@ async def test_stall_timeout(connect, services):
     assert final["content"] == "half a reply"  # what was streamed before the stall is kept
 
 
+async def test_a_stall_after_the_first_token_is_timed_by_the_stall_limit(connect, services):
+    """`stall_late`: first token within 60 s, stall 0.3 s. The reply stalls after two chunks: it ends as a stall
+    (well within the 10 s this test waits for a frame), not when the first-token limit would have run out."""
+    frames, final = await terminal(connect, services, "stall_late")
+    assert final["status"] == "timeout" and final["error"]["code"] == "stall_timeout"
+    assert final["content"] == "half a reply"
+
+
 async def test_first_token_timeout(connect, services):
     frames, final = await terminal(connect, services, "mute")
     assert len(frames) == 1

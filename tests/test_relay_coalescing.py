@@ -154,3 +154,41 @@ async def test_a_resume_into_a_busy_reply_continues_exactly(connect, services):
     stored = await services.store.get_message(first.message_id)
     assert len(got.finals) == 1 and len(first.finals) == 1
     assert got.joined(got.text) == first.joined(first.text) == stored["content"]
+
+
+@pytest.mark.gen_test
+async def test_the_next_delta_joins_a_waiting_chunk_without_a_frame_and_never_changes_a_shared_one():
+    """Outbox.extend (the fan-out's way to hand a busy socket the next text of a reply): it joins the chunk
+    waiting there, copying it first when the frame is still the one the fan-out shared with other sockets."""
+    a, b = Socket(), Socket()
+    boxes = [Outbox(s.write, limit=10**9, on_overflow=lambda: None) for s in (a, b)]
+    for box in boxes:
+        box.put(chunk(0, "ab"))
+    shared = chunk(2, "cd")
+    text = json.dumps(shared).encode()
+    for box in boxes:
+        box.put(shared, text, len(text))          # both busy: the same frame waits in both
+    assert boxes[0].extend("m", 4, "é\"", 0, "", "t2")
+    assert boxes[0].extend("m", 0, "", 0, "hm", "t3")        # reasoning joins too, from its own offset
+    assert not boxes[0].extend("m", 5, "x", 2, "", "t4")     # not where the text ends: the caller makes a frame
+    assert not boxes[0].extend("other", 0, "x", 0, "", "t4")  # nothing of that reply waits
+    assert shared["data"]["delta"] == "cd" and json.loads(text)["data"]["delta"] == "cd"
+    a.complete()
+    b.complete()
+    await turn()
+    got_a, got_b = decoded(a)[1]["data"], decoded(b)[1]["data"]
+    assert (got_a["offset"], got_a["delta"], got_a["thinking_offset"], got_a["thinking_delta"], got_a["timestamp"]) \
+        == (2, 'cdé"', 0, "hm", "t3")
+    assert (got_b["offset"], got_b["delta"]) == (2, "cd") and "thinking_delta" not in got_b
+    assert boxes[0].merged == 2 and boxes[0].waiting_size == 0
+
+
+@pytest.mark.gen_test
+async def test_a_waiting_cumulative_chunk_is_never_extended():
+    sock = Socket()
+    box = Outbox(sock.write, limit=10**9, on_overflow=lambda: None)
+    box.put({"type": "response", "data": {"message_id": "m", "is_final": False, "offset": 0, "content": "a",
+                                          "timestamp": "t"}})
+    box.put({"type": "response", "data": {"message_id": "m", "is_final": False, "offset": 1, "content": "ab",
+                                          "timestamp": "t"}})
+    assert not box.extend("m", 2, "c", 0, "", "t")

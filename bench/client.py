@@ -148,10 +148,20 @@ async def paced(t, p):
     delays = []
 
     async def one(ws):
+        seen = 0  # characters that came in chunks: tokens the final brings first are timed too (a busy socket's
+                  # waiting chunks may go out folded into the final)
+
         def on(frame, raw):
+            nonlocal seen
             if is_token(frame):
-                now = time.monotonic()
-                delays.extend(now - s for s in stamps(reply_text(frame)))
+                text = reply_text(frame)
+            elif is_final(frame):
+                text = frame["data"].get("content", "")[seen:]
+            else:
+                return
+            seen += len(text)
+            now = time.monotonic()
+            delays.extend(now - s for s in stamps(text))
         await ws.send(MESSAGE)
         await t.wait(ws, is_final, on)
     await asyncio.gather(*(one(ws) for ws in socks))

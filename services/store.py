@@ -368,7 +368,8 @@ class Store:
     async def _checkpoint_batch(self, items):
         """Every live reply's checkpoint in one bulk write. All matched (the usual case): each landed, and only
         the stop flags are read back (one query for the whole batch). Fewer matched than sent: the batch's
-        replies are read back to find out which landed."""
+        replies are read back to find out which landed. A lone checkpoint (an idle store, one live reply) is one
+        find_one_and_update instead: one round trip, where a terminal write or a resume may be waiting behind it."""
         ops = []
         for c in items:
             update = {"$set": {"length": c["offset"] + len(c["text"]),
@@ -377,9 +378,12 @@ class Store:
             pushes = {k: v for k, v in (("text_parts", c["text"]), ("thinking_parts", c["thinking"])) if v}
             if pushes:
                 update["$push"] = pushes
-            ops.append(UpdateOne({"_id": c["_id"], "epoch": c["epoch"], "status": "streaming",
-                                  "length": c["offset"], "thinking_length": c["thinking_offset"]}, update))
-        result = await self.messages.bulk_write(ops, ordered=False)
+            ops.append(({"_id": c["_id"], "epoch": c["epoch"], "status": "streaming", "length": c["offset"],
+                         "thinking_length": c["thinking_offset"]}, update))
+        if len(ops) == 1:
+            return [await self.messages.find_one_and_update(*ops[0], projection=FENCE_FIELDS,
+                                                            return_document=ReturnDocument.AFTER)]
+        result = await self.messages.bulk_write([UpdateOne(*op) for op in ops], ordered=False)
         ids = [c["_id"] for c in items]
         if result.matched_count == len(items):
             stopped = {doc["_id"] async for doc in self.messages.find(

@@ -12,7 +12,6 @@ import re
 from pymongo.errors import DuplicateKeyError
 
 from services import events, frames, paging, schema
-from services.batching import Admission
 from services.errors import Forbidden
 from services.errors import BadRequest, NotFound, PayloadTooLarge
 from services.store import new_id, session_position, utcnow
@@ -150,10 +149,9 @@ def default_session_id(pipeline, session_type, user_id):
 class ChatService:
     def __init__(self, store, hub, fanout, bus, streams, pipelines, *, limiter=None,
                  on_last_viewer_gone="continue", max_members=MAX_MEMBERS, max_image_size=MAX_IMAGE,
-                 admission=None):
+                 admission):
         self.limiter = limiter
-        # sends writing to the store at once (--send-concurrency), the rest queued (--send-queue)
-        self.admission = admission or Admission(64, 10_000, 5.0)
+        self.admission = admission  # services/batching.py: --send-concurrency inside, --send-queue waiting
         self.max_image_size = max_image_size
         self.max_members = max_members
         self.store = store

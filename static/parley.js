@@ -293,7 +293,11 @@
     _ack(data) {
       const p = this.pending.get(data.client_msg_id);
       if (data.reply_message_id && !this.replies.has(data.reply_message_id)) {
-        this.replies.set(data.reply_message_id, new Reply(data.reply_message_id));
+        const r = new Reply(data.reply_message_id);
+        this.replies.set(r.id, r);
+        // A resent message the server already had: its reply may have ended while we were away (no final
+        // will come by itself), so ask for it; a live one's repeat is trimmed by its offsets.
+        if (data.duplicate) this._write(Object.assign({type: "resume", message_id: r.id}, r.offsets()));
       }
       if (p) {
         this.pending.delete(data.client_msg_id);

@@ -141,6 +141,26 @@ test("reconnects with backoff, resends unacked sends, resumes from its offsets a
   assert.equal(last.text, "de");
 });
 
+test("a resent message acked as a duplicate resumes its reply, which may have ended while we were away", () => {
+  const {chat, socket, events} = client();
+  chat.connect();
+  let ws = socket();
+  ws.open();
+  ws.frame({type: "connected", session_id: "s1"});
+  chat.send("hello", {client_msg_id: "k1"});  // stored by the server, but its ack is lost with the connection
+  ws.drop();
+  chat.retryNow();
+  ws = socket();
+  ws.open();
+  ws.frame({type: "connected", session_id: "s1"});
+  assert.equal(ws.sent[1].client_msg_id, "k1");
+  ws.frame({type: "ack", data: {client_msg_id: "k1", reply_message_id: "r9", duplicate: true}});
+  assert.deepEqual(ws.sent[2], {type: "resume", message_id: "r9", offset: 0, thinking_offset: 0});
+  ws.frame(reply("r9", {seq: 4, is_final: true, status: "completed", content: "done"}));
+  assert.equal(chat.reply("r9").text, "done");
+  assert.equal(events.filter(([e, p]) => e === "final" && p.message_id === "r9").length, 1);
+});
+
 test("backoff grows while the server stays away and resets once connected", () => {
   const {chat, socket, clock} = client({random: () => 1});
   chat.connect();

@@ -692,6 +692,15 @@ async def test_a_user_with_tabs_on_two_instances_is_online_once_and_leaves_with_
 
     watchers = [await join(three, "w1"), await join(one, "w2")]  # on a third instance, and beside the first tab
     skip = ("w1", "w2")
+    for w in watchers:  # each instance knows the other watcher is online before the tabs come (the bus is async)
+        for _ in range(300):  # bounded: 300 snapshots, 0.2 s apart
+            await w.send({"type": "presence", "session_id": session_id})
+            while (data := (await frame_of(w, "presence"))["data"])["event"] != "snapshot":
+                pass
+            if data["online"] == ["w1", "w2"]:
+                break
+            await asyncio.sleep(0.2)
+        assert data["online"] == ["w1", "w2"], data
 
     async def everyone_sees(event, user, online):
         for w in watchers:

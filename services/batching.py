@@ -60,9 +60,9 @@ class GroupCommit:
                 batch = []
         finally:
             self._worker = None
-            for _, future in batch + self._pending if batch else ():  # cancelled mid-flush (loop shutdown)
-                future.cancel()
-            if batch:
+            if batch:  # cancelled mid-flush (loop shutdown): nothing will answer these callers
+                for _, future in batch + self._pending:
+                    future.cancel()
                 self._pending = []
 
     async def close(self):

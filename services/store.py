@@ -87,10 +87,11 @@ class Store:
         self._inserts = GroupCommit(self._insert_batch, on_batch=batched("insert_messages"))
         self._checkpoints = GroupCommit(self._checkpoint_batch, on_batch=batched("checkpoint"))
         self._finishes = GroupCommit(self._finish_batch, on_batch=batched("finish"))
+        self._advances = GroupCommit(self._advance_batch, on_batch=batched("advance_seq"))
 
     async def close(self):
         """Let the writes already gathered for a bulk write land (before the client closes)."""
-        for batcher in (self._inserts, self._checkpoints, self._finishes):
+        for batcher in (self._inserts, self._checkpoints, self._finishes, self._advances):
             await batcher.close()
 
     async def create_indexes(self):
@@ -197,6 +198,25 @@ class Store:
         if not doc:
             raise NotFound(f"no session {session_id!r}", code="session_not_found")
         return doc["next_seq"] - count + 1
+
+    @timed
+    async def advance_seq(self, session_id, counter):
+        """Raise a session's counter to at least `counter` (numbers taken from memory: services/numbers.py),
+        and mark it used now, as next_seqs does. Writes issued together go out as one bulk."""
+        await self._advances.submit((session_id, counter))
+
+    async def _advance_batch(self, items):
+        ops = [UpdateOne({"_id": sid}, {"$max": {"next_seq": counter}, **touched()}) for sid, counter in items]
+        await self.sessions.bulk_write(ops, ordered=False)
+        return [None] * len(items)
+
+    @timed
+    async def repair_seq(self, session_id):
+        """Raise a session's counter past the highest number its messages hold (a counter written after its
+        messages, and lost in between: services/numbers.py)."""
+        last = await self.messages.find_one({"session_id": session_id}, {"seq": 1}, sort=[("seq", DESCENDING)])
+        if last is not None:
+            await self.sessions.update_one({"_id": session_id}, {"$max": {"next_seq": last["seq"]}})
 
     # one reply at a time per session, across instances (cluster mode)
 

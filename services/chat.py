@@ -163,7 +163,7 @@ class ChatService:
         self.streams = streams
         self.pipelines = pipelines
         self.on_last_viewer_gone = on_last_viewer_gone  # "continue" | "stop"
-        self._background = set()  # durable-stop writes in flight
+        self._background = set()  # store writes nobody waits for (durable stops, counters), in flight
         self._known = {}          # session id -> its unchanging fields (session_to_send), the latest KNOWN_SESSIONS
         self._opening = {}        # default/embed session id -> the store lookup in flight (_get_or_create)
         self._sending = {}        # session id -> sends between their first write and accept() (see send)
@@ -425,16 +425,18 @@ class ChatService:
             self.numbers.reserved(session_id, counter)
 
     async def _insert(self, session_id, docs, local):
-        """Insert a send's messages; numbers taken from memory have their counter written beside them."""
-        if not local:
-            return await self.store.insert_messages(docs)
-        inserted, advanced = await asyncio.gather(self.store.insert_messages(docs),
-                                                  self.store.advance_seq(session_id, docs[-1]["seq"]),
-                                                  return_exceptions=True)
-        if isinstance(inserted, BaseException):
-            raise inserted
-        if isinstance(advanced, BaseException):  # memory has it right; the next send's write, or a repair, fixes it
-            log.warning("could not write the message counter session_id=%s: %s", session_id, advanced)
+        """Insert a send's messages. Numbers taken from memory have their counter written after the insert, in
+        the background: the reply need not wait for it (memory has it right; a counter lost to a crash before it
+        lands is repaired by the next send: services/numbers.py)."""
+        await self.store.insert_messages(docs)
+        if local:
+            self._in_background(self._advance(session_id, docs[-1]["seq"]), f"counter-{session_id}")
+
+    async def _advance(self, session_id, counter):
+        try:
+            await self.store.advance_seq(session_id, counter)
+        except Exception as exc:  # the next send's write, or a repair, sets it
+            log.warning("could not write the message counter session_id=%s: %s", session_id, exc)
 
     async def _duplicate(self, user_doc):
         return user_doc, await self.store.find_reply(user_doc["_id"]), True
@@ -458,8 +460,11 @@ class ChatService:
         """Make a stop durable in the background: the generation re-checks it at every checkpoint."""
         if message_ids is not None and not message_ids:
             return
-        task = asyncio.get_running_loop().create_task(self._write_stop(session_id, message_ids),
-                                                      name=f"stop-{session_id}")
+        self._in_background(self._write_stop(session_id, message_ids), f"stop-{session_id}")
+
+    def _in_background(self, write, name):
+        """A store write nobody waits for; close() lets it land."""
+        task = asyncio.get_running_loop().create_task(write, name=name)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -473,7 +478,7 @@ class ChatService:
             log.warning("could not record stop session_id=%s message_ids=%s: %s", session_id, message_ids, exc)
 
     async def close(self):
-        """Let the durable-stop writes in flight land before the store closes."""
+        """Let the background writes in flight land before the store closes."""
         await asyncio.gather(*self._background, return_exceptions=True)
 
     def disconnect(self, conn):

@@ -8,10 +8,11 @@ round trips before a reply's first token.
 
 Without --cluster this instance is the only writer of every counter, and a person session's only sender is its
 owner (an admin aside), which never changes. For those sessions the numbers are taken from memory at once and
-the counter is written beside the messages' insert (store.advance_seq, `$max`): one round trip. The counter
+the counter is written after the messages' insert, in the background (store.advance_seq, `$max`): one
+round trip before the reply starts, not two. The counter
 is known from a reservation this instance made, or a session document read while no send of it was in flight
 here; a number taken while a reservation of the same session is in flight could collide with it, so none is.
-Whatever goes wrong anyway (a counter behind its messages after a crash between the two writes, an entry
+Whatever goes wrong anyway (a counter behind its messages after a crash before it was written, an entry
 evicted and learned again late) fails the insert on the unique (session_id, seq) index, before anything was
 shown: the send repairs the counter from the messages and reserves the usual way (services/chat.py).
 """

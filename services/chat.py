@@ -450,14 +450,17 @@ class ChatService:
             check_id(message_id, "message_id")
         stopped = self.streams.stop(session_id, message_id)
         self.bus.publish(events.stop(session_id, message_id))  # the owner of a reply running elsewhere
+        # A reply stopped here records the stop in its own terminal write (services/streams.py): a write of
+        # the flag beside it would only queue in the store ahead of that write, which the final waits for.
         if message_id is None and self.streams.cluster:
             self._record_stop(session_id, None)  # the session's live replies on every instance
-        else:
-            self._record_stop(session_id, stopped if message_id is None else [message_id])
+        elif message_id is not None and not stopped:
+            self._record_stop(session_id, [message_id])  # running on another instance (or already ended)
         return stopped
 
     def _record_stop(self, session_id, message_ids):
-        """Make a stop durable in the background: the generation re-checks it at every checkpoint."""
+        """Make a stop of a reply generating elsewhere durable in the background: its generation re-checks the
+        flag when it starts and at every checkpoint, so the stop holds even if the `stop` event is lost."""
         if message_ids is not None and not message_ids:
             return
         self._in_background(self._write_stop(session_id, message_ids), f"stop-{session_id}")

@@ -476,17 +476,23 @@ class Store:
         return doc
 
     @timed
-    async def finish(self, message_id, *, epoch, status, content, thinking, error=None, usage=None, model=None):
+    async def finish(self, message_id, *, epoch, status, content, thinking, error=None, usage=None, model=None,
+                     stop_requested=False):
         """The terminal write, fenced like a checkpoint. Returns True if it landed; False if the reply is no
-        longer ours (another instance's reaper ended it): the stored message is then the truth."""
+        longer ours (another instance's reaper ended it): the stored message is then the truth.
+        `stop_requested`: a stop reached the generation here; recorded as `request_stop` would."""
         assert status in TERMINAL, status
         fields = {"status": status, "content": content, "thinking": thinking, "error": error, "lease_until": None,
                   "length": len(content), "thinking_length": len(thinking)}
+        stamps = ("updated_at", "finished_at")
+        if stop_requested:
+            fields["stop_requested"] = True
+            stamps += ("stop_requested_at",)
         if usage:
             fields["usage"] = usage
         if model:
             fields["model"] = model
-        return await self._finishes.submit((message_id, epoch, status, fields))
+        return await self._finishes.submit((message_id, epoch, status, fields, stamps))
 
     async def _finish_batch(self, items):
         """Terminal writes issued together, as one bulk write. All matched: each landed. Otherwise the batch's
@@ -494,14 +500,14 @@ class Store:
         (which also recognizes a write that landed on an earlier attempt whose answer was lost)."""
         result = await self.messages.bulk_write([UpdateOne(
             {"_id": message_id, "epoch": epoch, "status": {"$in": list(LIVE)}},
-            {"$set": fields, "$unset": {"text_parts": "", "thinking_parts": ""}, **stamp("updated_at", "finished_at")})
-            for message_id, epoch, _, fields in items], ordered=False)
+            {"$set": fields, "$unset": {"text_parts": "", "thinking_parts": ""}, **stamp(*stamps)})
+            for message_id, epoch, _, fields, stamps in items], ordered=False)
         if result.matched_count == len(items):
             return [True] * len(items)
         stored = {doc["_id"]: doc async for doc in self.messages.find(
             {"_id": {"$in": [item[0] for item in items]}}, {"status": 1, "epoch": 1})}
         return [(doc := stored.get(message_id)) is not None and doc.get("epoch") == epoch
-                and doc.get("status") == status for message_id, epoch, status, _ in items]
+                and doc.get("status") == status for message_id, epoch, status, *_ in items]
 
     @timed
     async def delete_session_messages(self, session_id):

@@ -413,6 +413,7 @@ class StreamManager:
         return True
 
     async def _checkpoint(self, gen):
+        stopped = gen.stop_reason  # a stop taken before this checkpoint of a reply that still streams
         dirty_since, gen.dirty_since = gen.dirty_since, None
         offset, thinking_offset = gen.saved, gen.saved_thinking
         text, thinking = gen.content[offset:], gen.thinking[thinking_offset:]
@@ -421,16 +422,21 @@ class StreamManager:
                                               thinking_offset=thinking_offset, thinking=thinking,
                                               lease_until=self.lease_until())
             if doc is None:
+                if gen.finishing:  # the terminal write, sent beside it, landed first: it has the whole text
+                    return
                 doc = await self._refused(gen)
             if doc is None:
                 return
             gen.saved, gen.saved_thinking = doc.get("length", 0), doc.get("thinking_length", 0)
             if dirty_since is not None:
                 self.metrics.checkpointed(gen, dirty_since)
-            # A durable stop (recorded in MongoDB) is honoured even if its signal never reached this task.
-            if doc.get("stop_requested") and (callback := self.stop_callbacks.get(gen.message_id)):
-                log.info("durable stop honoured message_id=%s", gen.message_id)
-                callback("stopped")
+            # A durable stop (recorded in MongoDB) is honoured even if its signal never reached this task; a stop
+            # taken here before the reply streamed on is fired again (its cancellation was lost in the driver: see
+            # _request_stop; a stop taken here is recorded by the terminal write, not by a flag to read back).
+            if (doc.get("stop_requested") or stopped) and (callback := self.stop_callbacks.get(gen.message_id)):
+                if not stopped:
+                    log.info("durable stop honoured message_id=%s", gen.message_id)
+                callback(stopped or "stopped")
         except Exception as exc:  # a missed checkpoint only costs freshness; the terminal write decides
             gen.dirty_since = gen.dirty_since or dirty_since
             log.warning("checkpoint failed message_id=%s: %s", gen.message_id, exc)
@@ -468,7 +474,9 @@ class StreamManager:
             try:
                 return await self.store.finish(gen.message_id, epoch=gen.epoch, status=gen.status,
                                                content=gen.content, thinking=gen.thinking, error=gen.error,
-                                               usage=gen.usage, model=gen.model)
+                                               usage=gen.usage, model=gen.model,
+                                               stop_requested=gen.status == "stopped"
+                                               and gen.stop_requested_at is not None)
             except Exception as exc:
                 if loop.time() + delay > deadline:
                     log.error("could not persist the end of message_id=%s status=%s; its final frame waits for "
@@ -489,8 +497,9 @@ class StreamManager:
         log.debug("stream signal removed message_id=%s status=%s", gen.message_id, gen.status)
         final = None  # what viewers are told: only ever a state the store holds
         try:
-            if gen.checkpoint_task is not None:
-                await gen.checkpoint_task  # never let a late checkpoint land after the terminal write
+            # The terminal write does not wait for a checkpoint in flight (a stop right after the first token
+            # finds one more often than not): a checkpoint matches only a `streaming` reply, so whichever of the
+            # two lands first, the stored message ends terminal with the whole text.
             durable = None if gen.fenced else await self._persist_end(gen)
             if durable:
                 final = gen
@@ -516,7 +525,11 @@ class StreamManager:
                 self.bus.publish(events.reply_final(final))
             if gen.status not in LIVE:
                 self.metrics.generation_finished(gen)
-            gen.done.set()
+            try:
+                if gen.checkpoint_task is not None:  # no task outlives its reply
+                    await asyncio.wait((gen.checkpoint_task,))
+            finally:
+                gen.done.set()
 
     def lease_until(self):
         # Epoch seconds, not a datetime: nx-27017 stores a datetime written by $set as a string.

@@ -53,9 +53,16 @@ class Numbers:
 
     def seen(self, doc, sending):
         """A session document read from the store. `sending`: a send of it is in flight here (its reservation may
-        already have moved the counter past what this read saw)."""
-        if self.local and not sending and doc.get("type") == "person" and "next_seq" in doc:
+        already have moved the counter past what this read saw). The document's counter is raised to the numbers
+        taken here (their counter write may not have landed): what joins the session from it (the fan-out's
+        order, a session's `last_seq`) accounts for them, as it would with the store's own reservation."""
+        if not (self.local and doc.get("type") == "person" and "next_seq" in doc):
+            return
+        if not sending:
             self.learn(doc["_id"], doc["next_seq"])
+        first = self._next.get(doc["_id"])
+        if first is not None and first - 1 > doc["next_seq"]:
+            doc["next_seq"] = first - 1
 
     def learn(self, session_id, counter):
         if not self.local:

@@ -7,7 +7,7 @@ import pytest
 from pymongo import MongoClient
 from tornado.httpclient import AsyncHTTPClient
 
-from tests.conftest import TEST_TOKEN
+from tests.conftest import TEST_TOKEN, settle
 from tests.test_crash import start_instance, stop_instance, ws
 
 pytestmark = pytest.mark.gen_test(timeout=60)
@@ -122,3 +122,28 @@ async def test_sends_at_once_from_two_tabs_of_a_new_session_never_share_a_number
     assert sorted(a["data"]["seq"] for a in acks) == list(range(1, 9, 2))
     numbers, last_seq = await stored_numbers(fetch, session_id)
     assert [n for n, _ in numbers] == list(range(1, 9)) and last_seq == 8
+
+
+async def test_a_session_read_while_its_counter_write_is_on_its_way_shows_the_numbers_taken(services, fetch,
+                                                                                            monkeypatch):
+    """The counter of numbers taken from memory is written in the background; until it lands, what is read of
+    the session (its `last_seq`, where a new viewer's order starts) still accounts for them."""
+    real, gate = services.store.advance_seq, asyncio.Event()
+
+    async def held(*args, **kw):
+        await gate.wait()
+        return await real(*args, **kw)
+
+    monkeypatch.setattr(services.store, "advance_seq", held)
+    code, body = await fetch("/api/v1/pipelines/default/sessions", "POST", {"session_type": "person"})
+    assert code == 201, body
+    session_id = body["data"]["session_id"]
+    path = f"/api/v1/pipelines/default/sessions/{session_id}"
+    code, body = await fetch(path + "/messages", "POST", {"message": [{"type": "Plain", "text": "hello"}]})
+    assert code == 202 and (body["data"]["seq"], body["data"]["reply_seq"]) == (1, 2), body
+    assert (await services.store.get_session(session_id))["next_seq"] == 0  # the write is held
+    numbers, last_seq = await stored_numbers(fetch, session_id)
+    assert [n for n, _ in numbers] == [1, 2] and last_seq == 2
+    gate.set()
+    await settle(lambda: not services.chat._background)
+    assert (await services.store.get_session(session_id))["next_seq"] == 2

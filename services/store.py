@@ -232,6 +232,20 @@ class Store:
             return None
         if oldest["_id"] != message_id:
             return False
+        if await self._take_turn(session_id, message_id):
+            return True
+        # Held by another reply. A live one releases it when it ends; one that has ended or is gone (its instance
+        # died between its terminal write and the release, a reset deleted it) never will: free it here.
+        session = await self.sessions.find_one({"_id": session_id}, {"generating": 1})
+        holder = (session or {}).get("generating")
+        if holder in (None, message_id) or await self.messages.find_one(
+                {"_id": holder, "status": {"$in": list(LIVE)}}, {"_id": 1}):
+            return False
+        log.info("turn: session_id=%s was held by reply %s, which has ended or is gone: freed", session_id, holder)
+        await self.sessions.update_one({"_id": session_id, "generating": holder}, {"$set": {"generating": None}})
+        return await self._take_turn(session_id, message_id)
+
+    async def _take_turn(self, session_id, message_id):
         doc = await self.sessions.find_one_and_update(
             {"_id": session_id, "generating": {"$in": [None, message_id]}}, {"$set": {"generating": message_id}},
             projection={"generating": 1})

@@ -1,9 +1,12 @@
 """The OpenAI Chat Completions streaming provider: OpenAI and every server that speaks its API
 (vLLM, Ollama, llama.cpp server, LM Studio, DeepSeek, OpenRouter).
 
-The official `openai` package does the HTTP, auth and the status errors; the streamed body is read raw and its
-chunks decoded here with msgspec (the package's per-chunk pydantic models cost most of the CPU of a fast
-stream). This module builds the messages (system prompt, windowed history, speaker labels), splits reasoning
+The official `openai` package configures the client (base URL, key, headers) and owns its HTTP client; the
+streaming request itself goes straight through that HTTP client (the package's per-request layers — options
+models, body transform, retry and auth wrappers — were a fifth of the loop in a 100-stream burst), and its
+status errors become the package's own exception classes, as `create()` raises them. The streamed body is read
+raw and its chunks decoded here with msgspec (the package's per-chunk pydantic models cost most of the CPU of a
+fast stream). This module builds the messages (system prompt, windowed history, speaker labels), splits reasoning
 from the answer, retries only before the first token, maps failures to stable codes (viewers get the code and a
 generic message; the upstream's own words go to the log only), and closes the upstream response in its
 `finally` so a stop is seen upstream as a disconnect at once.
@@ -152,18 +155,41 @@ class OpenAIProvider:
         self.think_tags = opts.get("think_tags", True)
         self.max_tokens_param = opts.get("max_tokens_param", "max_tokens")
         self.extra_body = opts.get("extra_body") or None
-        self._client = None
+        self._client = self._http = None
+        self._headers = self._url = None
 
     def _get_client(self, key):
         if self._client is None:
             t = self.pipeline.timeouts
-            self._client = openai.AsyncOpenAI(
-                api_key=key or NO_KEY, base_url=self.pipeline.base_url,
-                # Retries are ours (only before the first token); read timeouts are the stream manager's
-                # first-token/stall/total watchdogs, so the read timeout here is off.
-                max_retries=0,
-                timeout=openai.Timeout(None, connect=t.connect, write=t.connect, pool=t.connect))
+            # Retries are ours (only before the first token); read timeouts are the stream manager's
+            # first-token/stall/total watchdogs, so the read timeout here is off.
+            timeout = openai.Timeout(None, connect=t.connect, write=t.connect, pool=t.connect)
+            self._http = _http_client(timeout)
+            self._client = openai.AsyncOpenAI(api_key=key or NO_KEY, base_url=self.pipeline.base_url,
+                                              max_retries=0, timeout=timeout, http_client=self._http)
+            # What the package would send with every request (auth, then its default headers; Omit()s dropped).
+            headers = {**self._client.auth_headers, **self._client.default_headers}
+            self._headers = {k: v for k, v in headers.items() if isinstance(v, str)}
+            self._url = self._client.base_url.join("chat/completions")
         return self._client
+
+    async def _open(self, body):
+        """POST the streaming request; -> the response, its body unread. Failures are the package's exceptions,
+        as its `create()` raises them (status errors by status, anything before a response a connection error)."""
+        request = self._http.build_request("POST", self._url, headers=self._headers, content=_encode(body))
+        try:
+            response = await self._http.send(request, stream=True)
+        except httpx.TimeoutException as exc:
+            raise openai.APITimeoutError(request=request) from exc
+        except Exception as exc:  # as the package does: whatever failed before a response
+            raise openai.APIConnectionError(request=request) from exc
+        if response.status_code >= 400:
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
+            raise _status_error(response)
+        return response
 
     async def warm_up(self, timeout=2.0):
         """Before the first reply: build the client and its lazily imported parts, and open a pooled connection
@@ -182,8 +208,8 @@ class OpenAIProvider:
 
     async def aclose(self):
         if self._client is not None:
-            client, self._client = self._client, None
-            await client.close()
+            client, self._client, self._http = self._client, None, None
+            await client.close()  # (closes the HTTP client it was given)
 
     def _key(self):
         name = self.pipeline.api_key_env
@@ -203,6 +229,8 @@ class OpenAIProvider:
             body["temperature"] = p.temperature
         if p.max_tokens is not None:
             body[self.max_tokens_param] = p.max_tokens
+        if self.extra_body:
+            body.update(self.extra_body)  # as the package merges `extra_body`: its keys win
         return body
 
     async def stream(self, request):
@@ -214,7 +242,7 @@ class OpenAIProvider:
             log.debug("provider failed: pipeline=%s session=%s message=%s code=%s %s", *ids, err.code,
                       err.message)  # the stream manager logs the failed reply once, at WARNING
             raise
-        client = self._get_client(key)
+        self._get_client(key)
         body = self.request_body(request)
         sent = False        # text or thinking has gone out: from here on, never retry
         has_text = False    # some non-blank answer text
@@ -226,12 +254,12 @@ class OpenAIProvider:
             finished = done = False
             try:
                 try:
-                    upstream = await client.chat.completions.create(**body, extra_body=self.extra_body)
+                    upstream = await self._open(body)
                 except openai.APIError as exc:
                     raise self._error(exc, key, ids, attempt=attempt) from None
                 pieces = _Pieces()
                 try:
-                    async for events in _sse_reads(upstream.response):
+                    async for events in _sse_reads(upstream):
                         for data in events:
                             if done:
                                 break  # read the body to its end, so the connection is reused
@@ -244,7 +272,7 @@ class OpenAIProvider:
                                 error = exc  # after the text that came before it
                                 break
                             if event.error:
-                                error = openai.APIError(_error_text(event.error), upstream.response.request,
+                                error = openai.APIError(_error_text(event.error), upstream.request,
                                                         body=event.error)
                                 break
                             if isinstance(event.model, str):
@@ -301,7 +329,7 @@ class OpenAIProvider:
                 if upstream is not None:
                     # Closes the HTTP response (and its connection) at once: on a stop the upstream server
                     # sees the disconnect and stops generating; no further delta is read.
-                    await upstream.close()
+                    await upstream.aclose()
             attempt += 1
             await asyncio.sleep(delay)
         if not has_text:
@@ -328,6 +356,35 @@ class OpenAIProvider:
         # DEBUG: the stream manager logs the failed reply once, at WARNING; this adds the attempts
         log.debug("provider failed: pipeline=%s session=%s message=%s code=%s attempts=%d %s", *ids,
                   err.code, attempt + 1, err.detail or err.message)
+
+
+def _http_client(timeout):
+    """The HTTP client of one provider: the package's default (httpx, with the package's connection limits)."""
+    return openai.DefaultAsyncHttpxClient(timeout=timeout)
+
+
+_encode = msgspec.json.encode
+
+# The package's exception class for each error status (as its client maps them); others are APIStatusError.
+STATUS_ERRORS = {400: openai.BadRequestError, 401: openai.AuthenticationError, 403: openai.PermissionDeniedError,
+                 404: openai.NotFoundError, 409: openai.ConflictError, 422: openai.UnprocessableEntityError,
+                 429: openai.RateLimitError}
+
+
+def _status_error(response):
+    """An error status as the package reports it: "Error code: N - <the body's error message>"."""
+    message, body = f"Error code: {response.status_code}", response.text.strip()
+    try:
+        body = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        pass
+    error = body.get("error", body) if isinstance(body, dict) else body
+    if isinstance(error, dict) and isinstance(error.get("message"), str) and error["message"]:
+        message += f" - {error['message']}"
+    cls = STATUS_ERRORS.get(response.status_code)
+    if cls is None:
+        cls = openai.InternalServerError if response.status_code >= 500 else openai.APIStatusError
+    return cls(message, response=response, body=error)
 
 
 class _Retry(Exception):

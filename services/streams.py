@@ -52,7 +52,9 @@ class Generation:
         self.done = asyncio.Event()   # set after the terminal state is persisted and sent
         self.previous = None          # the generation this one waits for (same session)
         self.checkpoint_task = None
-        self.last_checkpoint = 0.0
+        # The first checkpoint comes one interval after acceptance, not at the first chunk: a reply that ends (or
+        # is stopped) sooner has its text saved by the terminal write alone, which would otherwise queue behind it
+        self.last_checkpoint = time.monotonic()
         self.dirty_since = None       # monotonic time of the oldest character not yet checkpointed
         self.epoch = epoch            # fencing token from the store's claim: every write of ours must match it
         self.claimed = epoch > 0      # stored already streaming, with this epoch (services/chat.py send)

@@ -107,7 +107,7 @@ def make_test_pipelines():
                  options={"words": 3000, "rate": 0}),
         # As fast as possible and long enough (~1 s) that a second tab resumes it while it streams.
         Pipeline(id="torrent", provider="demo", model="demo", timeouts=fast, history_messages=0,
-                 options={"words": 20000, "rate": 0}),
+                 options={"words": 50000, "rate": 0}),
         Pipeline(id="broken", provider="fail", timeouts=fast),
         # Takes images; LangBot's embed widget reaches it as bot "widget".
         Pipeline(id="vision", provider="demo", model="demo", timeouts=fast, inputs=("text", "image"),

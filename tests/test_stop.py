@@ -3,6 +3,7 @@ import asyncio
 
 import pytest
 
+from services.providers.demo import DemoProvider
 from tests.conftest import settle
 
 pytestmark = pytest.mark.gen_test(timeout=60)
@@ -40,6 +41,18 @@ async def test_stop_current_reply_from_the_socket(connect, services):
     assert ack["data"]["stopped"] == [reply_id] and ack["data"]["session_id"] == c.connected["session_id"]
     final = await assert_stopped_cleanly(c, services, reply_id)
     assert len(final["content"]) < 3000
+
+
+async def test_a_reply_at_full_speed_is_stopped_mid_reply(connect, services):
+    """The demo at rate 0 makes words back to back, giving the loop a turn every so often: a stop sent after its
+    first chunk is heard long before its 50,000 words are made."""
+    c = await connect("torrent")
+    reply_id = await start_reply(c)
+    await c.send({"type": "stop"})
+    assert (await c.recv_type("stop_ack"))["data"]["stopped"] == [reply_id]
+    final = await assert_stopped_cleanly(c, services, reply_id)
+    whole = "".join(DemoProvider(services.streams.pipelines.get("torrent")).answer("tell me everything"))
+    assert len(final["content"]) < len(whole)
 
 
 async def test_stop_by_message_id(connect, services):

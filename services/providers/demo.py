@@ -5,7 +5,8 @@ line — so a first look at streaming shows text worth reading and a client's Ma
 first (streamed as `thinking`), and it streams at a set speed.
 
 Options (pipeline `options`, see docs/providers.md):
-  rate         words per second (0 = as fast as possible); the speed of the stream
+  rate         words per second (0 = as fast as possible: words back to back, the loop given a turn at least
+               every TURN seconds); the speed of the stream
   thinking     true: a short reasoning before the answer; N > 0: exactly N words of it; 0/false: none
   words        0: the whole answer; N > 0: exactly N words after the quote, the answer repeated as needed
                (long, predictable replies for tests and load)
@@ -14,9 +15,16 @@ Non-ASCII text (café, naïve, 🙂) is part of every answer: offsets count code
 """
 import asyncio
 import hashlib
+import itertools
 import re
 
 from services.providers import Chunk
+
+# At full speed (rate 0) the longest the demo keeps the loop before giving it a turn: a stop is heard, the
+# sockets' writes complete and other connections run at least this often. One turn per word made the loop's
+# own work (a task step, a write's callbacks) most of a fast reply's cost; words made within one turn reach a
+# socket that is still busy with the turn's first write, so they merge there (services/outbox.py).
+TURN = 1e-4
 
 STOPWORDS = set("""a an and are as at be but by can could did do does for from had has have how i if in into is it
 its me my of on or please should so tell than that the their them then there these this to us was we what when
@@ -105,14 +113,20 @@ class DemoProvider:
 
     async def stream(self, request):
         prompt = request.prompt.text if request.prompt else ""
-        if self.thinking:
-            for piece in self._pieces(self.reasoning(prompt)):
-                await self._pace()
-                yield Chunk(thinking=piece)
         words = self.answer(prompt)
-        for piece in self._pieces(words):
-            await self._pace()
-            yield Chunk(text=piece)
+        thought = self._pieces(self.reasoning(prompt)) if self.thinking else ()
+        chunks = itertools.chain((Chunk(thinking=piece) for piece in thought),
+                                 (Chunk(text=piece) for piece in self._pieces(words)))
+        delay, loop, turn_ends = self.delay, asyncio.get_running_loop(), 0.0
+        for chunk in chunks:
+            # The loop gets a turn before the first chunk and between chunks (at full speed: whenever a TURN has
+            # passed since the last), so a stop is heard mid-reply.
+            if delay:
+                await asyncio.sleep(delay)
+            elif loop.time() >= turn_ends:
+                await asyncio.sleep(0)
+                turn_ends = loop.time() + TURN
+            yield chunk
         yield Chunk(usage={"prompt_tokens": len(prompt.split()), "completion_tokens": len(words)}, model=self.model)
 
     def _pieces(self, words):
@@ -124,7 +138,3 @@ class DemoProvider:
     def delay(self):
         """Seconds between chunks: the stream's speed."""
         return self.chunk_words / self.rate if self.rate > 0 else 0
-
-    async def _pace(self):
-        # Always yield to the loop, even at rate 0, so a stop is heard between chunks.
-        await asyncio.sleep(self.delay)

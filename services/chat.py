@@ -12,6 +12,8 @@ import re
 from pymongo.errors import DuplicateKeyError
 
 from services import events, frames, paging, schema
+from services.numbers import Numbers
+from services.ordering import SEQS_PER_SEND
 from services.errors import Forbidden
 from services.errors import BadRequest, NotFound, PayloadTooLarge
 from services.store import new_id, session_position, utcnow
@@ -161,10 +163,11 @@ class ChatService:
         self.streams = streams
         self.pipelines = pipelines
         self.on_last_viewer_gone = on_last_viewer_gone  # "continue" | "stop"
-        self._background = set()  # durable-stop writes in flight
+        self._background = set()  # store writes nobody waits for (durable stops, counters), in flight
         self._known = {}          # session id -> its unchanging fields (session_to_send), the latest KNOWN_SESSIONS
         self._opening = {}        # default/embed session id -> the store lookup in flight (_get_or_create)
         self._sending = {}        # session id -> sends between their first write and accept() (see send)
+        self.numbers = Numbers(local=not streams.cluster)  # message numbers without a store round trip
 
     # sessions
 
@@ -265,7 +268,9 @@ class ChatService:
         if doc["_id"] not in self._known:
             if len(self._known) >= KNOWN_SESSIONS:
                 del self._known[next(iter(self._known))]
-            self._known[doc["_id"]] = {"_id": doc["_id"], "pipeline": doc["pipeline"], "type": doc["type"]}
+            self._known[doc["_id"]] = {"_id": doc["_id"], "pipeline": doc["pipeline"], "type": doc["type"],
+                                       "owner": doc.get("owner")}
+        self.numbers.seen(doc, bool(self._sending.get(doc["_id"])))
 
     async def change_members(self, identity, session, *, add=(), remove=()):
         """Owner (or admin) adds or removes members of a group session; removed members stop viewing it."""
@@ -348,31 +353,17 @@ class ChatService:
         self._sending[sid] = self._sending.get(sid, 0) + 1
         history = streams.prefetch_history(sid, session["pipeline"]) if claimed else None
         try:
-            seq = await self.store.next_seqs(sid, 2, pipeline=session["pipeline"],
-                                             member=None if identity.is_admin else identity.user_id)
-            now = utcnow()
-            user_doc = {"_id": new_id(), "session_id": sid, "pipeline": session["pipeline"], "seq": seq,
-                        "role": "user", "content": text, "chain": chain, "status": "completed",
-                        "sender": identity.user_id, "created_at": now, "updated_at": now}
-            if client_msg_id is not None:
-                user_doc["client_msg_id"] = client_msg_id
-            reply_doc = {"_id": new_id(), "session_id": sid, "pipeline": session["pipeline"],
-                         "seq": seq + 1, "role": "assistant", "content": "", "thinking": "", "status": "queued",
-                         "epoch": 0, "length": 0, "thinking_length": 0,
-                         "reply_to": user_doc["_id"], "created_at": now, "updated_at": now,
-                         # leased from the start: a queued reply of a crashed instance is reaped too
-                         "instance": streams.instance_id, "lease_until": streams.lease_until()}
-            if claimed:  # as store.mark_streaming leaves it
-                reply_doc.update(status="streaming", epoch=1, text_parts=[], thinking_parts=[], started_at=now)
-            try:
-                await self.store.insert_messages([user_doc, reply_doc])
-            except DuplicateKeyError:  # the same client_msg_id raced in from another tab
-                if client_msg_id is None:
-                    raise
-                existing = await self.store.find_by_client_msg_id(sid, client_msg_id)
-                if existing is None:
-                    raise
-                return await self._duplicate(existing)
+            for retry in (False, True):
+                user_doc, reply_doc = await self._store_send(identity, session, text, chain, client_msg_id, claimed)
+                if user_doc is not None:
+                    break
+                if retry:  # numbered from the store this time: not a stale counter
+                    raise DuplicateKeyError("a message number of this send is taken", 11000)
+                # a number from memory was taken already (services/numbers.py): repair the counter, reserve
+                self.numbers.forget(sid)
+                await self.store.repair_seq(sid)
+            if reply_doc is None:  # the same client_msg_id landed first from another tab
+                return await self._duplicate(user_doc)
             # No await between here and accept(): the reply is registered before anything else runs.
             self.bus.publish(events.user_message(frames.message_data(user_doc), session["type"], connection_id))
             streams.accept(message_id=reply_doc["_id"], session=session, seq=reply_doc["seq"],
@@ -386,6 +377,66 @@ class ChatService:
             self._sending[sid] -= 1
             if not self._sending[sid]:
                 del self._sending[sid]
+
+    async def _store_send(self, identity, session, text, chain, client_msg_id, claimed):
+        """Number and insert a send's two messages: (user_doc, reply_doc); (existing user doc, None) when its
+        client_msg_id is stored already; (None, None) when a number taken from memory was in use."""
+        sid, pipeline = session["_id"], session["pipeline"]
+        may_write = identity.is_admin or identity.user_id == session.get("owner")
+        seq = self.numbers.take(session, SEQS_PER_SEND, may_write)
+        local = seq is not None
+        if not local:
+            seq = await self._reserve(sid, pipeline, None if identity.is_admin else identity.user_id)
+        now = utcnow()
+        user_doc = {"_id": new_id(), "session_id": sid, "pipeline": pipeline, "seq": seq,
+                    "role": "user", "content": text, "chain": chain, "status": "completed",
+                    "sender": identity.user_id, "created_at": now, "updated_at": now}
+        if client_msg_id is not None:
+            user_doc["client_msg_id"] = client_msg_id
+        reply_doc = {"_id": new_id(), "session_id": sid, "pipeline": pipeline,
+                     "seq": seq + 1, "role": "assistant", "content": "", "thinking": "", "status": "queued",
+                     "epoch": 0, "length": 0, "thinking_length": 0,
+                     "reply_to": user_doc["_id"], "created_at": now, "updated_at": now,
+                     # leased from the start: a queued reply of a crashed instance is reaped too
+                     "instance": self.streams.instance_id, "lease_until": self.streams.lease_until()}
+        if claimed:  # as store.mark_streaming leaves it
+            reply_doc.update(status="streaming", epoch=1, text_parts=[], thinking_parts=[], started_at=now)
+        try:
+            await self._insert(sid, [user_doc, reply_doc], local)
+        except DuplicateKeyError:
+            if client_msg_id is not None:  # the same client_msg_id raced in from another tab
+                existing = await self.store.find_by_client_msg_id(sid, client_msg_id)
+                if existing is not None:
+                    return existing, None
+            if not local:
+                raise
+            return None, None
+        return user_doc, reply_doc
+
+    async def _reserve(self, session_id, pipeline, member):
+        """Reserve a send's numbers in the store (the access check in the same write)."""
+        self.numbers.reserving(session_id)
+        counter = None
+        try:
+            seq = await self.store.next_seqs(session_id, SEQS_PER_SEND, pipeline=pipeline, member=member)
+            counter = seq + SEQS_PER_SEND - 1
+            return seq
+        finally:
+            self.numbers.reserved(session_id, counter)
+
+    async def _insert(self, session_id, docs, local):
+        """Insert a send's messages. Numbers taken from memory have their counter written after the insert, in
+        the background: the reply need not wait for it (memory has it right; a counter lost to a crash before it
+        lands is repaired by the next send: services/numbers.py)."""
+        await self.store.insert_messages(docs)
+        if local:
+            self._in_background(self._advance(session_id, docs[-1]["seq"]), f"counter-{session_id}")
+
+    async def _advance(self, session_id, counter):
+        try:
+            await self.store.advance_seq(session_id, counter)
+        except Exception as exc:  # the next send's write, or a repair, sets it
+            log.warning("could not write the message counter session_id=%s: %s", session_id, exc)
 
     async def _duplicate(self, user_doc):
         return user_doc, await self.store.find_reply(user_doc["_id"]), True
@@ -412,8 +463,11 @@ class ChatService:
         flag when it starts and at every checkpoint, so the stop holds even if the `stop` event is lost."""
         if message_ids is not None and not message_ids:
             return
-        task = asyncio.get_running_loop().create_task(self._write_stop(session_id, message_ids),
-                                                      name=f"stop-{session_id}")
+        self._in_background(self._write_stop(session_id, message_ids), f"stop-{session_id}")
+
+    def _in_background(self, write, name):
+        """A store write nobody waits for; close() lets it land."""
+        task = asyncio.get_running_loop().create_task(write, name=name)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -427,7 +481,7 @@ class ChatService:
             log.warning("could not record stop session_id=%s message_ids=%s: %s", session_id, message_ids, exc)
 
     async def close(self):
-        """Let the durable-stop writes in flight land before the store closes."""
+        """Let the background writes in flight land before the store closes."""
         await asyncio.gather(*self._background, return_exceptions=True)
 
     def disconnect(self, conn):

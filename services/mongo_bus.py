@@ -189,6 +189,7 @@ class MongoBus(Bus):
             self._announced &= viewed
             if now - self._last_catch_up >= CATCH_UP:
                 self._catch_up(resync=False)
+            self._expire_presence(now)
             if self.metrics is not None:
                 self.metrics.followed_replies.set(len(self.followed))
 
@@ -225,14 +226,25 @@ class MongoBus(Bus):
         if not holders:
             return set()
         now, users = time.monotonic(), set()
-        for instance, (names, expiry) in list(holders.items()):
-            if expiry < now:  # not refreshed: that instance is gone, or nobody there views it any more
-                del holders[instance]
-            elif instance != besides:
+        for instance, (names, expiry) in holders.items():
+            if expiry >= now and instance != besides:  # (an expired one: _expire_presence says they left)
                 users |= names
-        if not holders:
-            del self.remote_online[session_id]
         return users
+
+    def _expire_presence(self, now):
+        """An instance that stopped announcing for INTEREST_TTL is gone (killed, cut off): its users leave with
+        it. Each one online nowhere else now gets the leave their tab's close would have sent, delivered here as
+        if from that instance (the fan-out tells the viewers only of users no longer online anywhere)."""
+        for session_id, holders in list(self.remote_online.items()):
+            for instance, (names, expiry) in list(holders.items()):
+                if expiry >= now:
+                    continue
+                del holders[instance]
+                for user_id in sorted(names):
+                    self._deliver({**events.presence(session_id, "leave", user_id), "origin": instance,
+                                   "at": time.time()})
+            if not holders:
+                del self.remote_online[session_id]
 
     def _on_presence(self, event):
         """Keep who is online elsewhere current between two announcements."""

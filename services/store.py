@@ -87,10 +87,11 @@ class Store:
         self._inserts = GroupCommit(self._insert_batch, on_batch=batched("insert_messages"))
         self._checkpoints = GroupCommit(self._checkpoint_batch, on_batch=batched("checkpoint"))
         self._finishes = GroupCommit(self._finish_batch, on_batch=batched("finish"))
+        self._advances = GroupCommit(self._advance_batch, on_batch=batched("advance_seq"))
 
     async def close(self):
         """Let the writes already gathered for a bulk write land (before the client closes)."""
-        for batcher in (self._inserts, self._checkpoints, self._finishes):
+        for batcher in (self._inserts, self._checkpoints, self._finishes, self._advances):
             await batcher.close()
 
     async def create_indexes(self):
@@ -198,6 +199,25 @@ class Store:
             raise NotFound(f"no session {session_id!r}", code="session_not_found")
         return doc["next_seq"] - count + 1
 
+    @timed
+    async def advance_seq(self, session_id, counter):
+        """Raise a session's counter to at least `counter` (numbers taken from memory: services/numbers.py),
+        and mark it used now, as next_seqs does. Writes issued together go out as one bulk."""
+        await self._advances.submit((session_id, counter))
+
+    async def _advance_batch(self, items):
+        ops = [UpdateOne({"_id": sid}, {"$max": {"next_seq": counter}, **touched()}) for sid, counter in items]
+        await self.sessions.bulk_write(ops, ordered=False)
+        return [None] * len(items)
+
+    @timed
+    async def repair_seq(self, session_id):
+        """Raise a session's counter past the highest number its messages hold (a counter written after its
+        messages, and lost in between: services/numbers.py)."""
+        last = await self.messages.find_one({"session_id": session_id}, {"seq": 1}, sort=[("seq", DESCENDING)])
+        if last is not None:
+            await self.sessions.update_one({"_id": session_id}, {"$max": {"next_seq": last["seq"]}})
+
     # one reply at a time per session, across instances (cluster mode)
 
     @timed
@@ -212,6 +232,20 @@ class Store:
             return None
         if oldest["_id"] != message_id:
             return False
+        if await self._take_turn(session_id, message_id):
+            return True
+        # Held by another reply. A live one releases it when it ends; one that has ended or is gone (its instance
+        # died between its terminal write and the release, a reset deleted it) never will: free it here.
+        session = await self.sessions.find_one({"_id": session_id}, {"generating": 1})
+        holder = (session or {}).get("generating")
+        if holder in (None, message_id) or await self.messages.find_one(
+                {"_id": holder, "status": {"$in": list(LIVE)}}, {"_id": 1}):
+            return False
+        log.info("turn: session_id=%s was held by reply %s, which has ended or is gone: freed", session_id, holder)
+        await self.sessions.update_one({"_id": session_id, "generating": holder}, {"$set": {"generating": None}})
+        return await self._take_turn(session_id, message_id)
+
+    async def _take_turn(self, session_id, message_id):
         doc = await self.sessions.find_one_and_update(
             {"_id": session_id, "generating": {"$in": [None, message_id]}}, {"$set": {"generating": message_id}},
             projection={"generating": 1})

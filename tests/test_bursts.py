@@ -144,15 +144,15 @@ async def test_a_failed_bulk_fails_every_write_in_it():
 
 @pytest.fixture
 def held(services, monkeypatch):
-    """The store holds every send's first write until released (as an overloaded or stuck store would)."""
-    real, gate, entered = services.store.next_seqs, asyncio.Event(), []
+    """The store holds every send's insert until released (as an overloaded or stuck store would)."""
+    real, gate, entered = services.store.insert_messages, asyncio.Event(), []
 
-    async def next_seqs(*args, **kw):
+    async def insert_messages(*args, **kw):
         entered.append(args)
         await gate.wait()
         return await real(*args, **kw)
 
-    monkeypatch.setattr(services.store, "next_seqs", next_seqs)
+    monkeypatch.setattr(services.store, "insert_messages", insert_messages)
     yield gate, entered
     gate.set()
 

@@ -113,3 +113,24 @@ async def test_a_stop_arriving_as_a_store_call_completes_is_not_lost(services, d
     done = await store.get_message(reply["_id"])
     assert (gen.status, done["status"], done["content"]) == ("stopped", "stopped", "")
     await a.shutdown()
+
+
+@pytest.mark.parametrize("holder", ["deleted", "completed"])
+async def test_a_turn_nobody_will_release_is_freed_for_the_next_reply(services, holder):
+    """The reply holding a session's turn is gone (a reset deleted it) or has ended, and its instance died before
+    releasing the turn: nobody ever will, and the session's next reply must still run."""
+    store = services.store
+    a, _ = two_instances(services)
+    session = await store.create_session(pipeline="default", session_type="group", owner="u")
+    user, reply = await stored_send(store, session, await store.next_seqs(session["_id"], 2), "before the crash")
+    if holder == "deleted":
+        await store.delete_session_messages(session["_id"])
+    else:
+        await store.messages.update_one({"_id": reply["_id"]}, {"$set": {"status": "completed", "content": "done"}})
+    await store.sessions.update_one({"_id": session["_id"]}, {"$set": {"generating": reply["_id"]}})
+    user, reply = await stored_send(store, session, await store.next_seqs(session["_id"], 2), "after it")
+    gen = a.accept(message_id=reply["_id"], session=session, seq=reply["seq"], reply_to=user["_id"],
+                   prompt="after it", sender="u", stream=True)
+    await asyncio.wait_for(gen.done.wait(), 20)
+    assert (await store.get_message(reply["_id"]))["status"] == "completed"
+    assert (await store.get_session(session["_id"])).get("generating") is None  # released when it ended

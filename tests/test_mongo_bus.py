@@ -5,6 +5,7 @@ import types
 import pytest
 from pymongo import AsyncMongoClient, MongoClient
 
+from services import mongo_bus
 from services.mongo_bus import MongoBus
 from services.store import Store
 from tests.conftest import settle
@@ -19,8 +20,10 @@ class Instance:
         self.viewed = set()
         self.live = {}
         self.got = []
+        self.users = {}  # session id -> users viewing it here (group sessions)
         self.bus = MongoBus(name, Store(db.client, db.name), viewed_sessions=lambda: self.viewed,
-                            live_replies=lambda s: [g for g in self.live.values() if g.session_id == s])
+                            live_replies=lambda s: [g for g in self.live.values() if g.session_id == s],
+                            online=lambda s: self.users.get(s, ()))
         self.bus.subscribe(self.got.append)
 
     def of(self, kind):
@@ -139,3 +142,20 @@ async def test_a_reopened_stream_that_returns_nothing_is_opened_again_from_now(p
         await asyncio.sleep(0.5)
     assert len(b.of("push")) > 1, "the stream stayed silent"
     assert b.of("probe") == [] and a.of("probe") == []  # probes are the bus's own business
+
+
+async def test_the_users_of_an_instance_that_is_gone_leave_when_its_announcements_stop(pair, monkeypatch):
+    monkeypatch.setattr(mongo_bus, "INTEREST_REFRESH", 0.2)
+    monkeypatch.setattr(mongo_bus, "INTEREST_TTL", 1.5)
+    a, b = pair
+    a.viewed.add("g1")
+    a.users["g1"] = {"alice"}
+    b.viewed.add("g1")
+    await settle(lambda: b.bus.online_elsewhere("g1") == {"alice"}, timeout=10)
+    await asyncio.sleep(2.5)  # a keeps announcing: alice stays, nobody is told she left
+    assert b.bus.online_elsewhere("g1") == {"alice"} and not b.of("presence")
+    await a.bus.close()  # a is gone without a word (killed): its announcements stop
+    await settle(lambda: b.of("presence"), timeout=10)
+    assert [(e["event"], e["user_id"], e["origin"]) for e in b.of("presence")] == [("leave", "alice", "a")]
+    assert b.bus.online_elsewhere("g1") == set()
+    await a.bus.start()  # (the fixture closes it)

@@ -512,3 +512,31 @@ async def test_one_provider_serves_concurrent_replies(upstream, provider_for):
     for chunks in results:
         assert "".join(c.text for c in chunks) == "".join(str(i) for i in range(20))
     assert len(upstream.calls) == 5
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_more_streams_at_once_than_one_connection_pool_holds(upstream, provider_for):
+    # Each HTTP pool (a lane) holds LANE connections; a provider with more replies in flight streams them all
+    # at once on further lanes, and a lane freed by ended replies serves the next ones.
+    from services.providers.openai_compat import LANE
+    n = 2 * LANE + 10
+    upstream.plan("m", Script(content=["a", "b"], stall_after=1))
+    provider = provider_for("m")
+    firsts = []
+
+    async def first_chunk(i):
+        async with contextlib.aclosing(provider.stream(request(provider, f"q{i}"))) as stream:
+            firsts.append((await stream.__anext__()).text)
+            await asyncio.Event().wait()  # hold the stream open until cancelled
+
+    tasks = [asyncio.ensure_future(first_chunk(i)) for i in range(n)]
+    deadline = time.monotonic() + 20
+    while len(firsts) < n and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert firsts == ["a"] * n                       # every stream had its first token while all were open
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    upstream.plan("m", Script(content=["ok"]))
+    again = await asyncio.gather(*(collect(provider, request(provider)) for _ in range(LANE + 1)))
+    assert all("".join(c.text for c in chunks) == "ok" for chunks in again)

@@ -53,9 +53,7 @@ class Generation:
         self.done = asyncio.Event()   # set after the terminal state is persisted and sent
         self.previous = None          # the generation this one waits for (same session)
         self.checkpoint_task = None
-        # The first checkpoint comes one interval after acceptance, not at the first chunk: a reply that ends (or
-        # is stopped) sooner has its text saved by the terminal write alone, which would otherwise queue behind it
-        self.last_checkpoint = time.monotonic()
+        self.last_checkpoint = None   # the loop's clock at the latest checkpoint (at first: at the first chunk)
         self.dirty_since = None       # monotonic time of the oldest character not yet checkpointed
         self.epoch = epoch            # fencing token from the store's claim: every write of ours must match it
         self.claimed = epoch > 0      # stored already streaming, with this epoch (services/chat.py send)
@@ -471,6 +469,10 @@ class StreamManager:
         self.metrics.streamed(gen, text, thinking)
         if gen.dirty_since is None:
             gen.dirty_since = now
+            if gen.last_checkpoint is None:
+                # The first checkpoint comes one interval after the first chunk, not with it: a reply that ends
+                # (or is stopped) sooner is saved by its terminal write alone, which would queue behind it.
+                gen.last_checkpoint = now
         gen.add_content(text)
         if thinking:
             gen.thinking += thinking

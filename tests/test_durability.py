@@ -1,5 +1,6 @@
 """A reply belongs to its session: it outlives its sender, stops durably, and is never sent twice."""
 import asyncio
+import time
 
 import pytest
 
@@ -67,6 +68,21 @@ async def test_a_stop_recorded_only_in_mongodb_is_honoured_at_the_next_checkpoin
     assert final["status"] == "stopped" and 0 < len(final["content"].split()) < 3000
     doc = await services.store.get_message(reply_id)
     assert doc["status"] == "stopped" and doc["content"] == final["content"]
+
+
+async def test_a_stop_whose_cancellation_was_lost_is_fired_again_at_the_next_checkpoint(connect, services):
+    c = await connect("slow")
+    reply_id = (await c.say("the cancellation gets lost"))["data"]["reply_message_id"]
+    await c.recv_type("response")
+    # what a stop taken here leaves when the driver's asyncio.wait_for swallows its cancellation (Python 3.11):
+    # the reason is set, the task streams on; no flag is written for it (its terminal write records the stop)
+    gen = services.streams.generations[reply_id]
+    gen.stop_reason, gen.stop_requested_at = "stopped", time.monotonic()
+    frames = await c.until_final(reply_id, timeout=5)
+    final = frames[-1]["data"]
+    assert final["status"] == "stopped" and 0 < len(final["content"].split()) < 3000
+    doc = await services.store.get_message(reply_id)
+    assert doc["status"] == "stopped" and doc["content"] == final["content"] and doc["stop_requested"]
 
 
 async def test_a_queued_reply_with_a_recorded_stop_never_starts(connect, services):

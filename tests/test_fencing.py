@@ -73,3 +73,35 @@ async def test_the_final_frame_waits_until_the_end_is_durable(connect, services,
     assert sum(f["data"]["is_final"] for f in frames) == 1
     with pytest.raises(asyncio.TimeoutError):
         await c.recv_type("response", timeout=0.3)
+
+
+async def test_the_end_does_not_wait_for_a_checkpoint_in_flight_nor_take_its_refusal_for_a_fence(connect, services,
+                                                                                             monkeypatch):
+    real_checkpoint, real_finish = services.store.checkpoint, services.store.finish
+    ended = asyncio.Event()
+    held = []
+
+    async def late(message_id, **kw):  # this checkpoint reaches the store only after the terminal write
+        held.append(message_id)
+        await ended.wait()
+        return await real_checkpoint(message_id, **kw)
+
+    async def finish(message_id, **kw):
+        try:
+            return await real_finish(message_id, **kw)
+        finally:
+            ended.set()
+
+    monkeypatch.setattr(services.store, "checkpoint", late)
+    monkeypatch.setattr(services.store, "finish", finish)
+    c = await connect("slow", stream_mode="delta")
+    reply_id = (await c.say("stop me mid-checkpoint"))["data"]["reply_message_id"]
+    await settle(lambda: held)
+    gen = services.streams.generations[reply_id]
+    await c.send({"type": "stop"})
+    final = (await c.until_final(reply_id))[-1]["data"]
+    await asyncio.wait_for(gen.done.wait(), 10)  # set once the late checkpoint has had its answer
+    assert gen.checkpoint_task is None
+    stored = await services.store.get_message(reply_id)
+    assert final["status"] == stored["status"] == "stopped" and final["content"] == stored["content"]
+    assert not services.metrics.registry.get_sample_value("parley_fenced_writes_refused_total")

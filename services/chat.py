@@ -352,8 +352,6 @@ class ChatService:
         claimed = not (streams.cluster or streams.by_session.get(sid) or self._sending.get(sid))
         self._sending[sid] = self._sending.get(sid, 0) + 1
         history = streams.prefetch_history(sid, session["pipeline"]) if claimed else None
-        if claimed:  # its upstream request opens while its messages are stored (its first token waits for accept())
-            history = streams.head_start(session, text, images, identity.user_id, history)
         try:
             for retry in (False, True):
                 user_doc, reply_doc = await self._store_send(identity, session, text, chain, client_msg_id, claimed)

@@ -9,7 +9,6 @@ task's `finally` whatever the reason it ended; `by_session` finds them by sessio
 """
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 
@@ -57,7 +56,7 @@ class Generation:
         self.dirty_since = None       # monotonic time of the oldest character not yet checkpointed
         self.epoch = epoch            # fencing token from the store's claim: every write of ours must match it
         self.claimed = epoch > 0      # stored already streaming, with this epoch (services/chat.py send)
-        self.history = history        # a task reading the context (prefetch_history), a HeadStart, or None
+        self.history = history        # a task reading the context already (prefetch_history), or None
         self.saved = self.saved_thinking = 0  # characters of content/thinking already checkpointed
         self.fenced = False           # the store refused our write: another instance ended this reply
         self.has_turn = False         # cluster mode: holds its session's generation turn in the store
@@ -81,49 +80,6 @@ class Generation:
             self.content_length += len(text)
 
 
-class HeadStart:
-    """A reply's upstream request, opened before the reply is stored (StreamManager.head_start): a task that
-    builds the request and reads the provider stream's first chunk. Cancelled like a task (`cancel`,
-    `add_done_callback`) when the reply is never accepted or ends before it streams; its stream is closed then."""
-
-    def __init__(self, provider, build, history, closing):
-        self.history = history    # the context read it awaits (cancelled with it, even before it starts)
-        self.closing = closing
-        self.stream = None
-        self.task = asyncio.get_running_loop().create_task(self._open(provider, build))
-
-    async def _open(self, provider, build):
-        self.stream = provider.stream(await build())
-        try:
-            return await anext(self.stream, None)
-        except BaseException:
-            await self.stream.aclose()
-            raise
-
-    async def chunks(self):
-        """The provider's stream from its first chunk on (waits for it: the first-token limit applies)."""
-        first = await self.task
-        async with contextlib.aclosing(self.stream):
-            if first is not None:
-                yield first
-                async for chunk in self.stream:
-                    yield chunk
-
-    def cancel(self):
-        if self.history is not None and not self.history.done():
-            self.history.cancel()
-            self.history.add_done_callback(lambda t: t.cancelled() or t.exception())
-        if not self.task.done():
-            self.task.cancel()  # _open closes the stream
-        elif not self.task.cancelled() and self.task.exception() is None and self.stream is not None:
-            closing = asyncio.get_running_loop().create_task(self.stream.aclose())
-            self.closing.add(closing)
-            closing.add_done_callback(self.closing.discard)
-
-    def add_done_callback(self, callback):
-        self.task.add_done_callback(lambda _: callback(self.task))
-
-
 class StreamManager:
     def __init__(self, store, bus, pipelines, *, instance_id, checkpoint_interval=1.0, lease_seconds=30.0,
                  max_queued=8, provider_factory=make_provider, metrics=None, cluster=False):
@@ -139,7 +95,6 @@ class StreamManager:
         self.provider_factory = provider_factory
         self.metrics = metrics or Metrics()
         self._providers = {}      # pipeline id -> provider, so HTTP clients and their pools are reused
-        self._closing = set()     # head starts' streams being closed (their replies were never accepted)
         self.generations = {}     # message_id -> Generation (live: queued or streaming)
         self.stop_callbacks = {}  # message_id -> callable(reason)
         self.by_session = {}      # session_id -> {message_id: Generation}, in acceptance order
@@ -241,7 +196,7 @@ class StreamManager:
         for gen in gens:
             if cb := self.stop_callbacks.get(gen.message_id):
                 cb("interrupted")
-        await asyncio.gather(*(g.task for g in gens), *self._closing, return_exceptions=True)
+        await asyncio.gather(*(g.task for g in gens), return_exceptions=True)
         for provider in self._providers.values():
             if hasattr(provider, "aclose"):
                 await provider.aclose()
@@ -275,11 +230,8 @@ class StreamManager:
                     gen.stop_reason = gen.stop_reason or "stopped"
                     raise asyncio.CancelledError
             self.bus.publish(events.reply_started(gen))
-            if isinstance(gen.history, HeadStart):  # its request is open already: _consume reads its stream
-                request, gen.history = gen.history, None
-            else:
-                request = await self._request(gen, pipeline)
-                self._heed_stop(gen)  # (the context read awaits the store)
+            request = await self._request(gen, pipeline)
+            self._heed_stop(gen)  # (the context read awaits the store)
             await self._consume(gen, pipeline, request)
             if not gen.content:
                 raise ProviderError("empty_completion", "the model returned no text")
@@ -366,40 +318,21 @@ class StreamManager:
             self.store.recent_messages(session_id, before_seq=None, limit=pipeline.history_messages))
 
     async def _request(self, gen, pipeline):
-        history, gen.history = gen.history, None
-        return await self._build_request(pipeline, history, session_id=gen.session_id,
-                                         session_type=gen.session_type, message_id=gen.message_id, seq=gen.seq,
-                                         prompt=gen.prompt, sender=gen.sender, images=gen.images)
-
-    async def _build_request(self, pipeline, history, *, session_id, session_type, message_id, seq, prompt,
-                             sender, images):
-        """`history`: a task reading the context already (prefetch_history), or None. `seq` None: the reply's
-        number is not known yet (a head start, whose context read holds only earlier messages)."""
-        if history is not None:
-            docs = [d for d in await history if seq is None or d["seq"] < seq - 1]
+        turns = []
+        if gen.history is not None:
+            history, gen.history = gen.history, None
+            docs = [d for d in await history if d["seq"] < gen.seq - 1]
         elif pipeline.history_messages > 0:
-            docs = await self.store.recent_messages(session_id, before_seq=None if seq is None else seq - 1,
+            docs = await self.store.recent_messages(gen.session_id, before_seq=gen.seq - 1,
                                                     limit=pipeline.history_messages)
         else:
             docs = ()
         turns = [Turn(role=d["role"], text=d["content"], sender=d.get("sender"))
                  for d in docs if d.get("content") and d.get("status") in ("completed", "stopped")]
-        return GenerationRequest(pipeline=pipeline, session_id=session_id, session_type=session_type,
-                                 message_id=message_id, history=turns,
-                                 prompt=Turn(role="user", text=prompt, sender=sender, images=images))
-
-    def head_start(self, session, prompt, images, sender, history):
-        """A reply that will start at once (services/chat.py send, where `history` came from prefetch_history):
-        open its upstream request while its messages are numbered and stored. The HeadStart reads the context
-        (it takes `history` over) and the stream's first chunk, and holds them: the generation applies that chunk
-        after the reply is stored and accepted, never before. It stands where the context read stood: cancelled
-        (its stream closed) when the reply is never accepted or ends before it streams. The request goes out
-        before the reply has an id: the provider's own log lines of it name none."""
-        pipeline = self.pipelines.get(session["pipeline"])
-        build = functools.partial(self._build_request, pipeline, history, session_id=session["_id"],
-                                  session_type=session["type"], message_id=None, seq=None, prompt=prompt,
-                                  sender=sender, images=tuple(images))
-        return HeadStart(self.provider(pipeline), build, history, self._closing)
+        return GenerationRequest(pipeline=pipeline, session_id=gen.session_id, session_type=gen.session_type,
+                                 message_id=gen.message_id, history=turns,
+                                 prompt=Turn(role="user", text=gen.prompt, sender=gen.sender,
+                                             images=gen.images))
 
     def provider(self, pipeline):
         provider = self._providers.get(pipeline.id)
@@ -422,8 +355,7 @@ class StreamManager:
         total_deadline = loop.time() + limits.total
         provider = self.provider(pipeline)
         got_token = False
-        stream = request.chunks() if isinstance(request, HeadStart) else provider.stream(request)
-        async with contextlib.aclosing(stream) as chunks:
+        async with contextlib.aclosing(provider.stream(request)) as chunks:
             try:
                 # From the first token on, the deadline is the stall limit after the latest chunk (or the total
                 # limit). It moves only when it would move by more than `slack` (a stall is then detected at most

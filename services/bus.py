@@ -99,6 +99,10 @@ class Bus:
         finally:
             self._delivering = False
 
+    def want(self, session_id):
+        """Ask the owners of a session's live replies for their whole text (a reply followed here lost some).
+        The single box has no other owners."""
+
     def online_elsewhere(self, session_id, besides=None):
         """The users viewing a session on other instances (presence), those of instance `besides` left out.
         The single box has none."""

@@ -1,10 +1,12 @@
 """Constructors of the bus's events (the list is in services/bus.py): plain dicts, built from plain values."""
+import time
 
 
 def _reply(reply, **fields):
-    """`reply`: a live Generation or a frames.snapshot() of a stored message."""
+    """`reply`: a live Generation or a frames.snapshot() of a stored message. `epoch`: the owner's fencing token
+    (a viewer's log drops text of an older one: services/replylog.py)."""
     return {"session_id": reply.session_id, "message_id": reply.message_id, "seq": reply.seq,
-            "reply_to": reply.reply_to, **fields}
+            "reply_to": reply.reply_to, "epoch": reply.epoch, **fields}
 
 
 def user_message(data, session_type="person", connection_id=""):
@@ -20,13 +22,32 @@ def reply_started(gen):
 def reply_delta(gen, *, offset, text, thinking_offset, thinking):
     # once per chunk: one dict, built at once (the same keys as _reply's)
     return {"type": "reply.delta", "session_id": gen.session_id, "message_id": gen.message_id, "seq": gen.seq,
-            "reply_to": gen.reply_to, "offset": offset, "text": text, "thinking_offset": thinking_offset,
-            "thinking": thinking}
+            "reply_to": gen.reply_to, "epoch": gen.epoch, "offset": offset, "text": text,
+            "thinking_offset": thinking_offset, "thinking": thinking}
+
+
+def reply_sync(gen):
+    """The whole text of a live reply so far, from offset 0, for an instance that lacks some of it (a cluster
+    bus answers a new viewer elsewhere with it); `started_at`: its viewers there since then read it from 0."""
+    return {**reply_delta(gen, offset=0, text=gen.content, thinking_offset=0, thinking=gen.thinking),
+            "sync": True, "started_at": gen.started_epoch}
 
 
 def reply_final(reply):
     return {"type": "reply.final", **_reply(reply, status=reply.status, content=reply.content,
                                             thinking=reply.thinking, error=reply.error, usage=reply.usage)}
+
+
+def reply_stored(doc):
+    """A stored assistant message as read from the store (the truth, when events may have been lost): the
+    reply's logs apply it like the owner's events (services/replylog.py). Never published: delivered locally."""
+    created = doc.get("created_at")
+    return {"type": "reply.stored", "session_id": doc["session_id"], "message_id": doc["_id"], "seq": doc["seq"],
+            "reply_to": doc.get("reply_to"), "epoch": doc.get("epoch") or 0, "status": doc["status"],
+            "content": doc.get("content") or "", "thinking": doc.get("thinking") or "", "error": doc.get("error"),
+            "usage": doc.get("usage"), "stream": doc.get("stream", True),
+            "started_at": created.timestamp() if hasattr(created, "timestamp") else 0.0,
+            "origin": "store", "at": time.time()}
 
 
 def stop(session_id, message_id=None):

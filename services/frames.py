@@ -146,7 +146,8 @@ def snapshot(doc):
     """A stored assistant message, shaped like a Generation for the renderers above."""
     return SimpleNamespace(message_id=doc["_id"], session_id=doc["session_id"], seq=doc["seq"],
                            reply_to=doc.get("reply_to"), status=doc["status"], content=doc.get("content") or "",
-                           thinking=doc.get("thinking") or "", error=doc.get("error"), usage=doc.get("usage"))
+                           thinking=doc.get("thinking") or "", error=doc.get("error"), usage=doc.get("usage"),
+                           epoch=doc.get("epoch") or 0)
 
 
 def resumed(session_id, replies):
@@ -162,6 +163,15 @@ def live_reply(gen):
     """A reply still queued or streaming, as `connected` lists them: what a reconnecting client may resume."""
     return {"message_id": gen.message_id, "seq": gen.seq, "reply_to": gen.reply_to, "status": gen.status,
             "length": len(gen.content), "thinking_length": len(gen.thinking)}
+
+
+def rewind(reply, *, offset, thinking_offset, reason):
+    """Text of a reply this connection was sent past (offset, thinking_offset) is void: it was never stored (its
+    instance died or was fenced after its last checkpoint). The reply continues, or ends, from there."""
+    return {"type": "rewind", "data": {"session_id": reply.session_id, "message_id": reply.message_id,
+                                       "seq": reply.seq, "reply_to": reply.reply_to, "offset": offset,
+                                       "thinking_offset": thinking_offset, "reason": reason,
+                                       "timestamp": timestamp()}}
 
 
 def status(event):

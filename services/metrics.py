@@ -27,7 +27,7 @@ PROVIDER_ERRORS = (
     "upstream_protocol_error", "upstream_rate_limited", "upstream_unauthorized", "upstream_unreachable", "other")
 CLIENT_FRAMES = ("authenticate", "message", "stop", "resume", "ping", "disconnect", "session.join",
                  "session.leave", "group.leave", "presence", "unknown", "invalid")
-SERVER_FRAMES = ("connected", "user_message", "ack", "response", "status", "stop_ack", "pong", "error",
+SERVER_FRAMES = ("connected", "user_message", "ack", "response", "status", "rewind", "stop_ack", "pong", "error",
                  "broadcast", "push", "presence", "session.joined", "session.left", "session.reset", "resumed",
                  "reconnect", "other")
 CLOSE_REASONS = ("client", "server", "lost")

@@ -4,9 +4,10 @@ Every instance inserts the events other instances need into the `events` collect
 history at most) and reads everyone's inserts through one change stream, skipping its own. After a dropped
 stream it reopens it from its resume token. A reopen cannot prove that nothing was missed (MongoDB refuses a
 token that fell off the oplog; nx-27017 accepts any token and may return nothing, or skip what it pruned), so
-every reopen also runs `resync()`: each followed reply is re-read from the store (its text past what was
-delivered, or its stored final) and its owner is asked for a sync; offsets make this exact. And a reopened
-stream must return a probe this instance writes within PROBE_WAIT, or it is reopened from the present.
+every reopen also tells this instance's subscribers to re-read from the store what they follow (a `catch_up`
+event: services/replylog.py re-reads the followed replies and asks their owners for their whole text,
+services/ordering.py the sessions' message numbers); offsets make this exact. And a reopened stream must return
+a probe this instance writes within PROBE_WAIT, or it is reopened from the present.
 
 Reply deltas are most of the traffic, and most of it is useless to other instances (sticky clients view their
 replies where they are generated). So deltas cross only for sessions another instance has announced interest in
@@ -14,8 +15,8 @@ replies where they are generated). So deltas cross only for sessions another ins
 per BATCH_INTERVAL. An instance announces the sessions its clients view (`interest` events: at once when the set
 grows, and every INTEREST_REFRESH seconds; an owner forgets an interest not refreshed for INTEREST_TTL). The
 owner answers an announcement with a `sync`: one delta per live reply of those sessions, from offset 0, so the
-newcomer has the whole text. Received deltas are made contiguous per reply here (`Followed`): a repeat is
-trimmed, a gap asks the owner for a sync, so the fan-out always sees each reply's text in order, once.
+newcomer has the whole text. Received deltas go to the replies' logs as they come: offsets and epochs make
+them exact there (a repeat is trimmed, a gap asks the owner for a sync: `want`).
 """
 import asyncio
 import logging
@@ -27,9 +28,8 @@ from datetime import datetime, timezone
 from pymongo import ASCENDING
 from pymongo.errors import OperationFailure, PyMongoError
 
-from services import events, frames
+from services import events
 from services.bus import Bus, stop_task
-from services.store import LIVE
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +46,6 @@ PROBE_WAIT = 5.0           # seconds a reopened stream has to return our probe o
 CATCH_UP = 2.0             # seconds between checks of the viewed sessions' stored message numbers (lost events)
 
 
-class Followed:
-    """How much of a remote reply the local fan-out has been given: text and thinking lengths."""
-    __slots__ = ("session_id", "length", "thinking_length")
-
-    def __init__(self, session_id):
-        self.session_id = session_id
-        self.length = 0
-        self.thinking_length = 0
-
-
 class MongoBus(Bus):
     def __init__(self, instance_id, store, *, metrics=None, viewed_sessions=lambda: (), live_replies=lambda s: (),
                  online=lambda s: ()):
@@ -67,7 +57,6 @@ class MongoBus(Bus):
         self.online = online                    # session id -> users viewing it here (group sessions: presence)
         self.remote_online = {}   # session id -> {instance: (set of users, monotonic expiry)}
         self.interest = {}        # session id -> {instance: monotonic expiry}: who views our replies elsewhere
-        self.followed = {}        # message id -> Followed: remote replies delivered to the local fan-out
         self.resume_token = None
         self._announced = set()
         self._last_announce = 0.0
@@ -190,8 +179,6 @@ class MongoBus(Bus):
             if now - self._last_catch_up >= CATCH_UP:
                 self._catch_up(resync=False)
             self._expire_presence(now)
-            if self.metrics is not None:
-                self.metrics.followed_replies.set(len(self.followed))
 
     def _announce(self, sessions, *, sync):
         """`sync`: the owners answer with the whole text of the live replies (a newcomer needs it); a refresh
@@ -275,10 +262,7 @@ class MongoBus(Bus):
             self._enqueue(self._batches.pop(gen.message_id))
         if gen.status != "streaming" or not (gen.content or gen.thinking):
             return
-        self._enqueue({"type": "reply.delta", "session_id": gen.session_id, "message_id": gen.message_id,
-                       "seq": gen.seq, "reply_to": gen.reply_to, "offset": 0, "text": gen.content,
-                       "thinking_offset": 0, "thinking": gen.thinking, "sync": True, "origin": self.instance_id,
-                       "at": time.time()})
+        self._enqueue(events.reply_sync(gen) | {"origin": self.instance_id, "at": time.time()})
 
     # receiving
 
@@ -293,39 +277,9 @@ class MongoBus(Bus):
             return
         if kind == "probe":
             return  # another instance checking its own stream
-        if kind == "reply.delta":
-            event = self._contiguous(event)
-            if event is None:
-                return
-        elif kind == "reply.started":
-            if event["session_id"] in self.viewed_sessions():  # followed from its start: a resync covers it
-                self.followed.setdefault(event["message_id"], Followed(event["session_id"]))
-        elif kind == "reply.final":
-            self.followed.pop(event.get("message_id"), None)
-        elif kind == "presence":
+        if kind == "presence":
             self._on_presence(event)
         super().receive(event)
-
-    def _contiguous(self, event):
-        """Trim what the fan-out already has; on a gap, ask for a sync and deliver nothing."""
-        message_id = event["message_id"]
-        followed = self.followed.get(message_id)
-        if followed is None:
-            if event["offset"] or event["thinking_offset"]:
-                self.want(event["session_id"])  # we came in mid-reply: get it from the start
-                return None
-            followed = self.followed[message_id] = Followed(event["session_id"])
-        have, have_thinking = followed.length, followed.thinking_length
-        if event["offset"] > have or event["thinking_offset"] > have_thinking:
-            self.want(event["session_id"])
-            return None
-        text = event["text"][have - event["offset"]:]
-        thinking = event["thinking"][have_thinking - event["thinking_offset"]:]
-        if not (text or thinking):
-            return None
-        followed.length += len(text)
-        followed.thinking_length += len(thinking)
-        return {**event, "offset": have, "text": text, "thinking_offset": have_thinking, "thinking": thinking}
 
     def _listen(self):
         return self._changes()
@@ -344,8 +298,7 @@ class MongoBus(Bus):
                         log.warning("bus: change stream reopened%s; resynchronizing followed replies",
                                     " from its resume token" if options else "")
                         self._send_probe()
-                        self._catch_up(resync=True)
-                        await self.resync()
+                        self._catch_up(resync=True)  # the fan-out re-reads what it follows (replylog.py)
                     self._opened = True
                 change = await stream.try_next()
                 self.resume_token = stream.resume_token or self.resume_token
@@ -395,33 +348,3 @@ class MongoBus(Bus):
     def _probe_lost(self):
         return (self._probe is not None and self._probe["written"] is not None
                 and time.monotonic() - self._probe["written"] > PROBE_WAIT)
-
-    async def resync(self):
-        """Events may have been lost: each followed reply is read from the store. One that ended meanwhile gets
-        its stored final; of one still live, the text stored past what was delivered goes out now and its owner
-        is asked for the rest (its sync starts at 0: the receiver trims what it has)."""
-        for message_id, followed in list(self.followed.items()):
-            try:
-                doc = await self.store.find_message(message_id)
-            except PyMongoError as exc:
-                log.warning("bus: could not resynchronize message_id=%s: %s", message_id, exc)
-                self.want(followed.session_id)
-                continue
-            if doc is None:
-                self.followed.pop(message_id, None)
-                continue
-            snapshot = frames.snapshot(doc)
-            if doc["status"] not in LIVE:
-                self.followed.pop(message_id, None)
-                self._deliver(events.reply_final(snapshot) | {"origin": "store", "at": time.time()})
-                continue
-            text, thinking = snapshot.content[followed.length:], snapshot.thinking[followed.thinking_length:]
-            if text or thinking:
-                event = {"type": "reply.delta", "session_id": snapshot.session_id, "message_id": message_id,
-                         "seq": snapshot.seq, "reply_to": snapshot.reply_to, "offset": followed.length,
-                         "text": text, "thinking_offset": followed.thinking_length, "thinking": thinking,
-                         "origin": "store", "at": time.time()}
-                followed.length += len(text)
-                followed.thinking_length += len(thinking)
-                self._deliver(event)
-            self.want(followed.session_id)

@@ -185,22 +185,16 @@ class Ordering:
             del state.filled[next(iter(state.filled))]
 
     def _fill_reply(self, state, doc):
-        """A reply whose question was delivered from the store, and none of whose events came: its stored final
-        goes out now (ended), or its start (still generating: the owner's text follows; a queued one announces
-        its own start later)."""
+        """A reply whose question was delivered from the store, and none of whose events came: its stored state
+        goes out now (its final if it ended; its text so far if it is generating, the owner's deltas follow; a
+        queued one announces its own start later)."""
         if doc["status"] == "queued":
             return
-        snapshot = frames.snapshot(doc)
-        if doc["status"] == "streaming":  # its deltas and final come from its owner: let them through
-            event = {"type": "reply.started", "session_id": snapshot.session_id, "message_id": snapshot.message_id,
-                     "seq": snapshot.seq, "reply_to": snapshot.reply_to, "status": "streaming", "stream": True}
-        else:
-            event = events.reply_final(snapshot)
+        if doc["status"] not in ("streaming",):
             self._remember(state, doc["seq"], "reply")  # its late events, if any, are dropped
         log.info("reply seq=%s of session_id=%s delivered from the store (%s; its events are late or lost)",
                  doc["seq"], doc["session_id"], doc["status"])
-        event.update(origin="store", at=time.time())
-        self.deliver(event)
+        self.deliver(events.reply_stored(doc))
 
     def catch_up(self, resync=False):
         """Fill every tracked session up to the numbers the store has reserved: all of them after a change stream

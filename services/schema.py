@@ -435,6 +435,23 @@ class Status(Strict, tag="status"):
     data: StatusData
 
 
+class RewindData(Struct, forbid_unknown_fields=True):
+    """Text of this reply the connection was sent past `offset` / `thinking_offset` is void (never stored: its
+    instance died or was fenced after its last checkpoint): drop it; the reply continues or ends from there."""
+    session_id: str
+    message_id: str
+    seq: int
+    reply_to: Union[str, None]
+    offset: Count
+    thinking_offset: Count
+    reason: Literal["instance_lost", "fenced"]
+    timestamp: Timestamp
+
+
+class Rewind(Strict, tag="rewind"):
+    data: RewindData
+
+
 class StopAckData(Struct, forbid_unknown_fields=True):
     session_id: str
     stopped: list[str]
@@ -535,7 +552,7 @@ class SessionReset(Strict, tag="session.reset"):
     data: ResetData
 
 
-ParleyServerFrame = Union[Connected, UserMessage, Response, Ack, Status, StopAck, Resumed, SessionJoined,
+ParleyServerFrame = Union[Connected, UserMessage, Response, Ack, Status, Rewind, StopAck, Resumed, SessionJoined,
                           SessionLeft, SessionMembers, SessionReset, Presence, Push, Broadcast, Pong, Reconnect, Error]
 SERVER_FRAMES = {"langbot": LangBotServerFrame, "parley": ParleyServerFrame}
 

@@ -351,6 +351,11 @@ class Store:
         return assemble(await self.messages.find_one({"_id": message_id}))
 
     @timed
+    async def find_messages(self, message_ids):
+        cursor = self.messages.find({"_id": {"$in": list(message_ids)}})
+        return [assemble(doc) async for doc in cursor]
+
+    @timed
     async def find_replies(self, session_id, message_ids):
         if not message_ids:
             return []

@@ -64,6 +64,7 @@ class Generation:
         self.finishing = False        # _finish has begun: nothing may cancel the task any more
         # monotonic times for metrics (services/metrics.py)
         self.accepted_at = time.monotonic()
+        self.started_epoch = time.time()  # epoch seconds it started streaming (accepted, until then)
         self.started_at = self.first_token_at = self.stop_requested_at = None
 
     @property
@@ -229,6 +230,7 @@ class StreamManager:
                 if doc.get("stop_requested"):  # stopped while queued, and the signal did not reach us
                     gen.stop_reason = gen.stop_reason or "stopped"
                     raise asyncio.CancelledError
+            gen.started_epoch = time.time()
             self.bus.publish(events.reply_started(gen))
             request = await self._request(gen, pipeline)
             self._heed_stop(gen)  # (the context read awaits the store)

@@ -332,6 +332,7 @@
     }));
     client.on("message", mine(onUserMessage));
     client.on("delta", mine(onDelta));
+    client.on("rewind", mine(onDelta));  // the same: the reply's text as it now stands (shorter)
     client.on("final", mine(onFinal));
     client.on("error", mine(onError));
     client.on("presence", mine((f) => {

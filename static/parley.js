@@ -11,7 +11,9 @@
  * offsets it holds, and drops anything it has already seen. Offsets count Unicode code points, as Python's
  * len() does; JS strings are UTF-16, so all offset arithmetic here iterates code points.
  *
- * Events: "message" (user_message), "delta", "final", "status" (connection and reply states), "error",
+ * Events: "message" (user_message), "delta", "rewind" (text streamed past the reply's last stored point was
+ * lost with its server: `content` is what remains, the next deltas continue it), "final", "status" (connection
+ * and reply states), "error",
  * "connected" (the connected frame), and every other server frame under its own type ("presence", "push",
  * "broadcast", "session.left", "stop_ack", ...) with the whole frame. A "status" event of a connection that is
  * reconnecting carries `retry_at` (epoch ms of the next attempt), for a countdown; a "closed" one carries the
@@ -78,6 +80,22 @@
 
     offsets() {
       return {offset: this.length, thinking_offset: this.thinkingLength};
+    }
+
+    /* Text past (offset, thinkingOffset) was never stored (its server died): drop it. True if anything went. */
+    rewind(offset, thinkingOffset) {
+      let cut = false;
+      if (offset < this.length) {
+        this.text = Array.from(this.text).slice(0, offset).join("");
+        this.length = offset;
+        cut = true;
+      }
+      if (thinkingOffset < this.thinkingLength) {
+        this.thinking = Array.from(this.thinking).slice(0, thinkingOffset).join("");
+        this.thinkingLength = thinkingOffset;
+        cut = true;
+      }
+      return cut;
     }
   }
 
@@ -263,6 +281,7 @@
         case "user_message": return this._emit("message", data);
         case "response": return data.is_final ? this._final(data) : this._delta(data);
         case "status": return this._status(data.message_id, data.status);
+        case "rewind": return this._rewind(data);
         case "resumed":
           for (const r of data.replies) this._status(r.message_id, r.status);
           return;
@@ -326,6 +345,13 @@
       this._emit("delta", {message_id: r.id, session_id: data.session_id, seq: data.seq, reply_to: data.reply_to,
         text: fresh.text,
         thinking: fresh.thinking, content: r.text, thinking_content: r.thinking, offset: r.length});
+    }
+
+    _rewind(data) {
+      const r = this._reply(data.message_id);
+      if (r.final || !r.rewind(data.offset, data.thinking_offset)) return;
+      this._emit("rewind", {message_id: r.id, session_id: data.session_id, seq: data.seq, reply_to: data.reply_to,
+        reason: data.reason, content: r.text, thinking_content: r.thinking, offset: r.length});
     }
 
     _final(data) {

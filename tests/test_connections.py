@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from tornado.httpclient import HTTPClientError
 from tornado.websocket import websocket_connect
 
-from services import fanout
+from services import replylog
 from services.auth import Authenticator
 from tests.conftest import TEST_TOKEN, Client, settle, ws_request
 
@@ -233,7 +233,7 @@ async def test_connection_stats_have_per_user_counts_and_times(connect, fetch):
 
 async def test_a_stalled_reader_delays_no_one_and_memory_stays_bounded(connect, fetch, services, monkeypatch):
     # a cumulative frame per chunk, as a fan-out without pacing sends them: tens of MB for this reader's outbox
-    monkeypatch.setattr(fanout, "CUMULATIVE_INTERVAL", 0.0)
+    monkeypatch.setattr(replylog, "CUMULATIVE_INTERVAL", 0.0)
     services.config.outbox_limit = 256 * 1024
     services.config.max_connections_per_user = 100
     stalled = await connect("bulk")

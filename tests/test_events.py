@@ -8,7 +8,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.fanout import PAGE
+from services.replylog import PAGE
 from services.store import utcnow
 from tests.conftest import settle
 from tests.test_resume import Received, nothing_more, send_resume
@@ -199,7 +199,7 @@ async def test_deltas_from_another_instance_are_applied_by_their_offsets(connect
     chunks = await chunks_until_final(a, got)
     assert chunks == [(0, "Hello, "), (7, "wor"), (10, "ld!")]
     assert got.joined(got.text) == "Hello, world!" == got.finals[0]["content"]
-    assert "remote-reply" not in services.fanout.replies
+    assert "remote-reply" not in services.fanout.replies.logs
 
 
 async def idle_socket(services, client):
@@ -240,7 +240,7 @@ async def test_a_reply_generating_on_another_instance_is_followed_from_its_check
     got = Received("remote-reply")
     got.text = dict(enumerate("Hel"))
     reply = {"session_id": session_id, "message_id": "remote-reply", "seq": seq + 1, "reply_to": "remote-question",
-             "origin": "elsewhere", "at": time.time()}
+             "epoch": 1, "origin": "elsewhere", "at": time.time()}
     for offset, text in ((7, "world"), (12, "!"), (12, "!")):  # overlaps the checkpoint; then a repeat
         services.bus.receive({"type": "reply.delta", "offset": offset, "text": text, "thinking_offset": 0,
                               "thinking": "", **reply})
@@ -255,4 +255,4 @@ async def test_a_reply_generating_on_another_instance_is_followed_from_its_check
     # the catch-up, then the live text trimmed where it overlapped (a socket busy meanwhile merges the deltas)
     assert chunks[0] == (3, "lo, wor") and chunks[1][0] == 10 and "".join(d for _, d in chunks[1:]) == "ld!"
     assert got.joined(got.text) == "Hello, world!" == got.finals[0]["content"]
-    assert "remote-reply" not in services.fanout.replies
+    assert "remote-reply" not in services.fanout.replies.logs

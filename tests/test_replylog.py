@@ -1,0 +1,356 @@
+"""One reply's log and its readers, proved by interleaving (Hypothesis stateful testing).
+
+A model of the world around one instance's reply logs (services/replylog.py): the store's state of one reply
+(status, epoch, checkpointed text), an owner generating it, the owner's deltas and final on the bus, a reaper
+ending it when its owner is lost, a new owner continuing it from the checkpoint, a fenced owner that wakes and
+keeps talking, the bus duplicating, reordering and losing events, re-reads of the store, viewers present from
+the start, viewers that reconnect and resume at any offset at any moment (the store read and the answer apart,
+as the await between them allows). After every step and at the end, for every viewer: what it was sent adds up
+(offsets contiguous, nothing twice), text it was shown is never taken back without a `rewind`, it gets exactly one
+final, nothing after it, and its text equals the stored text.
+
+Pure logic with small fakes (a hub, connections that record frames): the end-to-end versions of these cases run
+against real instances in tests/test_cluster*.py.
+"""
+import pytest
+from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from services import replylog
+from services.errors import BadRequest
+from services.outbox import encode
+from services.replylog import ReplyLogs
+
+SESSION, MESSAGE = "s1", "m1"
+BASE = {"session_id": SESSION, "message_id": MESSAGE, "seq": 2, "reply_to": "u1"}
+
+
+class FakeOutbox:
+    def extend(self, *args):
+        return False  # never busy: every frame is made and recorded
+
+
+class FakeConn:
+    def __init__(self, conn_id, *, dialect="parley", stream_mode="delta", created_at=0.0):
+        self.id = conn_id
+        self.dialect = dialect
+        self.stream_mode = stream_mode
+        self.created_at = created_at
+        self.readers = {}
+        self.finals_sent = {}
+        self.outbox = FakeOutbox()
+        self.frames = []
+
+    def send(self, frame, text=None, nbytes=None):
+        self.frames.append(frame)
+        return True
+
+    def send_pages(self, message_id, pages):
+        self.frames.extend(pages)
+        return True
+
+
+class FakeHub:
+    def __init__(self):
+        self.by_session = {}
+
+    def viewers(self, session_id):
+        return list(self.by_session.get(session_id, {}).values())
+
+    def join(self, conn):
+        self.by_session.setdefault(SESSION, {})[conn.id] = conn
+
+
+class Client:
+    """What a Parley client holds of the reply, rebuilt from the frames one connection received (as
+    static/parley.js applies them), carried over to the next connection when it reconnects."""
+
+    def __init__(self, text="", thinking=""):
+        self.text, self.thinking = text, thinking
+        self.final = None
+
+    def apply(self, conn, frame, reading):
+        assert self.final is None, f"a frame after the final on {conn.id}: {frame}"
+        kind, data = frame["type"], frame["data"]
+        if kind == "rewind":
+            assert data["offset"] < len(self.text) or data["thinking_offset"] < len(self.thinking), \
+                f"a rewind that takes nothing back: {data} of {len(self.text)}"
+            self.text, self.thinking = self.text[:data["offset"]], self.thinking[:data["thinking_offset"]]
+        elif kind == "response" and not data["is_final"]:
+            if "delta" in data:
+                assert data["offset"] == len(self.text), f"not contiguous on {conn.id}: {data['offset']} after {len(self.text)}"
+                self.text += data["delta"]
+            if "thinking_delta" in data:
+                assert data["thinking_offset"] == len(self.thinking)
+                self.thinking += data["thinking_delta"]
+        elif kind == "response":
+            if reading:  # a reader never has its text taken back silently: a rewind comes first
+                assert data["content"].startswith(self.text), \
+                    f"final {data['content']!r} after {self.text!r} on {conn.id}"
+            self.final = data
+            self.text, self.thinking = data["content"], data.get("thinking", "")
+
+
+class Viewer:
+    def __init__(self, conn, client, reading):
+        self.conn = conn
+        self.client = client
+        self.reading = reading     # the server has a reader for it (present from the start, or resumed)
+        self.seen = 0              # frames applied
+        self.read = None           # a resume's store read, waiting for its answer
+        self.closed = False
+
+
+class Owner:
+    def __init__(self, epoch, text):
+        self.epoch = epoch
+        self.text = text           # everything it generated
+        self.alive = True
+
+
+class ReplyMachine(RuleBasedStateMachine):
+    @initialize(viewers=st.integers(1, 3), langbot=st.booleans())
+    def setup(self, viewers, langbot):
+        replylog.CUMULATIVE_INTERVAL = 0.0  # (restored in teardown) every cumulative frame goes out at once
+        self.hub = FakeHub()
+        self.logs = ReplyLogs(self.hub, self._send, instance_id="here", session_type=lambda s: "person",
+                              want=self._want)
+        self.store = {**BASE, "status": "streaming", "epoch": 1, "content": "", "thinking": "", "error": None,
+                      "usage": None, "stream": True, "started_at": 1.0}
+        self.owner = Owner(1, "")
+        self.stale = []            # owners fenced out that still talk
+        self.pending = []          # events on their way to this instance, in no guaranteed order
+        self.viewers = []
+        self.serial = 0
+        for _ in range(viewers):
+            self._viewer(Client(), reading=True, created_at=0.0)
+        if langbot:
+            conn = FakeConn("langbot", dialect="langbot", stream_mode="cumulative")
+            self.hub.join(conn)
+            self.langbot = conn
+        else:
+            self.langbot = None
+        self.pending.append({"type": "reply.started", **BASE, "status": "streaming", "stream": True, "epoch": 1,
+                             "origin": "owner", "at": 1.0})
+
+    def _viewer(self, client, *, reading, created_at):
+        self.serial += 1
+        conn = FakeConn(f"c{self.serial}", created_at=created_at)
+        self.hub.join(conn)
+        viewer = Viewer(conn, client, reading)
+        self.viewers.append(viewer)
+        return viewer
+
+    def _send(self, frame, conns):
+        encode(frame)  # what goes on the wire is JSON data
+        for conn in conns:
+            conn.send(frame)
+        return len(conns)
+
+    def _want(self, session_id):
+        # a cluster bus asks the owner for its whole text: a live owner answers with a sync from 0
+        if self.owner is not None and self.owner.alive and self.store["status"] == "streaming":
+            self.pending.append(self._delta(self.owner, 0, sync=True))
+
+    def _delta(self, owner, offset, sync=False):
+        event = {"type": "reply.delta", **BASE, "epoch": owner.epoch, "offset": offset,
+                 "text": owner.text[offset:], "thinking_offset": 0, "thinking": "", "origin": "owner", "at": 2.0}
+        if sync:
+            event["sync"] = True
+        return event
+
+    # what happens to the reply
+
+    @precondition(lambda self: self.owner is not None and self.owner.alive and self.store["status"] == "streaming")
+    @rule(piece=st.sampled_from(["a", "bc", "def", "ghij", "é", "🙂x"]))
+    def generate(self, piece):
+        offset = len(self.owner.text)
+        self.owner.text += piece
+        self.pending.append(self._delta(self.owner, offset))
+
+    @precondition(lambda self: self.stale)
+    @rule(piece=st.sampled_from(["z", "zz"]))
+    def a_fenced_owner_talks(self, piece):
+        owner = self.stale[-1]
+        offset = len(owner.text)
+        owner.text += piece
+        self.pending.append(self._delta(owner, offset))
+
+    @precondition(lambda self: self.owner is not None and self.owner.alive and self.store["status"] == "streaming")
+    @rule()
+    def checkpoint(self):
+        self.store["content"] = self.owner.text
+
+    @precondition(lambda self: self.owner is not None and self.owner.alive and self.store["status"] == "streaming")
+    @rule(status=st.sampled_from(["completed", "stopped", "failed"]))
+    def the_owner_ends_it(self, status):
+        self.store.update(status=status, content=self.owner.text)
+        self.owner.alive = False
+        self.pending.append({"type": "reply.final", **self._final_fields(), "origin": "owner", "at": 3.0})
+
+    @precondition(lambda self: self.store["status"] == "streaming" and self.owner is not None)
+    @rule()
+    def the_owner_is_lost_and_reaped(self):
+        """Its instance died (or paused past its lease): the reaper ends the reply with the stored text."""
+        self.stale.append(self.owner)
+        self.owner = None
+        self.store.update(status="interrupted", epoch=self.store["epoch"] + 1,
+                          error={"code": "instance_lost", "message": "lost"})
+        self.pending.append({"type": "reply.final", **self._final_fields(), "origin": "reaper", "at": 3.0})
+
+    @precondition(lambda self: self.store["status"] == "streaming" and self.owner is not None)
+    @rule()
+    def another_instance_continues_it(self):
+        """Its owner is lost: a survivor claims it (a new epoch) and goes on from the stored text."""
+        self.stale.append(self.owner)
+        self.store["epoch"] += 1
+        self.owner = Owner(self.store["epoch"], self.store["content"])
+        self.pending.append({"type": "reply.started", **BASE, "status": "streaming", "stream": True,
+                             "epoch": self.owner.epoch, "offset": len(self.owner.text), "thinking_offset": 0,
+                             "origin": "survivor", "at": 2.5})
+
+    @precondition(lambda self: self.stale and self.store["status"] != "streaming")
+    @rule()
+    def a_fenced_owner_wakes_and_publishes_the_stored_end(self):
+        # its terminal write is refused: it publishes what the store holds (a second final on the bus)
+        self.pending.append({"type": "reply.final", **self._final_fields(), "origin": "stale", "at": 4.0})
+
+    def _final_fields(self):
+        return {**BASE, **{k: self.store[k] for k in ("status", "content", "thinking", "error", "usage", "epoch")}}
+
+    # the bus
+
+    @precondition(lambda self: self.pending)
+    @rule(data=st.data())
+    def deliver(self, data):
+        event = self.pending.pop(data.draw(st.integers(0, len(self.pending) - 1)))
+        self._dispatch(event)
+
+    @precondition(lambda self: self.pending)
+    @rule(data=st.data())
+    def duplicate(self, data):
+        self.pending.append(dict(data.draw(st.sampled_from(self.pending))))
+
+    @precondition(lambda self: self.pending)
+    @rule(data=st.data())
+    def lose(self, data):
+        self.pending.pop(data.draw(st.integers(0, len(self.pending) - 1)))
+
+    @rule()
+    def reread_the_store(self):
+        self.logs.stored({**self.store})
+
+    def _dispatch(self, event):
+        handler = {"reply.started": self.logs.started, "reply.delta": self.logs.delta,
+                   "reply.final": self.logs.final}[event["type"]]
+        handler(dict(event))
+
+    # viewers
+
+    @precondition(lambda self: any(not v.closed for v in self.viewers))
+    @rule(data=st.data())
+    def a_viewer_reconnects(self, data):
+        viewer = data.draw(st.sampled_from([v for v in self.viewers if not v.closed]))
+        self._drain_frames(viewer)
+        viewer.closed = True
+        del self.hub.by_session[SESSION][viewer.conn.id]
+        client = Client(viewer.client.text, viewer.client.thinking)
+        client.final = viewer.client.final
+        self._viewer(client, reading=False, created_at=5.0)  # connected after the reply started
+
+    @precondition(lambda self: any(not v.closed and v.read is None and v.client.final is None
+                                   for v in self.viewers))
+    @rule(data=st.data())
+    def a_viewer_asks_to_resume(self, data):
+        viewer = data.draw(st.sampled_from([v for v in self.viewers
+                                            if not v.closed and v.read is None and v.client.final is None]))
+        self._drain_frames(viewer)
+        viewer.read = ({**self.store}, len(viewer.client.text))  # the store read; the answer comes later
+
+    @precondition(lambda self: any(not v.closed and v.read is not None for v in self.viewers))
+    @rule(data=st.data())
+    def a_resume_is_answered(self, data):
+        viewer = data.draw(st.sampled_from([v for v in self.viewers if not v.closed and v.read is not None]))
+        doc, offset = viewer.read
+        viewer.read = None
+        self._drain_frames(viewer)
+        try:
+            plan = self.logs.resume(viewer.conn, SESSION, [doc], {MESSAGE: (offset, 0)})
+        except replylog.Stale:
+            plan = self.logs.resume(viewer.conn, SESSION, [{**self.store}], {MESSAGE: (offset, 0)})
+        except BadRequest as err:
+            # only for an offset beyond a text that was stored whole: a client cannot have more
+            assert err.code == "invalid_offset"
+            pytest.fail(f"a resume from what the server sent was refused: {offset} of {doc}")
+        [(_, _, _, source)] = plan
+        viewer.reading = viewer.reading or source != "sent"
+
+    def _drain_frames(self, viewer):
+        frames = viewer.conn.frames
+        while viewer.seen < len(frames):
+            frame = frames[viewer.seen]
+            viewer.seen += 1
+            if frame["type"] in ("response", "rewind") and frame["data"]["message_id"] == MESSAGE:
+                viewer.client.apply(viewer.conn, frame, viewer.reading)
+
+    @invariant()
+    def what_each_viewer_was_sent_adds_up(self):
+        if not hasattr(self, "viewers"):
+            return
+        for viewer in self.viewers:
+            if not viewer.closed:
+                self._drain_frames(viewer)
+        if self.langbot is not None:
+            finals = [f for f in self.langbot.frames if f["type"] == "response" and f["data"]["is_final"]]
+            assert len(finals) <= 1
+            assert {f["type"] for f in self.langbot.frames} <= {"response"}, "an extension frame to LangBot"
+            if finals:
+                assert self.langbot.frames[-1] is finals[0], "a frame after LangBot's final"
+
+    def teardown(self):
+        replylog.CUMULATIVE_INTERVAL = 0.1
+        if not hasattr(self, "viewers"):
+            return
+        # The world settles: the reply ends (if it had not), every event still on its way arrives, open resumes
+        # are answered, and the periodic re-read of the store runs once.
+        if self.store["status"] == "streaming":
+            if self.owner is not None and self.owner.alive:
+                self.the_owner_ends_it("completed")
+            else:
+                self.the_owner_is_lost_and_reaped()
+        while self.pending:
+            self._dispatch(self.pending.pop(0))
+        self.logs.stored({**self.store})
+        # and every client still without its final resumes (as parley.js does on every connect)
+        for viewer in self.viewers:
+            if not viewer.closed and viewer.client.final is None:
+                self._drain_frames(viewer)
+                if viewer.client.final is None:
+                    viewer.read = viewer.read or ({**self.store}, len(viewer.client.text))
+            if not viewer.closed and viewer.read is not None:
+                self._answer(viewer)
+        for viewer in self.viewers:
+            if viewer.closed:
+                continue
+            self._drain_frames(viewer)
+            finals = [f for f in viewer.conn.frames if f["type"] == "response" and f["data"]["is_final"]]
+            assert len(finals) <= 1, f"{viewer.conn.id} got {len(finals)} finals"
+            assert viewer.client.final is not None, f"{viewer.conn.id} never got a final"
+            assert viewer.client.final["status"] == self.store["status"]
+            assert viewer.client.text == self.store["content"]
+        if self.langbot is not None:
+            finals = [f for f in self.langbot.frames if f["type"] == "response" and f["data"]["is_final"]]
+            assert len(finals) == 1 and finals[0]["data"]["content"] == self.store["content"]
+
+    def _answer(self, viewer):
+        doc, offset = viewer.read
+        viewer.read = None
+        try:
+            self.logs.resume(viewer.conn, SESSION, [doc], {MESSAGE: (offset, 0)})
+        except replylog.Stale:
+            self.logs.resume(viewer.conn, SESSION, [{**self.store}], {MESSAGE: (offset, 0)})
+
+
+ReplyMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None,
+                                          suppress_health_check=[HealthCheck.too_slow])
+test_one_reply_every_interleaving = ReplyMachine.TestCase

@@ -46,6 +46,7 @@ def reply_stored(doc):
             "reply_to": doc.get("reply_to"), "epoch": doc.get("epoch") or 0, "status": doc["status"],
             "content": doc.get("content") or "", "thinking": doc.get("thinking") or "", "error": doc.get("error"),
             "usage": doc.get("usage"), "stream": doc.get("stream", True),
+            "bases": [[c["epoch"], c.get("offset", 0), c.get("thinking_offset", 0)] for c in doc.get("continued") or ()],
             "started_at": created.timestamp() if hasattr(created, "timestamp") else 0.0,
             "origin": "store", "at": time.time()}
 

@@ -154,7 +154,7 @@ def resumed(session_id, replies):
     """The answer to `resume`: each reply that follows, where it resumes from, and its state at that moment."""
     return {"type": "resumed", "data": {"session_id": session_id, "timestamp": timestamp(), "replies": [
         {"message_id": r.message_id, "seq": r.seq, "reply_to": r.reply_to, "status": r.status,
-         "offset": offset, "thinking_offset": thinking_offset, "length": len(r.content),
+         "epoch": r.epoch, "offset": offset, "thinking_offset": thinking_offset, "length": len(r.content),
          "thinking_length": len(r.thinking)}
         for r, offset, thinking_offset in replies]}}
 
@@ -169,8 +169,8 @@ def rewind(reply, *, offset, thinking_offset, reason):
     """Text of a reply this connection was sent past (offset, thinking_offset) is void: it was never stored (its
     instance died or was fenced after its last checkpoint). The reply continues, or ends, from there."""
     return {"type": "rewind", "data": {"session_id": reply.session_id, "message_id": reply.message_id,
-                                       "seq": reply.seq, "reply_to": reply.reply_to, "offset": offset,
-                                       "thinking_offset": thinking_offset, "reason": reason,
+                                       "seq": reply.seq, "reply_to": reply.reply_to, "epoch": reply.epoch,
+                                       "offset": offset, "thinking_offset": thinking_offset, "reason": reason,
                                        "timestamp": timestamp()}}
 
 
@@ -178,7 +178,8 @@ def status(event):
     """A reply changed state before its final frame (queued -> streaming): lets every viewer show it."""
     return {"type": "status", "data": {"session_id": event["session_id"], "message_id": event["message_id"],
                                        "seq": event["seq"], "reply_to": event["reply_to"],
-                                       "status": event["status"], "timestamp": timestamp_from_epoch(event["at"])}}
+                                       "status": event["status"], "epoch": event.get("epoch", 0),
+                                       "timestamp": timestamp_from_epoch(event["at"])}}
 
 
 def error(err, **context):

@@ -92,8 +92,9 @@ class Reader:
 
 class Log:
     """One reply as this instance knows it: its ids, its owner's epoch and its text so far."""
-    __slots__ = ("session_id", "message_id", "seq", "reply_to", "status", "stream", "epoch", "text",
-                 "thinking_text", "error", "usage", "local", "started_at", "at", "heard", "cumulative_due", "timer")
+    __slots__ = ("session_id", "message_id", "seq", "reply_to", "status", "stream", "epoch", "bases", "announced",
+                 "text", "thinking_text", "error", "usage", "local", "started_at", "at", "heard", "cumulative_due",
+                 "timer")
 
     def __init__(self, state, *, local, started_at, content="", thinking=""):
         self.session_id = state["session_id"]
@@ -103,6 +104,10 @@ class Log:
         self.status = state.get("status") or "streaming"
         self.stream = state.get("stream", True)
         self.epoch = state.get("epoch") or 0
+        # [epoch, offset, thinking_offset]: where each owner that continued the reply took it up (text of an
+        # older epoch past that point is void): a client resuming with text of an older epoch is trusted up to it
+        self.bases = [list(b) for b in state.get("bases") or ()]
+        self.announced = None            # the epoch whose start its viewers were told of (a `status` frame)
         self.text = Text(content)
         self.thinking_text = Text(thinking)
         self.error = state.get("error")
@@ -126,7 +131,7 @@ class Log:
 class Ended:
     """A terminal state (a reply.final event, or a stored message that ended), shaped for frames.final()."""
     __slots__ = ("session_id", "message_id", "seq", "reply_to", "status", "content", "thinking", "error",
-                 "usage", "epoch")
+                 "usage", "epoch", "bases")
 
     def __init__(self, state):
         for key in ("session_id", "message_id", "seq", "reply_to", "status", "error", "usage"):
@@ -134,6 +139,7 @@ class Ended:
         self.content = state.get("content") or ""
         self.thinking = state.get("thinking") or ""
         self.epoch = state.get("epoch") or 0
+        self.bases = state.get("bases") or ()
 
 
 def agreed(shown, stored, same_epoch):
@@ -180,11 +186,13 @@ class ReplyLogs:
         log_ = self._log(event)
         if log_ is None:
             return
+        epoch = event.get("epoch", 0)
+        if epoch < log_.epoch:
+            return  # an older owner's start, late: the log follows a newer one
         log_.status, log_.stream = event["status"], event.get("stream", True)
-        if event.get("epoch", 0) > log_.epoch:  # a new owner (a continuation says where it continues from)
-            self._rewind(log_, event["epoch"], min(event.get("offset", log_.text.length), log_.text.length),
-                         min(event.get("thinking_offset", log_.thinking_text.length), log_.thinking_text.length))
-        self.send(frames.status(event), self.hub.viewers(log_.session_id))
+        if epoch > log_.epoch:  # a new owner, continuing from where it took the reply up
+            self._new_epoch(log_, epoch, event.get("bases"))
+        self._announce(log_, event.get("at"))
 
     def delta(self, event):
         message_id = event["message_id"]
@@ -203,7 +211,10 @@ class ReplyLogs:
         if epoch < log_.epoch:
             return  # a fenced owner's text: the store holds the newer owner's
         if epoch > log_.epoch:  # a new owner: its text replaces what came after its starting point
-            self._rewind(log_, epoch, min(offset, log_.text.length), min(thinking_offset, log_.thinking_text.length))
+            if not event.get("bases"):  # (where that is, its start or its whole text says: ask for them)
+                self.want(log_.session_id)
+                return
+            self._new_epoch(log_, epoch, event["bases"])
         have, thinking_have = log_.text.length, log_.thinking_text.length
         if offset > have or thinking_offset > thinking_have:
             log.info("reply.delta with a gap message_id=%s offset=%s have=%s: asking for the whole text",
@@ -272,9 +283,8 @@ class ReplyLogs:
             return log_
         if state["epoch"] < log_.epoch:
             return None  # read before the newer owner claimed it: the log knows better
-        if state["epoch"] > log_.epoch:
-            # a newer owner: it continues from the stored text, so what the log has beyond it is void
-            self._rewind(log_, state["epoch"], *(_common(log_, state)))
+        if state["epoch"] > log_.epoch:  # a newer owner: the log is right up to where the first one took over
+            self._new_epoch(log_, state["epoch"], state.get("bases"), _common(log_, state))
         if log_.status == "queued" and state["status"] == "streaming":
             log_.status = "streaming"
         text, thinking = state["content"][log_.text.length:], state["thinking"][log_.thinking_text.length:]
@@ -360,26 +370,40 @@ class ReplyLogs:
         log_.cumulative_due = 0.0
         self._pump(log_, only_cumulative=True)
 
-    def _rewind(self, log_, epoch, offset, thinking_offset):
-        """A new owner (epoch) continues from (offset, thinking_offset): text the log has past it is void, and
-        every reader that was sent some of it is told so first."""
-        log_.epoch = epoch
-        if offset >= log_.text.length and thinking_offset >= log_.thinking_text.length:
+    def _new_epoch(self, log_, epoch, bases, agreed_at=None):
+        """A newer owner (`epoch`) generates the reply. Each owner that took it over since the log's continued from
+        a stored point (`bases`: [epoch, offset, thinking_offset], from the store's `continued`); the log's text
+        past the first such point is void. Every viewer is told (a `rewind` naming the new epoch and where the
+        reply continues: one that holds more drops it; a client that resumes later says whose text it holds),
+        readers past it are taken back. Without the points (`agreed_at`: where the stored text departs)."""
+        if agreed_at is None and not any(b[0] > log_.epoch for b in bases or ()):
+            log_.epoch = epoch  # its first owner (it was queued): nothing was void
             return
+        offset, thinking_offset = agreed_at or (log_.text.length, log_.thinking_text.length)
+        for base_epoch, base, thinking_base in bases or ():
+            if base_epoch > log_.epoch:
+                offset, thinking_offset = min(offset, base), min(thinking_offset, thinking_base)
+            if not any(b[0] == base_epoch for b in log_.bases):
+                log_.bases.append([base_epoch, base, thinking_base])
+        offset, thinking_offset = min(offset, log_.text.length), min(thinking_offset, log_.thinking_text.length)
+        log_.epoch = log_.announced = epoch
         log_.text.truncate(offset)
         log_.thinking_text.truncate(thinking_offset)
-        self._rewind_readers(log_.session_id, log_.message_id, log_, offset, thinking_offset, "instance_lost")
+        for conn in self.hub.viewers(log_.session_id):
+            if (reader := conn.readers.get(log_.message_id)) is not None:
+                reader.offset = min(reader.offset, offset)
+                reader.thinking_offset = min(reader.thinking_offset, thinking_offset)
+        self.send(frames.rewind(log_, offset=offset, thinking_offset=thinking_offset, reason="instance_lost"),
+                  self.hub.viewers(log_.session_id))
 
-    def _rewind_readers(self, session_id, message_id, reply, offset, thinking_offset, reason):
-        behind = [(c, r) for c in self.hub.viewers(session_id)
-                  if (r := c.readers.get(message_id)) is not None
-                  and (r.offset > offset or r.thinking_offset > thinking_offset)]
-        for conn, reader in behind:
-            reader.offset = min(reader.offset, offset)
-            reader.thinking_offset = min(reader.thinking_offset, thinking_offset)
-        conns = [c for c, _ in behind if c.dialect == frames.PARLEY]
-        if conns:
-            self.send(frames.rewind(reply, offset=offset, thinking_offset=thinking_offset, reason=reason), conns)
+    def _announce(self, log_, at=None):
+        """Tell the viewers once per owner that the reply streams (queued -> streaming)."""
+        if log_.announced == log_.epoch or log_.status != "streaming":
+            return
+        log_.announced = log_.epoch
+        self.send(frames.status({"session_id": log_.session_id, "message_id": log_.message_id, "seq": log_.seq,
+                                 "reply_to": log_.reply_to, "status": log_.status, "epoch": log_.epoch,
+                                 "at": at or time.time()}), self.hub.viewers(log_.session_id))
 
     def _settle(self, conn, reader, log_, ended, timestamp, session_type):
         """Before a reader's final: text it was shown that the final does not hold is taken back (rewind), and
@@ -443,7 +467,7 @@ class ReplyLogs:
 
     def resume(self, conn, session_id, docs, wanted, local=()):
         """Answer a `resume` (services/resume.py did the lookups): `docs` are the stored replies (and live local
-        ones as stored_state()s), `wanted` {message_id: (offset, thinking_offset)} what the client has, `local`
+        ones as stored_state()s), `wanted` {message_id: (offset, thinking_offset, epoch)} what the client has, `local`
         the ids generating here. Applies the stored states first (the store is the truth: other viewers get what
         they add too), then sends `resumed`, and places a reader for each reply at the client's position: it
         gets the text after it at once, then the final if the reply ended. Never awaits. Raises BadRequest for
@@ -481,34 +505,53 @@ class ReplyLogs:
                 self._pump(log_)
 
     def _plan(self, conn, states, wanted, local, plan, grown, ends):
-        """Apply each stored state and decide where each reader starts (no frame sent yet)."""
-        for state in states:
-            message_id = state["message_id"]
-            offset, thinking_offset = wanted.get(message_id, (0, 0))
-            if message_id in self.ended and state["status"] in LIVE:
-                raise Stale(message_id)  # read before it ended: the caller reads it again
-            if message_id in conn.finals_sent:
-                reply, source = Ended(state), "sent"
-            elif message_id in self.ended:
-                reply, source = Ended(state), "finished"
-            elif state["status"] not in LIVE:
-                reply, source = Ended(state), "finished"
-                ends.append(state)
-            else:
-                grew = self._merge(state, local=message_id in local)
-                if grew is not None:
-                    grown.append(grew)
-                reply = self.logs[message_id]
-                source = "live" if message_id in local else "store"
-            length, thinking_length = len(reply.content), len(reply.thinking)
-            if offset > length or thinking_offset > thinking_length:
-                if source == "store":
-                    pass  # generating on another instance: a client that followed it there may be ahead of us
-                elif source == "live" or reply.status in COMPLETE_TEXT:
-                    raise BadRequest(f"offset beyond the {length} characters of reply {message_id!r}",
-                                     code="invalid_offset", message_id=message_id)
-                # else interrupted: text after its last checkpoint was lost; the reader is taken back to it
-            plan.append((reply, offset, thinking_offset, source))
+        """Apply each stored state and decide where each reader starts (no frame sent yet). A client that holds
+        more than that (an older owner's text) is told by `resumed` itself: its offsets are where the connection
+        continues, and what lies past them is void (docs/protocol.md)."""
+        detached = {}
+        try:
+            for state in states:
+                self._place(conn, state, wanted, local, plan, grown, ends, detached)
+        except Exception:
+            conn.readers.update(detached)  # as they were: the resume failed, the live stream goes on
+            raise
+
+    def _place(self, conn, state, wanted, local, plan, grown, ends, detached):
+        message_id = state["message_id"]
+        if message_id in self.ended and state["status"] in LIVE:
+            raise Stale(message_id)  # read before it ended: the caller reads it again
+        offset, thinking_offset, epoch = wanted.get(message_id, (0, 0, None))
+        # The client's offsets win (a gap it saw is filled); `resumed` tells it where it continues. A reader this
+        # connection had is placed anew below: meanwhile nothing here (the stored state applied) moves it.
+        if (reader := conn.readers.pop(message_id, None)) is not None:
+            detached[message_id] = reader
+        if message_id in conn.finals_sent:
+            reply, source = Ended(state), "sent"
+        elif message_id in self.ended:
+            reply, source = Ended(state), "finished"
+        elif state["status"] not in LIVE:
+            reply, source = Ended(state), "finished"
+            ends.append(state)
+        else:
+            grew = self._merge(state, local=message_id in local)
+            if grew is not None:
+                grown.append(grew)
+            reply = self.logs[message_id]
+            source = "live" if message_id in local else "store"
+        # text of an older owner than one that continued the reply is trusted only up to where that one took it
+        # up (a client that does not say its epoch: up to the first such point)
+        for base_epoch, base, thinking_base in reply.bases:
+            if epoch is None or base_epoch > epoch:
+                offset, thinking_offset = min(offset, base), min(thinking_offset, thinking_base)
+        length, thinking_length = len(reply.content), len(reply.thinking)
+        if offset > length or thinking_offset > thinking_length:
+            if source == "store":
+                pass  # generating on another instance: a client that followed it there may be ahead of us
+            elif source == "live" or reply.status in COMPLETE_TEXT:
+                raise BadRequest(f"offset beyond the {length} characters of reply {message_id!r}",
+                                 code="invalid_offset", message_id=message_id)
+            # else interrupted: text after its last checkpoint was lost; the reader is taken back to it
+        plan.append((reply, offset, thinking_offset, source))
 
     def _catch_up(self, conn, reader, log_, timestamp, session_type):
         """The text of a live reply after a reader's position, at once (nothing when the reader is ahead: a

@@ -31,14 +31,14 @@ class Resumer:
         """Handle one `resume` frame: by `message_id`, or every live reply of a session (plus `offsets` named)."""
         if frame.message_id is not None:
             message_id = frame.message_id
-            wanted = {message_id: (frame.offset, frame.thinking_offset)}
+            wanted = {message_id: (frame.offset, frame.thinking_offset, frame.epoch)}
             doc, session = await self._find(conn, message_id)
             docs = {message_id: doc}
             every_live = False
         else:
             session_id = frame.session_id or conn.primary_session
             check_id(session_id, "session_id")
-            wanted = {m: (o.offset, o.thinking_offset) for m, o in frame.offsets.items()}
+            wanted = {m: (o.offset, o.thinking_offset, o.epoch) for m, o in frame.offsets.items()}
             session = await self.chat.session(conn.identity, conn.pipeline, session_id)
             docs = {d["_id"]: d for d in await self.store.find_replies(session_id, list(wanted))}
             if missing := [m for m in wanted if m not in docs]:

@@ -133,12 +133,14 @@ class PresenceFrame(Frame, tag="presence"):
 class Offsets(Struct, omit_defaults=True):
     offset: Count = 0
     thinking_offset: Count = 0
+    epoch: Union[Count, None] = None  # the epoch of the text held (status/rewind/resumed say it)
 
 
 class ResumeFrame(Frame, tag="resume"):
     message_id: Union[Id, None] = None
     offset: Count = 0
     thinking_offset: Count = 0
+    epoch: Union[Count, None] = None
     session_id: Union[Id, None] = None
     offsets: Annotated[dict[Id, Offsets], Meta(max_length=64)] = {}
 
@@ -428,6 +430,7 @@ class StatusData(Struct, forbid_unknown_fields=True):
     seq: int
     reply_to: Union[str, None]
     status: str
+    epoch: Count  # which owner streams it: a new one continues it after its instance was lost (`rewind`)
     timestamp: Timestamp
 
 
@@ -442,6 +445,7 @@ class RewindData(Struct, forbid_unknown_fields=True):
     message_id: str
     seq: int
     reply_to: Union[str, None]
+    epoch: Count
     offset: Count
     thinking_offset: Count
     reason: Literal["instance_lost", "fenced"]
@@ -467,6 +471,7 @@ class ResumedReply(Struct, forbid_unknown_fields=True):
     seq: int
     reply_to: Union[str, None]
     status: str
+    epoch: Count
     offset: Count
     thinking_offset: Count
     length: Count

@@ -58,6 +58,7 @@
       this.thinkingLength = 0;
       this.status = "queued";
       this.final = false;
+      this.epoch = null;        // whose text it holds: the owner that generated it (status, rewind, resumed)
     }
 
     /* Returns the new part {text, thinking}, or null if it was all seen; throws "gap" if text is missing. */
@@ -79,7 +80,9 @@
     }
 
     offsets() {
-      return {offset: this.length, thinking_offset: this.thinkingLength};
+      const o = {offset: this.length, thinking_offset: this.thinkingLength};
+      if (this.epoch !== null) o.epoch = this.epoch;
+      return o;
     }
 
     /* Text past (offset, thinkingOffset) was never stored (its server died): drop it. True if anything went. */
@@ -280,10 +283,15 @@
         case "ack": return this._ack(data);
         case "user_message": return this._emit("message", data);
         case "response": return data.is_final ? this._final(data) : this._delta(data);
-        case "status": return this._status(data.message_id, data.status);
+        case "status":
+          this._epoch(data);
+          return this._status(data.message_id, data.status);
         case "rewind": return this._rewind(data);
         case "resumed":
-          for (const r of data.replies) this._status(r.message_id, r.status);
+          for (const r of data.replies) {
+            this._cut(r, r.offset, r.thinking_offset, "resumed");  // where this connection continues
+            this._status(r.message_id, r.status);
+          }
           return;
         case "reconnect": return this._drop();
         case "error": return this._error(frame);
@@ -347,11 +355,26 @@
         thinking: fresh.thinking, content: r.text, thinking_content: r.thinking, offset: r.length});
     }
 
+    /* The epoch of a reply we hold no text of yet: the text that comes is that owner's. */
+    _epoch(data) {
+      const r = this._reply(data.message_id);
+      if (!r.length && !r.thinkingLength) r.epoch = data.epoch;
+    }
+
     _rewind(data) {
       const r = this._reply(data.message_id);
-      if (r.final || !r.rewind(data.offset, data.thinking_offset)) return;
+      if (r.epoch !== null && data.epoch < r.epoch) return;  // an instance behind us: we hold a newer owner's
+      this._cut(data, data.offset, data.thinking_offset, data.reason);
+    }
+
+    /* Text past (offset, thinkingOffset) is void: drop it, take the epoch, tell the app if anything went. */
+    _cut(data, offset, thinkingOffset, reason) {
+      const r = this._reply(data.message_id);
+      if (r.final) return;
+      if (data.epoch !== undefined) r.epoch = data.epoch;
+      if (!r.rewind(offset, thinkingOffset)) return;
       this._emit("rewind", {message_id: r.id, session_id: data.session_id, seq: data.seq, reply_to: data.reply_to,
-        reason: data.reason, content: r.text, thinking_content: r.thinking, offset: r.length});
+        reason, content: r.text, thinking_content: r.thinking, offset: r.length});
     }
 
     _final(data) {

@@ -39,6 +39,7 @@ from services.keepalive import Keepalive
 from services.limits import RateLimiter
 from services.metrics import Metrics
 from services.pipelines import PipelineConfigError, api_key, default_pipelines, load_pipelines
+from services.liveness import Liveness
 from services.reaper import Reaper
 from services.resume import Resumer
 from services.store import Store
@@ -61,6 +62,7 @@ class Services:
     chat: ChatService
     resumer: Resumer
     reaper: Reaper
+    liveness: Liveness | None
     pipelines: object
     auth: object
     instance_id: str
@@ -128,16 +130,23 @@ async def open_services(config, *, pipelines=None, provider_factory=None, auth=N
                        max_image_size=config.max_image_size,
                        admission=Admission(config.send_concurrency, config.send_queue, config.store_timeout))
     resumer = Resumer(store, fanout, streams, chat, metrics)
-    reaper = Reaper(store, bus, streams, lease_seconds=config.lease_seconds)
+    # a cluster knows in seconds which instances are gone, so their replies end (or go on) without waiting out
+    # each reply's lease
+    liveness = Liveness(store, instance_id, timeout=config.liveness_timeout) if config.cluster else None
+    reaper = Reaper(store, bus, streams, lease_seconds=config.lease_seconds, liveness=liveness)
     await bus.start()
     await streams.warm_up()  # the first reply must not pay for imports and client set-up
-    await reaper.sweep()  # replies a previous run left `streaming` end now, if their lease has expired
+    # replies a previous run of this instance left `streaming` end now, and others' whose lease expired
+    await reaper.sweep(starting=True)
+    if liveness is not None:
+        liveness.on_change = reaper.wake
+        await liveness.start()
     reaper.start()
     keepalive = Keepalive(hub, ping_interval=config.ping_interval, ping_timeout=config.ping_timeout)
     keepalive.start()
     return Services(config=config, client=client, store=store, hub=hub, bus=bus, fanout=fanout, streams=streams,
                     chat=chat,
-                    resumer=resumer, reaper=reaper, pipelines=pipelines, auth=auth, instance_id=instance_id,
+                    resumer=resumer, reaper=reaper, liveness=liveness, pipelines=pipelines, auth=auth, instance_id=instance_id,
                     metrics=metrics, keepalive=keepalive)
 
 
@@ -172,6 +181,8 @@ async def close_services(services):
     services.keepalive.stop()
     await services.reaper.stop()
     await services.streams.shutdown()
+    if services.liveness is not None:  # after our replies ended: the others need not wait to know we are gone
+        await services.liveness.stop()
     await services.chat.close()
     await services.bus.close()
     await services.fanout.order.close()

@@ -464,20 +464,41 @@ class Store:
 
     @timed
     async def live_leases(self, *, exclude=(), limit=1000):
-        """(id, lease_until) of every live message except `exclude`. Live messages are few (in flight only),
-        and expiry is decided by the caller: nx-27017 misses explicit nulls in an indexed `$or` query."""
+        """(id, lease_until, instance, epoch) of every live message except `exclude`. Live messages are few (in
+        flight only), and expiry is decided by the caller: nx-27017 misses explicit nulls in an indexed `$or`."""
         query = {"status": {"$in": list(LIVE)}}
         if exclude:
             query["_id"] = {"$nin": list(exclude)}
-        cursor = self.messages.find(query, {"lease_until": 1}).limit(limit)
-        return [(doc["_id"], doc.get("lease_until")) async for doc in cursor]
+        cursor = self.messages.find(query, {"lease_until": 1, "instance": 1, "epoch": 1}).limit(limit)
+        return [(doc["_id"], doc.get("lease_until"), doc.get("instance"), doc.get("epoch") or 0)
+                async for doc in cursor]
+
+    # instance liveness (services/liveness.py)
 
     @timed
-    async def interrupt_abandoned(self, message_id, *, lease_until):
-        """Mark a message `interrupted` if it is still live with the very lease we saw expire (compare-and-set:
-        a renewal or a finish since then wins). Returns the updated message, or None."""
+    async def heartbeat(self, instance_id, beat):
+        await self.db.instances.update_one({"_id": instance_id},
+                                           {"$set": {"beat": beat, "stopped": False, "at_ms": now_ms()}},
+                                           upsert=True)
+
+    @timed
+    async def instance_stopped(self, instance_id):
+        await self.db.instances.update_one({"_id": instance_id}, {"$set": {"stopped": True, "at_ms": now_ms()}})
+
+    @timed
+    async def instance_beats(self, within_ms=24 * 3600 * 1000):
+        """{instance id: (heartbeat counter, stopped)} of the instances heard of in the last day."""
+        cursor = self.db.instances.find({"at_ms": {"$gt": now_ms() - within_ms}})
+        return {doc["_id"]: (doc.get("beat"), bool(doc.get("stopped"))) async for doc in cursor}
+
+    @timed
+    async def interrupt_abandoned(self, message_id, *, lease_until=None, epoch=None):
+        """Mark a message `interrupted` if it is still live with the very lease we saw expire, or (its instance is
+        gone) still of the epoch we saw: a compare-and-set, so a renewal (of an expired lease) or a finish since
+        then wins. Returns the updated message, or None."""
+        condition = {"lease_until": lease_until} if epoch is None else {"epoch": epoch}
         doc = await self.messages.find_one_and_update(
-            {"_id": message_id, "status": {"$in": list(LIVE)}, "lease_until": lease_until},
+            {"_id": message_id, "status": {"$in": list(LIVE)}, **condition},
             {"$set": {"status": "interrupted", "lease_until": None,
                       "error": {"code": "instance_lost", "message": "the server generating this reply stopped"}},
              "$inc": {"epoch": 1},  # fences the old owner out: none of its later writes can land

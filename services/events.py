@@ -30,7 +30,7 @@ def reply_sync(gen):
     """The whole text of a live reply so far, from offset 0, for an instance that lacks some of it (a cluster
     bus answers a new viewer elsewhere with it); `started_at`: its viewers there since then read it from 0."""
     return {**reply_delta(gen, offset=0, text=gen.content, thinking_offset=0, thinking=gen.thinking),
-            "sync": True, "started_at": gen.started_epoch}
+            "sync": True, "started_at": gen.started_epoch, "bases": gen.bases}
 
 
 def reply_final(reply):

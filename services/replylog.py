@@ -211,10 +211,10 @@ class ReplyLogs:
         if epoch < log_.epoch:
             return  # a fenced owner's text: the store holds the newer owner's
         if epoch > log_.epoch:  # a new owner: its text replaces what came after its starting point
-            if not event.get("bases"):  # (where that is, its start or its whole text says: ask for them)
-                self.want(log_.session_id)
+            if not event.get("bases") and (log_.text.length or log_.thinking_text.length):
+                self.want(log_.session_id)  # (where that is, its start or its whole text says: ask for them)
                 return
-            self._new_epoch(log_, epoch, event["bases"])
+            self._new_epoch(log_, epoch, event.get("bases"))
         have, thinking_have = log_.text.length, log_.thinking_text.length
         if offset > have or thinking_offset > thinking_have:
             log.info("reply.delta with a gap message_id=%s offset=%s have=%s: asking for the whole text",

@@ -55,6 +55,7 @@ class Generation:
         self.last_checkpoint = None   # the loop's clock at the latest checkpoint (at first: at the first chunk)
         self.dirty_since = None       # monotonic time of the oldest character not yet checkpointed
         self.epoch = epoch            # fencing token from the store's claim: every write of ours must match it
+        self.bases = []               # [epoch, offset, thinking_offset] of every owner that took it over
         self.claimed = epoch > 0      # stored already streaming, with this epoch (services/chat.py send)
         self.history = history        # a task reading the context already (prefetch_history), or None
         self.saved = self.saved_thinking = 0  # characters of content/thinking already checkpointed

@@ -32,7 +32,7 @@ class Instance:
 
 def gen(message_id="m1", session_id="s1"):
     return types.SimpleNamespace(message_id=message_id, session_id=session_id, seq=2, reply_to="u1",
-                                 status="streaming", content="", thinking="", epoch=1, started_epoch=0.0)
+                                 status="streaming", content="", thinking="", epoch=1, started_epoch=0.0, bases=[])
 
 
 def delta(g, text):

@@ -11,6 +11,7 @@ makes the failover fast: the reaper need not wait for each reply's lease.
 import asyncio
 import logging
 import time
+import uuid
 
 from services.bus import stop_task
 
@@ -26,6 +27,7 @@ class Liveness:
         self.timeout = timeout
         self.on_change = on_change      # () -> None: an instance was found gone (the reaper sweeps at once)
         self.beat = 0
+        self.incarnation = uuid.uuid4().hex[:8]  # a restart under the same id is a new counter, never the old one
         self.seen = {}                  # instance id -> (its counter, our monotonic time it last moved)
         self.gone = set()               # instances found gone (until they beat again)
         self.started = time.monotonic()
@@ -49,12 +51,16 @@ class Liveness:
         """False only for an instance known to be gone (never seen: not known, so not gone)."""
         return instance_id not in self.gone
 
+    async def refresh(self):
+        """Look at everyone's heartbeat now (before acting on a verdict: a gone instance may be back, restarted)."""
+        self._judge(await self.store.instance_beats())
+
     async def _loop(self):
         while True:
             await asyncio.sleep(self.timeout * BEAT)
             try:
                 await self._beat()
-                self._judge(await self.store.instance_beats())
+                await self.refresh()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the store is away: nobody is judged on what we could not read
@@ -62,7 +68,7 @@ class Liveness:
 
     async def _beat(self):
         self.beat += 1
-        await self.store.heartbeat(self.instance_id, self.beat)
+        await self.store.heartbeat(self.instance_id, f"{self.incarnation}:{self.beat}")
 
     def _judge(self, beats):
         """`beats`: {instance id: (counter, stopped)}. Gone: stopped, or its counter still for the timeout."""

@@ -63,7 +63,10 @@ class Reaper:
         await self.store.renew_leases(ours, lease_until=self.streams.lease_until())
         now = time.time()
         reaped = []
-        for message_id, lease_until, instance, epoch in await self.store.live_leases(exclude=ours):
+        live = await self.store.live_leases(exclude=ours)
+        if self.liveness is not None and any(not self.liveness.alive(i) for _, _, i, _ in live if i):
+            await self.liveness.refresh()  # a gone instance may be back (restarted): its new replies are not ours
+        for message_id, lease_until, instance, epoch in live:
             if message_id in self.streams.generations:
                 continue  # accepted here while we were awaiting
             gone = (self.liveness is not None and instance and not self.liveness.alive(instance)) or (

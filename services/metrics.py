@@ -31,8 +31,7 @@ SERVER_FRAMES = ("connected", "user_message", "ack", "response", "status", "stop
                  "broadcast", "push", "presence", "session.joined", "session.left", "session.reset", "resumed",
                  "reconnect", "other")
 CLOSE_REASONS = ("client", "server", "lost")
-# Server-initiated disconnects. slow and capacity come with the fan-out and limits issues; the codes map to
-# these in handlers/ws.py.
+# Server-initiated disconnects; handlers/ws.py maps close codes to these (slow: 4008, capacity: 1013).
 DISCONNECT_REASONS = ("slow", "capacity", "auth", "ping_timeout", "oversize", "invalid", "unavailable",
                       "shutdown", "other")
 STOP_OUTCOMES = ("local", "forwarded", "noop")

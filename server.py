@@ -271,12 +271,23 @@ def fail(config, problem):
     raise SystemExit(f"parley: {problem}")
 
 
+def check_environment(pipelines):
+    """Exit 2, as for a bad option, when a PARLEY_* variable is no option (nor a pipeline's key variable)."""
+    keys = [name + suffix for p in pipelines if (name := p.api_key_env) for suffix in ("", "_FILE")]
+    try:
+        settings.check_environment(os.environ, also=keys)
+    except settings.SettingsError as exc:
+        print(f"parley: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def configure(argv=None):
     """The options, logging, and everything checked before anything starts (exits naming a problem)."""
     config = parse_args(argv)
     logs.setup(level=config.log_level, fmt=config.log_format)
     try:
         made = {"auth": make_authenticator(config), "pipelines": make_pipelines(config)}
+        check_environment(made["pipelines"])
         web_app.check_frame_ancestors(config.frame_ancestors)
         if config.cluster and not config.mongo_url:
             raise ValueError("--cluster needs --mongo-url: every instance must share one MongoDB (a replica set)")

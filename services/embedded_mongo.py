@@ -209,6 +209,7 @@ def start_early(argv=None):
     from services import settings
     try:
         config = settings.resolve(argv)
+        settings.check_environment()  # (a pipeline's key variable fails this too: then the store starts later)
     except settings.SettingsError:
         return None
     if config.mongo_url or config.cluster:

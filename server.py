@@ -30,7 +30,7 @@ from services import events, logs, settings
 from services.auth import Authenticator, check_jwt_secret
 from services.batching import Admission
 from services.chat import ChatService
-from services.embedded_mongo import EmbeddedMongo
+from services.embedded_mongo import EmbeddedMongo, EmbeddedMongoError
 from services.bus import Bus, LocalBus
 from services.mongo_bus import MongoBus
 from services.fanout import FanOut
@@ -307,7 +307,7 @@ def main(argv=None, early_store=None):
             embedded.wait_ready().supervise()
             config.mongo_url = embedded.url
         asyncio.run(serve(config, **made))
-    except (ClusterConfigError, ListenError) as exc:
+    except (ClusterConfigError, ListenError, EmbeddedMongoError) as exc:
         fail(config, exc)
     finally:
         if embedded:

@@ -151,8 +151,8 @@ class EmbeddedMongo:
         except ValueError:
             pid = 0
         if pid and _pid_alive(pid):
-            raise EmbeddedMongoError(f"another nx-27017 (pid {pid}) is using {self.data_dir}: "
-                                     "stop it, or give this Parley its own --data-dir")
+            raise EmbeddedMongoError(f"the embedded store in {self.data_dir} is in use (nx-27017, pid {pid}): is "
+                                     "Parley already running? Stop it, or give this one its own --data-dir")
         log.info("removing stale pid file %s", self.pid_file)
         self.pid_file.unlink(missing_ok=True)
 

@@ -118,7 +118,7 @@ async def test_server_kill_9_takes_the_embedded_store_with_it(tmp_path):
 def test_a_live_store_on_the_same_data_dir_is_refused(tmp_path):
     first = EmbeddedMongo(tmp_path).start()
     try:
-        with pytest.raises(EmbeddedMongoError, match="another nx-27017"):
+        with pytest.raises(EmbeddedMongoError, match="is in use .*is Parley already running"):
             EmbeddedMongo(tmp_path).start()
     finally:
         first.stop()
@@ -145,3 +145,20 @@ def test_a_port_in_use_is_named_without_a_traceback(tmp_path):
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert f"parley: cannot listen on 127.0.0.1:{port}: Address already in use" in out.stderr
     assert nx_pid(tmp_path) is None  # the embedded store it had started is stopped again
+
+
+async def test_a_second_server_on_the_same_data_dir_says_so_in_one_line(tmp_path):
+    port = free_port()
+    first = start_server(tmp_path, port)
+    try:
+        await wait_ready(port, first)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}
+        out = subprocess.run([sys.executable, "server.py", "--port", str(free_port()), "--data-dir", str(tmp_path)],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        assert out.stderr.strip().splitlines() == [
+            f"parley: the embedded store in {tmp_path.resolve() / 'mongo'} is in use (nx-27017, pid "
+            f"{nx_pid(tmp_path)}): is Parley already running? Stop it, or give this one its own --data-dir"]
+        assert first.poll() is None  # the first one is untouched
+    finally:
+        assert await stop_server(first) == 0

@@ -7,6 +7,9 @@ Security: nx-27017 0.8.1 has no authentication, so it listens on loopback only, 
 the user running Parley (directories 0700, files 0600: the child runs with umask 077). Any local process of
 another user can still connect to the port: docs/security.md says so.
 
+Stopping: the child runs in a session of its own, so a Ctrl-C in Parley's terminal is Parley's alone; Parley ends
+its replies (written to the store) and then stops the store (`stop()`: SIGTERM, then SIGKILL after 10 s).
+
 Supervision: `supervise()` restarts the child on the same port if it dies (back-off 0.5 s doubling to 10 s);
 the driver reconnects by itself, and /readyz answers 503 until it has.
 """
@@ -109,8 +112,11 @@ class EmbeddedMongo:
         with self._lock:
             if self._stopping.is_set():
                 raise EmbeddedMongoError("stopping")
+            # A session of its own: the terminal's Ctrl-C (SIGINT to the foreground process group) reaches
+            # Parley alone, which ends its replies in the store and then stops the store (stop()).
             self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                            stdin=subprocess.DEVNULL, preexec_fn=_child_setup)
+                                            stdin=subprocess.DEVNULL, preexec_fn=_child_setup,
+                                            start_new_session=True)
 
     def supervise(self):
         """Restart the store whenever it dies, until stop(). The thread must outlive the child it forks

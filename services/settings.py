@@ -23,6 +23,7 @@ ENV_PREFIX = "PARLEY_"
 OTHER_VARIABLES = {
     "PARLEY_CONFIG": "the config file (--config)",
     "PARLEY_URL": "client.py: the server's URL",
+    "PARLEY_NGINX": "nginx/cluster.py: the nginx binary",
     "PARLEY_TEST_MONGO_URL": "tests: run the suite against this MongoDB",
     "PARLEY_REQUIRE_ALL": "tests: fail, not skip, when a real component is missing",
     "PARLEY_FUZZ_EXAMPLES": "tests: examples per property-based test",

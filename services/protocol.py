@@ -101,7 +101,7 @@ class ClientProtocol:
     # frames that wait their turn (they touch the store), in the order the client sent them
 
     def _queue(self, frame):
-        if isinstance(frame, schema.MessageFrame):
+        if isinstance(frame, (schema.MessageFrame, schema.RegenerateFrame)):
             self._session_id(frame)  # reject a foreign session before queueing
         if self.inbox is None:
             self.inbox = []
@@ -143,6 +143,12 @@ class ClientProtocol:
             identity, session, frame.message, stream=frame.stream, client_msg_id=frame.client_msg_id,
             connection_id=self.conn.id)
         self.conn.send(frames.ack(user_doc, reply_doc, duplicate))
+
+    async def on_regenerate(self, frame):
+        session = await self.chat.session(self.conn.identity, self.conn.pipeline, self._session_id(frame))
+        user_doc, reply_doc = await self.chat.regenerate(self.conn.identity, session, frame.message_id,
+                                                         stream=frame.stream)
+        self.conn.send(frames.ack(user_doc, reply_doc, False))
 
     async def on_session_join(self, frame):
         session = await self.chat.session(self.conn.identity, self.conn.pipeline, frame.session_id)

@@ -113,6 +113,13 @@ class StopFrame(Frame, tag="stop"):
     session_id: Union[Id, None] = None
 
 
+class RegenerateFrame(Frame, tag="regenerate"):
+    """A new reply to the question that reply `message_id` answered, replacing it (the session's latest)."""
+    message_id: Id
+    stream: bool = True
+    session_id: Union[Id, None] = None
+
+
 class PingFrame(Frame, tag="ping"):
     pass
 
@@ -157,7 +164,8 @@ class ResumeFrame(Frame, tag="resume"):
 
 # What LangBot's own client sends; Parley's dialect adds the rest.
 LangBotClientFrame = Union[MessageFrame, StopFrame, PingFrame, DisconnectFrame, AuthenticateFrame]
-ClientFrame = Union[LangBotClientFrame, JoinFrame, LeaveFrame, GroupLeaveFrame, PresenceFrame, ResumeFrame]
+ClientFrame = Union[LangBotClientFrame, RegenerateFrame, JoinFrame, LeaveFrame, GroupLeaveFrame, PresenceFrame,
+                    ResumeFrame]
 
 _decoder = msgspec.json.Decoder(ClientFrame)
 
@@ -224,6 +232,11 @@ def to_builtins(obj):
     return msgspec.to_builtins(obj)
 
 
+def decode_chain(data):
+    """A stored chain (to_builtins of one that was sent) back to its Structs."""
+    return msgspec.convert(data, Chain)
+
+
 def convert(data, type_, what="body"):
     """Validate already-parsed JSON (a REST body) against a declared type."""
     try:
@@ -265,6 +278,10 @@ class MessageSend(Body):
     message: Chain
     stream: bool = True
     client_msg_id: Union[Id, None] = None
+
+
+class RegenerateBody(Body):
+    stream: bool = True
 
 
 class StopBody(Body):
@@ -384,6 +401,7 @@ class MessageData(LangBotMessage, kw_only=True):
     model: Union[str, UnsetType] = UNSET
     usage: Union[dict[str, Any], UnsetType] = UNSET
     error: Union[ReplyError, UnsetType] = UNSET
+    superseded_by: Union[str, UnsetType] = UNSET  # a reply: the regenerated reply that replaced it
 
 
 class UserMessage(Strict, tag="user_message"):
@@ -678,7 +696,7 @@ def openapi(routes=None):
         if params:
             op["parameters"] = params
         if body is not None:
-            op["requestBody"] = {"required": body not in (StopBody,), "content": {"application/json": {
+            op["requestBody"] = {"required": body not in (StopBody, RegenerateBody), "content": {"application/json": {
                 "schema": {"$ref": f"#/components/schemas/{body.__name__}"}}}}
         if admin:
             op["description"] = "admin only"
@@ -710,6 +728,8 @@ REST_ROUTES = [
     ("post", S + "/members", "add or remove group members (owner)", MembersChange, 200, False),
     ("get", S + "/messages", "history, paged by seq", None, 200, False),
     ("post", S + "/messages", "send a message (Idempotency-Key header)", MessageSend, 202, False),
+    ("post", S + "/messages/{message_id}/regenerate", "a new reply replacing the session's latest one",
+     RegenerateBody, 202, False),
     ("post", S + "/stop", "stop a reply, or every reply", StopBody, 200, False),
     ("post", S + "/reset", "stop and forget the session's messages", None, 200, False),
 ]

@@ -200,7 +200,7 @@ def test_type_lists_are_derived_from_the_declarations():
     langbot = {schema.frame_type(t) for t in schema.LangBotServerFrame.__args__}
     server = langbot | {schema.frame_type(t) for t in schema.ParleyServerFrame.__args__}
     assert set(schema.CLIENT_TYPES) == client == set(protocol.HANDLERS)
-    assert protocol.QUEUED == {"message", "session.join", "resume", "group.leave"}  # the ones touching the store
+    assert protocol.QUEUED == {"message", "session.join", "resume", "group.leave", "regenerate"}  # touch the store
     assert set(schema.SERVER_TYPES) == server and "session.members" in server
     assert frames.LANGBOT_TYPES == langbot == {"connected", "response", "user_message", "pong", "broadcast", "error"}
     assert set(metrics.CLIENT_FRAMES) == client | {"unknown", "invalid"}

@@ -51,14 +51,19 @@ class AtAll(Struct, tag="AtAll", tag_field="type", omit_defaults=True):
     pass
 
 
+FileKey = Annotated[str, Meta(max_length=64, description="a stored file's key (POST /api/v1/files/images|documents)")]
+
+
 class Image(Struct, tag="Image", tag_field="type", omit_defaults=True):
     image_id: Name = ""
+    path: FileKey = ""
     url: Url = ""
     base64: Inline = ""
 
 
 class Voice(Struct, tag="Voice", tag_field="type", omit_defaults=True):
     voice_id: Name = ""
+    path: FileKey = ""
     url: Url = ""
     base64: Inline = ""
     length: Count = 0
@@ -68,6 +73,7 @@ class File(Struct, tag="File", tag_field="type", omit_defaults=True):
     id: Name = ""
     name: Name = ""
     size: Count = 0
+    path: FileKey = ""
     url: Url = ""
     base64: Inline = ""
 
@@ -689,6 +695,11 @@ REST_ROUTES = [
     ("post", S + "/messages", "send a message (Idempotency-Key header)", MessageSend, 202, False),
     ("post", S + "/stop", "stop a reply, or every reply", StopBody, 200, False),
     ("post", S + "/reset", "stop and forget the session's messages", None, 200, False),
+    ("post", "/api/v1/files/images", "upload an image (multipart/form-data, field `file`): its key", None, 200, False),
+    ("post", "/api/v1/files/documents", "upload a document (multipart/form-data, field `file`): its key", None, 200,
+     False),
+    ("get", "/api/v1/files/{kind}/{key}", "a stored file's bytes (kind: image or document; or a signed link)", None,
+     200, False),
 ]
 
 

@@ -189,6 +189,17 @@ class MessagesHandler(BaseHandler):
         self.ok(frames.ack_data(user_doc, reply_doc, duplicate), status=200 if duplicate else 202)
 
 
+class RegenerateHandler(BaseHandler):
+    """A new reply to the question the session's latest reply answered, replacing it (kept as a version)."""
+
+    async def post(self, pipeline, session_id, message_id):
+        chat = self.services.chat
+        session = await chat.session(self.identity, pipeline, session_id)
+        user_doc, reply_doc = await chat.regenerate(self.identity, session, message_id,
+                                                    stream=self.body(schema.RegenerateBody).stream)
+        self.ok(frames.ack_data(user_doc, reply_doc, False), status=202)
+
+
 class StopHandler(BaseHandler):
     async def post(self, pipeline, session_id):
         chat = self.services.chat
@@ -219,6 +230,7 @@ default_handlers = [
     (S + r"/members", MembersHandler),
     (S + r"/leave", LeaveHandler),
     (S + r"/messages", MessagesHandler),
+    (S + r"/messages/(?P<message_id>[^/]+)/regenerate", RegenerateHandler),
     (S + r"/stop", StopHandler),
     (S + r"/reset", ResetHandler),
 ]

@@ -12,8 +12,7 @@ from services import events, frames, paging, schema
 from services.compose import MAX_IMAGE, compose
 from services.numbers import Numbers
 from services.ordering import SEQS_PER_SEND
-from services.errors import Forbidden
-from services.errors import BadRequest, NotFound
+from services.errors import BadRequest, Conflict, Forbidden, NotFound
 from services.store import new_id, session_position, utcnow
 
 log = logging.getLogger(__name__)
@@ -320,13 +319,13 @@ class ChatService:
             return None, None
         return user_doc, reply_doc
 
-    async def _reserve(self, session_id, pipeline, member):
+    async def _reserve(self, session_id, pipeline, member, count=SEQS_PER_SEND):
         """Reserve a send's numbers in the store (the access check in the same write)."""
         self.numbers.reserving(session_id)
         counter = None
         try:
-            seq = await self.store.next_seqs(session_id, SEQS_PER_SEND, pipeline=pipeline, member=member)
-            counter = seq + SEQS_PER_SEND - 1
+            seq = await self.store.next_seqs(session_id, count, pipeline=pipeline, member=member)
+            counter = seq + count - 1
             return seq
         finally:
             self.numbers.reserved(session_id, counter)
@@ -344,6 +343,82 @@ class ChatService:
             await self.store.advance_seq(session_id, counter)
         except Exception as exc:  # the next send's write, or a repair, sets it
             log.warning("could not write the message counter session_id=%s: %s", session_id, exc)
+
+    async def regenerate(self, identity, session, message_id, *, stream=True):
+        """A new reply to the user message that reply `message_id` answered, which it replaces: the session's
+        latest message, ended. The earlier reply stays in the history (`superseded_by` names the new one) and
+        leaves the model's context; the new one is numbered after it and answers from the context that came
+        before the question. Returns (user_doc, reply_doc), as a send does."""
+        check_id(message_id, "message_id")
+        sid = session["_id"]
+        old = await self.store.find_message(message_id)
+        if old is None or old["session_id"] != sid or old.get("role") != "assistant":
+            raise NotFound(f"no reply {message_id!r} in this session", code="message_not_found")
+        if old["status"] in ("queued", "streaming"):
+            raise Conflict("this reply is still being written: stop it first", code="reply_live")
+        last = await self.store.last_message(sid)
+        if last is None or last["_id"] != message_id or old.get("superseded_by"):
+            raise Conflict("only the session's latest reply can be regenerated", code="not_latest_reply")
+        question = await self.store.find_message(old.get("reply_to"))
+        if question is None:
+            raise NotFound("the message this reply answered is gone", code="message_not_found")
+        pipeline = self.pipelines.get(session["pipeline"])
+        chain = schema.decode_chain(question.get("chain") or frames.chain(question.get("content", "")))
+        composed = compose(chain, pipeline, max_image=self.max_image_size, max_document=self.max_document_size)
+        if composed.attachments:  # the question's stored files, for the model again
+            await self.files.ingest(identity, composed.attachments)
+        text = composed.text
+        images = await self.files.for_model(composed.images, pipeline) if composed.images else ()
+        self.streams.check_capacity(sid)
+        await self.streams.check_shared_capacity(sid, session["pipeline"])
+        if self.limiter is not None:
+            self.limiter.take(identity.user_id)
+        async with self.admission.slot():
+            reply_id = new_id()
+            if not await self.store.supersede(message_id, reply_id):  # a regenerate of it won already
+                raise Conflict("only the session's latest reply can be regenerated", code="not_latest_reply")
+            self._sending[sid] = self._sending.get(sid, 0) + 1  # its number may move the counter: see _remember
+            try:
+                reply_doc = await self._store_regenerate(identity, session, question, reply_id)
+            except BaseException:
+                await asyncio.shield(self.store.unsupersede(message_id, reply_id))
+                raise
+            finally:
+                self._sending[sid] -= 1
+                if not self._sending[sid]:
+                    del self._sending[sid]
+        self.bus.publish(events.regenerate(sid, reply_doc["seq"], reply_id, question["_id"], message_id))
+        self.streams.accept(message_id=reply_id, session=session, seq=reply_doc["seq"], reply_to=question["_id"],
+                            prompt=text, sender=question.get("sender") or identity.user_id, stream=stream,
+                            images=tuple(images), epoch=0, prompt_seq=question["seq"])
+        return question, reply_doc
+
+    async def _store_regenerate(self, identity, session, question, reply_id):
+        """Number (one number) and insert a regenerated reply, queued."""
+        sid = session["_id"]
+        may_write = identity.is_admin or identity.user_id == session.get("owner")
+        seq = self.numbers.take(session, 1, may_write)
+        local = seq is not None
+        if not local:
+            seq = await self._reserve(sid, session["pipeline"], None if identity.is_admin else identity.user_id, 1)
+        now = utcnow()
+        reply_doc = {"_id": reply_id, "session_id": sid, "pipeline": session["pipeline"], "seq": seq,
+                     "role": "assistant", "content": "", "thinking": "", "status": "queued", "epoch": 0,
+                     "length": 0, "thinking_length": 0, "reply_to": question["_id"], "created_at": now,
+                     "updated_at": now, "instance": self.streams.instance_id,
+                     "lease_until": self.streams.lease_until()}
+        try:
+            await self._insert(sid, [reply_doc], local)
+        except DuplicateKeyError:
+            if not local:
+                raise
+            # a number from memory was taken already (services/numbers.py): repair the counter, reserve
+            self.numbers.forget(sid)
+            await self.store.repair_seq(sid)
+            reply_doc["seq"] = await self._reserve(sid, session["pipeline"],
+                                                   None if identity.is_admin else identity.user_id, 1)
+            await self._insert(sid, [reply_doc], False)
+        return reply_doc
 
     async def _duplicate(self, user_doc):
         return user_doc, await self.store.find_reply(user_doc["_id"]), True

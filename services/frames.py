@@ -43,7 +43,7 @@ def message_data(doc, *, connection_id=""):
         "status": doc.get("status"),
         "sender": doc.get("sender"),
     }
-    for key in ("thinking", "reply_to", "client_msg_id", "model", "usage", "error"):
+    for key in ("thinking", "reply_to", "client_msg_id", "model", "usage", "error", "superseded_by"):
         if doc.get(key):
             data[key] = doc[key]
     data["is_final"] = doc.get("status") not in ("queued", "streaming")

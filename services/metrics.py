@@ -38,7 +38,7 @@ DISCONNECT_REASONS = ("slow", "capacity", "auth", "ping_timeout", "oversize", "i
 STOP_OUTCOMES = ("local", "forwarded", "noop")
 RESUME_SOURCES = ("live", "store", "finished")
 # services/bus.py's event types and the cluster bus's own `interest` (only --cluster writes or reads any)
-BUS_EVENTS = ("user_message", "reply.started", "reply.delta", "reply.final", "stop", "reset", "members", "presence",
+BUS_EVENTS = ("user_message", "reply.regenerate", "reply.started", "reply.delta", "reply.final", "stop", "reset", "members", "presence",
               "broadcast", "push", "reconnect", "interest", "other")
 STREAMED_KINDS = ("text", "thinking")
 TOKEN_KINDS = ("prompt", "completion")

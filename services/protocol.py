@@ -22,8 +22,9 @@ CLOSE_NORMAL = 1000
 # LangBot habit) is harmless. Queued ones wait their turn in the inbox (they touch the store).
 HANDLERS = {"ping": "on_ping", "disconnect": "on_disconnect", "stop": "on_stop", "message": "_queue",
             "session.join": "_queue", "session.leave": "on_leave", "presence": "on_presence", "resume": "_queue",
-            "group.leave": "_queue", "authenticate": "on_authenticate"}
-QUEUED = {"message": "_send", "session.join": "_join", "resume": "_resume", "group.leave": "_leave_group"}
+            "group.leave": "_queue", "regenerate": "_queue", "authenticate": "on_authenticate"}
+QUEUED = {"message": "_send", "session.join": "_join", "resume": "_resume", "group.leave": "_leave_group",
+          "regenerate": "_regenerate"}
 
 
 class ClientProtocol:
@@ -97,7 +98,7 @@ class ClientProtocol:
     # frames that wait their turn (they touch the store), in the order the client sent them
 
     def _queue(self, frame):
-        if isinstance(frame, schema.MessageFrame):
+        if isinstance(frame, (schema.MessageFrame, schema.RegenerateFrame)):
             self._session_id(frame)  # reject a foreign session before queueing
         if self.inbox is None:
             self.inbox = []
@@ -139,6 +140,12 @@ class ClientProtocol:
             identity, session, frame.message, stream=frame.stream, client_msg_id=frame.client_msg_id,
             connection_id=self.conn.id)
         self.conn.send(frames.ack(user_doc, reply_doc, duplicate))
+
+    async def _regenerate(self, frame):
+        session = await self.chat.session(self.conn.identity, self.conn.pipeline, self._session_id(frame))
+        user_doc, reply_doc = await self.chat.regenerate(self.conn.identity, session, frame.message_id,
+                                                         stream=frame.stream)
+        self.conn.send(frames.ack(user_doc, reply_doc, False))
 
     async def _join(self, frame):
         session = await self.chat.session(self.conn.identity, self.conn.pipeline, frame.session_id)

@@ -107,6 +107,13 @@ class StopFrame(Frame, tag="stop"):
     session_id: Union[Id, None] = None
 
 
+class RegenerateFrame(Frame, tag="regenerate"):
+    """A new reply to the question that reply `message_id` answered, replacing it (the session's latest)."""
+    message_id: Id
+    stream: bool = True
+    session_id: Union[Id, None] = None
+
+
 class PingFrame(Frame, tag="ping"):
     pass
 
@@ -149,9 +156,9 @@ class ResumeFrame(Frame, tag="resume"):
     offsets: Annotated[dict[Id, Offsets], Meta(max_length=64)] = {}
 
 
-ClientFrame = Union[MessageFrame, StopFrame, PingFrame, DisconnectFrame, AuthenticateFrame, JoinFrame, LeaveFrame,
+ClientFrame = Union[MessageFrame, StopFrame, RegenerateFrame, PingFrame, DisconnectFrame, AuthenticateFrame, JoinFrame, LeaveFrame,
                     GroupLeaveFrame, PresenceFrame, ResumeFrame]
-CLIENT_TYPES = ("message", "stop", "ping", "disconnect", "authenticate", "session.join", "session.leave",
+CLIENT_TYPES = ("message", "stop", "regenerate", "ping", "disconnect", "authenticate", "session.join", "session.leave",
                 "group.leave", "presence", "resume")
 
 _decoder = msgspec.json.Decoder(ClientFrame)
@@ -218,6 +225,11 @@ def to_builtins(obj):
     return msgspec.to_builtins(obj)
 
 
+def decode_chain(data):
+    """A stored chain (to_builtins of one that was sent) back to its Structs."""
+    return msgspec.convert(data, Chain)
+
+
 def convert(data, type_, what="body"):
     """Validate already-parsed JSON (a REST body) against a declared type."""
     try:
@@ -259,6 +271,10 @@ class MessageSend(Body):
     message: Chain
     stream: bool = True
     client_msg_id: Union[Id, None] = None
+
+
+class RegenerateBody(Body):
+    stream: bool = True
 
 
 class StopBody(Body):
@@ -379,6 +395,7 @@ class MessageData(Struct, forbid_unknown_fields=True, omit_defaults=True):
     model: Union[str, UnsetType] = UNSET
     usage: Union[dict[str, Any], UnsetType] = UNSET
     error: Union[ReplyError, UnsetType] = UNSET
+    superseded_by: Union[str, UnsetType] = UNSET  # a reply: the regenerated reply that replaced it
 
 
 class UserMessage(Strict, tag="user_message"):
@@ -661,7 +678,7 @@ def openapi(routes=None):
         if params:
             op["parameters"] = params
         if body is not None:
-            op["requestBody"] = {"required": body not in (StopBody,), "content": {"application/json": {
+            op["requestBody"] = {"required": body not in (StopBody, RegenerateBody), "content": {"application/json": {
                 "schema": {"$ref": f"#/components/schemas/{body.__name__}"}}}}
         if admin:
             op["description"] = "admin only"
@@ -693,6 +710,8 @@ REST_ROUTES = [
     ("post", S + "/members", "add or remove group members (owner)", MembersChange, 200, False),
     ("get", S + "/messages", "history, paged by seq", None, 200, False),
     ("post", S + "/messages", "send a message (Idempotency-Key header)", MessageSend, 202, False),
+    ("post", S + "/messages/{message_id}/regenerate", "a new reply replacing the session's latest one",
+     RegenerateBody, 202, False),
     ("post", S + "/stop", "stop a reply, or every reply", StopBody, 200, False),
     ("post", S + "/reset", "stop and forget the session's messages", None, 200, False),
     ("post", "/api/v1/files/images", "upload an image (multipart/form-data, field `file`): its key", None, 200, False),

@@ -372,9 +372,28 @@ class Store:
         return [assemble(doc) async for doc in cursor]
 
     @timed
+    async def last_message(self, session_id):
+        """The session's message with the highest number (None when it has none)."""
+        return assemble(await self.messages.find_one({"session_id": session_id}, sort=[("seq", DESCENDING)]))
+
+    @timed
+    async def supersede(self, message_id, by):
+        """Mark a reply as replaced by a regenerated one (`by`), unless one already replaced it: True if this
+        call did (two regenerates of one reply at once: one wins)."""
+        result = await self.messages.update_one({"_id": message_id, "superseded_by": None},
+                                                {"$set": {"superseded_by": by}})
+        return result.matched_count == 1
+
+    @timed
+    async def unsupersede(self, message_id, by):
+        """Undo supersede() when the regenerated reply could not be stored."""
+        await self.messages.update_one({"_id": message_id, "superseded_by": by}, {"$unset": {"superseded_by": ""}})
+
+    @timed
     async def recent_messages(self, session_id, *, before_seq, limit):
-        """The `limit` messages just before `before_seq` (None: the latest), oldest first (context for a provider)."""
-        query = {"session_id": session_id}
+        """The `limit` messages just before `before_seq` (None: the latest), oldest first (context for a provider).
+        Replies replaced by a regenerated one are left out: the model sees one answer per question."""
+        query = {"session_id": session_id, "superseded_by": None}
         if before_seq is not None:
             query["seq"] = {"$lt": before_seq}
         cursor = (self.messages.find(query)

@@ -113,6 +113,8 @@ def make_test_pipelines():
         Pipeline(id="vision", provider="demo", model="demo", timeouts=fast, inputs=("text", "image"),
                  embed="widget", options={"words": 12, "rate": 0}),
         Pipeline(id="empty", provider="empty", timeouts=fast),
+        # Answers with its context (tests/fakes.py ContextProvider): what the model was given.
+        Pipeline(id="context", provider="context", timeouts=fast),
     ])
 
 

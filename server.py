@@ -31,7 +31,7 @@ from services.auth import Authenticator, check_jwt_secret
 from services.batching import Admission
 from services.chat import ChatService
 from services.files import Files
-from services.embedded_mongo import EmbeddedMongo
+from services.embedded_mongo import EmbeddedMongo, EmbeddedMongoError
 from services.bus import Bus, LocalBus
 from services.mongo_bus import MongoBus
 from services.fanout import FanOut
@@ -278,12 +278,23 @@ def fail(config, problem):
     raise SystemExit(f"parley: {problem}")
 
 
+def check_environment(pipelines):
+    """Exit 2, as for a bad option, when a PARLEY_* variable is no option (nor a pipeline's key variable)."""
+    keys = [name + suffix for p in pipelines if (name := p.api_key_env) for suffix in ("", "_FILE")]
+    try:
+        settings.check_environment(os.environ, also=keys)
+    except settings.SettingsError as exc:
+        print(f"parley: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def configure(argv=None):
     """The options, logging, and everything checked before anything starts (exits naming a problem)."""
     config = parse_args(argv)
     logs.setup(level=config.log_level, fmt=config.log_format)
     try:
         made = {"auth": make_authenticator(config), "pipelines": make_pipelines(config)}
+        check_environment(made["pipelines"])
         web_app.check_frame_ancestors(config.frame_ancestors)
         if config.cluster and not config.mongo_url:
             raise ValueError("--cluster needs --mongo-url: every instance must share one MongoDB (a replica set)")
@@ -303,7 +314,7 @@ def main(argv=None, early_store=None):
             embedded.wait_ready().supervise()
             config.mongo_url = embedded.url
         asyncio.run(serve(config, **made))
-    except (ClusterConfigError, ListenError) as exc:
+    except (ClusterConfigError, ListenError, EmbeddedMongoError) as exc:
         fail(config, exc)
     finally:
         if embedded:

@@ -205,7 +205,7 @@ class StopHandler(BaseHandler):
         chat = self.services.chat
         session = await chat.session(self.identity, pipeline, session_id)
         stopped = chat.stop(self.identity, session["_id"], self.body(schema.StopBody).message_id)
-        self.ok(frames.stop_ack(session["_id"], stopped)["data"])
+        self.ok(frames.stop_ack(session["_id"], stopped).data)
 
 
 class ResetHandler(BaseHandler):

@@ -6,6 +6,7 @@ from pymongo.errors import PyMongoError
 from tornado import httputil, web
 
 from services import guards, logs, untrusted
+from services.schema import to_builtins
 from services.forwarded import client_address
 from services.errors import (BadRequest, Forbidden, LengthRequired, NotFound, ParleyError, PayloadTooLarge,
                              Unavailable)
@@ -108,9 +109,9 @@ class BaseHandler(web.RequestHandler):
                 self.set_header("X-Request-Id", rid)
 
     def ok(self, data, status=200):
-        """LangBot's envelope, which Parley keeps for every success."""
+        """LangBot's envelope, which Parley keeps for every success. `data` may hold Structs (services/schema.py)."""
         self.set_status(status)
-        self.finish(json.dumps({"code": 0, "msg": "ok", "data": data}))
+        self.finish(json.dumps({"code": 0, "msg": "ok", "data": data}, default=to_builtins))
 
     def json_body(self):
         if not self.raw_body:

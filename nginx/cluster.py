@@ -81,7 +81,7 @@ class Instance:
 
     def start(self):
         c = self.cluster
-        cmd = [sys.executable, str(ROOT / "server.py"), "--host", "127.0.0.1", "--port", str(self.port),
+        cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(self.port),
                "--mongo-url", c.mongo_url, "--db-name", c.db_name, "--instance-id", self.id,
                "--trusted-proxies", "127.0.0.1", "--cluster", *c.extra_args]
         if c.token:  # from a file: a secret on the command line shows in `ps`

@@ -21,6 +21,7 @@ SESSION_TYPES = ("person", "group")
 MAX_TEXT = schema.MAX_TEXT
 MAX_MEMBERS = 256        # default of --max-members: a session document stays small (256 ids of <= 128 chars)
 MAX_TITLE = 200
+AUTO_TITLE = 60          # characters of the first message that name an untitled session
 MAX_VIEWED = 64          # sessions one connection may view at once (session.join)
 KNOWN_SESSIONS = 10_000  # sessions whose id, pipeline and type are kept in memory for sends
 
@@ -36,6 +37,14 @@ def check_id(value, what):
     if not isinstance(value, str) or not value or len(value) > 128:
         raise BadRequest(f"{what} must be a non-empty string of at most 128 characters", code="invalid_param")
     return value
+
+
+def title_from(text, images=()):
+    """What names an untitled session after its first message: its first line, shortened (or "Image")."""
+    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
+    if len(line) > AUTO_TITLE:
+        line = line[:AUTO_TITLE - 1].rstrip() + "…"
+    return line or ("Image" if images else "Untitled")
 
 
 def default_session_id(pipeline, session_type, user_id):
@@ -276,6 +285,8 @@ class ChatService:
                            reply_to=user_doc["_id"], prompt=text, sender=identity.user_id, stream=stream,
                            images=tuple(images), epoch=reply_doc["epoch"], history=history)
             history = None  # the generation owns it now
+            if user_doc["seq"] == 1:  # a session's first message names it, for every client alike
+                self._in_background(self._name(sid, title_from(text, images)), f"title-{sid}")
             return user_doc, reply_doc, False
         finally:
             if history is not None:
@@ -337,6 +348,12 @@ class ChatService:
         await self.store.insert_messages(docs)
         if local:
             self._in_background(self._advance(session_id, docs[-1]["seq"]), f"counter-{session_id}")
+
+    async def _name(self, session_id, title):
+        try:
+            await self.store.name_untitled(session_id, title)
+        except Exception as exc:  # cosmetic: the session keeps its date as its name
+            log.warning("could not name session_id=%s: %s", session_id, exc)
 
     async def _advance(self, session_id, counter):
         try:

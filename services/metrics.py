@@ -17,6 +17,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from pymongo.errors import DuplicateKeyError
 
+from services import schema
 from services.errors import ParleyError
 
 TERMINAL = ("completed", "stopped", "failed", "timeout", "interrupted")
@@ -25,11 +26,9 @@ PROVIDER_ERRORS = (
     "first_token_timeout", "stall_timeout", "total_timeout", "empty_completion", "internal_error",
     "missing_api_key", "upstream_bad_request", "upstream_error", "upstream_model_not_found",
     "upstream_protocol_error", "upstream_rate_limited", "upstream_unauthorized", "upstream_unreachable", "other")
-CLIENT_FRAMES = ("authenticate", "message", "stop", "resume", "ping", "disconnect", "session.join",
-                 "session.leave", "group.leave", "presence", "unknown", "invalid")
-SERVER_FRAMES = ("connected", "user_message", "ack", "response", "status", "stop_ack", "pong", "error",
-                 "broadcast", "push", "presence", "session.joined", "session.left", "session.reset", "resumed",
-                 "reconnect", "other")
+# frame types, as services/schema.py declares them (plus what a frame that is none of them counts as)
+CLIENT_FRAMES = (*schema.CLIENT_TYPES, "unknown", "invalid")
+SERVER_FRAMES = (*schema.SERVER_TYPES, "other")
 CLOSE_REASONS = ("client", "server", "lost")
 # Server-initiated disconnects. slow and capacity come with the fan-out and limits issues; the codes map to
 # these in handlers/ws.py.
@@ -236,6 +235,7 @@ class Metrics:
 
     def frame_sent(self, kind, size):
         # Once per frame per viewer: counted in plain ints, added to the counters when they are read (flush).
+        # `kind`: the frame's Struct class (its `type` is looked up then) or its type.
         pending = self._pending_sent
         pending[kind] = pending.get(kind, 0) + 1
         self._pending_bytes += size
@@ -244,7 +244,7 @@ class Metrics:
         """Add the per-frame counts kept since the last read to their counters (the registry calls this)."""
         pending, self._pending_sent = self._pending_sent, {}
         for kind, n in pending.items():
-            self._sent.get(kind, self._sent["other"]).inc(n)
+            self._sent.get(schema.TYPE_OF.get(kind, kind), self._sent["other"]).inc(n)
         if self._pending_bytes:
             self.bytes_sent.inc(self._pending_bytes)
             self._pending_bytes = 0

@@ -1,9 +1,21 @@
 """Every frame and body of the protocol, declared once (docs/protocol.md, docs/langbot.md).
 
-Client frames are one tagged union decoded in one call: a bad frame is refused with the failing field's path,
-unknown fields are dropped. Server frames are declared per dialect (LangBot's exact shapes, Parley's superset);
-the test suite checks every frame the server sends against them, and docs/asyncapi.yaml and GET /openapi.json are
-generated from the same definitions (`python -m services.schema` rewrites docs/asyncapi.yaml).
+The Structs below are the frames on the wire: client frames are one tagged union decoded in one call (a bad frame
+is refused with the failing field's path, unknown fields are dropped); server frames are built as these Structs by
+services/frames.py and encoded by msgspec (once per distinct frame: `encode`). Every list of frame types elsewhere
+(the client dispatch table, the metrics labels, the LangBot dialect filter, docs/asyncapi.yaml, GET /openapi.json)
+is derived from here, never written.
+
+To add a server frame type (say `typing`):
+  1. declare `class Typing(Strict, tag="typing")` below and add it to `ParleyServerFrame` (and to
+     `LangBotServerFrame` only if a plain LangBot client may see it: LangBot's own frames);
+  2. give services/frames.py a builder returning it, and call it where the frame is sent;
+  3. document it in docs/protocol.md (a "### `typing`" heading: a test checks) and run
+     `python -m services.schema` (regenerates docs/asyncapi.yaml).
+To add a client frame type: declare `class TypingFrame(Frame, tag="typing")`, add it to `ClientFrame` (or to
+`LangBotClientFrame` if LangBot's client sends it), and give services/protocol.py's ClientProtocol a method
+`on_typing` (`on_session_join` for `session.join`): a plain method is answered inline, an `async def` waits its
+turn in the connection's inbox. Then docs/protocol.md's client-frame table.
 """
 import re
 from typing import Annotated, Any, Literal, Union
@@ -156,10 +168,10 @@ class ResumeFrame(Frame, tag="resume"):
     offsets: Annotated[dict[Id, Offsets], Meta(max_length=64)] = {}
 
 
-ClientFrame = Union[MessageFrame, StopFrame, RegenerateFrame, PingFrame, DisconnectFrame, AuthenticateFrame, JoinFrame, LeaveFrame,
-                    GroupLeaveFrame, PresenceFrame, ResumeFrame]
-CLIENT_TYPES = ("message", "stop", "regenerate", "ping", "disconnect", "authenticate", "session.join", "session.leave",
-                "group.leave", "presence", "resume")
+# What LangBot's own client sends; Parley's dialect adds the rest.
+LangBotClientFrame = Union[MessageFrame, StopFrame, PingFrame, DisconnectFrame, AuthenticateFrame]
+ClientFrame = Union[LangBotClientFrame, RegenerateFrame, JoinFrame, LeaveFrame, GroupLeaveFrame, PresenceFrame,
+                    ResumeFrame]
 
 _decoder = msgspec.json.Decoder(ClientFrame)
 
@@ -177,6 +189,7 @@ def decode_frame(text):
 
 
 def frame_type(frame):
+    """The `type` of a frame (a Struct instance or class)."""
     return frame.__struct_config__.tag
 
 
@@ -296,7 +309,8 @@ class PushBody(Body):
 ServerChain = Annotated[list[dict[str, Any]], Meta(description="LangBot components, as sent or as stored")]
 
 
-class LangBotMessage(Struct, forbid_unknown_fields=True):
+class LangBotMessage(Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """LangBot's message object: exactly its seven fields. Parley's `MessageData` and `ReplyData` extend it."""
     id: int
     role: Literal["user", "assistant"]
     content: str
@@ -304,6 +318,9 @@ class LangBotMessage(Struct, forbid_unknown_fields=True):
     timestamp: Timestamp
     is_final: bool
     connection_id: str
+
+
+LANGBOT_FIELDS = LangBotMessage.__struct_fields__
 
 
 class LangBotConnected(Strict, tag="connected"):
@@ -332,8 +349,8 @@ class Broadcast(Strict, tag="broadcast"):
     timestamp: Timestamp
 
 
-class Error(Struct, tag="error", tag_field="type", omit_defaults=True):
-    """Errors may carry context beyond these fields (e.g. `message_id` of a failed resume)."""
+class Error(Strict, tag="error"):
+    """`code` is one of docs/protocol.md's error codes; the optional fields say more when they apply."""
     code: str
     message: str
     timestamp: Timestamp
@@ -341,6 +358,8 @@ class Error(Struct, tag="error", tag_field="type", omit_defaults=True):
     client_msg_id: Union[str, UnsetType] = UNSET
     retryable: Union[bool, UnsetType] = UNSET
     retry_after: Union[float, UnsetType] = UNSET
+    max_bytes: Union[int, UnsetType] = UNSET      # image_too_large: the limit
+    message_id: Union[str, UnsetType] = UNSET     # message_not_found: the one a `resume` named
 
 
 LangBotServerFrame = Union[LangBotConnected, LangBotUserMessage, LangBotResponse, Pong, Broadcast, Error]
@@ -375,15 +394,8 @@ class ReplyError(Struct):
     message: str
 
 
-class MessageData(Struct, forbid_unknown_fields=True, omit_defaults=True):
+class MessageData(LangBotMessage, kw_only=True):
     """A stored message (history, `user_message`): LangBot's seven fields plus Parley's."""
-    id: int
-    role: Literal["user", "assistant"]
-    content: str
-    message_chain: ServerChain
-    timestamp: Timestamp
-    is_final: bool
-    connection_id: str
     session_id: str
     message_id: str
     seq: int
@@ -403,19 +415,16 @@ class UserMessage(Strict, tag="user_message"):
     data: MessageData
 
 
-class ReplyData(Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """One frame of a reply: cumulative (`content`), delta (`delta`/`thinking_delta`) or final (`status`)."""
-    id: int
+class ReplyData(LangBotMessage, kw_only=True):
+    """One frame of a reply: cumulative (`content`), delta (`delta`/`thinking_delta`) or final (`status`).
+    LangBot's fields, but a delta carries no `content` or `message_chain`."""
     role: Literal["assistant"]
-    timestamp: Timestamp
-    is_final: bool
-    connection_id: str
+    content: Union[str, UnsetType] = UNSET
+    message_chain: Union[ServerChain, UnsetType] = UNSET
     session_id: str
     message_id: str
     seq: int
     reply_to: Union[str, None]
-    content: Union[str, UnsetType] = UNSET
-    message_chain: Union[ServerChain, UnsetType] = UNSET
     offset: Union[Count, UnsetType] = UNSET
     delta: Union[str, UnsetType] = UNSET
     thinking: Union[str, UnsetType] = UNSET
@@ -563,6 +572,23 @@ ParleyServerFrame = Union[Connected, UserMessage, Response, Ack, Status, StopAck
 SERVER_FRAMES = {"langbot": LangBotServerFrame, "parley": ParleyServerFrame}
 
 
+# Derived lists: what the rest of the code asks of the declarations above (never written out elsewhere)
+
+CLIENT_STRUCTS = ClientFrame.__args__
+LANGBOT_CLIENT = LangBotClientFrame.__args__
+CLIENT_TYPES = tuple(frame_type(t) for t in CLIENT_STRUCTS)
+LANGBOT_STRUCTS = frozenset(LangBotServerFrame.__args__)    # what a plain LangBot client may be sent
+PARLEY_STRUCTS = frozenset(ParleyServerFrame.__args__)
+STRUCTS_OF = {"langbot": LANGBOT_STRUCTS, "parley": PARLEY_STRUCTS}
+SERVER_STRUCTS = (*ParleyServerFrame.__args__, *(t for t in LangBotServerFrame.__args__ if t not in PARLEY_STRUCTS))
+SERVER_TYPES = tuple(dict.fromkeys(frame_type(t) for t in SERVER_STRUCTS))
+LANGBOT_TYPES = frozenset(frame_type(t) for t in LANGBOT_STRUCTS)
+TYPE_OF = {t: frame_type(t) for t in SERVER_STRUCTS}          # Struct class -> its `type` (per frame sent)
+RESPONSES = (Response, LangBotResponse)
+
+encode = msgspec.json.Encoder().encode  # a frame -> the UTF-8 JSON bytes that go on the wire
+
+
 def check_server_frame(frame, dialect):
     """Validate one server frame (JSON text or data) against its dialect's declaration; raises ValueError."""
     try:
@@ -575,8 +601,6 @@ def check_server_frame(frame, dialect):
 
 # Published documents: docs/asyncapi.yaml (WebSocket, both dialects) and GET /openapi.json (REST)
 
-CLIENT_STRUCTS = ClientFrame.__args__
-LANGBOT_CLIENT = (MessageFrame, StopFrame, PingFrame, DisconnectFrame, AuthenticateFrame)
 PIPELINE_WS = "/api/v1/pipelines/{pipeline}/ws/connect"
 EMBED_WS = "/api/v1/embed/{bot}/ws/connect"
 

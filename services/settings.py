@@ -12,12 +12,22 @@ all three ways and check the README's table.
 """
 import argparse
 import dataclasses
+import difflib
 import os
 import sys
 import tomllib
 from dataclasses import dataclass
 
 ENV_PREFIX = "PARLEY_"
+# PARLEY_* variables that are not server options; any other PARLEY_* name is a misspelt option
+OTHER_VARIABLES = {
+    "PARLEY_CONFIG": "the config file (--config)",
+    "PARLEY_URL": "client.py: the server's URL",
+    "PARLEY_NGINX": "nginx/cluster.py: the nginx binary",
+    "PARLEY_TEST_MONGO_URL": "tests: run the suite against this MongoDB",
+    "PARLEY_REQUIRE_ALL": "tests: fail, not skip, when a real component is missing",
+    "PARLEY_FUZZ_EXAMPLES": "tests: examples per property-based test",
+}
 
 
 class SettingsError(ValueError):
@@ -322,8 +332,26 @@ def load_file(path):
     known = {o.name for o in OPTIONS} | {o.name + "_file" for o in OPTIONS if o.secret}
     for key in doc:
         if key.replace("-", "_") not in known:
-            raise SettingsError(f"config file {path}: unknown option {key!r}")
+            raise SettingsError(f"config file {path}: unknown option {key!r}{_did_you_mean(key, known)}")
     return {key.replace("-", "_"): value for key, value in doc.items()}
+
+
+def _did_you_mean(name, known):
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def check_environment(environ=None, also=()):
+    """A PARLEY_* variable that names no option is refused, as an unknown config-file key is: a misspelling
+    (PARLEY_PROT=9000) would otherwise be ignored in silence. `also`: other names in use (the variables the
+    pipelines read their API keys from)."""
+    environ = os.environ if environ is None else environ
+    known = ({o.env for o in OPTIONS} | {o.env + "_FILE" for o in OPTIONS if o.secret} | set(OTHER_VARIABLES)
+             | set(also))
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and name not in known:
+            raise SettingsError(f"unknown environment variable {name}{_did_you_mean(name, known)}: no option "
+                                "reads it (`python server.py --help` lists them with their variables)")
 
 
 def resolve(argv=None, environ=None):

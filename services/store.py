@@ -182,6 +182,11 @@ class Store:
         return await self.get_session(session_id)
 
     @timed
+    async def name_untitled(self, session_id, title):
+        """Give a session without a title this one (a rename, or an earlier naming, wins)."""
+        await self.sessions.update_one({"_id": session_id, "title": {"$in": ["", None]}}, {"$set": {"title": title}})
+
+    @timed
     async def change_members(self, session_id, *, add=(), remove=()):
         if add:
             await self.sessions.update_one({"_id": session_id}, {"$addToSet": {"members": {"$each": list(add)}}})

@@ -6,6 +6,9 @@
   python client.py --resume-demo           send, drop the connection mid-reply, reconnect and resume from offsets
 
 In the chat, lines starting with `/` are commands for the client and never reach the model: /help lists them.
+A reply's reasoning prints apart from its answer (dimmed on a terminal; --thinking hide leaves it out). When the
+server goes away (a restart), the client says so, reconnects with backoff and resumes every unfinished reply
+from the offsets it holds; what you type meanwhile is sent once it is back.
 The token comes from --token, --token-file, the PARLEY_TOKEN environment variable, or the `?token=` of the URL
 `make run` prints (pass it as --url). Replies stream in `delta` mode; offsets count Unicode code points.
 """
@@ -20,7 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 
 try:
     from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
-    from tornado.websocket import websocket_connect
+    from tornado.websocket import WebSocketClosedError, WebSocketError, websocket_connect
 except ImportError:  # run with a Python that lacks Parley's dependencies
     sys.exit("client.py needs Parley's dependencies (Tornado). From the repository, run `make client` "
              "(it creates .venv), or `.venv/bin/parley-client` after `make install`.")
@@ -36,7 +39,8 @@ anything else is sent to the model"""
 
 
 class Chat:
-    """One WebSocket: JSON frames in and out, plus what we hold of each reply."""
+    """One WebSocket at a time: JSON frames in and out, plus what we hold of each reply (which outlives a
+    connection: after a reconnect, `resume_frame()` asks for the rest from the offsets held)."""
 
     def __init__(self, args, session_id=None):
         self.args = args
@@ -44,6 +48,7 @@ class Chat:
         self.ws = None
         self.text = {}       # message_id -> answer text received so far
         self.thinking = {}
+        self.finals = set()  # replies whose final frame we have
 
     def _headers(self):
         return {"Authorization": f"Bearer {self.args.token}"} if self.args.token else {}
@@ -53,20 +58,27 @@ class Chat:
                f"&session_type={self.args.session_type}")
         if self.session_id:
             url += f"&session_id={self.session_id}"
-        self.ws = await websocket_connect(HTTPRequest(url, headers=self._headers()), subprotocols=["parley.v1"])
-        hello = await self.recv()
+        self.ws = await websocket_connect(HTTPRequest(url, headers=self._headers(), connect_timeout=10,
+                                                      request_timeout=10), subprotocols=["parley.v1"])
+        hello = await self.recv(timeout=10)
         if hello.get("type") != "connected":
-            raise SystemExit(f"could not connect: {hello}")
+            raise Refused(hello.get("message") or hello.get("code") or f"unexpected first frame: {hello}")
         self.session_id = hello["session_id"]
         return hello
 
     async def send(self, frame):
-        await self.ws.write_message(json.dumps(frame))
+        """Raises ConnectionError when the socket is closed (the caller decides what to do)."""
+        if self.ws is None:
+            raise ConnectionError("not connected")
+        try:
+            await self.ws.write_message(json.dumps(frame))
+        except WebSocketClosedError:
+            raise ConnectionError("the connection is closed") from None
 
     async def recv(self, timeout=60):
         raw = await asyncio.wait_for(self.ws.read_message(), timeout)
         if raw is None:
-            raise ConnectionError("the server closed the connection")
+            raise ConnectionError(self.ws.close_reason or "the server closed the connection")
         return json.loads(raw)
 
     async def say(self, text):
@@ -79,22 +91,48 @@ class Chat:
                 return frame
 
     def take(self, data):
-        """Apply one response frame to what we hold; returns the new text (answer + thinking) it brought."""
+        """Apply one response frame to what we hold; returns the new (answer, reasoning) it brought, or None
+        when it starts past what we hold (a gap: resume from our offsets)."""
         mid = data["message_id"]
-        fresh = ""
+        fresh = {}
         for key, off, store in (("delta", "offset", self.text), ("thinking_delta", "thinking_offset", self.thinking)):
             if key in data:
                 have = store.get(mid, "")
                 if data[off] > len(have):
-                    raise RuntimeError(f"gap at {data[off]} (have {len(have)})")
+                    return None
                 new = data[key][len(have) - data[off]:]
                 store[mid] = have + new
-                fresh += new
-        return fresh
+                fresh[key] = new
+        return fresh.get("delta", ""), fresh.get("thinking_delta", "")
+
+    def complete(self, mid, kind, whole):
+        """Take a final's whole text (or reasoning) as ours; returns the part we lacked ("" if none)."""
+        store = self.text if kind == "text" else self.thinking
+        have = store.get(mid, "")
+        if len(whole) > len(have) and whole.startswith(have):
+            store[mid] = whole
+            return whole[len(have):]
+        return ""
+
+    def offsets(self, mid):
+        return {"offset": len(self.text.get(mid, "")), "thinking_offset": len(self.thinking.get(mid, ""))}
+
+    def resume_frame(self):
+        """Every reply we hold unfinished, from where our copy ends (the server adds live ones we lack)."""
+        unfinished = {mid: self.offsets(mid) for mid in {*self.text, *self.thinking} - self.finals}
+        return {"type": "resume", "session_id": self.session_id, "offsets": unfinished}
 
     def close(self):
         if self.ws is not None:
             self.ws.close()
+
+
+class Refused(Exception):
+    """The server answered the connection with something other than `connected`."""
+
+
+class Fatal(Exception):
+    """The chat cannot go on (the message says why and what to do)."""
 
 
 async def rest(args, path, method="GET", body=None, *, under_pipeline=True):
@@ -141,7 +179,10 @@ async def preflight(args):
 
 
 async def list_sessions(args, current):
-    code, body = await rest(args, "/sessions")
+    try:
+        code, body = await rest(args, "/sessions")
+    except OSError as exc:
+        return f"[could not list sessions: {exc.strerror or exc}]"
     if code != 200:
         return f"[could not list sessions: {body.get('message', code)}]"
     lines = [f"{'*' if s['session_id'] == current else ' '} {s['session_id']}  {s['session_type']:6}  "
@@ -149,66 +190,180 @@ async def list_sessions(args, current):
     return "\n".join(lines) or "(no sessions)"
 
 
+DIM, RESET = "\x1b[2m", "\x1b[0m"
+RECONNECT_MIN, RECONNECT_MAX = 0.25, 8.0  # seconds between attempts while the server is away
+
+
+class Screen:
+    """What the chat prints: a reply's reasoning apart from its answer (dimmed on a terminal, after a
+    `thinking:` label; --thinking hide leaves it out), the client's own notes in brackets on stderr."""
+
+    def __init__(self, args):
+        self.show_thinking = args.thinking == "show"
+        self.color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+        self.part = {}  # message_id -> "thinking" | "answer": what its last printed piece was
+
+    def note(self, text):
+        print(text, file=sys.stderr, flush=True)
+
+    def reply(self, mid, answer, thinking):
+        out = ""
+        if thinking and self.show_thinking:
+            if self.part.get(mid) != "thinking":
+                out += "thinking: "
+            out += f"{DIM}{thinking}{RESET}" if self.color else thinking
+            self.part[mid] = "thinking"
+        if answer:
+            if self.part.get(mid) == "thinking":
+                out += "\n\n"  # the answer starts on a line of its own
+            self.part[mid] = "answer"
+            out += answer
+        print(out, end="", flush=True)
+
+    def end(self, mid, status):
+        print("", flush=True)
+        self.part.pop(mid, None)
+        self.note(f"[{status}]")
+
+
 async def interactive(args):
     await preflight(args)
     chat = Chat(args, args.session_id)
     hello = await chat.connect()
-    say = lambda text="", end="\n": print(text, end=end, file=sys.stderr, flush=True)  # noqa: E731
-    say(f"connected to {args.pipeline} (session {hello['session_id']}); type /help for commands")
+    screen = Screen(args)
+    screen.note(f"connected to {args.pipeline} (session {hello['session_id']}); type /help for commands")
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     last = {"id": None}
+    online = asyncio.Event()
+    online.set()
+    waiting = []  # messages typed while the server was away: sent (idempotently) once it is back
 
-    async def show():
+    def show(frame):
+        data = frame.get("data", {})
+        if frame["type"] == "response" and data.get("role", "assistant") == "assistant":
+            mid = data["message_id"]
+            last["id"] = mid
+            if mid in chat.finals:
+                return
+            fresh = chat.take(data)
+            if fresh is None:  # a gap: ask for the rest from what we hold
+                return asyncio.ensure_future(send_quietly({"type": "resume", "message_id": mid,
+                                                           **chat.offsets(mid)}))
+            if data.get("is_final"):  # the whole text: what we lack of it (a final that carries no delta)
+                fresh = (fresh[0] + chat.complete(mid, "text", data.get("content", "")),
+                         fresh[1] + chat.complete(mid, "thinking", data.get("thinking", "")))
+            screen.reply(mid, *fresh)
+            if data.get("is_final"):
+                chat.finals.add(mid)
+                screen.end(mid, data.get("status", "completed"))
+        elif frame["type"] == "resumed":
+            for reply in data.get("replies", []):
+                screen.note(f"[resuming {reply['message_id']} at {reply['offset']}: {reply['status']}]")
+        elif frame["type"] == "error":
+            screen.note(f"\n[error {frame.get('code')}: {frame.get('message')}]")
+
+    async def send_quietly(frame):
+        try:
+            await chat.send(frame)
+        except ConnectionError:
+            pass  # the reader notices the loss and reconnects; a resume follows
+
+    async def reconnect(reason):
+        """Until the server is back (a restart, a deploy): then resume every reply we hold unfinished."""
+        online.clear()
+        chat.close()
+        screen.note(f"\n[the connection to the server was lost ({reason}); reconnecting…]")
+        delay, attempts = RECONNECT_MIN, 0
         while True:
-            frame = await chat.recv(timeout=None)
-            data = frame.get("data", {})
-            if frame["type"] == "response" and data.get("role", "assistant") == "assistant":
-                last["id"] = data.get("message_id", last["id"])
-                if data.get("is_final"):
-                    print(chat.take(data) if "delta" in data else "", flush=True)
-                    say(f"[{data.get('status', 'completed')}]")
-                else:
-                    print(chat.take(data), end="", flush=True)
-            elif frame["type"] == "resumed":
-                for reply in data.get("replies", []):
-                    say(f"[resuming {reply['message_id']} at {reply['offset']}: {reply['status']}]")
-            elif frame["type"] == "error":
-                say(f"\n[error {frame.get('code')}: {frame.get('message')}]")
+            await asyncio.sleep(delay)
+            attempts += 1
+            try:
+                await chat.connect()
+                break
+            except HTTPClientError as exc:
+                if exc.code in (401, 403):
+                    raise Fatal("[the server refused this client's token after it came back: if it makes "
+                                     "a new token at each start, run the client again with the new one]") from None
+                problem = str(exc)
+            except (OSError, ConnectionError, Refused, WebSocketError, asyncio.TimeoutError) as exc:
+                problem = str(exc) or type(exc).__name__
+            if attempts in (4, 16) or attempts % 60 == 0:
+                screen.note(f"[still reconnecting ({problem})]")
+            delay = min(delay * 2, RECONNECT_MAX)
+        screen.note(f"[reconnected (session {chat.session_id})]")
+        await chat.send(chat.resume_frame())
+        while waiting:
+            await chat.send(waiting.pop(0))
+        online.set()
 
-    shower = asyncio.create_task(show())
+    async def receive():
+        while True:
+            try:
+                frame = await chat.recv(timeout=None)
+            except (ConnectionError, WebSocketClosedError) as exc:
+                await reconnect(str(exc) or "closed")
+                continue
+            if frame["type"] == "reconnect":  # the server is going away (a restart): it closes next
+                await reconnect(f"server: {frame.get('reason') or 'reconnect'}")
+                continue
+            show(frame)
+
+    async def command(line):
+        name = line.split()[0]
+        if name == "/help":
+            screen.note(HELP)
+        elif name == "/sessions":
+            screen.note(await list_sessions(args, chat.session_id))
+        elif not online.is_set():
+            screen.note("[not connected: reconnecting to the server…]")
+        elif name == "/stop":
+            await send_quietly({"type": "stop"})
+        elif name == "/resume":
+            if last["id"] is None:
+                screen.note("[nothing to resume yet]")
+            else:
+                await send_quietly({"type": "resume", "message_id": last["id"], **chat.offsets(last["id"])})
+        else:
+            screen.note(f"[unknown command {name}; /help lists them, //text sends a message starting with /]")
+
+    receiver = asyncio.create_task(receive())
+    lines = asyncio.ensure_future(reader.readline())
     try:
-        while line := (await reader.readline()).decode():
+        while True:
+            await asyncio.wait([lines, receiver], return_when=asyncio.FIRST_COMPLETED)
+            if receiver.done():
+                receiver.result()  # a fatal end (Fatal) surfaces here
+            if not lines.done():
+                continue
+            line = lines.result().decode()
+            if not line:
+                break  # Ctrl-D
+            lines = asyncio.ensure_future(reader.readline())
             line = line.strip()
             if not line:
                 continue
+            if line == "/quit":
+                break
             if line.startswith("/") and not line.startswith("//"):
-                command = line.split()[0]
-                if command == "/quit":
-                    break
-                if command == "/help":
-                    say(HELP)
-                elif command == "/stop":
-                    await chat.send({"type": "stop"})
-                elif command == "/resume":
-                    if last["id"] is None:
-                        say("[nothing to resume yet]")
-                    else:
-                        await chat.send({"type": "resume", "message_id": last["id"],
-                                         "offset": len(chat.text.get(last["id"], "")),
-                                         "thinking_offset": len(chat.thinking.get(last["id"], ""))})
-                elif command == "/sessions":
-                    say(await list_sessions(args, chat.session_id))
-                else:
-                    say(f"[unknown command {command}; /help lists them, //text sends a message starting with /]")
+                await command(line)
                 continue
             if line.startswith("//"):
                 line = line[1:]
-            await chat.send({"type": "message", "message": [{"type": "Plain", "text": line}],
-                             "client_msg_id": uuid.uuid4().hex})
+            frame = {"type": "message", "message": [{"type": "Plain", "text": line}],
+                     "client_msg_id": uuid.uuid4().hex}
+            if not online.is_set():
+                waiting.append(frame)
+                screen.note("[not connected: the message is sent when the server is back]")
+                continue
+            try:
+                await chat.send(frame)
+            except ConnectionError:
+                waiting.append(frame)  # the reader is reconnecting; a client_msg_id makes a resend safe
     finally:
-        shower.cancel()
+        lines.cancel()
+        receiver.cancel()
         chat.close()
 
 
@@ -293,6 +448,8 @@ def build_parser():
     p.add_argument("--token-file", metavar="FILE", help="read the token from this file")
     p.add_argument("--session-type", choices=["person", "group"], default="person")
     p.add_argument("--session-id", help="join this session instead of your default one")
+    p.add_argument("--thinking", choices=["show", "hide"], default="show",
+                   help="a reply's reasoning: shown apart from the answer, dimmed on a terminal (default), or hidden")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--multi", type=int, metavar="N", help="N concurrent connections, each in its own session, "
                       "each sends --text once and reads the reply (LangBot's test client's --multi)")
@@ -334,6 +491,8 @@ def main(argv=None):
         pass
     except HTTPClientError as exc:
         raise SystemExit(f"the server refused the connection: {exc}") from None
+    except (Fatal, Refused) as exc:
+        raise SystemExit(str(exc)) from None
     return 0
 
 

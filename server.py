@@ -24,13 +24,14 @@ import time
 from pymongo import AsyncMongoClient
 from tornado import web
 
-from handlers import api, ops, web as web_app, ws
+from handlers import api, files as files_api, ops, web as web_app, ws
 from handlers.base import NotFoundHandler
 from services import events, logs, settings
 from services.auth import Authenticator, check_jwt_secret
 from services.batching import Admission
 from services.chat import ChatService
-from services.embedded_mongo import EmbeddedMongo
+from services.files import Files
+from services.embedded_mongo import EmbeddedMongo, EmbeddedMongoError
 from services.bus import Bus, LocalBus
 from services.mongo_bus import MongoBus
 from services.fanout import FanOut
@@ -42,6 +43,7 @@ from services.pipelines import PipelineConfigError, api_key, default_pipelines, 
 from services.liveness import Liveness
 from services.reaper import Reaper
 from services.resume import Resumer
+from services.signing import Signer
 from services.store import Store
 from services.streams import StreamManager
 
@@ -60,6 +62,7 @@ class Services:
     fanout: FanOut
     streams: StreamManager
     chat: ChatService
+    files: Files
     resumer: Resumer
     reaper: Reaper
     liveness: Liveness | None
@@ -124,10 +127,13 @@ async def open_services(config, *, pipelines=None, provider_factory=None, auth=N
     streams = StreamManager(store, bus, pipelines, instance_id=instance_id,
                             checkpoint_interval=config.checkpoint_interval, lease_seconds=config.lease_seconds,
                             max_queued=config.max_queued, metrics=metrics, cluster=config.cluster, **extra)
-    chat = ChatService(store, hub, fanout, bus, streams, pipelines,
+    signer = Signer(await store.signing_key())
+    files = Files(store, signer, max_image=config.max_image_size, max_document=config.max_document_size,
+                  quota=config.file_quota, link_ttl=config.file_link_ttl, metrics=metrics)
+    chat = ChatService(store, hub, fanout, bus, streams, pipelines, files=files,
                        limiter=RateLimiter(config.rate_limit, config.rate_burst),
                        on_last_viewer_gone=config.on_last_viewer_gone, max_members=config.max_members,
-                       max_image_size=config.max_image_size,
+                       max_image_size=config.max_image_size, max_document_size=config.max_document_size,
                        admission=Admission(config.send_concurrency, config.send_queue, config.store_timeout))
     resumer = Resumer(store, fanout, streams, chat, metrics)
     # a cluster knows in seconds which instances are gone, so their replies end (or go on) without waiting out
@@ -145,8 +151,8 @@ async def open_services(config, *, pipelines=None, provider_factory=None, auth=N
     keepalive = Keepalive(hub, ping_interval=config.ping_interval, ping_timeout=config.ping_timeout)
     keepalive.start()
     return Services(config=config, client=client, store=store, hub=hub, bus=bus, fanout=fanout, streams=streams,
-                    chat=chat,
-                    resumer=resumer, reaper=reaper, liveness=liveness, pipelines=pipelines, auth=auth, instance_id=instance_id,
+                    chat=chat, files=files, resumer=resumer, reaper=reaper, liveness=liveness,
+                    pipelines=pipelines, auth=auth, instance_id=instance_id,
                     metrics=metrics, keepalive=keepalive)
 
 
@@ -193,14 +199,31 @@ async def close_services(services):
 def make_app(services):
     config = services.config
     deps = {"services": services}
+    own = ops.metrics_handlers if config.metrics_port is None else []  # else on make_metrics_app's listener
     routes = web_app.default_handlers + [  # the browser's `/` comes before the API's JSON `/`
         (pattern, handler, deps)
-        for pattern, handler in ws.default_handlers + api.default_handlers + ops.default_handlers]
+        for pattern, handler in ws.default_handlers + api.default_handlers + files_api.default_handlers
+        + ops.default_handlers + own]
     return web.Application(
         routes, default_handler_class=NotFoundHandler, default_handler_args=deps,
         frame_ancestors=config.frame_ancestors,
         cross_origin_protection=True,  # cross-site REST writes: 403 (handlers/base.py check_trusted_origin)
         log_function=ops.log_function(services.metrics))
+
+
+def make_metrics_app(services):
+    """The --metrics-port listener's application: /metrics and nothing else."""
+    deps = {"services": services}
+    return web.Application([(pattern, handler, deps) for pattern, handler in ops.metrics_handlers],
+                           default_handler_class=NotFoundHandler, default_handler_args=deps,
+                           log_function=ops.log_function(services.metrics))
+
+
+def listen(app, port, host, **options):
+    try:
+        return app.listen(port, host, **options)
+    except OSError as exc:  # a port in use, an address not on this host: say so, no traceback
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def http_server_options(config):
@@ -226,16 +249,23 @@ async def serve(config, **made):
     services = await open_services(config, **made)
     logs.bind_process(instance=services.instance_id)
     app = make_app(services)
+    server = metrics_server = None
     try:
-        server = app.listen(config.port, config.host, **http_server_options(config))
-    except OSError as exc:  # a port in use, an address not on this host: say so, no traceback
+        server = listen(app, config.port, config.host, **http_server_options(config))
+        if config.metrics_port is not None:
+            metrics_server = listen(make_metrics_app(services), config.metrics_port, config.metrics_host)
+    except ListenError:
+        if server is not None:
+            server.stop()
         await close_services(services)
-        raise ListenError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
+        raise
     # Start-up's objects live as long as the process: frozen out of the cyclic collector (stream's fan-out and
     # relay runs, conn's idle connects: docs/performance.md)
     tune_gc()
     log.info("Parley listening on http://%s:%s/ (instance %s, auth %s)", config.host, config.port,
              services.instance_id, config.auth)
+    if metrics_server is not None:
+        log.info("metrics on http://%s:%s/metrics", config.metrics_host, config.metrics_port)
     if services.auth.mode == "token":
         banner(config, f"http://{config.host}:{config.port}/?token={services.auth.token}")
     stopping = asyncio.Event()
@@ -244,6 +274,9 @@ async def serve(config, **made):
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
     await drain(services, server)
+    if metrics_server is not None:  # scraped to the end of the drain
+        metrics_server.stop()
+        await metrics_server.close_all_connections()
 
 
 # Young collections every 7,000 container allocations instead of 700: a connect or a sent frame allocates
@@ -282,12 +315,23 @@ def fail(config, problem):
     raise SystemExit(f"parley: {problem}")
 
 
+def check_environment(pipelines):
+    """Exit 2, as for a bad option, when a PARLEY_* variable is no option (nor a pipeline's key variable)."""
+    keys = [name + suffix for p in pipelines if (name := p.api_key_env) for suffix in ("", "_FILE")]
+    try:
+        settings.check_environment(os.environ, also=keys)
+    except settings.SettingsError as exc:
+        print(f"parley: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def configure(argv=None):
     """The options, logging, and everything checked before anything starts (exits naming a problem)."""
     config = parse_args(argv)
     logs.setup(level=config.log_level, fmt=config.log_format)
     try:
         made = {"auth": make_authenticator(config), "pipelines": make_pipelines(config)}
+        check_environment(made["pipelines"])
         web_app.check_frame_ancestors(config.frame_ancestors)
         if config.cluster and not config.mongo_url:
             raise ValueError("--cluster needs --mongo-url: every instance must share one MongoDB (a replica set)")
@@ -307,7 +351,7 @@ def main(argv=None, early_store=None):
             embedded.wait_ready().supervise()
             config.mongo_url = embedded.url
         asyncio.run(serve(config, **made))
-    except (ClusterConfigError, ListenError) as exc:
+    except (ClusterConfigError, ListenError, EmbeddedMongoError) as exc:
         fail(config, exc)
     finally:
         if embedded:

@@ -24,14 +24,23 @@ def load(path, name):
     return module
 
 
+def chunk(mod, offset, text):
+    """A delta chunk as that tree's outbox takes it: services/schema.py's Struct, or (before it) a dict."""
+    fields = {"message_id": "m", "is_final": False, "session_id": "s" * 32, "offset": offset, "delta": text,
+              "timestamp": "2026-11-29T07:00:00.000000+00:00"}
+    if not hasattr(mod, "schema"):
+        return {"type": "response", "data": fields}
+    from services.schema import ReplyData, Response
+    return Response(session_type="person", data=ReplyData(id=2, role="assistant", connection_id="", seq=2,
+                                                          reply_to=None, **fields))
+
+
 def outbox_merge(mod, n=5000, repeats=3):
     best = float("inf")
     for _ in range(repeats):
         box = mod.Outbox(lambda text: Future(), limit=10 ** 9, on_overflow=lambda: None)
         box.in_flight = mod.WINDOW
-        frames = [{"type": "response", "data": {"message_id": "m", "is_final": False, "session_id": "s" * 32,
-                                                "timestamp": "2026-11-29T07:00:00.000000+00:00",
-                                                "offset": i * 7, "delta": " parley"}} for i in range(n)]
+        frames = [chunk(mod, i * 7, " parley") for i in range(n)]
         start = time.perf_counter()
         for frame in frames:
             box.put(frame, mod.encode(frame))

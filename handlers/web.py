@@ -12,8 +12,9 @@ import re
 from tornado import routing, web
 
 from handlers.base import error_reason
+from parley import resource
 
-STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
+STATIC_DIR = str(resource("static"))
 _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
 _ASSET = re.compile(r'(src|href)="/static/([^"?#]+)"')
 

@@ -22,7 +22,7 @@ from pymongo.errors import PyMongoError
 from tornado import web, websocket
 
 from handlers.base import error_reason
-from services import frames, guards, logs
+from services import frames, guards, logs, schema
 from services.chat import check_session_type
 from services.forwarded import client_address
 from services.errors import BadRequest, Capacity, ParleyError, Unauthorized, Unavailable
@@ -317,7 +317,7 @@ class ChatSocket(websocket.WebSocketHandler):
             {401: "auth", 403: "auth", 503: "unavailable"}.get(err.http_status, "invalid"))
         self.closed_by = "refused"
         try:
-            self.write_message(json.dumps(frames.error(err), ensure_ascii=False))
+            self.write_message(schema.encode(frames.error(err)))
         except websocket.WebSocketClosedError:
             return
         self.close(CLOSE_FOR_CODE.get(err.code) or CLOSE_FOR_STATUS.get(err.http_status, 1011), err.code)

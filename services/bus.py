@@ -4,6 +4,7 @@ An event is a plain dict that survives `json.dumps`/BSON unchanged: strings, num
 dicts. Never a closure, never a live object (a Connection, a Generation). Its `type` is one of
 
     user_message   session_id, message (frames.message_data of the stored user message)
+    reply.regenerate session_id, seq, message_id, reply_to, replaces (a regenerated reply's number: ordering)
     reply.started  session_id, message_id, seq, reply_to, status ("streaming"), stream
     reply.delta    session_id, message_id, seq, reply_to, offset, text, thinking_offset, thinking
     reply.final    session_id, message_id, seq, reply_to, status, content, thinking, error, usage

@@ -3,19 +3,16 @@
 Every operation takes the caller's Identity and checks access here, once, for both transports.
 """
 import asyncio
-import base64
-import binascii
 import hashlib
 import logging
-import re
 
 from pymongo.errors import DuplicateKeyError
 
 from services import events, frames, paging, schema
+from services.compose import MAX_IMAGE, compose
 from services.numbers import Numbers
 from services.ordering import SEQS_PER_SEND
-from services.errors import Forbidden
-from services.errors import BadRequest, NotFound, PayloadTooLarge
+from services.errors import BadRequest, Conflict, Forbidden, NotFound
 from services.store import new_id, session_position, utcnow
 
 log = logging.getLogger(__name__)
@@ -24,9 +21,8 @@ SESSION_TYPES = ("person", "group")
 MAX_TEXT = schema.MAX_TEXT
 MAX_MEMBERS = 256        # default of --max-members: a session document stays small (256 ids of <= 128 chars)
 MAX_TITLE = 200
+AUTO_TITLE = 60          # characters of the first message that name an untitled session
 MAX_VIEWED = 64          # sessions one connection may view at once (session.join)
-MAX_IMAGE = 512 * 1024   # default of --max-image-size: bytes of one image, decoded
-_DATA_URI = re.compile(r"^data:image/[a-z0-9.+-]{1,32};base64$", re.IGNORECASE)
 KNOWN_SESSIONS = 10_000  # sessions whose id, pipeline and type are kept in memory for sends
 
 
@@ -43,103 +39,12 @@ def check_id(value, what):
     return value
 
 
-def compose(chain, pipeline, *, max_image=MAX_IMAGE):
-    """A decoded chain (services/schema.py) -> (text for the model, image URLs, the chain to store).
-
-    Plain is text, At/AtAll are `@name`/`@all`, Quote puts the quoted message first as context; Image goes to
-    pipelines whose `inputs` include "image", Voice and File to those declaring "voice"/"file"; any other is
-    refused with the reason. The stored chain is the one sent, minus unknown fields.
-    """
-    parts, images = [], []
-    for component in chain:
-        if isinstance(component, schema.Quote):
-            quoted, quoted_images = _compose_parts(component.origin, pipeline, max_image)
-            images += quoted_images
-            if quoted.strip():
-                parts.append("\n".join("> " + line for line in quoted.splitlines()) + "\n")
-        else:
-            text, more = _compose_parts([component], pipeline, max_image)
-            parts.append(text)
-            images += more
-    text = "".join(parts)
-    if not text.strip() and not images:
-        raise BadRequest("message text is empty", code="invalid_message")
-    if len(text) > MAX_TEXT:
-        raise BadRequest(f"message text is longer than {MAX_TEXT} characters", code="message_too_long")
-    return text, images, schema.to_builtins(chain)
-
-
-def _compose_parts(components, pipeline, max_image):
-    parts, images = [], []
-    for c in components:
-        if isinstance(c, schema.Plain):
-            parts.append(c.text)
-        elif isinstance(c, schema.At):
-            parts.append(f"@{c.display or c.target}")
-        elif isinstance(c, schema.AtAll):
-            parts.append("@all")
-        elif isinstance(c, schema.Image):
-            images.append(_image_url(c, pipeline, max_image))
-        elif isinstance(c, schema.Voice):
-            _accepts(pipeline, "voice", "voice messages")
-            parts.append("[voice message]")
-        elif isinstance(c, schema.File):
-            _accepts(pipeline, "file", "files")
-            parts.append(f"[file: {c.name or c.id or 'unnamed'}]")
-    return "".join(parts), images
-
-
-def _accepts(pipeline, kind, what):
-    if kind not in pipeline.inputs:
-        raise BadRequest(f"pipeline {pipeline.id!r} does not accept {what} (its inputs: "
-                         f"{', '.join(pipeline.inputs)})", code="unsupported_component")
-
-
-def _image_url(image, pipeline, max_image):
-    _accepts(pipeline, "image", "images")
-    if image.url:
-        return image.url
-    if image.base64:
-        return inline_image(image.base64, max_image)
-    raise BadRequest("an Image needs a `url` (http or https) or `base64`", code="invalid_message")
-
-
-def inline_image(value, max_bytes):
-    """An Image's `base64` (raw, or a data: URI) -> a data: URI naming the type its bytes have. Only what vision
-    models take (PNG, JPEG, GIF, WebP), at most `max_bytes` once decoded; the bytes decide the type, not a label."""
-    label, sep, data = value.partition(",")
-    if not sep:
-        label, data = "", value
-    elif not _DATA_URI.match(label):
-        raise BadRequest("an Image's base64 must be raw base64 or a data:image/...;base64, URI",
-                         code="invalid_image")
-    if len(data) > (max_bytes + 2) // 3 * 4 + 4:
-        raise PayloadTooLarge(f"an image is larger than {max_bytes} bytes (--max-image-size)",
-                              code="image_too_large", max_bytes=max_bytes)
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise BadRequest("an Image's base64 is not valid base64", code="invalid_image") from None
-    if len(raw) > max_bytes:
-        raise PayloadTooLarge(f"an image is larger than {max_bytes} bytes (--max-image-size)",
-                              code="image_too_large", max_bytes=max_bytes)
-    kind = image_type(raw)
-    if kind is None:
-        raise BadRequest("an image must be PNG, JPEG, GIF or WebP", code="invalid_image")
-    return f"data:image/{kind};base64,{data}"
-
-
-def image_type(raw):
-    """PNG, JPEG, GIF or WebP by their magic bytes; None for anything else."""
-    if raw.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if raw.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if raw[:6] in (b"GIF87a", b"GIF89a"):
-        return "gif"
-    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
-        return "webp"
-    return None
+def title_from(text, images=()):
+    """What names an untitled session after its first message: its first line, shortened (or "Image")."""
+    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
+    if len(line) > AUTO_TITLE:
+        line = line[:AUTO_TITLE - 1].rstrip() + "…"
+    return line or ("Image" if images else "Untitled")
 
 
 def default_session_id(pipeline, session_type, user_id):
@@ -149,9 +54,11 @@ def default_session_id(pipeline, session_type, user_id):
 
 
 class ChatService:
-    def __init__(self, store, hub, fanout, bus, streams, pipelines, *, limiter=None,
+    def __init__(self, store, hub, fanout, bus, streams, pipelines, *, files, limiter=None,
                  on_last_viewer_gone="continue", max_members=MAX_MEMBERS, max_image_size=MAX_IMAGE,
-                 admission):
+                 max_document_size=None, admission):
+        self.files = files        # services/files.py: a chain's files are stored and checked before its message
+        self.max_document_size = max_document_size
         self.limiter = limiter
         self.admission = admission  # services/batching.py: --send-concurrency inside, --send-queue waiting
         self.max_image_size = max_image_size
@@ -332,9 +239,17 @@ class ChatService:
     async def send(self, identity, session, chain, *, stream=True, client_msg_id=None, connection_id=""):
         """Persist the user's message and accept a reply. Returns (user_doc, reply_doc, duplicate).
         `connection_id`: the sending WebSocket's (LangBot's echo names it), "" over REST."""
-        text, images, chain = compose(chain, self.pipelines.get(session["pipeline"]), max_image=self.max_image_size)
+        pipeline = self.pipelines.get(session["pipeline"])
+        composed = compose(chain, pipeline, max_image=self.max_image_size, max_document=self.max_document_size)
+        images = ()
+        if composed.attachments:  # stored (or checked) and readable by the session's members before it is
+            await self.files.ingest(identity, composed.attachments)
+            await self.files.reference(composed.attachments, session["_id"])
+        if composed.images:
+            images = await self.files.for_model(composed.images, pipeline)
         async with self.admission.slot():  # a burst waits its turn here, not in the driver (services/batching.py)
-            return await self._send(identity, session, text, images, chain, stream, client_msg_id, connection_id)
+            return await self._send(identity, session, composed.text, images, composed.chain, stream,
+                                    client_msg_id, connection_id)
 
     async def _send(self, identity, session, text, images, chain, stream, client_msg_id, connection_id):
         if client_msg_id is not None:
@@ -370,6 +285,8 @@ class ChatService:
                            reply_to=user_doc["_id"], prompt=text, sender=identity.user_id, stream=stream,
                            images=tuple(images), epoch=reply_doc["epoch"], history=history)
             history = None  # the generation owns it now
+            if user_doc["seq"] == 1:  # a session's first message names it, for every client alike
+                self._in_background(self._name(sid, title_from(text, images)), f"title-{sid}")
             return user_doc, reply_doc, False
         finally:
             if history is not None:
@@ -413,13 +330,13 @@ class ChatService:
             return None, None
         return user_doc, reply_doc
 
-    async def _reserve(self, session_id, pipeline, member):
+    async def _reserve(self, session_id, pipeline, member, count=SEQS_PER_SEND):
         """Reserve a send's numbers in the store (the access check in the same write)."""
         self.numbers.reserving(session_id)
         counter = None
         try:
-            seq = await self.store.next_seqs(session_id, SEQS_PER_SEND, pipeline=pipeline, member=member)
-            counter = seq + SEQS_PER_SEND - 1
+            seq = await self.store.next_seqs(session_id, count, pipeline=pipeline, member=member)
+            counter = seq + count - 1
             return seq
         finally:
             self.numbers.reserved(session_id, counter)
@@ -432,11 +349,93 @@ class ChatService:
         if local:
             self._in_background(self._advance(session_id, docs[-1]["seq"]), f"counter-{session_id}")
 
+    async def _name(self, session_id, title):
+        try:
+            await self.store.name_untitled(session_id, title)
+        except Exception as exc:  # cosmetic: the session keeps its date as its name
+            log.warning("could not name session_id=%s: %s", session_id, exc)
+
     async def _advance(self, session_id, counter):
         try:
             await self.store.advance_seq(session_id, counter)
         except Exception as exc:  # the next send's write, or a repair, sets it
             log.warning("could not write the message counter session_id=%s: %s", session_id, exc)
+
+    async def regenerate(self, identity, session, message_id, *, stream=True):
+        """A new reply to the user message that reply `message_id` answered, which it replaces: the session's
+        latest message, ended. The earlier reply stays in the history (`superseded_by` names the new one) and
+        leaves the model's context; the new one is numbered after it and answers from the context that came
+        before the question. Returns (user_doc, reply_doc), as a send does."""
+        check_id(message_id, "message_id")
+        sid = session["_id"]
+        old = await self.store.find_message(message_id)
+        if old is None or old["session_id"] != sid or old.get("role") != "assistant":
+            raise NotFound(f"no reply {message_id!r} in this session", code="message_not_found")
+        if old["status"] in ("queued", "streaming"):
+            raise Conflict("this reply is still being written: stop it first", code="reply_live")
+        last = await self.store.last_message(sid)
+        if last is None or last["_id"] != message_id or old.get("superseded_by"):
+            raise Conflict("only the session's latest reply can be regenerated", code="not_latest_reply")
+        question = await self.store.find_message(old.get("reply_to"))
+        if question is None:
+            raise NotFound("the message this reply answered is gone", code="message_not_found")
+        pipeline = self.pipelines.get(session["pipeline"])
+        chain = schema.decode_chain(question.get("chain") or frames.chain(question.get("content", "")))
+        composed = compose(chain, pipeline, max_image=self.max_image_size, max_document=self.max_document_size)
+        if composed.attachments:  # the question's stored files, for the model again
+            await self.files.ingest(identity, composed.attachments)
+        text = composed.text
+        images = await self.files.for_model(composed.images, pipeline) if composed.images else ()
+        self.streams.check_capacity(sid)
+        await self.streams.check_shared_capacity(sid, session["pipeline"])
+        if self.limiter is not None:
+            self.limiter.take(identity.user_id)
+        async with self.admission.slot():
+            reply_id = new_id()
+            if not await self.store.supersede(message_id, reply_id):  # a regenerate of it won already
+                raise Conflict("only the session's latest reply can be regenerated", code="not_latest_reply")
+            self._sending[sid] = self._sending.get(sid, 0) + 1  # its number may move the counter: see _remember
+            try:
+                reply_doc = await self._store_regenerate(identity, session, question, reply_id)
+            except BaseException:
+                await asyncio.shield(self.store.unsupersede(message_id, reply_id))
+                raise
+            finally:
+                self._sending[sid] -= 1
+                if not self._sending[sid]:
+                    del self._sending[sid]
+        self.bus.publish(events.regenerate(sid, reply_doc["seq"], reply_id, question["_id"], message_id))
+        self.streams.accept(message_id=reply_id, session=session, seq=reply_doc["seq"], reply_to=question["_id"],
+                            prompt=text, sender=question.get("sender") or identity.user_id, stream=stream,
+                            images=tuple(images), epoch=0, prompt_seq=question["seq"])
+        return question, reply_doc
+
+    async def _store_regenerate(self, identity, session, question, reply_id):
+        """Number (one number) and insert a regenerated reply, queued."""
+        sid = session["_id"]
+        may_write = identity.is_admin or identity.user_id == session.get("owner")
+        seq = self.numbers.take(session, 1, may_write)
+        local = seq is not None
+        if not local:
+            seq = await self._reserve(sid, session["pipeline"], None if identity.is_admin else identity.user_id, 1)
+        now = utcnow()
+        reply_doc = {"_id": reply_id, "session_id": sid, "pipeline": session["pipeline"], "seq": seq,
+                     "role": "assistant", "content": "", "thinking": "", "status": "queued", "epoch": 0,
+                     "length": 0, "thinking_length": 0, "reply_to": question["_id"], "created_at": now,
+                     "updated_at": now, "instance": self.streams.instance_id,
+                     "lease_until": self.streams.lease_until()}
+        try:
+            await self._insert(sid, [reply_doc], local)
+        except DuplicateKeyError:
+            if not local:
+                raise
+            # a number from memory was taken already (services/numbers.py): repair the counter, reserve
+            self.numbers.forget(sid)
+            await self.store.repair_seq(sid)
+            reply_doc["seq"] = await self._reserve(sid, session["pipeline"],
+                                                   None if identity.is_admin else identity.user_id, 1)
+            await self._insert(sid, [reply_doc], False)
+        return reply_doc
 
     async def _duplicate(self, user_doc):
         return user_doc, await self.store.find_reply(user_doc["_id"]), True

@@ -7,6 +7,9 @@ Security: nx-27017 0.8.1 has no authentication, so it listens on loopback only, 
 the user running Parley (directories 0700, files 0600: the child runs with umask 077). Any local process of
 another user can still connect to the port: docs/security.md says so.
 
+Stopping: the child runs in a session of its own, so a Ctrl-C in Parley's terminal is Parley's alone; Parley ends
+its replies (written to the store) and then stops the store (`stop()`: SIGTERM, then SIGKILL after 10 s).
+
 Supervision: `supervise()` restarts the child on the same port if it dies (back-off 0.5 s doubling to 10 s);
 the driver reconnects by itself, and /readyz answers 503 until it has.
 """
@@ -109,8 +112,11 @@ class EmbeddedMongo:
         with self._lock:
             if self._stopping.is_set():
                 raise EmbeddedMongoError("stopping")
+            # A session of its own: the terminal's Ctrl-C (SIGINT to the foreground process group) reaches
+            # Parley alone, which ends its replies in the store and then stops the store (stop()).
             self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                            stdin=subprocess.DEVNULL, preexec_fn=_child_setup)
+                                            stdin=subprocess.DEVNULL, preexec_fn=_child_setup,
+                                            start_new_session=True)
 
     def supervise(self):
         """Restart the store whenever it dies, until stop(). The thread must outlive the child it forks
@@ -151,8 +157,8 @@ class EmbeddedMongo:
         except ValueError:
             pid = 0
         if pid and _pid_alive(pid):
-            raise EmbeddedMongoError(f"another nx-27017 (pid {pid}) is using {self.data_dir}: "
-                                     "stop it, or give this Parley its own --data-dir")
+            raise EmbeddedMongoError(f"the embedded store in {self.data_dir} is in use (nx-27017, pid {pid}): is "
+                                     "Parley already running? Stop it, or give this one its own --data-dir")
         log.info("removing stale pid file %s", self.pid_file)
         self.pid_file.unlink(missing_ok=True)
 
@@ -209,6 +215,7 @@ def start_early(argv=None):
     from services import settings
     try:
         config = settings.resolve(argv)
+        settings.check_environment()  # (a pipeline's key variable fails this too: then the store starts later)
     except settings.SettingsError:
         return None
     if config.mongo_url or config.cluster:

@@ -62,6 +62,11 @@ class Forbidden(ParleyError):
     http_status = 403
 
 
+class Conflict(ParleyError):
+    code = "conflict"
+    http_status = 409
+
+
 class Capacity(ParleyError):
     code = "capacity"
     http_status = 503

@@ -15,6 +15,14 @@ def user_message(data, session_type="person", connection_id=""):
             "session_type": session_type, "connection_id": connection_id}
 
 
+def regenerate(session_id, seq, message_id, reply_to, replaces):
+    """A new reply (`message_id`, numbered `seq`) to an earlier user message (`reply_to`), replacing the reply
+    `replaces` (services/chat.py regenerate). It accounts for its number in every viewer's order before the
+    reply's own events; viewers get no frame of it (the reply's frames name `reply_to`)."""
+    return {"type": "reply.regenerate", "session_id": session_id, "seq": seq, "message_id": message_id,
+            "reply_to": reply_to, "replaces": replaces}
+
+
 def reply_started(gen):
     return {"type": "reply.started", **_reply(gen, status=gen.status, stream=gen.stream)}
 

@@ -9,12 +9,13 @@ consistent with the registry).
 Each distinct frame is rendered and JSON-encoded once, and the same text is written to every connection that
 gets those bytes. Frames carry the event's timestamp, never a per-connection one. LangBot's
 `data.connection_id` is the sender's on `user_message` and "" on `response` (as LangBot's server sends them), so
-no frame has a per-connection field. Extension frames (anything outside frames.LANGBOT_TYPES) go only to
+no frame has a per-connection field. Extension frames (anything outside schema.LangBotServerFrame) go only to
 connections that opted in to the Parley dialect.
 """
 import logging
 
 from services import events, frames
+from services.schema import LANGBOT_STRUCTS
 from services.ordering import Ordering
 from services.outbox import encode
 from services.replylog import ReplyLogs
@@ -54,7 +55,7 @@ class FanOut:
 
     def _send(self, frame, conns):
         """Write one frame to many connections, encoded once. Returns how many took it."""
-        if frame is not None and frame["type"] not in frames.LANGBOT_TYPES:
+        if frame is not None and type(frame) not in LANGBOT_STRUCTS:
             conns = [c for c in conns if c.dialect != frames.LANGBOT]
         if frame is None or not conns:
             return 0
@@ -94,23 +95,16 @@ class FanOut:
         self.replies.check(reread_all=resync)
 
     def _reset(self, event):
-        frame = {"type": "session.reset", "data": {"session_id": event["session_id"], "deleted": event["deleted"],
-                                                   "timestamp": frames.timestamp_from_epoch(event["at"])}}
-        self._send(frame, self.hub.viewers(event["session_id"]))
+        self._send(frames.session_reset(event), self.hub.viewers(event["session_id"]))
 
     def _members(self, event):
         session_id, removed = event["session_id"], set(event["removed"])
         gone = [c for c in self.hub.viewers(session_id) if c.user_id in removed and not c.identity.is_admin]
         for conn in gone:
             self.leave(conn, session_id)
-        self._send({"type": "session.left", "data": {"session_id": session_id,
-                                                     "reason": event.get("reason", "removed")}}, gone)
+        self._send(frames.session_left(session_id, event.get("reason", "removed")), gone)
         # everyone still viewing it learns the new member list (the web app's members panel follows it)
-        self._send({"type": "session.members",
-                    "data": {"session_id": session_id, "members": event.get("members", []),
-                             "added": event["added"], "removed": event["removed"], "by": event.get("by"),
-                             "timestamp": frames.timestamp_from_epoch(event["at"])}},
-                   self.hub.viewers(session_id))
+        self._send(frames.session_members(event), self.hub.viewers(session_id))
 
     def _presence(self, event):
         session_id, user_id, origin = event["session_id"], event["user_id"], event["origin"]
@@ -123,23 +117,16 @@ class FanOut:
                    self.hub.viewers(session_id))
 
     def _broadcast(self, event):
-        frame = {"type": "broadcast", "message": event["message"],
-                 "timestamp": frames.timestamp_from_epoch(event["at"])}
-        self._send(frame, self.hub.of_pipeline(event.get("pipeline")))
+        self._send(frames.broadcast(event["message"], event["at"]), self.hub.of_pipeline(event.get("pipeline")))
 
     def _push(self, event):
-        frame = {"type": "push", "data": {"message": event["message"], "data": event.get("data")},
-                 "timestamp": frames.timestamp_from_epoch(event["at"])}
-        self._send(frame, self.hub.of_user(event["user_id"]))
+        self._send(frames.push(event["message"], event.get("data"), event["at"]), self.hub.of_user(event["user_id"]))
 
     def _reconnect(self, event):
         if event.get("origin") != self.bus.instance_id:
             return  # this instance is draining: other instances' clients stay
-        frame = {"type": "reconnect", "reason": event.get("reason"),
-                 "timestamp": frames.timestamp_from_epoch(event["at"])}
-        if event.get("retry_after") is not None:
-            frame["retry_after"] = event["retry_after"]
-        self._send(frame, self.hub.of_pipeline())
+        self._send(frames.reconnect(event.get("reason"), event["at"], event.get("retry_after")),
+                   self.hub.of_pipeline())
 
     # who views what
 
@@ -167,7 +154,4 @@ class FanOut:
 
     def presence_frame(self, session_id, event="snapshot", user_id=None, at=None):
         online = self.hub.online(session_id) | self.bus.online_elsewhere(session_id)  # every instance's
-        data = {"session_id": session_id, "event": event, "online": sorted(online)}
-        if user_id is not None:
-            data["user_id"] = user_id
-        return {"type": "presence", "data": data}
+        return frames.presence(session_id, event, online, user_id)

@@ -1,4 +1,5 @@
-"""Rendering of server frames (docs/protocol.md), in two dialects.
+"""Builders of server frames (docs/protocol.md): each returns the frame's Struct (services/schema.py), in two
+dialects; `schema.encode()` makes their bytes.
 
 `langbot` (plain connections): exactly LangBot's frames and fields. `parley` (connections that opted in with the
 `parley.v1` subprotocol or `?protocol=parley.v1`): LangBot's fields plus Parley's, and the extension frames.
@@ -10,11 +11,23 @@ Offsets count Unicode code points of the answer (`offset`) and of the reasoning 
 from datetime import datetime, timezone
 from types import SimpleNamespace
 
+import msgspec
+
+from services import schema
+from services.schema import (Ack, AckData, Broadcast, Connected, Error, JoinedData, LangBotConnected,
+                             LangBotMessage, LangBotResponse, LangBotUserMessage, LeftData, LiveReply, MembersData,
+                             MessageData, Pong, Presence, PresenceData, Push, PushData, Reconnect, ReplyData,
+                             ReplyError, ResetData, Response, Resumed, ResumedData, ResumedReply, Rewind,
+                             RewindData, SessionJoined,
+                             SessionLeft, SessionMembers, SessionReset, Status, StatusData, StopAck, StopAckData,
+                             UserMessage)
+
 LANGBOT, PARLEY = "langbot", "parley"
 SUBPROTOCOL = "parley.v1"
-# What a plain LangBot client is ever sent; anything else is an extension frame.
-LANGBOT_TYPES = frozenset({"connected", "response", "user_message", "pong", "broadcast", "error"})
-LANGBOT_FIELDS = ("id", "role", "content", "message_chain", "timestamp", "is_final", "connection_id")
+# What a plain LangBot client is ever sent (services/schema.py's LangBotServerFrame); anything else is an
+# extension frame.
+LANGBOT_TYPES = schema.LANGBOT_TYPES
+LANGBOT_FIELDS = schema.LANGBOT_FIELDS
 
 
 def timestamp(dt=None):
@@ -29,8 +42,9 @@ def chain(text):
 
 
 def message_data(doc, *, connection_id=""):
-    """A persisted message as history and `user_message` frames show it. `connection_id` is LangBot's: the
-    connection that sent a user message ("" for replies and for messages sent over REST)."""
+    """A persisted message as history and `user_message` frames show it (plain data: REST bodies and bus events
+    carry it; `user_message()` makes the frame). `connection_id` is LangBot's: the connection that sent a user
+    message ("" for replies and for messages sent over REST)."""
     data = {
         "id": doc["seq"],
         "role": doc["role"],
@@ -43,7 +57,7 @@ def message_data(doc, *, connection_id=""):
         "status": doc.get("status"),
         "sender": doc.get("sender"),
     }
-    for key in ("thinking", "reply_to", "client_msg_id", "model", "usage", "error"):
+    for key in ("thinking", "reply_to", "client_msg_id", "model", "usage", "error", "superseded_by"):
         if doc.get(key):
             data[key] = doc[key]
     data["is_final"] = doc.get("status") not in ("queued", "streaming")
@@ -53,24 +67,24 @@ def message_data(doc, *, connection_id=""):
 
 def langbot_message(*, id, role, content, is_final, timestamp, connection_id="", message_chain=None):
     """LangBot's message object, exactly its seven fields."""
-    return {"id": id, "role": role, "content": content,
-            "message_chain": chain(content) if message_chain is None else message_chain,
-            "timestamp": timestamp, "is_final": is_final, "connection_id": connection_id}
+    return LangBotMessage(id=id, role=role, content=content,
+                          message_chain=chain(content) if message_chain is None else message_chain,
+                          timestamp=timestamp, is_final=is_final, connection_id=connection_id)
 
 
 def user_message(data, dialect, session_type, connection_id=""):
     """The echo of a stored user message (`data`: message_data()) to every viewer; `connection_id` is the
     sender's, as LangBot sends it."""
-    data = {**data, "is_final": True, "connection_id": connection_id}
     if dialect == LANGBOT:
-        data = {k: data[k] for k in LANGBOT_FIELDS}
-    return {"type": "user_message", "session_type": session_type, "data": data}
+        fields = {k: data[k] for k in LANGBOT_FIELDS}
+        fields.update(is_final=True, connection_id=connection_id)
+        return LangBotUserMessage(session_type=session_type, data=LangBotMessage(**fields))
+    return UserMessage(session_type=session_type, data=msgspec.convert(
+        {**data, "is_final": True, "connection_id": connection_id}, MessageData))
 
 
-def _reply_base(reply, *, is_final, timestamp):
-    return {"id": reply.seq, "role": "assistant", "timestamp": timestamp, "is_final": is_final,
-            "connection_id": "", "session_id": reply.session_id, "message_id": reply.message_id, "seq": reply.seq,
-            "reply_to": reply.reply_to}
+def _error(error):
+    return ReplyError(code=error.get("code"), message=error.get("message"))
 
 
 def chunk(reply, stream_mode, *, offset, text, thinking_offset, thinking, timestamp, dialect=PARLEY,
@@ -83,23 +97,24 @@ def chunk(reply, stream_mode, *, offset, text, thinking_offset, thinking, timest
     if dialect == LANGBOT:  # LangBot streams the whole answer so far; reasoning is not shown
         if not text:
             return None
-        return {"type": "response", "session_type": session_type, "data": langbot_message(
-            id=reply.seq, role="assistant", content=reply.content, is_final=False, timestamp=timestamp)}
+        return LangBotResponse(session_type=session_type, data=langbot_message(
+            id=reply.seq, role="assistant", content=reply.content, is_final=False, timestamp=timestamp))
     if not (text or thinking):
         return None
-    if stream_mode == "delta":  # (once per chunk: the fields of _reply_base in one dict)
-        data = {"id": reply.seq, "role": "assistant", "timestamp": timestamp, "is_final": False,
-                "connection_id": "", "session_id": reply.session_id, "message_id": reply.message_id,
-                "seq": reply.seq, "reply_to": reply.reply_to, "offset": offset, "delta": text}
+    if stream_mode == "delta":  # once per chunk
+        data = ReplyData(id=reply.seq, role="assistant", timestamp=timestamp, is_final=False, connection_id="",
+                         session_id=reply.session_id, message_id=reply.message_id, seq=reply.seq,
+                         reply_to=reply.reply_to, offset=offset, delta=text)
         if thinking:
-            data.update(thinking_offset=thinking_offset, thinking_delta=thinking)
+            data.thinking_offset, data.thinking_delta = thinking_offset, thinking
     else:  # cumulative: full text so far; `offset` says where this frame's new text starts
-        data = _reply_base(reply, is_final=False, timestamp=timestamp)
         content = reply.content
-        data.update(content=content, message_chain=chain(content), offset=offset)
+        data = ReplyData(id=reply.seq, role="assistant", timestamp=timestamp, is_final=False, connection_id="",
+                         session_id=reply.session_id, message_id=reply.message_id, seq=reply.seq,
+                         reply_to=reply.reply_to, content=content, message_chain=chain(content), offset=offset)
         if reply.thinking:
-            data.update(thinking=reply.thinking, thinking_offset=thinking_offset)
-    return {"type": "response", "session_type": session_type, "data": data}
+            data.thinking, data.thinking_offset = reply.thinking, thinking_offset
+    return Response(session_type=session_type, data=data)
 
 
 def final(reply, *, timestamp, dialect=PARLEY, session_type="person"):
@@ -108,17 +123,19 @@ def final(reply, *, timestamp, dialect=PARLEY, session_type="person"):
         content = reply.content
         if reply.status not in ("completed", "stopped") and reply.error:  # say why, or the user sees nothing
             content += ("\n\n" if content else "") + f"⚠ {reply.error.get('message') or reply.error.get('code')}"
-        return {"type": "response", "session_type": session_type, "data": langbot_message(
-            id=reply.seq, role="assistant", content=content, is_final=True, timestamp=timestamp)}
-    data = _reply_base(reply, is_final=True, timestamp=timestamp)
-    data.update(content=reply.content, message_chain=chain(reply.content), status=reply.status)
+        return LangBotResponse(session_type=session_type, data=langbot_message(
+            id=reply.seq, role="assistant", content=content, is_final=True, timestamp=timestamp))
+    data = ReplyData(id=reply.seq, role="assistant", timestamp=timestamp, is_final=True, connection_id="",
+                     session_id=reply.session_id, message_id=reply.message_id, seq=reply.seq,
+                     reply_to=reply.reply_to, content=reply.content, message_chain=chain(reply.content),
+                     status=reply.status)
     if reply.thinking:
-        data["thinking"] = reply.thinking
+        data.thinking = reply.thinking
     if reply.error:
-        data["error"] = reply.error
+        data.error = _error(reply.error)
     if reply.usage:
-        data["usage"] = reply.usage
-    return {"type": "response", "session_type": session_type, "data": data}
+        data.usage = reply.usage
+    return Response(session_type=session_type, data=data)
 
 
 def refusal(err, session_type):
@@ -127,19 +144,19 @@ def refusal(err, session_type):
     connection."""
     now = datetime.now(timezone.utc)
     content = f"⚠ Your message was not accepted: {err.message} ({err.code})"
-    return {"type": "response", "session_type": session_type, "data": langbot_message(
+    return LangBotResponse(session_type=session_type, data=langbot_message(
         id=-int(now.timestamp() * 1000), role="assistant", content=content, is_final=True,
-        timestamp=timestamp(now))}
+        timestamp=timestamp(now)))
 
 
 def connected(conn, session, *, live_replies=()):
     if conn.dialect == LANGBOT:
-        return {"type": "connected", "connection_id": conn.id, "pipeline_uuid": conn.pipeline,
-                "session_type": session["type"], "timestamp": timestamp()}
-    return {"type": "connected", "connection_id": conn.id, "pipeline_uuid": conn.pipeline,
-            "session_type": session["type"], "session_id": session["_id"], "stream_mode": conn.stream_mode,
-            "user_id": conn.user_id, "protocol": "parley/1", "dialect": SUBPROTOCOL,
-            "live_replies": [live_reply(g) for g in live_replies], "timestamp": timestamp()}
+        return LangBotConnected(connection_id=conn.id, pipeline_uuid=conn.pipeline, session_type=session["type"],
+                                timestamp=timestamp())
+    return Connected(connection_id=conn.id, pipeline_uuid=conn.pipeline, session_type=session["type"],
+                     session_id=session["_id"], stream_mode=conn.stream_mode, user_id=conn.user_id,
+                     protocol="parley/1", dialect=SUBPROTOCOL, live_replies=[live_reply(g) for g in live_replies],
+                     timestamp=timestamp())
 
 
 def snapshot(doc):
@@ -152,40 +169,90 @@ def snapshot(doc):
 
 def resumed(session_id, replies):
     """The answer to `resume`: each reply that follows, where it resumes from, and its state at that moment."""
-    return {"type": "resumed", "data": {"session_id": session_id, "timestamp": timestamp(), "replies": [
-        {"message_id": r.message_id, "seq": r.seq, "reply_to": r.reply_to, "status": r.status,
-         "epoch": r.epoch, "offset": offset, "thinking_offset": thinking_offset, "length": len(r.content),
-         "thinking_length": len(r.thinking)}
-        for r, offset, thinking_offset in replies]}}
+    return Resumed(data=ResumedData(session_id=session_id, timestamp=timestamp(), replies=[
+        ResumedReply(message_id=r.message_id, seq=r.seq, reply_to=r.reply_to, status=r.status, epoch=r.epoch,
+                     offset=offset, thinking_offset=thinking_offset, length=len(r.content),
+                     thinking_length=len(r.thinking))
+        for r, offset, thinking_offset in replies]))
 
 
 def live_reply(gen):
     """A reply still queued or streaming, as `connected` lists them: what a reconnecting client may resume."""
-    return {"message_id": gen.message_id, "seq": gen.seq, "reply_to": gen.reply_to, "status": gen.status,
-            "length": len(gen.content), "thinking_length": len(gen.thinking)}
+    return LiveReply(message_id=gen.message_id, seq=gen.seq, reply_to=gen.reply_to, status=gen.status,
+                     length=len(gen.content), thinking_length=len(gen.thinking))
 
 
 def rewind(reply, *, offset, thinking_offset, reason):
     """Text of a reply this connection was sent past (offset, thinking_offset) is void: it was never stored (its
     instance died or was fenced after its last checkpoint). The reply continues, or ends, from there."""
-    return {"type": "rewind", "data": {"session_id": reply.session_id, "message_id": reply.message_id,
-                                       "seq": reply.seq, "reply_to": reply.reply_to, "epoch": reply.epoch,
-                                       "offset": offset, "thinking_offset": thinking_offset, "reason": reason,
-                                       "timestamp": timestamp()}}
+    return Rewind(data=RewindData(session_id=reply.session_id, message_id=reply.message_id, seq=reply.seq,
+                                  reply_to=reply.reply_to, epoch=reply.epoch, offset=offset,
+                                  thinking_offset=thinking_offset, reason=reason, timestamp=timestamp()))
 
 
 def status(event):
     """A reply changed state before its final frame (queued -> streaming): lets every viewer show it."""
-    return {"type": "status", "data": {"session_id": event["session_id"], "message_id": event["message_id"],
-                                       "seq": event["seq"], "reply_to": event["reply_to"],
-                                       "status": event["status"], "epoch": event.get("epoch", 0),
-                                       "timestamp": timestamp_from_epoch(event["at"])}}
+    return Status(data=StatusData(session_id=event["session_id"], message_id=event["message_id"], seq=event["seq"],
+                                  reply_to=event["reply_to"], status=event["status"], epoch=event.get("epoch", 0),
+                                  timestamp=timestamp_from_epoch(event["at"])))
 
 
 def error(err, **context):
-    body = {"type": "error", **err.to_dict(), "timestamp": timestamp()}
-    body.update({k: v for k, v in context.items() if v is not None})
-    return body
+    """An `error` frame: the error's code, message and extra fields (retry_after, max_bytes...), and the
+    request's context (request_type, client_msg_id; None: not known)."""
+    fields = err.to_dict()
+    fields.update((k, v) for k, v in context.items() if v is not None)
+    return Error(timestamp=timestamp(), **fields)
+
+
+def pong():
+    return Pong(timestamp=timestamp())
+
+
+def session_joined(session):
+    return SessionJoined(data=JoinedData(session_id=session["_id"], session_type=session["type"],
+                                         title=session.get("title", "")))
+
+
+def session_left(session_id, reason):
+    """`reason`: left (this connection's `session.leave`), left_group (the user left the group), removed."""
+    return SessionLeft(data=LeftData(session_id=session_id, reason=reason))
+
+
+def session_reset(event):
+    return SessionReset(data=ResetData(session_id=event["session_id"], deleted=event["deleted"],
+                                       timestamp=timestamp_from_epoch(event["at"])))
+
+
+def session_members(event):
+    """A group's member list changed (a `members` event): the whole list, and who was added or removed by whom."""
+    return SessionMembers(data=MembersData(session_id=event["session_id"], members=event.get("members", []),
+                                           added=event["added"], removed=event["removed"], by=event.get("by"),
+                                           timestamp=timestamp_from_epoch(event["at"])))
+
+
+def presence(session_id, event, online, user_id=None):
+    """Who views a session (`online`: user ids, every instance's); `event` join/leave names `user_id`."""
+    data = PresenceData(session_id=session_id, event=event, online=sorted(online))
+    if user_id is not None:
+        data.user_id = user_id
+    return Presence(data=data)
+
+
+def broadcast(message, at):
+    return Broadcast(message=message, timestamp=timestamp_from_epoch(at))
+
+
+def push(message, data, at):
+    return Push(data=PushData(message=message, data=data), timestamp=timestamp_from_epoch(at))
+
+
+def reconnect(reason, at=None, retry_after=None):
+    """Reconnect (and `resume`): the server is restarting, or the token expired."""
+    frame = Reconnect(reason=reason, timestamp=timestamp() if at is None else timestamp_from_epoch(at))
+    if retry_after is not None:
+        frame.retry_after = retry_after
+    return frame
 
 
 _second = [None, ""]  # the last whole second formatted, and its text up to the seconds
@@ -210,18 +277,18 @@ def timestamp_from_epoch(seconds):
 
 def ack_data(user_doc, reply_doc, duplicate):
     """What the sender learns when a message is accepted (or recognised as a repeat of `client_msg_id`)."""
-    data = {"session_id": user_doc["session_id"], "message_id": user_doc["_id"], "seq": user_doc["seq"],
-            "reply_message_id": reply_doc["_id"] if reply_doc else None,
-            "reply_seq": reply_doc["seq"] if reply_doc else None, "duplicate": duplicate}
+    data = AckData(session_id=user_doc["session_id"], message_id=user_doc["_id"], seq=user_doc["seq"],
+                   reply_message_id=reply_doc["_id"] if reply_doc else None,
+                   reply_seq=reply_doc["seq"] if reply_doc else None, duplicate=duplicate)
     if user_doc.get("client_msg_id"):
-        data["client_msg_id"] = user_doc["client_msg_id"]
+        data.client_msg_id = user_doc["client_msg_id"]
     return data
 
 
 def ack(user_doc, reply_doc, duplicate):
-    return {"type": "ack", "data": ack_data(user_doc, reply_doc, duplicate)}
+    return Ack(data=ack_data(user_doc, reply_doc, duplicate))
 
 
 def stop_ack(session_id, stopped):
     """The answer to a stop. An empty `stopped` list is the documented no-op: nothing was running."""
-    return {"type": "stop_ack", "data": {"session_id": session_id, "stopped": stopped, "count": len(stopped)}}
+    return StopAck(data=StopAckData(session_id=session_id, stopped=stopped, count=len(stopped)))

@@ -5,8 +5,8 @@ Plain dicts owned by the IOLoop (no locks: everything here runs on the loop and 
 import logging
 import time
 
-from services import frames
 from services.outbox import CLOSE_SLOW_CONSUMER, ConnectionClosed, Outbox
+from services.schema import LANGBOT_STRUCTS
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Connection:
         `text` (and its UTF-8 length `nbytes`): the frame already encoded, shared with other connections."""
         if self.closed:
             return False
-        if self.dialect == "langbot" and frame.get("type") not in frames.LANGBOT_TYPES:
+        if self.dialect == "langbot" and type(frame) not in LANGBOT_STRUCTS:
             return False  # extension frames go only to connections that asked for them
         try:
             self.outbox.put(frame, text, nbytes)

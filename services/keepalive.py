@@ -83,5 +83,5 @@ class Keepalive:
     @staticmethod
     def expired(conn):
         """The client refreshes its token and reconnects (then `resume`s): say so before closing."""
-        conn.send({"type": "reconnect", "reason": "token_expired", "timestamp": frames.timestamp()})
+        conn.send(frames.reconnect("token_expired"))
         conn.close(CLOSE_TOKEN_EXPIRED, "token_expired")

@@ -17,6 +17,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from pymongo.errors import DuplicateKeyError
 
+from services import schema
 from services.errors import ParleyError
 
 TERMINAL = ("completed", "stopped", "failed", "timeout", "interrupted")
@@ -25,23 +26,23 @@ PROVIDER_ERRORS = (
     "first_token_timeout", "stall_timeout", "total_timeout", "empty_completion", "internal_error",
     "missing_api_key", "upstream_bad_request", "upstream_error", "upstream_model_not_found",
     "upstream_protocol_error", "upstream_rate_limited", "upstream_unauthorized", "upstream_unreachable", "other")
-CLIENT_FRAMES = ("authenticate", "message", "stop", "resume", "ping", "disconnect", "session.join",
-                 "session.leave", "group.leave", "presence", "unknown", "invalid")
-SERVER_FRAMES = ("connected", "user_message", "ack", "response", "status", "rewind", "stop_ack", "pong", "error",
-                 "broadcast", "push", "presence", "session.joined", "session.left", "session.reset", "resumed",
-                 "reconnect", "other")
+# frame types, as services/schema.py declares them (plus what a frame that is none of them counts as)
+CLIENT_FRAMES = (*schema.CLIENT_TYPES, "unknown", "invalid")
+SERVER_FRAMES = (*schema.SERVER_TYPES, "other")
 CLOSE_REASONS = ("client", "server", "lost")
-# Server-initiated disconnects. slow and capacity come with the fan-out and limits issues; the codes map to
-# these in handlers/ws.py.
+# Server-initiated disconnects; handlers/ws.py maps close codes to these (slow: 4008, capacity: 1013).
 DISCONNECT_REASONS = ("slow", "capacity", "auth", "ping_timeout", "oversize", "invalid", "unavailable",
                       "shutdown", "other")
 STOP_OUTCOMES = ("local", "forwarded", "noop")
 RESUME_SOURCES = ("live", "store", "finished")
 # services/bus.py's event types and the cluster bus's own `interest` (only --cluster writes or reads any)
-BUS_EVENTS = ("user_message", "reply.started", "reply.delta", "reply.final", "stop", "reset", "members", "presence",
+BUS_EVENTS = ("user_message", "reply.regenerate", "reply.started", "reply.delta", "reply.final", "stop", "reset", "members", "presence",
               "broadcast", "push", "reconnect", "interest", "other")
 STREAMED_KINDS = ("text", "thinking")
 TOKEN_KINDS = ("prompt", "completion")
+FILE_KINDS = ("image", "document")
+FILE_SOURCES = ("upload", "inline")   # a multipart upload, or base64 in a message (stored as a file)
+FILE_ACCESS = ("member", "link")      # read with credentials (owner, member, admin), or by a signed link
 
 disable_created_metrics()  # a `_created` twin for every counter and histogram doubles the series for no query
 
@@ -145,6 +146,13 @@ class Metrics:
         self.followed_replies = Gauge("parley_followed_replies", "Replies generating on another instance that "
                                       "connections here view (their deltas cross the bus)", registry=r)
 
+        self.files_stored = Counter("parley_files_stored", "Files stored (each once: the same bytes of one owner "
+                                    "again are the same file), by kind and how they came", ("kind", "source"),
+                                    registry=r)
+        self.file_bytes = Counter("parley_files_stored_bytes", "Bytes of the files stored", ("kind",), registry=r)
+        self.files_served = Counter("parley_files_served", "File downloads answered, by kind and access",
+                                    ("kind", "access"), registry=r)
+
         self.http_duration = Histogram("parley_http_request_duration_seconds",
                                        "HTTP requests (WebSocket upgrades included), by handler class and status",
                                        ("handler", "status"), buckets=FAST_BUCKETS, registry=r)
@@ -190,6 +198,12 @@ class Metrics:
             self.bus_received.labels(event)
         for op in STORE_OPERATIONS:
             self.store_errors.labels(op)
+        for kind in FILE_KINDS:
+            self.file_bytes.labels(kind)
+            for source in FILE_SOURCES:
+                self.files_stored.labels(kind, source)
+            for access in FILE_ACCESS:
+                self.files_served.labels(kind, access)
 
     def pipeline(self, pipeline_id):
         """The label for a configured pipeline; None (record nothing) for any other."""
@@ -220,6 +234,7 @@ class Metrics:
 
     def frame_sent(self, kind, size):
         # Once per frame per viewer: counted in plain ints, added to the counters when they are read (flush).
+        # `kind`: the frame's Struct class (its `type` is looked up then) or its type.
         pending = self._pending_sent
         pending[kind] = pending.get(kind, 0) + 1
         self._pending_bytes += size
@@ -228,7 +243,7 @@ class Metrics:
         """Add the per-frame counts kept since the last read to their counters (the registry calls this)."""
         pending, self._pending_sent = self._pending_sent, {}
         for kind, n in pending.items():
-            self._sent.get(kind, self._sent["other"]).inc(n)
+            self._sent.get(schema.TYPE_OF.get(kind, kind), self._sent["other"]).inc(n)
         if self._pending_bytes:
             self.bytes_sent.inc(self._pending_bytes)
             self._pending_bytes = 0
@@ -240,6 +255,13 @@ class Metrics:
                 if counts[i]:
                     child.inc(counts[i])
                     counts[i] = 0
+
+    def file_stored(self, kind, source, size):
+        self.files_stored.labels(kind, source).inc()
+        self.file_bytes.labels(kind).inc(size)
+
+    def file_served(self, kind, access):
+        self.files_served.labels(kind, access).inc()
 
     def disconnected(self, reason):
         self.disconnects.labels(_known(reason, DISCONNECT_REASONS, "other")).inc()

@@ -6,7 +6,8 @@ even a single box can publish them out of order (two sends await their store wri
 passes each event through `Ordering` first.
 
 `send()` reserves two consecutive numbers per message (the user message n, its reply n + 1: SEQS_PER_SEND), so
-after the user message n the next is n + 2. Per viewed session, `upto` is the highest number accounted for: a
+after the user message n the next is n + 2; `regenerate()` reserves one, announced by a `reply.regenerate` event
+that opens it as a user message opens its pair. Per viewed session, `upto` is the highest number accounted for: a
 user message n is delivered when n <= upto + 1, a reply's event when its number <= upto (its question was
 delivered). Anything else is held, in arrival order, with whatever arrives after it for that session. After
 GAP_WAIT the gap is filled from the store, the source of truth: a message found there is delivered from it (its
@@ -31,7 +32,9 @@ log = logging.getLogger(__name__)
 
 SEQS_PER_SEND = 2  # services/chat.py send(): the user message and its reply
 GAP_WAIT = 1.0     # seconds a missing number may take to arrive before the store is asked
-ORDERED = ("user_message", "reply.started", "reply.delta", "reply.final")
+ORDERED = ("user_message", "reply.regenerate", "reply.started", "reply.delta", "reply.final")
+# Events that take new numbers: a send's user message (it and its reply: SEQS_PER_SEND), a regenerated reply (one)
+OPENS = {"user_message": SEQS_PER_SEND, "reply.regenerate": 1}
 FILLED_REMEMBERED = 256
 COUNTERS_BATCH = 500  # sessions per counter read of a catch-up
 
@@ -89,7 +92,7 @@ class Ordering:
 
     def _ready(self, state, event):
         seq = seq_of(event)
-        return seq <= state.upto + 1 if event["type"] == "user_message" else seq <= state.upto
+        return seq <= state.upto + 1 if event["type"] in OPENS else seq <= state.upto
 
     def _pass(self, state, event):
         if state.filled:
@@ -99,8 +102,8 @@ class Ordering:
                     return  # already delivered from the store
             elif seq in state.filled:
                 return  # the reply's final was delivered from the store
-        if event["type"] == "user_message":
-            state.upto = max(state.upto, seq_of(event) + SEQS_PER_SEND - 1)
+        if event["type"] in OPENS:
+            state.upto = max(state.upto, seq_of(event) + OPENS[event["type"]] - 1)
         self.deliver(event)
 
     def _release(self, state):
@@ -116,7 +119,7 @@ class Ordering:
 
     def _needed(self, state):
         """The highest number that must be accounted for before everything held can go."""
-        return max(seq_of(e) - 1 if e["type"] == "user_message" else seq_of(e) for e in state.held)
+        return max(seq_of(e) - 1 if e["type"] in OPENS else seq_of(e) for e in state.held)
 
     def _fill(self, session_id):
         state = self.sessions.get(session_id)

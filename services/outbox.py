@@ -11,12 +11,17 @@ keep: `on_overflow()` closes it. A reply's final frame is not counted (it comes 
 dropped, and of a huge reply is bigger than the limit by itself), and a paged catch-up (`put_pages`) makes its
 next frame only when the socket has room, so it never waits here whole.
 
-The fan-out encodes a frame once for every connection that gets the same bytes: `put(frame, text, nbytes)` takes
-that text as is. Such a frame's dict may be shared with other connections' outboxes, so a merge copies it first.
+Frames are services/schema.py's Structs. The fan-out encodes a frame once for every connection that gets the same
+bytes: `put(frame, text, nbytes)` takes that text as is. Such a frame may be shared with other connections'
+outboxes, so a merge copies it (and its data) first.
 """
 from collections import deque
 
 import msgspec
+from msgspec import UNSET
+
+from services import schema
+from services.schema import RESPONSES, Response
 
 WINDOW = 64 * 1024
 NOTHING_WAITING = ()  # an idle connection's `waiting`: its deque (760 bytes) is made when a frame has to wait
@@ -27,67 +32,78 @@ class ConnectionClosed(Exception):
     """Raised by a connection's `write` when its socket is gone."""
 
 
-_encode = msgspec.json.Encoder().encode
+_encode = msgspec.json.Encoder().encode  # of text pieces (a merge's size)
+_copy = msgspec.structs.replace
 
 
 def encode(frame):
     """A frame as the UTF-8 JSON bytes that go on the wire (Tornado sends bytes as a text frame as they are):
     msgspec encodes several times faster than json.dumps, and nothing is encoded to UTF-8 a second time."""
-    return _encode(frame)
+    return schema.encode(frame)
 
 
 def is_chunk(frame):
-    return frame.get("type") == "response" and not frame["data"].get("is_final")
+    return type(frame) in RESPONSES and not frame.data.is_final
 
 
 def is_final(frame):
-    return frame.get("type") == "response" and bool(frame["data"].get("is_final"))
+    return type(frame) in RESPONSES and frame.data.is_final
+
+
+def _message_id(frame):
+    """The reply a waiting frame belongs to, when it may merge (Parley's `response`: LangBot's has no id)."""
+    return frame.data.message_id if type(frame) is Response else None
 
 
 def mergeable(older, newer):
     """Delta chunks merge only when the newer continues the older: a resume's catch-up may start earlier."""
-    old, new = older["data"], newer["data"]
-    for text_key, offset_key in (("delta", "offset"), ("thinking_delta", "thinking_offset")):
-        if text_key in new and text_key in old and new[offset_key] != old[offset_key] + len(old[text_key]):
-            return False
+    old, new = older.data, newer.data
+    if new.delta is not UNSET and old.delta is not UNSET and new.offset != old.offset + len(old.delta):
+        return False
+    if (new.thinking_delta is not UNSET and old.thinking_delta is not UNSET
+            and new.thinking_offset != old.thinking_offset + len(old.thinking_delta)):
+        return False
     return True
 
 
 def merge(older, newer):
     """Fold a newer chunk of the same reply into an older waiting one (same stream mode). Returns the merged
-    frame: a new dict, so a frame shared with other connections is never changed."""
-    older = {**older, "data": dict(older["data"])}
-    old, new = older["data"], newer["data"]
-    if "delta" in new or "thinking_delta" in new:  # delta mode: concatenate increments
-        for text_key, offset_key in (("delta", "offset"), ("thinking_delta", "thinking_offset")):
-            if text_key in new:
-                if text_key in old:
-                    old[text_key] += new[text_key]
-                else:
-                    old[text_key], old[offset_key] = new[text_key], new[offset_key]
+    frame: a new one, so a frame shared with other connections is never changed."""
+    old, new = _copy(older.data), newer.data
+    if new.delta is not UNSET or new.thinking_delta is not UNSET:  # delta mode: concatenate increments
+        if new.delta is not UNSET:
+            if old.delta is not UNSET:
+                old.delta += new.delta
+            else:
+                old.delta, old.offset = new.delta, new.offset
+        if new.thinking_delta is not UNSET:
+            if old.thinking_delta is not UNSET:
+                old.thinking_delta += new.thinking_delta
+            else:
+                old.thinking_delta, old.thinking_offset = new.thinking_delta, new.thinking_offset
     else:  # cumulative mode: the newest text, announced from the oldest offset
-        for key in ("content", "message_chain", "thinking"):
-            if key in new:
-                old[key] = new[key]
-        if "thinking_offset" in new and "thinking_offset" not in old:
-            old["thinking_offset"] = new["thinking_offset"]
-    old["timestamp"] = new["timestamp"]
-    return older
+        old.content, old.message_chain = new.content, new.message_chain
+        if new.thinking is not UNSET:
+            old.thinking = new.thinking
+        if new.thinking_offset is not UNSET and old.thinking_offset is UNSET:
+            old.thinking_offset = new.thinking_offset
+    old.timestamp = new.timestamp
+    return _copy(older, data=old)
 
 
 def merged_size(size, newer, text=None):
     """The waiting entry's size once `newer` is folded in, without encoding the merged frame again (that made
     a busy socket's merges quadratic): a delta grows by its encoded increments (a key it did not have yet is
     not counted: tens of characters); a cumulative frame becomes as large as the newest."""
-    new = newer["data"]
-    if "delta" in new or "thinking_delta" in new:
-        return size + sum(len(encode(new[key])) - 2 for key in ("delta", "thinking_delta") if key in new)
+    new = newer.data
+    if new.delta is not UNSET or new.thinking_delta is not UNSET:
+        return size + sum(len(_encode(piece)) - 2 for piece in (new.delta, new.thinking_delta) if piece is not UNSET)
     return len(text) if text is not None else len(encode(newer))
 
 
 class Outbox:
     def __init__(self, write, *, limit, on_overflow, on_sent=None):
-        self.on_sent = on_sent          # on_sent(frame_type, bytes): metrics
+        self.on_sent = on_sent          # on_sent(frame Struct class, bytes): metrics
         self.write = write              # write(text) -> Future resolved when flushed; raises when closed
         self.limit = limit
         self.on_overflow = on_overflow
@@ -104,7 +120,7 @@ class Outbox:
         if not self.in_flight and not self.waiting:
             self._send(frame, text, nbytes)
             return
-        mid = frame["data"].get("message_id") if frame.get("type") == "response" else None
+        mid = _message_id(frame)
         entry = self.chunks.get(mid) if mid else None
         if entry is not None and is_chunk(frame) and mergeable(entry[0], frame):
             entry[0] = merge(entry[0], frame)
@@ -138,31 +154,31 @@ class Outbox:
         if entry is None:
             return False
         frame = entry[0]
-        data = frame["data"]
-        if "content" in data:  # a cumulative chunk
+        data = frame.data
+        if data.content is not UNSET:  # a cumulative chunk
             return False
-        if ((text and "delta" in data and offset != data["offset"] + len(data["delta"]))
-                or (thinking and "thinking_delta" in data
-                    and thinking_offset != data["thinking_offset"] + len(data["thinking_delta"]))):
+        if ((text and data.delta is not UNSET and offset != data.offset + len(data.delta))
+                or (thinking and data.thinking_delta is not UNSET
+                    and thinking_offset != data.thinking_offset + len(data.thinking_delta))):
             return False
         if entry[2] is not None:  # still the frame as the fan-out made it (maybe shared): merge into a copy
-            frame = entry[0] = {**frame, "data": dict(data)}
-            data = frame["data"]
+            data = _copy(data)
+            frame = entry[0] = _copy(frame, data=data)
             entry[2] = entry[3] = None
         grown = 0
         if text:
-            if "delta" in data:
-                data["delta"] += text
+            if data.delta is not UNSET:
+                data.delta += text
             else:
-                data["delta"], data["offset"] = text, offset
+                data.delta, data.offset = text, offset
             grown += len(_encode(text)) - 2
         if thinking:
-            if "thinking_delta" in data:
-                data["thinking_delta"] += thinking
+            if data.thinking_delta is not UNSET:
+                data.thinking_delta += thinking
             else:
-                data["thinking_delta"], data["thinking_offset"] = thinking, thinking_offset
+                data.thinking_delta, data.thinking_offset = thinking, thinking_offset
             grown += len(_encode(thinking)) - 2
-        data["timestamp"] = timestamp
+        data.timestamp = timestamp
         entry[1] += grown
         self.waiting_size += grown
         self.merged += 1
@@ -187,7 +203,7 @@ class Outbox:
             text = encode(frame)
         future = self.write(text)
         if self.on_sent is not None:
-            self.on_sent(frame.get("type"), len(text))
+            self.on_sent(type(frame), len(text))
         self.in_flight += len(text)
         future.add_done_callback(lambda f, n=len(text): self._flushed(f, n))
 
@@ -213,7 +229,7 @@ class Outbox:
                 self.waiting_size -= n
                 if is_final(frame):
                     self.finals_size -= n
-                mid = frame["data"].get("message_id") if frame.get("type") == "response" else None
+                mid = _message_id(frame)
                 if mid and self.chunks.get(mid, [None])[0] is frame:
                     del self.chunks[mid]
                 self._send(frame, text, nbytes)

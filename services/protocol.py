@@ -6,6 +6,7 @@ client's messages are persisted in the order it sent them. The task starts with 
 when the inbox is empty: an idle connection holds no task, queue or coroutine frame (about 5 KB each).
 """
 import asyncio
+import inspect
 import logging
 
 from pymongo.errors import PyMongoError
@@ -18,12 +19,11 @@ log = logging.getLogger(__name__)
 
 INBOX_SIZE = 16
 CLOSE_NORMAL = 1000
-# frame type -> method. Quick ones are answered inline; an already authenticated client's `authenticate` (a
-# LangBot habit) is harmless. Queued ones wait their turn in the inbox (they touch the store).
-HANDLERS = {"ping": "on_ping", "disconnect": "on_disconnect", "stop": "on_stop", "message": "_queue",
-            "session.join": "_queue", "session.leave": "on_leave", "presence": "on_presence", "resume": "_queue",
-            "group.leave": "_queue", "authenticate": "on_authenticate"}
-QUEUED = {"message": "_send", "session.join": "_join", "resume": "_resume", "group.leave": "_leave_group"}
+
+
+def handler_name(kind):
+    """The ClientProtocol method that handles a client frame type: `on_session_join` for `session.join`."""
+    return "on_" + kind.replace(".", "_")
 
 
 class ClientProtocol:
@@ -44,7 +44,10 @@ class ClientProtocol:
         try:
             frame = schema.decode_frame(text)
             kind = schema.frame_type(frame)
-            getattr(self, HANDLERS[kind])(frame)
+            if kind in QUEUED:
+                self._queue(frame)
+            else:
+                HANDLERS[kind](self, frame)
         except ParleyError as err:
             kind = kind or schema.peek_type(text)
             self._refuse(err, request_type=kind)
@@ -53,7 +56,7 @@ class ClientProtocol:
         except Exception:
             log.exception("frame handling failed conn_id=%s", self.conn.id)
             self._refuse(ParleyError("internal error"), request_type=kind)
-        return kind if kind in schema.CLIENT_TYPES else "invalid"
+        return kind if kind in HANDLERS else "invalid"
 
     def shutdown(self):
         """The socket closed: finish the send in progress (never half-persist one), drop the rest."""
@@ -70,10 +73,11 @@ class ClientProtocol:
         else:
             self.conn.send(frames.error(err, request_type=request_type, **context))
 
-    # quick frames, answered inline
+    # quick frames, answered inline (an already authenticated client's `authenticate`, a LangBot habit, is
+    # harmless)
 
     def on_ping(self, frame):
-        self.conn.send({"type": "pong", "timestamp": frames.timestamp()})
+        self.conn.send(frames.pong())
 
     def on_authenticate(self, frame):
         pass
@@ -86,10 +90,10 @@ class ClientProtocol:
         stopped = self.chat.stop(self.conn.identity, session_id, frame.message_id)
         self.conn.send(frames.stop_ack(session_id, stopped))
 
-    def on_leave(self, frame):
+    def on_session_leave(self, frame):
         session_id = self._session_id(frame)
         self.chat.fanout.leave(self.conn, session_id)
-        self.conn.send({"type": "session.left", "data": {"session_id": session_id, "reason": "left"}})
+        self.conn.send(frames.session_left(session_id, "left"))
 
     def on_presence(self, frame):
         self.conn.send(self.chat.fanout.presence_frame(self._session_id(frame)))
@@ -97,7 +101,7 @@ class ClientProtocol:
     # frames that wait their turn (they touch the store), in the order the client sent them
 
     def _queue(self, frame):
-        if isinstance(frame, schema.MessageFrame):
+        if isinstance(frame, (schema.MessageFrame, schema.RegenerateFrame)):
             self._session_id(frame)  # reject a foreign session before queueing
         if self.inbox is None:
             self.inbox = []
@@ -116,7 +120,7 @@ class ClientProtocol:
                 kind = schema.frame_type(frame)
                 context = {"request_type": kind, "client_msg_id": getattr(frame, "client_msg_id", None)}
                 try:
-                    await getattr(self, QUEUED[kind])(frame)
+                    await HANDLERS[kind](self, frame)
                 except PyMongoError as exc:
                     log.error("store error on %s conn_id=%s: %s", kind, self.conn.id, exc)
                     self._refuse(Unavailable("the message store is unavailable, try again"), **context)
@@ -132,7 +136,7 @@ class ClientProtocol:
             if not self.inbox:
                 self.inbox = None
 
-    async def _send(self, frame):
+    async def on_message(self, frame):
         identity = self.conn.identity
         session = await self.chat.session_to_send(identity, self.conn.pipeline, self._session_id(frame))
         user_doc, reply_doc, duplicate = await self.chat.send(
@@ -140,26 +144,30 @@ class ClientProtocol:
             connection_id=self.conn.id)
         self.conn.send(frames.ack(user_doc, reply_doc, duplicate))
 
-    async def _join(self, frame):
+    async def on_regenerate(self, frame):
+        session = await self.chat.session(self.conn.identity, self.conn.pipeline, self._session_id(frame))
+        user_doc, reply_doc = await self.chat.regenerate(self.conn.identity, session, frame.message_id,
+                                                         stream=frame.stream)
+        self.conn.send(frames.ack(user_doc, reply_doc, False))
+
+    async def on_session_join(self, frame):
         session = await self.chat.session(self.conn.identity, self.conn.pipeline, frame.session_id)
         if self.conn.closed:
             return
         if session["_id"] not in self.conn.sessions and len(self.conn.sessions) >= MAX_VIEWED:
             raise BadRequest(f"a connection views at most {MAX_VIEWED} sessions; leave one first",
                              code="too_many_sessions")
-        self.conn.send({"type": "session.joined", "data": {"session_id": session["_id"],
-                                                           "session_type": session["type"],
-                                                           "title": session.get("title", "")}})
+        self.conn.send(frames.session_joined(session))
         self.chat.fanout.join(self.conn, session["_id"], session["type"], session.get("next_seq"))
 
-    async def _leave_group(self, frame):
+    async def on_group_leave(self, frame):
         session = await self.chat.session(self.conn.identity, self.conn.pipeline, frame.session_id)
         viewing = session["_id"] in self.conn.sessions
         await self.chat.leave_group(self.conn.identity, session)
         if not viewing or self.conn.identity.is_admin:  # leave_group told the viewing connections already
-            self.conn.send({"type": "session.left", "data": {"session_id": session["_id"], "reason": "left_group"}})
+            self.conn.send(frames.session_left(session["_id"], "left_group"))
 
-    async def _resume(self, frame):
+    async def on_resume(self, frame):
         await self.resumer.resume(self.conn, frame)
 
     def _session_id(self, frame):
@@ -174,3 +182,7 @@ class ClientProtocol:
         return session_id
 
 
+# client frame type -> its method, for every type services/schema.py declares (a missing one fails at import).
+# A coroutine method waits its turn in the inbox (it touches the store); a plain one is answered inline.
+HANDLERS = {kind: getattr(ClientProtocol, handler_name(kind)) for kind in schema.CLIENT_TYPES}
+QUEUED = frozenset(kind for kind, method in HANDLERS.items() if inspect.iscoroutinefunction(method))

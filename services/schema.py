@@ -1,9 +1,21 @@
 """Every frame and body of the protocol, declared once (docs/protocol.md, docs/langbot.md).
 
-Client frames are one tagged union decoded in one call: a bad frame is refused with the failing field's path,
-unknown fields are dropped. Server frames are declared per dialect (LangBot's exact shapes, Parley's superset);
-the test suite checks every frame the server sends against them, and docs/asyncapi.yaml and GET /openapi.json are
-generated from the same definitions (`python -m services.schema` rewrites docs/asyncapi.yaml).
+The Structs below are the frames on the wire: client frames are one tagged union decoded in one call (a bad frame
+is refused with the failing field's path, unknown fields are dropped); server frames are built as these Structs by
+services/frames.py and encoded by msgspec (once per distinct frame: `encode`). Every list of frame types elsewhere
+(the client dispatch table, the metrics labels, the LangBot dialect filter, docs/asyncapi.yaml, GET /openapi.json)
+is derived from here, never written.
+
+To add a server frame type (say `typing`):
+  1. declare `class Typing(Strict, tag="typing")` below and add it to `ParleyServerFrame` (and to
+     `LangBotServerFrame` only if a plain LangBot client may see it: LangBot's own frames);
+  2. give services/frames.py a builder returning it, and call it where the frame is sent;
+  3. document it in docs/protocol.md (a "### `typing`" heading: a test checks) and run
+     `python -m services.schema` (regenerates docs/asyncapi.yaml).
+To add a client frame type: declare `class TypingFrame(Frame, tag="typing")`, add it to `ClientFrame` (or to
+`LangBotClientFrame` if LangBot's client sends it), and give services/protocol.py's ClientProtocol a method
+`on_typing` (`on_session_join` for `session.join`): a plain method is answered inline, an `async def` waits its
+turn in the connection's inbox. Then docs/protocol.md's client-frame table.
 """
 import re
 from typing import Annotated, Any, Literal, Union
@@ -51,14 +63,19 @@ class AtAll(Struct, tag="AtAll", tag_field="type", omit_defaults=True):
     pass
 
 
+FileKey = Annotated[str, Meta(max_length=64, description="a stored file's key (POST /api/v1/files/images|documents)")]
+
+
 class Image(Struct, tag="Image", tag_field="type", omit_defaults=True):
     image_id: Name = ""
+    path: FileKey = ""
     url: Url = ""
     base64: Inline = ""
 
 
 class Voice(Struct, tag="Voice", tag_field="type", omit_defaults=True):
     voice_id: Name = ""
+    path: FileKey = ""
     url: Url = ""
     base64: Inline = ""
     length: Count = 0
@@ -68,6 +85,7 @@ class File(Struct, tag="File", tag_field="type", omit_defaults=True):
     id: Name = ""
     name: Name = ""
     size: Count = 0
+    path: FileKey = ""
     url: Url = ""
     base64: Inline = ""
 
@@ -98,6 +116,13 @@ class MessageFrame(Frame, tag="message"):
 
 class StopFrame(Frame, tag="stop"):
     message_id: Union[Id, None] = None
+    session_id: Union[Id, None] = None
+
+
+class RegenerateFrame(Frame, tag="regenerate"):
+    """A new reply to the question that reply `message_id` answered, replacing it (the session's latest)."""
+    message_id: Id
+    stream: bool = True
     session_id: Union[Id, None] = None
 
 
@@ -145,10 +170,10 @@ class ResumeFrame(Frame, tag="resume"):
     offsets: Annotated[dict[Id, Offsets], Meta(max_length=64)] = {}
 
 
-ClientFrame = Union[MessageFrame, StopFrame, PingFrame, DisconnectFrame, AuthenticateFrame, JoinFrame, LeaveFrame,
-                    GroupLeaveFrame, PresenceFrame, ResumeFrame]
-CLIENT_TYPES = ("message", "stop", "ping", "disconnect", "authenticate", "session.join", "session.leave",
-                "group.leave", "presence", "resume")
+# What LangBot's own client sends; Parley's dialect adds the rest.
+LangBotClientFrame = Union[MessageFrame, StopFrame, PingFrame, DisconnectFrame, AuthenticateFrame]
+ClientFrame = Union[LangBotClientFrame, RegenerateFrame, JoinFrame, LeaveFrame, GroupLeaveFrame, PresenceFrame,
+                    ResumeFrame]
 
 _decoder = msgspec.json.Decoder(ClientFrame)
 
@@ -166,6 +191,7 @@ def decode_frame(text):
 
 
 def frame_type(frame):
+    """The `type` of a frame (a Struct instance or class)."""
     return frame.__struct_config__.tag
 
 
@@ -214,6 +240,11 @@ def to_builtins(obj):
     return msgspec.to_builtins(obj)
 
 
+def decode_chain(data):
+    """A stored chain (to_builtins of one that was sent) back to its Structs."""
+    return msgspec.convert(data, Chain)
+
+
 def convert(data, type_, what="body"):
     """Validate already-parsed JSON (a REST body) against a declared type."""
     try:
@@ -257,6 +288,10 @@ class MessageSend(Body):
     client_msg_id: Union[Id, None] = None
 
 
+class RegenerateBody(Body):
+    stream: bool = True
+
+
 class StopBody(Body):
     message_id: Union[Id, None] = None
 
@@ -276,7 +311,8 @@ class PushBody(Body):
 ServerChain = Annotated[list[dict[str, Any]], Meta(description="LangBot components, as sent or as stored")]
 
 
-class LangBotMessage(Struct, forbid_unknown_fields=True):
+class LangBotMessage(Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """LangBot's message object: exactly its seven fields. Parley's `MessageData` and `ReplyData` extend it."""
     id: int
     role: Literal["user", "assistant"]
     content: str
@@ -284,6 +320,9 @@ class LangBotMessage(Struct, forbid_unknown_fields=True):
     timestamp: Timestamp
     is_final: bool
     connection_id: str
+
+
+LANGBOT_FIELDS = LangBotMessage.__struct_fields__
 
 
 class LangBotConnected(Strict, tag="connected"):
@@ -312,8 +351,8 @@ class Broadcast(Strict, tag="broadcast"):
     timestamp: Timestamp
 
 
-class Error(Struct, tag="error", tag_field="type", omit_defaults=True):
-    """Errors may carry context beyond these fields (e.g. `message_id` of a failed resume)."""
+class Error(Strict, tag="error"):
+    """`code` is one of docs/protocol.md's error codes; the optional fields say more when they apply."""
     code: str
     message: str
     timestamp: Timestamp
@@ -321,6 +360,8 @@ class Error(Struct, tag="error", tag_field="type", omit_defaults=True):
     client_msg_id: Union[str, UnsetType] = UNSET
     retryable: Union[bool, UnsetType] = UNSET
     retry_after: Union[float, UnsetType] = UNSET
+    max_bytes: Union[int, UnsetType] = UNSET      # image_too_large: the limit
+    message_id: Union[str, UnsetType] = UNSET     # message_not_found: the one a `resume` named
 
 
 LangBotServerFrame = Union[LangBotConnected, LangBotUserMessage, LangBotResponse, Pong, Broadcast, Error]
@@ -355,15 +396,8 @@ class ReplyError(Struct):
     message: str
 
 
-class MessageData(Struct, forbid_unknown_fields=True, omit_defaults=True):
+class MessageData(LangBotMessage, kw_only=True):
     """A stored message (history, `user_message`): LangBot's seven fields plus Parley's."""
-    id: int
-    role: Literal["user", "assistant"]
-    content: str
-    message_chain: ServerChain
-    timestamp: Timestamp
-    is_final: bool
-    connection_id: str
     session_id: str
     message_id: str
     seq: int
@@ -375,6 +409,7 @@ class MessageData(Struct, forbid_unknown_fields=True, omit_defaults=True):
     model: Union[str, UnsetType] = UNSET
     usage: Union[dict[str, Any], UnsetType] = UNSET
     error: Union[ReplyError, UnsetType] = UNSET
+    superseded_by: Union[str, UnsetType] = UNSET  # a reply: the regenerated reply that replaced it
 
 
 class UserMessage(Strict, tag="user_message"):
@@ -382,19 +417,16 @@ class UserMessage(Strict, tag="user_message"):
     data: MessageData
 
 
-class ReplyData(Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """One frame of a reply: cumulative (`content`), delta (`delta`/`thinking_delta`) or final (`status`)."""
-    id: int
+class ReplyData(LangBotMessage, kw_only=True):
+    """One frame of a reply: cumulative (`content`), delta (`delta`/`thinking_delta`) or final (`status`).
+    LangBot's fields, but a delta carries no `content` or `message_chain`."""
     role: Literal["assistant"]
-    timestamp: Timestamp
-    is_final: bool
-    connection_id: str
+    content: Union[str, UnsetType] = UNSET
+    message_chain: Union[ServerChain, UnsetType] = UNSET
     session_id: str
     message_id: str
     seq: int
     reply_to: Union[str, None]
-    content: Union[str, UnsetType] = UNSET
-    message_chain: Union[ServerChain, UnsetType] = UNSET
     offset: Union[Count, UnsetType] = UNSET
     delta: Union[str, UnsetType] = UNSET
     thinking: Union[str, UnsetType] = UNSET
@@ -562,6 +594,23 @@ ParleyServerFrame = Union[Connected, UserMessage, Response, Ack, Status, Rewind,
 SERVER_FRAMES = {"langbot": LangBotServerFrame, "parley": ParleyServerFrame}
 
 
+# Derived lists: what the rest of the code asks of the declarations above (never written out elsewhere)
+
+CLIENT_STRUCTS = ClientFrame.__args__
+LANGBOT_CLIENT = LangBotClientFrame.__args__
+CLIENT_TYPES = tuple(frame_type(t) for t in CLIENT_STRUCTS)
+LANGBOT_STRUCTS = frozenset(LangBotServerFrame.__args__)    # what a plain LangBot client may be sent
+PARLEY_STRUCTS = frozenset(ParleyServerFrame.__args__)
+STRUCTS_OF = {"langbot": LANGBOT_STRUCTS, "parley": PARLEY_STRUCTS}
+SERVER_STRUCTS = (*ParleyServerFrame.__args__, *(t for t in LangBotServerFrame.__args__ if t not in PARLEY_STRUCTS))
+SERVER_TYPES = tuple(dict.fromkeys(frame_type(t) for t in SERVER_STRUCTS))
+LANGBOT_TYPES = frozenset(frame_type(t) for t in LANGBOT_STRUCTS)
+TYPE_OF = {t: frame_type(t) for t in SERVER_STRUCTS}          # Struct class -> its `type` (per frame sent)
+RESPONSES = (Response, LangBotResponse)
+
+encode = msgspec.json.Encoder().encode  # a frame -> the UTF-8 JSON bytes that go on the wire
+
+
 def check_server_frame(frame, dialect):
     """Validate one server frame (JSON text or data) against its dialect's declaration; raises ValueError."""
     try:
@@ -574,8 +623,6 @@ def check_server_frame(frame, dialect):
 
 # Published documents: docs/asyncapi.yaml (WebSocket, both dialects) and GET /openapi.json (REST)
 
-CLIENT_STRUCTS = ClientFrame.__args__
-LANGBOT_CLIENT = (MessageFrame, StopFrame, PingFrame, DisconnectFrame, AuthenticateFrame)
 PIPELINE_WS = "/api/v1/pipelines/{pipeline}/ws/connect"
 EMBED_WS = "/api/v1/embed/{bot}/ws/connect"
 
@@ -655,10 +702,25 @@ def asyncapi():
     }
 
 
-def openapi(routes=None):
-    """OpenAPI 3.1 for the REST API. `routes`: (method, path, summary, body Struct or None, status, admin)."""
-    routes = routes if routes is not None else REST_ROUTES
-    bodies = sorted({r[3] for r in routes if r[3] is not None}, key=lambda t: t.__name__)
+HTTP_METHODS = ("get", "post", "put", "patch", "delete")
+
+
+def rest_operations(routes):
+    """(method, path template, declaration) of every REST method in Tornado route lists (pattern, handler, ...):
+    a handler method declared with handlers/base.py's @api (its `api` attribute); the path template is the
+    pattern with each named group as `{name}`."""
+    for pattern, handler, *_ in routes:
+        path = re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern)
+        for method in HTTP_METHODS:
+            declared = getattr(getattr(handler, method, None), "api", None)
+            if declared is not None:
+                yield method, path, declared
+
+
+def openapi(routes):
+    """OpenAPI 3.1 for the REST API: the methods of `routes` (a handlers module's route list) declared with @api."""
+    operations = list(rest_operations(routes))
+    bodies = sorted({d.body for _, _, d in operations if d.body is not None}, key=lambda t: t.__name__)
     schemas = _components(bodies, "#/components/schemas/{name}")
     schemas["ErrorBody"] = {"type": "object", "required": ["code", "message"], "properties": {
         "code": {"type": "string", "description": "a stable code (docs/protocol.md)"},
@@ -666,62 +728,31 @@ def openapi(routes=None):
     schemas["Envelope"] = {"type": "object", "required": ["code", "msg", "data"], "properties": {
         "code": {"const": 0}, "msg": {"const": "ok"}, "data": {}}}
     paths = {}
-    for method, path, summary, body, status, admin in routes:
+    for method, path, declared in operations:
         params = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
                   for p in re.findall(r"{(\w+)}", path)]
-        op = {"summary": summary, "operationId": f"{method}_{re.sub(r'[^A-Za-z0-9]+', '_', path).strip('_')}",
-              "responses": {str(status): {"description": "ok (LangBot's envelope)", "content": {
+        op = {"summary": declared.summary,
+              "operationId": f"{method}_{re.sub(r'[^A-Za-z0-9]+', '_', path).strip('_') or 'root'}",
+              "responses": {str(declared.status): {"description": "ok (LangBot's envelope)", "content": {
                   "application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}},
                   "default": {"description": "an error", "content": {
                       "application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}}}
         if params:
             op["parameters"] = params
-        if body is not None:
-            op["requestBody"] = {"required": body not in (StopBody,), "content": {"application/json": {
+        if (body := declared.body) is not None:
+            required = any(f.required for f in msgspec.structs.fields(body))  # else an empty body will do
+            op["requestBody"] = {"required": required, "content": {"application/json": {
                 "schema": {"$ref": f"#/components/schemas/{body.__name__}"}}}}
-        if admin:
+        if declared.admin:
             op["description"] = "admin only"
         paths.setdefault(path, {})[method] = op
     return {"openapi": "3.1.0",
             "info": {"title": "Parley REST API", "version": "1.0.0",
-                     "description": "Generated from services/schema.py; prose in docs/protocol.md."},
+                     "description": "Generated from the route list of handlers/api.py and its methods' @api "
+                                    "declarations; prose in docs/protocol.md."},
             "servers": [{"url": "/"}],
             "components": {"schemas": schemas, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
             "security": [{"bearer": []}], "paths": paths}
-
-
-P = "/api/v1/pipelines/{pipeline}"
-S = P + "/sessions/{session_id}"
-REST_ROUTES = [
-    ("get", "/", "the server, its pipelines and where to connect", None, 200, False),
-    ("get", "/api/v1/pipelines", "the pipelines", None, 200, False),
-    ("get", P + "/ws/messages/{session_type}", "LangBot: history of the implicit session", None, 200, False),
-    ("post", P + "/ws/reset/{session_type}", "LangBot: reset the implicit session", None, 200, False),
-    ("get", P + "/ws/connections", "LangBot: connections of a pipeline", None, 200, True),
-    ("post", P + "/ws/broadcast", "LangBot: broadcast to a pipeline's connections", BroadcastBody, 200, True),
-    ("post", "/api/v1/broadcast", "broadcast to every connection", BroadcastBody, 200, True),
-    ("post", "/api/v1/users/{user_id}/push", "push to every connection of a user", PushBody, 200, True),
-    ("get", P + "/sessions", "the caller's sessions", None, 200, False),
-    ("post", P + "/sessions", "create a session", SessionCreate, 201, False),
-    ("get", S, "one session", None, 200, False),
-    ("patch", S, "rename a session", SessionRename, 200, False),
-    ("get", S + "/members", "a group's members, paged", None, 200, False),
-    ("post", S + "/members", "add or remove group members (owner)", MembersChange, 200, False),
-    ("get", S + "/messages", "history, paged by seq", None, 200, False),
-    ("post", S + "/messages", "send a message (Idempotency-Key header)", MessageSend, 202, False),
-    ("post", S + "/stop", "stop a reply, or every reply", StopBody, 200, False),
-    ("post", S + "/reset", "stop and forget the session's messages", None, 200, False),
-]
-
-
-_openapi_json = None
-
-
-def openapi_json():
-    global _openapi_json
-    if _openapi_json is None:
-        _openapi_json = msgspec.json.encode(openapi())
-    return _openapi_json
 
 
 def dump_asyncapi():

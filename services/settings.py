@@ -12,12 +12,22 @@ all three ways and check the README's table.
 """
 import argparse
 import dataclasses
+import difflib
 import os
 import sys
 import tomllib
 from dataclasses import dataclass
 
 ENV_PREFIX = "PARLEY_"
+# PARLEY_* variables that are not server options; any other PARLEY_* name is a misspelt option
+OTHER_VARIABLES = {
+    "PARLEY_CONFIG": "the config file (--config)",
+    "PARLEY_URL": "client.py: the server's URL",
+    "PARLEY_NGINX": "nginx/cluster.py: the nginx binary",
+    "PARLEY_TEST_MONGO_URL": "tests: run the suite against this MongoDB",
+    "PARLEY_REQUIRE_ALL": "tests: fail, not skip, when a real component is missing",
+    "PARLEY_FUZZ_EXAMPLES": "tests: examples per property-based test",
+}
 
 
 class SettingsError(ValueError):
@@ -168,6 +178,10 @@ KiB = 1024
 OPTIONS = (
     Option("host", str, "127.0.0.1", "address to listen on"),
     Option("port", int, 8888, "TCP port to listen on", minimum=0, maximum=65535),
+    Option("metrics_port", int, None, "serve /metrics on this port of --metrics-host, for Prometheus only (the "
+           "main port then answers 404 for it); none: on the main port", optional=True, minimum=1,
+           maximum=65535, metavar="PORT"),
+    Option("metrics_host", str, "127.0.0.1", "address of the --metrics-port listener"),
     Option("mongo_url", str, None, "MongoDB URL; without one an embedded nx-27017 runs with its data in --data-dir",
            group="store", optional=True, secret=True, metavar="URL"),
     Option("db_name", str, "parley", "MongoDB database name", group="store"),
@@ -211,6 +225,12 @@ OPTIONS = (
     Option("max_image_size", int, 512 * KiB, "largest image in a message, decoded (larger: `image_too_large`); "
            "the base64 of an image this size needs a REST body (`--max-body-size`) or frame a third larger",
            unit="bytes", group="limits", minimum=1),
+    Option("max_document_size", int, 4096 * KiB, "largest document or voice file (upload or inline; larger: "
+           "`file_too_large`)", unit="bytes", group="limits", minimum=1),
+    Option("file_quota", int, 100 * 1024 * KiB, "bytes of files one user may store (uploads and inline images; "
+           "more: `quota_exceeded`)", unit="bytes", group="limits", minimum=0),
+    Option("file_link_ttl", float, 3600.0, "how long a signed link to a file (for an upstream model, or an "
+           "image in a widget's history) stays valid, at least", unit="s", group="limits", minimum=0.1),
     Option("max_body_size", int, 1024 * KiB, "largest REST request body (larger: 413 before it is read)",
            unit="bytes", group="limits", minimum=1),
     Option("http_idle_timeout", float, 30.0, "time an HTTP connection may take to send its request headers, "
@@ -318,8 +338,26 @@ def load_file(path):
     known = {o.name for o in OPTIONS} | {o.name + "_file" for o in OPTIONS if o.secret}
     for key in doc:
         if key.replace("-", "_") not in known:
-            raise SettingsError(f"config file {path}: unknown option {key!r}")
+            raise SettingsError(f"config file {path}: unknown option {key!r}{_did_you_mean(key, known)}")
     return {key.replace("-", "_"): value for key, value in doc.items()}
+
+
+def _did_you_mean(name, known):
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def check_environment(environ=None, also=()):
+    """A PARLEY_* variable that names no option is refused, as an unknown config-file key is: a misspelling
+    (PARLEY_PROT=9000) would otherwise be ignored in silence. `also`: other names in use (the variables the
+    pipelines read their API keys from)."""
+    environ = os.environ if environ is None else environ
+    known = ({o.env for o in OPTIONS} | {o.env + "_FILE" for o in OPTIONS if o.secret} | set(OTHER_VARIABLES)
+             | set(also))
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and name not in known:
+            raise SettingsError(f"unknown environment variable {name}{_did_you_mean(name, known)}: no option "
+                                "reads it (`python server.py --help` lists them with their variables)")
 
 
 def resolve(argv=None, environ=None):

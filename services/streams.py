@@ -28,13 +28,15 @@ HOLE_ROUND_TRIPS = 10  # ... or this many of the store's round trips, when they 
 
 class Generation:
     def __init__(self, *, message_id, session, seq, reply_to, prompt, sender, stream, images=(), epoch=0,
-                 history=None):
+                 history=None, prompt_seq=None):
         self.message_id = message_id
         self.session_id = session["_id"]
         self.session_type = session["type"]
         self.pipeline_id = session["pipeline"]
         self.seq = seq
         self.reply_to = reply_to      # the user message id this answers
+        # that message's number: the context is what came before it (a regenerated reply is numbered later)
+        self.prompt_seq = seq - 1 if prompt_seq is None else prompt_seq
         self.prompt = prompt          # the user's text
         self.images = images          # image URLs (http(s) or data:) for pipelines with image input
         self.sender = sender
@@ -324,9 +326,9 @@ class StreamManager:
         turns = []
         if gen.history is not None:
             history, gen.history = gen.history, None
-            docs = [d for d in await history if d["seq"] < gen.seq - 1]
+            docs = [d for d in await history if d["seq"] < gen.prompt_seq]
         elif pipeline.history_messages > 0:
-            docs = await self.store.recent_messages(gen.session_id, before_seq=gen.seq - 1,
+            docs = await self.store.recent_messages(gen.session_id, before_seq=gen.prompt_seq,
                                                     limit=pipeline.history_messages)
         else:
             docs = ()

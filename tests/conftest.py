@@ -10,7 +10,7 @@ import uuid
 import pytest
 from pymongo import MongoClient
 from tornado import httpclient
-from tornado.websocket import WebSocketClientConnection, websocket_connect
+from tornado.websocket import websocket_connect
 
 import server
 from services import schema
@@ -44,27 +44,60 @@ def require(condition, reason):
     pytest.skip(reason)
 
 
+def frame_problem(frame, text=None, dialect=None):
+    """Why a frame about to go on the wire is not what services/schema.py declares (None: it is). The frame must
+    be an instance of a server frame Struct (of the connection's dialect, when known); its bytes, when the
+    sender encoded them (shared by many connections), must be exactly its encoding and decode under the
+    dialect's declaration with no unknown field."""
+    if type(frame) not in schema.SERVER_STRUCTS:
+        return f"not a server frame Struct: {type(frame).__name__} {str(frame)[:300]}"
+    if dialect is not None and type(frame) not in schema.STRUCTS_OF[dialect]:
+        return f"{type(frame).__name__} is not a frame of the {dialect} dialect"
+    encoded = schema.encode(frame)
+    if text is not None and bytes(text) != encoded:
+        return f"the bytes sent are not the frame's encoding: {bytes(text)[:300]!r} vs {encoded[:300]!r}"
+    if dialect is not None:
+        try:
+            schema.check_server_frame(encoded, dialect)
+        except ValueError as exc:
+            return str(exc)
+    return None
+
+
 @pytest.fixture(autouse=True)
-def frames_match_their_schema(monkeypatch):
-    """Every frame a test client receives from a Parley WebSocket is checked against its dialect's declaration
-    (services/schema.py); a mismatch fails the test that received it."""
-    mismatches = []
-    receive = WebSocketClientConnection.on_message
+def frames_are_their_structs(monkeypatch):
+    """Every frame the server puts on a WebSocket is checked where it is sent (frame_problem): everything encoded
+    as a frame, everything queued for a connection (against its dialect), everything an outbox writes (merged
+    chunks and paged catch-ups included). A mismatch fails the test that sent it."""
+    from services import hub, outbox
+    problems = []
+    encode, send, write = schema.encode, hub.Connection.send, outbox.Outbox._send
 
-    def on_message(self, message):
-        url = getattr(getattr(self, "request", None), "url", "")
-        if isinstance(message, str) and "/ws/connect" in url:
-            dialect = ("parley" if self.selected_subprotocol == PARLEY_SUBPROTOCOL
-                       or f"protocol={PARLEY_SUBPROTOCOL}" in url else "langbot")
-            try:
-                schema.check_server_frame(message, dialect)
-            except ValueError as exc:
-                mismatches.append(f"{exc}\n  frame: {message[:500]}")
-        return receive(self, message)
+    def checked_encode(frame):
+        if type(frame) not in schema.SERVER_STRUCTS:
+            problems.append(frame_problem(frame))
+        return encode(frame)
 
-    monkeypatch.setattr(WebSocketClientConnection, "on_message", on_message)
-    yield mismatches
-    assert not mismatches, "server frames that do not match their schema:\n" + "\n".join(mismatches[:5])
+    def checked_send(self, frame, text=None, nbytes=None):
+        # a plain LangBot connection is never queued an extension frame (Connection.send drops those), but a
+        # LangBot frame type must come as its LangBot Struct
+        dialect = self.dialect
+        if dialect == "langbot" and schema.TYPE_OF.get(type(frame)) not in schema.LANGBOT_TYPES:
+            dialect = None
+        if problem := frame_problem(frame, text, dialect):
+            problems.append(problem)
+        return send(self, frame, text, nbytes)
+
+    def checked_write(self, frame, text=None, nbytes=None):
+        if problem := frame_problem(frame, text):
+            problems.append(problem)
+        return write(self, frame, text, nbytes)
+
+    monkeypatch.setattr(schema, "encode", checked_encode)
+    monkeypatch.setattr(hub.Connection, "send", checked_send)
+    monkeypatch.setattr(outbox.Outbox, "_send", checked_write)
+    yield problems
+    assert not problems, "server frames that are not their Structs:\n" + "\n".join(problems[:5])
 
 
 @pytest.fixture(scope="session")
@@ -113,6 +146,8 @@ def make_test_pipelines():
         Pipeline(id="vision", provider="demo", model="demo", timeouts=fast, inputs=("text", "image"),
                  embed="widget", options={"words": 12, "rate": 0}),
         Pipeline(id="empty", provider="empty", timeouts=fast),
+        # Answers with its context (tests/fakes.py ContextProvider): what the model was given.
+        Pipeline(id="context", provider="context", timeouts=fast),
     ])
 
 

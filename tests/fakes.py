@@ -37,4 +37,17 @@ class EmptyProvider:
         yield Chunk(usage={"prompt_tokens": 1, "completion_tokens": 0})
 
 
-FAKE_PROVIDERS = {"stall": StallProvider, "fail": FailProvider, "empty": EmptyProvider}
+class ContextProvider:
+    """Answers with what it was given: "answer N to <prompt> after [role: text | ...]" (N counts its replies,
+    so two answers to one question differ)."""
+
+    def __init__(self, pipeline):
+        self.replies = 0
+
+    async def stream(self, request):
+        self.replies += 1
+        context = " | ".join(f"{t.role}: {t.text}" for t in request.history)
+        yield Chunk(text=f"answer {self.replies} to {request.prompt.text} after [{context}]")
+
+
+FAKE_PROVIDERS = {"stall": StallProvider, "fail": FailProvider, "empty": EmptyProvider, "context": ContextProvider}

@@ -30,6 +30,7 @@ class Terminal:
         os.close(slave)
         os.set_blocking(self.master, False)
         self.screen = ""
+        self.transcript = ""  # everything shown, expects or not
 
     @classmethod
     def command(cls, argv, *, cwd, env):
@@ -80,7 +81,9 @@ class Terminal:
                 return
             if not chunk:
                 return
-            self.screen += chunk.decode(errors="replace").replace("\r\n", "\n")
+            text = chunk.decode(errors="replace").replace("\r\n", "\n")
+            self.screen += text
+            self.transcript += text
 
     def type(self, line):
         os.write(self.master, (line + "\n").encode())
@@ -131,7 +134,7 @@ async def test_local_commands_never_reach_the_model(terminal, base_url, services
     t.type("hello there")
     await t.expect(r"\[completed\]")
     t.type("/sessions")
-    await t.expect(r"\* \w+\s+person\s+2 messages")
+    await t.expect(r"\* \w+\s+person\s+2 messages\s+hello there")  # named after its first message
     t.type("/resume")  # the reply is complete: the server confirms we have all of it
     await t.expect(r"\[resuming \w+ at \d+: completed\]")
     t.type("/stop")
@@ -192,3 +195,88 @@ def test_without_its_dependencies_client_py_says_how_to_run_it(tmp_path):
                          text=True, timeout=30, cwd=tmp_path)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "make client" in out.stderr and ".venv/bin/parley-client" in out.stderr
+
+
+def test_the_client_survives_its_servers_restart_and_resumes_the_reply(terminal, tmp_path):
+    """A real server (embedded store, a paced pipeline) restarted under the client mid-reply: the client says so,
+    reconnects, gets the rest of the reply (ended `interrupted` by the shutdown) from its offsets, and chats on."""
+    import signal
+    from services.embedded_mongo import free_port
+    pipelines = tmp_path / "pipelines.toml"
+    pipelines.write_text('[pipelines.paced]\nprovider = "demo"\nmodel = "demo"\n'
+                         '[pipelines.paced.options]\nwords = 400\nrate = 80\n')
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}
+    log = open(tmp_path / "server.log", "ab")
+
+    def start():
+        return subprocess.Popen([sys.executable, "server.py", "--port", str(port), "--data-dir", str(tmp_path),
+                                 "--token", TEST_TOKEN, "--pipelines", str(pipelines), "--drain-timeout", "0"],
+                                cwd=ROOT, env=env, stdout=log, stderr=log)
+
+    def history():
+        """The session's messages, once the server answers (bounded)."""
+        import json
+        import urllib.request
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/pipelines/paced/ws/messages/"
+                                                 "person", headers={"Authorization": f"Bearer {TEST_TOKEN}"})
+                with urllib.request.urlopen(request, timeout=5) as r:
+                    return json.loads(r.read())["data"]["messages"]
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.1)
+
+    server = start()
+    try:
+        history()
+        t = terminal("paced", "--url", f"http://127.0.0.1:{port}", "--token", TEST_TOKEN)
+        t.expect_sync(r"connected to paced")
+        t.type("tell me about restarts")
+        t.expect_sync(r'You said "tell me about restarts"\.\n\n[^\n\[]{40,}')  # the reply streams
+        server.send_signal(signal.SIGTERM)
+        t.expect_sync(r"\[the connection to the server was lost \(server: server restarting\); reconnecting…\]")
+        assert server.wait(60) == 0
+        server = start()
+        t.expect_sync(r"\[reconnected \(session \w+\)\]", timeout=60)
+        t.expect_sync(r"\[resuming \w+ at \d+: interrupted\]")
+        t.expect_sync(r"\[interrupted\]")
+        t.type("and after it?")
+        t.expect_sync(r"\[completed\]", timeout=60)
+        t.type("/quit")
+        assert t.wait_sync() == 0
+        cut = history()[1]
+    finally:
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            server.wait(60)
+        log.close()
+    assert "Traceback" not in t.transcript
+    assert cut["status"] == "interrupted" and len(cut["content"]) > 40
+    # what the screen shows of the reply, the client's notes aside, is the stored text: no gap, no repeat
+    shown = t.transcript.split("tell me about restarts\n", 1)[1].split("\n[interrupted]", 1)[0]
+    shown = "".join(line for line in shown.split("\n") if not re.fullmatch(r"\[.*\]", line))
+    assert "".join(shown.split()) == "".join(cut["content"].split())
+
+
+async def test_reasoning_shows_apart_from_the_answer(terminal, base_url, services):
+    t = terminal("thinker", "--url", base_url, "--token", TEST_TOKEN)
+    await t.expect(r"connected to thinker")
+    t.type("why is the sky blue?")
+    # dimmed, after a label, and the answer on a line of its own after it
+    found = await t.expect(r"thinking: \x1b\[2m(.*?)\n\nYou said \"why is the sky blue\?\"\..*?\n\[completed\]")
+    reply = await services.store.messages.find_one({"role": "assistant"})
+    assert re.sub(r"\x1b\[[0-9]*m", "", found.group(1)) == reply["thinking"]
+    t.type("/quit")
+    assert await t.exit_code() == 0
+
+    hidden = terminal("thinker", "--url", base_url, "--token", TEST_TOKEN, "--thinking", "hide")
+    await hidden.expect(r"connected to thinker")
+    hidden.type("and the sea?")
+    await hidden.expect(r"and the sea\?\nYou said \"and the sea\?\"\..*?\n\[completed\]")
+    assert "thinking" not in hidden.transcript
+    hidden.type("/quit")
+    assert await hidden.exit_code() == 0

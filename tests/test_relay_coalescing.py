@@ -7,19 +7,24 @@ import json
 import pytest
 from tornado.concurrent import Future
 
-from services.outbox import Outbox
+from services.outbox import Outbox, encode
 from services.providers.demo import DemoProvider
+from services.schema import Presence, PresenceData, ReplyData, Response
 from tests.test_resume import Received, follow, nothing_more, send_resume
 
 
+def reply_frame(mid="m", is_final=False, **fields):
+    return Response(session_type="person", data=ReplyData(
+        id=2, role="assistant", timestamp="t", is_final=is_final, connection_id="", session_id="s", message_id=mid,
+        seq=2, reply_to=None, **fields))
+
+
 def chunk(offset, text, mid="m", **extra):
-    return {"type": "response", "data": {"message_id": mid, "is_final": False, "offset": offset, "delta": text,
-                                         "timestamp": "t", **extra}}
+    return reply_frame(mid, offset=offset, delta=text, **extra)
 
 
 def final(content, mid="m"):
-    return {"type": "response", "data": {"message_id": mid, "is_final": True, "content": content,
-                                         "timestamp": "t"}}
+    return reply_frame(mid, is_final=True, content=content, status="completed")
 
 
 class Socket:
@@ -58,7 +63,7 @@ async def test_chunks_wait_while_a_write_is_in_flight_and_go_out_merged_when_it_
     assert len(sock.written) == 1
     box.put(chunk(2, "cd"))                 # busy: held
     box.put(chunk(4, "e", thinking_offset=0, thinking_delta="hm"))
-    box.put({"type": "presence", "data": {"x": 1}})   # not a chunk: waits in order, never merged
+    box.put(Presence(data=PresenceData(session_id="s", event="snapshot", online=[])))  # waits in order, unmerged
     box.put(chunk(5, "f"))                  # merges into the waiting chunk of its reply
     assert len(sock.written) == 1 and box.merged == 2
     sock.complete()
@@ -88,8 +93,7 @@ async def test_a_busy_cumulative_socket_gets_the_newest_text_from_the_oldest_off
     box = Outbox(sock.write, limit=10**9, on_overflow=lambda: None)
 
     def cumulative(offset, content):
-        return {"type": "response", "data": {"message_id": "m", "is_final": False, "offset": offset,
-                                             "content": content, "timestamp": "t"}}
+        return reply_frame(offset=offset, content=content)
     box.put(cumulative(0, "a"))
     box.put(cumulative(1, "ab"))
     box.put(cumulative(2, "abc"))
@@ -165,14 +169,14 @@ async def test_the_next_delta_joins_a_waiting_chunk_without_a_frame_and_never_ch
     for box in boxes:
         box.put(chunk(0, "ab"))
     shared = chunk(2, "cd")
-    text = json.dumps(shared).encode()
+    text = encode(shared)
     for box in boxes:
         box.put(shared, text, len(text))          # both busy: the same frame waits in both
     assert boxes[0].extend("m", 4, "é\"", 0, "", "t2")
     assert boxes[0].extend("m", 0, "", 0, "hm", "t3")        # reasoning joins too, from its own offset
     assert not boxes[0].extend("m", 5, "x", 2, "", "t4")     # not where the text ends: the caller makes a frame
     assert not boxes[0].extend("other", 0, "x", 0, "", "t4")  # nothing of that reply waits
-    assert shared["data"]["delta"] == "cd" and json.loads(text)["data"]["delta"] == "cd"
+    assert shared.data.delta == "cd" and json.loads(text)["data"]["delta"] == "cd"
     a.complete()
     b.complete()
     await turn()
@@ -187,8 +191,6 @@ async def test_the_next_delta_joins_a_waiting_chunk_without_a_frame_and_never_ch
 async def test_a_waiting_cumulative_chunk_is_never_extended():
     sock = Socket()
     box = Outbox(sock.write, limit=10**9, on_overflow=lambda: None)
-    box.put({"type": "response", "data": {"message_id": "m", "is_final": False, "offset": 0, "content": "a",
-                                          "timestamp": "t"}})
-    box.put({"type": "response", "data": {"message_id": "m", "is_final": False, "offset": 1, "content": "ab",
-                                          "timestamp": "t"}})
+    box.put(reply_frame(offset=0, content="a"))
+    box.put(reply_frame(offset=1, content="ab"))
     assert not box.extend("m", 2, "c", 0, "", "t")

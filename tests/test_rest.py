@@ -1,4 +1,6 @@
 """REST: sessions, history (LangBot shape and native pages), reset, send, connections, pipelines."""
+import asyncio
+
 import pytest
 
 from tests.conftest import TEST_TOKEN
@@ -102,6 +104,28 @@ async def test_rest_send_streams_to_viewers_and_lands_in_history(connect, fetch)
     frames = await c.until_final(body["data"]["reply_message_id"])
     code, hist = await fetch(f"/api/v1/pipelines/default/sessions/{sid}/messages")
     assert hist["data"]["messages"][1]["content"] == frames[-1]["data"]["content"]
+
+
+async def test_a_session_is_named_after_its_first_message_unless_titled(connect, fetch):
+    P = "/api/v1/pipelines/default/sessions"
+    code, untitled = await fetch(P, "POST", body={})
+    code, titled = await fetch(P, "POST", body={"title": "Trip plans"})
+    long_line = "Where should we go in spring " + "and why " * 10
+    for session in (untitled, titled):
+        sid = session["data"]["session_id"]
+        c = await connect(session_id=sid)
+        ack = await c.say(f"\n  {long_line}\nsecond line")
+        await c.until_final(ack["data"]["reply_message_id"])
+        ack = await c.say("a later message names nothing")
+        await c.until_final(ack["data"]["reply_message_id"])
+    for _ in range(100):  # (the naming is written beside the send, not before its answer: bounded)
+        code, body = await fetch(P)
+        titles = {s["session_id"]: s["title"] for s in body["data"]["sessions"]}
+        if titles[untitled["data"]["session_id"]]:
+            break
+        await asyncio.sleep(0.05)
+    assert titles[titled["data"]["session_id"]] == "Trip plans"
+    assert titles[untitled["data"]["session_id"]] == long_line[:59].rstrip() + "…"
 
 
 async def test_client_msg_id_makes_a_send_idempotent(connect, services):

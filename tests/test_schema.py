@@ -16,6 +16,8 @@ from openapi_spec_validator import validate as validate_openapi
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
+from handlers import api
+from handlers.base import BaseHandler
 from services import schema
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,14 +107,41 @@ def test_asyncapi_payload_schemas_accept_real_frames_and_refuse_extension_fields
 
 
 def test_openapi_document_passes_the_validator():
-    validate_openapi(schema.openapi())
+    validate_openapi(schema.openapi(api.rest_routes()))
 
 
 @pytest.mark.gen_test(timeout=20)
 async def test_openapi_is_served(fetch):
     code, body = await fetch("/openapi.json")
-    assert code == 200 and body == json.loads(json.dumps(schema.openapi()))
+    assert code == 200 and body == json.loads(json.dumps(schema.openapi(api.rest_routes())))
     validate_openapi(body)
+
+
+def doc_routes():
+    """(METHOD, path) of every row of docs/protocol.md's REST table, placeholders as `{}`."""
+    import re
+    text = (ROOT / "docs/protocol.md").read_text()
+    section = text[text.index("## REST"):]
+    section = section[:section.index("\n## ")]
+    rows = re.findall(r"^\| `(GET|POST|PATCH|PUT|DELETE) ([^`]+)`", section, re.M)
+    return {(m, re.sub(r"<[^>]+>", "{}", path.replace("P/", "/api/v1/pipelines/<pipeline>/").rstrip("/") or "/"))
+            for m, path in rows}
+
+
+def test_the_rest_routes_are_declared_once_and_documented():
+    """GET /openapi.json lists exactly the REST routes handlers/api.py serves (its route list and @api), and
+    docs/protocol.md's REST table lists them all, plus the operations endpoints (handlers/ops.py)."""
+    import re
+    from handlers import ops
+    served = {(m.upper(), re.sub(r"{[^}]+}", "{}", path)) for path, methods in
+              schema.openapi(api.rest_routes())["paths"].items() for m in methods}
+    assert ("POST", "/api/v1/pipelines/{}/sessions/{}/leave") in served
+    assert ("POST", "/api/v1/files/images") in served
+    undeclared = [(p, h.__name__, m) for p, h, *_ in api.rest_routes() for m in schema.HTTP_METHODS
+                  if getattr(h, m) is not getattr(BaseHandler, m) and not hasattr(getattr(h, m), "api")]
+    assert undeclared == []
+    operations = {("GET", p) for p, *_ in ops.default_handlers + ops.metrics_handlers}
+    assert doc_routes() == served | operations
 
 
 @pytest.mark.parametrize("text, code, where", [
@@ -174,3 +203,38 @@ def test_protocol_md_tables_match_the_schema():
     headings = " ".join(re.findall(r"^### (.*)$", text, re.M))
     for struct in {*schema.ParleyServerFrame.__args__, *schema.LangBotServerFrame.__args__}:
         assert f"`{struct.__struct_config__.tag}`" in headings, struct.__struct_config__.tag
+
+
+def test_the_wire_check_refuses_what_is_not_its_struct():
+    """The suite-wide check (tests/conftest.py frames_are_their_structs) can fail: a dict, a Parley frame for a
+    plain LangBot connection, bytes that are not the frame's, a field value outside its declaration."""
+    from services import frames
+    from tests.conftest import frame_problem
+    pong = frames.pong()
+    assert frame_problem(pong, schema.encode(pong), "langbot") is None
+    assert "not a server frame Struct" in frame_problem({"type": "pong", "timestamp": pong.timestamp})
+    ack = frames.stop_ack("s1", [])
+    assert frame_problem(ack, None, "parley") is None
+    assert "not a frame of the langbot dialect" in frame_problem(ack, None, "langbot")
+    assert "not the frame's encoding" in frame_problem(pong, schema.encode(frames.pong()) + b" ", "parley")
+    left = frames.session_left("s1", "gone away")  # not one of the declared reasons
+    assert "does not match its schema" in frame_problem(left, None, "parley")
+
+
+def test_type_lists_are_derived_from_the_declarations():
+    """Client and server frame types, the dispatch table, the dialect filter and the metrics label sets all come
+    from services/schema.py's unions: a type declared there is known everywhere."""
+    from services import frames, metrics, protocol
+    client = {schema.frame_type(t) for t in schema.ClientFrame.__args__}
+    langbot = {schema.frame_type(t) for t in schema.LangBotServerFrame.__args__}
+    server = langbot | {schema.frame_type(t) for t in schema.ParleyServerFrame.__args__}
+    assert set(schema.CLIENT_TYPES) == client == set(protocol.HANDLERS)
+    assert protocol.QUEUED == {"message", "session.join", "resume", "group.leave", "regenerate"}  # touch the store
+    assert set(schema.SERVER_TYPES) == server and "session.members" in server
+    assert frames.LANGBOT_TYPES == langbot == {"connected", "response", "user_message", "pong", "broadcast", "error"}
+    assert set(metrics.CLIENT_FRAMES) == client | {"unknown", "invalid"}
+    assert set(metrics.SERVER_FRAMES) == server | {"other"}
+    exposed = {(s.name, s.labels.get("type")) for family in metrics.Metrics().registry.collect()
+               for s in family.samples}
+    assert {("parley_ws_frames_sent_total", t) for t in server} <= exposed
+    assert {("parley_ws_frames_received_total", t) for t in client} <= exposed

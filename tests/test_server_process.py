@@ -118,7 +118,7 @@ async def test_server_kill_9_takes_the_embedded_store_with_it(tmp_path):
 def test_a_live_store_on_the_same_data_dir_is_refused(tmp_path):
     first = EmbeddedMongo(tmp_path).start()
     try:
-        with pytest.raises(EmbeddedMongoError, match="another nx-27017"):
+        with pytest.raises(EmbeddedMongoError, match="is in use .*is Parley already running"):
             EmbeddedMongo(tmp_path).start()
     finally:
         first.stop()
@@ -145,3 +145,68 @@ def test_a_port_in_use_is_named_without_a_traceback(tmp_path):
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert f"parley: cannot listen on 127.0.0.1:{port}: Address already in use" in out.stderr
     assert nx_pid(tmp_path) is None  # the embedded store it had started is stopped again
+
+
+async def test_a_second_server_on_the_same_data_dir_says_so_in_one_line(tmp_path):
+    port = free_port()
+    first = start_server(tmp_path, port)
+    try:
+        await wait_ready(port, first)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}
+        out = subprocess.run([sys.executable, "server.py", "--port", str(free_port()), "--data-dir", str(tmp_path)],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        assert out.stderr.strip().splitlines() == [
+            f"parley: the embedded store in {tmp_path.resolve() / 'mongo'} is in use (nx-27017, pid "
+            f"{nx_pid(tmp_path)}): is Parley already running? Stop it, or give this one its own --data-dir"]
+        assert first.poll() is None  # the first one is untouched
+    finally:
+        assert await stop_server(first) == 0
+
+
+async def test_ctrl_c_mid_reply_stops_server_then_store_with_nothing_alarming_logged(tmp_path):
+    """Ctrl-C in a terminal signals the whole foreground process group: the embedded store must not get it
+    (it would die under the server's last writes: 'exited with code 0; restarting', 'checkpoint failed')."""
+    pipelines = tmp_path / "pipelines.toml"
+    pipelines.write_text('[pipelines.paced]\nprovider = "demo"\nmodel = "demo"\n'
+                         '[pipelines.paced.options]\nwords = 2000\nrate = 100\n')
+    port = free_port()
+    log = tmp_path / "server.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}
+    with open(log, "wb") as out:  # its own process group, as a shell's foreground job has
+        proc = subprocess.Popen([sys.executable, "server.py", "--port", str(port), "--data-dir", str(tmp_path),
+                                 "--token", TEST_TOKEN, "--pipelines", str(pipelines), "--checkpoint-interval",
+                                 "0.05", "--drain-timeout", "0.2"], cwd=ROOT, env=env, stdout=out, stderr=out,
+                                start_new_session=True)
+    try:
+        await wait_ready(port, proc)
+        child = nx_pid(tmp_path)
+        c = Client(await websocket_connect(ws_request(f"ws://127.0.0.1:{port}/api/v1/pipelines/paced/ws/connect")))
+        assert (await c.recv())["type"] == "connected"
+        ack = await c.say("keep talking")
+        for _ in range(5):  # mid-reply, checkpoints being written
+            await c.recv_type("response", timeout=20)
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        assert (await c.wait_closed(timeout=30))[0] == 1012  # told to reconnect
+        for _ in range(400):
+            if proc.poll() is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    for alarming in (" ERROR ", " WARNING ", "exited with code", "checkpoint failed", "Traceback"):
+        assert alarming not in text, text[-3000:]
+    assert not alive(child) and nx_pid(tmp_path) is None
+    # the server ended the reply in the store before it stopped the store
+    proc = start_server(tmp_path, port, "--pipelines", str(pipelines))
+    try:
+        await wait_ready(port, proc)
+        r = await AsyncHTTPClient().fetch(f"http://127.0.0.1:{port}/api/v1/pipelines/paced/sessions/"
+                                          f"{ack['data']['session_id']}/messages", headers=AUTH)
+        reply = json.loads(r.body)["data"]["messages"][1]
+        assert reply["status"] == "interrupted" and reply["content"]
+    finally:
+        assert await stop_server(proc) == 0

@@ -220,3 +220,19 @@ def test_docs_mention_only_flags_that_exist():
         spans = re.findall(r"```.*?```|`[^`\n]+`", path.read_text(), flags=re.S)
         for flag in {f for span in spans for f in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", span)}:
             assert flag in ours | theirs | FOREIGN_FLAGS, f"{path.name} documents {flag}, which no program has"
+
+
+def test_a_misspelt_environment_variable_is_refused_like_a_misspelt_config_key(tmp_path):
+    out = run_server("--data-dir", str(tmp_path), env={"PARLEY_PROT": "9000"})
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == ("parley: unknown environment variable PARLEY_PROT (did you mean PARLEY_PORT?): no "
+                                  "option reads it (`python server.py --help` lists them with their variables)")
+    path = config_file(tmp_path, {"prot": 1})
+    with pytest.raises(SettingsError, match=r"unknown option 'prot' \(did you mean port\?\)"):
+        settings.resolve(["--config", path], {})
+    # every option's variable, its _FILE form for secrets, and the variables a pipeline names for its key pass
+    known = {o.env: "1" for o in OPTIONS} | {o.env + "_FILE": "f" for o in OPTIONS if o.secret}
+    settings.check_environment({**known, "PARLEY_URL": "x", "PARLEY_MY_KEY": "k", "HOME": "/"},
+                               also=["PARLEY_MY_KEY"])
+    with pytest.raises(SettingsError, match="PARLEY_MY_KEY"):
+        settings.check_environment({"PARLEY_MY_KEY": "k"})

@@ -14,6 +14,7 @@ against real instances in tests/test_cluster*.py.
 """
 import os
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -21,6 +22,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from services import frames, replylog
 from services.errors import BadRequest
 from services.outbox import encode
+from services.schema import LANGBOT_STRUCTS
 from services.replylog import ReplyLogs
 
 SESSION, MESSAGE = "s1", "m1"
@@ -44,6 +46,8 @@ class FakeConn:
         self.frames = []
 
     def send(self, frame, text=None, nbytes=None):
+        if not isinstance(frame, dict):  # a Struct sent to this connection alone: as the client reads it
+            frame = msgspec.json.decode(encode(frame))
         if os.environ.get("PARLEY_REPLYLOG_DEBUG") and frame["type"] == "rewind":
             import traceback
             frame = {**frame, "stack": "".join(traceback.format_stack(limit=6))}
@@ -51,7 +55,7 @@ class FakeConn:
         return True
 
     def send_pages(self, message_id, pages):
-        self.frames.extend(pages)
+        self.frames.extend(msgspec.json.decode(encode(page)) for page in pages)
         return True
 
 
@@ -160,9 +164,9 @@ class ReplyMachine(RuleBasedStateMachine):
     def _send(self, frame, conns):
         if frame is None:  # nothing to say (as FanOut._send, which also keeps extension frames from LangBot)
             return 0
-        if frame["type"] not in frames.LANGBOT_TYPES:
+        if type(frame) not in LANGBOT_STRUCTS:
             conns = [c for c in conns if c.dialect != frames.LANGBOT]
-        encode(frame)  # what goes on the wire is JSON data
+        frame = msgspec.json.decode(encode(frame))  # what goes on the wire, as the client reads it
         for conn in conns:
             conn.send(frame)
         return len(conns)

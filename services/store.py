@@ -16,14 +16,13 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError, WriteError
 
 from services.batching import GroupCommit
 
+from services.codes import LIVE, TERMINAL, Code, ReplyCode
 from services.errors import NotFound
 from services.metrics import Metrics, timed
 
 log = logging.getLogger(__name__)
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
-TERMINAL = ("completed", "stopped", "failed", "timeout", "interrupted")
-LIVE = ("queued", "streaming")
 STOP_FIELDS = {"stop_requested": 1, "status": 1}
 UPDATED_MS_MIGRATION = "sessions.updated_ms"  # the marker of _add_updated_ms in the `migrations` collection
 FENCE_FIELDS = {"stop_requested": 1, "status": 1, "epoch": 1, "length": 1, "thinking_length": 1}
@@ -153,7 +152,7 @@ class Store:
     async def get_session(self, session_id):
         doc = await self.sessions.find_one({"_id": session_id})
         if not doc:
-            raise NotFound(f"no session {session_id!r}", code="session_not_found")
+            raise NotFound(f"no session {session_id!r}", code=Code.SESSION_NOT_FOUND)
         return doc
 
     @timed
@@ -201,7 +200,7 @@ class Store:
             query, {"$inc": {"next_seq": count}, **touched()}, projection={"next_seq": 1},
             return_document=ReturnDocument.AFTER)
         if not doc:
-            raise NotFound(f"no session {session_id!r}", code="session_not_found")
+            raise NotFound(f"no session {session_id!r}", code=Code.SESSION_NOT_FOUND)
         return doc["next_seq"] - count + 1
 
     @timed
@@ -348,7 +347,7 @@ class Store:
     async def get_message(self, message_id):
         doc = await self.messages.find_one({"_id": message_id})
         if not doc:
-            raise NotFound(f"no message {message_id!r}", code="message_not_found")
+            raise NotFound(f"no message {message_id!r}", code=Code.MESSAGE_NOT_FOUND)
         return assemble(doc)
 
     @timed
@@ -498,7 +497,8 @@ class Store:
         doc = await self.messages.find_one_and_update(
             {"_id": message_id, "status": {"$in": list(LIVE)}, "lease_until": lease_until},
             {"$set": {"status": "interrupted", "lease_until": None,
-                      "error": {"code": "instance_lost", "message": "the server generating this reply stopped"}},
+                      "error": {"code": ReplyCode.INSTANCE_LOST,
+                                "message": "the server generating this reply stopped"}},
              "$inc": {"epoch": 1},  # fences the old owner out: none of its later writes can land
              **stamp("updated_at", "finished_at")},
             return_document=ReturnDocument.AFTER)

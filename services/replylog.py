@@ -25,8 +25,9 @@ import time
 from collections import OrderedDict
 
 from services import events, frames
+from services.codes import LIVE, Code, ReplyStatus, RewindReason
 from services.errors import BadRequest
-from services.store import LIVE, assemble
+from services.store import assemble
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ FINALS_REMEMBERED = 32  # per connection: a resume crossing a final in flight mu
 ENDED_REMEMBERED = 8192  # per instance: replies whose end was delivered (a late event for one is dropped)
 QUIET = 1.0  # seconds a followed reply may stay silent before its owner is asked again and the store read
 # Statuses whose stored text is everything that was streamed: an offset beyond it is a client error.
-COMPLETE_TEXT = ("completed", "stopped", "failed", "timeout")
+COMPLETE_TEXT = (ReplyStatus.COMPLETED, ReplyStatus.STOPPED, ReplyStatus.FAILED, ReplyStatus.TIMEOUT)
 
 
 class Text:
@@ -101,7 +102,7 @@ class Log:
         self.message_id = state["message_id"]
         self.seq = state["seq"]
         self.reply_to = state.get("reply_to")
-        self.status = state.get("status") or "streaming"
+        self.status = state.get("status") or ReplyStatus.STREAMING
         self.stream = state.get("stream", True)
         self.epoch = state.get("epoch") or 0
         # [epoch, offset, thinking_offset]: where each owner that continued the reply took it up (text of an
@@ -285,8 +286,8 @@ class ReplyLogs:
             return None  # read before the newer owner claimed it: the log knows better
         if state["epoch"] > log_.epoch:  # a newer owner: the log is right up to where the first one took over
             self._new_epoch(log_, state["epoch"], state.get("bases"), _common(log_, state))
-        if log_.status == "queued" and state["status"] == "streaming":
-            log_.status = "streaming"
+        if log_.status == ReplyStatus.QUEUED and state["status"] == ReplyStatus.STREAMING:
+            log_.status = ReplyStatus.STREAMING
         text, thinking = state["content"][log_.text.length:], state["thinking"][log_.thinking_text.length:]
         if not (text or thinking):
             return None
@@ -393,12 +394,13 @@ class ReplyLogs:
             if (reader := conn.readers.get(log_.message_id)) is not None:
                 reader.offset = min(reader.offset, offset)
                 reader.thinking_offset = min(reader.thinking_offset, thinking_offset)
-        self.send(frames.rewind(log_, offset=offset, thinking_offset=thinking_offset, reason="instance_lost"),
+        self.send(frames.rewind(log_, offset=offset, thinking_offset=thinking_offset,
+                                reason=RewindReason.INSTANCE_LOST),
                   self.hub.viewers(log_.session_id))
 
     def _announce(self, log_, at=None):
         """Tell the viewers once per owner that the reply streams (queued -> streaming)."""
-        if log_.announced == log_.epoch or log_.status != "streaming":
+        if log_.announced == log_.epoch or log_.status != ReplyStatus.STREAMING:
             return
         log_.announced = log_.epoch
         self.send(frames.status({"session_id": log_.session_id, "message_id": log_.message_id, "seq": log_.seq,
@@ -417,7 +419,8 @@ class ReplyLogs:
             thinking_offset = min(reader.thinking_offset, len(ended.thinking))
         if offset < reader.offset or thinking_offset < reader.thinking_offset:
             if conn.dialect == frames.PARLEY:
-                reason = "instance_lost" if ended.status == "interrupted" else "fenced"
+                reason = (RewindReason.INSTANCE_LOST if ended.status == ReplyStatus.INTERRUPTED
+                          else RewindReason.FENCED)
                 self.send(frames.rewind(ended, offset=offset, thinking_offset=thinking_offset, reason=reason),
                           [conn])
             reader.offset, reader.thinking_offset = offset, thinking_offset
@@ -549,7 +552,7 @@ class ReplyLogs:
                 pass  # generating on another instance: a client that followed it there may be ahead of us
             elif source == "live" or reply.status in COMPLETE_TEXT:
                 raise BadRequest(f"offset beyond the {length} characters of reply {message_id!r}",
-                                 code="invalid_offset", message_id=message_id)
+                                 code=Code.INVALID_OFFSET, message_id=message_id)
             # else interrupted: text after its last checkpoint was lost; the reader is taken back to it
         plan.append((reply, offset, thinking_offset, source))
 

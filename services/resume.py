@@ -10,6 +10,7 @@ import logging
 
 from services import events
 from services.chat import check_id
+from services.codes import Code
 from services.errors import NotFound
 from services.replylog import Stale
 
@@ -42,7 +43,7 @@ class Resumer:
             session = await self.chat.session(conn.identity, conn.pipeline, session_id)
             docs = {d["_id"]: d for d in await self.store.find_replies(session_id, list(wanted))}
             if missing := [m for m in wanted if m not in docs]:
-                raise NotFound(f"no reply {missing[0]!r} in this session", code="message_not_found",
+                raise NotFound(f"no reply {missing[0]!r} in this session", code=Code.MESSAGE_NOT_FOUND,
                                message_id=missing[0])
             every_live = True
         for attempt in range(REREADS + 1):
@@ -83,7 +84,7 @@ class Resumer:
                 return doc, await self.chat.session(conn.identity, conn.pipeline, doc["session_id"])
             except NotFound:
                 pass  # someone else's (or another pipeline's): indistinguishable from unknown
-        raise NotFound(f"no reply {message_id!r}", code="message_not_found", message_id=message_id)
+        raise NotFound(f"no reply {message_id!r}", code=Code.MESSAGE_NOT_FOUND, message_id=message_id)
 
 
 def _live(gen):

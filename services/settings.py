@@ -27,6 +27,8 @@ OTHER_VARIABLES = {
     "PARLEY_TEST_MONGO_URL": "tests: run the suite against this MongoDB",
     "PARLEY_REQUIRE_ALL": "tests: fail, not skip, when a real component is missing",
     "PARLEY_FUZZ_EXAMPLES": "tests: examples per property-based test",
+    "PARLEY_REPLYLOG_EXAMPLES": "tests/test_replylog.py: interleavings tried (300)",
+    "PARLEY_REPLYLOG_STEPS": "tests/test_replylog.py: steps per interleaving (40)",
 }
 
 

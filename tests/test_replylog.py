@@ -48,9 +48,6 @@ class FakeConn:
     def send(self, frame, text=None, nbytes=None):
         if not isinstance(frame, dict):  # a Struct sent to this connection alone: as the client reads it
             frame = msgspec.json.decode(encode(frame))
-        if os.environ.get("PARLEY_REPLYLOG_DEBUG") and frame["type"] == "rewind":
-            import traceback
-            frame = {**frame, "stack": "".join(traceback.format_stack(limit=6))}
         self.frames.append(frame)
         return True
 

@@ -41,6 +41,7 @@ from services.keepalive import Keepalive
 from services.limits import RateLimiter
 from services.metrics import Metrics
 from services.pipelines import PipelineConfigError, api_key, default_pipelines, load_pipelines
+from services.failover import Failover
 from services.liveness import Liveness
 from services.reaper import Reaper
 from services.resume import Resumer
@@ -140,7 +141,9 @@ async def open_services(config, *, pipelines=None, provider_factory=None, auth=N
     # a cluster knows in seconds which instances are gone, so their replies end (or go on) without waiting out
     # each reply's lease
     liveness = Liveness(store, instance_id, timeout=config.liveness_timeout) if config.cluster else None
-    reaper = Reaper(store, bus, streams, lease_seconds=config.lease_seconds, liveness=liveness)
+    failover = Failover(store, bus, streams, chat, pipelines, max_continuations=config.max_continuations,
+                        metrics=metrics)
+    reaper = Reaper(store, bus, streams, failover, lease_seconds=config.lease_seconds, liveness=liveness)
     await bus.start()
     await streams.warm_up()  # the first reply must not pay for imports and client set-up
     # replies a previous run of this instance left `streaming` end now, and others' whose lease expired
@@ -295,11 +298,16 @@ def tune_gc():
 
 
 async def drain(services, server):
-    """Graceful shutdown: /readyz and new WebSockets answer 503, connected clients are told to reconnect (they
-    resume on another instance), replies get --drain-timeout to finish, the rest end `interrupted`."""
+    """Graceful shutdown: /readyz and new WebSockets answer 503; in a cluster, live replies are handed over to the
+    other instances (which go on with them); connected clients are told to reconnect (they resume on another
+    instance); replies that cannot go on elsewhere get --drain-timeout to finish, the rest end `interrupted`."""
     services.draining = True
-    log.info("draining: telling %d clients to reconnect elsewhere", len(services.hub.connections))
     server.stop()  # no new connections: nginx sends new clients to another instance
+    await services.reaper.stop()  # (it would take up what this instance hands over)
+    if services.config.cluster:  # the others go on with what generates here (their reapers take it over now)
+        pipelines = services.pipelines
+        await services.streams.hand_over(lambda p: p in pipelines and pipelines.get(p).on_instance_lost == "continue")
+    log.info("draining: telling %d clients to reconnect elsewhere", len(services.hub.connections))
     services.bus.publish(events.reconnect("server restarting"))  # this instance's connections only
     for conn in list(services.hub.connections.values()):
         conn.close(Close.RESTARTING, Close.RESTARTING.reason)

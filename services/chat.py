@@ -381,12 +381,7 @@ class ChatService:
         if question is None:
             raise NotFound("the message this reply answered is gone", code=Code.MESSAGE_NOT_FOUND)
         pipeline = self.pipelines.get(session["pipeline"])
-        chain = schema.decode_chain(question.get("chain") or frames.chain(question.get("content", "")))
-        composed = compose(chain, pipeline, max_image=self.max_image_size, max_document=self.max_document_size)
-        if composed.attachments:  # the question's stored files, for the model again
-            await self.files.ingest(identity, composed.attachments)
-        text = composed.text
-        images = await self.files.for_model(composed.images, pipeline) if composed.images else ()
+        text, images = await self.prompt_of(question, pipeline, identity)
         self.streams.check_capacity(sid)
         await self.streams.check_shared_capacity(sid, session["pipeline"])
         if self.limiter is not None:
@@ -410,6 +405,16 @@ class ChatService:
                             prompt=text, sender=question.get("sender") or identity.user_id, stream=stream,
                             images=tuple(images), epoch=0, prompt_seq=question["seq"])
         return question, reply_doc
+
+    async def prompt_of(self, question, pipeline, identity=None):
+        """A stored question as the model gets it again (a regenerated reply; a reply another instance goes on
+        with): its text and its images. `identity`: whose inline files to store first (a regenerate)."""
+        chain = schema.decode_chain(question.get("chain") or frames.chain(question.get("content", "")))
+        composed = compose(chain, pipeline, max_image=self.max_image_size, max_document=self.max_document_size)
+        if composed.attachments and identity is not None:  # the question's stored files, for the model again
+            await self.files.ingest(identity, composed.attachments)
+        images = await self.files.for_model(composed.images, pipeline) if composed.images else ()
+        return composed.text, tuple(images)
 
     async def _store_regenerate(self, identity, session, question, reply_id):
         """Number (one number) and insert a regenerated reply, queued."""

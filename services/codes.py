@@ -118,6 +118,7 @@ class ReplyCode(StrEnum):
     UPSTREAM_PROTOCOL_ERROR = "upstream_protocol_error", ReplyStatus.FAILED
     INTERNAL_ERROR = "internal_error", ReplyStatus.FAILED
     INSTANCE_LOST = "instance_lost", ReplyStatus.INTERRUPTED
+    CONTINUATION_REFUSED = "continuation_refused", ReplyStatus.INTERRUPTED
 
 
 class RewindReason(StrEnum):

@@ -23,8 +23,18 @@ def regenerate(session_id, seq, message_id, reply_to, replaces):
             "reply_to": reply_to, "replaces": replaces}
 
 
+def handover(session_id, message_id):
+    """A draining instance gave a live reply up (services/streams.py hand_over): the others' reapers take it over
+    now rather than at their next sweep."""
+    return {"type": "handover", "session_id": session_id, "message_id": message_id}
+
+
 def reply_started(gen):
-    return {"type": "reply.started", **_reply(gen, status=gen.status, stream=gen.stream)}
+    """`bases`, when another instance took it over: where each owner took it up (services/replylog.py)."""
+    event = {"type": "reply.started", **_reply(gen, status=gen.status, stream=gen.stream)}
+    if gen.bases:
+        event["bases"] = gen.bases
+    return event
 
 
 def reply_delta(gen, *, offset, text, thinking_offset, thinking):
@@ -42,8 +52,10 @@ def reply_sync(gen):
 
 
 def reply_final(reply):
+    """`continuations`: how many times another instance went on with it (its final frame says so)."""
     return {"type": "reply.final", **_reply(reply, status=reply.status, content=reply.content,
-                                            thinking=reply.thinking, error=reply.error, usage=reply.usage)}
+                                            thinking=reply.thinking, error=reply.error, usage=reply.usage,
+                                            continuations=getattr(reply, "continuations", 0))}
 
 
 def reply_stored(doc):
@@ -54,6 +66,7 @@ def reply_stored(doc):
             "reply_to": doc.get("reply_to"), "epoch": doc.get("epoch") or 0, "status": doc["status"],
             "content": doc.get("content") or "", "thinking": doc.get("thinking") or "", "error": doc.get("error"),
             "usage": doc.get("usage"), "stream": doc.get("stream", True),
+            "continuations": doc.get("continuations") or 0,
             "bases": [[c["epoch"], c.get("offset", 0), c.get("thinking_offset", 0)] for c in doc.get("continued") or ()],
             "started_at": created.timestamp() if hasattr(created, "timestamp") else 0.0,
             "origin": "store", "at": time.time()}

@@ -137,6 +137,8 @@ def final(reply, *, timestamp, dialect=PARLEY, session_type="person"):
         data.error = _error(reply.error)
     if reply.usage:
         data.usage = reply.usage
+    if getattr(reply, "continuations", 0):
+        data.continued = reply.continuations
     return Response(session_type=session_type, data=data)
 
 
@@ -166,7 +168,7 @@ def snapshot(doc):
     return SimpleNamespace(message_id=doc["_id"], session_id=doc["session_id"], seq=doc["seq"],
                            reply_to=doc.get("reply_to"), status=doc["status"], content=doc.get("content") or "",
                            thinking=doc.get("thinking") or "", error=doc.get("error"), usage=doc.get("usage"),
-                           epoch=doc.get("epoch") or 0)
+                           epoch=doc.get("epoch") or 0, continuations=doc.get("continuations") or 0)
 
 
 def resumed(session_id, replies):

@@ -33,6 +33,9 @@ CLOSE_REASONS = ("client", "server", "lost")
 DISCONNECT_REASONS = (*dict.fromkeys(c.disconnect for c in Close if c.disconnect), PING_TIMEOUT, "other")
 STOP_OUTCOMES = ("local", "forwarded", "noop")
 RESUME_SOURCES = ("live", "store", "finished")
+# services/failover.py: why a reply changed hands, and what became of it
+HANDOVER_REASONS = ("instance_lost", "drain")
+HANDOVER_OUTCOMES = ("continued", "adopted", "stopped", "interrupted")
 # services/bus.py's event types and the cluster bus's own `interest` (only --cluster writes or reads any)
 BUS_EVENTS = ("user_message", "reply.regenerate", "reply.started", "reply.delta", "reply.final", "stop", "reset", "members", "presence",
               "broadcast", "push", "reconnect", "interest", "other")
@@ -136,6 +139,14 @@ class Metrics:
                                     "instances", ("event",), registry=r)
         self.bus_lag = Histogram("parley_bus_lag_seconds", "From publish on one instance to receipt on another",
                                  ("event",), buckets=FAST_BUCKETS, registry=r)
+        self.continuations = Counter("parley_failover_replies", "Live replies of a lost or draining instance taken "
+                                     "up here, by why and by what became of them (continued here, adopted while "
+                                     "queued, ended stopped or interrupted)", ("reason", "outcome"), registry=r)
+        self.handover_seconds = Histogram("parley_failover_first_token_seconds", "From taking a reply over to its "
+                                          "first continued token", registry=r,
+                                          buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 30))
+        self.rewound = Counter("parley_rewound_characters", "Characters viewers here were sent and then told to "
+                               "drop (streamed after the last checkpoint of an instance that was lost)", registry=r)
         self.fenced_writes = Counter("parley_fenced_writes_refused", "Checkpoint or final writes the store refused "
                                      "because another instance had ended the reply (stale owner)", registry=r)
         self.store_batch = Histogram("parley_store_batch_size", "Writes gathered into one bulk write (group "
@@ -191,6 +202,9 @@ class Metrics:
             self.disconnects.labels(reason)
         for outcome in STOP_OUTCOMES:
             self.stop_requests.labels(outcome)
+        for reason in HANDOVER_REASONS:
+            for outcome in HANDOVER_OUTCOMES:
+                self.continuations.labels(reason, outcome)
         for event in BUS_EVENTS:
             self.bus_published.labels(event)
             self.bus_received.labels(event)
@@ -287,6 +301,8 @@ class Metrics:
         counts = self._pending_streamed.get(gen.pipeline_id)  # None: not a configured pipeline
         if gen.first_token_at is None and gen.started_at is not None:
             gen.first_token_at = time.monotonic()
+            if gen.taken_over_at is not None:
+                self.handover_seconds.observe(gen.first_token_at - gen.taken_over_at)
             if counts is None:
                 return
             self.first_token.labels(gen.pipeline_id).observe(gen.first_token_at - gen.started_at)
@@ -341,6 +357,10 @@ class Metrics:
 
     def store_batched(self, operation, size):
         self.store_batch.labels(operation).observe(size)
+
+    def continuation(self, reason, outcome):
+        self.continuations.labels(_known(reason, HANDOVER_REASONS, "instance_lost"),
+                                  _known(outcome, HANDOVER_OUTCOMES, "interrupted")).inc()
 
     def fenced_write_refused(self):
         self.fenced_writes.inc()

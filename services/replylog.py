@@ -132,7 +132,7 @@ class Log:
 class Ended:
     """A terminal state (a reply.final event, or a stored message that ended), shaped for frames.final()."""
     __slots__ = ("session_id", "message_id", "seq", "reply_to", "status", "content", "thinking", "error",
-                 "usage", "epoch", "bases")
+                 "usage", "epoch", "bases", "continuations")
 
     def __init__(self, state):
         for key in ("session_id", "message_id", "seq", "reply_to", "status", "error", "usage"):
@@ -141,6 +141,7 @@ class Ended:
         self.thinking = state.get("thinking") or ""
         self.epoch = state.get("epoch") or 0
         self.bases = state.get("bases") or ()
+        self.continuations = state.get("continuations") or 0
 
 
 def agreed(shown, stored, same_epoch):
@@ -387,6 +388,8 @@ class ReplyLogs:
             if not any(b[0] == base_epoch for b in log_.bases):
                 log_.bases.append([base_epoch, base, thinking_base])
         offset, thinking_offset = min(offset, log_.text.length), min(thinking_offset, log_.thinking_text.length)
+        if self.metrics is not None:
+            self.metrics.rewound.inc(log_.text.length - offset + log_.thinking_text.length - thinking_offset)
         log_.epoch = log_.announced = epoch
         log_.text.truncate(offset)
         log_.thinking_text.truncate(thinking_offset)

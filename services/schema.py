@@ -438,6 +438,8 @@ class ReplyData(LangBotMessage, kw_only=True):
     status: Union[ReplyStatusValue, UnsetType] = UNSET
     usage: Union[dict[str, Any], UnsetType] = UNSET
     error: Union[ReplyError, UnsetType] = UNSET
+    # the final of a reply that went on with another instance after its own was lost: how many times
+    continued: Union[Count, UnsetType] = UNSET
 
 
 class Response(Strict, tag="response"):

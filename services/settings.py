@@ -266,8 +266,11 @@ OPTIONS = (
     Option("trusted_proxies", tuple, (), "comma-separated addresses of proxies (nginx) whose X-Real-IP/"
            "X-Forwarded-For name the client; from anyone else those headers are ignored", group="cluster",
            metavar="ADDRESSES"),
-    Option("drain_timeout", float, 10.0, "on SIGTERM, how long replies still generating get to finish before "
-           "they end interrupted", unit="s", group="cluster", minimum=0),
+    Option("max_continuations", int, 3, "how many times one reply goes on with another instance after its own is "
+           "lost; then it ends interrupted", unit="times", group="replies", minimum=0),
+    Option("drain_timeout", float, 10.0, "on SIGTERM, how long replies that cannot go on elsewhere (a pipeline "
+           "with on_instance_lost = interrupt; a single box) get to finish before they end interrupted", unit="s",
+           group="cluster", minimum=0),
     Option("log_level", str, "info", "lowest level logged", group="logging",
            choices=("debug", "info", "warning", "error")),
     Option("log_format", str, "text", "text, or json: one JSON object per line", group="logging",

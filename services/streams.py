@@ -20,6 +20,7 @@ from services.providers import GenerationRequest, ProviderError, Turn, make_prov
 
 log = logging.getLogger(__name__)
 
+HANDOVER = "handover"  # the stop reason (and passing status) of a reply a draining instance gives to another
 TURN_RECHECK = 1.0  # seconds: a waiting reply claims its turn again when woken by a final, or after this
 HOLE_GRACE = 1.0    # seconds a reply waits for earlier sends of its session whose numbers are reserved, not stored
 HOLE_POLL = 0.05
@@ -28,7 +29,7 @@ HOLE_ROUND_TRIPS = 10  # ... or this many of the store's round trips, when they 
 
 class Generation:
     def __init__(self, *, message_id, session, seq, reply_to, prompt, sender, stream, images=(), epoch=0,
-                 history=None, prompt_seq=None):
+                 history=None, prompt_seq=None, continuation=None):
         self.message_id = message_id
         self.session_id = session["_id"]
         self.session_type = session["type"]
@@ -65,6 +66,18 @@ class Generation:
         self.has_turn = False         # cluster mode: holds its session's generation turn in the store
         self.turn_free = asyncio.Event()  # cluster mode: a reply of its session ended (claim the turn again)
         self.finishing = False        # _finish has begun: nothing may cancel the task any more
+        # Taken over from a lost instance (services/failover.py): the stored text so far, and every owner's start
+        self.continuing = continuation is not None
+        self.continuations = 0        # how many times it went on with another instance
+        self.saved_from = 0           # characters of answer it was taken over with
+        self.taken_over_at = None     # monotonic time another instance's reply was taken over here (metrics)
+        if continuation is not None:
+            self.add_content(continuation["content"])
+            self.thinking = continuation["thinking"]
+            self.saved, self.saved_thinking = self.content_length, len(self.thinking)
+            self.bases = [list(b) for b in continuation["bases"]]
+            self.continuations = continuation["continuations"]
+            self.saved_from = self.content_length
         # monotonic times for metrics (services/metrics.py)
         self.accepted_at = time.monotonic()
         self.started_epoch = time.time()  # epoch seconds it started streaming (accepted, until then)
@@ -102,6 +115,7 @@ class StreamManager:
         self.generations = {}     # message_id -> Generation (live: queued or streaming)
         self.stop_callbacks = {}  # message_id -> callable(reason)
         self.by_session = {}      # session_id -> {message_id: Generation}, in acceptance order
+        self.on_handover = lambda: None  # another instance handed replies over (the reaper sweeps at once)
         bus.subscribe(self._on_event)
 
     def _on_event(self, event):
@@ -111,6 +125,8 @@ class StreamManager:
         if kind == "stop" and event.get("origin") != self.instance_id:
             if self._stop_here(event["session_id"], event.get("message_id"), "stopped"):
                 self.metrics.stop_requested("local")
+        elif kind == "handover" and event.get("origin") != self.instance_id:
+            self.on_handover()  # another instance gave replies up: take them now (services/reaper.py)
         elif kind == "reply.final" and self.cluster:
             for gen in self.by_session.get(event["session_id"], {}).values():
                 gen.turn_free.set()
@@ -131,10 +147,14 @@ class StreamManager:
                        code=Code.SESSION_BUSY)
 
     def accept(self, **fields):
-        """Start a reply. Synchronous: registered and visible before the caller's next await."""
+        """Start a reply. Synchronous: registered and visible before the caller's next await. A `continuation`
+        (services/failover.py) goes first: it holds its session's turn already."""
         gen = Generation(**fields)
         queue = self.by_session.setdefault(gen.session_id, {})
-        if queue:
+        if gen.continuing:
+            gen.has_turn = self.cluster
+            queue = self.by_session[gen.session_id] = {gen.message_id: gen, **queue}
+        elif queue:
             gen.previous = next(reversed(queue.values()))
         queue[gen.message_id] = gen
         self.generations[gen.message_id] = gen
@@ -176,12 +196,25 @@ class StreamManager:
         return stopped
 
     def _request_stop(self, gen, reason):
-        if gen.stop_reason is None:
-            gen.stop_reason = reason
+        if gen.stop_reason is None or (gen.stop_reason == HANDOVER and not gen.finishing):
+            gen.stop_reason = reason  # (a stop wins over a handover not yet made)
         # (again on a repeated stop, e.g. the durable flag: a cancellation can be lost inside the driver's
         # asyncio.wait_for on Python 3.11, services/bus.py stop_task)
         if gen.running and not gen.finishing:
             gen.task.cancel()
+
+    async def hand_over(self, can_continue):
+        """A draining instance gives its live replies to the others (`can_continue(pipeline_id)`: the pipeline
+        goes on elsewhere): each stops generating here, its whole text is stored and its lease given up
+        (store.release), and the others' reapers take it over at once (a `handover` event wakes them). Returns
+        how many were handed over."""
+        gens = [g for g in self.generations.values() if can_continue(g.pipeline_id)]
+        for gen in gens:
+            self._request_stop(gen, HANDOVER)
+        if gens:
+            log.info("draining: %d replies go on with other instances", len(gens))
+            await asyncio.gather(*(g.done.wait() for g in gens))
+        return sum(1 for g in gens if g.status == HANDOVER)
 
     async def drain(self, timeout):
         """Wait up to `timeout` seconds for the live replies to end on their own."""
@@ -219,7 +252,7 @@ class StreamManager:
             if gen.previous is not None:
                 await gen.previous.done.wait()
             gen.previous = None  # let the finished one be collected
-            if self.cluster:
+            if self.cluster and not gen.continuing:
                 await self._wait_turn(gen)
             gen.status = "streaming"
             self.metrics.generation_streaming(gen)
@@ -246,6 +279,10 @@ class StreamManager:
             gen.status = gen.stop_reason or "interrupted"
         except ProviderError as exc:
             gen.status, gen.error = exc.status, {"code": exc.code, "message": exc.message}
+            if gen.continuing and gen.content_length == gen.saved_from:  # it would not go on with the answer
+                gen.status = ReplyStatus.INTERRUPTED
+                gen.error = {"code": ReplyCode.CONTINUATION_REFUSED,
+                             "message": f"another server could not continue this reply: {exc.message}"}
             log.warning("generation %s pipeline=%s session_id=%s message_id=%s code=%s: %s", exc.status,
                         gen.pipeline_id, gen.session_id, gen.message_id, exc.code, exc.detail or exc.message)
         except Exception:
@@ -335,10 +372,12 @@ class StreamManager:
             docs = ()
         turns = [Turn(role=d["role"], text=d["content"], sender=d.get("sender"))
                  for d in docs if d.get("content") and d.get("status") in ("completed", "stopped")]
-        return GenerationRequest(pipeline=pipeline, session_id=gen.session_id, session_type=gen.session_type,
-                                 message_id=gen.message_id, history=turns,
-                                 prompt=Turn(role="user", text=gen.prompt, sender=gen.sender,
-                                             images=gen.images))
+        request = GenerationRequest(pipeline=pipeline, session_id=gen.session_id, session_type=gen.session_type,
+                                    message_id=gen.message_id, history=turns,
+                                    prompt=Turn(role="user", text=gen.prompt, sender=gen.sender, images=gen.images))
+        if gen.continuing:  # the provider goes on from the stored answer (services/providers, docs/providers.md)
+            request.partial, request.partial_thinking = gen.content, gen.thinking
+        return request
 
     def provider(self, pipeline):
         provider = self._providers.get(pipeline.id)
@@ -506,6 +545,12 @@ class StreamManager:
             gen.history = None
         log.debug("stream signal removed message_id=%s status=%s", gen.message_id, gen.status)
         final = None  # what viewers are told: only ever a state the store holds
+        if gen.status == HANDOVER and await self._release(gen):
+            self._forget(gen)
+            gen.done.set()
+            return
+        if gen.status == HANDOVER:  # it could not be handed over: it ends here, as without another instance
+            gen.status = ReplyStatus.INTERRUPTED
         try:
             # The terminal write does not wait for a checkpoint in flight (a stop right after the first token
             # finds one more often than not): a checkpoint matches only a `streaming` reply, so whichever of the
@@ -525,12 +570,7 @@ class StreamManager:
         except Exception:
             log.exception("could not end message_id=%s status=%s", gen.message_id, gen.status)
         finally:
-            self.generations.pop(gen.message_id, None)
-            queue = self.by_session.get(gen.session_id)
-            if queue is not None:
-                queue.pop(gen.message_id, None)
-                if not queue:
-                    del self.by_session[gen.session_id]
+            self._forget(gen)
             if final is not None:
                 self.bus.publish(events.reply_final(final))
             if gen.status not in LIVE:
@@ -540,6 +580,33 @@ class StreamManager:
                     await asyncio.wait((gen.checkpoint_task,))
             finally:
                 gen.done.set()
+
+    def _forget(self, gen):
+        self.generations.pop(gen.message_id, None)
+        queue = self.by_session.get(gen.session_id)
+        if queue is not None:
+            queue.pop(gen.message_id, None)
+            if not queue:
+                del self.by_session[gen.session_id]
+
+    async def _release(self, gen):
+        """Hand a reply over (a drain): its whole text stored, its lease given up, the others told. The session's
+        turn stays with it (its next owner continues it). False: it could not be (fenced, or the store away)."""
+        if gen.checkpoint_task is not None:  # its append would land after the whole text, and be refused
+            await asyncio.wait((gen.checkpoint_task,))
+        try:
+            if gen.started_at is None and not gen.claimed:  # it never started: it runs elsewhere from the start
+                released = await self.store.release_queued([gen.message_id], instance=self.instance_id) == 1
+            else:
+                released = await self.store.release(gen.message_id, epoch=gen.epoch, content=gen.content,
+                                                    thinking=gen.thinking)
+        except Exception as exc:
+            log.warning("could not hand message_id=%s over: %s", gen.message_id, exc)
+            return False
+        if released:
+            log.info("handed over message_id=%s at %d characters", gen.message_id, gen.content_length)
+            self.bus.publish(events.handover(gen.session_id, gen.message_id))
+        return released
 
     def lease_until(self):
         # Epoch seconds, not a datetime: nx-27017 stores a datetime written by $set as a string.

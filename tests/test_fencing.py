@@ -13,9 +13,10 @@ async def test_an_owner_whose_reply_was_ended_elsewhere_cannot_overwrite_it(conn
     reply_id = (await c.say("about to be taken away"))["data"]["reply_message_id"]
     for _ in range(5):
         await c.recv_type("response")
-    # what another instance's reaper does when it believes this instance is gone
+    # what another instance's reaper does when it believes this instance is gone (a compare-and-set on the epoch
+    # it read: a checkpoint renewing the lease meanwhile does not change it)
     doc = await services.store.get_message(reply_id)
-    reaped = await services.store.interrupt_abandoned(reply_id, lease_until=doc["lease_until"])
+    reaped = await services.store.interrupt_abandoned(reply_id, epoch=doc["epoch"])
     assert reaped is not None and reaped["status"] == "interrupted"
     frames = await c.until_final(reply_id)
     final = frames[-1]["data"]

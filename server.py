@@ -304,13 +304,15 @@ async def drain(services, server):
     services.draining = True
     server.stop()  # no new connections: nginx sends new clients to another instance
     await services.reaper.stop()  # (it would take up what this instance hands over)
-    if services.config.cluster:  # the others go on with what generates here (their reapers take it over now)
-        pipelines = services.pipelines
-        await services.streams.hand_over(lambda p: p in pipelines and pipelines.get(p).on_instance_lost == "continue")
     log.info("draining: telling %d clients to reconnect elsewhere", len(services.hub.connections))
     services.bus.publish(events.reconnect("server restarting"))  # this instance's connections only
     for conn in list(services.hub.connections.values()):
         conn.close(Close.RESTARTING, Close.RESTARTING.reason)
+    if services.config.cluster:  # the others go on with what generates here (their reapers take it over now)
+        pipelines = services.pipelines
+        goes_on = lambda p: p in pipelines and pipelines.get(p).on_instance_lost == "continue"  # noqa: E731
+        while await services.streams.hand_over(goes_on):
+            pass  # (a send in progress as the sockets closed may have started another meanwhile)
     await services.streams.drain(services.config.drain_timeout)
     await close_services(services)  # what is still generating is checkpointed and ends `interrupted`
     await server.close_all_connections()

@@ -33,7 +33,8 @@ FENCE_FIELDS = {"stop_requested": 1, "status": 1, "epoch": 1, "length": 1, "thin
 
 # what the reaper reads of every live message, to end it or take it over (services/reaper.py, failover.py)
 TAKEOVER_FIELDS = {"lease_until": 1, "instance": 1, "epoch": 1, "status": 1, "length": 1, "thinking_length": 1,
-                   "stop_requested": 1, "continuations": 1, "handover": 1, "pipeline": 1, "session_id": 1}
+                   "stop_requested": 1, "continuations": 1, "continued": 1, "handover": 1, "pipeline": 1,
+                   "session_id": 1}
 INSTANCE_LOST = {"code": ReplyCode.INSTANCE_LOST,
                  "message": "the server handling this reply went away before it finished"}
 
@@ -522,10 +523,13 @@ class Store:
         claimed = await self.messages.find_one_and_update(
             {"_id": doc["_id"], "status": ReplyStatus.STREAMING, "epoch": epoch, "length": length,
              "thinking_length": thinking_length},
-            {"$set": {"instance": instance, "lease_until": lease_until, "handover": False},
-             "$inc": {"epoch": 1, "continuations": 1},
-             "$push": {"continued": {"epoch": epoch + 1, "offset": length, "thinking_offset": thinking_length,
-                                     "reason": reason, "from": doc.get("instance"), "at_ms": now_ms()}}},
+            # the whole list, not a $push: nx-27017 stores a pushed document as a string (the epoch in the
+            # condition makes this read-modify-write safe: every change to `continued` raises it)
+            {"$set": {"instance": instance, "lease_until": lease_until, "handover": False,
+                      "continued": [*(doc.get("continued") or ()), {
+                          "epoch": epoch + 1, "offset": length, "thinking_offset": thinking_length,
+                          "reason": reason, "from": doc.get("instance"), "at_ms": now_ms()}]},
+             "$inc": {"epoch": 1, "continuations": 1}},
             return_document=ReturnDocument.AFTER)
         return assemble(claimed)
 

@@ -138,6 +138,20 @@ model = "demo"
 options = {{ words = 3000, rate = 200 }}
 timeouts = {{ first_token = 10, stall = 10, total = 120 }}
 
+[pipelines.slow_once]
+provider = "demo"
+model = "demo"
+options = {{ words = 3000, rate = 200 }}
+timeouts = {{ first_token = 10, stall = 10, total = 120 }}
+on_instance_lost = "interrupt"
+
+[pipelines.medium]
+provider = "demo"
+model = "demo"
+history_messages = 0
+options = {{ words = 400, thinking = 20, rate = 100 }}
+timeouts = {{ first_token = 10, stall = 10, total = 120 }}
+
 [pipelines.endless]
 provider = "demo"
 model = "demo"
@@ -170,7 +184,25 @@ base_url = "http://127.0.0.1:{upstream_port}/v1"
 history_messages = 0
 retries = 0
 timeouts = {{ first_token = 10, stall = 10, total = 120 }}
+
+[pipelines.up_vllm]
+provider = "openai"
+model = "m"
+base_url = "http://127.0.0.1:{upstream_port}/v1"
+history_messages = 0
+retries = 0
+timeouts = {{ first_token = 10, stall = 10, total = 120 }}
+continue_with = "continue_final_message"
 """
+
+
+def demo_text(pipeline, question):
+    """(reasoning, answer): what the demo pipeline of this file streams for `question`, uninterrupted."""
+    import tomllib
+    from services.pipelines import Pipeline
+    from services.providers.demo import DemoProvider
+    table = tomllib.loads(pipelines_toml(0))["pipelines"][pipeline]
+    return DemoProvider(Pipeline(id=pipeline, options=table.get("options", {}))).whole(question)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ behind the nginx we ship, clients on different loopback networks, every frame of
 arrives (tests/cluster.py Ledger: no gap, no character twice, text taken back only by `rewind`/`resumed`, one
 final per client and nothing after it) while instances are killed, paused, stopped and restarted."""
 import asyncio
+import re
 import signal
 import time
 
@@ -12,7 +13,8 @@ from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClosedError
 
 from services.store import assemble
-from tests.cluster import LIVENESS, PATIENCE, cluster, connect, fetch, spread, wait_for  # noqa: F401 (a fixture)
+from tests.cluster import (LIVENESS, PATIENCE, cluster, connect, demo_text, fetch, plain, spread,  # noqa: F401
+                           wait_for)
 from pymongo import MongoClient
 
 pytestmark = pytest.mark.gen_test(timeout=600)  # a bound for a loaded machine, not a speed
@@ -63,9 +65,9 @@ async def drain(client):
         pass
 
 
-async def reconnect(cluster, src, user, held, message_id, epoch=None):
+async def reconnect(cluster, src, user, held, message_id, pipeline="slow"):
     """A new connection from `src` that resumes the reply from what the client holds (as parley.js does)."""
-    client = await connect(cluster, "slow", src=src, user=user, held=held)
+    client = await connect(cluster, pipeline, src=src, user=user, held=held)
     h = held[message_id]
     frame = {"type": "resume", "message_id": message_id, "offset": len(h.text), "thinking_offset": len(h.thinking)}
     if h.epoch is not None:
@@ -74,18 +76,24 @@ async def reconnect(cluster, src, user, held, message_id, epoch=None):
     return client
 
 
+QUESTION = "then the lights went out"
+
+
+@pytest.mark.parametrize("pipeline", ["slow_once", "medium"])  # on_instance_lost: interrupt, continue
 @pytest.mark.parametrize("wait", [0.0, LIVENESS])  # reconnect at once, or as the survivors find the owner gone
-async def test_kill_9_every_viewer_gets_one_final_within_seconds_wherever_it_reconnects(cluster, wait):
+async def test_kill_9_every_viewer_gets_one_final_wherever_it_reconnects(cluster, wait, pipeline):
+    """Interrupted (its pipeline says so) with the stored text, or continued by one of the survivors from its
+    last checkpoint to exactly the text an uninterrupted reply has: one final per viewer, everything said."""
     where = await spread(cluster)
     owner, b, c = cluster.instances
-    user = f"killed-{wait}"
+    user = f"killed-{wait}-{pipeline}"
     # two tabs on the owner (the sender and another), one viewer on each other instance, all there before the send
-    sender = await connect(cluster, "slow", src=where[owner.id], user=user)
-    tab = await connect(cluster, "slow", src=where[owner.id], user=user)
-    far = [await connect(cluster, "slow", src=where[i.id], user=user) for i in (b, c)]
+    sender = await connect(cluster, pipeline, src=where[owner.id], user=user)
+    tab = await connect(cluster, pipeline, src=where[owner.id], user=user)
+    far = [await connect(cluster, pipeline, src=where[i.id], user=user) for i in (b, c)]
     assert [x.instance for x in (sender, tab, *far)] == [owner.id, owner.id, b.id, c.id]
-    reply_id = (await sender.say("then the lights went out"))["data"]["reply_message_id"]
-    await reply_frames(sender, reply_id, 20)
+    reply_id = (await sender.say(QUESTION))["data"]["reply_message_id"]
+    await reply_frames(sender, reply_id, 40)  # past the reasoning, into the answer
     for viewer in far:  # followed live on the other instances
         await reply_frames(viewer, reply_id, 3)
     owner.proc.kill()
@@ -95,19 +103,27 @@ async def test_kill_9_every_viewer_gets_one_final_within_seconds_wherever_it_rec
         for client in (sender, tab):  # what reached them before their instance died, then the end of the socket
             await drain(client)
         await asyncio.sleep(wait)
-        # the owner's two tabs come back through the other two instances: one of them is the one that ends the
-        # reply (both race to; exactly one wins), so one reconnect lands on the reaper and one does not
-        moved = [await reconnect(cluster, where[i.id], user, x.ledger.held, reply_id)
+        # the owner's two tabs come back through the other two instances: one of them is the one that takes the
+        # reply up (both race to; exactly one wins), so one reconnect lands on it and one does not
+        moved = [await reconnect(cluster, where[i.id], user, x.ledger.held, reply_id, pipeline)
                  for x, i in ((sender, b), (tab, c))]
         assert {m.instance for m in moved} == {b.id, c.id}
         finals = []
         for client in (*moved, *far):
             finals.append(await until_final(client, reply_id))
-            assert time.monotonic() - killed < GONE_WITHIN, "a viewer waited for its final"
+            if pipeline == "slow_once":
+                assert time.monotonic() - killed < GONE_WITHIN, "a viewer waited for its final"
         truth = stored(cluster, reply_id)
-        assert truth["status"] == "interrupted" and truth["error"]["code"] == "instance_lost"
+        if pipeline == "slow_once":
+            assert truth["status"] == "interrupted" and truth["error"]["code"] == "instance_lost"
+        else:  # one survivor won the claim, and went on to the very text an uninterrupted reply has
+            thinking, answer = demo_text(pipeline, QUESTION)
+            assert (truth["status"], truth["content"], truth["thinking"]) == ("completed", answer, thinking)
+            assert truth["continuations"] == 1 and len(truth["continued"]) == 1
+            assert truth["continued"][0]["from"] == owner.id and truth["continued"][0]["reason"] == "instance_lost"
         for client, final in zip((*moved, *far), finals):
             assert (final["status"], final["content"]) == (truth["status"], truth["content"])
+            assert final.get("continued", 0) == truth.get("continuations", 0)
             assert client.ledger.of(reply_id).text == truth["content"]
             await nothing_more(client, reply_id)
         for client in (*moved, *far):
@@ -144,11 +160,13 @@ async def test_a_stop_through_a_third_instance_reaches_viewers_there_before_the_
 
 
 async def test_sigstop_past_the_lease_then_sigcont_one_final_per_viewer(cluster):
+    """Paused past its liveness and lease (on_instance_lost = interrupt): ended by another instance; the woken
+    owner is fenced and its own end reaches no viewer a second time."""
     where = await spread(cluster)
     owner, b, c = cluster.instances
     user = "paused-everywhere"
-    sender = await connect(cluster, "slow", src=where[owner.id], user=user)
-    far = [await connect(cluster, "slow", src=where[i.id], user=user) for i in (b, c)]
+    sender = await connect(cluster, "slow_once", src=where[owner.id], user=user)
+    far = [await connect(cluster, "slow_once", src=where[i.id], user=user) for i in (b, c)]
     reply_id = (await sender.say("pause me"))["data"]["reply_message_id"]
     await reply_frames(sender, reply_id, 10)
     for viewer in far:
@@ -175,6 +193,49 @@ async def test_sigstop_past_the_lease_then_sigcont_one_final_per_viewer(cluster)
         client.close()
     after = stored(cluster, reply_id)
     assert (after["status"], after["content"], after["epoch"]) == ("interrupted", truth["content"], truth["epoch"])
+
+
+async def test_paused_owners_are_fenced_and_the_reply_goes_on_twice_to_the_same_text(cluster):
+    """A pauses (SIGSTOP) past its liveness: B or C takes the reply over and goes on; then that one pauses
+    too: the third goes on. Both wake fenced. Every viewer ends with one final, the uninterrupted text, and
+    `continued: 2`."""
+    where = await spread(cluster)
+    ids = [i.id for i in cluster.instances]
+    user = "paused-twice"
+    viewers = [await connect(cluster, "medium", src=where[i], user=user) for i in ids]
+    reply_id = (await viewers[0].say(QUESTION))["data"]["reply_message_id"]
+    await reply_frames(viewers[0], reply_id, 30)
+    paused = []
+    try:
+        for round_ in (1, 2):
+            owner = cluster.by_id(stored(cluster, reply_id)["instance"])
+            owner.signal(signal.SIGSTOP)
+            paused.append(owner)
+
+            async def taken_over():
+                doc = stored(cluster, reply_id)
+                return doc if doc.get("continuations", 0) >= round_ else None
+            doc = await wait_for(taken_over)
+            assert doc["instance"] not in {p.id for p in paused}
+            watcher = next(v for v in viewers if v.instance == doc["instance"])
+            await reply_frames(watcher, reply_id, 5)  # it streams from its new owner
+    finally:
+        for owner in paused:
+            owner.signal(signal.SIGCONT)
+    truth = await wait_for(lambda: _now(d if (d := stored(cluster, reply_id))["status"] != "streaming" else None))
+    thinking, answer = demo_text("medium", QUESTION)
+    assert (truth["status"], truth["content"], truth["continuations"]) == ("completed", answer, 2)
+    for v in viewers:
+        final = await until_final(v, reply_id)
+        assert (final["content"], final["continued"]) == (answer, 2)
+        assert v.ledger.of(reply_id).text == answer
+    await asyncio.sleep(LIVENESS)  # the woken owners' stale writes are refused, their stale events dropped
+    for v in viewers:
+        await nothing_more(v, reply_id)
+        v.close()
+    for owner in paused:
+        code, text = await plain(owner.metrics_url)
+        assert re.search(r"^parley_fenced_writes_refused_total [1-9]", text, re.M), owner.id
 
 
 async def connect_retrying(cluster, pipeline, *, src, user, held):
@@ -283,7 +344,8 @@ async def test_rolling_restarts_under_20_chatting_clients_no_duplicate_no_gap_no
                 continue
             truth = replies[reply_id]
             assert len(h.finals) == 1, (w, reply_id, h.finals)
-            assert truth["status"] in ("completed", "interrupted"), truth["status"]
+            # a drain hands its replies over: the others go on with them, nothing is interrupted
+            assert truth["status"] == "completed", (truth["status"], truth.get("error"))
             assert (h.finals[0]["status"], h.finals[0]["content"], h.text) == (
                 truth["status"], truth["content"], truth["content"])
 

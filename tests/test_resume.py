@@ -24,6 +24,9 @@ class Received:
     def add(self, frame):
         data = frame["data"]
         assert data["message_id"] == self.message_id
+        if frame["type"] == "rewind":  # text past the offsets is void (its instance was lost): dropped
+            self.cut(data["offset"], data["thinking_offset"])
+            return
         if data["is_final"]:
             self.finals.append(data)
             return
@@ -35,6 +38,11 @@ class Received:
                 for i, ch in enumerate(data[delta]):
                     assert data[offset] + i not in store, f"offset {data[offset] + i} received twice"
                     store[data[offset] + i] = ch
+
+    def cut(self, offset, thinking_offset):
+        """Drop what lies past the offsets (a `rewind`, or `resumed` continuing from less than is held)."""
+        self.text = {i: c for i, c in self.text.items() if i < offset}
+        self.thinking = {i: c for i, c in self.thinking.items() if i < thinking_offset}
 
     @property
     def offsets(self):
@@ -53,9 +61,9 @@ def abort(client, how):
 
 
 async def follow(client, got, timeout=10.0):
-    """Read this reply's frames through its final frame."""
+    """Read this reply's frames (its text, rewinds) through its final frame."""
     while not got.finals:
-        frame = await client.recv_type("response", timeout=timeout)
+        frame = await client.recv_type("response", "rewind", timeout=timeout)
         if frame["data"]["message_id"] == got.message_id:
             got.add(frame)
 
@@ -128,6 +136,9 @@ async def send_resume(client, got):
             got.add(frame)
             early = True
     assert frame["type"] == "resumed", frame
+    for entry in frame["data"]["replies"]:  # where this connection continues: what is held past it is void
+        if entry["message_id"] == got.message_id and not got.finals:
+            got.cut(entry["offset"], entry["thinking_offset"])
     return frame, early
 
 

@@ -113,6 +113,11 @@ class DemoProvider:
         text = THINKING.format(topic=topic_of(prompt))
         return tokens(text) if self.thinking < 0 else exactly(text, self.thinking)
 
+    def whole(self, prompt):
+        """(reasoning, answer): the whole text a reply to `prompt` streams, uninterrupted or continued."""
+        thought = "".join(self._pieces(self.reasoning(prompt))) if self.thinking else ""
+        return thought, "".join(self._pieces(self.answer(prompt)))
+
     async def stream(self, request):
         prompt = request.prompt.text if request.prompt else ""
         words = self.answer(prompt)

@@ -298,9 +298,10 @@ def tune_gc():
 
 
 async def drain(services, server):
-    """Graceful shutdown: /readyz and new WebSockets answer 503; in a cluster, live replies are handed over to the
-    other instances (which go on with them); connected clients are told to reconnect (they resume on another
-    instance); replies that cannot go on elsewhere get --drain-timeout to finish, the rest end `interrupted`."""
+    """Graceful shutdown: stop listening (a proxy sends new connections elsewhere; on connections already open
+    /readyz and handshakes answer 503), connected clients are told to reconnect (they resume on another
+    instance); in a cluster, live replies are handed over to the other instances (which go on with them);
+    replies that cannot go on elsewhere get --drain-timeout to finish, the rest end `interrupted`."""
     services.draining = True
     server.stop()  # no new connections: nginx sends new clients to another instance
     await services.reaper.stop()  # (it would take up what this instance hands over)

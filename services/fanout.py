@@ -15,7 +15,6 @@ connections that opted in to the Parley dialect.
 import logging
 
 from services import events, frames
-from services.codes import LIVE
 from services.schema import LANGBOT_STRUCTS
 from services.ordering import Ordering
 from services.outbox import encode

@@ -8,7 +8,7 @@ from the one log, in order, once.
 """
 import logging
 
-from services import events
+from services import events, schema
 from services.chat import check_id
 from services.codes import Code
 from services.errors import NotFound
@@ -16,7 +16,7 @@ from services.replylog import Stale
 
 log = logging.getLogger(__name__)
 
-MAX_RESUME = 64  # replies named in one session-wide resume (declared in services/schema.py)
+MAX_RESUME = schema.MAX_RESUME  # replies named in one session-wide resume
 REREADS = 3      # a reply read as live that ended meanwhile is read again (each read may race another end)
 
 

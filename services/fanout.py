@@ -95,6 +95,7 @@ class FanOut:
         self.replies.check(reread_all=resync)
 
     def _reset(self, event):
+        self.replies.reset(event["session_id"])  # its replies are deleted: their logs end with nothing more
         self._send(frames.session_reset(event), self.hub.viewers(event["session_id"]))
 
     def _members(self, event):

@@ -465,6 +465,20 @@ class ReplyLogs:
         if len(conn.finals_sent) > FINALS_REMEMBERED:
             del conn.finals_sent[next(iter(conn.finals_sent))]
 
+    def forget(self, message_id):
+        """A reply that is no more (its session was reset): its log closes with nothing more to say; viewers were
+        told by the reset itself."""
+        log_ = self.logs.get(message_id)
+        if log_ is None:
+            return
+        self._close(message_id)
+        for conn in self.hub.viewers(log_.session_id):
+            conn.readers.pop(message_id, None)
+
+    def reset(self, session_id):
+        for message_id in [m for m, log_ in self.logs.items() if log_.session_id == session_id]:
+            self.forget(message_id)
+
     def leave(self, conn, session_id):
         for message_id in [m for m, r in conn.readers.items() if r.session_id == session_id]:
             del conn.readers[message_id]
@@ -601,8 +615,13 @@ class ReplyLogs:
 
     async def _reread(self, message_ids):
         try:
-            for doc in await self.store.find_messages(message_ids):
+            docs = await self.store.find_messages(message_ids)
+            for doc in docs:
                 self.stored(doc)
+            found = {doc["_id"] for doc in docs}
+            for message_id in message_ids:
+                if message_id not in found and message_id in self.logs:  # deleted (a reset): nothing to follow
+                    self.forget(message_id)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the store is away: the next check tries again

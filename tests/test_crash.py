@@ -284,3 +284,35 @@ def test_server_cli_accepts_the_lease_and_viewer_options():
     assert config.lease_seconds == 2.5 and config.on_last_viewer_gone == "stop"
     assert server.parse_args([]).on_last_viewer_gone == "continue"
     json.dumps(vars(config))
+
+
+@pytest.mark.parametrize("lost_before", [2, 3])
+async def test_a_reply_goes_on_at_most_max_continuations_times(connect, services, lost_before):
+    """Lost for the third time (2 continuations so far): it goes on once more, to the demo's text from where it
+    was stored. Lost a fourth time (3 so far, the default --max-continuations): it ends `interrupted`, saying so."""
+    c = await connect("slow", stream_mode="delta")
+    session_id = c.connected["session_id"]
+    seq = await services.store.next_seqs(session_id, 2)
+    now = utcnow()
+    base = {"session_id": session_id, "pipeline": "slow", "created_at": now, "updated_at": now}
+    await services.store.messages.insert_many([
+        {"_id": f"q-{lost_before}", "seq": seq, "role": "user", "content": "again and again", "status": "completed",
+         "sender": "local", **base},
+        {"_id": f"r-{lost_before}", "seq": seq + 1, "role": "assistant", "reply_to": f"q-{lost_before}",
+         "content": "half of it", "thinking": "", "status": "streaming", "epoch": 4, "length": 10,
+         "thinking_length": 0, "continuations": lost_before, "instance": "gone", "lease_until": time.time() - 5,
+         **base}])
+    taken = await services.reaper.sweep()
+    reply_id = f"r-{lost_before}"
+    assert taken == {reply_id: "continued" if lost_before == 2 else "interrupted"}
+    await c.send({"type": "resume", "message_id": reply_id, "offset": 10, "thinking_offset": 0, "epoch": 4})
+    final = (await c.until_final(reply_id, timeout=60))[-1]["data"]
+    stored = await services.store.get_message(reply_id)
+    if lost_before == 2:
+        _, whole = DemoProvider(services.pipelines.get("slow")).whole("again and again")
+        assert (final["status"], final["continued"]) == ("completed", 3)
+        assert final["content"] == stored["content"] == "half of it" + whole[10:]
+    else:
+        assert (final["status"], final["error"]["code"]) == ("interrupted", "instance_lost")
+        assert "4 times" in final["error"]["message"] and final["content"] == "half of it"
+        assert stored["continuations"] == 3 and stored["status"] == "interrupted"

@@ -12,7 +12,9 @@ from tornado.httpclient import HTTPClientError
 from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClosedError
 
+from services.providers.openai_compat import CONTINUE_INSTRUCTION
 from services.store import assemble
+from tests.upstream import FakeUpstream, Script
 from tests.cluster import (LIVENESS, PATIENCE, cluster, connect, demo_text, fetch, plain, spread,  # noqa: F401
                            wait_for)
 from pymongo import MongoClient
@@ -352,3 +354,144 @@ async def test_rolling_restarts_under_20_chatting_clients_no_duplicate_no_gap_no
 
 async def _now(value):
     return value
+
+
+@pytest.mark.parametrize("pipeline", ["up", "up_vllm"])  # continue_with: instruction, continue_final_message
+async def test_the_upstream_is_asked_to_continue_the_stored_answer(cluster, pipeline):
+    """The survivor's request carries the history, the question and the stored partial answer as the last
+    assistant message: with the instruction to go on (the fallback), or flagged for vLLM/SGLang to continue it.
+    The final is the stored partial plus what the continuation streamed."""
+    upstream = FakeUpstream()
+    await upstream.start(cluster.upstream_port)
+    try:
+        upstream.plan("m", Script(content=[f"w{i} " for i in range(3000)], rate=100),
+                      Script(content=["and ", "that ", "is ", "all."]))
+        where = await spread(cluster)
+        owner, b, _ = cluster.instances
+        user = f"continued-{pipeline}"
+        sender = await connect(cluster, pipeline, src=where[owner.id], user=user)
+        far = await connect(cluster, pipeline, src=where[b.id], user=user)
+        reply_id = (await sender.say("tell me everything"))["data"]["reply_message_id"]
+        await reply_frames(far, reply_id, 20)
+        owner.proc.kill()
+        owner.proc.wait()
+        try:
+            final = await until_final(far, reply_id)
+            assert len(upstream.calls) == 2
+            first, second = (call.body["messages"] for call in upstream.calls)
+            truth = stored(cluster, reply_id)
+            partial = truth["content"][:truth["continued"][0]["offset"]]
+            assert partial and partial.startswith("w0 w1 ") and truth["content"] == partial + "and that is all."
+            assert second[:len(first)] == first  # the same context and question
+            if pipeline == "up":
+                assert second[len(first):] == [{"role": "assistant", "content": partial},
+                                               {"role": "user", "content": CONTINUE_INSTRUCTION}]
+                assert "continue_final_message" not in upstream.calls[1].body
+            else:
+                assert second[len(first):] == [{"role": "assistant", "content": partial}]
+                assert upstream.calls[1].body["continue_final_message"] is True
+                assert upstream.calls[1].body["add_generation_prompt"] is False
+            assert (final["status"], final["content"], final["continued"]) == ("completed", truth["content"], 1)
+            assert far.ledger.of(reply_id).text == truth["content"]
+            await nothing_more(far, reply_id)
+            sender.close()
+            far.close()
+        finally:
+            owner.start()
+            await asyncio.get_running_loop().run_in_executor(None, owner.wait_ready)
+    finally:
+        await upstream.stop()
+
+
+async def test_a_model_that_refuses_to_continue_ends_the_reply_interrupted_with_the_reason(cluster):
+    upstream = FakeUpstream()
+    await upstream.start(cluster.upstream_port)
+    try:
+        upstream.plan("m", Script(content=[f"w{i} " for i in range(3000)], rate=100), Script(status=400))
+        where = await spread(cluster)
+        owner, b, _ = cluster.instances
+        far = await connect(cluster, "up", src=where[b.id], user="refused")
+        sender = await connect(cluster, "up", src=where[owner.id], user="refused")
+        reply_id = (await sender.say("go on, if you can"))["data"]["reply_message_id"]
+        await reply_frames(far, reply_id, 20)
+        owner.proc.kill()
+        owner.proc.wait()
+        try:
+            final = await until_final(far, reply_id)
+            truth = stored(cluster, reply_id)
+            assert (final["status"], truth["status"]) == ("interrupted", "interrupted")
+            assert final["error"]["code"] == truth["error"]["code"] == "continuation_refused"
+            assert final["content"] == truth["content"] == far.ledger.of(reply_id).text and truth["content"]
+            await nothing_more(far, reply_id)
+            far.close()
+            sender.close()
+        finally:
+            owner.start()
+            await asyncio.get_running_loop().run_in_executor(None, owner.wait_ready)
+    finally:
+        await upstream.stop()
+
+
+@pytest.mark.parametrize("when", ["before the claim", "after it"])
+async def test_a_stop_during_a_handover_stops_the_reply_exactly_once(cluster, when):
+    """The owner dies; a stop arrives through a third instance before a survivor takes the reply over (the
+    durable flag: it ends `stopped`, not continued) or once it goes on elsewhere (its new owner stops it).
+    Every viewer: one `stopped` final with the stored text."""
+    where = await spread(cluster)
+    owner, b, c = cluster.instances
+    user = f"stop-{when.split()[0]}"
+    sender = await connect(cluster, "medium", src=where[owner.id], user=user)
+    far = await connect(cluster, "medium", src=where[b.id], user=user)
+    third = await connect(cluster, "medium", src=where[c.id], user=user)
+    reply_id = (await sender.say(QUESTION))["data"]["reply_message_id"]
+    await reply_frames(far, reply_id, 10)
+    owner.proc.kill()
+    owner.proc.wait()
+    try:
+        if when == "after it":
+            await wait_for(lambda: _now(stored(cluster, reply_id).get("continuations")))
+            await reply_frames(far, reply_id, 3)  # it streams again, from its new owner
+        await third.send({"type": "stop", "session_id": third.connected["session_id"]})
+        await third.recv_type("stop_ack")
+        truth = None
+        for client in (far, third):
+            final = await until_final(client, reply_id)
+            truth = truth or stored(cluster, reply_id)
+            assert (final["status"], final["content"]) == ("stopped", truth["content"]) == (truth["status"],
+                                                                                            truth["content"])
+            assert client.ledger.of(reply_id).text == truth["content"]
+        assert truth.get("continuations", 0) == (1 if when == "after it" else 0)
+        await asyncio.sleep(LIVENESS)
+        for client in (far, third):
+            await nothing_more(client, reply_id)
+            client.close()
+    finally:
+        owner.start()
+        await asyncio.get_running_loop().run_in_executor(None, owner.wait_ready)
+
+
+async def test_a_reset_during_a_handover_leaves_nothing_to_continue(cluster):
+    where = await spread(cluster)
+    owner, b, _ = cluster.instances
+    sender = await connect(cluster, "medium", src=where[owner.id], user="resetter")
+    far = await connect(cluster, "medium", src=where[b.id], user="resetter")
+    session_id = far.connected["session_id"]
+    reply_id = (await sender.say(QUESTION))["data"]["reply_message_id"]
+    await reply_frames(far, reply_id, 10)
+    owner.proc.kill()
+    owner.proc.wait()
+    try:
+        code, body, _ = await fetch(cluster, f"/api/v1/pipelines/medium/sessions/{session_id}/reset",
+                                    method="POST", src=where[b.id], user="resetter")
+        assert code == 200, body
+        await far.recv_type("session.reset")
+        await asyncio.sleep(LIVENESS * 2)  # the survivors find the owner gone: nothing is left to take over
+        with MongoClient(cluster.mongo_url) as db:
+            assert db[cluster.db_name].messages.count_documents({"session_id": session_id}) == 0
+        await nothing_more(far, reply_id)
+        assert far.ledger.of(reply_id).finals == []
+        far.close()
+        sender.close()
+    finally:
+        owner.start()
+        await asyncio.get_running_loop().run_in_executor(None, owner.wait_ready)

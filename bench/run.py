@@ -133,6 +133,8 @@ class Bench:
                           f'base_url = "http://127.0.0.1:{upstream_port}/v1"']
             if name != "short":  # long replies would make each next request's history large
                 lines.append("history_messages = 0")
+            if spec.get("on_instance_lost"):
+                lines.append(f'on_instance_lost = "{spec["on_instance_lost"]}"')
             lines += [f"[pipelines.{name}.timeouts]", "first_token = 60", "stall = 60", "total = 900", ""]
         self.toml = os.path.join(self.workdir, "pipelines.toml")
         with open(self.toml, "w") as f:

@@ -21,7 +21,7 @@ BEAT = 1 / 3  # of the timeout: a heartbeat (and a look at everyone's) three tim
 
 
 class Liveness:
-    def __init__(self, store, instance_id, *, timeout=3.0, on_change=None):
+    def __init__(self, store, instance_id, *, timeout=1.5, on_change=None):
         self.store = store
         self.instance_id = instance_id
         self.timeout = timeout

@@ -257,8 +257,8 @@ OPTIONS = (
            "interrupted", unit="s", group="replies", minimum=0.1),
     Option("on_last_viewer_gone", str, "continue", "what a reply does when the last socket viewing its session "
            "closes", group="replies", choices=("continue", "stop")),
-    Option("liveness_timeout", float, 3.0, "--cluster: an instance not heard of (its heartbeat in the store) "
-           "for this long is gone, and its replies end at once", unit="s", group="cluster", minimum=0.3),
+    Option("liveness_timeout", float, 1.5, "--cluster: an instance not heard of (its heartbeat in the store) "
+           "for this long is gone: another goes on with its replies", unit="s", group="cluster", minimum=0.3),
     Option("instance_id", str, None, "this instance's name in logs, metrics and the store; none: host name:port",
            group="cluster", optional=True, metavar="NAME"),
     Option("cluster", bool, False, "run as one of several instances sharing --mongo-url (a replica set: change "

@@ -23,9 +23,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from datetime import datetime, timezone
 
-from pymongo import ASCENDING
 from pymongo.errors import OperationFailure, PyMongoError
 
 from services import events
@@ -51,7 +49,6 @@ class MongoBus(Bus):
                  online=lambda s: ()):
         super().__init__(instance_id, metrics=metrics)
         self.store = store
-        self.collection = store.db.events
         self.viewed_sessions = viewed_sessions  # () -> session ids with a viewer on this instance
         self.live_replies = live_replies        # session id -> the Generations live here (for a sync)
         self.online = online                    # session id -> users viewing it here (group sessions: presence)
@@ -70,7 +67,7 @@ class MongoBus(Bus):
         self._last_catch_up = time.monotonic()
 
     async def start(self):
-        await self.collection.create_index([("created", ASCENDING)], expireAfterSeconds=EVENTS_TTL)
+        await self.store.create_events_index(EVENTS_TTL)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._write_loop(), name="bus-write"),
                        loop.create_task(self._interest_loop(), name="bus-interest")]
@@ -144,9 +141,7 @@ class MongoBus(Bus):
 
     async def _write_some(self):
         batch = [self._outbox[i] for i in range(min(WRITE_BATCH, len(self._outbox)))]
-        now = datetime.now(timezone.utc)
-        await self.collection.insert_many([{"origin": self.instance_id, "created": now, "event": e} for e in batch],
-                                          ordered=True)
+        await self.store.insert_events(self.instance_id, batch)
         for _ in batch:
             self._outbox.popleft()
         if self._probe is not None and any(e.get("id") == self._probe["id"] for e in batch):
@@ -292,11 +287,10 @@ class MongoBus(Bus):
             opening = stream is None
             try:
                 if stream is None:
-                    options = {"resume_after": self.resume_token} if self.resume_token else {}
-                    stream = await self.collection.watch([{"$match": {"operationType": "insert"}}], **options)
+                    stream = await self.store.watch_events(self.resume_token)
                     if self._opened:
                         log.warning("bus: change stream reopened%s; resynchronizing followed replies",
-                                    " from its resume token" if options else "")
+                                    " from its resume token" if self.resume_token else "")
                         self._send_probe()
                         self._catch_up(resync=True)  # the fan-out re-reads what it follows (replylog.py)
                     self._opened = True

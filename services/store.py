@@ -563,6 +563,22 @@ class Store:
             {"$set": {"lease_until": 0, "handover": True}})
         return result.modified_count
 
+    # the cluster bus's events (services/mongo_bus.py): a TTL-indexed collection read through a change stream
+
+    async def create_events_index(self, ttl_seconds):
+        await self.db.events.create_index([("created", ASCENDING)], expireAfterSeconds=ttl_seconds)
+
+    @timed
+    async def insert_events(self, origin, events):
+        now = utcnow()
+        await self.db.events.insert_many([{"origin": origin, "created": now, "event": e} for e in events],
+                                         ordered=True)
+
+    async def watch_events(self, resume_token=None):
+        """Everyone's events as they are inserted (from `resume_token` on, when given)."""
+        options = {"resume_after": resume_token} if resume_token else {}
+        return await self.db.events.watch([{"$match": {"operationType": "insert"}}], **options)
+
     # instance liveness (services/liveness.py)
 
     @timed

@@ -1,7 +1,9 @@
 """REST: the LangBot-compatible /ws/* routes and Parley's native sessions API."""
+from datetime import datetime, timezone
+
 from handlers.base import BaseHandler
 from services import frames, paging, schema
-from services.auth import require_admin
+from services.auth import COOKIE, bearer_or_query_token, require_admin
 from services.chat import check_id, check_session_type
 from services.errors import BadRequest
 
@@ -39,6 +41,29 @@ class OpenAPIHandler(BaseHandler):
     def get(self):
         self.set_header("Content-Type", "application/json; charset=UTF-8")
         self.finish(schema.openapi_json())
+
+
+class AuthCookieHandler(BaseHandler):
+    """The web app's sign-in (Jupyter's pattern): POST with a Bearer credential sets an HttpOnly, SameSite=Strict
+    cookie holding it, so every tab of this browser is signed in; DELETE (Sign out) clears it. The cookie is
+    verified like a Bearer credential on every request; Tornado's cross-origin write protection and the
+    WebSocket origin check keep other sites from using it."""
+    public = True  # DELETE needs none: signing out always works
+
+    def post(self):
+        identity = self.identity = self.services.auth.identify(self.request)
+        expires = None if identity.expires_at is None else datetime.fromtimestamp(identity.expires_at, timezone.utc)
+        credential = bearer_or_query_token(self.request)
+        if credential:  # (none: --auth none, or signed in by this cookie already)
+            self.set_cookie(COOKIE, credential, path="/", expires=expires, httponly=True, samesite="Strict",
+                            secure=self.request.protocol == "https")
+        self.ok({"user_id": identity.user_id, "is_admin": identity.is_admin,
+                 "expires_at": expires and frames.timestamp(expires)})
+
+    def delete(self):
+        self.clear_cookie(COOKIE, path="/", httponly=True, samesite="Strict",
+                          secure=self.request.protocol == "https")
+        self.ok({"signed_out": True})
 
 
 class PipelinesHandler(BaseHandler):
@@ -218,6 +243,7 @@ class ResetHandler(BaseHandler):
 default_handlers = [
     (r"/", RootHandler),
     (r"/api/v1/pipelines", PipelinesHandler),
+    (r"/api/v1/auth/cookie", AuthCookieHandler),
     (r"/openapi.json", OpenAPIHandler),
     (P + r"/ws/messages/(?P<session_type>[^/]+)", LegacyHistoryHandler),
     (P + r"/ws/reset/(?P<session_type>[^/]+)", LegacyResetHandler),

@@ -714,6 +714,9 @@ S = P + "/sessions/{session_id}"
 REST_ROUTES = [
     ("get", "/", "the server, its pipelines and where to connect", None, 200, False),
     ("get", "/api/v1/pipelines", "the pipelines", None, 200, False),
+    ("post", "/api/v1/auth/cookie", "sign this browser in: an HttpOnly cookie holding the Bearer credential", None,
+     200, False),
+    ("delete", "/api/v1/auth/cookie", "sign this browser out: clear the cookie", None, 200, False),
     ("get", P + "/ws/messages/{session_type}", "LangBot: history of the implicit session", None, 200, False),
     ("post", P + "/ws/reset/{session_type}", "LangBot: reset the implicit session", None, 200, False),
     ("get", P + "/ws/connections", "LangBot: connections of a pipeline", None, 200, True),

@@ -182,14 +182,30 @@ async def close_services(services):
 def make_app(services):
     config = services.config
     deps = {"services": services}
+    own = ops.metrics_handlers if config.metrics_port is None else []  # else on make_metrics_app's listener
     routes = web_app.default_handlers + [  # the browser's `/` comes before the API's JSON `/`
         (pattern, handler, deps)
-        for pattern, handler in ws.default_handlers + api.default_handlers + ops.default_handlers]
+        for pattern, handler in ws.default_handlers + api.default_handlers + ops.default_handlers + own]
     return web.Application(
         routes, default_handler_class=NotFoundHandler, default_handler_args=deps,
         frame_ancestors=config.frame_ancestors,
         cross_origin_protection=True,  # cross-site REST writes: 403 (handlers/base.py check_trusted_origin)
         log_function=ops.log_function(services.metrics))
+
+
+def make_metrics_app(services):
+    """The --metrics-port listener's application: /metrics and nothing else."""
+    deps = {"services": services}
+    return web.Application([(pattern, handler, deps) for pattern, handler in ops.metrics_handlers],
+                           default_handler_class=NotFoundHandler, default_handler_args=deps,
+                           log_function=ops.log_function(services.metrics))
+
+
+def listen(app, port, host, **options):
+    try:
+        return app.listen(port, host, **options)
+    except OSError as exc:  # a port in use, an address not on this host: say so, no traceback
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def http_server_options(config):
@@ -215,16 +231,23 @@ async def serve(config, **made):
     services = await open_services(config, **made)
     logs.bind_process(instance=services.instance_id)
     app = make_app(services)
+    server = metrics_server = None
     try:
-        server = app.listen(config.port, config.host, **http_server_options(config))
-    except OSError as exc:  # a port in use, an address not on this host: say so, no traceback
+        server = listen(app, config.port, config.host, **http_server_options(config))
+        if config.metrics_port is not None:
+            metrics_server = listen(make_metrics_app(services), config.metrics_port, config.metrics_host)
+    except ListenError:
+        if server is not None:
+            server.stop()
         await close_services(services)
-        raise ListenError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
+        raise
     # Start-up's objects live as long as the process: frozen out of the cyclic collector (stream's fan-out and
     # relay runs, conn's idle connects: docs/performance.md)
     tune_gc()
     log.info("Parley listening on http://%s:%s/ (instance %s, auth %s)", config.host, config.port,
              services.instance_id, config.auth)
+    if metrics_server is not None:
+        log.info("metrics on http://%s:%s/metrics", config.metrics_host, config.metrics_port)
     if services.auth.mode == "token":
         banner(config, f"http://{config.host}:{config.port}/?token={services.auth.token}")
     found = None
@@ -238,6 +261,9 @@ async def serve(config, **made):
     try:
         await stopping.wait()
         await drain(services, server)
+        if metrics_server is not None:  # scraped to the end of the drain
+            metrics_server.stop()
+            await metrics_server.close_all_connections()
     finally:
         if found is not None:
             runtime.remove(found)

@@ -1,4 +1,8 @@
-"""Operations: /healthz, /readyz, /metrics (unauthenticated, cheap), and the access log + HTTP metrics hook."""
+"""Operations: /healthz, /readyz, /metrics (unauthenticated, cheap), and the access log + HTTP metrics hook.
+
+/metrics is served on the main listener, or with --metrics-port only on a listener of its own (loopback by default):
+the Prometheus convention, so what reaches the main port (the world, through a proxy) cannot scrape it.
+"""
 import asyncio
 import logging
 
@@ -79,5 +83,8 @@ def log_function(metrics):
 default_handlers = [
     (r"/healthz", HealthHandler),
     (r"/readyz", ReadyHandler),
+]
+# On the main listener, or alone on the --metrics-port one (server.make_metrics_app).
+metrics_handlers = [
     (r"/metrics", MetricsHandler),
 ]

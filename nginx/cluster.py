@@ -32,12 +32,19 @@ def nginx_binary():
     return NGINX if os.access(NGINX, os.X_OK) else shutil.which("nginx")
 
 
-def render_conf(workdir, *, port, backends, template=TEMPLATE):
-    """A complete nginx.conf: nginx/parley.conf inside an `http {}` whose state all lives in `workdir`."""
+SERVER_LINES = re.compile(r"(?m)^    server 127\.0\.0\.1:\d+( [^;\n]*)?;\n(?:    server [^\n]*\n)*")
+
+
+def render_conf(workdir, *, port, backends, down=(), template=TEMPLATE):
+    """A complete nginx.conf: nginx/parley.conf inside an `http {}` whose state all lives in `workdir`. Each
+    backend port gets the template's first `server` line's parameters as shipped; the ports in `down` are marked
+    `down` (ip_hash keeps the other clients where they are)."""
     body = Path(template).read_text()
-    servers = "".join(f"    server 127.0.0.1:{p} max_fails=2 fail_timeout=5s;\n" for p in backends)
-    body, n = re.subn(r"(?m)^    server 127\.0\.0\.1:\d+ [^\n]*\n(?:    server [^\n]*\n)*", servers, body)
-    assert n == 1, "nginx/parley.conf: upstream server lines not found"
+    found = SERVER_LINES.search(body)
+    assert found, "nginx/parley.conf: upstream server lines not found"
+    params = found.group(1) or ""
+    servers = "".join(f"    server 127.0.0.1:{p}{params}{' down' if p in down else ''};\n" for p in backends)
+    body = body[:found.start()] + servers + body[found.end():]
     body = re.sub(r"listen 127\.0\.0\.1:\d+;", f"listen 127.0.0.1:{port};", body)
     body = body.replace("/srv/parley/static/", f"{ROOT / 'static'}/")
     w = Path(workdir)
@@ -72,6 +79,7 @@ class Instance:
         self.index = index
         self.id = f"parley-{index + 1}"
         self.port = free_port()
+        self.metrics_port = free_port()
         self.proc = None
         self.log_path = Path(cluster.workdir) / f"{self.id}.log"
 
@@ -79,9 +87,14 @@ class Instance:
     def url(self):
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def metrics_url(self):
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
     def start(self):
         c = self.cluster
         cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(self.port),
+               "--metrics-port", str(self.metrics_port),
                "--mongo-url", c.mongo_url, "--db-name", c.db_name, "--instance-id", self.id,
                "--trusted-proxies", "127.0.0.1", "--cluster", *c.extra_args]
         if c.token:  # from a file: a secret on the command line shows in `ps`
@@ -94,8 +107,9 @@ class Instance:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}
         env.update(c.env)
         log = open(self.log_path, "ab")
+        # A session of its own: a terminal's Ctrl-C reaches the supervisor, which stops everything in order.
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
         return self
 
@@ -143,8 +157,7 @@ class Cluster:
         return next(i for i in self.instances if i.id == instance_id)
 
     def start(self, timeout=120):
-        binary = nginx_binary()
-        if binary is None:
+        if nginx_binary() is None:
             raise RuntimeError("nginx is not installed (Debian package nginx)")
         try:
             if self.mongo_url is None:
@@ -154,30 +167,46 @@ class Cluster:
                 inst.start()
             for inst in self.instances:
                 inst.wait_ready(timeout)
-            conf = self.workdir / "nginx.conf"
-            conf.write_text(render_conf(self.workdir, port=self.port, backends=[i.port for i in self.instances]))
-            log = open(self.workdir / "nginx.out", "ab")
-            self.nginx = subprocess.Popen([binary, "-p", str(self.workdir), "-c", str(conf), "-g", "daemon off;"],
-                                          stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-            log.close()
+            self.nginx = start_nginx(self.workdir, self.write_conf())
             wait_http(self.url + "/healthz", timeout, self.nginx, "nginx")
         except BaseException:
             self.stop()
             raise
         return self
 
+    def write_conf(self, down=()):
+        """nginx.conf for this cluster; the instances in `down` are marked `down`. Returns its path."""
+        conf = self.workdir / "nginx.conf"
+        conf.write_text(render_conf(self.workdir, port=self.port, backends=[i.port for i in self.instances],
+                                    down={i.port for i in down}))
+        return conf
+
     def stop(self):
-        if self.nginx is not None and self.nginx.poll() is None:
-            self.nginx.send_signal(signal.SIGQUIT)  # graceful: finish what is in flight
-            try:
-                self.nginx.wait(10)
-            except subprocess.TimeoutExpired:
-                self.nginx.kill()
-                self.nginx.wait()
+        stop_nginx(self.nginx)
         for inst in self.instances:
             inst.stop()
         if self.store is not None:
             self.store.stop()
+
+
+def start_nginx(workdir, conf):
+    """nginx in the foreground (`daemon off`) with its state in `workdir`: the Popen of its master."""
+    log = open(Path(workdir) / "nginx.out", "ab")
+    proc = subprocess.Popen([nginx_binary(), "-p", str(workdir), "-c", str(conf), "-g", "daemon off;"],
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    log.close()
+    return proc
+
+
+def stop_nginx(proc):
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGQUIT)  # graceful: finish what is in flight
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def main(argv=None):

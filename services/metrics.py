@@ -30,8 +30,7 @@ PROVIDER_ERRORS = (
 CLIENT_FRAMES = (*schema.CLIENT_TYPES, "unknown", "invalid")
 SERVER_FRAMES = (*schema.SERVER_TYPES, "other")
 CLOSE_REASONS = ("client", "server", "lost")
-# Server-initiated disconnects. slow and capacity come with the fan-out and limits issues; the codes map to
-# these in handlers/ws.py.
+# Server-initiated disconnects; handlers/ws.py maps close codes to these (slow: 4008, capacity: 1013).
 DISCONNECT_REASONS = ("slow", "capacity", "auth", "ping_timeout", "oversize", "invalid", "unavailable",
                       "shutdown", "other")
 STOP_OUTCOMES = ("local", "forwarded", "noop")

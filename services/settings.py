@@ -178,6 +178,10 @@ KiB = 1024
 OPTIONS = (
     Option("host", str, "127.0.0.1", "address to listen on"),
     Option("port", int, 8888, "TCP port to listen on", minimum=0, maximum=65535),
+    Option("metrics_port", int, None, "serve /metrics on this port of --metrics-host, for Prometheus only (the "
+           "main port then answers 404 for it); none: on the main port", optional=True, minimum=1,
+           maximum=65535, metavar="PORT"),
+    Option("metrics_host", str, "127.0.0.1", "address of the --metrics-port listener"),
     Option("mongo_url", str, None, "MongoDB URL; without one an embedded nx-27017 runs with its data in --data-dir",
            group="store", optional=True, secret=True, metavar="URL"),
     Option("db_name", str, "parley", "MongoDB database name", group="store"),

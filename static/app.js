@@ -392,10 +392,18 @@
     const client = new window.Parley.Client({url: wsUrl(), sessionId: session.session_id});
     state.client = client;
     const mine = (fn) => (e) => { if (state.client === client) fn(e); };
+    let last = null, refused = 0;  // attempts in a row whose socket never opened
     client.on("status", mine((e) => {
       if (e.connection === "closed" && e.code === 4401) {  // the token or JWT is no longer accepted
         return leave("Your sign-in was not accepted any more: sign in again.");
       }
+      if (e.connection === "open") {
+        refused = 0;
+        for (const n of $("notices").querySelectorAll("[data-key=refused]")) n.remove();
+      } else if (e.connection === "reconnecting" && last === "connecting" && ++refused >= 2) {
+        explainRefusal(client);
+      }
+      if (e.connection) last = e.connection;
       if (e.connection) setConnection(e);
       if (e.message_id) onReplyStatus(e);
     }));
@@ -434,6 +442,18 @@
       openPipeline(state.pipeline);
     }));
     client.connect();
+  }
+
+  /* A browser is not told why a WebSocket handshake failed. When the server answers HTTP all the same, the
+   * socket is being refused (a proxy that drops the Host header's port fails the same-origin check): say so
+   * rather than count down for ever. */
+  async function explainRefusal(client) {
+    let up = false;
+    try { up = (await fetch("/healthz", {cache: "no-store"})).ok; } catch (e) { /* down: the countdown says it */ }
+    if (!up || state.client !== client || client.state === "open") return;
+    notice("error", "The server answers, but refuses the live connection (its WebSocket handshake fails). If it " +
+      "sits behind a proxy, the proxy must pass WebSocket upgrades and the Host header as the browser sent it " +
+      "(nginx/README.md). Still retrying.", "refused");
   }
 
   /* Messages stored while this page was not connected (before its first connection, or during a drop): the

@@ -96,6 +96,12 @@ timeouts = {{ first_token = 10, stall = 10, total = 120 }}
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, mongo_url):
+    yield from running_cluster(tmp_path_factory, mongo_url)
+
+
+def running_cluster(tmp_path_factory, mongo_url, *more_args):
+    """Start the cluster (server options `more_args` after the suite's own: the last of a repeated one counts),
+    yield it, stop it and drop its database."""
     require(nginx_binary(), "nginx is not installed (Debian package nginx)")
     workdir = tmp_path_factory.mktemp("cluster")
     upstream_port = free_port()
@@ -106,7 +112,7 @@ def cluster(tmp_path_factory, mongo_url):
                 env={"PARLEY_JWT_SECRET": JWT_SECRET},
                 extra_args=["--auth", "jwt", "--lease-seconds", str(LEASE),
                             "--checkpoint-interval", "0.05", "--drain-timeout", "1", "--rate-limit", "1000", "--rate-burst", "1000",
-                            "--log-level", "info"])
+                            "--log-level", "info", *more_args])
     c.upstream_port = upstream_port
     c.start()
     yield c

@@ -246,7 +246,7 @@ async def test_sigstop_past_the_lease_then_sigcont_cannot_overwrite_the_final(cl
     assert final["status"] == "interrupted" and final["content"] == truth["content"]
 
     async def fenced():  # the woken owner tried to write, and was refused
-        code, text = await plain(owner.url + "/metrics")
+        code, text = await plain(owner.metrics_url)
         return re.search(r"^parley_fenced_writes_refused_total [1-9]", text, re.M)
     await wait_for(fenced)
     after = stored(cluster, got.message_id)

@@ -1,4 +1,5 @@
-"""A real Prometheus scrapes a running Parley: `up` becomes 1 and the chats we drive show in its queries."""
+"""A real Prometheus scrapes a running Parley on its --metrics-port listener (loopback): `up` becomes 1 and the chats
+we drive show in its queries; the main port does not serve /metrics."""
 import asyncio
 import json
 import os
@@ -10,6 +11,7 @@ import urllib.parse
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
+import server
 from tests.conftest import require
 
 CHATS = 3
@@ -23,7 +25,27 @@ def free_port():
 
 
 @pytest.fixture
-def prometheus(tmp_path, http_port, http_server):
+def metrics_port():
+    return free_port()
+
+
+@pytest.fixture
+def config(config, metrics_port):
+    """conftest's Parley settings, with /metrics on a listener of its own (--metrics-port)."""
+    config.metrics_port = metrics_port
+    return config
+
+
+@pytest.fixture
+def metrics_listener(services, metrics_port, io_loop):
+    """What server.serve() listens on for --metrics-port: server.make_metrics_app on --metrics-host."""
+    listener = server.make_metrics_app(services).listen(metrics_port, services.config.metrics_host)
+    yield f"http://{services.config.metrics_host}:{metrics_port}"
+    listener.stop()
+
+
+@pytest.fixture
+def prometheus(tmp_path, http_server, metrics_listener, metrics_port):
     """Start `prometheus` scraping the test's Parley every second; yields its base URL."""
     binary = shutil.which("prometheus")
     require(binary, "the `prometheus` binary is not installed (Debian package prometheus)")
@@ -32,7 +54,7 @@ def prometheus(tmp_path, http_port, http_server):
     config.write_text(
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n"
         "scrape_configs:\n  - job_name: parley\n    metrics_path: /metrics\n"
-        f"    static_configs:\n      - targets: ['127.0.0.1:{http_port}']\n")
+        f"    static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n")
     log = open(tmp_path / "prometheus.log", "wb")
     proc = subprocess.Popen(
         [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
@@ -73,8 +95,11 @@ async def until(base, promql, expected, timeout=60):
 
 
 @pytest.mark.gen_test(timeout=120)
-async def test_prometheus_scrapes_parley(prometheus, connect):
+async def test_prometheus_scrapes_parley(prometheus, connect, base_url, metrics_listener):
     await until(prometheus, 'up{job="parley"}', 1.0)
+    # /metrics lives on its own listener only; that listener serves nothing else
+    assert (await AsyncHTTPClient().fetch(base_url + "/metrics", raise_error=False)).code == 404
+    assert (await AsyncHTTPClient().fetch(metrics_listener + "/healthz", raise_error=False)).code == 404
     c = await connect()
     for i in range(CHATS):
         ack = await c.say(f"chat {i}")

@@ -139,7 +139,7 @@ def test_the_rest_routes_are_declared_once_and_documented():
     undeclared = [(p, h.__name__, m) for p, h, *_ in api.default_handlers for m in schema.HTTP_METHODS
                   if getattr(h, m) is not getattr(BaseHandler, m) and not hasattr(getattr(h, m), "api")]
     assert undeclared == []
-    operations = {("GET", p) for p, *_ in ops.default_handlers}
+    operations = {("GET", p) for p, *_ in ops.default_handlers + ops.metrics_handlers}
     assert doc_routes() == served | operations
 
 

@@ -24,12 +24,13 @@ import time
 from pymongo import AsyncMongoClient
 from tornado import web
 
-from handlers import api, ops, web as web_app, ws
+from handlers import api, files as files_api, ops, web as web_app, ws
 from handlers.base import NotFoundHandler
 from services import events, logs, runtime, settings
 from services.auth import Authenticator, check_jwt_secret
 from services.batching import Admission
 from services.chat import ChatService
+from services.files import Files
 from services.embedded_mongo import EmbeddedMongo, EmbeddedMongoError
 from services.bus import Bus, LocalBus
 from services.mongo_bus import MongoBus
@@ -41,6 +42,7 @@ from services.metrics import Metrics
 from services.pipelines import PipelineConfigError, api_key, default_pipelines, load_pipelines
 from services.reaper import Reaper
 from services.resume import Resumer
+from services.signing import Signer
 from services.store import Store
 from services.streams import StreamManager
 
@@ -59,6 +61,7 @@ class Services:
     fanout: FanOut
     streams: StreamManager
     chat: ChatService
+    files: Files
     resumer: Resumer
     reaper: Reaper
     pipelines: object
@@ -122,10 +125,13 @@ async def open_services(config, *, pipelines=None, provider_factory=None, auth=N
     streams = StreamManager(store, bus, pipelines, instance_id=instance_id,
                             checkpoint_interval=config.checkpoint_interval, lease_seconds=config.lease_seconds,
                             max_queued=config.max_queued, metrics=metrics, cluster=config.cluster, **extra)
-    chat = ChatService(store, hub, fanout, bus, streams, pipelines,
+    signer = Signer(await store.signing_key())
+    files = Files(store, signer, max_image=config.max_image_size, max_document=config.max_document_size,
+                  quota=config.file_quota, link_ttl=config.file_link_ttl, metrics=metrics)
+    chat = ChatService(store, hub, fanout, bus, streams, pipelines, files=files,
                        limiter=RateLimiter(config.rate_limit, config.rate_burst),
                        on_last_viewer_gone=config.on_last_viewer_gone, max_members=config.max_members,
-                       max_image_size=config.max_image_size,
+                       max_image_size=config.max_image_size, max_document_size=config.max_document_size,
                        admission=Admission(config.send_concurrency, config.send_queue, config.store_timeout))
     resumer = Resumer(store, fanout, streams, chat, metrics)
     reaper = Reaper(store, bus, streams, lease_seconds=config.lease_seconds)
@@ -136,7 +142,7 @@ async def open_services(config, *, pipelines=None, provider_factory=None, auth=N
     keepalive = Keepalive(hub, ping_interval=config.ping_interval, ping_timeout=config.ping_timeout)
     keepalive.start()
     return Services(config=config, client=client, store=store, hub=hub, bus=bus, fanout=fanout, streams=streams,
-                    chat=chat,
+                    chat=chat, files=files,
                     resumer=resumer, reaper=reaper, pipelines=pipelines, auth=auth, instance_id=instance_id,
                     metrics=metrics, keepalive=keepalive)
 
@@ -185,7 +191,8 @@ def make_app(services):
     own = ops.metrics_handlers if config.metrics_port is None else []  # else on make_metrics_app's listener
     routes = web_app.default_handlers + [  # the browser's `/` comes before the API's JSON `/`
         (pattern, handler, deps)
-        for pattern, handler in ws.default_handlers + api.default_handlers + ops.default_handlers + own]
+        for pattern, handler in ws.default_handlers + api.default_handlers + files_api.default_handlers
+        + ops.default_handlers + own]
     return web.Application(
         routes, default_handler_class=NotFoundHandler, default_handler_args=deps,
         frame_ancestors=config.frame_ancestors,

@@ -50,7 +50,7 @@ class OpenAPIHandler(BaseHandler):
     @api("this API as OpenAPI 3.1")
     def get(self):
         if OpenAPIHandler.document is None:
-            OpenAPIHandler.document = msgspec.json.encode(schema.openapi(default_handlers))
+            OpenAPIHandler.document = msgspec.json.encode(schema.openapi(rest_routes()))
         self.set_header("Content-Type", "application/json; charset=UTF-8")
         self.finish(OpenAPIHandler.document)
 
@@ -289,3 +289,9 @@ default_handlers = [
     (S + r"/stop", StopHandler),
     (S + r"/reset", ResetHandler),
 ]
+
+
+def rest_routes():
+    """Every REST route list whose methods declare themselves with @api (what /openapi.json documents)."""
+    from handlers import files
+    return default_handlers + files.default_handlers

@@ -49,6 +49,11 @@ def error_reason(status_code, write_error_kwargs):
 @web.stream_request_body  # prepare() runs on the headers: Host, origin, credentials and size before any body
 class BaseHandler(web.RequestHandler):
     public = False  # True: no credentials needed (health checks, metrics)
+    body_types = ("application/json",)  # what a request body may be (handlers/files.py: multipart uploads)
+
+    def body_limit(self):
+        """The largest body this route takes (--max-body-size; an upload route: its file's limit)."""
+        return self.services.config.max_body_size
 
     def initialize(self, services):
         self.services = services
@@ -95,12 +100,15 @@ class BaseHandler(web.RequestHandler):
             self.identity = self.services.auth.identify(self.request)
             if (declared := self.declared()) is not None and declared.admin:
                 require_admin(self.identity)
-        guards.check_json_body(self.request)
+        guards.check_json_body(self.request, self.body_types)
         if "Transfer-Encoding" in self.request.headers:  # so the size is known before the body is read
             raise LengthRequired("send the request body with a Content-Length")
+        limit = self.body_limit()
         length = self.request.headers.get("Content-Length", "0")
-        if not length.isdigit() or int(length) > config.max_body_size:
-            raise PayloadTooLarge(f"the request body is larger than {config.max_body_size} bytes")
+        if not length.isdigit() or int(length) > limit:
+            raise PayloadTooLarge(f"the request body is larger than {limit} bytes")
+        if limit > config.max_body_size:  # the server's own cap is --max-body-size: this route reads more
+            self.request.connection.set_max_body_size(limit)
 
     def check_trusted_origin(self, origin):
         """Tornado's cross_origin_protection asks this for a write that looks cross-origin."""

@@ -3,18 +3,16 @@
 Every operation takes the caller's Identity and checks access here, once, for both transports.
 """
 import asyncio
-import base64
-import binascii
 import hashlib
 import logging
-import re
 
 from pymongo.errors import DuplicateKeyError
 
 from services import events, frames, paging, schema
+from services.compose import MAX_IMAGE, compose
 from services.numbers import Numbers
 from services.ordering import SEQS_PER_SEND
-from services.errors import BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge
+from services.errors import BadRequest, Conflict, Forbidden, NotFound
 from services.store import new_id, session_position, utcnow
 
 log = logging.getLogger(__name__)
@@ -25,8 +23,6 @@ MAX_MEMBERS = 256        # default of --max-members: a session document stays sm
 MAX_TITLE = 200
 AUTO_TITLE = 60          # characters of the first message that name an untitled session
 MAX_VIEWED = 64          # sessions one connection may view at once (session.join)
-MAX_IMAGE = 512 * 1024   # default of --max-image-size: bytes of one image, decoded
-_DATA_URI = re.compile(r"^data:image/[a-z0-9.+-]{1,32};base64$", re.IGNORECASE)
 KNOWN_SESSIONS = 10_000  # sessions whose id, pipeline and type are kept in memory for sends
 
 
@@ -41,105 +37,6 @@ def check_id(value, what):
     if not isinstance(value, str) or not value or len(value) > 128:
         raise BadRequest(f"{what} must be a non-empty string of at most 128 characters", code="invalid_param")
     return value
-
-
-def compose(chain, pipeline, *, max_image=MAX_IMAGE):
-    """A decoded chain (services/schema.py) -> (text for the model, image URLs, the chain to store).
-
-    Plain is text, At/AtAll are `@name`/`@all`, Quote puts the quoted message first as context; Image goes to
-    pipelines whose `inputs` include "image", Voice and File to those declaring "voice"/"file"; any other is
-    refused with the reason. The stored chain is the one sent, minus unknown fields.
-    """
-    parts, images = [], []
-    for component in chain:
-        if isinstance(component, schema.Quote):
-            quoted, quoted_images = _compose_parts(component.origin, pipeline, max_image)
-            images += quoted_images
-            if quoted.strip():
-                parts.append("\n".join("> " + line for line in quoted.splitlines()) + "\n")
-        else:
-            text, more = _compose_parts([component], pipeline, max_image)
-            parts.append(text)
-            images += more
-    text = "".join(parts)
-    if not text.strip() and not images:
-        raise BadRequest("message text is empty", code="invalid_message")
-    if len(text) > MAX_TEXT:
-        raise BadRequest(f"message text is longer than {MAX_TEXT} characters", code="message_too_long")
-    return text, images, schema.to_builtins(chain)
-
-
-def _compose_parts(components, pipeline, max_image):
-    parts, images = [], []
-    for c in components:
-        if isinstance(c, schema.Plain):
-            parts.append(c.text)
-        elif isinstance(c, schema.At):
-            parts.append(f"@{c.display or c.target}")
-        elif isinstance(c, schema.AtAll):
-            parts.append("@all")
-        elif isinstance(c, schema.Image):
-            images.append(_image_url(c, pipeline, max_image))
-        elif isinstance(c, schema.Voice):
-            _accepts(pipeline, "voice", "voice messages")
-            parts.append("[voice message]")
-        elif isinstance(c, schema.File):
-            _accepts(pipeline, "file", "files")
-            parts.append(f"[file: {c.name or c.id or 'unnamed'}]")
-    return "".join(parts), images
-
-
-def _accepts(pipeline, kind, what):
-    if kind not in pipeline.inputs:
-        raise BadRequest(f"pipeline {pipeline.id!r} does not accept {what} (its inputs: "
-                         f"{', '.join(pipeline.inputs)})", code="unsupported_component")
-
-
-def _image_url(image, pipeline, max_image):
-    _accepts(pipeline, "image", "images")
-    if image.url:
-        return image.url
-    if image.base64:
-        return inline_image(image.base64, max_image)
-    raise BadRequest("an Image needs a `url` (http or https) or `base64`", code="invalid_message")
-
-
-def inline_image(value, max_bytes):
-    """An Image's `base64` (raw, or a data: URI) -> a data: URI naming the type its bytes have. Only what vision
-    models take (PNG, JPEG, GIF, WebP), at most `max_bytes` once decoded; the bytes decide the type, not a label."""
-    label, sep, data = value.partition(",")
-    if not sep:
-        label, data = "", value
-    elif not _DATA_URI.match(label):
-        raise BadRequest("an Image's base64 must be raw base64 or a data:image/...;base64, URI",
-                         code="invalid_image")
-    if len(data) > (max_bytes + 2) // 3 * 4 + 4:
-        raise PayloadTooLarge(f"an image is larger than {max_bytes} bytes (--max-image-size)",
-                              code="image_too_large", max_bytes=max_bytes)
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise BadRequest("an Image's base64 is not valid base64", code="invalid_image") from None
-    if len(raw) > max_bytes:
-        raise PayloadTooLarge(f"an image is larger than {max_bytes} bytes (--max-image-size)",
-                              code="image_too_large", max_bytes=max_bytes)
-    kind = image_type(raw)
-    if kind is None:
-        raise BadRequest("an image must be PNG, JPEG, GIF or WebP", code="invalid_image")
-    return f"data:image/{kind};base64,{data}"
-
-
-def image_type(raw):
-    """PNG, JPEG, GIF or WebP by their magic bytes; None for anything else."""
-    if raw.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if raw.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if raw[:6] in (b"GIF87a", b"GIF89a"):
-        return "gif"
-    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
-        return "webp"
-    return None
 
 
 def title_from(text, images=()):
@@ -157,9 +54,11 @@ def default_session_id(pipeline, session_type, user_id):
 
 
 class ChatService:
-    def __init__(self, store, hub, fanout, bus, streams, pipelines, *, limiter=None,
+    def __init__(self, store, hub, fanout, bus, streams, pipelines, *, files, limiter=None,
                  on_last_viewer_gone="continue", max_members=MAX_MEMBERS, max_image_size=MAX_IMAGE,
-                 admission):
+                 max_document_size=None, admission):
+        self.files = files        # services/files.py: a chain's files are stored and checked before its message
+        self.max_document_size = max_document_size
         self.limiter = limiter
         self.admission = admission  # services/batching.py: --send-concurrency inside, --send-queue waiting
         self.max_image_size = max_image_size
@@ -340,9 +239,17 @@ class ChatService:
     async def send(self, identity, session, chain, *, stream=True, client_msg_id=None, connection_id=""):
         """Persist the user's message and accept a reply. Returns (user_doc, reply_doc, duplicate).
         `connection_id`: the sending WebSocket's (LangBot's echo names it), "" over REST."""
-        text, images, chain = compose(chain, self.pipelines.get(session["pipeline"]), max_image=self.max_image_size)
+        pipeline = self.pipelines.get(session["pipeline"])
+        composed = compose(chain, pipeline, max_image=self.max_image_size, max_document=self.max_document_size)
+        images = ()
+        if composed.attachments:  # stored (or checked) and readable by the session's members before it is
+            await self.files.ingest(identity, composed.attachments)
+            await self.files.reference(composed.attachments, session["_id"])
+        if composed.images:
+            images = await self.files.for_model(composed.images, pipeline)
         async with self.admission.slot():  # a burst waits its turn here, not in the driver (services/batching.py)
-            return await self._send(identity, session, text, images, chain, stream, client_msg_id, connection_id)
+            return await self._send(identity, session, composed.text, images, composed.chain, stream,
+                                    client_msg_id, connection_id)
 
     async def _send(self, identity, session, text, images, chain, stream, client_msg_id, connection_id):
         if client_msg_id is not None:
@@ -474,7 +381,11 @@ class ChatService:
             raise NotFound("the message this reply answered is gone", code="message_not_found")
         pipeline = self.pipelines.get(session["pipeline"])
         chain = schema.decode_chain(question.get("chain") or frames.chain(question.get("content", "")))
-        text, images, _ = compose(chain, pipeline, max_image=self.max_image_size)
+        composed = compose(chain, pipeline, max_image=self.max_image_size, max_document=self.max_document_size)
+        if composed.attachments:  # the question's stored files, for the model again
+            await self.files.ingest(identity, composed.attachments)
+        text = composed.text
+        images = await self.files.for_model(composed.images, pipeline) if composed.images else ()
         self.streams.check_capacity(sid)
         await self.streams.check_shared_capacity(sid, session["pipeline"])
         if self.limiter is not None:

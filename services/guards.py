@@ -34,13 +34,14 @@ def check_host(request, config):
     raise HostNotAllowed(f"this server does not answer to the host name {name!r} (see --allowed-hosts)")
 
 
-def check_json_body(request):
-    """A non-empty body must say it is JSON."""
+def check_json_body(request, media_types=("application/json",)):
+    """A non-empty body must say it is JSON (or, on an upload route, multipart/form-data: those need
+    credentials a cross-site form cannot send, and Tornado's cross-origin check)."""
     if request.method in SAFE_METHODS:
         return
     length = request.headers.get("Content-Length", "0")
     if length == "0" and "Transfer-Encoding" not in request.headers:
         return
     media = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
-    if media != "application/json":
-        raise UnsupportedMediaType("a request body must be JSON (Content-Type: application/json)")
+    if media not in media_types:
+        raise UnsupportedMediaType(f"a request body must be {' or '.join(media_types)} (Content-Type)")

@@ -40,6 +40,9 @@ BUS_EVENTS = ("user_message", "reply.regenerate", "reply.started", "reply.delta"
               "broadcast", "push", "reconnect", "interest", "other")
 STREAMED_KINDS = ("text", "thinking")
 TOKEN_KINDS = ("prompt", "completion")
+FILE_KINDS = ("image", "document")
+FILE_SOURCES = ("upload", "inline")   # a multipart upload, or base64 in a message (stored as a file)
+FILE_ACCESS = ("member", "link")      # read with credentials (owner, member, admin), or by a signed link
 
 disable_created_metrics()  # a `_created` twin for every counter and histogram doubles the series for no query
 
@@ -143,6 +146,13 @@ class Metrics:
         self.followed_replies = Gauge("parley_followed_replies", "Replies generating on another instance that "
                                       "connections here view (their deltas cross the bus)", registry=r)
 
+        self.files_stored = Counter("parley_files_stored", "Files stored (each once: the same bytes of one owner "
+                                    "again are the same file), by kind and how they came", ("kind", "source"),
+                                    registry=r)
+        self.file_bytes = Counter("parley_files_stored_bytes", "Bytes of the files stored", ("kind",), registry=r)
+        self.files_served = Counter("parley_files_served", "File downloads answered, by kind and access",
+                                    ("kind", "access"), registry=r)
+
         self.http_duration = Histogram("parley_http_request_duration_seconds",
                                        "HTTP requests (WebSocket upgrades included), by handler class and status",
                                        ("handler", "status"), buckets=FAST_BUCKETS, registry=r)
@@ -188,6 +198,12 @@ class Metrics:
             self.bus_received.labels(event)
         for op in STORE_OPERATIONS:
             self.store_errors.labels(op)
+        for kind in FILE_KINDS:
+            self.file_bytes.labels(kind)
+            for source in FILE_SOURCES:
+                self.files_stored.labels(kind, source)
+            for access in FILE_ACCESS:
+                self.files_served.labels(kind, access)
 
     def pipeline(self, pipeline_id):
         """The label for a configured pipeline; None (record nothing) for any other."""
@@ -239,6 +255,13 @@ class Metrics:
                 if counts[i]:
                     child.inc(counts[i])
                     counts[i] = 0
+
+    def file_stored(self, kind, source, size):
+        self.files_stored.labels(kind, source).inc()
+        self.file_bytes.labels(kind).inc(size)
+
+    def file_served(self, kind, access):
+        self.files_served.labels(kind, access).inc()
 
     def disconnected(self, reason):
         self.disconnects.labels(_known(reason, DISCONNECT_REASONS, "other")).inc()

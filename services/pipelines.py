@@ -47,6 +47,7 @@ class Pipeline:
     options: dict = field(default_factory=dict)  # provider-specific
     inputs: tuple = ("text",)   # what its model takes besides text: "image", "voice", "file" (message components)
     embed: str = ""             # the bot id LangBot's embed widget connects with (/api/v1/embed/<embed>/ws/connect)
+    files_url: str = ""         # Parley's base URL as the upstream reaches it: images go as signed links, not inline
 
     def public(self):
         """What clients may see: no secrets, no environment variable names."""
@@ -186,6 +187,8 @@ _PIPELINE_FIELDS = {
     "inputs": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings",
                (lambda v: "text" in v and set(v) <= set(INPUTS), f"must list text and any of image, voice, file")),
     "embed": (_str, "a string", (lambda v: v == "" or ID_RE.match(v), "must be 1-64 letters, digits, '_' or '-'")),
+    "files_url": (_str, "a string", (lambda v: v == "" or re.match(r"^https?://[^/\s]+(/[^\s]*)?$", v),
+                                     "must be an http:// or https:// URL (Parley's, as the upstream reaches it)")),
 }
 _TIMEOUT_FIELDS = {f.name for f in fields(Timeouts)}
 

@@ -63,14 +63,19 @@ class AtAll(Struct, tag="AtAll", tag_field="type", omit_defaults=True):
     pass
 
 
+FileKey = Annotated[str, Meta(max_length=64, description="a stored file's key (POST /api/v1/files/images|documents)")]
+
+
 class Image(Struct, tag="Image", tag_field="type", omit_defaults=True):
     image_id: Name = ""
+    path: FileKey = ""
     url: Url = ""
     base64: Inline = ""
 
 
 class Voice(Struct, tag="Voice", tag_field="type", omit_defaults=True):
     voice_id: Name = ""
+    path: FileKey = ""
     url: Url = ""
     base64: Inline = ""
     length: Count = 0
@@ -80,6 +85,7 @@ class File(Struct, tag="File", tag_field="type", omit_defaults=True):
     id: Name = ""
     name: Name = ""
     size: Count = 0
+    path: FileKey = ""
     url: Url = ""
     base64: Inline = ""
 

@@ -225,6 +225,12 @@ OPTIONS = (
     Option("max_image_size", int, 512 * KiB, "largest image in a message, decoded (larger: `image_too_large`); "
            "the base64 of an image this size needs a REST body (`--max-body-size`) or frame a third larger",
            unit="bytes", group="limits", minimum=1),
+    Option("max_document_size", int, 4096 * KiB, "largest document or voice file (upload or inline; larger: "
+           "`file_too_large`)", unit="bytes", group="limits", minimum=1),
+    Option("file_quota", int, 100 * 1024 * KiB, "bytes of files one user may store (uploads and inline images; "
+           "more: `quota_exceeded`)", unit="bytes", group="limits", minimum=0),
+    Option("file_link_ttl", float, 3600.0, "how long a signed link to a file (for an upstream model, or an "
+           "image in a widget's history) stays valid, at least", unit="s", group="limits", minimum=0.1),
     Option("max_body_size", int, 1024 * KiB, "largest REST request body (larger: 413 before it is read)",
            unit="bytes", group="limits", minimum=1),
     Option("http_idle_timeout", float, 30.0, "time an HTTP connection may take to send its request headers, "

@@ -7,10 +7,12 @@ Times are timezone-aware UTC datetimes, except `lease_until`: epoch seconds, com
 nx-27017 turns a datetime written by $set into a string). Ids are uuid4 hex strings.
 """
 import logging
+import os
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
+from bson import Binary
 from pymongo import ASCENDING, DESCENDING, InsertOne, ReturnDocument, UpdateOne
 from pymongo.errors import BulkWriteError, DuplicateKeyError, WriteError
 
@@ -25,6 +27,7 @@ EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 TERMINAL = ("completed", "stopped", "failed", "timeout", "interrupted")
 LIVE = ("queued", "streaming")
 STOP_FIELDS = {"stop_requested": 1, "status": 1}
+FILE_CHUNK = 255 * 1024  # bytes of a file per `file_chunks` document (GridFS's default chunk)
 UPDATED_MS_MIGRATION = "sessions.updated_ms"  # the marker of _add_updated_ms in the `migrations` collection
 FENCE_FIELDS = {"stop_requested": 1, "status": 1, "epoch": 1, "length": 1, "thinking_length": 1}
 
@@ -83,6 +86,8 @@ class Store:
         self.db = client[db_name]
         self.sessions = self.db.sessions
         self.messages = self.db.messages
+        self.files = self.db.files
+        self.file_chunks = self.db.file_chunks
         batched = lambda name: (lambda size: self.metrics.store_batched(name, size))  # noqa: E731
         self._inserts = GroupCommit(self._insert_batch, on_batch=batched("insert_messages"))
         self._checkpoints = GroupCommit(self._checkpoint_batch, on_batch=batched("checkpoint"))
@@ -102,6 +107,8 @@ class Store:
                                          partialFilterExpression={"client_msg_id": {"$type": "string"}})
         await self.messages.create_index([("status", ASCENDING), ("lease_until", ASCENDING)])
         await self.messages.create_index([("reply_to", ASCENDING)])
+        await self.files.create_index([("owner", ASCENDING), ("sha256", ASCENDING)])
+        await self.file_chunks.create_index([("file", ASCENDING)])
         await self._add_updated_ms()
 
     async def _add_updated_ms(self):
@@ -556,6 +563,66 @@ class Store:
             await self.sessions.update_one({"_id": session_id}, {"$max": {"reset_seq": session.get("next_seq", 0)}})
         result = await self.messages.delete_many({"session_id": session_id})
         return result.deleted_count
+
+    # files: bytes in `file_chunks` (FILE_CHUNK bytes each), metadata in `files`, never inside a message
+
+    @timed
+    async def signing_key(self):
+        """The key every instance signs file links and visitor tokens with, made once per store."""
+        doc = await self.db.meta.find_one({"_id": "signing_key"})
+        if doc is None:
+            try:
+                await self.db.meta.insert_one({"_id": "signing_key", "key": Binary(os.urandom(32))})
+            except DuplicateKeyError:
+                pass  # another instance made it first
+            doc = await self.db.meta.find_one({"_id": "signing_key"})
+        return bytes(doc["key"])
+
+    @timed
+    async def insert_file(self, doc, data):
+        """The chunks first, then the document that makes them visible: a file that can be found is whole."""
+        chunks = [{"_id": f"{doc['_id']}:{n}", "file": doc["_id"], "n": n,
+                   "data": Binary(data[start:start + FILE_CHUNK])}
+                  for n, start in enumerate(range(0, len(data), FILE_CHUNK))]
+        if chunks:
+            await self.file_chunks.insert_many(chunks)
+        await self.files.insert_one({**doc, "chunks": len(chunks)})
+        return doc
+
+    @timed
+    async def find_file(self, key):
+        return await self.files.find_one({"_id": key})
+
+    @timed
+    async def find_file_by_hash(self, owner, kind, sha256):
+        return await self.files.find_one({"owner": owner, "kind": kind, "sha256": sha256})
+
+    @timed
+    async def read_file(self, doc):
+        ids = [f"{doc['_id']}:{n}" for n in range(doc["chunks"])]
+        found = {c["_id"]: c["data"] async for c in self.file_chunks.find({"_id": {"$in": ids}})}
+        if len(found) != len(ids):
+            raise NotFound(f"file {doc['_id']!r} is incomplete", code="file_not_found")
+        return b"".join(bytes(found[i]) for i in ids)
+
+    @timed
+    async def file_usage(self, owner):
+        doc = await self.db.file_usage.find_one({"_id": owner})
+        return doc["bytes"] if doc else 0
+
+    @timed
+    async def add_file_usage(self, owner, size):
+        await self.db.file_usage.update_one({"_id": owner}, {"$inc": {"bytes": size, "files": 1}}, upsert=True)
+
+    @timed
+    async def add_file_refs(self, keys, session_id):
+        """The session's messages show these files: its members may read them."""
+        await self.files.update_many({"_id": {"$in": list(keys)}}, {"$addToSet": {"sessions": session_id}})
+
+    @timed
+    async def is_member_of_any(self, session_ids, user):
+        return await self.sessions.find_one({"_id": {"$in": list(session_ids)}, "members": {"$in": [user]}},
+                                            {"_id": 1}) is not None
 
 
 

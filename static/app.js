@@ -21,7 +21,6 @@
   const MAX_PICKED = 20 * 1024 * 1024;  // bytes of a chosen file, before it is shrunk to fit
   const MAX_IMAGES = 4;                 // per message
   const MAX_SIDE = 2048;                // px: a shrunk photo's longest side at most
-  const BODY_MARGIN = 64 * 1024;        // of the REST body, kept for the text and JSON around the images
   const DATA_IMAGE = /^data:image\/(png|jpeg|gif|webp);base64,[A-Za-z0-9+/]+={0,2}$/;
 
   const $ = (id) => document.getElementById(id);
@@ -145,9 +144,10 @@
     const o = options || {};
     const headers = {Accept: "application/json"};
     if (o.token) headers.Authorization = "Bearer " + o.token;
-    if (o.body !== undefined) headers["Content-Type"] = "application/json";
+    const form = o.body instanceof FormData;  // an upload: the browser sets the multipart Content-Type
+    if (o.body !== undefined && !form) headers["Content-Type"] = "application/json";
     const res = await fetch(path, {method: o.method || "GET", headers, cache: "no-store", credentials: "same-origin",
-      body: o.body === undefined ? undefined : JSON.stringify(o.body)});
+      body: o.body === undefined || form ? o.body : JSON.stringify(o.body)});
     if (res.status === 401 && state.user && !o.signingIn) leave("Your sign-in was not accepted any more: sign in again.");
     let payload = null;
     try { payload = await res.json(); } catch (e) { /* not JSON */ }
@@ -573,19 +573,37 @@
     } else if (box) box.remove();
   }
 
-  /* The images of a message chain: inline ones as <img> (only data:image/png|jpeg|gif|webp, base64), linked
-   * ones as a link (the page's CSP loads images from this origin and data: only). */
+  /* The images of a message chain: stored ones (`path`) fetched with the token, inline ones as <img> (only
+   * data:image/png|jpeg|gif|webp, base64), linked ones as a link (the page's CSP loads images from this origin,
+   * data: and blob: only). */
   function chainImages(chain) {
     const out = [];
     for (const c of Array.isArray(chain) ? chain : []) {
       if (!c || c.type !== "Image") continue;
       const src = typeof c.base64 === "string" ? imageSrc(c.base64) : null;
-      if (src) out.push(el("img", {src, alt: "Attached image", loading: "lazy"}));
+      if (typeof c.path === "string" && c.path) out.push(storedImage(c.path));
+      else if (src) out.push(el("img", {src, alt: "Attached image", loading: "lazy"}));
       else if (typeof c.url === "string" && /^https?:\/\//i.test(c.url)) {
         out.push(el("a", {href: c.url, target: "_blank", rel: "noopener noreferrer nofollow", text: "Image: " + c.url}));
       }
     }
     return out;
+  }
+
+  const storedImages = new Map();  // key -> blob: URL (a file never changes)
+
+  function storedImage(key) {
+    const img = el("img", {alt: "Attached image"});
+    const known = storedImages.get(key);
+    if (known) { img.src = known; return img; }
+    fetch("/api/v1/files/image/" + encodeURIComponent(key), {credentials: "same-origin"})  // the sign-in cookie
+      .then((res) => res.ok ? res.blob() : null)
+      .then((blob) => {
+        if (!blob) return;
+        if (!storedImages.has(key)) storedImages.set(key, URL.createObjectURL(blob));
+        img.src = storedImages.get(key);
+      }, () => {});
+    return img;
   }
 
   function imageSrc(value) {
@@ -806,11 +824,19 @@
     return true;
   }
 
-  /* A message with images goes over REST: a WebSocket frame is too small for a photo (--max-message-size).
-   * Its echo and its reply reach this page over the WebSocket like any other. */
+  /* A message with images: each is uploaded (a WebSocket frame is too small for a photo, --max-message-size)
+   * and the message names it by key. Its echo and its reply reach this page over the WebSocket like any other. */
   async function sendOverRest(session, text, images, clientMsgId) {
     const chain = text.trim() ? [{type: "Plain", text}] : [];
-    for (const a of images) chain.push({type: "Image", base64: await dataUrl(a.blob)});
+    for (const a of images) {
+      const form = new FormData();
+      form.append("file", a.blob, a.name || "image");
+      try {
+        chain.push({type: "Image", path: (await api("/api/v1/files/images", {method: "POST", body: form})).key});
+      } catch (e) {
+        throw {code: e.code, message: e.message};
+      }
+    }
     return postMessage(session, chain, clientMsgId);
   }
 
@@ -821,15 +847,6 @@
     } catch (e) {
       throw {code: e.code, message: e.message};
     }
-  }
-
-  function dataUrl(blob) {
-    return new Promise((resolve, reject) => {
-      const reader = new FileReader();
-      reader.onload = () => resolve(reader.result);
-      reader.onerror = () => reject(reader.error);
-      reader.readAsDataURL(blob);
-    });
   }
 
   // --- attaching images (pipelines whose `inputs` include "image")
@@ -851,11 +868,9 @@
     renderAttachments();
   }
 
-  /* Bytes of image data one message may still carry: the REST body less a margin, as base64 (4/3). */
+  /* Bytes one image may have: each is uploaded on its own (the upload body takes the image and a margin). */
   function imageBudget() {
-    const used = state.attachments.reduce((n, a) => n + a.blob.size, 0);
-    const body = Math.floor((state.limits.max_body_size - BODY_MARGIN) * 3 / 4) - used;
-    return Math.min(state.limits.max_image_size, body);
+    return state.limits.max_image_size;
   }
 
   function size(bytes) {

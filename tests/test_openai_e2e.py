@@ -172,7 +172,10 @@ async def test_an_image_sent_over_rest_reaches_the_model_and_the_history(gateway
     assert upstream.calls[-1].body["messages"][-1]["content"][1] == {
         "type": "image_url", "image_url": {"url": "data:image/png;base64," + PNG_1x1}}
     history = await gateway.services.store.get_message(body["data"]["message_id"])
-    assert history["chain"][1] == {"type": "Image", "base64": "data:image/png;base64," + PNG_1x1}
+    stored = history["chain"][1]  # the message names the image; its bytes are a stored file (tests/test_files.py)
+    assert set(stored) == {"type", "path"} and stored["type"] == "Image"
+    file = await gateway.services.store.find_file(stored["path"])
+    assert await gateway.services.store.read_file(file) == base64.b64decode(PNG_1x1)
 
 
 async def rest_send(gateway, chain, session_id=None):

@@ -107,13 +107,13 @@ def test_asyncapi_payload_schemas_accept_real_frames_and_refuse_extension_fields
 
 
 def test_openapi_document_passes_the_validator():
-    validate_openapi(schema.openapi(api.default_handlers))
+    validate_openapi(schema.openapi(api.rest_routes()))
 
 
 @pytest.mark.gen_test(timeout=20)
 async def test_openapi_is_served(fetch):
     code, body = await fetch("/openapi.json")
-    assert code == 200 and body == json.loads(json.dumps(schema.openapi(api.default_handlers)))
+    assert code == 200 and body == json.loads(json.dumps(schema.openapi(api.rest_routes())))
     validate_openapi(body)
 
 
@@ -134,9 +134,10 @@ def test_the_rest_routes_are_declared_once_and_documented():
     import re
     from handlers import ops
     served = {(m.upper(), re.sub(r"{[^}]+}", "{}", path)) for path, methods in
-              schema.openapi(api.default_handlers)["paths"].items() for m in methods}
+              schema.openapi(api.rest_routes())["paths"].items() for m in methods}
     assert ("POST", "/api/v1/pipelines/{}/sessions/{}/leave") in served
-    undeclared = [(p, h.__name__, m) for p, h, *_ in api.default_handlers for m in schema.HTTP_METHODS
+    assert ("POST", "/api/v1/files/images") in served
+    undeclared = [(p, h.__name__, m) for p, h, *_ in api.rest_routes() for m in schema.HTTP_METHODS
                   if getattr(h, m) is not getattr(BaseHandler, m) and not hasattr(getattr(h, m), "api")]
     assert undeclared == []
     operations = {("GET", p) for p, *_ in ops.default_handlers + ops.metrics_handlers}

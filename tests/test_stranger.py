@@ -221,10 +221,13 @@ def test_options_by_flag_environment_and_config_file_reach_the_server(clone):
     config = clone.parent / "parley.toml"
     config.write_text(f'port = {port}\nlog_format = "json"\ntoken_file = "{token_file}"\n')
     data = clone.parent / "flag-data"
+    # Output goes to files, not pipes: nobody reads a pipe while the server starts, and its debug log (the
+    # driver's, ~80 KB at start) would fill a pipe's 64 KiB and block the server on its next write.
+    out_file, err_file = open(clone.parent / "stdout", "w+b"), open(clone.parent / "stderr", "w+b")
     proc = subprocess.Popen(["make", "--no-print-directory", "run", *make_args(clone),
                              f"ARGS=--config {config} --data-dir {data}"], cwd=clone,
-                            env=stranger_env(PARLEY_LOG_LEVEL="debug"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
+                            env=stranger_env(PARLEY_LOG_LEVEL="debug"), stdout=out_file,
+                            stderr=err_file, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -238,7 +241,10 @@ def test_options_by_flag_environment_and_config_file_reach_the_server(clone):
         assert (data / "mongo").is_dir()
     finally:
         code = stop_make(proc)
-        out, err = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
+        out, err = (f.seek(0) or f.read() for f in (out_file, err_file))
+        out_file.close()
+        err_file.close()
     assert code == 0
     recipe, *rest = out.decode().splitlines()
     assert "server.py" in recipe  # make's echo of its recipe; then the server's stdout: one JSON line

@@ -292,8 +292,9 @@ def tune_gc():
 
 
 async def drain(services, server):
-    """Graceful shutdown: /readyz and new WebSockets answer 503, connected clients are told to reconnect (they
-    resume on another instance), replies get --drain-timeout to finish, the rest end `interrupted`."""
+    """Graceful shutdown: stop listening (a proxy sends new connections elsewhere; on connections already open
+    /readyz and handshakes answer 503), connected clients are told to reconnect (they resume on another
+    instance), replies get --drain-timeout to finish, the rest end `interrupted`."""
     services.draining = True
     log.info("draining: telling %d clients to reconnect elsewhere", len(services.hub.connections))
     server.stop()  # no new connections: nginx sends new clients to another instance

@@ -324,10 +324,12 @@ LANGBOT_FIELDS = LangBotMessage.__struct_fields__
 
 
 class LangBotConnected(Strict, tag="connected"):
+    """LangBot's: `pipeline_uuid` on a pipeline's socket, `bot_uuid` (never the pipeline) on a widget's."""
     connection_id: str
-    pipeline_uuid: str
     session_type: SessionType
     timestamp: Timestamp
+    pipeline_uuid: Union[str, UnsetType] = UNSET
+    bot_uuid: Union[str, UnsetType] = UNSET
 
 
 class LangBotUserMessage(Strict, tag="user_message"):

@@ -1,7 +1,12 @@
-"""REST: the LangBot-compatible /ws/* routes and Parley's native sessions API."""
-from handlers.base import BaseHandler
+"""REST: the LangBot-compatible /ws/* routes and Parley's native sessions API.
+
+Each method declares itself with @api (summary, body, status, admin): with `default_handlers` below, that is the
+one declaration GET /openapi.json is generated from.
+"""
+import msgspec
+
+from handlers.base import BaseHandler, api
 from services import frames, paging, schema
-from services.auth import require_admin
 from services.chat import check_id, check_session_type
 from services.errors import BadRequest
 
@@ -26,6 +31,7 @@ class RootHandler(BaseHandler):
     """What a person opening the printed URL sees: the server, its pipelines and where to connect.
     A browser asking for HTML gets the web app on the same URL instead (handlers/web.py)."""
 
+    @api("the server, its pipelines and where to connect")
     def get(self):
         self.ok({"name": "Parley", "protocol": "parley/1", "user_id": self.identity.user_id,
                  "websocket": "/api/v1/pipelines/<pipeline>/ws/connect?session_type=person",
@@ -34,14 +40,20 @@ class RootHandler(BaseHandler):
 
 
 class OpenAPIHandler(BaseHandler):
-    """The REST API as OpenAPI 3.1, generated from services/schema.py (the WebSocket: docs/asyncapi.yaml)."""
+    """The REST API as OpenAPI 3.1, generated from the routes below and their @api declarations (the WebSocket:
+    docs/asyncapi.yaml)."""
+    document = None
 
+    @api("this API as OpenAPI 3.1")
     def get(self):
+        if OpenAPIHandler.document is None:
+            OpenAPIHandler.document = msgspec.json.encode(schema.openapi(rest_routes()))
         self.set_header("Content-Type", "application/json; charset=UTF-8")
-        self.finish(schema.openapi_json())
+        self.finish(OpenAPIHandler.document)
 
 
 class PipelinesHandler(BaseHandler):
+    @api("the pipelines")
     def get(self):
         self.ok({"pipelines": [p.public() for p in self.services.pipelines]})
 
@@ -49,6 +61,7 @@ class PipelinesHandler(BaseHandler):
 # LangBot-compatible: the implicit per-user session of a pipeline and session type.
 
 class LegacyHistoryHandler(BaseHandler):
+    @api("LangBot: history of the implicit session")
     async def get(self, pipeline, session_type):
         chat = self.services.chat
         session = await chat.default_session(self.identity, pipeline, check_session_type(session_type))
@@ -60,6 +73,7 @@ class LegacyHistoryHandler(BaseHandler):
 
 
 class LegacyResetHandler(BaseHandler):
+    @api("LangBot: reset the implicit session")
     async def post(self, pipeline, session_type):
         chat = self.services.chat
         session = await chat.default_session(self.identity, pipeline, check_session_type(session_type))
@@ -68,8 +82,8 @@ class LegacyResetHandler(BaseHandler):
 
 
 class LegacyConnectionsHandler(BaseHandler):
+    @api("LangBot: connections of a pipeline", admin=True)
     def get(self, pipeline):
-        require_admin(self.identity)
         self.services.pipelines.get(pipeline)
         conns, stats = self.services.hub.stats(pipeline)
         conns, next_cursor = paging.in_memory(conns, self.int_arg("limit", 1000, low=1, high=10_000),
@@ -86,28 +100,28 @@ class LegacyConnectionsHandler(BaseHandler):
 class LegacyBroadcastHandler(BaseHandler):
     """LangBot's broadcast to every connection of a pipeline (admin only)."""
 
+    @api("LangBot: broadcast to a pipeline's connections", body=schema.BroadcastBody, admin=True)
     def post(self, pipeline):
-        require_admin(self.identity)
         self.services.pipelines.get(pipeline)
-        delivered = self.services.chat.broadcast(self.body(schema.BroadcastBody).message, pipeline)
+        delivered = self.services.chat.broadcast(self.body().message, pipeline)
         self.ok({"message": "Broadcast sent successfully", "delivered": delivered})
 
 
 class BroadcastHandler(BaseHandler):
     """Broadcast to every connection of every pipeline (admin only)."""
 
+    @api("broadcast to every connection", body=schema.BroadcastBody, admin=True)
     def post(self):
-        require_admin(self.identity)
-        delivered = self.services.chat.broadcast(self.body(schema.BroadcastBody).message)
+        delivered = self.services.chat.broadcast(self.body().message)
         self.ok({"message": "Broadcast sent successfully", "delivered": delivered})
 
 
 class PushHandler(BaseHandler):
     """Push a message to every connection (every tab and device) of one user (admin only)."""
 
+    @api("push to every connection of a user", body=schema.PushBody, admin=True)
     def post(self, user_id):
-        require_admin(self.identity)
-        body = self.body(schema.PushBody)
+        body = self.body()
         delivered = self.services.chat.push(check_id(user_id, "user_id"), body.message, body.data)
         self.ok({"user_id": user_id, "delivered": delivered})
 
@@ -115,30 +129,35 @@ class PushHandler(BaseHandler):
 # Native sessions API.
 
 class SessionsHandler(BaseHandler):
+    @api("the caller's sessions")
     async def get(self, pipeline):
         docs, next_cursor = await self.services.chat.list_sessions(
             self.identity, pipeline, limit=self.int_arg("limit", 100, low=1, high=500),
             cursor=self.get_query_argument("cursor", None))
         self.ok({"sessions": [session_data(d) for d in docs], "next_cursor": next_cursor})
 
+    @api("create a session", body=schema.SessionCreate, status=201)
     async def post(self, pipeline):
-        body = self.body(schema.SessionCreate)
+        body = self.body()
         doc = await self.services.chat.create_session(
             self.identity, pipeline, session_type=body.session_type, title=body.title, members=body.members)
-        self.ok(session_data(doc), status=201)
+        self.ok(session_data(doc))
 
 
 class SessionHandler(BaseHandler):
+    @api("one session")
     async def get(self, pipeline, session_id):
         self.ok(session_data(await self.services.chat.session(self.identity, pipeline, session_id)))
 
+    @api("rename a session", body=schema.SessionRename)
     async def patch(self, pipeline, session_id):
         chat = self.services.chat
         session = await chat.session(self.identity, pipeline, session_id)
-        self.ok(session_data(await chat.rename(self.identity, session, self.body(schema.SessionRename).title)))
+        self.ok(session_data(await chat.rename(self.identity, session, self.body().title)))
 
 
 class MembersHandler(BaseHandler):
+    @api("a group's members, paged")
     async def get(self, pipeline, session_id):
         session = await self.services.chat.session(self.identity, pipeline, session_id)
         members, next_cursor = paging.in_memory(session.get("members", []),
@@ -146,10 +165,11 @@ class MembersHandler(BaseHandler):
                                                 f"members:{session['_id']}", self.get_query_argument("cursor", None))
         self.ok({"session_id": session["_id"], "members": members, "next_cursor": next_cursor})
 
+    @api("add or remove group members (owner)", body=schema.MembersChange)
     async def post(self, pipeline, session_id):
         chat = self.services.chat
         session = await chat.session(self.identity, pipeline, session_id)
-        body = self.body(schema.MembersChange)
+        body = self.body()
         doc = await chat.change_members(self.identity, session, add=body.add, remove=body.remove)
         self.ok(session_data(doc))
 
@@ -157,6 +177,7 @@ class MembersHandler(BaseHandler):
 class LeaveHandler(BaseHandler):
     """A member leaves a group session (and stops viewing it on every connection)."""
 
+    @api("leave a group session (a member, not its owner)")
     async def post(self, pipeline, session_id):
         chat = self.services.chat
         session = await chat.session(self.identity, pipeline, session_id)
@@ -165,6 +186,7 @@ class LeaveHandler(BaseHandler):
 
 
 class MessagesHandler(BaseHandler):
+    @api("history, paged by seq")
     async def get(self, pipeline, session_id):
         chat = self.services.chat
         session = await chat.session(self.identity, pipeline, session_id)
@@ -176,39 +198,43 @@ class MessagesHandler(BaseHandler):
         self.ok({"session_id": session["_id"], "messages": [frames.message_data(d) for d in docs],
                  "next_after_seq": next_after, "has_more": next_cursor is not None, "next_cursor": next_cursor})
 
+    @api("send a message (Idempotency-Key header)", body=schema.MessageSend, status=202)
     async def post(self, pipeline, session_id):
         """Send as a bot would: the reply streams to the session's viewers; poll history for the result."""
         chat = self.services.chat
         session = await chat.session(self.identity, pipeline, session_id)
-        body = self.body(schema.MessageSend)
+        body = self.body()
         key = self.request.headers.get("Idempotency-Key")
         if key is not None and body.client_msg_id not in (None, key):
             raise BadRequest("Idempotency-Key and client_msg_id differ", code="invalid_param")
         user_doc, reply_doc, duplicate = await chat.send(
             self.identity, session, body.message, stream=body.stream, client_msg_id=body.client_msg_id or key)
-        self.ok(frames.ack_data(user_doc, reply_doc, duplicate), status=200 if duplicate else 202)
+        self.ok(frames.ack_data(user_doc, reply_doc, duplicate), status=200 if duplicate else None)
 
 
 class RegenerateHandler(BaseHandler):
     """A new reply to the question the session's latest reply answered, replacing it (kept as a version)."""
 
+    @api("a new reply replacing the session's latest one", body=schema.RegenerateBody, status=202)
     async def post(self, pipeline, session_id, message_id):
         chat = self.services.chat
         session = await chat.session(self.identity, pipeline, session_id)
         user_doc, reply_doc = await chat.regenerate(self.identity, session, message_id,
-                                                    stream=self.body(schema.RegenerateBody).stream)
-        self.ok(frames.ack_data(user_doc, reply_doc, False), status=202)
+                                                    stream=self.body().stream)
+        self.ok(frames.ack_data(user_doc, reply_doc, False))
 
 
 class StopHandler(BaseHandler):
+    @api("stop a reply, or every reply", body=schema.StopBody)
     async def post(self, pipeline, session_id):
         chat = self.services.chat
         session = await chat.session(self.identity, pipeline, session_id)
-        stopped = chat.stop(self.identity, session["_id"], self.body(schema.StopBody).message_id)
+        stopped = chat.stop(self.identity, session["_id"], self.body().message_id)
         self.ok(frames.stop_ack(session["_id"], stopped).data)
 
 
 class ResetHandler(BaseHandler):
+    @api("stop and forget the session's messages")
     async def post(self, pipeline, session_id):
         chat = self.services.chat
         session = await chat.session(self.identity, pipeline, session_id)
@@ -234,3 +260,9 @@ default_handlers = [
     (S + r"/stop", StopHandler),
     (S + r"/reset", ResetHandler),
 ]
+
+
+def rest_routes():
+    """Every REST route list whose methods declare themselves with @api (what /openapi.json documents)."""
+    from handlers import files
+    return default_handlers + files.default_handlers

@@ -1,17 +1,37 @@
 """What every REST handler shares: services injected through initialize(), JSON in, JSON out, one error map."""
 import json
 import logging
+from typing import Any, NamedTuple
 
 from pymongo.errors import PyMongoError
 from tornado import httputil, web
 
 from services import guards, logs, untrusted
-from services.schema import to_builtins
+from services.auth import require_admin
+from services.schema import convert, to_builtins
 from services.forwarded import client_address
 from services.errors import (BadRequest, Forbidden, LengthRequired, NotFound, ParleyError, PayloadTooLarge,
                              Unavailable)
 
 log = logging.getLogger(__name__)
+
+
+class Api(NamedTuple):
+    """What one REST method declares (the @api decorator): GET /openapi.json is generated from these and the
+    modules' route lists (services/schema.py openapi)."""
+    summary: str
+    body: Any = None       # its request body's Struct (services/schema.py), read by BaseHandler.body()
+    status: int = 200      # its success status, answered by BaseHandler.ok()
+    admin: bool = False    # admins only: refused in prepare(), before the method runs
+
+
+def api(summary, *, body=None, status=200, admin=False):
+    """Declare a REST method. To add a route: a handler whose methods carry this, and its entry in the module's
+    `default_handlers`; the OpenAPI document follows (handlers/api.py serves it)."""
+    def declare(method):
+        method.api = Api(summary, body, status, admin)
+        return method
+    return declare
 
 # CORS (--cors-origins): what a page on an allowed origin may send and read.
 CORS_HEADERS = "Authorization, Content-Type, Idempotency-Key, X-Request-Id"
@@ -78,6 +98,8 @@ class BaseHandler(web.RequestHandler):
         guards.check_host(self.request, config)
         if not self.public and self.request.method != "OPTIONS":
             self.identity = self.services.auth.identify(self.request)
+            if (declared := self.declared()) is not None and declared.admin:
+                require_admin(self.identity)
         guards.check_json_body(self.request, self.body_types)
         if "Transfer-Encoding" in self.request.headers:  # so the size is known before the body is read
             raise LengthRequired("send the request body with a Content-Length")
@@ -108,8 +130,15 @@ class BaseHandler(web.RequestHandler):
             if rid := getattr(self, "_request_id", None):
                 self.set_header("X-Request-Id", rid)
 
-    def ok(self, data, status=200):
-        """LangBot's envelope, which Parley keeps for every success. `data` may hold Structs (services/schema.py)."""
+    def declared(self):
+        """The @api declaration of the method answering this request (None: not part of the REST API)."""
+        return getattr(getattr(self, self.request.method.lower(), None), "api", None)
+
+    def ok(self, data, status=None):
+        """LangBot's envelope, which Parley keeps for every success. `data` may hold Structs (services/schema.py).
+        `status`: the method's declared one unless given."""
+        if status is None:
+            status = declared.status if (declared := self.declared()) is not None else 200
         self.set_status(status)
         self.finish(json.dumps({"code": 0, "msg": "ok", "data": data}, default=to_builtins))
 
@@ -121,10 +150,10 @@ class BaseHandler(web.RequestHandler):
             raise BadRequest("the request body must be a JSON object", code="invalid_json")
         return body
 
-    def body(self, type_):
-        """The JSON body validated against its declaration (services/schema.py); unknown fields dropped."""
-        from services.schema import convert
-        return convert(self.json_body(), type_)
+    def body(self):
+        """The JSON body validated against the method's declared body (@api: a services/schema.py Struct); unknown
+        fields dropped."""
+        return convert(self.json_body(), self.declared().body)
 
     def int_arg(self, name, default, *, low, high):
         raw = self.get_query_argument(name, None)

@@ -5,11 +5,10 @@ from urllib.parse import quote
 
 from tornado import httputil
 
-from handlers.base import BaseHandler
+from handlers.base import BaseHandler, api
 from services.errors import BadRequest, NotFound
 
 UPLOAD_MARGIN = 64 * 1024  # of a multipart body, beyond the file: boundaries, headers, the file name
-KIND_OF_ROUTE = {"images": "image", "documents": "document"}
 
 
 class UploadHandler(BaseHandler):
@@ -17,13 +16,13 @@ class UploadHandler(BaseHandler):
     dashboard shape): `{"file_key": …}` for an image, `{"file_id": …}` for a document (its shapes), plus
     Parley's `key`, `type` and `size`."""
     body_types = ("multipart/form-data",)
+    kind = None
 
     def body_limit(self):
-        kind = KIND_OF_ROUTE.get(self.path_kwargs.get("kind"), "document")
-        return self.services.files.max_size(kind) + UPLOAD_MARGIN
+        return self.services.files.max_size(self.kind) + UPLOAD_MARGIN
 
-    async def post(self, kind):
-        kind = KIND_OF_ROUTE[kind]
+    async def upload(self):
+        kind = self.kind
         fields, uploads = {}, {}
         httputil.parse_body_arguments(self.request.headers.get("Content-Type", ""), bytes(self.raw_body), fields,
                                       uploads, self.request.headers)
@@ -36,13 +35,31 @@ class UploadHandler(BaseHandler):
                  "size": doc["size"], "name": doc["name"]})
 
 
+class ImageUploadHandler(UploadHandler):
+    kind = "image"
+
+    @api("upload an image (multipart/form-data, field `file`): its key, for an Image's `path`")
+    async def post(self):
+        await self.upload()
+
+
+class DocumentUploadHandler(UploadHandler):
+    kind = "document"
+
+    @api("upload a document or voice file (multipart/form-data, field `file`): its key, for a File's `path`")
+    async def post(self):
+        await self.upload()
+
+
 class FileHandler(BaseHandler):
     """GET /api/v1/files/image|document/<key>: the bytes, to its owner, an admin, a member of a session whose
     messages show it (credentials as for the API), or anyone with a signed link (`?exp=…&sig=…`) until it
     expires. A file never changes: it is cached privately for as long as the access lasts."""
-    public = True  # checked in get(): a signed link needs no credentials
+    public = True  # checked in download(): a signed link needs no credentials
+    kind = None
 
-    async def get(self, kind, key):
+    async def download(self, key):
+        kind = self.kind
         files = self.services.files
         exp, sig = self.get_query_argument("exp", None), self.get_query_argument("sig", None)
         if sig is not None:
@@ -72,7 +89,26 @@ class FileHandler(BaseHandler):
         self.finish(data)
 
 
+class ImageHandler(FileHandler):
+    kind = "image"
+
+    @api("a stored image's bytes (credentials, or a signed link's exp and sig)")
+    async def get(self, key):
+        await self.download(key)
+
+
+class DocumentHandler(FileHandler):
+    kind = "document"
+
+    @api("a stored document's bytes, as an attachment (credentials, or a signed link's exp and sig)")
+    async def get(self, key):
+        await self.download(key)
+
+
+KEY = r"(?P<key>[A-Za-z0-9_-]{1,64})"
 default_handlers = [
-    (r"/api/v1/files/(?P<kind>images|documents)", UploadHandler),
-    (r"/api/v1/files/(?P<kind>image|document)/(?P<key>[A-Za-z0-9_-]{1,64})", FileHandler),
+    (r"/api/v1/files/images", ImageUploadHandler),
+    (r"/api/v1/files/documents", DocumentUploadHandler),
+    (r"/api/v1/files/image/" + KEY, ImageHandler),
+    (r"/api/v1/files/document/" + KEY, DocumentHandler),
 ]

@@ -682,10 +682,25 @@ def asyncapi():
     }
 
 
-def openapi(routes=None):
-    """OpenAPI 3.1 for the REST API. `routes`: (method, path, summary, body Struct or None, status, admin)."""
-    routes = routes if routes is not None else REST_ROUTES
-    bodies = sorted({r[3] for r in routes if r[3] is not None}, key=lambda t: t.__name__)
+HTTP_METHODS = ("get", "post", "put", "patch", "delete")
+
+
+def rest_operations(routes):
+    """(method, path template, declaration) of every REST method in Tornado route lists (pattern, handler, ...):
+    a handler method declared with handlers/base.py's @api (its `api` attribute); the path template is the
+    pattern with each named group as `{name}`."""
+    for pattern, handler, *_ in routes:
+        path = re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern)
+        for method in HTTP_METHODS:
+            declared = getattr(getattr(handler, method, None), "api", None)
+            if declared is not None:
+                yield method, path, declared
+
+
+def openapi(routes):
+    """OpenAPI 3.1 for the REST API: the methods of `routes` (a handlers module's route list) declared with @api."""
+    operations = list(rest_operations(routes))
+    bodies = sorted({d.body for _, _, d in operations if d.body is not None}, key=lambda t: t.__name__)
     schemas = _components(bodies, "#/components/schemas/{name}")
     schemas["ErrorBody"] = {"type": "object", "required": ["code", "message"], "properties": {
         "code": {"type": "string", "description": "a stable code (docs/protocol.md)"},
@@ -693,69 +708,31 @@ def openapi(routes=None):
     schemas["Envelope"] = {"type": "object", "required": ["code", "msg", "data"], "properties": {
         "code": {"const": 0}, "msg": {"const": "ok"}, "data": {}}}
     paths = {}
-    for method, path, summary, body, status, admin in routes:
+    for method, path, declared in operations:
         params = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
                   for p in re.findall(r"{(\w+)}", path)]
-        op = {"summary": summary, "operationId": f"{method}_{re.sub(r'[^A-Za-z0-9]+', '_', path).strip('_')}",
-              "responses": {str(status): {"description": "ok (LangBot's envelope)", "content": {
+        op = {"summary": declared.summary,
+              "operationId": f"{method}_{re.sub(r'[^A-Za-z0-9]+', '_', path).strip('_') or 'root'}",
+              "responses": {str(declared.status): {"description": "ok (LangBot's envelope)", "content": {
                   "application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}},
                   "default": {"description": "an error", "content": {
                       "application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}}}
         if params:
             op["parameters"] = params
-        if body is not None:
-            op["requestBody"] = {"required": body not in (StopBody, RegenerateBody), "content": {"application/json": {
+        if (body := declared.body) is not None:
+            required = any(f.required for f in msgspec.structs.fields(body))  # else an empty body will do
+            op["requestBody"] = {"required": required, "content": {"application/json": {
                 "schema": {"$ref": f"#/components/schemas/{body.__name__}"}}}}
-        if admin:
+        if declared.admin:
             op["description"] = "admin only"
         paths.setdefault(path, {})[method] = op
     return {"openapi": "3.1.0",
             "info": {"title": "Parley REST API", "version": "1.0.0",
-                     "description": "Generated from services/schema.py; prose in docs/protocol.md."},
+                     "description": "Generated from the route list of handlers/api.py and its methods' @api "
+                                    "declarations; prose in docs/protocol.md."},
             "servers": [{"url": "/"}],
             "components": {"schemas": schemas, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
             "security": [{"bearer": []}], "paths": paths}
-
-
-P = "/api/v1/pipelines/{pipeline}"
-S = P + "/sessions/{session_id}"
-REST_ROUTES = [
-    ("get", "/", "the server, its pipelines and where to connect", None, 200, False),
-    ("get", "/api/v1/pipelines", "the pipelines", None, 200, False),
-    ("get", P + "/ws/messages/{session_type}", "LangBot: history of the implicit session", None, 200, False),
-    ("post", P + "/ws/reset/{session_type}", "LangBot: reset the implicit session", None, 200, False),
-    ("get", P + "/ws/connections", "LangBot: connections of a pipeline", None, 200, True),
-    ("post", P + "/ws/broadcast", "LangBot: broadcast to a pipeline's connections", BroadcastBody, 200, True),
-    ("post", "/api/v1/broadcast", "broadcast to every connection", BroadcastBody, 200, True),
-    ("post", "/api/v1/users/{user_id}/push", "push to every connection of a user", PushBody, 200, True),
-    ("get", P + "/sessions", "the caller's sessions", None, 200, False),
-    ("post", P + "/sessions", "create a session", SessionCreate, 201, False),
-    ("get", S, "one session", None, 200, False),
-    ("patch", S, "rename a session", SessionRename, 200, False),
-    ("get", S + "/members", "a group's members, paged", None, 200, False),
-    ("post", S + "/members", "add or remove group members (owner)", MembersChange, 200, False),
-    ("get", S + "/messages", "history, paged by seq", None, 200, False),
-    ("post", S + "/messages", "send a message (Idempotency-Key header)", MessageSend, 202, False),
-    ("post", S + "/messages/{message_id}/regenerate", "a new reply replacing the session's latest one",
-     RegenerateBody, 202, False),
-    ("post", S + "/stop", "stop a reply, or every reply", StopBody, 200, False),
-    ("post", S + "/reset", "stop and forget the session's messages", None, 200, False),
-    ("post", "/api/v1/files/images", "upload an image (multipart/form-data, field `file`): its key", None, 200, False),
-    ("post", "/api/v1/files/documents", "upload a document (multipart/form-data, field `file`): its key", None, 200,
-     False),
-    ("get", "/api/v1/files/{kind}/{key}", "a stored file's bytes (kind: image or document; or a signed link)", None,
-     200, False),
-]
-
-
-_openapi_json = None
-
-
-def openapi_json():
-    global _openapi_json
-    if _openapi_json is None:
-        _openapi_json = msgspec.json.encode(openapi())
-    return _openapi_json
 
 
 def dump_asyncapi():

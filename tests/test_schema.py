@@ -16,6 +16,8 @@ from openapi_spec_validator import validate as validate_openapi
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
+from handlers import api
+from handlers.base import BaseHandler
 from services import schema
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,14 +107,41 @@ def test_asyncapi_payload_schemas_accept_real_frames_and_refuse_extension_fields
 
 
 def test_openapi_document_passes_the_validator():
-    validate_openapi(schema.openapi())
+    validate_openapi(schema.openapi(api.rest_routes()))
 
 
 @pytest.mark.gen_test(timeout=20)
 async def test_openapi_is_served(fetch):
     code, body = await fetch("/openapi.json")
-    assert code == 200 and body == json.loads(json.dumps(schema.openapi()))
+    assert code == 200 and body == json.loads(json.dumps(schema.openapi(api.rest_routes())))
     validate_openapi(body)
+
+
+def doc_routes():
+    """(METHOD, path) of every row of docs/protocol.md's REST table, placeholders as `{}`."""
+    import re
+    text = (ROOT / "docs/protocol.md").read_text()
+    section = text[text.index("## REST"):]
+    section = section[:section.index("\n## ")]
+    rows = re.findall(r"^\| `(GET|POST|PATCH|PUT|DELETE) ([^`]+)`", section, re.M)
+    return {(m, re.sub(r"<[^>]+>", "{}", path.replace("P/", "/api/v1/pipelines/<pipeline>/").rstrip("/") or "/"))
+            for m, path in rows}
+
+
+def test_the_rest_routes_are_declared_once_and_documented():
+    """GET /openapi.json lists exactly the REST routes handlers/api.py serves (its route list and @api), and
+    docs/protocol.md's REST table lists them all, plus the operations endpoints (handlers/ops.py)."""
+    import re
+    from handlers import ops
+    served = {(m.upper(), re.sub(r"{[^}]+}", "{}", path)) for path, methods in
+              schema.openapi(api.rest_routes())["paths"].items() for m in methods}
+    assert ("POST", "/api/v1/pipelines/{}/sessions/{}/leave") in served
+    assert ("POST", "/api/v1/files/images") in served
+    undeclared = [(p, h.__name__, m) for p, h, *_ in api.rest_routes() for m in schema.HTTP_METHODS
+                  if getattr(h, m) is not getattr(BaseHandler, m) and not hasattr(getattr(h, m), "api")]
+    assert undeclared == []
+    operations = {("GET", p) for p, *_ in ops.default_handlers}
+    assert doc_routes() == served | operations
 
 
 @pytest.mark.parametrize("text, code, where", [

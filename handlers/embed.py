@@ -6,11 +6,11 @@ import json
 import os
 import secrets
 
-from handlers.base import BaseHandler
+from handlers.base import BaseHandler, api
 from parley import resource
-from services import frames
+from services import frames, schema
 from services.chat import check_session_type
-from services.errors import BadRequest, Forbidden, ParleyError
+from services.errors import Forbidden, ParleyError
 from services.forwarded import public_origin
 from services.auth import bearer_or_query_token
 
@@ -69,9 +69,9 @@ class EmbedHistoryHandler(EmbedHandler):
     """GET …/messages/<session_type>: the visitor's conversation in LangBot's message shape, oldest first. A
     stored image gets a signed link (an <img> in the site's page cannot send credentials)."""
 
+    @api("a widget visitor's conversation, LangBot's message shape (`?session_id=`, or a visitor token)")
     async def get(self, bot, session_type):
         session = await self.conversation(session_type)
-        self._cors_headers()
         if session is None:
             return self.ok({"messages": [], "next_cursor": None})
         chat = self.services.chat
@@ -93,6 +93,7 @@ class EmbedHistoryHandler(EmbedHandler):
 
 
 class EmbedResetHandler(EmbedHandler):
+    @api("forget a widget visitor's conversation")
     async def post(self, bot, session_type):
         session = await self.conversation(session_type)
         deleted = 0
@@ -106,15 +107,11 @@ class EmbedFeedbackHandler(EmbedHandler):
     on the visitor's reply (`feedback`) and counted. LangBot's widget names no visitor here (no session_id): its
     feedback is counted only (`stored: false`)."""
 
+    @api("a widget's rating of a reply: stored with it when the visitor is known, counted always",
+         body=schema.FeedbackBody)
     async def post(self, bot):
-        body = self.json_body()
-        rating = RATINGS.get(body.get("feedback_type")) if type(body.get("feedback_type")) is int else None
-        if rating is None:
-            raise BadRequest("feedback_type must be 1 (like), 2 (dislike) or 3 (cancel)", code="invalid_param")
-        message_id = body.get("message_id")
-        if isinstance(message_id, bool) or not isinstance(message_id, (int, str)) or \
-                isinstance(message_id, str) and not 0 < len(message_id) <= 128:
-            raise BadRequest("message_id must be a reply's id", code="invalid_param")
+        body = self.body()
+        rating, message_id = RATINGS[body.feedback_type], body.message_id
         stored = False
         try:
             identity = self.visitor()
@@ -123,9 +120,8 @@ class EmbedFeedbackHandler(EmbedHandler):
                 raise
             identity = None
         if identity is not None:
-            session_type = body.get("session_type", "person")
-            session = await self.services.chat.embed_session(identity, self.pipeline.id,
-                                                             check_session_type(session_type), "widget", create=False)
+            session = await self.services.chat.embed_session(identity, self.pipeline.id, body.session_type, "widget",
+                                                             create=False)
             if session is not None:
                 stored = await self.services.store.set_feedback(session["_id"], message_id, rating)
         self.services.metrics.feedback(self.pipeline.id, rating, stored)
@@ -136,11 +132,13 @@ class TurnstileVerifyHandler(EmbedHandler):
     """POST …/turnstile/verify `{"token"}`: a visitor token (`{"token"}`) once the human check passed; without a
     check configured, at once (as LangBot answers)."""
 
+    @api("a visitor token, once the bot's human check (Turnstile) passed; at once without one",
+         body=schema.HumanCheckBody)
     async def post(self, bot):
         visitors = self.services.visitors
         human = False
         if self.embed.turnstile_secret_env:
-            if not await visitors.verify_human(self.embed, self.json_body().get("token"), self.request.remote_ip):
+            if not await visitors.verify_human(self.embed, self.body().token, self.request.remote_ip):
                 visitors.refused("human_check")
                 raise Forbidden("the human check failed; try again", code="human_check_failed")
             human = True
@@ -150,6 +148,7 @@ class TurnstileVerifyHandler(EmbedHandler):
 class LogoHandler(EmbedHandler):
     """GET /api/v1/embed/logo (LangBot's widget: one logo) and `?bot=<bot>`: that bot's `logo`, else Parley's."""
 
+    @api("the widget's logo (`?bot=`: that bot's)")
     def get(self):
         bot = self.get_query_argument("bot", None)
         path = DEFAULT_LOGO
@@ -170,6 +169,7 @@ class WidgetScriptHandler(EmbedHandler):
     """GET …/widget.js: Parley's widget (static/widget.js) with the bot's settings; one <script> tag on a page."""
     _script = None  # (mtime, text)
 
+    @api("Parley's widget script for the bot: one <script> tag on a page")
     def get(self, bot):
         embed = self.embed
         config = {"bot": embed.bot, "title": embed.name or self.pipeline.name or "Chat",

@@ -369,6 +369,7 @@ class EmbedSocket(ChatSocket):
             self.visitor_key = self._query("session_id", None)
             config = self.services.config
             check_capacity(self.services.hub, None, max_total=config.max_connections, max_per_user=0)
+            visitors.check_address(self.request.remote_ip)
             self._hold_pending(True)
             token = bearer_or_query_token(self.request)
             if not token and visitors.needs_token(embed, self.visitor_key):
@@ -406,7 +407,8 @@ class EmbedSocket(ChatSocket):
             self.services.metrics.disconnected("capacity")
             self.closed_by = "refused"
             try:
-                self.write_message(json.dumps(frames.refusal(err, self.params["session_type"]), ensure_ascii=False))
+                self.write_message(schema.encode(frames.refusal(err, self.params["session_type"],
+                                                                "This chat is not available right now")))
             except websocket.WebSocketClosedError:
                 return
             return self.close(CLOSE_CAPACITY, err.code)

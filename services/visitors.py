@@ -128,7 +128,14 @@ class Visitors:
 
     def refused(self, limit):
         if self.metrics is not None:
-            self.metrics.visitorrefused(limit)
+            self.metrics.visitor_refused(limit)
+
+    def check_address(self, address):
+        """Before a socket is looked at further: room for another from this address?"""
+        if self.by_address.get(address, 0) >= self.max_address_connections:
+            self.refused("connections")
+            raise Capacity(f"too many chats are open from your network ({self.max_address_connections}); "
+                           "close one and try again")
 
     def admit_connection(self, identity, address):
         if self.by_address.get(address, 0) >= self.max_address_connections:

@@ -16,7 +16,7 @@ from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
 from tornado.websocket import websocket_connect
 
-from tests.conftest import TEST_TOKEN
+from tests.conftest import settle
 
 pytestmark = pytest.mark.gen_test(timeout=30)
 SHOP = "https://shop.example"           # the page origin the test bot `widget` (pipeline `vision`) allows
@@ -239,17 +239,26 @@ async def test_limits_refuse_with_a_reply_saying_why(visitor, services):
     refused = await tabs[2].connect(expect="response")
     assert "capacity" in refused["data"]["content"] and "tabs" in refused["data"]["content"]
     assert (await tabs[2].recv()) is None and tabs[2].ws.close_code == 1013
-    # new conversations per address: 4 an hour (the first visitor's was one)
-    for _ in range(3):
+    # connections per address: 4 (v and its two tabs are 3)
+    other = visitor(key=new_key())
+    await other.connect()
+    crowd = visitor(key=new_key())
+    refused = await crowd.connect(expect="response")
+    assert "capacity" in refused["data"]["content"] and "your network" in refused["data"]["content"]
+    for x in (v, other, *tabs):
+        x.close()
+    await settle(lambda: not services.visitors.by_address)
+    # new conversations per address: 4 an hour (v's and other's were two)
+    for _ in range(2):
         await visitor(key=new_key()).connect()
     late = visitor(key=new_key())
     refused = await late.connect(expect="response")
     assert "rate_limited" in refused["data"]["content"] and "new chats" in refused["data"]["content"]
     assert (await late.recv()) is None and late.ws.close_code == 1013
-    assert not any(f["type"] == "error" for x in (v, *tabs, late) for f in x.frames)
+    assert not any(f["type"] == "error" for x in (v, *tabs, crowd, late) for f in x.frames)
     refused_total = services.metrics.registry.get_sample_value
     assert refused_total("parley_visitors_refused_total", {"limit": "messages"}) == 1
-    assert refused_total("parley_visitors_refused_total", {"limit": "connections"}) == 1
+    assert refused_total("parley_visitors_refused_total", {"limit": "connections"}) == 2
     assert refused_total("parley_visitors_refused_total", {"limit": "sessions"}) == 1
 
 

@@ -193,6 +193,7 @@ class WidgetScriptHandler(EmbedHandler):
 
 default_handlers = [
     (r"/api/v1/embed/logo", LogoHandler),
+    (B + r"/widget\.js", WidgetScriptHandler),
     (B + r"/messages/(?P<session_type>[^/]+)", EmbedHistoryHandler),
     (B + r"/reset/(?P<session_type>[^/]+)", EmbedResetHandler),
     (B + r"/feedback", EmbedFeedbackHandler),

@@ -703,7 +703,7 @@ def rest_operations(routes):
     a handler method declared with handlers/base.py's @api (its `api` attribute); the path template is the
     pattern with each named group as `{name}`."""
     for pattern, handler, *_ in routes:
-        path = re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern)
+        path = re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern).replace("\\.", ".")
         for method in HTTP_METHODS:
             declared = getattr(getattr(handler, method, None), "api", None)
             if declared is not None:

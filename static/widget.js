@@ -173,7 +173,7 @@
     return s.replace(/\u0000(\d+)\u0000/g, function (m, i) { return "<code>" + esc(codes[+i]) + "</code>"; });
   }
   function markdown(text) {
-    var out = [], lines = text.split("\n"), i = 0, list = null, para = [];
+    var out = [], lines = text.replace(/\u0000/g, "").split("\n"), i = 0, list = null, para = [];
     function flush() {
       if (para.length) { out.push("<p>" + para.map(inline).join("<br>") + "</p>"); para = []; }
       if (list) { out.push("</" + list + ">"); list = null; }

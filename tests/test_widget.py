@@ -14,7 +14,7 @@ from pymongo import MongoClient
 
 from services.embedded_mongo import free_port
 from tests.conftest import TEST_TOKEN
-from tests.test_browser import ARTIFACTS, Server, browser, new_page, shot  # noqa: F401 (fixtures)
+from tests.test_browser import XSS, Server, browser, new_page, shot  # noqa: F401 (fixtures)
 
 PIPELINES = """
 [pipelines.shop]          # the demo's whole answer: Markdown with a list and a code block
@@ -130,6 +130,14 @@ def test_a_visitor_chats_on_another_sites_page_in_markdown_and_rates(new_page, s
         assert time.monotonic() < deadline, "the rating was not stored"
         time.sleep(0.1)
     assert stored(parley, pipeline="shop", role="assistant")[-1]["feedback"]["rating"] == "like"
+    # what a model says is text, never markup the page runs
+    say(page, XSS)
+    page.wait_for_function("() => document.querySelector('[id^=parley-widget-]').shadowRoot"
+                           ".querySelectorAll('.msg.assistant .rate').length === 2")
+    assert page.evaluate("window.__pwned") is None
+    assert "onerror" in replies(page).last.inner_text()
+    assert replies(page).last.locator("img").count() == 0
+    assert replies(page).last.locator("a[href^=javascript]").count() == 0
     # the page's origin and Parley's differ: the widget reached Parley from another site
     assert page.evaluate("location.origin") != parley.url
     assert page.errors == []

@@ -2,6 +2,10 @@
 
     python nginx/cluster.py [--instances 3] [--port 8080]     # Ctrl-C stops everything
 
+As a command it supervises (nginx/supervisor.py): an instance that exits or hangs is reported and started again,
+one that is not ready is taken out of nginx until it is; Ctrl-C stops everything and removes the temporary
+directory.
+
 Everything runs as real processes: nx-27017 (or --mongo-url), `server.py --cluster` per instance on a free
 port, and `nginx -p <workdir> -c <workdir>/nginx.conf` built from nginx/parley.conf (backends, listen port and
 static root rewritten). Each process has its own pid and log file under the work directory.
@@ -21,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from nginx.supervisor import Supervisor  # noqa: E402
 from services.embedded_mongo import EmbeddedMongo, free_port  # noqa: E402
 
 NGINX = os.environ.get("PARLEY_NGINX", "/usr/sbin/nginx")
@@ -81,7 +86,9 @@ class Instance:
         self.port = free_port()
         self.metrics_port = free_port()
         self.proc = None
+        self.started_at = 0.0
         self.log_path = Path(cluster.workdir) / f"{self.id}.log"
+        self.pid_path = Path(cluster.workdir) / f"{self.id}.pid"
 
     @property
     def url(self):
@@ -111,10 +118,18 @@ class Instance:
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
+        self.started_at = time.monotonic()
+        self.pid_path.write_text(f"{self.proc.pid}\n")
         return self
 
     def wait_ready(self, timeout=120):  # a bound: instances start slowly on a loaded machine
         wait_http(self.url + "/readyz", timeout, self.proc, self.id)
+
+    def terminate(self):
+        """SIGTERM (it drains); stop() waits for it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a paused instance cannot act on SIGTERM
+            self.proc.terminate()
 
     def signal(self, sig):
         if self.proc is not None and self.proc.poll() is None:
@@ -123,8 +138,7 @@ class Instance:
     def stop(self, timeout=20):
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None
-        self.proc.send_signal(signal.SIGCONT)  # a paused instance cannot act on SIGTERM
-        self.proc.terminate()
+        self.terminate()
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -167,7 +181,7 @@ class Cluster:
                 inst.start()
             for inst in self.instances:
                 inst.wait_ready(timeout)
-            self.nginx = start_nginx(self.workdir, self.write_conf())
+            self.start_nginx()
             wait_http(self.url + "/healthz", timeout, self.nginx, "nginx")
         except BaseException:
             self.stop()
@@ -181,7 +195,12 @@ class Cluster:
                                     down={i.port for i in down}))
         return conf
 
+    def start_nginx(self, down=()):
+        self.nginx = start_nginx(self.workdir, self.write_conf(down))
+
     def stop(self):
+        for inst in self.instances:  # all drain at once: their clients' sockets close, so nginx can quit
+            inst.terminate()
         stop_nginx(self.nginx)
         for inst in self.instances:
             inst.stop()
@@ -210,33 +229,48 @@ def stop_nginx(proc):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Parley on loopback: one store, N instances, nginx in front")
+    p = argparse.ArgumentParser(description="Parley on loopback: one store, N instances, nginx in front; "
+                                            "supervised (nginx/README.md)")
     p.add_argument("--instances", type=int, default=3)
     p.add_argument("--port", type=int, default=8080, help="nginx's port on 127.0.0.1")
     p.add_argument("--mongo-url", help="a shared MongoDB (replica set); default: an embedded nx-27017")
     p.add_argument("--token", default=None, help="the instances' shared token (default: a random one)")
-    p.add_argument("--workdir", help="pid files, logs, nginx.conf and store data (default: a temporary directory)")
+    p.add_argument("--workdir", help="pid files, logs, nginx.conf and store data (default: a temporary directory, "
+                                     "removed when the cluster stops)")
+    p.add_argument("--hung-after", type=float, default=6.0, metavar="SECONDS",
+                   help="an instance that answers nothing for this long is killed and started again")
     p.add_argument("server_args", nargs="*", help="more server.py options, after --")
     args = p.parse_args(argv)
     token = args.token or os.urandom(16).hex()
     workdir = args.workdir or tempfile.mkdtemp(prefix="parley-cluster-")
     cluster = Cluster(workdir, instances=args.instances, port=args.port, mongo_url=args.mongo_url, token=token,
                       extra_args=args.server_args)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    supervisor = Supervisor(cluster, hung_after=args.hung_after)
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupt)  # `kill`, or the terminal going away: stop as Ctrl-C does
+    signal.signal(signal.SIGHUP, interrupt)
+    failed = False
     try:
         cluster.start()
         print(f"\n    Parley cluster: nginx on {cluster.url}/ in front of "
               f"{', '.join(f'{i.id} ({i.url})' for i in cluster.instances)}\n"
-              f"    Open {cluster.url}/?token={token}\n    Logs and state: {workdir}\n    Ctrl-C stops all.\n",
-              flush=True)
-        while all(i.proc.poll() is None for i in cluster.instances) and cluster.nginx.poll() is None:
-            time.sleep(0.5)
-        print("a process exited; stopping the cluster", file=sys.stderr)
-        return 1
+              f"    Open {cluster.url}/?token={token}\n    Logs, pid files and state: {workdir}\n"
+              f"    An instance that exits or hangs is started again. Ctrl-C stops all.\n", flush=True)
+        supervisor.run()
     except KeyboardInterrupt:
         return 0
+    except RuntimeError as exc:  # did not start: say why, keep the logs
+        failed = True
+        print(f"cluster: {exc}; logs in {workdir}", file=sys.stderr)
+        return 1
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second Ctrl-C must not cut the clean-up
+            signal.signal(sig, signal.SIG_IGN)
         cluster.stop()
+        if args.workdir is None and not failed:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -3,23 +3,31 @@ what a browser, a rolling restart, a draining and a hung instance look like from
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import statistics
+import subprocess
+import sys
+import uuid
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from pymongo import MongoClient
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.iostream import StreamClosedError
-from tornado.websocket import WebSocketClosedError
+from tornado.websocket import WebSocketClosedError, websocket_connect
 
-from nginx.cluster import TEMPLATE, render_conf, start_nginx, stop_nginx, wait_http
+from nginx.cluster import ROOT, TEMPLATE, nginx_binary, render_conf, start_nginx, stop_nginx, wait_http
+from nginx.supervisor import Supervisor, nginx_workers
 from services.embedded_mongo import free_port
-from tests.cluster import PATIENCE, connect, fetch, plain, running_cluster, source, spread, token, wait_for
-from tests.conftest import require
+from tests.cluster import (PATIENCE, connect, fetch, instance_for, plain, running_cluster, source, spread, token,
+                           wait_for)
+from tests.conftest import Client, require
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, new_page, send  # noqa: F401 (a fixture)
 
+CLI_TOKEN = "cluster-command-token-0123456789"
 CLIENTS = 20        # chatting through the rolling restart, each from its own /24 (127.0.N.1)
 PAUSE = 1.0         # seconds between a client's messages: a steady load, not a flood, on a shared machine
 FINAL_WAIT = 30.0   # seconds a client waits for its reply's final before it reconnects (counted, not asserted)
@@ -270,3 +278,199 @@ async def test_metrics_are_refused_through_nginx_and_served_on_each_instances_ow
         assert code == 404, text
         code, text = await plain(instance.metrics_url)
         assert code == 200 and "parley_connections_open" in text
+
+
+# --- the supervisor: what open-source nginx cannot do (nginx/supervisor.py)
+
+async def networks_of(cluster, instance_id, count):
+    """`count` client networks ip_hash sends to `instance_id` (searched from 127.0.21.1 on)."""
+    found = []
+    for n in range(21, 120):
+        if await instance_for(cluster, source(n)) == instance_id:
+            found.append(source(n))
+            if len(found) == count:
+                return found
+    raise AssertionError(f"fewer than {count} networks hash to {instance_id}")
+
+
+@pytest.mark.gen_test(timeout=300)
+async def test_an_instance_that_stops_answering_is_marked_down_and_comes_back_when_it_answers(cluster):
+    where = await spread(cluster)
+    victim, other = cluster.instances[1], cluster.instances[0]
+    src = where[victim.id]
+    kept = await connect(cluster, "default", src=where[other.id], user="kept")  # open across the reload
+    assert kept.instance == other.id
+    supervisor = Supervisor(cluster, hung_after=None, report=print).start()  # marks down, never kills
+    try:
+        victim.signal(signal.SIGSTOP)
+        try:
+            await wait_for(lambda: _async((victim.id, "down") in supervisor.events))
+            # nginx has reloaded: that network's new clients go to another instance, at the first attempt
+            client = await connect(cluster, "default", src=src, user="detour")
+            assert client.instance != victim.id
+            for c in (client, kept):  # and a socket from before the reload still works, on its old worker
+                ack = await c.say("around the stopped instance")
+                final = (await c.until_final(ack["data"]["reply_message_id"]))[-1]["data"]
+                assert final["status"] == "completed"
+            assert any("shutting down" in title for title in nginx_workers(cluster.nginx.pid).values())
+            assert await instance_for(cluster, where[other.id]) == other.id  # `down` keeps the others' hash
+            client.close()
+        finally:
+            victim.signal(signal.SIGCONT)
+        await wait_for(lambda: _async((victim.id, "ready") in supervisor.events))
+        assert await instance_for(cluster, src) == victim.id  # back in nginx
+        assert victim.proc.poll() is None  # never killed
+    finally:
+        kept.close()
+        supervisor.stop()
+
+
+@pytest.mark.gen_test(timeout=300)
+async def test_a_hung_instances_clients_reconnect_elsewhere_and_chat_within_seconds(cluster):
+    """SIGSTOP: the kernel still accepts connections, so nginx alone would hold the instance's clients until
+    proxy_read_timeout (120 s, beyond every wait here). The supervisor kills it; its clients move and chat."""
+    loop = asyncio.get_running_loop()
+    victim = cluster.instances[2]
+    networks = await networks_of(cluster, victim.id, 3)
+    clients = [await connect(cluster, "default", src=src, user=f"stuck{n}") for n, src in enumerate(networks)]
+    assert {c.instance for c in clients} == {victim.id}
+    supervisor = Supervisor(cluster, report=print).start()
+    try:
+        stopped = loop.time()
+        victim.signal(signal.SIGSTOP)
+        back = []
+        for n, (src, client) in enumerate(zip(networks, clients)):
+            while (await client.recv()) is not None:  # (a bound: PATIENCE, half of proxy_read_timeout)
+                pass
+            moved = await connect(cluster, "default", src=src, user=f"stuck{n}")
+            assert moved.instance != victim.id
+            ack = await moved.say("still here")
+            final = (await moved.until_final(ack["data"]["reply_message_id"]))[-1]["data"]
+            assert final["status"] == "completed"
+            back.append(loop.time() - stopped)
+            moved.close()
+        print(f"\nhung instance: its clients chatting elsewhere {', '.join(f'{s:.1f}' for s in back)} s after SIGSTOP")
+        hung = supervisor.events.index((victim.id, "hung"))
+        await wait_for(lambda: _async((victim.id, "ready") in supervisor.events[hung:]))  # started again, back
+    finally:
+        supervisor.stop()
+        victim.signal(signal.SIGCONT)
+
+
+# --- `make cluster` itself (nginx/cluster.py as a command)
+
+class Command:
+    """`python nginx/cluster.py ...` in a process group of its own (a terminal's foreground job), temporary
+    directories under `tmp`; its output in a file."""
+
+    def __init__(self, tmp, *args):
+        self.out = tmp / "cluster.out"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}
+        env["TMPDIR"] = str(tmp)
+        with open(self.out, "w") as out:
+            self.proc = subprocess.Popen([sys.executable, str(ROOT / "nginx" / "cluster.py"), *args], cwd=ROOT,
+                                         env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.workdir = None
+
+    def output(self):
+        return self.out.read_text()
+
+    async def ready(self):
+        async def banner():
+            assert self.proc.poll() is None, self.output()
+            found = re.search(r"Logs, pid files and state: (\S+)", self.output())
+            return found and "Ctrl-C stops all" in self.output() and Path(found.group(1))
+        self.workdir = await wait_for(banner, timeout=180)  # three processes start on a loaded machine
+        return self
+
+    def pid(self, name):
+        return int((self.workdir / f"{name}.pid").read_text())
+
+    def interrupt(self):
+        """Ctrl-C in the terminal: SIGINT to the whole foreground process group."""
+        os.killpg(self.proc.pid, signal.SIGINT)
+        return self.proc.wait(120)
+
+
+def descendants(pid):
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            continue
+        for child in map(int, children):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid):
+    try:
+        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+async def healthz_from(base, src):
+    request = HTTPRequest(base + "/healthz", network_interface=src, request_timeout=PATIENCE)
+    response = await AsyncHTTPClient().fetch(request, raise_error=False)
+    return response.code, response.headers.get("X-Parley-Instance")
+
+
+@pytest.mark.gen_test(timeout=400)
+async def test_make_cluster_restarts_a_killed_instance_and_the_others_keep_serving(tmp_path, mongo_url):
+    require(nginx_binary(), "nginx is not installed (Debian package nginx)")
+    port, db_name = free_port(), "k_" + uuid.uuid4().hex[:12]
+    command = Command(tmp_path, "--instances", "2", "--port", str(port), "--mongo-url", mongo_url,
+                      "--token", CLI_TOKEN, "--", "--db-name", db_name)
+    try:
+        await command.ready()
+        base = f"http://127.0.0.1:{port}"
+        src = None
+        for n in range(1, 40):  # a network ip_hash sends to parley-1
+            if (await healthz_from(base, source(n)))[1] == "parley-1":
+                src = source(n)
+                break
+        assert src, "no network hashes to parley-1"
+        killed = command.pid("parley-1")
+        os.kill(killed, signal.SIGKILL)
+        # the other instance serves that network meanwhile: a chat through nginx
+        ws = await websocket_connect(HTTPRequest(
+            f"ws://127.0.0.1:{port}/api/v1/pipelines/default/ws/connect?protocol=parley.v1&stream_mode=delta",
+            headers={"Authorization": f"Bearer {CLI_TOKEN}"}, network_interface=src, request_timeout=PATIENCE))
+        client = Client(ws)
+        assert ws.headers.get("X-Parley-Instance") == "parley-2"
+        assert (await client.recv(PATIENCE))["type"] == "connected"
+        ack = await client.say("while parley-1 is down")
+        assert (await client.until_final(ack["data"]["reply_message_id"], PATIENCE))[-1]["data"]["status"] == \
+            "completed"
+        client.ws.close()
+        # reported, started again, and back in nginx; the rest never stopped
+        await wait_for(lambda: _async(f"parley-1 (pid {killed}) exited with code -9" in command.output()))
+        await wait_for(lambda: _async(command.pid("parley-1") != killed))
+
+        async def back():
+            return (await healthz_from(base, src)) == (200, "parley-1")
+        await wait_for(back, timeout=180)
+        assert command.proc.poll() is None
+    finally:
+        if command.proc.poll() is None:
+            assert command.interrupt() == 0
+        with MongoClient(mongo_url) as db:
+            db.drop_database(db_name)
+
+
+def test_ctrl_c_stops_every_process_of_make_cluster_and_removes_its_directory(tmp_path, io_loop):
+    require(nginx_binary(), "nginx is not installed (Debian package nginx)")
+    command = Command(tmp_path, "--instances", "2", "--port", str(free_port()))  # its own store, a temp dir
+    io_loop.run_sync(command.ready, timeout=240)
+    assert command.workdir.parent == tmp_path and command.workdir.name.startswith("parley-cluster-")
+    processes = descendants(command.proc.pid)
+    assert {command.pid("parley-1"), command.pid("parley-2"), command.pid("nginx")} <= processes
+    assert len(processes) >= 5  # two instances, nginx's master and worker, the store
+    assert command.interrupt() == 0
+    assert [p for p in processes if alive(p)] == []
+    assert not command.workdir.exists()
+    assert list(tmp_path.glob("parley-cluster-*")) == []

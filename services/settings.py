@@ -27,6 +27,7 @@ OTHER_VARIABLES = {
     "PARLEY_TEST_MONGO_URL": "tests: run the suite against this MongoDB",
     "PARLEY_REQUIRE_ALL": "tests: fail, not skip, when a real component is missing",
     "PARLEY_FUZZ_EXAMPLES": "tests: examples per property-based test",
+    "PARLEY_LANGBOT_WIDGET": "tests: a copy of LangBot's widget.js, run against Parley in Chromium",
 }
 
 

@@ -30,6 +30,7 @@ from services import events, logs, settings
 from services.auth import Authenticator, check_jwt_secret
 from services.batching import Admission
 from services.chat import ChatService
+from services.codes import Close
 from services.files import Files
 from services.embedded_mongo import EmbeddedMongo, EmbeddedMongoError
 from services.bus import Bus, LocalBus
@@ -288,14 +289,15 @@ def tune_gc():
 
 
 async def drain(services, server):
-    """Graceful shutdown: /readyz and new WebSockets answer 503, connected clients are told to reconnect (they
-    resume on another instance), replies get --drain-timeout to finish, the rest end `interrupted`."""
+    """Graceful shutdown: stop listening (a proxy sends new connections elsewhere; on connections already open
+    /readyz and handshakes answer 503), connected clients are told to reconnect (they resume on another
+    instance), replies get --drain-timeout to finish, the rest end `interrupted`."""
     services.draining = True
     log.info("draining: telling %d clients to reconnect elsewhere", len(services.hub.connections))
     server.stop()  # no new connections: nginx sends new clients to another instance
     services.bus.publish(events.reconnect("server restarting"))  # this instance's connections only
     for conn in list(services.hub.connections.values()):
-        conn.close(1012, "server restarting")
+        conn.close(Close.RESTARTING, Close.RESTARTING.reason)
     await services.streams.drain(services.config.drain_timeout)
     await close_services(services)  # what is still generating is checkpointed and ends `interrupted`
     await server.close_all_connections()

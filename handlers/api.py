@@ -8,6 +8,7 @@ import msgspec
 from handlers.base import BaseHandler, api
 from services import frames, paging, schema
 from services.chat import check_id, check_session_type
+from services.codes import Code
 from services.errors import BadRequest
 
 P = r"/api/v1/pipelines/(?P<pipeline>[^/]+)"
@@ -206,7 +207,7 @@ class MessagesHandler(BaseHandler):
         body = self.body()
         key = self.request.headers.get("Idempotency-Key")
         if key is not None and body.client_msg_id not in (None, key):
-            raise BadRequest("Idempotency-Key and client_msg_id differ", code="invalid_param")
+            raise BadRequest("Idempotency-Key and client_msg_id differ", code=Code.INVALID_PARAM)
         user_doc, reply_doc, duplicate = await chat.send(
             self.identity, session, body.message, stream=body.stream, client_msg_id=body.client_msg_id or key)
         self.ok(frames.ack_data(user_doc, reply_doc, duplicate), status=200 if duplicate else None)

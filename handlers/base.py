@@ -8,6 +8,7 @@ from tornado import httputil, web
 
 from services import guards, logs, untrusted
 from services.auth import require_admin
+from services.codes import Code, for_http_status
 from services.schema import convert, to_builtins
 from services.forwarded import client_address
 from services.errors import (BadRequest, Forbidden, LengthRequired, NotFound, ParleyError, PayloadTooLarge,
@@ -79,7 +80,7 @@ class BaseHandler(web.RequestHandler):
     def options(self, *args, **kwargs):
         """CORS preflight: no credentials needed (browsers send none), answered before any route logic."""
         if self._cors_origin() is None:
-            raise Forbidden("this origin may not call the API (see --cors-origins)", code="cors_forbidden")
+            raise Forbidden("this origin may not call the API (see --cors-origins)", code=Code.CORS_FORBIDDEN)
         methods = [m for m in ("GET", "POST", "PUT", "PATCH", "DELETE")
                    if getattr(type(self), m.lower()) is not getattr(web.RequestHandler, m.lower())]
         self.set_header("Access-Control-Allow-Methods", ", ".join(methods + ["OPTIONS"]))
@@ -147,7 +148,7 @@ class BaseHandler(web.RequestHandler):
             return {}
         body = untrusted.loads(self.raw_body, what="the request body")
         if not isinstance(body, dict):
-            raise BadRequest("the request body must be a JSON object", code="invalid_json")
+            raise BadRequest("the request body must be a JSON object", code=Code.INVALID_JSON)
         return body
 
     def body(self):
@@ -162,9 +163,9 @@ class BaseHandler(web.RequestHandler):
         try:
             value = int(raw)
         except ValueError:
-            raise BadRequest(f"{name} must be an integer", code="invalid_param") from None
+            raise BadRequest(f"{name} must be an integer", code=Code.INVALID_PARAM) from None
         if not low <= value <= high:
-            raise BadRequest(f"{name} must be between {low} and {high}", code="invalid_param")
+            raise BadRequest(f"{name} must be between {low} and {high}", code=Code.INVALID_PARAM)
         return value
 
     def log_exception(self, typ, value, tb):
@@ -181,7 +182,7 @@ class BaseHandler(web.RequestHandler):
         if isinstance(err, PyMongoError):
             err = Unavailable("the message store is unavailable, try again")
         elif status_code == 403 and isinstance(err, web.HTTPError):  # Tornado's cross_origin_protection
-            err = Forbidden(f"cross-origin write refused: {err.log_message}", code="cross_origin")
+            err = Forbidden(f"cross-origin write refused: {err.log_message}", code=Code.CROSS_ORIGIN)
         if isinstance(err, ParleyError):
             self.set_status(err.http_status)
             if err.http_status == 401:  # RFC 6750: say which scheme, and whether a token was sent but refused
@@ -190,9 +191,7 @@ class BaseHandler(web.RequestHandler):
                                                                                else ""))
             self.finish(json.dumps(err.to_dict()))
             return
-        codes = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
-        code = codes.get(status_code, "internal_error" if status_code >= 500 else "http_error")
-        self.finish(json.dumps({"code": code, "message": error_reason(status_code, kwargs)}))
+        self.finish(json.dumps({"code": for_http_status(status_code), "message": error_reason(status_code, kwargs)}))
 
 
 class NotFoundHandler(BaseHandler):

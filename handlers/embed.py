@@ -10,6 +10,7 @@ from handlers.base import BaseHandler, api
 from parley import resource
 from services import frames, schema
 from services.chat import check_session_type
+from services.codes import Code
 from services.errors import Forbidden, ParleyError
 from services.forwarded import public_origin
 from services.auth import bearer_or_query_token
@@ -140,7 +141,7 @@ class TurnstileVerifyHandler(EmbedHandler):
         if self.embed.turnstile_secret_env:
             if not await visitors.verify_human(self.embed, self.body().token, self.request.remote_ip):
                 visitors.refused("human_check")
-                raise Forbidden("the human check failed; try again", code="human_check_failed")
+                raise Forbidden("the human check failed; try again", code=Code.HUMAN_CHECK_FAILED)
             human = True
         self.ok({"token": visitors.issue(self.embed, human=human)})
 

@@ -6,6 +6,7 @@ from urllib.parse import quote
 from tornado import httputil
 
 from handlers.base import BaseHandler, api
+from services.codes import Code
 from services.errors import BadRequest, NotFound
 
 UPLOAD_MARGIN = 64 * 1024  # of a multipart body, beyond the file: boundaries, headers, the file name
@@ -28,7 +29,7 @@ class UploadHandler(BaseHandler):
                                       uploads, self.request.headers)
         parts = uploads.get("file")
         if not parts:
-            raise BadRequest("send the file as multipart/form-data in the field `file`", code="invalid_param")
+            raise BadRequest("send the file as multipart/form-data in the field `file`", code=Code.INVALID_PARAM)
         part = parts[0]
         doc = await self.services.files.save(self.identity, kind, part.body, name=part.filename or "")
         self.ok({"file_key" if kind == "image" else "file_id": doc["_id"], "key": doc["_id"], "type": doc["type"],
@@ -65,7 +66,7 @@ class FileHandler(BaseHandler):
         if sig is not None:
             doc = await files.by_link(key, exp, sig)
             if doc is None or doc["kind"] != kind:
-                raise NotFound("this link is not valid (or has expired)", code="file_not_found")
+                raise NotFound("this link is not valid (or has expired)", code=Code.FILE_NOT_FOUND)
             access, max_age = "link", max(0, int(exp) - int(time.time()))
         else:
             identity = self.services.auth.identify(self.request)

@@ -9,6 +9,7 @@ import logging
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from handlers.base import BaseHandler
+from services.codes import Code
 from services.logs import scrub
 
 access_log = logging.getLogger("tornado.access")
@@ -39,8 +40,8 @@ class ReadyHandler(OpsHandler):
         self.ok({"status": "ready", "instance": self.services.instance_id})
 
     def not_ready(self, why):
-        self.set_status(503)
-        self.finish({"code": "not_ready", "message": why})
+        self.set_status(Code.NOT_READY.status)
+        self.finish({"code": Code.NOT_READY, "message": why})
 
 
 class MetricsHandler(OpsHandler):

@@ -13,6 +13,7 @@ from tornado import routing, web
 
 from handlers.base import error_reason
 from parley import resource
+from services.codes import for_http_status
 
 STATIC_DIR = str(resource("static"))
 _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
@@ -99,8 +100,7 @@ class StaticHandler(web.StaticFileHandler):
 
     def write_error(self, status_code, **kwargs):
         self.set_header("Content-Type", "application/json; charset=utf-8")
-        code = {404: "not_found", 405: "method_not_allowed"}.get(status_code, "http_error")
-        self.finish({"code": code, "message": error_reason(status_code, kwargs)})
+        self.finish({"code": for_http_status(status_code), "message": error_reason(status_code, kwargs)})
 
 
 default_handlers = [

@@ -24,29 +24,23 @@ from tornado import web, websocket
 from handlers.base import error_reason
 from services import frames, guards, logs, schema
 from services.chat import check_session_type
+from services.codes import CLOSE_FOR_CODE, CLOSE_FOR_STATUS, PING_TIMEOUT, Close, Code, for_http_status
 from services.forwarded import client_address
 from services.auth import bearer_or_query_token
 from services.errors import BadRequest, Capacity, ParleyError, RateLimited, Unauthorized, Unavailable
 from services.hub import Connection, ConnectionClosed
-from services.limits import CLOSE_CAPACITY, check_capacity
-from services.outbox import CLOSE_SLOW_CONSUMER
+from services.limits import check_capacity
 from services.protocol import ClientProtocol
 from services.schema import AuthenticateFrame, decode_frame
 
 log = logging.getLogger(__name__)
 
 STREAM_MODES = ("cumulative", "delta")
-# Close codes for errors at connect time (docs/protocol.md).
-CLOSE_FOR_STATUS = {400: 4400, 401: 4401, 403: 4403, 404: 4404, 503: 1011}
-CLOSE_FOR_CODE = {"capacity": CLOSE_CAPACITY}
-# Server-initiated close code -> parley_ws_disconnects_total{reason}. 1000 is the client's own `disconnect`.
-DISCONNECT_FOR_CODE = {1001: "shutdown", 1012: "shutdown", 1008: "auth", 4401: "auth", 4403: "auth", 1009: "oversize",
-                       CLOSE_CAPACITY: "capacity", 1011: "unavailable", 4400: "invalid", 4404: "invalid",
-                       CLOSE_SLOW_CONSUMER: "slow"}
-DISCONNECT_FOR_REASON = {"ping_timeout": "ping_timeout"}  # services/keepalive.py: 1011 is also `unavailable`
 # What the 101 answer carried (Tornado's, then ours), emptied once it is sent: see _forget_handshake.
 RESPONSE_HEADERS = ("Server", "Content-Type", "Date", "Upgrade", "Connection", "Sec-WebSocket-Accept",
                     "Sec-WebSocket-Protocol", "Sec-WebSocket-Extensions", "X-Parley-Instance", "X-Request-Id")
+# Server-initiated close code -> parley_ws_disconnects_total{reason} (a ping timeout's 1011 says ping_timeout)
+DISCONNECT_FOR_CODE = {c: c.disconnect for c in Close if c.disconnect}
 HARD_CAP_FACTOR = 4  # frames up to 4x --max-message-size are read whole and refused with a clean 1009
 
 
@@ -67,9 +61,10 @@ class ChatSocket(websocket.WebSocketHandler):
         self.set_header("X-Request-Id", rid)
         logs.bind(request_id=rid)  # on every line of this socket's life, with its conn_id once registered
         if self.services.draining:  # behind nginx, the handshake is retried on another instance
-            self.set_status(503)
+            err = ParleyError("this server is restarting; connect again", code=Code.DRAINING)
+            self.set_status(err.http_status)
             self.set_header("Content-Type", "application/json; charset=utf-8")
-            self.finish(json.dumps({"code": "draining", "message": "this server is restarting; connect again"}))
+            self.finish(json.dumps(err.to_dict()))
             return
         try:
             guards.check_host(self.request, self.services.config)  # DNS rebinding, before the upgrade
@@ -81,8 +76,7 @@ class ChatSocket(websocket.WebSocketHandler):
     def write_error(self, status_code, **kwargs):
         """A refused handshake (bad upgrade headers, origin) answers JSON like every other route."""
         self.set_header("Content-Type", "application/json; charset=utf-8")
-        self.finish(json.dumps({"code": "invalid_request" if status_code < 500 else "internal_error",
-                                "message": error_reason(status_code, kwargs)}))
+        self.finish(json.dumps({"code": for_http_status(status_code), "message": error_reason(status_code, kwargs)}))
 
     @property
     def ping_interval(self):
@@ -115,7 +109,7 @@ class ChatSocket(websocket.WebSocketHandler):
         try:
             return self.get_query_argument(name, default)
         except web.HTTPError:  # not UTF-8 (a percent-encoded lone surrogate, say)
-            raise BadRequest(f"{name} is not valid UTF-8", code="invalid_param") from None
+            raise BadRequest(f"{name} is not valid UTF-8", code=Code.INVALID_PARAM) from None
 
     def open(self, pipeline):
         """Not a coroutine unless it must wait for the store (see _start): Tornado keeps what open() returned
@@ -130,7 +124,7 @@ class ChatSocket(websocket.WebSocketHandler):
                            "stream_mode": self._query("stream_mode", "cumulative"),
                            "session_id": self._query("session_id", None), "client_session": None}
             if self.params["stream_mode"] not in STREAM_MODES:
-                raise BadRequest("stream_mode must be cumulative or delta", code="invalid_param")
+                raise BadRequest("stream_mode must be cumulative or delta", code=Code.INVALID_PARAM)
             self.params["dialect"] = self._dialect()
             if self.params["dialect"] == frames.LANGBOT:
                 self.params["stream_mode"] = "cumulative"  # LangBot streams the whole text so far
@@ -152,7 +146,7 @@ class ChatSocket(websocket.WebSocketHandler):
         limit = self.services.config.max_message_size
         if len(message) > limit // 4 and len(message.encode("utf-8", "surrogatepass") if isinstance(message, str)
                                             else message) > limit:
-            return self._close(1009, "message_too_big")
+            return self._close(Close.MESSAGE_TOO_BIG, Close.MESSAGE_TOO_BIG.reason)
         if self.protocol is not None:
             self.conn.last_active = time.time()
             # never awaits: ping and stop are heard during a reply
@@ -304,10 +298,10 @@ class ChatSocket(websocket.WebSocketHandler):
         self.close(code, reason)
 
     def _closing(self, code, reason):
-        if code == 1000:
+        if code == Close.NORMAL:
             self.closed_by = "client_request"  # the client's `disconnect` frame
-        else:
-            self.closed_by = DISCONNECT_FOR_REASON.get(reason) or DISCONNECT_FOR_CODE.get(code, "other")
+        else:  # parley_ws_disconnects_total{reason}: the close code's (services/codes.py), a ping timeout's
+            self.closed_by = PING_TIMEOUT if reason == PING_TIMEOUT else DISCONNECT_FOR_CODE.get(code, "other")
             self.services.metrics.disconnected(self.closed_by)
 
     def _hold_pending(self, held):
@@ -326,14 +320,14 @@ class ChatSocket(websocket.WebSocketHandler):
 
     def _refuse(self, err):
         """A fatal error at connect: say why in an error frame, then close with a documented code."""
-        self.services.metrics.disconnected(
-            {401: "auth", 403: "auth", 503: "unavailable"}.get(err.http_status, "invalid"))
+        close = CLOSE_FOR_CODE.get(err.code) or CLOSE_FOR_STATUS.get(err.http_status, Close.UNAVAILABLE)
+        self.services.metrics.disconnected(close.disconnect)
         self.closed_by = "refused"
         try:
             self.write_message(schema.encode(frames.error(err)))
         except websocket.WebSocketClosedError:
             return
-        self.close(CLOSE_FOR_CODE.get(err.code) or CLOSE_FOR_STATUS.get(err.http_status, 1011), err.code)
+        self.close(close, err.code)
 
 
 class EmbedSocket(ChatSocket):
@@ -404,14 +398,14 @@ class EmbedSocket(ChatSocket):
 
     def _refuse(self, err):
         if isinstance(err, (Capacity, RateLimited)) and self.params is not None:  # a limit: say why, politely
-            self.services.metrics.disconnected("capacity")
+            self.services.metrics.disconnected(Close.CAPACITY.disconnect)
             self.closed_by = "refused"
             try:
                 self.write_message(schema.encode(frames.refusal(err, self.params["session_type"],
                                                                 "This chat is not available right now")))
             except websocket.WebSocketClosedError:
                 return
-            return self.close(CLOSE_CAPACITY, err.code)
+            return self.close(Close.CAPACITY, err.code)
         return super()._refuse(err)
 
 

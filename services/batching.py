@@ -15,6 +15,7 @@ import time
 
 from pymongo.errors import PyMongoError
 
+from services.codes import Code
 from services.errors import Overloaded, Unavailable
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ class Admission:
             return
         if len(self._waiters) >= self.queue:
             raise Overloaded(f"more than {self.queue} messages are waiting for the message store; try again",
-                             code="overloaded")
+                             code=Code.OVERLOADED)
         future = asyncio.get_running_loop().create_future()
         self._waiters.append(future)
         started = time.monotonic()

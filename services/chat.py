@@ -9,6 +9,7 @@ import logging
 from pymongo.errors import DuplicateKeyError
 
 from services import events, frames, paging, schema
+from services.codes import LIVE, Code
 from services.compose import MAX_IMAGE, compose
 from services.numbers import Numbers
 from services.ordering import SEQS_PER_SEND
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 SESSION_TYPES = ("person", "group")
 MAX_TEXT = schema.MAX_TEXT
 MAX_MEMBERS = 256        # default of --max-members: a session document stays small (256 ids of <= 128 chars)
-MAX_TITLE = 200
+MAX_TITLE = schema.MAX_TITLE
 AUTO_TITLE = 60          # characters of the first message that name an untitled session
 MAX_VIEWED = 64          # sessions one connection may view at once (session.join)
 KNOWN_SESSIONS = 10_000  # sessions whose id, pipeline and type are kept in memory for sends
@@ -28,14 +29,14 @@ KNOWN_SESSIONS = 10_000  # sessions whose id, pipeline and type are kept in memo
 
 def check_session_type(value):
     if value not in SESSION_TYPES:
-        raise BadRequest(f"session_type must be one of {', '.join(SESSION_TYPES)}", code="invalid_session_type")
+        raise BadRequest(f"session_type must be one of {', '.join(SESSION_TYPES)}", code=Code.INVALID_SESSION_TYPE)
     return value
 
 
 def check_id(value, what):
     """Ids are plain strings: anything else (an object such as {"$ne": ...}) never reaches a query."""
     if not isinstance(value, str) or not value or len(value) > 128:
-        raise BadRequest(f"{what} must be a non-empty string of at most 128 characters", code="invalid_param")
+        raise BadRequest(f"{what} must be a non-empty string of at most 128 characters", code=Code.INVALID_PARAM)
     return value
 
 
@@ -153,17 +154,17 @@ class ChatService:
         self.pipelines.get(pipeline_id)
         check_session_type(session_type)
         if not isinstance(title, str) or len(title) > MAX_TITLE:
-            raise BadRequest(f"title must be a string of at most {MAX_TITLE} characters", code="invalid_param")
+            raise BadRequest(f"title must be a string of at most {MAX_TITLE} characters", code=Code.INVALID_PARAM)
         if not isinstance(members, (list, tuple)):
-            raise BadRequest("members must be a list of user ids", code="invalid_param")
+            raise BadRequest("members must be a list of user ids", code=Code.INVALID_PARAM)
         if len(members) > self.max_members:
             raise BadRequest(f"members must be a list of at most {self.max_members} user ids",
-                             code="too_many_members")
+                             code=Code.TOO_MANY_MEMBERS)
         members = [check_id(m, "a member") for m in members]
         if len({identity.user_id, *members}) > self.max_members:
-            raise BadRequest(f"a session has at most {self.max_members} members", code="too_many_members")
+            raise BadRequest(f"a session has at most {self.max_members} members", code=Code.TOO_MANY_MEMBERS)
         if session_type == "person" and set(members) - {identity.user_id}:
-            raise BadRequest("a person session has only its owner; use session_type group", code="invalid_param")
+            raise BadRequest("a person session has only its owner; use session_type group", code=Code.INVALID_PARAM)
         return await self.store.create_session(pipeline=pipeline_id, session_type=session_type,
                                                owner=identity.user_id, members=members, title=title)
 
@@ -172,7 +173,7 @@ class ChatService:
         self.pipelines.get(pipeline_id)
         doc = await self.store.get_session(check_id(session_id, "session_id"))
         if doc["pipeline"] != pipeline_id or not can_access(identity, doc):
-            raise NotFound(f"no session {session_id!r}", code="session_not_found")
+            raise NotFound(f"no session {session_id!r}", code=Code.SESSION_NOT_FOUND)
         self._remember(doc)
         return doc
 
@@ -197,16 +198,16 @@ class ChatService:
         if not (identity.is_admin or identity.user_id == session["owner"]):
             raise Forbidden("only the session's owner may change its members")
         if session["type"] != "group":
-            raise BadRequest("only group sessions have members to change", code="invalid_param")
+            raise BadRequest("only group sessions have members to change", code=Code.INVALID_PARAM)
         for ids in (add, remove):
             if not isinstance(ids, list) or len(ids) > 256:
-                raise BadRequest("add and remove must be lists of at most 256 user ids", code="invalid_param")
+                raise BadRequest("add and remove must be lists of at most 256 user ids", code=Code.INVALID_PARAM)
         add, remove = [check_id(u, "a member") for u in add], [check_id(u, "a member") for u in remove]
         if session["owner"] in remove:
-            raise BadRequest("the owner cannot be removed", code="invalid_param")
+            raise BadRequest("the owner cannot be removed", code=Code.INVALID_PARAM)
         if len((set(session.get("members", ())) | set(add)) - set(remove)) > self.max_members:
             raise BadRequest(f"a session has at most {self.max_members} members (--max-members)",
-                             code="too_many_members")
+                             code=Code.TOO_MANY_MEMBERS)
         doc = await self.store.change_members(session["_id"], add=add, remove=remove)
         # removed members stop viewing it; the others are told who is in it now
         self.bus.publish(events.members(session["_id"], add, remove, doc.get("members", ()), identity.user_id))
@@ -215,9 +216,9 @@ class ChatService:
     async def leave_group(self, identity, session):
         """A member leaves a group session (the owner cannot: the group would have nobody to manage it)."""
         if session["type"] != "group":
-            raise BadRequest("only a group session can be left", code="invalid_param")
+            raise BadRequest("only a group session can be left", code=Code.INVALID_PARAM)
         if identity.user_id == session["owner"]:
-            raise BadRequest("the owner cannot leave their group", code="invalid_param")
+            raise BadRequest("the owner cannot leave their group", code=Code.INVALID_PARAM)
         doc = await self.store.change_members(session["_id"], remove=[identity.user_id])
         # their connections viewing it (on every instance) stop, told `session.left` reason left_group
         self.bus.publish(events.members(session["_id"], (), [identity.user_id], doc.get("members", ()),
@@ -228,8 +229,8 @@ class ChatService:
         """Owner (or admin) sets a session's title (the web app's Rename)."""
         if not (identity.is_admin or identity.user_id == session["owner"]):
             raise Forbidden("only the session's owner may rename it")
-        if not isinstance(title, str) or len(title) > 200:
-            raise BadRequest("title must be a string of at most 200 characters", code="invalid_param")
+        if not isinstance(title, str) or len(title) > MAX_TITLE:
+            raise BadRequest(f"title must be a string of at most {MAX_TITLE} characters", code=Code.INVALID_PARAM)
         return await self.store.set_title(session["_id"], title.strip())
 
     async def list_sessions(self, identity, pipeline_id, *, limit=100, cursor=None):
@@ -241,7 +242,7 @@ class ChatService:
         if position is not None:
             if not (isinstance(position, list) and len(position) == 2 and type(position[0]) is int
                     and isinstance(position[1], str)):
-                raise BadRequest("cursor is not one this server gave out", code="invalid_cursor")
+                raise BadRequest("cursor is not one this server gave out", code=Code.INVALID_CURSOR)
             before = tuple(position)
         docs = await self.store.list_sessions(pipeline=pipeline_id, user=identity.user_id, limit=limit + 1,
                                               before=before)
@@ -383,15 +384,15 @@ class ChatService:
         sid = session["_id"]
         old = await self.store.find_message(message_id)
         if old is None or old["session_id"] != sid or old.get("role") != "assistant":
-            raise NotFound(f"no reply {message_id!r} in this session", code="message_not_found")
-        if old["status"] in ("queued", "streaming"):
-            raise Conflict("this reply is still being written: stop it first", code="reply_live")
+            raise NotFound(f"no reply {message_id!r} in this session", code=Code.MESSAGE_NOT_FOUND)
+        if old["status"] in LIVE:
+            raise Conflict("this reply is still being written: stop it first", code=Code.REPLY_LIVE)
         last = await self.store.last_message(sid)
         if last is None or last["_id"] != message_id or old.get("superseded_by"):
-            raise Conflict("only the session's latest reply can be regenerated", code="not_latest_reply")
+            raise Conflict("only the session's latest reply can be regenerated", code=Code.NOT_LATEST_REPLY)
         question = await self.store.find_message(old.get("reply_to"))
         if question is None:
-            raise NotFound("the message this reply answered is gone", code="message_not_found")
+            raise NotFound("the message this reply answered is gone", code=Code.MESSAGE_NOT_FOUND)
         pipeline = self.pipelines.get(session["pipeline"])
         chain = schema.decode_chain(question.get("chain") or frames.chain(question.get("content", "")))
         composed = compose(chain, pipeline, max_image=self.max_image_size, max_document=self.max_document_size)
@@ -406,7 +407,7 @@ class ChatService:
         async with self.admission.slot():
             reply_id = new_id()
             if not await self.store.supersede(message_id, reply_id):  # a regenerate of it won already
-                raise Conflict("only the session's latest reply can be regenerated", code="not_latest_reply")
+                raise Conflict("only the session's latest reply can be regenerated", code=Code.NOT_LATEST_REPLY)
             self._sending[sid] = self._sending.get(sid, 0) + 1  # its number may move the counter: see _remember
             try:
                 reply_doc = await self._store_regenerate(identity, session, question, reply_id)
@@ -531,7 +532,7 @@ class ChatService:
         position = paging.decode(kind, cursor)
         if position is not None:
             if not isinstance(position, int) or isinstance(position, bool) or position < 0:
-                raise BadRequest("cursor is not one this server gave out", code="invalid_cursor")
+                raise BadRequest("cursor is not one this server gave out", code=Code.INVALID_CURSOR)
             after_seq = position
         docs = await self.store.list_messages(session["_id"], after_seq=after_seq, limit=limit + 1)
         return paging.page(docs, limit, kind, lambda d: d["seq"])

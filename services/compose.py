@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 from services import schema
+from services.codes import Code
 from services.errors import BadRequest, PayloadTooLarge
 from services.files import IMAGE_TYPES, Attachment, image_type
 
@@ -40,9 +41,9 @@ def compose(chain, pipeline, *, max_image=MAX_IMAGE, max_document=None):
             parts.append(_parts([component], [data], pipeline, out, max_image, max_document))
     out.text = "".join(parts)
     if not out.text.strip() and not out.images:
-        raise BadRequest("message text is empty", code="invalid_message")
+        raise BadRequest("message text is empty", code=Code.INVALID_MESSAGE)
     if len(out.text) > schema.MAX_TEXT:
-        raise BadRequest(f"message text is longer than {schema.MAX_TEXT} characters", code="message_too_long")
+        raise BadRequest(f"message text is longer than {schema.MAX_TEXT} characters", code=Code.MESSAGE_TOO_LONG)
     return out
 
 
@@ -72,7 +73,7 @@ def _parts(components, stored, pipeline, out, max_image, max_document):
 def _accepts(pipeline, kind, what):
     if kind not in pipeline.inputs:  # the pipeline's id stays out: a widget visitor reads this reason too
         raise BadRequest(f"this chat does not accept {what} (it takes: {', '.join(pipeline.inputs)})",
-                         code="unsupported_component")
+                         code=Code.UNSUPPORTED_COMPONENT)
 
 
 def _image(image, stored, out, max_image):
@@ -84,15 +85,15 @@ def _image(image, stored, out, max_image):
         raw = inline_bytes(image.base64, max_image, "image")
         kind = image_type(raw)
         if kind is None:
-            raise BadRequest("an image must be PNG, JPEG, GIF or WebP", code="invalid_image")
+            raise BadRequest("an image must be PNG, JPEG, GIF or WebP", code=Code.INVALID_IMAGE)
         attachment = Attachment(stored, "image", data=raw, mime=IMAGE_TYPES[kind])
     elif image.url:
         if not image.url.lower().startswith(("http://", "https://")):
-            raise BadRequest("an Image's url must be http or https", code="invalid_image")
+            raise BadRequest("an Image's url must be http or https", code=Code.INVALID_IMAGE)
         return image.url
     else:
         raise BadRequest("an Image needs a `path` (an uploaded file's key), a `url` or `base64`",
-                         code="invalid_message")
+                         code=Code.INVALID_MESSAGE)
     out.attachments.append(attachment)
     return attachment
 
@@ -115,7 +116,7 @@ def inline_bytes(value, max_bytes, kind):
         label, data = "", value
     elif not _DATA_URI.match(label) or (kind == "image" and not label.lower().startswith("data:image/")):
         raise BadRequest(f"a component's base64 must be raw base64 or a data:{'image/' if kind == 'image' else ''}"
-                         "...;base64, URI", code="invalid_image" if kind == "image" else "invalid_file")
+                         "...;base64, URI", code=Code.INVALID_IMAGE if kind == "image" else Code.INVALID_FILE)
     code, option = ("image_too_large", "--max-image-size") if kind == "image" else ("file_too_large",
                                                                                      "--max-document-size")
     article = "an" if kind == "image" else "a"
@@ -126,7 +127,7 @@ def inline_bytes(value, max_bytes, kind):
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise BadRequest(f"{article} {kind}'s base64 is not valid base64",
-                         code="invalid_image" if kind == "image" else "invalid_file") from None
+                         code=Code.INVALID_IMAGE if kind == "image" else Code.INVALID_FILE) from None
     if max_bytes is not None and len(raw) > max_bytes:
         raise PayloadTooLarge(f"{article} {kind} is larger than {max_bytes} bytes ({option})", code=code,
                               max_bytes=max_bytes)

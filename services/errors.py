@@ -1,20 +1,28 @@
 """Domain errors. Services raise them; handlers map them to an `error` frame or an HTTP status in one place.
 
-Every code here is listed in docs/protocol.md; clients may rely on them, so never rename one.
+An error's code is a row of services/codes.py's `Code` table, which gives its HTTP status and whether it is
+retryable: the class only picks a default code (and lets callers catch a kind: `except NotFound`).
 """
+from services.codes import Code
 
 
 class ParleyError(Exception):
-    code = "internal_error"
-    http_status = 500
-    retryable = False
+    code = Code.INTERNAL_ERROR
 
     def __init__(self, message, *, code=None, **extra):
         super().__init__(message)
         self.message = message
         if code:
-            self.code = code
+            self.code = Code(code)  # a code outside the table is a bug: ValueError here, not a surprise on the wire
         self.extra = extra  # additional machine-readable fields, e.g. retry_after
+
+    @property
+    def http_status(self):
+        return self.code.status
+
+    @property
+    def retryable(self):
+        return self.code.retryable
 
     def to_dict(self):
         body = {"code": self.code, "message": self.message}
@@ -25,75 +33,56 @@ class ParleyError(Exception):
 
 
 class BadRequest(ParleyError):
-    code = "invalid_request"
-    http_status = 400
+    code = Code.INVALID_REQUEST
 
 
 class NotFound(ParleyError):
-    code = "not_found"
-    http_status = 404
+    code = Code.NOT_FOUND
 
 
 class Busy(ParleyError):
-    code = "session_busy"
-    http_status = 429
-    retryable = True
+    code = Code.SESSION_BUSY
 
 
 class Unavailable(ParleyError):
-    code = "store_unavailable"
-    http_status = 503
-    retryable = True
+    code = Code.STORE_UNAVAILABLE
 
 
 class Overloaded(ParleyError):
-    code = "overloaded"
-    http_status = 503
-    retryable = True
+    code = Code.OVERLOADED
 
 
 class Unauthorized(ParleyError):
-    code = "unauthorized"
-    http_status = 401
+    code = Code.UNAUTHORIZED
 
 
 class Forbidden(ParleyError):
-    code = "forbidden"
-    http_status = 403
-
-
-class Conflict(ParleyError):
-    code = "conflict"
-    http_status = 409
+    code = Code.FORBIDDEN
 
 
 class Capacity(ParleyError):
-    code = "capacity"
-    http_status = 503
-    retryable = True
+    code = Code.CAPACITY
 
 
 class RateLimited(ParleyError):
-    code = "rate_limited"
-    http_status = 429
-    retryable = True
+    code = Code.RATE_LIMITED
 
 
 class PayloadTooLarge(ParleyError):
-    code = "payload_too_large"
-    http_status = 413
+    code = Code.PAYLOAD_TOO_LARGE
 
 
 class UnsupportedMediaType(ParleyError):
-    code = "unsupported_media_type"
-    http_status = 415
+    code = Code.UNSUPPORTED_MEDIA_TYPE
 
 
 class HostNotAllowed(ParleyError):
-    code = "host_not_allowed"
-    http_status = 421
+    code = Code.HOST_NOT_ALLOWED
 
 
 class LengthRequired(ParleyError):
-    code = "length_required"
-    http_status = 411
+    code = Code.LENGTH_REQUIRED
+
+
+class Conflict(ParleyError):
+    code = Code.CONFLICT

@@ -17,10 +17,10 @@ import logging
 import time
 
 from services import events, frames
+from services.codes import LIVE
 from services.schema import LANGBOT_STRUCTS
 from services.ordering import Ordering
 from services.outbox import encode
-from services.store import LIVE
 
 log = logging.getLogger(__name__)
 

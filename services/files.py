@@ -14,6 +14,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
+from services.codes import Code
 from services.errors import BadRequest, NotFound, PayloadTooLarge
 from services.signing import expiry
 from services.store import utcnow
@@ -64,14 +65,14 @@ def document_type(name, raw):
         ext = next((e for e, (_, check) in DOCUMENT_TYPES.items() if check and check(raw)), "")
     if ext not in DOCUMENT_TYPES:
         raise BadRequest(f"documents must be one of: {', '.join(sorted(DOCUMENT_TYPES))} (by file extension)",
-                         code="unsupported_file_type")
+                         code=Code.UNSUPPORTED_FILE_TYPE)
     mime, check = DOCUMENT_TYPES[ext]
     if check is None:
         ok = b"\0" not in raw and _utf8(raw)
     else:
         ok = check(raw)
     if not ok:
-        raise BadRequest(f"the file's contents are not a .{ext} file", code="unsupported_file_type")
+        raise BadRequest(f"the file's contents are not a .{ext} file", code=Code.UNSUPPORTED_FILE_TYPE)
     return mime
 
 
@@ -113,14 +114,14 @@ class Files:
         limit = self.max_size(kind)
         if len(data) > limit:
             option = "--max-image-size" if kind == "image" else "--max-document-size"
-            raise PayloadTooLarge(f"the {kind} is larger than {limit} bytes ({option})",
-                                  code="image_too_large" if kind == "image" else "file_too_large", max_bytes=limit)
+            raise PayloadTooLarge(f"the {kind} is larger than {limit} bytes ({option})", max_bytes=limit,
+                                  code=Code.IMAGE_TOO_LARGE if kind == "image" else Code.FILE_TOO_LARGE)
         if not data:
-            raise BadRequest(f"the {kind} is empty", code="invalid_image" if kind == "image" else "invalid_file")
+            raise BadRequest(f"the {kind} is empty", code=Code.INVALID_IMAGE if kind == "image" else Code.INVALID_FILE)
         if kind == "image":
             found = image_type(data)
             if found is None:
-                raise BadRequest("an image must be PNG, JPEG, GIF or WebP", code="invalid_image")
+                raise BadRequest("an image must be PNG, JPEG, GIF or WebP", code=Code.INVALID_IMAGE)
             return IMAGE_TYPES[found]
         return document_type(name, data)
 
@@ -135,7 +136,7 @@ class Files:
         used = await self.store.file_usage(owner)
         if used + len(data) > self.quota:  # concurrent uploads may pass together: at most one file each over
             raise PayloadTooLarge(f"your stored files would exceed {self.quota} bytes (--file-quota)",
-                                  code="quota_exceeded", max_bytes=self.quota)
+                                  code=Code.QUOTA_EXCEEDED, max_bytes=self.quota)
         doc = {"_id": "f" + secrets.token_urlsafe(18), "owner": owner, "kind": kind, "type": mime,
                "name": name[:256], "size": len(data), "sha256": digest, "sessions": [], "created_at": utcnow()}
         await self.store.insert_file(doc, data)
@@ -168,7 +169,7 @@ class Files:
         if doc is not None and (kind is None or doc["kind"] == kind) and await self.may_read(identity, doc):
             return doc
         raise NotFound(f"no {kind or 'file'} {key!r}" if isinstance(key, str) else "no such file",
-                       code="file_not_found")
+                       code=Code.FILE_NOT_FOUND)
 
     async def may_read(self, identity, doc):
         if identity.is_admin or identity.user_id == doc["owner"]:

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import msgspec
 
 from services import schema
+from services.codes import LIVE, ReplyStatus
 from services.schema import (Ack, AckData, Broadcast, Connected, Error, JoinedData, LangBotConnected,
                              LangBotMessage, LangBotResponse, LangBotUserMessage, LeftData, LiveReply, MembersData,
                              MessageData, Pong, Presence, PresenceData, Push, PushData, Reconnect, ReplyData,
@@ -59,7 +60,7 @@ def message_data(doc, *, connection_id=""):
     for key in ("thinking", "reply_to", "client_msg_id", "model", "usage", "error", "superseded_by"):
         if doc.get(key):
             data[key] = doc[key]
-    data["is_final"] = doc.get("status") not in ("queued", "streaming")
+    data["is_final"] = doc.get("status") not in LIVE
     data["connection_id"] = connection_id
     return data
 
@@ -120,7 +121,8 @@ def final(reply, *, timestamp, dialect=PARLEY, session_type="person"):
     """The one terminal frame of a reply: the same for both stream modes."""
     if dialect == LANGBOT:
         content = reply.content
-        if reply.status not in ("completed", "stopped") and reply.error:  # say why, or the user sees nothing
+        # a reply that failed says why, or the user sees nothing
+        if reply.status not in (ReplyStatus.COMPLETED, ReplyStatus.STOPPED) and reply.error:
             content += ("\n\n" if content else "") + f"⚠ {reply.error.get('message') or reply.error.get('code')}"
         return LangBotResponse(session_type=session_type, data=langbot_message(
             id=reply.seq, role="assistant", content=content, is_final=True, timestamp=timestamp))

@@ -5,7 +5,8 @@ Plain dicts owned by the IOLoop (no locks: everything here runs on the loop and 
 import logging
 import time
 
-from services.outbox import CLOSE_SLOW_CONSUMER, ConnectionClosed, Outbox
+from services.codes import Close
+from services.outbox import ConnectionClosed, Outbox
 from services.schema import LANGBOT_STRUCTS
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class Connection:
     def _too_slow(self):
         log.warning("closing a slow consumer conn_id=%s user=%s: %d characters waiting", self.id, self.user_id,
                     self.outbox.waiting_size)
-        self.close(CLOSE_SLOW_CONSUMER, "slow_consumer")
+        self.close(Close.SLOW_CONSUMER, Close.SLOW_CONSUMER.reason)
 
 
 class Hub:

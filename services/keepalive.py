@@ -14,11 +14,10 @@ import logging
 import time
 
 from services import frames
+from services.codes import PING_TIMEOUT, TOKEN_EXPIRED, Close
 
 log = logging.getLogger(__name__)
 
-CLOSE_PING_TIMEOUT = 1011  # the peer never sees it (it stopped answering); the metric says ping_timeout
-CLOSE_TOKEN_EXPIRED = 4401
 MAX_STEP = 1.0   # token expiry is noticed within a second
 MIN_STEP = 0.05
 SLICES = 10      # a round over every connection runs in tenths: at 10,000 connections a whole round holds the
@@ -72,7 +71,7 @@ class Keepalive:
                     self.expired(conn)
                 elif conn.pinged_at is not None:
                     if now - conn.pinged_at >= timeout:
-                        conn.close(CLOSE_PING_TIMEOUT, "ping_timeout")
+                        conn.close(Close.UNAVAILABLE, PING_TIMEOUT)
                 elif interval and (end - conn.created_at) // interval > (max(start, conn.created_at)
                                                                           - conn.created_at) // interval:
                     if conn.ping():
@@ -83,5 +82,5 @@ class Keepalive:
     @staticmethod
     def expired(conn):
         """The client refreshes its token and reconnects (then `resume`s): say so before closing."""
-        conn.send(frames.reconnect("token_expired"))
-        conn.close(CLOSE_TOKEN_EXPIRED, "token_expired")
+        conn.send(frames.reconnect(TOKEN_EXPIRED))
+        conn.close(Close.UNAUTHORIZED, TOKEN_EXPIRED)

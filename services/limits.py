@@ -3,7 +3,6 @@ import time
 
 from services.errors import Capacity, RateLimited
 
-CLOSE_CAPACITY = 1013  # "try again later"
 
 
 class RateLimiter:

@@ -18,21 +18,19 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from pymongo.errors import DuplicateKeyError
 
 from services import schema
+from services.codes import LIVE, PING_TIMEOUT, TERMINAL, Close, ReplyCode, ReplyStatus
 from services.errors import ParleyError
 
-TERMINAL = ("completed", "stopped", "failed", "timeout", "interrupted")
-GENERATION_STATES = ("queued", "streaming")
-PROVIDER_ERRORS = (
-    "first_token_timeout", "stall_timeout", "total_timeout", "empty_completion", "internal_error",
-    "missing_api_key", "upstream_bad_request", "upstream_error", "upstream_model_not_found",
-    "upstream_protocol_error", "upstream_rate_limited", "upstream_unauthorized", "upstream_unreachable", "other")
+# label values from the tables they count (services/codes.py, services/schema.py), plus what a value outside them
+# counts as
+GENERATION_STATES = LIVE
+PROVIDER_ERRORS = (*(c for c in ReplyCode if c.status in (ReplyStatus.FAILED, ReplyStatus.TIMEOUT)), "other")
 # frame types, as services/schema.py declares them (plus what a frame that is none of them counts as)
 CLIENT_FRAMES = (*schema.CLIENT_TYPES, "unknown", "invalid")
 SERVER_FRAMES = (*schema.SERVER_TYPES, "other")
 CLOSE_REASONS = ("client", "server", "lost")
-# Server-initiated disconnects; handlers/ws.py maps close codes to these (slow: 4008, capacity: 1013).
-DISCONNECT_REASONS = ("slow", "capacity", "auth", "ping_timeout", "oversize", "invalid", "unavailable",
-                      "shutdown", "other")
+# Server-initiated disconnects: each close code's (services/codes.py Close), a ping timeout's, else other.
+DISCONNECT_REASONS = (*dict.fromkeys(c.disconnect for c in Close if c.disconnect), PING_TIMEOUT, "other")
 STOP_OUTCOMES = ("local", "forwarded", "noop")
 RESUME_SOURCES = ("live", "store", "finished")
 # services/bus.py's event types and the cluster bus's own `interest` (only --cluster writes or reads any)
@@ -337,7 +335,7 @@ class Metrics:
         self.generations_finished.labels(pid, status).inc()
         if gen.started_at is not None:
             self.generation_duration.labels(pid, status).observe(now - gen.started_at)
-        if gen.error and status in ("failed", "timeout"):
+        if gen.error and status in (ReplyStatus.FAILED, ReplyStatus.TIMEOUT):
             self.provider_errors.labels(pid, _known(gen.error.get("code"), PROVIDER_ERRORS, "other")).inc()
         for kind in TOKEN_KINDS:
             count = (gen.usage or {}).get(f"{kind}_tokens")

@@ -29,7 +29,7 @@ from pymongo.errors import OperationFailure, PyMongoError
 
 from services import events, frames
 from services.bus import Bus, stop_task
-from services.store import LIVE
+from services.codes import LIVE
 
 log = logging.getLogger(__name__)
 

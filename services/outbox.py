@@ -25,7 +25,6 @@ from services.schema import RESPONSES, Response
 
 WINDOW = 64 * 1024
 NOTHING_WAITING = ()  # an idle connection's `waiting`: its deque (760 bytes) is made when a frame has to wait
-CLOSE_SLOW_CONSUMER = 4008
 
 
 class ConnectionClosed(Exception):

@@ -7,6 +7,7 @@ import base64
 import binascii
 import json
 
+from services.codes import Code
 from services.errors import BadRequest
 
 
@@ -23,9 +24,9 @@ def decode(kind, cursor):
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         doc = json.loads(raw)
     except (binascii.Error, ValueError):
-        raise BadRequest("cursor is not one this server gave out", code="invalid_cursor") from None
+        raise BadRequest("cursor is not one this server gave out", code=Code.INVALID_CURSOR) from None
     if not isinstance(doc, dict) or doc.get("k") != kind or "p" not in doc:
-        raise BadRequest(f"cursor is not a cursor of this list ({kind})", code="invalid_cursor")
+        raise BadRequest(f"cursor is not a cursor of this list ({kind})", code=Code.INVALID_CURSOR)
     return doc["p"]
 
 
@@ -41,7 +42,7 @@ def in_memory(values, limit, kind, cursor, key=lambda v: v):
     """Page a list held in memory (members, connections) by a sorted string key: (page, next_cursor)."""
     after = decode(kind, cursor)
     if after is not None and not isinstance(after, str):
-        raise BadRequest("cursor is not one this server gave out", code="invalid_cursor")
+        raise BadRequest("cursor is not one this server gave out", code=Code.INVALID_CURSOR)
     ordered = sorted(values, key=key)
     if after is not None:
         ordered = [v for v in ordered if key(v) > after]

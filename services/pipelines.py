@@ -10,6 +10,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field, fields
 
+from services.codes import Code
 from services.errors import NotFound
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class Pipelines:
         try:
             return self._by_id[pipeline_id]
         except KeyError:
-            raise NotFound(f"no pipeline {pipeline_id!r}", code="pipeline_not_found") from None
+            raise NotFound(f"no pipeline {pipeline_id!r}", code=Code.PIPELINE_NOT_FOUND) from None
 
     def __iter__(self):
         return iter(self._by_id.values())

@@ -13,12 +13,12 @@ from pymongo.errors import PyMongoError
 
 from services import frames, schema
 from services.chat import MAX_VIEWED, check_id
+from services.codes import Close, Code
 from services.errors import BadRequest, ParleyError, Unavailable
 
 log = logging.getLogger(__name__)
 
 INBOX_SIZE = 16
-CLOSE_NORMAL = 1000
 
 
 def handler_name(kind):
@@ -89,7 +89,7 @@ class ClientProtocol:
         pass
 
     def on_disconnect(self, frame):
-        self.conn.close(CLOSE_NORMAL, "client disconnect")
+        self.conn.close(Close.NORMAL, Close.NORMAL.reason)
 
     def on_stop(self, frame):
         session_id = self._session_id(frame)
@@ -115,7 +115,7 @@ class ClientProtocol:
             self.inbox = []
         elif len(self.inbox) >= INBOX_SIZE:
             raise ParleyError("too many messages waiting on this connection; slow down",
-                              code="rate_limited", retry_after=1)
+                              code=Code.RATE_LIMITED, retry_after=1)
         self.inbox.append(frame)
         if self.worker is None:
             self.worker = asyncio.get_running_loop().create_task(self._work(), name=f"inbox-{self.conn.id}")
@@ -164,7 +164,7 @@ class ClientProtocol:
             return
         if session["_id"] not in self.conn.sessions and len(self.conn.sessions) >= MAX_VIEWED:
             raise BadRequest(f"a connection views at most {MAX_VIEWED} sessions; leave one first",
-                             code="too_many_sessions")
+                             code=Code.TOO_MANY_SESSIONS)
         self.conn.send(frames.session_joined(session))
         self.chat.fanout.join(self.conn, session["_id"], session["type"], session.get("next_seq"))
 
@@ -182,11 +182,11 @@ class ClientProtocol:
         session_id = frame.session_id
         if session_id is None:
             if self.conn.primary_session is None:
-                raise BadRequest("this connection views no session", code="session_not_found")
+                raise BadRequest("this connection views no session", code=Code.SESSION_NOT_FOUND)
             return self.conn.primary_session
         check_id(session_id, "session_id")
         if session_id not in self.conn.sessions:
-            raise BadRequest("this connection does not view that session", code="session_not_found")
+            raise BadRequest("this connection does not view that session", code=Code.SESSION_NOT_FOUND)
         return session_id
 
 

@@ -13,14 +13,14 @@ from types import SimpleNamespace
 
 from services import frames
 from services.chat import check_id
+from services.codes import LIVE, Code, ReplyStatus
 from services.errors import BadRequest, NotFound
-from services.store import LIVE
 
 log = logging.getLogger(__name__)
 
 MAX_RESUME = 64  # replies named in one session-wide resume (declared in services/schema.py)
 # Statuses whose stored text is everything that was streamed: an offset beyond it is a client error.
-COMPLETE_TEXT = ("completed", "stopped", "failed", "timeout")
+COMPLETE_TEXT = (ReplyStatus.COMPLETED, ReplyStatus.STOPPED, ReplyStatus.FAILED, ReplyStatus.TIMEOUT)
 
 
 class Resumer:
@@ -47,7 +47,7 @@ class Resumer:
             session = await self.chat.session(conn.identity, conn.pipeline, session_id)
             docs = {d["_id"]: d for d in await self.store.find_replies(session_id, list(wanted))}
             if missing := [m for m in wanted if m not in docs]:
-                raise NotFound(f"no reply {missing[0]!r} in this session", code="message_not_found",
+                raise NotFound(f"no reply {missing[0]!r} in this session", code=Code.MESSAGE_NOT_FOUND,
                                message_id=missing[0])
             every_live = True
         # A reply that ended while we looked it up is gone from the live map only after its terminal write:
@@ -70,7 +70,7 @@ class Resumer:
                 return doc, await self.chat.session(conn.identity, conn.pipeline, doc["session_id"])
             except NotFound:
                 pass  # someone else's (or another pipeline's): indistinguishable from unknown
-        raise NotFound(f"no reply {message_id!r}", code="message_not_found", message_id=message_id)
+        raise NotFound(f"no reply {message_id!r}", code=Code.MESSAGE_NOT_FOUND, message_id=message_id)
 
     def _attach(self, conn, session, docs, wanted, every_live):
         session_id = session["_id"]
@@ -91,7 +91,7 @@ class Resumer:
             elif offset > length or thinking_offset > thinking_length:
                 if live is not None or local or reply.status in COMPLETE_TEXT:
                     raise BadRequest(f"offset beyond the {length} characters of reply "
-                                     f"{reply.message_id!r}", code="invalid_offset", message_id=reply.message_id)
+                                     f"{reply.message_id!r}", code=Code.INVALID_OFFSET, message_id=reply.message_id)
                 # Interrupted or orphaned: text after the last checkpoint is lost; the final frame is authoritative.
                 offset, thinking_offset = min(offset, length), min(thinking_offset, thinking_length)
             plan.append((reply, offset, thinking_offset))

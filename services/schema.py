@@ -23,9 +23,11 @@ from typing import Annotated, Any, Literal, Union
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
+from services.codes import Code, ReplyStatus
 from services.errors import BadRequest
 
 MAX_TEXT = 32_000
+MAX_TITLE = 200
 MAX_COMPONENTS = 64
 MAX_URL = 2048
 MAX_INLINE = 4 * 1024 * 1024   # characters of base64 in one component (about 3 MB of data)
@@ -37,6 +39,7 @@ Url = Annotated[str, Meta(max_length=MAX_URL, pattern=r"^$|^https?://", descript
 Inline = Annotated[str, Meta(max_length=MAX_INLINE, description="base64, or a data: URI")]
 Name = Annotated[str, Meta(max_length=256)]
 SessionType = Literal["person", "group"]
+ReplyStatusValue = Literal[tuple(s.value for s in ReplyStatus)]  # services/codes.py: queued, streaming, a terminal
 Timestamp = Annotated[str, Meta(description="ISO 8601 UTC with milliseconds")]
 
 
@@ -179,13 +182,13 @@ _decoder = msgspec.json.Decoder(ClientFrame)
 def decode_frame(text):
     """One client frame, validated; raises BadRequest with a stable code and the failing path."""
     if isinstance(text, bytes):
-        raise BadRequest("frames are JSON text, not binary", code="invalid_frame")
+        raise BadRequest("frames are JSON text, not binary", code=Code.INVALID_FRAME)
     try:
         return _decoder.decode(text)
     except msgspec.ValidationError as exc:
         raise frame_error(str(exc)) from None
     except (msgspec.DecodeError, RecursionError) as exc:  # lone surrogates, nesting too deep for the decoder
-        raise BadRequest(f"the frame is not valid JSON ({exc})", code="invalid_json") from None
+        raise BadRequest(f"the frame is not valid JSON ({exc})", code=Code.INVALID_JSON) from None
 
 
 def frame_type(frame):
@@ -215,22 +218,22 @@ def frame_error(detail):
     path = detail.rsplit(" - at `", 1)[1].rstrip("`") if " - at `" in detail else "$"
     if path == "$":
         if "missing required field `message`" in detail:
-            return BadRequest("a message frame needs a `message` chain", code="invalid_message")
+            return BadRequest("a message frame needs a `message` chain", code=Code.INVALID_MESSAGE)
         if "missing required field `type`" in detail or "Expected `object`" in detail:
-            return BadRequest("a frame must be a JSON object with a string `type`", code="invalid_frame")
-        return BadRequest(f"invalid frame: {detail}", code="invalid_frame")
+            return BadRequest("a frame must be a JSON object with a string `type`", code=Code.INVALID_FRAME)
+        return BadRequest(f"invalid frame: {detail}", code=Code.INVALID_FRAME)
     if path == "$.type":
         if detail.startswith("Invalid value"):
-            return BadRequest(f"unknown frame type ({detail.split(' - ')[0]})", code="unknown_type")
-        return BadRequest("a frame needs a string `type`", code="invalid_frame")
+            return BadRequest(f"unknown frame type ({detail.split(' - ')[0]})", code=Code.UNKNOWN_TYPE)
+        return BadRequest("a frame needs a string `type`", code=Code.INVALID_FRAME)
     if path == "$.message" or path.startswith("$.message["):
         if re.fullmatch(r"\$\.message\[\d+\](\.origin\[\d+\])?\.type", path) and detail.startswith("Invalid value"):
             return BadRequest(f"component type not supported ({detail.split(' - ')[0]}; use one of "
-                              f"{', '.join(COMPONENT_TYPES)}) at {path}", code="unsupported_component")
+                              f"{', '.join(COMPONENT_TYPES)}) at {path}", code=Code.UNSUPPORTED_COMPONENT)
         if "Expected `str` of length <=" in detail and path.endswith(".text"):
-            return BadRequest(f"message text is longer than {MAX_TEXT} characters", code="message_too_long")
-        return BadRequest(f"invalid message: {detail}", code="invalid_message")
-    return BadRequest(f"invalid field: {detail}", code="invalid_param")
+            return BadRequest(f"message text is longer than {MAX_TEXT} characters", code=Code.MESSAGE_TOO_LONG)
+        return BadRequest(f"invalid message: {detail}", code=Code.INVALID_MESSAGE)
+    return BadRequest(f"invalid field: {detail}", code=Code.INVALID_PARAM)
 
 
 def to_builtins(obj):
@@ -253,8 +256,8 @@ def convert(data, type_, what="body"):
         if type_ is MessageSend and chain_error:
             raise frame_error(detail) from None
         if detail.endswith(" - at `$.session_type`"):
-            raise BadRequest("session_type must be one of person, group", code="invalid_session_type") from None
-        raise BadRequest(f"invalid {what}: {detail}", code="invalid_param") from None
+            raise BadRequest("session_type must be one of person, group", code=Code.INVALID_SESSION_TYPE) from None
+        raise BadRequest(f"invalid {what}: {detail}", code=Code.INVALID_PARAM) from None
 
 
 
@@ -267,12 +270,12 @@ class Body(Struct, omit_defaults=True):
 
 class SessionCreate(Body):
     session_type: SessionType = "person"
-    title: Annotated[str, Meta(max_length=200)] = ""
+    title: Annotated[str, Meta(max_length=MAX_TITLE)] = ""
     members: Annotated[list[Id], Meta(max_length=256)] = []
 
 
 class SessionRename(Body):
-    title: Annotated[str, Meta(max_length=200)]
+    title: Annotated[str, Meta(max_length=MAX_TITLE)]
 
 
 class MembersChange(Body):
@@ -384,7 +387,7 @@ class LiveReply(Struct, forbid_unknown_fields=True):
     message_id: str
     seq: int
     reply_to: Union[str, None]
-    status: str
+    status: ReplyStatusValue
     length: Count
     thinking_length: Count
 
@@ -412,7 +415,7 @@ class MessageData(LangBotMessage, kw_only=True):
     session_id: str
     message_id: str
     seq: int
-    status: Union[str, None]
+    status: Union[ReplyStatusValue, None]
     sender: Union[str, None]
     thinking: Union[str, UnsetType] = UNSET
     reply_to: Union[str, UnsetType] = UNSET
@@ -443,7 +446,7 @@ class ReplyData(LangBotMessage, kw_only=True):
     thinking: Union[str, UnsetType] = UNSET
     thinking_offset: Union[Count, UnsetType] = UNSET
     thinking_delta: Union[str, UnsetType] = UNSET
-    status: Union[str, UnsetType] = UNSET
+    status: Union[ReplyStatusValue, UnsetType] = UNSET
     usage: Union[dict[str, Any], UnsetType] = UNSET
     error: Union[ReplyError, UnsetType] = UNSET
 
@@ -472,7 +475,7 @@ class StatusData(Struct, forbid_unknown_fields=True):
     message_id: str
     seq: int
     reply_to: Union[str, None]
-    status: str
+    status: ReplyStatusValue
     timestamp: Timestamp
 
 
@@ -494,7 +497,7 @@ class ResumedReply(Struct, forbid_unknown_fields=True):
     message_id: str
     seq: int
     reply_to: Union[str, None]
-    status: str
+    status: ReplyStatusValue
     offset: Count
     thinking_offset: Count
     length: Count
@@ -756,6 +759,31 @@ def dump_asyncapi():
     return yaml.safe_dump(plain_data, sort_keys=False, allow_unicode=True, width=120)
 
 
+def protocol_js():
+    """static/protocol.js: what the web app and parley.js need of services/codes.py's tables (reply statuses,
+    close codes, error codes), so that JavaScript never restates them."""
+    import json
+    from services.codes import LIVE, TERMINAL, Close, Code, ReplyStatus
+    table = {"STATUS": {s.name: s.value for s in ReplyStatus}, "LIVE": list(LIVE), "TERMINAL": list(TERMINAL),
+             "CLOSE": {c.name: c.value for c in Close}, "NO_RETRY": [c.value for c in Close if not c.retry],
+             "ERROR": {c.name: c.value for c in Code}}
+    return ("/* static/protocol.js: generated from services/codes.py by `python -m services.schema`; do not edit\n"
+            " * (a test fails when it is stale). NO_RETRY: close codes after which a client should not reconnect\n"
+            " * until something changes (credentials, parameters), or that it caused itself (1000). */\n"
+            "(function (root, factory) {\n"
+            "  if (typeof module === \"object\" && module.exports) module.exports = factory();\n"
+            "  else root.ParleyProtocol = factory();\n"
+            "})(typeof self !== \"undefined\" ? self : this, function () {\n"
+            "  \"use strict\";\n"
+            f"  return Object.freeze({json.dumps(table, indent=2).replace(chr(10), chr(10) + '  ')});\n"
+            "});\n")
+
+
+GENERATED = {"docs/asyncapi.yaml": dump_asyncapi, "static/protocol.js": protocol_js}  # path: its generator
+
+
 if __name__ == "__main__":
     from pathlib import Path
-    Path(__file__).resolve().parent.parent.joinpath("docs/asyncapi.yaml").write_text(dump_asyncapi())
+    root = Path(__file__).resolve().parent.parent
+    for path, generate in GENERATED.items():
+        root.joinpath(path).write_text(generate())

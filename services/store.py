@@ -18,14 +18,13 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError, WriteError
 
 from services.batching import GroupCommit
 
+from services.codes import LIVE, TERMINAL, Code, ReplyCode
 from services.errors import NotFound
 from services.metrics import Metrics, timed
 
 log = logging.getLogger(__name__)
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
-TERMINAL = ("completed", "stopped", "failed", "timeout", "interrupted")
-LIVE = ("queued", "streaming")
 STOP_FIELDS = {"stop_requested": 1, "status": 1}
 FILE_CHUNK = 255 * 1024  # bytes of a file per `file_chunks` document (GridFS's default chunk)
 UPDATED_MS_MIGRATION = "sessions.updated_ms"  # the marker of _add_updated_ms in the `migrations` collection
@@ -168,7 +167,7 @@ class Store:
     async def get_session(self, session_id):
         doc = await self.sessions.find_one({"_id": session_id})
         if not doc:
-            raise NotFound(f"no session {session_id!r}", code="session_not_found")
+            raise NotFound(f"no session {session_id!r}", code=Code.SESSION_NOT_FOUND)
         return doc
 
     @timed
@@ -216,7 +215,7 @@ class Store:
             query, {"$inc": {"next_seq": count}, **touched()}, projection={"next_seq": 1},
             return_document=ReturnDocument.AFTER)
         if not doc:
-            raise NotFound(f"no session {session_id!r}", code="session_not_found")
+            raise NotFound(f"no session {session_id!r}", code=Code.SESSION_NOT_FOUND)
         return doc["next_seq"] - count + 1
 
     @timed
@@ -363,7 +362,7 @@ class Store:
     async def get_message(self, message_id):
         doc = await self.messages.find_one({"_id": message_id})
         if not doc:
-            raise NotFound(f"no message {message_id!r}", code="message_not_found")
+            raise NotFound(f"no message {message_id!r}", code=Code.MESSAGE_NOT_FOUND)
         return assemble(doc)
 
     @timed
@@ -513,7 +512,8 @@ class Store:
         doc = await self.messages.find_one_and_update(
             {"_id": message_id, "status": {"$in": list(LIVE)}, "lease_until": lease_until},
             {"$set": {"status": "interrupted", "lease_until": None,
-                      "error": {"code": "instance_lost", "message": "the server generating this reply stopped"}},
+                      "error": {"code": ReplyCode.INSTANCE_LOST,
+                                "message": "the server generating this reply stopped"}},
              "$inc": {"epoch": 1},  # fences the old owner out: none of its later writes can land
              **stamp("updated_at", "finished_at")},
             return_document=ReturnDocument.AFTER)
@@ -650,7 +650,7 @@ class Store:
         ids = [f"{doc['_id']}:{n}" for n in range(doc["chunks"])]
         found = {c["_id"]: c["data"] async for c in self.file_chunks.find({"_id": {"$in": ids}})}
         if len(found) != len(ids):
-            raise NotFound(f"file {doc['_id']!r} is incomplete", code="file_not_found")
+            raise NotFound(f"file {doc['_id']!r} is incomplete", code=Code.FILE_NOT_FOUND)
         return b"".join(bytes(found[i]) for i in ids)
 
     @timed

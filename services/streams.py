@@ -13,8 +13,8 @@ import logging
 import time
 
 from services import events, frames, logs
+from services.codes import LIVE, Code, ReplyCode, ReplyStatus
 from services.errors import Busy
-from services.store import LIVE
 from services.metrics import Metrics
 from services.providers import GenerationRequest, ProviderError, Turn, make_provider
 
@@ -119,14 +119,14 @@ class StreamManager:
         if len(queue := self.by_session.get(session_id, {})) > self.max_queued:
             self.metrics.session_busy(next(iter(queue.values())).pipeline_id)
             raise Busy("this session already has replies waiting; try again when one finishes",
-                       code="session_busy")
+                       code=Code.SESSION_BUSY)
 
     async def check_shared_capacity(self, session_id, pipeline_id):
         """Cluster mode: the `session_busy` limit counts the session's live replies on every instance."""
         if self.cluster and await self.store.count_live_replies(session_id) > self.max_queued:
             self.metrics.session_busy(pipeline_id)
             raise Busy("this session already has replies waiting; try again when one finishes",
-                       code="session_busy")
+                       code=Code.SESSION_BUSY)
 
     def accept(self, **fields):
         """Start a reply. Synchronous: registered and visible before the caller's next await."""
@@ -236,7 +236,7 @@ class StreamManager:
             self._heed_stop(gen)  # (the context read awaits the store)
             await self._consume(gen, pipeline, request)
             if not gen.content:
-                raise ProviderError("empty_completion", "the model returned no text")
+                raise ProviderError(ReplyCode.EMPTY_COMPLETION, "the model returned no text")
             gen.status = "completed"
         except asyncio.CancelledError:
             asyncio.current_task().uncancel()
@@ -248,7 +248,8 @@ class StreamManager:
         except Exception:
             log.exception("generation crashed pipeline=%s session_id=%s message_id=%s",
                           gen.pipeline_id, gen.session_id, gen.message_id)
-            gen.status, gen.error = "failed", {"code": "internal_error", "message": "the reply failed"}
+            gen.status = ReplyStatus.FAILED
+            gen.error = {"code": ReplyCode.INTERNAL_ERROR, "message": "the reply failed"}
         finally:
             await self._finish(gen)
 
@@ -381,12 +382,12 @@ class StreamManager:
                 if not deadline.expired():
                     raise
                 if loop.time() >= total_deadline:
-                    code, what = "total_timeout", f"the reply took longer than {limits.total:g} s"
+                    code, what = ReplyCode.TOTAL_TIMEOUT, f"the reply took longer than {limits.total:g} s"
                 elif not got_token:
-                    code, what = "first_token_timeout", f"no first token within {limits.first_token:g} s"
+                    code, what = ReplyCode.FIRST_TOKEN_TIMEOUT, f"no first token within {limits.first_token:g} s"
                 else:
-                    code, what = "stall_timeout", f"the model stalled for {limits.stall:g} s"
-                raise ProviderError(code, what, status="timeout") from None
+                    code, what = ReplyCode.STALL_TIMEOUT, f"the model stalled for {limits.stall:g} s"
+                raise ProviderError(code, what) from None
 
     def _apply(self, gen, chunk, now=None):
         """One chunk of the provider's stream: True if it carried text. `now`: the loop's clock."""

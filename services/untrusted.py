@@ -5,6 +5,7 @@ nesting) or a value that fails later, when it is echoed, logged or stored (a lon
 import json
 import re
 
+from services.codes import Code
 from services.errors import BadRequest
 
 MAX_DEPTH = 32  # objects/arrays inside each other; no Parley frame or body needs more than a few
@@ -17,17 +18,17 @@ def loads(data, *, what="the frame", max_depth=MAX_DEPTH):
         try:
             data = bytes(data).decode("utf-8")
         except UnicodeDecodeError:
-            raise BadRequest(f"{what} is not valid UTF-8", code="invalid_json") from None
+            raise BadRequest(f"{what} is not valid UTF-8", code=Code.INVALID_JSON) from None
     try:
         value = json.loads(data)
     except RecursionError:
-        raise BadRequest(f"{what} is nested too deeply", code="invalid_json") from None
+        raise BadRequest(f"{what} is nested too deeply", code=Code.INVALID_JSON) from None
     except ValueError:
-        raise BadRequest(f"{what} is not valid JSON", code="invalid_json") from None
+        raise BadRequest(f"{what} is not valid JSON", code=Code.INVALID_JSON) from None
     if _too_deep(value, max_depth):
-        raise BadRequest(f"{what} is nested more than {max_depth} levels deep", code="invalid_json")
+        raise BadRequest(f"{what} is nested more than {max_depth} levels deep", code=Code.INVALID_JSON)
     if _SURROGATE_ESCAPE.search(data) and _has_lone_surrogate(value):
-        raise BadRequest(f"{what} contains a lone UTF-16 surrogate (\\ud800-\\udfff)", code="invalid_json")
+        raise BadRequest(f"{what} contains a lone UTF-16 surrogate (\\ud800-\\udfff)", code=Code.INVALID_JSON)
     return value
 
 

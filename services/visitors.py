@@ -23,6 +23,7 @@ import urllib.parse
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 from services.auth import Identity
+from services.codes import Code
 from services.errors import BadRequest, Capacity, Forbidden, NotFound, RateLimited, Unauthorized, Unavailable
 from services.limits import RateLimiter
 
@@ -65,7 +66,7 @@ class Visitors:
         id is not a bot id: visitors never learn or use one)."""
         pipeline = self.pipelines.for_embed(bot_id)
         if pipeline is None:
-            raise NotFound("no such chat", code="bot_not_found")
+            raise NotFound("no such chat", code=Code.BOT_NOT_FOUND)
         return pipeline, pipeline.embed
 
     def needs_token(self, embed, key):
@@ -77,7 +78,7 @@ class Visitors:
         pipeline, embed = self.bot(bot_id)
         if key is not None and not (isinstance(key, str) and KEY_RE.match(key)):
             raise BadRequest("session_id must be 16-128 letters, digits, '-' or '_' (a random id the widget keeps)",
-                             code="invalid_param")
+                             code=Code.INVALID_PARAM)
         claims = None
         if token:
             claims = self.signer.claims(PURPOSE, token)
@@ -87,10 +88,11 @@ class Visitors:
                 raise Unauthorized("this visitor token has expired; ask for a new one (…/turnstile/verify)")
         if embed.turnstile_secret_env and not (claims and claims.get("h")):
             raise Unauthorized("this chat asks for a human check first (POST …/turnstile/verify)",
-                               code="human_check_required")
+                               code=Code.HUMAN_CHECK_REQUIRED)
         if key is None:
             if claims is None:
-                raise Unauthorized("send the widget's session_id, or a visitor token", code="visitor_required")
+                raise Unauthorized("send the widget's session_id, or a visitor token",
+                                   code=Code.VISITOR_REQUIRED)
             key = "v" + claims["v"]
         visitor = self.signer.sign("visitor-key", embed.bot, key)[:24]
         return Identity(user_id=f"visitor:{embed.bot}:{visitor}", visitor=embed.bot)
@@ -106,9 +108,9 @@ class Visitors:
         secret = embed_secret(embed)
         if not secret:
             raise Unavailable("this chat's human check is not configured (its secret is not set)",
-                              code="human_check_unavailable")
+                              code=Code.HUMAN_CHECK_UNAVAILABLE)
         if not isinstance(response, str) or not response or len(response) > 4096:
-            raise BadRequest("send the challenge's token: {\"token\": \"…\"}", code="invalid_param")
+            raise BadRequest("send the challenge's token: {\"token\": \"…\"}", code=Code.INVALID_PARAM)
         body = urllib.parse.urlencode({"secret": secret, "response": response, "remoteip": remote_ip})
         try:
             answer = await AsyncHTTPClient().fetch(embed.turnstile_verify_url, method="POST", body=body,
@@ -118,7 +120,7 @@ class Visitors:
         except (HTTPClientError, OSError, ValueError) as exc:
             log.warning("human check: %s did not answer: %s", embed.turnstile_verify_url, exc)
             raise Unavailable("the human check service did not answer; try again",
-                              code="human_check_unavailable") from None
+                              code=Code.HUMAN_CHECK_UNAVAILABLE) from None
         return isinstance(result, dict) and result.get("success") is True
 
     def origin_allowed(self, embed, origin):

@@ -10,8 +10,10 @@
   const PIPELINE_KEY = "parley.pipeline";
   const PAGE = 30;              // history messages per page (scrolling up loads the next one)
   const RENDER_EVERY = 50;      // ms between re-renders of a streaming reply
-  const STATUS_TEXT = {stopped: "Stopped", failed: "Failed", timeout: "Timed out", interrupted: "Interrupted"};
-  const LIVE = new Set(["queued", "streaming"]);
+  const PROTOCOL = Parley.protocol;  // reply statuses, close and error codes (static/protocol.js, generated)
+  const STATUS_TEXT = {[PROTOCOL.STATUS.STOPPED]: "Stopped", [PROTOCOL.STATUS.FAILED]: "Failed",
+    [PROTOCOL.STATUS.TIMEOUT]: "Timed out", [PROTOCOL.STATUS.INTERRUPTED]: "Interrupted"};
+  const LIVE = new Set(PROTOCOL.LIVE);
   const IMAGE_TYPES = ["image/png", "image/jpeg", "image/gif", "image/webp"];  // what the server takes
   const MAX_PICKED = 20 * 1024 * 1024;  // bytes of a chosen file, before it is shrunk to fit
   const MAX_IMAGES = 4;                 // per message
@@ -319,7 +321,7 @@
     const mine = (fn) => (e) => { if (state.client === client) fn(e); };
     let last = null, refused = 0;  // attempts in a row whose socket never opened
     client.on("status", mine((e) => {
-      if (e.connection === "closed" && e.code === 4401) {  // the token or JWT is no longer accepted
+      if (e.connection === "closed" && e.code === PROTOCOL.CLOSE.UNAUTHORIZED) {  // the token or JWT is no longer accepted
         try { sessionStorage.removeItem(TOKEN_KEY); } catch (x) { /* nothing kept */ }
         closeClient();
         return showSignin("Your sign-in was not accepted any more: sign in again.");
@@ -618,7 +620,7 @@
     if (m.status && !LIVE.has(m.status)) return;
     m.content = e.content;
     m.thinking = e.thinking_content;
-    m.status = "streaming";
+    m.status = PROTOCOL.STATUS.STREAMING;
     if (e.reply_to) m.reply_to = e.reply_to;
     renderSoon(m, false);
   }
@@ -635,7 +637,7 @@
 
   function onError(frame) {
     if (frame.request_type === "message") return;  // the send's own promise reports it
-    if (frame.request_type === "resume" && frame.code === "message_not_found") return;  // a reset removed it
+    if (frame.request_type === "resume" && frame.code === PROTOCOL.ERROR.MESSAGE_NOT_FOUND) return;  // a reset removed it
     notice("error", frame.message || frame.code, frame.code);
   }
 

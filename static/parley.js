@@ -16,11 +16,14 @@
  * "broadcast", "session.left", "stop_ack", ...) with the whole frame. A "status" event of a connection that is
  * reconnecting carries `retry_at` (epoch ms of the next attempt), for a countdown; a "closed" one carries the
  * close `code` (4401: the credentials were refused, 1000: close() was called).
+ *
+ * Reply statuses, close and error codes come from static/protocol.js (generated from the server's tables): load
+ * it first (a <script> before this one; Node: it is require()d). `Parley.protocol` is that table.
  */
 (function (root, factory) {
-  if (typeof module === "object" && module.exports) module.exports = factory();
-  else root.Parley = factory();
-})(typeof self !== "undefined" ? self : this, function () {
+  if (typeof module === "object" && module.exports) module.exports = factory(require("./protocol.js"));
+  else root.Parley = factory(root.ParleyProtocol);
+})(typeof self !== "undefined" ? self : this, function (P) {
   "use strict";
 
   function cpLength(s) {
@@ -54,7 +57,7 @@
       this.thinking = "";
       this.length = 0;          // code points of text
       this.thinkingLength = 0;
-      this.status = "queued";
+      this.status = P.STATUS.QUEUED;
       this.final = false;
     }
 
@@ -129,7 +132,7 @@
     close() {
       this.stopped = true;
       this._clearTimers();
-      if (this.ws) this.ws.close(1000, "client closed");
+      if (this.ws) this.ws.close(P.CLOSE.NORMAL, "client closed");
       this._setState("closed");
     }
 
@@ -191,8 +194,8 @@
     _lost(code) {
       this._clearTimers();
       this.ws = null;
-      if (this.stopped || code === 4401 || code === 4403 || code === 4404 || code === 4400) {
-        this.closeCode = this.stopped ? 1000 : code;
+      if (this.stopped || P.NO_RETRY.includes(code)) {
+        this.closeCode = this.stopped ? P.CLOSE.NORMAL : code;
         this._setState("closed");  // fatal: credentials or parameters will not get better by retrying
         return;
       }
@@ -322,7 +325,7 @@
         return;
       }
       if (!fresh) return;
-      r.status = "streaming";
+      r.status = P.STATUS.STREAMING;
       this._emit("delta", {message_id: r.id, session_id: data.session_id, seq: data.seq, reply_to: data.reply_to,
         text: fresh.text,
         thinking: fresh.thinking, content: r.text, thinking_content: r.thinking, offset: r.length});
@@ -356,7 +359,7 @@
           this.pending.delete(frame.client_msg_id);
           p.reject(frame);
         }
-      } else if (frame.request_type === "resume" && frame.code === "message_not_found" &&
+      } else if (frame.request_type === "resume" && frame.code === P.ERROR.MESSAGE_NOT_FOUND &&
                  this.replies.delete(frame.message_id)) {
         this._resumeAll();  // that reply is gone (session reset): resume the rest without it
       }
@@ -364,5 +367,5 @@
     }
   }
 
-  return {Client, Reply, backoff, cpLength, cpSlice};
+  return {Client, Reply, backoff, cpLength, cpSlice, protocol: P};
 });

@@ -7,6 +7,7 @@ import json
 import os
 import uuid
 
+import msgspec
 import pytest
 from pymongo import MongoClient
 from tornado import httpclient
@@ -14,6 +15,7 @@ from tornado.websocket import websocket_connect
 
 import server
 from services import schema
+from services.codes import Code
 from services.embedded_mongo import EmbeddedMongo
 from services.pipelines import Embed, Pipeline, Pipelines, Timeouts
 from services.providers import make_provider
@@ -53,6 +55,13 @@ def frame_problem(frame, text=None, dialect=None):
         return f"not a server frame Struct: {type(frame).__name__} {str(frame)[:300]}"
     if dialect is not None and type(frame) not in schema.STRUCTS_OF[dialect]:
         return f"{type(frame).__name__} is not a frame of the {dialect} dialect"
+    if type(frame) is schema.Error:  # its code is a row of the table; one a plain LangBot client may get, if it
+        # answers a LangBot frame (or the connect)
+        if frame.code not in set(Code):
+            return f"error code {frame.code!r} is not in services/codes.py"
+        langbot_request = frame.request_type in (msgspec.UNSET, *(schema.frame_type(t) for t in schema.LANGBOT_CLIENT))
+        if dialect == "langbot" and langbot_request and not Code(frame.code).langbot:
+            return f"error code {frame.code!r} answers a LangBot request but is not marked `langbot`"
     encoded = schema.encode(frame)
     if text is not None and bytes(text) != encoded:
         return f"the bytes sent are not the frame's encoding: {bytes(text)[:300]!r} vs {encoded[:300]!r}"

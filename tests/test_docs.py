@@ -6,27 +6,17 @@ from pathlib import Path
 import server
 
 from services.auth import Identity
+from services.codes import Code, ReplyCode
 from services.pipelines import load_pipelines
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def source_codes():
-    codes = set()
-    for path in list((ROOT / "services").rglob("*.py")) + list((ROOT / "handlers").rglob("*.py")):
-        text = path.read_text()
-        codes |= set(re.findall(r'code="([a-z_]+)"', text))
-        codes |= set(re.findall(r'ProviderError\(\s*"([a-z_]+)"', text))
-        codes |= set(re.findall(r'^\s+code = "([a-z_]+)"', text, re.M))
-        codes |= set(re.findall(r'"code": "([a-z_]+)"', text))
-        codes |= set(re.findall(r'code, what = "([a-z_]+)"', text))       # the stream manager's timeouts
-        codes |= set(re.findall(r'\(openai\.\w+, "([a-z_]+)"', text))       # the provider's error table
-    return codes
-
-
 def test_every_error_code_is_in_protocol_md():
+    """Every code the server can send is a row of services/codes.py's tables (tests/test_codes.py: no code is
+    written anywhere else, and protocol.md's tables are exactly these)."""
     documented = set(re.findall(r"^\| `([a-z_]+)` \|", (ROOT / "docs/protocol.md").read_text(), re.M))
-    codes = source_codes()
+    codes = {c.value for c in Code} | {c.value for c in ReplyCode}
     assert {"invalid_json", "session_busy", "stall_timeout", "upstream_unauthorized"} <= codes
     assert codes - documented == set()
 

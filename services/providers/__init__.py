@@ -9,6 +9,8 @@ provider by services/streams.py, so providers need not implement them.
 """
 from dataclasses import dataclass, field
 
+from services.codes import ReplyCode
+
 
 @dataclass
 class Chunk:
@@ -39,11 +41,11 @@ class GenerationRequest:
 class ProviderError(Exception):
     """A provider failure that ends the reply with `status` and a stable `code` (docs/protocol.md)."""
 
-    def __init__(self, code, message, *, status="failed", detail=None):
+    def __init__(self, code, message, *, status=None, detail=None):
         super().__init__(message)
-        self.code = code
+        self.code = ReplyCode(code)  # a row of services/codes.py's table: it says the status the reply ends with
         self.message = message    # shown to viewers and stored: never the upstream's own words
-        self.status = status
+        self.status = status or self.code.status
         self.detail = detail      # for the log only (e.g. the upstream's error text)
 
 

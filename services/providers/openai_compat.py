@@ -22,6 +22,7 @@ import random
 import msgspec
 import openai
 
+from services.codes import ReplyCode
 from services.pipelines import api_key
 from services.providers import Chunk, ProviderError
 
@@ -45,26 +46,26 @@ GROUP_NOTE = ("This is a group conversation with several people. Each of their m
 # One table from openai exception classes to our codes; the first matching row wins, so subclasses come first.
 # (class, code, retryable before the first token)
 ERRORS = (
-    (openai.AuthenticationError, "upstream_unauthorized", False),      # 401
-    (openai.PermissionDeniedError, "upstream_unauthorized", False),    # 403
-    (openai.NotFoundError, "upstream_model_not_found", False),         # 404: unknown model (or wrong base_url)
-    (openai.RateLimitError, "upstream_rate_limited", True),            # 429
-    (openai.InternalServerError, "upstream_error", True),              # >= 500
-    (openai.APIStatusError, "upstream_bad_request", False),            # other 4xx: e.g. context too long
-    (openai.APIConnectionError, "upstream_unreachable", True),         # refused, DNS, connect timeout
-    (openai.APIError, "upstream_error", True),                         # an error event inside the stream
+    (openai.AuthenticationError, ReplyCode.UPSTREAM_UNAUTHORIZED, False),      # 401
+    (openai.PermissionDeniedError, ReplyCode.UPSTREAM_UNAUTHORIZED, False),    # 403
+    (openai.NotFoundError, ReplyCode.UPSTREAM_MODEL_NOT_FOUND, False),         # 404: unknown model (or wrong base_url)
+    (openai.RateLimitError, ReplyCode.UPSTREAM_RATE_LIMITED, True),            # 429
+    (openai.InternalServerError, ReplyCode.UPSTREAM_ERROR, True),              # >= 500
+    (openai.APIStatusError, ReplyCode.UPSTREAM_BAD_REQUEST, False),            # other 4xx: e.g. context too long
+    (openai.APIConnectionError, ReplyCode.UPSTREAM_UNREACHABLE, True),         # refused, DNS, connect timeout
+    (openai.APIError, ReplyCode.UPSTREAM_ERROR, True),                         # an error event inside the stream
 )
 
 
 # What viewers are told for each code: the upstream's own text may hold its internals (it goes to the log).
 MESSAGES = {
-    "upstream_unauthorized": "the model server refused our credentials",
-    "upstream_model_not_found": "the model server does not know this model",
-    "upstream_rate_limited": "the model server is rate limiting us; try again later",
-    "upstream_bad_request": "the model server rejected the request",
-    "upstream_unreachable": "the model server could not be reached",
-    "upstream_protocol_error": "the model server sent a malformed or truncated stream",
-    "upstream_error": "the model server failed",
+    ReplyCode.UPSTREAM_UNAUTHORIZED: "the model server refused our credentials",
+    ReplyCode.UPSTREAM_MODEL_NOT_FOUND: "the model server does not know this model",
+    ReplyCode.UPSTREAM_RATE_LIMITED: "the model server is rate limiting us; try again later",
+    ReplyCode.UPSTREAM_BAD_REQUEST: "the model server rejected the request",
+    ReplyCode.UPSTREAM_UNREACHABLE: "the model server could not be reached",
+    ReplyCode.UPSTREAM_PROTOCOL_ERROR: "the model server sent a malformed or truncated stream",
+    ReplyCode.UPSTREAM_ERROR: "the model server failed",
 }
 
 
@@ -147,7 +148,7 @@ def error_code(exc):
     for cls, code, retryable in ERRORS:
         if isinstance(exc, cls):
             return code, retryable
-    return "upstream_error", False
+    return ReplyCode.UPSTREAM_ERROR, False
 
 
 class OpenAIProvider:
@@ -223,7 +224,7 @@ class OpenAIProvider:
             return None
         key = api_key(self.pipeline)
         if not key:
-            raise ProviderError("missing_api_key", f"environment variable {name} (or {name}_FILE) is not set")
+            raise ProviderError(ReplyCode.MISSING_API_KEY, f"environment variable {name} (or {name}_FILE) is not set")
         return key
 
     def request_body(self, request):
@@ -315,13 +316,13 @@ class OpenAIProvider:
                 except httpx.HTTPError as exc:
                     # Once the response has started, a cut connection is a protocol failure, not "unreachable".
                     raise self._error(exc, key, ids, attempt=attempt,
-                                      code="upstream_protocol_error", retryable=True) from None
+                                      code=ReplyCode.UPSTREAM_PROTOCOL_ERROR, retryable=True) from None
                 except msgspec.DecodeError as exc:  # unparsable JSON or wrong shapes in a data line
                     raise self._error(exc, key, ids, attempt=attempt,
-                                      code="upstream_protocol_error", retryable=True) from None
+                                      code=ReplyCode.UPSTREAM_PROTOCOL_ERROR, retryable=True) from None
                 if not (finished or done):
                     raise self._error(None, key, ids, attempt=attempt,
-                                      code="upstream_protocol_error", retryable=True,
+                                      code=ReplyCode.UPSTREAM_PROTOCOL_ERROR, retryable=True,
                                       message="stream ended without [DONE] or a finish_reason (connection cut?)")
                 break
             except _Retry as retry:
@@ -343,20 +344,20 @@ class OpenAIProvider:
             attempt += 1
             await asyncio.sleep(delay)
         if not has_text:
-            err = ProviderError("empty_completion", "the model returned no answer text")
+            err = ProviderError(ReplyCode.EMPTY_COMPLETION, "the model returned no answer text")
             self._log_failure(err, ids, attempt)
             raise err
         yield Chunk(usage=usage, model=model or p.model)
 
     def _error(self, exc, key, ids, *, attempt, code=None, retryable=None, message=None):
         """Turn an upstream failure into a ProviderError (wrapped in _Retry when a retry is allowed)."""
-        mapped_code, mapped_retryable = error_code(exc) if exc is not None else ("upstream_error", False)
+        mapped_code, mapped_retryable = error_code(exc) if exc is not None else (ReplyCode.UPSTREAM_ERROR, False)
         code = code or mapped_code
         retryable = mapped_retryable if retryable is None else retryable
         text = message or _describe(exc)
         if key:
             text = text.replace(key, "***")  # some servers echo the key they rejected
-        err = ProviderError(code, MESSAGES.get(code, MESSAGES["upstream_error"]), detail=text)
+        err = ProviderError(code, MESSAGES.get(code, MESSAGES[ReplyCode.UPSTREAM_ERROR]), detail=text)
         if retryable:
             return _Retry(err, _retry_after(exc))
         self._log_failure(err, ids, attempt)

@@ -200,8 +200,9 @@ class ChatService:
         if session["type"] != "group":
             raise BadRequest("only group sessions have members to change", code=Code.INVALID_PARAM)
         for ids in (add, remove):
-            if not isinstance(ids, list) or len(ids) > 256:
-                raise BadRequest("add and remove must be lists of at most 256 user ids", code=Code.INVALID_PARAM)
+            if not isinstance(ids, list) or len(ids) > schema.MAX_IDS:
+                raise BadRequest(f"add and remove must be lists of at most {schema.MAX_IDS} user ids",
+                                 code=Code.INVALID_PARAM)
         add, remove = [check_id(u, "a member") for u in add], [check_id(u, "a member") for u in remove]
         if session["owner"] in remove:
             raise BadRequest("the owner cannot be removed", code=Code.INVALID_PARAM)

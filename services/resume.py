@@ -11,14 +11,14 @@ import logging
 
 from types import SimpleNamespace
 
-from services import frames
+from services import frames, schema
 from services.chat import check_id
 from services.codes import LIVE, Code, ReplyStatus
 from services.errors import BadRequest, NotFound
 
 log = logging.getLogger(__name__)
 
-MAX_RESUME = 64  # replies named in one session-wide resume (declared in services/schema.py)
+MAX_RESUME = schema.MAX_RESUME  # replies named in one session-wide resume
 # Statuses whose stored text is everything that was streamed: an offset beyond it is a client error.
 COMPLETE_TEXT = (ReplyStatus.COMPLETED, ReplyStatus.STOPPED, ReplyStatus.FAILED, ReplyStatus.TIMEOUT)
 

@@ -28,6 +28,8 @@ from services.errors import BadRequest
 
 MAX_TEXT = 32_000
 MAX_TITLE = 200
+MAX_IDS = 256          # user ids in a session's member list, or in one change of it
+MAX_RESUME = 64        # replies named in one session-wide `resume`
 MAX_COMPONENTS = 64
 MAX_URL = 2048
 MAX_INLINE = 4 * 1024 * 1024   # characters of base64 in one component (about 3 MB of data)
@@ -168,7 +170,7 @@ class ResumeFrame(Frame, tag="resume"):
     offset: Count = 0
     thinking_offset: Count = 0
     session_id: Union[Id, None] = None
-    offsets: Annotated[dict[Id, Offsets], Meta(max_length=64)] = {}
+    offsets: Annotated[dict[Id, Offsets], Meta(max_length=MAX_RESUME)] = {}
 
 
 # What LangBot's own client sends; Parley's dialect adds the rest.
@@ -271,7 +273,7 @@ class Body(Struct, omit_defaults=True):
 class SessionCreate(Body):
     session_type: SessionType = "person"
     title: Annotated[str, Meta(max_length=MAX_TITLE)] = ""
-    members: Annotated[list[Id], Meta(max_length=256)] = []
+    members: Annotated[list[Id], Meta(max_length=MAX_IDS)] = []
 
 
 class SessionRename(Body):
@@ -279,8 +281,8 @@ class SessionRename(Body):
 
 
 class MembersChange(Body):
-    add: Annotated[list[Id], Meta(max_length=256)] = []
-    remove: Annotated[list[Id], Meta(max_length=256)] = []
+    add: Annotated[list[Id], Meta(max_length=MAX_IDS)] = []
+    remove: Annotated[list[Id], Meta(max_length=MAX_IDS)] = []
 
 
 class MessageSend(Body):

@@ -49,7 +49,7 @@ class ClientProtocol:
             frame = schema.decode_frame(text)
             kind = schema.frame_type(frame)
             if self.kinds is not None and kind not in self.kinds:
-                raise BadRequest(f"{kind!r} frames are not available on this connection", code="unknown_type")
+                raise BadRequest(f"{kind!r} frames are not available on this connection", code=Code.UNKNOWN_TYPE)
             if kind in QUEUED:
                 self._queue(frame)
             else:

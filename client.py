@@ -9,13 +9,15 @@ In the chat, lines starting with `/` are commands for the client and never reach
 A reply's reasoning prints apart from its answer (dimmed on a terminal; --thinking hide leaves it out). When the
 server goes away (a restart), the client says so, reconnects with backoff and resumes every unfinished reply
 from the offsets it holds; what you type meanwhile is sent once it is back.
-The token comes from --token, --token-file, the PARLEY_TOKEN environment variable, or the `?token=` of the URL
-`make run` prints (pass it as --url). Replies stream in `delta` mode; offsets count Unicode code points.
+The token comes from --token, --token-file, the PARLEY_TOKEN environment variable, the `?token=` of the URL
+`make run` prints (pass it as --url), or, with none of them, from the server `make run` started in this
+directory (data/server.json: its URL too). Replies stream in `delta` mode; offsets count Unicode code points.
 """
 import argparse
 import asyncio
 import json
 import os
+import stat
 import sys
 import time
 import uuid
@@ -24,6 +26,8 @@ from urllib.parse import parse_qs, urlsplit
 try:
     from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
     from tornado.websocket import WebSocketClosedError, WebSocketError, websocket_connect
+
+    from services import runtime
 except ImportError:  # run with a Python that lacks Parley's dependencies
     sys.exit("client.py needs Parley's dependencies (Tornado). From the repository, run `make client` "
              "(it creates .venv), or `.venv/bin/parley-client` after `make install`.")
@@ -36,6 +40,9 @@ HELP = """commands (never sent to the model):
   /quit       leave (Ctrl-D too)
   //text      send a message that starts with "/"
 anything else is sent to the model"""
+
+
+DEFAULT_URL = "ws://127.0.0.1:8888"
 
 
 class Chat:
@@ -226,15 +233,25 @@ class Screen:
         self.note(f"[{status}]")
 
 
+async def input_lines():
+    """readline() for what the user types: a terminal or pipe through the loop; a file (or /dev/null, which the
+    loop's poller refuses) in a thread, so `make client < script.txt` works too."""
+    loop = asyncio.get_running_loop()
+    mode = os.fstat(sys.stdin.fileno()).st_mode
+    if sys.stdin.isatty() or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        return reader.readline
+    return lambda: loop.run_in_executor(None, sys.stdin.buffer.readline)
+
+
 async def interactive(args):
     await preflight(args)
     chat = Chat(args, args.session_id)
     hello = await chat.connect()
     screen = Screen(args)
     screen.note(f"connected to {args.pipeline} (session {hello['session_id']}); type /help for commands")
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    readline = await input_lines()
     last = {"id": None}
     online = asyncio.Event()
     online.set()
@@ -329,7 +346,7 @@ async def interactive(args):
             screen.note(f"[unknown command {name}; /help lists them, //text sends a message starting with /]")
 
     receiver = asyncio.create_task(receive())
-    lines = asyncio.ensure_future(reader.readline())
+    lines = asyncio.ensure_future(readline())
     try:
         while True:
             await asyncio.wait([lines, receiver], return_when=asyncio.FIRST_COMPLETED)
@@ -340,7 +357,7 @@ async def interactive(args):
             line = lines.result().decode()
             if not line:
                 break  # Ctrl-D
-            lines = asyncio.ensure_future(reader.readline())
+            lines = asyncio.ensure_future(readline())
             line = line.strip()
             if not line:
                 continue
@@ -441,9 +458,10 @@ def build_parser():
     p = argparse.ArgumentParser(description="Parley command-line client (in the chat, /help lists commands)")
     p.add_argument("pipeline_arg", nargs="?", metavar="PIPELINE", help="pipeline to talk to (default: default)")
     p.add_argument("--pipeline", help="the same, as an option")
-    p.add_argument("--url", default=os.environ.get("PARLEY_URL", "ws://127.0.0.1:8888"),
+    p.add_argument("--url", default=os.environ.get("PARLEY_URL"),
                    help="server base URL, ws(s):// or http(s)://; the URL `make run` prints (with ?token=) works "
-                        "as it is (env PARLEY_URL)")
+                        "as it is (env PARLEY_URL; default: the server `make run` started in this directory, "
+                        f"from data/server.json, else {DEFAULT_URL})")
     p.add_argument("--token", help="sent as Authorization: Bearer (default: env PARLEY_TOKEN)")
     p.add_argument("--token-file", metavar="FILE", help="read the token from this file")
     p.add_argument("--session-type", choices=["person", "group"], default="person")
@@ -460,13 +478,18 @@ def build_parser():
 
 
 def resolve(args):
-    """Fill pipeline, token and both URL forms (ws for the socket, http for REST) from what was given."""
+    """Fill pipeline, token and both URL forms (ws for the socket, http for REST) from what was given. Without a
+    URL or a token, the server `make run` started in this directory (services/runtime.py) provides them."""
+    running = runtime.read(os.environ.get("PARLEY_DATA_DIR") or "data")
+    args.url = args.url or (running["url"] if running else DEFAULT_URL)
     parts = urlsplit(args.url)
     token_in_url = parse_qs(parts.query).get("token", [None])[0]
     if args.token_file:
         with open(args.token_file) as f:
             args.token = f.read().strip()
     args.token = args.token or token_in_url or os.environ.get("PARLEY_TOKEN") or None
+    if args.token is None and running and running["token"] and urlsplit(running["url"]).netloc == parts.netloc:
+        args.token = running["token"]
     scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
     if scheme not in ("ws", "wss") or not parts.netloc:
         raise SystemExit(f"--url must look like ws://host:port or http://host:port, not {args.url!r}")

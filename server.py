@@ -26,7 +26,7 @@ from tornado import web
 
 from handlers import api, files as files_api, ops, web as web_app, ws
 from handlers.base import NotFoundHandler
-from services import events, logs, settings
+from services import events, logs, runtime, settings
 from services.auth import Authenticator, check_jwt_secret
 from services.batching import Admission
 from services.chat import ChatService
@@ -258,15 +258,23 @@ async def serve(config, **made):
         log.info("metrics on http://%s:%s/metrics", config.metrics_host, config.metrics_port)
     if services.auth.mode == "token":
         banner(config, f"http://{config.host}:{config.port}/?token={services.auth.token}")
+    found = None
+    if not config.cluster:  # `make client` in this directory finds this server (and, in token mode, its token)
+        host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+        found = runtime.write(config.data_dir, f"http://{host}:{config.port}/", services.auth.token)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
-    await drain(services, server)
-    if metrics_server is not None:  # scraped to the end of the drain
-        metrics_server.stop()
-        await metrics_server.close_all_connections()
+    try:
+        await stopping.wait()
+        await drain(services, server)
+        if metrics_server is not None:  # scraped to the end of the drain
+            metrics_server.stop()
+            await metrics_server.close_all_connections()
+    finally:
+        if found is not None:
+            runtime.remove(found)
 
 
 # Young collections every 7,000 container allocations instead of 700: a connect or a sent frame allocates

@@ -3,10 +3,13 @@
 Each method declares itself with @api (summary, body, status, admin): with `default_handlers` below, that is the
 one declaration GET /openapi.json is generated from.
 """
+from datetime import datetime, timezone
+
 import msgspec
 
 from handlers.base import BaseHandler, api
 from services import frames, paging, schema
+from services.auth import COOKIE, bearer_or_query_token
 from services.chat import check_id, check_session_type
 from services.codes import Code
 from services.errors import BadRequest
@@ -51,6 +54,31 @@ class OpenAPIHandler(BaseHandler):
             OpenAPIHandler.document = msgspec.json.encode(schema.openapi(rest_routes()))
         self.set_header("Content-Type", "application/json; charset=UTF-8")
         self.finish(OpenAPIHandler.document)
+
+
+class AuthCookieHandler(BaseHandler):
+    """The web app's sign-in (Jupyter's pattern): POST with a Bearer credential sets an HttpOnly, SameSite=Strict
+    cookie holding it, so every tab of this browser is signed in; DELETE (Sign out) clears it. The cookie is
+    verified like a Bearer credential on every request; Tornado's cross-origin write protection and the
+    WebSocket origin check keep other sites from using it."""
+    public = True  # DELETE needs none: signing out always works (POST identifies the caller itself)
+
+    @api("sign this browser in: an HttpOnly cookie holding the Bearer credential")
+    def post(self):
+        identity = self.identity = self.services.auth.identify(self.request)
+        expires = None if identity.expires_at is None else datetime.fromtimestamp(identity.expires_at, timezone.utc)
+        credential = bearer_or_query_token(self.request)
+        if credential:  # (none: --auth none, or signed in by this cookie already)
+            self.set_cookie(COOKIE, credential, path="/", expires=expires, httponly=True, samesite="Strict",
+                            secure=self.request.protocol == "https")
+        self.ok({"user_id": identity.user_id, "is_admin": identity.is_admin,
+                 "expires_at": expires and frames.timestamp(expires)})
+
+    @api("sign this browser out: clear the cookie")
+    def delete(self):
+        self.clear_cookie(COOKIE, path="/", httponly=True, samesite="Strict",
+                          secure=self.request.protocol == "https")
+        self.ok({"signed_out": True})
 
 
 class PipelinesHandler(BaseHandler):
@@ -245,6 +273,7 @@ class ResetHandler(BaseHandler):
 default_handlers = [
     (r"/", RootHandler),
     (r"/api/v1/pipelines", PipelinesHandler),
+    (r"/api/v1/auth/cookie", AuthCookieHandler),
     (r"/openapi.json", OpenAPIHandler),
     (P + r"/ws/messages/(?P<session_type>[^/]+)", LegacyHistoryHandler),
     (P + r"/ws/reset/(?P<session_type>[^/]+)", LegacyResetHandler),

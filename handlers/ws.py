@@ -23,6 +23,7 @@ from tornado import web, websocket
 
 from handlers.base import error_reason
 from services import frames, guards, logs, schema
+from services.auth import request_credential
 from services.chat import check_session_type
 from services.codes import CLOSE_FOR_CODE, CLOSE_FOR_STATUS, PING_TIMEOUT, Close, Code, for_http_status
 from services.forwarded import client_address
@@ -261,7 +262,7 @@ class ChatSocket(websocket.WebSocketHandler):
             self.clear_header(name)
 
     def _has_credentials(self):
-        return "Authorization" in self.request.headers or "token" in self.request.query_arguments
+        return "Authorization" in self.request.headers or request_credential(self.request) is not None
 
     def _auth_timed_out(self):
         self.awaiting_auth = None

@@ -9,7 +9,10 @@ Modes:
 - `none`: explicit opt-in for local development; everyone is the local admin. Refused unless bound to loopback.
 
 Credentials: `Authorization: Bearer <token>`, or `?token=` (for WebSocket clients that cannot set headers;
-scrubbed from logs), or, on a WebSocket, a first frame `{"type": "authenticate", "token": ...}`.
+scrubbed from logs), or, on a WebSocket, a first frame `{"type": "authenticate", "token": ...}`, or the web app's
+sign-in cookie (Jupyter's pattern: `POST /api/v1/auth/cookie` with a Bearer credential sets it, HttpOnly and
+SameSite=Strict, holding that credential, verified like a Bearer one on every request; cross-site writes and
+WebSockets are refused by the same-origin checks, `DELETE` clears it).
 """
 import hmac
 import ipaddress
@@ -24,6 +27,7 @@ from services.errors import Forbidden, Unauthorized
 log = logging.getLogger(__name__)
 
 MODES = ("token", "jwt", "none")
+COOKIE = "parley_auth"  # the web app's sign-in cookie
 MIN_SECRET_BYTES = 32  # RFC 7518 3.2: an HS256 key at least as long as the hash; shorter ones are brute-forced
 # A client reconnecting (or opening tabs) presents the same JWT again: its verified claims are remembered for a
 # while, never past its `exp`, so the signature check and claim parsing run once per token, not per connection.
@@ -53,6 +57,15 @@ def bearer_or_query_token(request):
         return header[7:].strip()
     values = request.query_arguments.get("token")
     return values[-1].decode("utf-8", "replace") if values else None
+
+
+def request_credential(request):
+    """Bearer header, `?token=`, then the sign-in cookie: the first present (None if none is)."""
+    token = bearer_or_query_token(request)
+    if token:
+        return token
+    cookie = request.cookies.get(COOKIE)
+    return cookie.value if cookie is not None and cookie.value else None
 
 
 def is_loopback(host):
@@ -97,7 +110,7 @@ class Authenticator:
         """The caller of an HTTP request or WebSocket handshake; raises Unauthorized."""
         if self.mode == "none":
             return LOCAL_USER
-        token = bearer_or_query_token(request)
+        token = request_credential(request)
         if not token:
             raise Unauthorized("credentials required: Authorization: Bearer <token>")
         return self.verify(token)

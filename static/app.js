@@ -1,12 +1,17 @@
 /* Parley's web app, on static/parley.js (the reconnecting client) and the REST API (docs/protocol.md).
  *
+ * Signing in (Jupyter's pattern): the token (from the start-up URL, which token.js takes out of the address bar, or
+ * typed) is posted once to /api/v1/auth/cookie, which sets an HttpOnly, SameSite=Strict cookie; from then on every
+ * request and WebSocket of this browser carries it, so every tab is signed in. The page never keeps the token.
+ *
  * Model output reaches the DOM only through renderMarkdown(): marked turns it into HTML, DOMPurify sanitizes
  * that into a DOM fragment. Everything else a user or a model wrote is set as textContent.
  */
 (function () {
   "use strict";
 
-  const TOKEN_KEY = "parley.token";
+  const TOKEN_KEY = "parley.token";      // the start-up URL's token, from token.js until it becomes the cookie
+  const SIGNOUT_KEY = "parley.signout";  // set on Sign out: the other tabs of this browser sign out too
   const PIPELINE_KEY = "parley.pipeline";
   const PAGE = 30;              // history messages per page (scrolling up loads the next one)
   const RENDER_EVERY = 50;      // ms between re-renders of a streaming reply
@@ -22,9 +27,9 @@
 
   const $ = (id) => document.getElementById(id);
   const state = {
-    token: null, user: null, isAdmin: false, pipelines: [], pipeline: null, sessions: [], session: null,
+    user: null, isAdmin: false, pipelines: [], pipeline: null, sessions: [], session: null,
     client: null, msgs: new Map(), pending: new Map(), oldestSeq: null, moreHistory: false, loadingOlder: false,
-    online: [], countdown: null, generation: 0, attachments: [],
+    online: [], countdown: null, generation: 0, attachments: [], shownVersion: new Map(),
     limits: {max_message_size: 64 * 1024, max_body_size: 1024 * 1024, max_image_size: 512 * 1024},
   };
 
@@ -49,6 +54,59 @@
         node.setAttribute("rel", "noopener noreferrer nofollow");
       }
     });
+  }
+
+  /* While a reply streams, its Markdown may stop mid-construct (`**How to try` before the bold closes, a code
+   * fence not closed yet): close what is open, for display only, as chat apps do; an opener with nothing after it
+   * yet is left out. The text itself is never changed. */
+  function closeOpenMarkdown(text) {
+    let fence = null;
+    let tailStart = 0;
+    let offset = 0;
+    for (const line of text.split("\n")) {
+      const m = /^ {0,3}(`{3,}|~{3,})/.exec(line);
+      if (m && !fence) fence = m[1];
+      else if (m && line.trim()[0] === fence[0] && /^(`+|~+)$/.test(line.trim()) && line.trim().length >= fence.length) {
+        fence = null;
+        tailStart = offset + line.length + 1;
+      }
+      if (!m && !fence && line.trim() === "") tailStart = offset + line.length + 1;
+      offset += line.length + 1;
+    }
+    if (fence) return text + (text.endsWith("\n") ? "" : "\n") + fence;
+    const open = [];  // markers still open in the last paragraph: {marker, at}
+    const word = (ch) => ch !== undefined && /[\p{L}\p{N}]/u.test(ch);
+    const space = (ch) => ch === undefined || /\s/.test(ch);
+    for (let i = tailStart; i < text.length;) {
+      const c = text[i];
+      if (c === "\\") { i += 2; continue; }
+      let n = 1;
+      while (text[i + n] === c) n++;
+      if (c === "`") {
+        const close = text.indexOf(c.repeat(n), i + n);
+        if (close < 0) { open.push({marker: c.repeat(n), at: i}); break; }  // inside inline code: nothing counts
+        i = close + n;
+        continue;
+      }
+      if (c !== "*" && c !== "_" && c !== "~") { i++; continue; }
+      const before = text[i - 1], after = text[i + n];
+      const bullet = c === "*" && n === 1 && (i === 0 || before === "\n") && after === " ";
+      if (bullet || (c === "~" && n < 2) || (c === "_" && word(before) && word(after))) { i += n; continue; }
+      const runs = c === "~" ? [c + c] : n >= 3 ? [c + c, c] : [c.repeat(n)];
+      for (const marker of runs) {
+        const k = open.findIndex((o) => o.marker === marker);
+        if (k >= 0 && !space(before)) open.splice(k, 1);
+        else if (k < 0 && !space(after)) open.push({marker, at: i});
+      }
+      i += n;
+    }
+    let end = text.length;
+    while (open.length && !text.slice(open[open.length - 1].at + open[open.length - 1].marker.length, end).trim()) {
+      end = open.pop().at;  // an opener with nothing after it yet: not shown
+    }
+    const dangling = /(^|\s)[*_~`]+\s*$/.exec(text.slice(0, end));  // markers that can only open: not yet
+    if (dangling) end = dangling.index + dangling[1].length;
+    return text.slice(0, end).trimEnd() + open.reverse().map((o) => o.marker).join("");
   }
 
   function renderMarkdown(text) {
@@ -82,13 +140,17 @@
 
   // --- REST
 
+  /* A REST call with this browser's sign-in cookie (or, to sign in, `token` as a Bearer credential). A 401
+   * while signed in means the sign-in ended (signed out elsewhere, a new token after a restart): back to sign-in. */
   async function api(path, options) {
     const o = options || {};
-    const headers = {Authorization: "Bearer " + state.token, Accept: "application/json"};
+    const headers = {Accept: "application/json"};
+    if (o.token) headers.Authorization = "Bearer " + o.token;
     const form = o.body instanceof FormData;  // an upload: the browser sets the multipart Content-Type
     if (o.body !== undefined && !form) headers["Content-Type"] = "application/json";
-    const res = await fetch(path, {method: o.method || "GET", headers, cache: "no-store",
+    const res = await fetch(path, {method: o.method || "GET", headers, cache: "no-store", credentials: "same-origin",
       body: o.body === undefined || form ? o.body : JSON.stringify(o.body)});
+    if (res.status === 401 && state.user && !o.signingIn) leave("Your sign-in was not accepted any more: sign in again.");
     let payload = null;
     try { payload = await res.json(); } catch (e) { /* not JSON */ }
     if (!res.ok) {
@@ -129,10 +191,15 @@
     $("signin-token").focus();
   }
 
+  /* Trade a token (or JWT) for the sign-in cookie, then enter. */
   async function signIn(token) {
-    state.token = token;
-    const root = await api("/");
-    try { sessionStorage.setItem(TOKEN_KEY, token); } catch (e) { /* kept in memory only */ }
+    await api("/api/v1/auth/cookie", {method: "POST", token, signingIn: true});
+    await enter();
+  }
+
+  /* With the cookie: who we are, the pipelines, then the conversation in the address (or the newest). */
+  async function enter() {
+    const root = await api("/", {signingIn: true});
     state.user = root.user_id;
     state.pipelines = root.pipelines;
     if (root.limits) state.limits = root.limits;
@@ -146,12 +213,19 @@
     if (first) await openPipeline(first.id, route().session);
   }
 
-  function signOut() {
-    try { sessionStorage.removeItem(TOKEN_KEY); } catch (e) { /* nothing kept */ }
+  async function signOut() {
+    try {
+      await api("/api/v1/auth/cookie", {method: "DELETE", signingIn: true});
+    } catch (e) { /* offline: the cookie stays until the server answers; this tab signs out all the same */ }
+    try { localStorage.setItem(SIGNOUT_KEY, String(Date.now())); } catch (e) { /* other tabs learn at their next request */ }
+    leave();
+  }
+
+  function leave(message) {
     closeClient();
-    state.token = null;
+    state.user = null;
     history.replaceState(null, "", "/");
-    showSignin();
+    showSignin(message);
   }
 
   // --- routing: #/<pipeline>/<session id>, so a reload or a second tab opens the same conversation
@@ -246,7 +320,7 @@
     state.oldestSeq = page.messages.length ? page.messages[0].seq : null;
     state.moreHistory = page.more;
     renderHistoryTop();
-    scrollToEnd(true);
+    scrollToEnd();
     connect(session);
     updateComposer();
     $("input").focus();
@@ -316,15 +390,14 @@
   }
 
   function connect(session) {
-    const client = new window.Parley.Client({url: wsUrl(), token: state.token, sessionId: session.session_id});
+    // No token: the handshake carries the sign-in cookie (same origin only: the server checks Origin).
+    const client = new window.Parley.Client({url: wsUrl(), sessionId: session.session_id});
     state.client = client;
     const mine = (fn) => (e) => { if (state.client === client) fn(e); };
     let last = null, refused = 0;  // attempts in a row whose socket never opened
     client.on("status", mine((e) => {
       if (e.connection === "closed" && e.code === PROTOCOL.CLOSE.UNAUTHORIZED) {  // the token or JWT is no longer accepted
-        try { sessionStorage.removeItem(TOKEN_KEY); } catch (x) { /* nothing kept */ }
-        closeClient();
-        return showSignin("Your sign-in was not accepted any more: sign in again.");
+        return leave("Your sign-in was not accepted any more: sign in again.");
       }
       if (e.connection === "open") {
         refused = 0;
@@ -334,7 +407,7 @@
       }
       if (e.connection) last = e.connection;
       if (e.connection) setConnection(e);
-      if (e.message_id) onReplyStatus(e.message_id, e.status);
+      if (e.message_id) onReplyStatus(e);
     }));
     client.on("connected", mine(() => {
       if (state.session.session_type === "group") client.request({type: "presence"});
@@ -474,12 +547,20 @@
   function assistantElement(m) {
     const thinking = el("details", {class: "thinking", hidden: ""},
       el("summary", {text: "Thinking"}), el("div", {class: "thinking-text"}));
-    const retry = el("button", {type: "button", class: "retry", text: "Retry"});
+    const retry = el("button", {type: "button", class: "retry", text: "Retry",
+      title: "A new reply to the same message (this one stays, as an earlier version)"});
     retry.addEventListener("click", () => retryReply(m));
     const status = el("div", {class: "final-status", hidden: ""},
       el("span", {class: "badge"}), el("span", {class: "reason"}), retry);
+    const versions = el("span", {class: "versions", role: "group", "aria-label": "Versions of this reply", hidden: ""},
+      el("button", {type: "button", class: "link prev", "aria-label": "Earlier version", text: "‹",
+        onclick: () => showVersion(m, -1)}),
+      el("span", {class: "count"}),
+      el("button", {type: "button", class: "link next", "aria-label": "Later version", text: "›",
+        onclick: () => showVersion(m, 1)}));
     return el("article", {class: "msg assistant", "data-id": m.id},
-      el("div", {class: "meta", text: "Assistant"}), thinking, el("div", {class: "body"}), status);
+      el("div", {class: "meta"}, el("span", {text: "Assistant"}), versions), thinking, el("div", {class: "body"}),
+      status);
   }
 
   function renderUser(m) {
@@ -517,7 +598,7 @@
     const img = el("img", {alt: "Attached image"});
     const known = storedImages.get(key);
     if (known) { img.src = known; return img; }
-    fetch("/api/v1/files/image/" + encodeURIComponent(key), {headers: {Authorization: "Bearer " + state.token}})
+    fetch("/api/v1/files/image/" + encodeURIComponent(key), {credentials: "same-origin"})  // the sign-in cookie
       .then((res) => res.ok ? res.blob() : null)
       .then((blob) => {
         if (!blob) return;
@@ -559,7 +640,7 @@
       if (!m.thinkingClosed && m.content) { details.open = false; m.thinkingClosed = true; }
     }
     const body = m.el.querySelector(".body");
-    body.replaceChildren(renderMarkdown(m.content));
+    body.replaceChildren(renderMarkdown(live ? closeOpenMarkdown(m.content) : m.content));
     addCopyButtons(body);
     const status = m.el.querySelector(".final-status");
     const label = STATUS_TEXT[m.status];
@@ -588,7 +669,7 @@
     m.thinking = d.thinking || "";
     m.status = d.status;
     m.error = d.error || null;
-    m.reply_to = d.reply_to || null;
+    setQuestion(m, d.reply_to);
     renderSoon(m, true);
   }
 
@@ -608,10 +689,11 @@
     renderUser(m);
   }
 
-  function onReplyStatus(id, status) {
-    const m = entry(id, "assistant", null);
+  function onReplyStatus(e) {
+    const m = entry(e.message_id, "assistant", e.seq);
+    setQuestion(m, e.reply_to);
     if (m.status && !LIVE.has(m.status)) return;
-    m.status = status;
+    m.status = e.status;
     renderSoon(m, true);
   }
 
@@ -621,7 +703,7 @@
     m.content = e.content;
     m.thinking = e.thinking_content;
     m.status = PROTOCOL.STATUS.STREAMING;
-    if (e.reply_to) m.reply_to = e.reply_to;
+    setQuestion(m, e.reply_to);
     renderSoon(m, false);
   }
 
@@ -631,8 +713,57 @@
     m.thinking = e.thinking || "";
     m.status = e.status;
     m.error = e.error;
-    if (e.reply_to) m.reply_to = e.reply_to;
+    setQuestion(m, e.reply_to);
     renderSoon(m, true);
+    if (state.session && !state.session.title) refreshTitle();  // the server names a chat after its first message
+  }
+
+  /* A reply's question: its replies are versions of one answer (a regenerated reply is a newer one). */
+  function setQuestion(m, questionId) {
+    if (!questionId || m.reply_to === questionId) return;
+    m.reply_to = questionId;
+    state.shownVersion.delete(questionId);  // a new version: show it
+    renderVersions(questionId);
+  }
+
+  function versionsOf(questionId) {
+    const order = (m) => (m.seq == null ? Infinity : m.seq);
+    return [...state.msgs.values()].filter((x) => x.role === "assistant" && x.reply_to === questionId)
+      .sort((a, b) => order(a) - order(b));
+  }
+
+  /* One version of a question's reply shows (the newest, unless the reader paged back), with "‹ 1 / 2 ›". */
+  function renderVersions(questionId) {
+    const all = versionsOf(questionId);
+    const chosen = Math.min(state.shownVersion.get(questionId) ?? all.length - 1, all.length - 1);
+    all.forEach((m, i) => {
+      m.el.hidden = i !== chosen;
+      const pager = m.el.querySelector(".versions");
+      pager.hidden = all.length < 2;
+      pager.querySelector(".count").textContent = (i + 1) + " / " + all.length;
+      pager.querySelector(".prev").disabled = i === 0;
+      pager.querySelector(".next").disabled = i === all.length - 1;
+    });
+  }
+
+  function showVersion(m, step) {
+    const all = versionsOf(m.reply_to);
+    const i = all.indexOf(m) + step;
+    if (i < 0 || i >= all.length) return;
+    state.shownVersion.set(m.reply_to, i);
+    renderVersions(m.reply_to);
+    all[i].el.querySelector(step < 0 ? ".prev" : ".next").focus();
+  }
+
+  async function refreshTitle() {
+    const id = state.session.session_id;
+    try {
+      const session = await api(S(id));
+      if (!session.title || !state.session || state.session.session_id !== id) return;
+      state.session = session;
+      renderHead();
+      await refreshSessions();
+    } catch (e) { /* the date stays as its name */ }
   }
 
   function onError(frame) {
@@ -668,7 +799,6 @@
     if (!state.client || (!text.trim() && !images.length && !chain)) return false;
     const clientMsgId = newId();
     const session = state.session;
-    const untitled = !session.title && state.msgs.size === 0 && state.pending.size === 0;
     const pending = el("article", {class: "msg user pending", "aria-label": "Sending"},
       el("div", {class: "meta", text: "Sending…"}), el("div", {class: "body", text}));
     const shown = chain ? chainImages(chain) :
@@ -676,13 +806,12 @@
     if (shown.length) pending.append(el("div", {class: "images"}, ...shown));
     state.pending.set(clientMsgId, pending);
     $("messages").append(pending);
-    scrollToEnd(true);
+    scrollToEnd();
     const sent = chain ? postMessage(session, chain, clientMsgId) :
       images.length ? sendOverRest(session, text, images, clientMsgId) :
         state.client.send(text, {client_msg_id: clientMsgId});
     sent.then(() => {
       images.forEach((a) => URL.revokeObjectURL(a.url));
-      if (untitled) nameAfter(session, text.trim() || "Image");
     }, (frame) => {
       pending.remove();
       state.pending.delete(clientMsgId);
@@ -817,33 +946,15 @@
         }}))));
   }
 
-  /* A new conversation takes its first message as its title, until renamed. */
-  async function nameAfter(session, text) {
-    const title = text.trim().split("\n")[0].slice(0, 60);
-    try {
-      const renamed = await api(S(session.session_id), {method: "PATCH", body: {title}});
-      if (state.session && state.session.session_id === renamed.session_id) {
-        state.session = renamed;
-        renderHead();
-      }
-      await refreshSessions();
-    } catch (e) { /* the date stays as its name */ }
-  }
-
   function stop() {
     if (state.client && liveReplies().length) state.client.stop();
   }
 
+  /* Retry is "regenerate": a new reply to the same message, in place of this one (kept as an earlier version). */
   function retryReply(m) {
-    let question = m.reply_to && state.msgs.get(m.reply_to);
-    if (!question) {  // the message just before the reply
-      const users = [...state.msgs.values()].filter((x) => x.role === "user" && x.seq != null && x.seq < m.seq);
-      question = users.sort((a, b) => b.seq - a.seq)[0];
+    if (!state.client || !state.client.regenerate(m.id)) {
+      notice("error", "Not connected: Retry once the connection is back.", "retry");
     }
-    const withImages = question && Array.isArray(question.chain) && question.chain.some((c) => c && c.type === "Image");
-    if (withImages) send(question.content, [], question.chain);
-    else if (question) send(question.content);
-    else notice("error", "The question this reply answered is not loaded; scroll up and try again.", "retry");
   }
 
   function updateComposer() {
@@ -895,12 +1006,18 @@
 
   // --- dialogs (new group, rename)
 
-  function ask(title, {name = "", members = null} = {}) {
+  /* The app's one dialog: a title and members to fill in, or (`text`) a question to confirm with `ok`. */
+  function ask(title, {name = "", members = null, text = null, ok = "OK", danger = false} = {}) {
     const dialog = $("dialog");
     $("dialog-title").textContent = title;
+    $("dialog-text").hidden = text === null;
+    $("dialog-text").textContent = text || "";
+    $("dialog-name-row").hidden = text !== null;
     $("dialog-name").value = name;
     $("dialog-members-row").hidden = members === null;
     $("dialog-members").value = members || "";
+    $("dialog-ok").textContent = ok;
+    $("dialog-ok").className = danger ? "danger" : "primary";
     return new Promise((resolve) => {
       dialog.addEventListener("close", () => {
         if (dialog.returnValue !== "ok") return resolve(null);
@@ -909,7 +1026,7 @@
       }, {once: true});
       dialog.returnValue = "";
       dialog.showModal();
-      $("dialog-name").focus();
+      (text === null ? $("dialog-name") : $("dialog-cancel")).focus();
     });
   }
 
@@ -942,7 +1059,9 @@
   }
 
   async function reset() {
-    if (!confirm("Delete every message of this conversation?")) return;
+    const sure = await ask("Reset conversation", {text: "Delete every message of this conversation? This cannot be undone.",
+      ok: "Delete messages", danger: true});
+    if (!sure) return;
     try {
       await api(S() + "/reset", {method: "POST"});
       await openSession(state.session.session_id);
@@ -958,9 +1077,10 @@
     return log.scrollHeight - log.scrollTop - log.clientHeight < 80;
   }
 
-  function scrollToEnd(force) {
+  /* Callers decide (nearEnd() before they add content: after it, the new content itself is the distance). */
+  function scrollToEnd() {
     const log = $("log");
-    if (force || nearEnd()) log.scrollTop = log.scrollHeight;
+    log.scrollTop = log.scrollHeight;
   }
 
   function closeSidebar() {
@@ -987,6 +1107,9 @@
       }
     });
     $("signout").addEventListener("click", signOut);
+    window.addEventListener("storage", (event) => {  // another tab signed this browser out
+      if (event.key === SIGNOUT_KEY && state.user) leave();
+    });
     $("pipeline").addEventListener("change", (e) => openPipeline(e.target.value));
     $("new-chat").addEventListener("click", () => newSession("person"));
     $("new-group").addEventListener("click", () => newSession("group"));
@@ -1046,7 +1169,7 @@
     });
     $("conn-retry").addEventListener("click", () => state.client && state.client.retryNow());
     document.addEventListener("visibilitychange", () => {  // back to the tab: groups others added us to
-      if (document.visibilityState === "visible" && state.token && state.pipeline) {
+      if (document.visibilityState === "visible" && state.user && state.pipeline) {
         refreshSessions().catch(() => { /* the connection state says why */ });
       }
     });
@@ -1064,16 +1187,20 @@
     configureMarkdown();
     bindUi();
     let token = null;
-    try { token = sessionStorage.getItem(TOKEN_KEY); } catch (e) { /* storage disabled */ }
-    if (!token) return showSignin();
     try {
-      await signIn(token);
+      token = sessionStorage.getItem(TOKEN_KEY);
+      sessionStorage.removeItem(TOKEN_KEY);  // the cookie holds it from now on; this page does not
+    } catch (e) { /* storage disabled: sign in by hand */ }
+    try {
+      if (token) await signIn(token);
+      else await enter();
     } catch (e) {
-      if (e.status === 401) try { sessionStorage.removeItem(TOKEN_KEY); } catch (x) { /* nothing kept */ }
-      showSignin(e.status === 401 ? "That token was not accepted: sign in again." : e.message);
+      if (e.status === 401) showSignin(token ? "That token was not accepted: sign in again." : null);
+      else showSignin(e.message);
     }
   }
 
-  window.ParleyApp = {renderMarkdown};  // for tests and embedding pages: the one renderer of model output
+  // for tests and embedding pages: the one renderer of model output, and what a streaming reply shows of it
+  window.ParleyApp = {renderMarkdown, closeOpenMarkdown};
   start();
 })();

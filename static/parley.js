@@ -265,7 +265,7 @@
         case "ack": return this._ack(data);
         case "user_message": return this._emit("message", data);
         case "response": return data.is_final ? this._final(data) : this._delta(data);
-        case "status": return this._status(data.message_id, data.status);
+        case "status": return this._status(data.message_id, data.status, data);
         case "resumed":
           for (const r of data.replies) this._status(r.message_id, r.status);
           return;
@@ -345,11 +345,18 @@
         content: r.text, thinking: r.thinking, error: data.error || null});
     }
 
-    _status(id, status) {
+    _status(id, status, data) {
       const r = this._reply(id);
       if (r.final) return;
       r.status = status;
-      this._emit("status", {message_id: id, status});
+      const d = data || {};
+      this._emit("status", {message_id: id, status, seq: d.seq, reply_to: d.reply_to});
+    }
+
+    /* A new reply to the question reply `messageId` answered, replacing it (the session's latest reply; the
+     * server refuses any other: an "error" event with request_type "regenerate"). False if not connected. */
+    regenerate(messageId) {
+      return this.request({type: "regenerate", message_id: messageId});
     }
 
     _error(frame) {

@@ -1,5 +1,5 @@
 /* Runs first, before anything else loads: the start-up URL's ?token= leaves the address bar (and so the
- * history) at once and is kept for this tab only. */
+ * history) at once; app.js trades it for the sign-in cookie and forgets it. */
 (function () {
   "use strict";
   const url = new URL(window.location.href);

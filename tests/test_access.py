@@ -144,3 +144,18 @@ async def test_member_removed_stops_viewing(connect, fetch, world):
         assert frame["type"] != "session.members", frame
     code, body = await fetch(f"/api/v1/pipelines/slow/sessions/{world['group']}", token=CAROL)
     assert code == 404
+
+
+async def test_a_jwt_signs_the_browser_in_until_it_expires(http_client, base_url):
+    from email.utils import parsedate_to_datetime
+    response = await http_client.fetch(base_url + "/api/v1/auth/cookie", method="POST", body="",
+                                       headers={"Authorization": f"Bearer {ALICE}"})
+    assert json.loads(response.body)["data"]["user_id"] == "alice"
+    attributes = dict(a.split("=", 1) for a in response.headers["Set-Cookie"].split("; ") if "=" in a)
+    assert attributes["parley_auth"] == ALICE
+    exp = jwt.decode(ALICE, options={"verify_signature": False})["exp"]
+    assert parsedate_to_datetime(attributes["expires"]).timestamp() == exp
+    # the cookie is that user, nobody else
+    response = await http_client.fetch(base_url + "/", headers={"Cookie": f"parley_auth={ALICE}",
+                                                               "Accept": "application/json"})
+    assert json.loads(response.body)["data"]["user_id"] == "alice"

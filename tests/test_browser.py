@@ -287,7 +287,11 @@ def test_start_up_url_signs_in_and_leaves_the_address_bar(new_page, server):
     page = new_page()
     response = open_app(page, server)
     assert "token" not in page.url
-    assert page.evaluate("sessionStorage.getItem('parley.token')") == TEST_TOKEN
+    # the token became the sign-in cookie: HttpOnly (no script reads it), SameSite=Strict; the page keeps nothing
+    assert page.evaluate("sessionStorage.getItem('parley.token')") is None and page.evaluate("document.cookie") == ""
+    (cookie,) = page.context.cookies()
+    assert (cookie["name"], cookie["value"], cookie["httpOnly"], cookie["sameSite"]) == (
+        "parley_auth", TEST_TOKEN, True, "Strict")
     headers = response.headers
     csp = headers["content-security-policy"]
     assert "script-src 'self';" in csp and "style-src 'self';" in csp and "frame-ancestors 'none'" in csp
@@ -299,9 +303,20 @@ def test_start_up_url_signs_in_and_leaves_the_address_bar(new_page, server):
     status, body = server.rest("/")
     assert status == 200 and body["data"]["name"] == "Parley"
     shot(page, "signed-in")
-    # a reload keeps the tab signed in (sessionStorage), without the token in the URL
+    # a reload keeps the tab signed in, and so is a second tab opened on the bare address
     page.reload()
     page.wait_for_selector("#conn[data-state=open]")
+    other = page.context.new_page()
+    other.goto(server.url + "/")
+    other.wait_for_selector("#conn[data-state=open]")
+    assert other.inner_text("#whoami") == "local"
+    # Sign out in one tab ends it in every tab
+    page.click("#signout")
+    page.wait_for_selector("#signin:not([hidden])")
+    other.wait_for_selector("#signin:not([hidden])")
+    assert page.context.cookies() == []
+    other.reload()
+    other.wait_for_selector("#signin:not([hidden])")
     assert page.errors == []
 
 
@@ -343,14 +358,27 @@ def test_reply_streams_with_a_caret_then_stop_and_retry(new_page, server):
     stored = [m for m in stored_messages(server, page, "slow") if m["role"] == "assistant"]
     assert stored[-1]["status"] == "stopped" and shows(reply, stored[-1]["content"])
     shot(page, "stopped")
-    # Retry asks again; Esc stops that one too
+    # Retry regenerates: a new reply to the same message, shown in place of this one; Esc stops that one too
     reply.locator("button.retry").click()
     page.wait_for_function("() => document.querySelectorAll('.msg.assistant').length === 2")
     page.wait_for_selector(".msg.assistant.streaming")
     page.keyboard.press("Escape")
     page.wait_for_function("() => document.querySelectorAll('.msg.assistant[data-status=stopped]').length === 2")
-    users = [m["content"] for m in stored_messages(server, page, "slow") if m["role"] == "user"]
-    assert users == ["tell me a long story"] * 2
+    assert distance_from_end(page) < 80  # the new reply was followed, through Retry and Esc
+    stored = stored_messages(server, page, "slow")
+    assert [m["content"] for m in stored if m["role"] == "user"] == ["tell me a long story"]  # not sent again
+    first, second = [m for m in stored if m["role"] == "assistant"]
+    assert first["superseded_by"] == second["message_id"] and first["reply_to"] == second["reply_to"]
+    visible = page.locator(".msg.assistant:visible")
+    assert visible.count() == 1 and visible.get_attribute("data-id") == second["message_id"]
+    assert visible.locator(".versions .count").inner_text() == "2 / 2"
+    assert visible.locator("button.retry").is_visible()
+    shot(page, "regenerated")
+    visible.locator(".versions .prev").click()  # page back to the earlier version: it no longer offers Retry
+    visible = page.locator(".msg.assistant:visible")
+    assert visible.get_attribute("data-id") == first["message_id"]
+    assert visible.locator(".versions .count").inner_text() == "1 / 2" and not visible.locator("button.retry").is_visible()
+    assert shows(visible, first["content"])
 
 
 def test_shift_enter_is_a_new_line_and_thinking_collapses(new_page, server):
@@ -420,11 +448,15 @@ def test_reload_mid_reply_resumes_to_the_stored_text(new_page, server):
     assert page.locator(".msg.assistant").count() == 1 and page.locator(".msg.user").count() == 1
 
 
+def distance_from_end(page):
+    return page.locator("#log").evaluate("el => el.scrollHeight - el.scrollTop - el.clientHeight")
+
+
 def test_two_tabs_on_one_session_stay_in_sync(new_page, server):
     a = new_page()
     open_app(a, server, "medium")
     new_chat(a)
-    b = new_page()
+    b = new_page(viewport={"width": 900, "height": 420})  # short: the reply overflows it
     open_app(b, server, f"medium/{session_id(a)}")
     send(a, "from tab a")
     b.wait_for_selector(".msg.user >> text=from tab a")
@@ -432,14 +464,21 @@ def test_two_tabs_on_one_session_stay_in_sync(new_page, server):
     a.wait_for_selector(".msg.assistant[data-status=completed]")
     b.wait_for_selector(".msg.assistant[data-status=completed]")
     assert body_text(last_reply(a)) == body_text(last_reply(b)) != ""
+    # b followed the reply to its end (it was at the end when the reply began)
+    assert b.locator("#log").evaluate("el => el.scrollHeight > el.clientHeight + 200")
+    assert distance_from_end(b) < 80
     send(b, "from tab b")
     a.wait_for_selector(".msg.user >> text=from tab b")
     a.wait_for_function("() => document.querySelectorAll('.msg.assistant[data-status=completed]').length === 2")
     b.wait_for_function("() => document.querySelectorAll('.msg.assistant[data-status=completed]').length === 2")
     assert a.locator(".msg .body").all_inner_texts() == b.locator(".msg .body").all_inner_texts()
-    # a reset in one tab empties the other
-    a.once("dialog", lambda d: d.accept())
+    # a reset in one tab empties the other; it asks first, in the app's own dialog (never the browser's confirm)
+    a.on("dialog", lambda d: pytest.fail(f"a browser dialog was used: {d.message}"))
     a.click("#reset")
+    a.wait_for_selector("#dialog[open] >> text=Delete every message of this conversation?")
+    assert a.locator("#dialog-name").is_hidden() and a.locator("#dialog-members").is_hidden()
+    shot(a, "reset-dialog")
+    a.click("#dialog-ok")
     b.wait_for_function("() => document.querySelectorAll('.msg').length === 0")
     a.wait_for_function("() => document.querySelectorAll('.msg').length === 0")
     send(b, "after the reset")
@@ -469,6 +508,11 @@ def test_history_loads_as_you_scroll_up(new_page, server):
     page.wait_for_function("() => document.querySelectorAll('.msg').length === 50")
     assert page.locator(".msg.user .body").first.inner_text() == "note 0"
     assert page.inner_text("#history-top") == "Start of the conversation"
+    page.locator("#log").evaluate("el => { el.scrollTop = 0; }")  # all of it shows, under the header, not below it
+    top, log, first = page.evaluate("['history-top', 'log'].map((id) => document.getElementById(id)"
+                                    ".getBoundingClientRect().toJSON()).concat(document.querySelector('.msg')"
+                                    ".getBoundingClientRect().toJSON())")
+    assert log["top"] <= top["top"] and top["bottom"] <= first["top"]
     assert page.inner_text("#session-title") == "Long"
 
 
@@ -510,8 +554,11 @@ def test_rename_reset_and_notices(new_page, server):
     assert body["data"]["title"] == "Groceries"
     send(page, "milk")
     page.wait_for_selector(".msg.assistant[data-status=completed]")
-    page.once("dialog", lambda d: d.accept())
     page.click("#reset")
+    page.click("#dialog-cancel")  # a second thought: nothing is deleted
+    assert page.locator(".msg").count() == 2 and len(stored_messages(server, page, "instant")) == 2
+    page.click("#reset")
+    page.click("#dialog-ok")
     page.wait_for_function("() => document.querySelectorAll('.msg').length === 0")
     assert stored_messages(server, page, "instant") == []
     page.wait_for_selector("#conn[data-state=open]")  # the conversation reopened after the reset
@@ -606,6 +653,9 @@ def test_group_session_with_two_users(new_page, jwt_server):
     ann.click("#new-group")
     ann.fill("#dialog-name", "Trip")
     ann.fill("#dialog-members", "bo")
+    widths = ann.evaluate("['dialog-name', 'dialog-members'].map((id) => "
+                          "document.getElementById(id).getBoundingClientRect().width)")
+    assert widths[0] == widths[1] > 200  # the members field as wide as the title field
     ann.click("#dialog-ok")
     ann.wait_for_selector("#session-title >> text=Trip")
     ann.click("#toggle-members")
@@ -770,7 +820,7 @@ def test_a_large_photo_is_shrunk_to_fit_and_a_refused_image_says_why(new_page, s
     assert again == urls
     page.wait_for_selector(".msg.assistant[data-status=completed]")
     assert body_text(last_reply(page)) == "Noise."
-    assert page.locator(".msg.user .images img").count() == 2
+    assert page.locator(".msg.user .images img").count() == 1  # the same message, answered again
     upstream.plan(Script(content=["A ", "small ", "picture."]))
     # labelled PNG, but not an image: the server refuses it, the page says why and keeps it to send again
     page.set_input_files("#attach-file", files=[{"name": "fake.png", "mimeType": "image/png", "buffer": b"not a png"}])
@@ -821,3 +871,68 @@ def test_offline_then_online_and_every_control_has_a_name(new_page, server):
     assert phone.evaluate("document.documentElement.scrollWidth") <= 390
     shot(phone, "phone-attach")
     assert page.errors == [] and phone.errors == []
+
+
+STREAMING_CASES = [  # what a reply cut mid-stream shows: open emphasis and code closed, a bare opener left out
+    ("- **How to try", "- **How to try**"),
+    ("**bold** and *it", "**bold** and *it*"),
+    ("a **b *c", "a **b *c***"),
+    ("~~gone", "~~gone~~"),
+    ("call `make ru", "call `make ru`"),
+    ("```python\ndef f():\n    return 1", "```python\ndef f():\n    return 1\n```"),
+    ("```\ndone\n```\nthen **more", "```\ndone\n```\nthen **more**"),
+    ("text **", "text"),
+    ("snake_case and 2 * 3", "snake_case and 2 * 3"),
+    ("* a list item", "* a list item"),
+    ("closed **bold** text", "closed **bold** text"),
+]
+
+
+def test_a_streaming_reply_never_shows_raw_markdown_markers(new_page, server):
+    page = new_page()
+    open_app(page, server, "slow")
+    shown = page.evaluate("(cases) => cases.map(([text]) => window.ParleyApp.closeOpenMarkdown(text))",
+                          STREAMING_CASES)
+    assert shown == [want for _, want in STREAMING_CASES]
+    new_chat(page)
+    # every state the streaming reply's body shows: never a `**` the renderer left as text
+    page.evaluate("""() => {
+        window.__raw = [];
+        new MutationObserver(() => {
+            const body = document.querySelector('.msg.assistant.streaming .body');
+            if (body && body.innerText.includes('**')) window.__raw.push(body.innerText.slice(-80));
+        }).observe(document.getElementById('messages'), {childList: true, subtree: true, characterData: true});
+    }""")
+    send(page, "how to try streaming")
+    page.wait_for_function("() => document.querySelector('.msg.assistant.streaming .body strong')")
+    page.wait_for_function("() => document.querySelector('.msg.assistant.streaming .body')?.innerText.includes("
+                           "'How to try it')")  # past the demo's bold list items
+    page.click("#stop")
+    page.wait_for_selector(".msg.assistant[data-status=stopped]")
+    assert page.evaluate("window.__raw") == []
+    assert page.errors == []
+
+
+def test_emoji_render_in_colour(new_page, server):
+    require(os.path.exists("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"),
+            "no colour emoji font (Debian package fonts-noto-color-emoji, .ci/apt-packages)")
+    page = new_page()
+    open_app(page, server, "instant")
+    families = page.evaluate("getComputedStyle(document.body).fontFamily")
+    assert "Noto Color Emoji" in families  # the page declares emoji fonts as the last fallback
+    # drawn with the page's own font, 🙂 has colour (a missing glyph is a grey or black box)
+    coloured = page.evaluate("""() => {
+        const canvas = document.createElement('canvas');
+        canvas.width = canvas.height = 64;
+        const ctx = canvas.getContext('2d');
+        ctx.font = '40px ' + getComputedStyle(document.body).fontFamily;
+        ctx.fillText('🙂', 4, 48);
+        const px = ctx.getImageData(0, 0, 64, 64).data;
+        let n = 0;
+        for (let i = 0; i < px.length; i += 4) {
+            const [r, g, b, a] = [px[i], px[i + 1], px[i + 2], px[i + 3]];
+            if (a > 0 && Math.max(r, g, b) - Math.min(r, g, b) > 60) n++;
+        }
+        return n;
+    }""")
+    assert coloured > 50

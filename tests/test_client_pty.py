@@ -6,6 +6,7 @@ import pty
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,8 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 class Terminal:
     """A child process on a pty: `expect` reads the screen until a pattern shows (bounded), `type` types a line."""
 
-    def __init__(self, *args, env=None, argv=None, cwd=ROOT):
+    def __init__(self, *args, env=None, argv=None, cwd=None):
         self.master, slave = pty.openpty()
+        cwd = cwd or tempfile.mkdtemp()  # not the repository: a `make run` there (data/server.json) must not help
         if argv is None:
             env = {**{k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}, **(env or {})}
         argv = argv or [sys.executable, str(ROOT / "client.py"), *args]

@@ -1,6 +1,7 @@
 """The docs stay true: README's commands and example, and every code the server can send is documented."""
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import server
@@ -35,10 +36,11 @@ def test_readme_pipelines_example_loads(tmp_path):
 
 
 def test_readme_jwt_example_makes_tokens_the_server_accepts(tmp_path, monkeypatch):
-    """Run the README's JWT set-up as written: the secret goes to a file, the server reads it from the
-    environment (never the command line), and the example's tokens are accepted."""
+    """The README's JWT set-up as written: the secret goes to a file, the server reads it from the environment
+    (never the command line), and mint.py's tokens are accepted, an admin's as an admin (tests/test_docs_run.py
+    runs the whole example against a server)."""
     readme = (ROOT / "README.md").read_text()
-    start = readme.index("```python\nimport time, jwt")
+    start = readme.index("```python\n# mint.py:")
     code = readme[start + len("```python\n"):readme.index("```", start + 10)]
     shell = readme[:start].rsplit("```\n", 2)[-2]  # the shell block just above the Python one
     make_secret, run = [line.split("#")[0].strip() for line in shell.strip().splitlines()]
@@ -49,9 +51,10 @@ def test_readme_jwt_example_makes_tokens_the_server_accepts(tmp_path, monkeypatc
     assert set(env) == {"PARLEY_AUTH", "PARLEY_JWT_SECRET_FILE"}
     monkeypatch.chdir(tmp_path)
     config = server.parse_args([], env)
-    scope = {}
-    exec(code, scope)
+    (tmp_path / "mint.py").write_text(code)
+    mint = [subprocess.run([sys.executable, "mint.py", *who], cwd=tmp_path, capture_output=True, text=True,
+                           check=True, timeout=30).stdout.strip() for who in (["alice"], ["ops", "admin"])]
     auth = server.make_authenticator(config)
     assert auth.mode == "jwt" and len(config.jwt_secret) >= 32
-    assert auth.verify(scope["alice"]) == Identity("alice", is_admin=False)
-    assert auth.verify(scope["admin"]) == Identity("ops", is_admin=True)
+    assert auth.verify(mint[0]) == Identity("alice", is_admin=False)
+    assert auth.verify(mint[1]) == Identity("ops", is_admin=True)

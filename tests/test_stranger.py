@@ -172,7 +172,7 @@ def test_make_run_then_the_client_as_the_readme_says(clone):
 
 def test_jwt_from_the_environment_with_json_logs(clone):
     text = readme(clone)
-    start = text.index("```python\nimport time, jwt")
+    start = text.index("```python\n# mint.py:")
     shell = text[:start].rsplit("```\n", 2)[-2].strip().splitlines()
     make_secret, run_line = [line.split("#")[0].strip() for line in shell]
     subprocess.run(make_secret, shell=True, cwd=clone, check=True, timeout=30)
@@ -181,13 +181,11 @@ def test_jwt_from_the_environment_with_json_logs(clone):
     run = Run(clone, env={**env, "PARLEY_LOG_FORMAT": "json"})
     try:
         run.wait_ready()
-        scope = {}
-        cwd = os.getcwd()
-        os.chdir(clone)  # the README's Python reads jwt.secret from where the shell made it
-        try:
-            exec(text[start + len("```python\n"):text.index("```", start + 10)], scope)
-        finally:
-            os.chdir(cwd)
+        # the README's mint.py, run where the shell made jwt.secret: a token for alice, one for an admin
+        (clone / "mint.py").write_text(text[start + len("```python\n"):text.index("```", start + 10)])
+        scope = {name: subprocess.run([sys.executable, "mint.py", *who], cwd=clone, capture_output=True, text=True,
+                                      check=True, timeout=30).stdout.strip()
+                 for name, who in (("alice", ["alice"]), ("admin", ["ops", "admin"]))}
         code, _, _ = get(f"{run.base}/api/v1/pipelines/default/sessions", scope["alice"])
         assert code == 200
         code, body, headers = get(f"{run.base}/api/v1/pipelines/default/sessions")

@@ -242,7 +242,7 @@ OPTIONS = (
            maximum=10_000),
     Option("store_timeout", float, 5.0, "longest wait for MongoDB on any operation before `store_unavailable`",
            unit="s", group="store", minimum=0.1),
-    Option("send_concurrency", int, 256, "messages being written to MongoDB at once; more wait their turn (a "
+    Option("send_concurrency", int, 64, "messages being written to MongoDB at once; more wait their turn (a "
            "burst of sends queues instead of timing out in the driver)", unit="messages", group="store",
            minimum=1),
     Option("send_queue", int, 10_000, "messages waiting for their turn to be written before `overloaded`",

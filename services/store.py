@@ -91,11 +91,12 @@ class Store:
         self._inserts = GroupCommit(self._insert_batch, on_batch=batched("insert_messages"))
         self._checkpoints = GroupCommit(self._checkpoint_batch, on_batch=batched("checkpoint"))
         self._finishes = GroupCommit(self._finish_batch, on_batch=batched("finish"))
-        self._advances = GroupCommit(self._advance_batch, on_batch=batched("advance_seq"))
+        # counters and first-message titles: background session writes, one bulk however many sends land at once
+        self._session_writes = GroupCommit(self._session_batch, on_batch=batched("session_writes"))
 
     async def close(self):
         """Let the writes already gathered for a bulk write land (before the client closes)."""
-        for batcher in (self._inserts, self._checkpoints, self._finishes, self._advances):
+        for batcher in (self._inserts, self._checkpoints, self._finishes, self._session_writes):
             await batcher.close()
 
     async def create_indexes(self):
@@ -190,8 +191,11 @@ class Store:
 
     @timed
     async def name_untitled(self, session_id, title):
-        """Give a session without a title this one (a rename, or an earlier naming, wins)."""
-        await self.sessions.update_one({"_id": session_id, "title": {"$in": ["", None]}}, {"$set": {"title": title}})
+        """Give a session without a title this one (a rename, or an earlier naming, wins). Writes issued together
+        go out as one bulk, with the counters (advance_seq): a burst of first messages names its sessions in one
+        command, not one each ahead of the next sends' insert (nx-27017 runs a database's commands one at a time)."""
+        await self._session_writes.submit(({"_id": session_id, "title": {"$in": ["", None]}},
+                                           {"$set": {"title": title}}))
 
     @timed
     async def change_members(self, session_id, *, add=(), remove=()):
@@ -221,12 +225,11 @@ class Store:
     @timed
     async def advance_seq(self, session_id, counter):
         """Raise a session's counter to at least `counter` (numbers taken from memory: services/numbers.py),
-        and mark it used now, as next_seqs does. Writes issued together go out as one bulk."""
-        await self._advances.submit((session_id, counter))
+        and mark it used now, as next_seqs does. Writes issued together go out as one bulk (with names)."""
+        await self._session_writes.submit(({"_id": session_id}, {"$max": {"next_seq": counter}, **touched()}))
 
-    async def _advance_batch(self, items):
-        ops = [UpdateOne({"_id": sid}, {"$max": {"next_seq": counter}, **touched()}) for sid, counter in items]
-        await self.sessions.bulk_write(ops, ordered=False)
+    async def _session_batch(self, items):
+        await self.sessions.bulk_write([UpdateOne(query, update) for query, update in items], ordered=False)
         return [None] * len(items)
 
     @timed

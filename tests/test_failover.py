@@ -3,6 +3,7 @@ behind the nginx we ship, clients on different loopback networks, every frame of
 arrives (tests/cluster.py Ledger: no gap, no character twice, text taken back only by `rewind`/`resumed`, one
 final per client and nothing after it) while instances are killed, paused, stopped and restarted."""
 import asyncio
+import random
 import re
 import signal
 import time
@@ -132,6 +133,49 @@ async def test_kill_9_every_viewer_gets_one_final_wherever_it_reconnects(cluster
             client.close()
     finally:
         owner.start()
+        await asyncio.get_running_loop().run_in_executor(None, owner.wait_ready)
+
+
+@pytest.mark.parametrize("seed", [7, 2026, 31337])
+async def test_kill_9_at_a_random_moment_the_reply_goes_on_to_the_same_text(cluster, seed):
+    """Chaos, seeded (a failure names its seed): the owner dies after a random number of frames, anywhere from
+    the reasoning's first token to deep into the answer; it comes back at once (a new incarnation under the
+    same id) or not until the end; its client returns through a random survivor after a random pause. Every
+    viewer ends with the one text an uninterrupted reply has, in one final, every frame adding up."""
+    rng = random.Random(seed)
+    where = await spread(cluster)
+    owner = cluster.instances[0]
+    others = cluster.instances[1:]
+    user = f"chaos-{seed}"
+    sender = await connect(cluster, "medium", src=where[owner.id], user=user)
+    far = [await connect(cluster, "medium", src=where[i.id], user=user) for i in others]
+    reply_id = (await sender.say(QUESTION))["data"]["reply_message_id"]
+    kill_after, back_at_once, pause = rng.randrange(1, 300), rng.random() < 0.5, rng.uniform(0, LIVENESS * 1.5)
+    where_to = rng.choice(others)
+    await reply_frames(sender, reply_id, kill_after)
+    owner.proc.kill()
+    owner.proc.wait()
+    try:
+        if back_at_once:
+            owner.start()
+        await drain(sender)
+        await asyncio.sleep(pause)
+        moved = await reconnect(cluster, where[where_to.id], user, sender.ledger.held, reply_id, "medium")
+        assert moved.instance == where_to.id
+        thinking, answer = demo_text("medium", QUESTION)
+        finals = [await until_final(client, reply_id) for client in (moved, *far)]
+        truth = stored(cluster, reply_id)
+        case = f"seed {seed}: killed after {kill_after} frames, back at once {back_at_once}, pause {pause:.2f} s"
+        assert (truth["status"], truth["content"], truth["thinking"]) == ("completed", answer, thinking), case
+        assert truth["continuations"] == 1, case
+        for client, final in zip((moved, *far), finals):
+            assert (final["status"], final["content"], final.get("continued")) == ("completed", answer, 1), case
+            assert client.ledger.of(reply_id).text == answer, case
+            await nothing_more(client, reply_id)
+            client.close()
+    finally:
+        if owner.proc.poll() is not None:
+            owner.start()
         await asyncio.get_running_loop().run_in_executor(None, owner.wait_ready)
 
 

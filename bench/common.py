@@ -28,6 +28,8 @@ def pipelines(quick):
         "fan": {"source": "upstream", "n": 10 if quick else 50, "rate": 5, "stamped": True},
         "short": {"source": "demo", "n": 20, "rate": 0},
         "slow": {"source": "demo", "n": 100000, "rate": 200},
+        # streaming memory: many replies live at once, each with its upstream request open
+        "trickle": {"source": "upstream", "n": 100000, "rate": 2},
     }
 
 

@@ -78,12 +78,15 @@ def new_id():
     return uuid.uuid4().hex
 
 
-def session_doc(*, pipeline, session_type, owner, members=(), title="", session_id=None):
+def session_doc(*, pipeline, session_type, owner, members=(), title="", session_id=None, visitor=""):
     """A new session as it is stored."""
     now = utcnow()
-    return {"_id": session_id or new_id(), "pipeline": pipeline, "type": session_type, "owner": owner,
-            "members": sorted({owner, *members}), "title": title, "next_seq": 0,
-            "created_at": now, "updated_at": now, "updated_ms": epoch_ms(now)}
+    doc = {"_id": session_id or new_id(), "pipeline": pipeline, "type": session_type, "owner": owner,
+           "members": sorted({owner, *members}), "title": title, "next_seq": 0,
+           "created_at": now, "updated_at": now, "updated_ms": epoch_ms(now)}
+    if visitor:  # a widget visitor's conversation: counted, and forgotten after --visitor-session-ttl
+        doc["visitor"] = visitor
+    return doc
 
 
 class Store:
@@ -118,6 +121,7 @@ class Store:
         await self.messages.create_index([("reply_to", ASCENDING)])
         await self.files.create_index([("owner", ASCENDING), ("sha256", ASCENDING)])
         await self.file_chunks.create_index([("file", ASCENDING)])
+        await self.sessions.create_index([("visitor", ASCENDING), ("updated_ms", ASCENDING)])
         await self._add_updated_ms()
 
     async def _add_updated_ms(self):
@@ -146,19 +150,20 @@ class Store:
     # sessions
 
     @timed
-    async def create_session(self, *, pipeline, session_type, owner, members=(), title="", session_id=None):
+    async def create_session(self, *, pipeline, session_type, owner, members=(), title="", session_id=None,
+                             visitor=""):
         doc = session_doc(pipeline=pipeline, session_type=session_type, owner=owner, members=members, title=title,
-                          session_id=session_id)
+                          session_id=session_id, visitor=visitor)
         await self.sessions.insert_one(doc)
         return doc
 
     @timed
-    async def get_or_create_session(self, *, session_id, pipeline, session_type, owner):
+    async def get_or_create_session(self, *, session_id, pipeline, session_type, owner, visitor=""):
         """Race-free: a concurrent creator's insert wins and we read it back. Lookups issued together (a burst of
         new users' connections) go to the store as one read, and the sessions it did not find as one insert:
         two commands for the burst, not one or two per connection (nx-27017 runs them one at a time)."""
         doc = await self._opens.submit(session_doc(pipeline=pipeline, session_type=session_type, owner=owner,
-                                                   session_id=session_id))
+                                                   session_id=session_id, visitor=visitor))
         return dict(doc)  # callers of one batch do not share a document
 
     async def _open_batch(self, items):
@@ -185,6 +190,10 @@ class Store:
             found.update((sid, doc) for sid, doc in new.items() if sid not in found and sid not in errors)
         return [errors.get(doc["_id"]) or found.get(doc["_id"]) or
                 WriteError(f"session {doc['_id']!r} was neither found nor created", None, None) for doc in items]
+
+    @timed
+    async def find_session(self, session_id):
+        return await self.sessions.find_one({"_id": session_id})
 
     @timed
     async def get_session(self, session_id):
@@ -596,6 +605,46 @@ class Store:
             await self.sessions.update_one({"_id": session_id}, {"$max": {"reset_seq": session.get("next_seq", 0)}})
         result = await self.messages.delete_many({"session_id": session_id})
         return result.deleted_count
+
+    # widget visitors (services/visitors.py)
+
+    @timed
+    async def count_visitor_sessions(self):
+        return await self.sessions.count_documents({"visitor": {"$exists": True}})
+
+    @timed
+    async def expired_visitor_sessions(self, cutoff_ms, limit):
+        cursor = self.sessions.find({"visitor": {"$exists": True}, "updated_ms": {"$lt": cutoff_ms}},
+                                    {"_id": 1, "owner": 1}).limit(limit)
+        return [doc async for doc in cursor]
+
+    @timed
+    async def delete_visitor_session(self, doc):
+        """A visitor's conversation, its messages and the files it alone showed."""
+        sid = doc["_id"]
+        await self.messages.delete_many({"session_id": sid})
+        files = [f async for f in self.files.find({"owner": doc["owner"], "sessions": {"$in": [sid]}},
+                                                  {"_id": 1, "size": 1})]
+        if files:
+            keys = [f["_id"] for f in files]
+            await self.file_chunks.delete_many({"file": {"$in": keys}})
+            await self.files.delete_many({"_id": {"$in": keys}})
+            await self.db.file_usage.update_one({"_id": doc["owner"]},
+                                                {"$inc": {"bytes": -sum(f["size"] for f in files),
+                                                          "files": -len(files)}})
+        await self.sessions.delete_one({"_id": sid})
+
+    @timed
+    async def set_feedback(self, session_id, message_id, rating):
+        """A visitor's rating of a reply (`message_id`: its seq, as widgets show it, or its id). True if stored."""
+        query = {"session_id": session_id, "role": "assistant"}
+        query["seq" if isinstance(message_id, int) else "_id"] = message_id
+        if rating == "cancel":
+            update = {"$unset": {"feedback": ""}}
+        else:
+            update = {"$set": {"feedback": {"rating": rating, "at_ms": now_ms()}}}
+        result = await self.messages.update_one(query, update)
+        return result.matched_count == 1
 
     # files: bytes in `file_chunks` (FILE_CHUNK bytes each), metadata in `files`, never inside a message
 

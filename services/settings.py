@@ -29,7 +29,7 @@ OTHER_VARIABLES = {
     "PARLEY_FUZZ_EXAMPLES": "tests: examples per property-based test",
     "PARLEY_REPLYLOG_EXAMPLES": "tests/test_replylog.py: interleavings tried (300)",
     "PARLEY_REPLYLOG_STEPS": "tests/test_replylog.py: steps per interleaving (40)",
-    "PARLEY_LANGBOT_WIDGET": "tests: a copy of LangBot's widget.js, run against Parley in Chromium",
+    "PARLEY_LANGBOT_WIDGET": "tests: LangBot's widget.js to drive in Chromium (default: its wheel's, from PyPI)",
 }
 
 

@@ -2,25 +2,51 @@
 filled in by hand, against Parley's routes in Chromium: it connects, chats, shows the history after a reload,
 rates a reply and resets, and never shows an error.
 
-LangBot's widget is not part of this repository: set PARLEY_LANGBOT_WIDGET to a copy of it to run this test
-(it skips otherwise). tests/test_embed.py drives the same routes the same way without a browser, always.
+LangBot's widget is not part of this repository: the test takes it from LangBot's own release on PyPI
+(`langbot`, Apache-2.0: the wheel's langbot/templates/embed/widget.js, downloaded once into .venv), or from the
+file PARLEY_LANGBOT_WIDGET names. tests/test_embed.py drives the same routes the same way without a browser.
 """
 import os
 import re
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
+import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from pymongo import MongoClient
 
 from services.embedded_mongo import free_port
-from tests.conftest import TEST_TOKEN
+from tests.conftest import TEST_TOKEN, require
 from tests.test_browser import Server, browser, new_page, shot  # noqa: F401 (fixtures)
 
-WIDGET = os.environ.get("PARLEY_LANGBOT_WIDGET")
-pytestmark = pytest.mark.skipif(not WIDGET, reason="PARLEY_LANGBOT_WIDGET (a copy of LangBot's widget.js) not set")
+LANGBOT = "4.11.2"  # the release whose widget this test drives (2026-10)
+CACHE = Path(sys.prefix) / "parley-test-cache" / f"langbot-{LANGBOT}"
+
+
+def langbot_widget():
+    """The path of LangBot's widget.js: PARLEY_LANGBOT_WIDGET's, or the one in LangBot's wheel from PyPI."""
+    if os.environ.get("PARLEY_LANGBOT_WIDGET"):
+        return os.environ["PARLEY_LANGBOT_WIDGET"]
+    widget = CACHE / "widget.js"
+    if not widget.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        got = subprocess.run([sys.executable, "-m", "pip", "download", f"langbot=={LANGBOT}", "--no-deps",
+                              "--only-binary", ":all:", "--quiet", "-d", str(CACHE)],
+                             capture_output=True, text=True, timeout=600)
+        wheels = list(CACHE.glob(f"langbot-{LANGBOT}-*.whl"))
+        require(got.returncode == 0 and wheels, f"LangBot {LANGBOT} from PyPI (for its widget.js): "
+                                                 f"{got.stderr.strip()[-300:]}")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            partial = widget.with_suffix(".part")
+            partial.write_bytes(wheel.read("langbot/templates/embed/widget.js"))
+            partial.replace(widget)
+        wheels[0].unlink()
+    return str(widget)
 
 PIPELINES = """
 [pipelines.help]
@@ -58,7 +84,7 @@ def site(tmp_path_factory, mongo_url):
     parley = Server(tmp_path_factory.mktemp("lbwidget"), mongo_url, "--token", TEST_TOKEN)
     (parley.tmp / "pipelines.toml").write_text(PIPELINES.format(page=page))
     parley.start()
-    with open(WIDGET, encoding="utf-8") as f:
+    with open(langbot_widget(), encoding="utf-8") as f:
         script = f.read()
     filled = (script.replace("__LANGBOT_BOT_UUID__", BOT).replace("__LANGBOT_BASE_URL__", parley.url)
               .replace("__LANGBOT_LOCALE__", "en_US").replace("__LANGBOT_TURNSTILE_SITE_KEY__", "")

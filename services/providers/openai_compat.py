@@ -242,7 +242,10 @@ class OpenAIProvider:
             return None
         key = api_key(self.pipeline)
         if not key:
-            raise ProviderError(ReplyCode.MISSING_API_KEY, f"environment variable {name} (or {name}_FILE) is not set")
+            # viewers (a public widget's visitors among them) learn that, not the server's variable names: the
+            # log says which
+            raise ProviderError(ReplyCode.MISSING_API_KEY, "the model server's API key is not configured",
+                                detail=f"environment variable {name} (or {name}_FILE) is not set")
         return key
 
     def request_body(self, request):

@@ -136,7 +136,68 @@ async def test_kill_9_every_viewer_gets_one_final_wherever_it_reconnects(cluster
         await asyncio.get_running_loop().run_in_executor(None, owner.wait_ready)
 
 
-@pytest.mark.parametrize("how,seed", [("kill", 7), ("kill", 31337), ("stop", 2026), ("term", 99)])
+async def test_fifty_replies_killed_at_random_points_each_go_on_to_the_same_text(cluster):
+    """kill -9 at 50 random points of a reply: five rounds of ten replies started at staggered moments on one
+    instance, which is killed at a random moment (so each reply dies at its own point: in its reasoning, its
+    answer, a checkpoint write in flight). In two rounds the instance that takes them up is killed too, a random
+    moment after the first is found gone (while it claims, or just after): the last one goes on with them. Each
+    sender returns through the survivor; it and a viewer there from before the send end with exactly the text an
+    uninterrupted reply has, in one final, every frame adding up; the store agrees."""
+    rng = random.Random(50)
+    where = await spread(cluster)
+    owner, claimer, last = cluster.instances
+    thinking, answer = demo_text("medium", QUESTION)
+    loop = asyncio.get_running_loop()
+    points = []
+    for round_ in range(5):
+        second_kill = round_ in (1, 3)
+        users = [f"fifty-{round_}-{k}" for k in range(10)]
+        senders = [await connect(cluster, "medium", src=where[owner.id], user=u) for u in users]
+        viewers = [await connect(cluster, "medium", src=where[last.id], user=u) for u in users]
+        replies = []
+        for sender in senders:
+            replies.append((await sender.say(QUESTION))["data"]["reply_message_id"])
+            await asyncio.sleep(rng.uniform(0, 0.4))
+        await asyncio.sleep(rng.uniform(0, 1.5))
+        owner.proc.kill()
+        killed = time.monotonic()
+        owner.proc.wait()
+        try:
+            for sender, reply_id in zip(senders, replies):
+                await drain(sender)
+                points.append(len(sender.ledger.of(reply_id).text) + len(sender.ledger.of(reply_id).thinking))
+            if second_kill:  # the claimer dies as it claims, or just after it began to continue
+                await asyncio.sleep(max(0.0, killed + LIVENESS + rng.uniform(-0.5, 1.5) - time.monotonic()))
+                claimer.proc.kill()
+                claimer.proc.wait()
+            moved = [await reconnect(cluster, where[last.id], u, s.ledger.held, r, "medium")
+                     for u, s, r in zip(users, senders, replies)]
+            for client, reply_id in zip((*moved, *viewers), replies * 2):
+                final = await until_final(client, reply_id)
+                case = f"round {round_}, reply {replies.index(reply_id)}"
+                assert (final["status"], final["content"], final.get("thinking", "")) == (
+                    "completed", answer, thinking), case
+                assert client.ledger.of(reply_id).text == answer, case
+            for reply_id in replies:
+                truth = stored(cluster, reply_id)
+                assert (truth["status"], truth["content"], truth["thinking"]) == ("completed", answer, thinking)
+                assert 1 <= truth["continuations"] <= (2 if second_kill else 1), truth["continued"]
+            for client, reply_id in zip((*moved, *viewers), replies * 2):
+                await nothing_more(client, reply_id, settle=0)
+                client.close()
+        finally:
+            for instance in (owner, claimer):
+                if instance.proc.poll() is not None:
+                    instance.start()
+            for instance in (owner, claimer):
+                await loop.run_in_executor(None, instance.wait_ready)
+            await asyncio.sleep(LIVENESS)  # the others see them back before the next round
+    # the kill points spread over the reply (reasoning and answer), not bunched at one place
+    print("kill points (characters the sender held):", sorted(points))
+    assert len(points) == 50 and min(points) < len(thinking) + 200 < max(points), sorted(points)
+
+
+@pytest.mark.parametrize("how,seed", [("kill", 31337), ("stop", 2026), ("term", 99)])  # 31337: back at once
 async def test_an_owner_lost_at_a_random_moment_the_reply_goes_on_to_the_same_text(cluster, how, seed):
     """Chaos, seeded (a failure names its case): the owner is lost after a random number of frames, anywhere
     from the reasoning's first token to deep into the answer — kill -9 (back at once under the same id, or not

@@ -166,6 +166,13 @@ history_messages = 0
 options = {{ words = 400, thinking = 20, rate = 100 }}
 timeouts = {{ first_token = 10, stall = 10, total = 120 }}
 
+[pipelines.long]
+provider = "demo"
+model = "demo"
+history_messages = 0
+options = {{ words = 900, thinking = 20, rate = 100 }}
+timeouts = {{ first_token = 10, stall = 10, total = 120 }}
+
 [pipelines.endless]
 provider = "demo"
 model = "demo"

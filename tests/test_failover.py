@@ -51,6 +51,14 @@ async def streams_past(client, message_id, length):
         assert not held.finals, f"the reply ended at {len(held.text)} characters"
 
 
+async def holds(client, message_id, count):
+    """Read until the client holds `count` characters of the reply (reasoning and answer), before its final."""
+    held = client.ledger.of(message_id)
+    while len(held.thinking) + len(held.text) < count:
+        assert await client.recv() is not None, "closed"
+        assert not held.finals, f"the reply ended at {len(held.thinking) + len(held.text)} characters"
+
+
 async def until_final(client, message_id):
     """Read until this connection has the reply's final (it may have come already)."""
     held = client.ledger.of(message_id)
@@ -147,28 +155,36 @@ async def test_kill_9_every_viewer_gets_one_final_wherever_it_reconnects(cluster
 
 
 async def test_fifty_replies_killed_at_random_points_each_go_on_to_the_same_text(cluster):
-    """kill -9 at 50 random points of a reply: five rounds of ten replies started at staggered moments on one
-    instance, which is killed at a random moment (so each reply dies at its own point: in its reasoning, its
-    answer, a checkpoint write in flight). In two rounds the instance that takes them up is killed too, a random
-    moment after the first is found gone (while it claims, or just after): the last one goes on with them. Each
-    sender returns through the survivor; it and a viewer there from before the send end with exactly the text an
-    uninterrupted reply has, in one final, every frame adding up; the store agrees."""
+    """kill -9 at 50 random points of a reply: rounds of up to 25 replies started a random moment apart on one
+    instance, then the instance killed (so each reply dies at its own point: in its reasoning, its answer, a
+    checkpoint write in flight). In the second
+    round the instance that takes them up is killed too, a random moment after the first is found gone (while
+    it claims, or just after): the last one goes on with them. Each sender returns through the survivor; it and
+    a viewer there from before the send end with exactly the text an uninterrupted reply has, in one final,
+    every frame adding up; the store agrees."""
     rng = random.Random(50)
     where = await spread(cluster)
     owner, claimer, last = cluster.instances
-    thinking, answer = demo_text("medium", QUESTION)
+    thinking, answer = demo_text("long", QUESTION)
     loop = asyncio.get_running_loop()
-    points = []
-    for round_ in range(5):
-        second_kill = round_ in (1, 3)
-        users = [f"fifty-{round_}-{k}" for k in range(10)]
-        senders = [await connect(cluster, "medium", src=where[owner.id], user=u) for u in users]
-        viewers = [await connect(cluster, "medium", src=where[last.id], user=u) for u in users]
+    points, continued = [], 0
+    for round_ in range(6):
+        if len(points) == 50:
+            break
+        second_kill = round_ == 1
+        users = [f"fifty-{round_}-{k}" for k in range(min(25, 50 - len(points)))]
+        senders = [await connect(cluster, "long", src=where[owner.id], user=u) for u in users]
+        viewers = [await connect(cluster, "long", src=where[last.id], user=u) for u in users]
         replies = []
-        for sender in senders:
+        first = None
+        for sender in senders:  # started a random moment apart
             replies.append((await sender.say(QUESTION))["data"]["reply_message_id"])
-            await asyncio.sleep(rng.uniform(0, 0.4))
-        await asyncio.sleep(rng.uniform(0, 1.5))
+            first = first or time.monotonic()
+            if time.monotonic() - first > 4.0:  # the first is at most 400 words into its 900: all are live
+                break
+            await asyncio.sleep(rng.uniform(0, 0.15))
+        users, senders, viewers = users[:len(replies)], senders[:len(replies)], viewers[:len(replies)]
+        await asyncio.sleep(rng.uniform(0, 0.3))
         owner.proc.kill()
         killed = time.monotonic()
         owner.proc.wait()
@@ -180,18 +196,22 @@ async def test_fifty_replies_killed_at_random_points_each_go_on_to_the_same_text
                 await asyncio.sleep(max(0.0, killed + LIVENESS + rng.uniform(-0.5, 1.5) - time.monotonic()))
                 claimer.proc.kill()
                 claimer.proc.wait()
-            moved = [await reconnect(cluster, where[last.id], u, s.ledger.held, r, "medium")
+            moved = [await reconnect(cluster, where[last.id], u, s.ledger.held, r, "long")
                      for u, s, r in zip(users, senders, replies)]
             for client, reply_id in zip((*moved, *viewers), replies * 2):
-                final = await until_final(client, reply_id)
+                final = await until_final(client, reply_id)  # (the rest of a 900-word reply: a few seconds)
                 case = f"round {round_}, reply {replies.index(reply_id)}"
                 assert (final["status"], final["content"], final.get("thinking", "")) == (
                     "completed", answer, thinking), case
                 assert client.ledger.of(reply_id).text == answer, case
-            for reply_id in replies:
+            for k, reply_id in enumerate(replies):
                 truth = stored(cluster, reply_id)
                 assert (truth["status"], truth["content"], truth["thinking"]) == ("completed", answer, thinking)
-                assert 1 <= truth["continuations"] <= (2 if second_kill else 1), truth["continued"]
+                # continued from its last checkpoint; or, when the store had it still `queued` (killed before it
+                # was marked streaming: the last few, on a loaded machine), adopted and run from the start
+                assert truth.get("continuations", 0) <= (2 if second_kill else 1), truth["continued"]
+                assert k > 0 or truth["continuations"] >= 1  # the first had streamed for seconds
+                continued += truth.get("continuations", 0) > 0
             for client, reply_id in zip((*moved, *viewers), replies * 2):
                 await nothing_more(client, reply_id, settle=0)
                 client.close()
@@ -203,8 +223,8 @@ async def test_fifty_replies_killed_at_random_points_each_go_on_to_the_same_text
                 await loop.run_in_executor(None, instance.wait_ready)
             await asyncio.sleep(LIVENESS)  # the others see them back before the next round
     # the kill points spread over the reply (reasoning and answer), not bunched at one place
-    print("kill points (characters the sender held):", sorted(points))
-    assert len(points) == 50 and min(points) < len(thinking) + 200 < max(points), sorted(points)
+    print(f"{continued} of 50 continued; kill points (characters the sender held):", sorted(points))
+    assert len(points) == 50 and min(points) < len(thinking) < len(thinking) + 800 < max(points), sorted(points)
 
 
 @pytest.mark.parametrize("how,seed", [("kill", 31337), ("stop", 2026), ("term", 99)])  # 31337: back at once
@@ -226,9 +246,7 @@ async def test_an_owner_lost_at_a_random_moment_the_reply_goes_on_to_the_same_te
     kill_after, back_at_once, pause = rng.randrange(1, 2400), rng.random() < 0.5, rng.uniform(0, LIVENESS * 1.5)
     where_to = rng.choice(others)
     case = f"{how} after {kill_after} characters, back at once {back_at_once}, pause {pause:.2f} s"
-    held = sender.ledger.of(reply_id)
-    while len(held.thinking) + len(held.text) < kill_after:  # characters, not frames: a slow reader's merge
-        assert await sender.recv() is not None and not held.finals, case
+    await holds(sender, reply_id, kill_after)  # characters, not frames: a slow reader gets frames merged
     try:
         if how == "stop":
             owner.signal(signal.SIGSTOP)

@@ -67,7 +67,7 @@ class MongoBus(Bus):
                  online=lambda s: ()):
         super().__init__(instance_id, metrics=metrics)
         self.store = store
-        self.collection = store.db.events
+        self.collection = store.bus_db.events
         self.viewed_sessions = viewed_sessions  # () -> session ids with a viewer on this instance
         self.live_replies = live_replies        # session id -> the Generations live here (for a sync)
         self.online = online                    # session id -> users viewing it here (group sessions: presence)

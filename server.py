@@ -314,7 +314,7 @@ async def drain(services, server):
     server.stop()  # no new connections: nginx sends new clients to another instance
     await services.reaper.stop()  # (it would take up what this instance hands over)
     log.info("draining: telling %d clients to reconnect elsewhere", len(services.hub.connections))
-    services.bus.publish(events.reconnect("server restarting"))  # this instance's connections only
+    services.bus.publish(events.Reconnect(reason="server restarting"))  # this instance's connections only
     for conn in list(services.hub.connections.values()):
         conn.close(Close.RESTARTING, Close.RESTARTING.reason)
     if services.config.cluster:  # the others go on with what generates here (their reapers take it over now)

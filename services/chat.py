@@ -198,7 +198,8 @@ class ChatService:
                              code=Code.TOO_MANY_MEMBERS)
         doc = await self.store.change_members(session["_id"], add=add, remove=remove)
         # removed members stop viewing it; the others are told who is in it now
-        self.bus.publish(events.members(session["_id"], add, remove, doc.get("members", ()), identity.user_id))
+        self.bus.publish(events.Members(session_id=session["_id"], added=list(add), removed=list(remove),
+                                        members=list(doc.get("members", ())), by=identity.user_id))
         return doc
 
     async def leave_group(self, identity, session):
@@ -209,8 +210,9 @@ class ChatService:
             raise BadRequest("the owner cannot leave their group", code=Code.INVALID_PARAM)
         doc = await self.store.change_members(session["_id"], remove=[identity.user_id])
         # their connections viewing it (on every instance) stop, told `session.left` reason left_group
-        self.bus.publish(events.members(session["_id"], (), [identity.user_id], doc.get("members", ()),
-                                        identity.user_id, reason="left_group"))
+        self.bus.publish(events.Members(session_id=session["_id"], added=[], removed=[identity.user_id],
+                                        members=list(doc.get("members", ())), by=identity.user_id,
+                                        reason="left_group"))
         return doc
 
     async def rename(self, identity, session, title):
@@ -282,7 +284,8 @@ class ChatService:
             if reply_doc is None:  # the same client_msg_id landed first from another tab
                 return await self._duplicate(user_doc)
             # No await between here and accept(): the reply is registered before anything else runs.
-            self.bus.publish(events.user_message(frames.message_data(user_doc), session["type"], connection_id))
+            self.bus.publish(events.UserMessage(session_id=sid, message=frames.message_data(user_doc),
+                                                session_type=session["type"], connection_id=connection_id))
             streams.accept(message_id=reply_doc["_id"], session=session, seq=reply_doc["seq"],
                            reply_to=user_doc["_id"], prompt=text, sender=identity.user_id, stream=stream,
                            images=tuple(images), epoch=reply_doc["epoch"], history=history)
@@ -401,7 +404,8 @@ class ChatService:
                 self._sending[sid] -= 1
                 if not self._sending[sid]:
                     del self._sending[sid]
-        self.bus.publish(events.regenerate(sid, reply_doc["seq"], reply_id, question["_id"], message_id))
+        self.bus.publish(events.ReplyRegenerate(session_id=sid, seq=reply_doc["seq"], message_id=reply_id,
+                                                reply_to=question["_id"], replaces=message_id))
         self.streams.accept(message_id=reply_id, session=session, seq=reply_doc["seq"], reply_to=question["_id"],
                             prompt=text, sender=question.get("sender") or identity.user_id, stream=stream,
                             images=tuple(images), epoch=0, prompt_seq=question["seq"])
@@ -455,7 +459,8 @@ class ChatService:
         if message_id is not None:
             check_id(message_id, "message_id")
         stopped = self.streams.stop(session_id, message_id)
-        self.bus.publish(events.stop(session_id, message_id))  # the owner of a reply running elsewhere
+        # the owner of a reply running elsewhere
+        self.bus.publish(events.Stop(session_id=session_id, message_id=message_id))
         # A reply stopped here records the stop in its own terminal write (services/streams.py): a write of
         # the flag beside it would only queue in the store ahead of that write, which the final waits for.
         if message_id is None and self.streams.cluster:
@@ -507,13 +512,13 @@ class ChatService:
     def broadcast(self, message, pipeline=None):
         """To every connection of a pipeline (None: of all). Returns how many connections here it reaches."""
         delivered = sum(not c.closed for c in self.hub.of_pipeline(pipeline))
-        self.bus.publish(events.broadcast(message, pipeline))
+        self.bus.publish(events.Broadcast(message=message, pipeline=pipeline))
         return delivered
 
     def push(self, user_id, message, data=None):
         """To every connection (tab, device) of one user. Returns how many connections here it reaches."""
         delivered = sum(not c.closed for c in self.hub.of_user(user_id))
-        self.bus.publish(events.push(user_id, message, data))
+        self.bus.publish(events.Push(user_id=user_id, message=message, data=data))
         return delivered
 
     async def history(self, identity, session, *, after_seq=0, limit=50):
@@ -538,7 +543,7 @@ class ChatService:
             if gen is not None:
                 await gen.done.wait()
         deleted = await self.store.delete_session_messages(session["_id"])
-        self.bus.publish(events.reset(session["_id"], deleted))
+        self.bus.publish(events.Reset(session_id=session["_id"], deleted=deleted))
         return {"stopped": stopped, "deleted": deleted}
 
 

@@ -74,7 +74,7 @@ class Resumer:
         states = [events.reply_stored(doc) for doc in docs.values()]
         if every_live:
             named = set(docs)
-            states += [_live(gen) for gen in self.streams.live(session_id) if gen.message_id not in named]
+            states += [events.reply_live(gen) for gen in self.streams.live(session_id) if gen.message_id not in named]
         return states
 
     async def _find(self, conn, message_id):
@@ -86,10 +86,3 @@ class Resumer:
                 pass  # someone else's (or another pipeline's): indistinguishable from unknown
         raise NotFound(f"no reply {message_id!r}", code=Code.MESSAGE_NOT_FOUND, message_id=message_id)
 
-
-def _live(gen):
-    """A reply live here and not read from the store: as far as the store would know it (nothing, while queued;
-    the log has its text once it streams)."""
-    return {"session_id": gen.session_id, "message_id": gen.message_id, "seq": gen.seq, "reply_to": gen.reply_to,
-            "epoch": gen.epoch, "status": gen.status, "content": "", "thinking": "", "error": None, "usage": None,
-            "stream": gen.stream, "started_at": gen.started_epoch}

@@ -121,14 +121,14 @@ class StreamManager:
     def _on_event(self, event):
         """A stop published by another instance: the owner of the reply fires its stop callback here. A final
         (from any instance) wakes the replies of its session waiting for their turn."""
-        kind = event["type"]
-        if kind == "stop" and event.get("origin") != self.instance_id:
-            if self._stop_here(event["session_id"], event.get("message_id"), "stopped"):
+        kind = type(event)
+        if kind is events.Stop and event.origin != self.instance_id:
+            if self._stop_here(event.session_id, event.message_id, "stopped"):
                 self.metrics.stop_requested("local")
-        elif kind == "handover" and event.get("origin") != self.instance_id:
+        elif kind is events.Handover and event.origin != self.instance_id:
             self.on_handover()  # another instance gave replies up: take them now (services/reaper.py)
-        elif kind == "reply.final" and self.cluster:
-            for gen in self.by_session.get(event["session_id"], {}).values():
+        elif kind is events.ReplyFinal and self.cluster:
+            for gen in self.by_session.get(event.session_id, {}).values():
                 gen.turn_free.set()
 
     # accepting and stopping
@@ -454,8 +454,7 @@ class StreamManager:
         if thinking:
             gen.thinking += thinking
         if gen.stream:
-            self.bus.publish(events.reply_delta(gen, offset=offset, text=text, thinking_offset=thinking_offset,
-                                                thinking=thinking))
+            self.bus.publish(events.reply_delta(gen, offset, text, thinking_offset, thinking))
         if gen.checkpoint_task is None and now - gen.last_checkpoint >= self.checkpoint_interval:
             gen.last_checkpoint = now
             gen.checkpoint_task = asyncio.get_running_loop().create_task(self._checkpoint(gen))
@@ -605,7 +604,7 @@ class StreamManager:
             return False
         if released:
             log.info("handed over message_id=%s at %d characters", gen.message_id, gen.content_length)
-            self.bus.publish(events.handover(gen.session_id, gen.message_id))
+            self.bus.publish(events.Handover(session_id=gen.session_id, message_id=gen.message_id))
         return released
 
     def lease_until(self):

@@ -4,6 +4,7 @@ import time
 
 import pytest
 
+from services import events
 from services.bus import LocalBus
 from services.store import new_id, utcnow
 from services.streams import StreamManager
@@ -99,8 +100,7 @@ async def test_a_stop_arriving_as_a_store_call_completes_is_not_lost(services, d
     async def completing_as_stopped(*args, **kwargs):
         operation = asyncio.ensure_future(real(*args, **kwargs))
         # the other instance's stop event arrives in the same loop step as the operation's result
-        operation.add_done_callback(lambda _: a.bus.receive({"type": "stop", "session_id": session["_id"],
-                                                              "message_id": None, "origin": "b", "at": 0}))
+        operation.add_done_callback(lambda _: a.bus.receive(events.Stop(session_id=session["_id"], origin="b")))
         return await asyncio.wait_for(operation, 30)
 
     setattr(store, during, completing_as_stopped)

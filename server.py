@@ -24,7 +24,7 @@ import time
 from pymongo import AsyncMongoClient
 from tornado import web
 
-from handlers import api, files as files_api, ops, web as web_app, ws
+from handlers import api, embed, files as files_api, ops, web as web_app, ws
 from handlers.base import NotFoundHandler
 from services import events, logs, runtime, settings
 from services.auth import Authenticator, check_jwt_secret
@@ -46,6 +46,7 @@ from services.liveness import Liveness
 from services.reaper import Reaper
 from services.resume import Resumer
 from services.signing import Signer
+from services.visitors import Visitors
 from services.store import Store
 from services.streams import StreamManager
 
@@ -65,6 +66,7 @@ class Services:
     streams: StreamManager
     chat: ChatService
     files: Files
+    visitors: Visitors
     resumer: Resumer
     reaper: Reaper
     liveness: Liveness | None
@@ -137,6 +139,7 @@ async def open_services(config, *, pipelines=None, provider_factory=None, auth=N
                        on_last_viewer_gone=config.on_last_viewer_gone, max_members=config.max_members,
                        max_image_size=config.max_image_size, max_document_size=config.max_document_size,
                        admission=Admission(config.send_concurrency, config.send_queue, config.store_timeout))
+    visitors = Visitors(signer, pipelines, store, config, metrics=metrics)
     resumer = Resumer(store, fanout, streams, chat, metrics)
     # a cluster knows in seconds which instances are gone, so their replies end (or go on) without waiting out
     # each reply's lease
@@ -154,9 +157,10 @@ async def open_services(config, *, pipelines=None, provider_factory=None, auth=N
     reaper.start()
     keepalive = Keepalive(hub, ping_interval=config.ping_interval, ping_timeout=config.ping_timeout)
     keepalive.start()
+    visitors.start()
     return Services(config=config, client=client, store=store, hub=hub, bus=bus, fanout=fanout, streams=streams,
-                    chat=chat, files=files, resumer=resumer, reaper=reaper, liveness=liveness,
-                    pipelines=pipelines, auth=auth, instance_id=instance_id,
+                    chat=chat, files=files, visitors=visitors, resumer=resumer, reaper=reaper,
+                    liveness=liveness, pipelines=pipelines, auth=auth, instance_id=instance_id,
                     metrics=metrics, keepalive=keepalive)
 
 
@@ -189,6 +193,7 @@ async def check_change_streams(store):
 async def close_services(services):
     """Reverse order of creation: end every reply (persisted as interrupted), then the store."""
     services.keepalive.stop()
+    await services.visitors.stop()
     await services.reaper.stop()
     await services.streams.shutdown()
     if services.liveness is not None:  # after our replies ended: the others need not wait to know we are gone
@@ -207,7 +212,7 @@ def make_app(services):
     routes = web_app.default_handlers + [  # the browser's `/` comes before the API's JSON `/`
         (pattern, handler, deps)
         for pattern, handler in ws.default_handlers + api.default_handlers + files_api.default_handlers
-        + ops.default_handlers + own]
+        + embed.default_handlers + ops.default_handlers + own]
     return web.Application(
         routes, default_handler_class=NotFoundHandler, default_handler_args=deps,
         frame_ancestors=config.frame_ancestors,

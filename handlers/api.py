@@ -294,5 +294,5 @@ default_handlers = [
 
 def rest_routes():
     """Every REST route list whose methods declare themselves with @api (what /openapi.json documents)."""
-    from handlers import files
-    return default_handlers + files.default_handlers
+    from handlers import embed, files
+    return default_handlers + files.default_handlers + embed.default_handlers

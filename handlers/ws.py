@@ -27,7 +27,8 @@ from services.auth import request_credential
 from services.chat import check_session_type
 from services.codes import CLOSE_FOR_CODE, CLOSE_FOR_STATUS, PING_TIMEOUT, Close, Code, for_http_status
 from services.forwarded import client_address
-from services.errors import BadRequest, Capacity, ParleyError, Unauthorized, Unavailable
+from services.auth import bearer_or_query_token
+from services.errors import BadRequest, Capacity, ParleyError, RateLimited, Unauthorized, Unavailable
 from services.hub import Connection, ConnectionClosed
 from services.limits import check_capacity
 from services.protocol import ClientProtocol
@@ -45,7 +46,6 @@ HARD_CAP_FACTOR = 4  # frames up to 4x --max-message-size are read whole and ref
 
 
 class ChatSocket(websocket.WebSocketHandler):
-    embed = False  # EmbedSocket: `session_id` is the widget's own browser-session id, not a Parley session
 
     def initialize(self, services):
         self.services = services
@@ -124,9 +124,6 @@ class ChatSocket(websocket.WebSocketHandler):
                            "session_type": check_session_type(self._query("session_type", "person")),
                            "stream_mode": self._query("stream_mode", "cumulative"),
                            "session_id": self._query("session_id", None), "client_session": None}
-            if self.embed:
-                self.params["client_session"] = self.params.pop("session_id") or "default"
-                self.params["session_id"] = None
             if self.params["stream_mode"] not in STREAM_MODES:
                 raise BadRequest("stream_mode must be cumulative or delta", code=Code.INVALID_PARAM)
             self.params["dialect"] = self._dialect()
@@ -181,7 +178,7 @@ class ChatSocket(websocket.WebSocketHandler):
             frame = decode_frame(message)
             if not isinstance(frame, AuthenticateFrame):
                 raise Unauthorized("authenticate first: {\"type\": \"authenticate\", \"token\": ...}")
-            identity = self.services.auth.verify(frame.token)
+            identity = self._verify(frame.token)
         except ParleyError as err:
             return self._refuse(err if isinstance(err, Unauthorized) else Unauthorized(err.message))
         looking_up = self._start(identity)
@@ -208,7 +205,7 @@ class ChatSocket(websocket.WebSocketHandler):
         try:
             if p["client_session"] is not None:
                 session = await chat.embed_session(identity, p["pipeline"], p["session_type"], p["client_session"],
-                                                   viewed_ok=True)
+                                                   viewed_ok=True, admit=self._admit_session)
             elif p["session_id"] is None:  # another tab of a viewed session: no store round trip (chat._viewed)
                 session = await chat.default_session(identity, p["pipeline"], p["session_type"], viewed_ok=True)
             else:
@@ -227,8 +224,7 @@ class ChatSocket(websocket.WebSocketHandler):
         config = self.services.config
         self._hold_pending(False)
         try:
-            check_capacity(self.services.hub, identity, max_total=config.max_connections,
-                           max_per_user=config.max_connections_per_user)
+            self._admit(identity)
         except Capacity as err:
             return self._refuse(err)
         chat = self.services.chat
@@ -242,9 +238,8 @@ class ChatSocket(websocket.WebSocketHandler):
         logs.bind(pipeline=p["pipeline"], session_id=session["_id"], conn_id=self.conn.id)
         self.services.hub.register(self.conn)
         self.services.metrics.connection_opened(self.conn)
-        self.protocol = ClientProtocol(self.conn, chat, self.services.resumer)
-        self.conn.send(frames.connected(self.conn, session,
-                                        live_replies=self.services.streams.live(session["_id"])))
+        self.protocol = self._protocol(chat)
+        self.conn.send(self._connected(session))
         self.services.fanout.join(self.conn, session["_id"], session["type"], session.get("next_seq"))  # after `connected`: presence follows
         self._forget_handshake()
 
@@ -260,6 +255,24 @@ class ChatSocket(websocket.WebSocketHandler):
         request.query_arguments.clear()
         for name in RESPONSE_HEADERS:
             self.clear_header(name)
+
+    # what an embed socket (visitors) does differently
+
+    def _verify(self, token):
+        return self.services.auth.verify(token)
+
+    def _admit(self, identity):
+        config = self.services.config
+        check_capacity(self.services.hub, identity, max_total=config.max_connections,
+                       max_per_user=config.max_connections_per_user)
+
+    _admit_session = None  # an embed socket's check before a new conversation is stored
+
+    def _protocol(self, chat):
+        return ClientProtocol(self.conn, chat, self.services.resumer)
+
+    def _connected(self, session):
+        return frames.connected(self.conn, session, live_replies=self.services.streams.live(session["_id"]))
 
     def _has_credentials(self):
         return "Authorization" in self.request.headers or request_credential(self.request) is not None
@@ -319,16 +332,85 @@ class ChatSocket(websocket.WebSocketHandler):
 
 
 class EmbedSocket(ChatSocket):
-    """LangBot's embed widget: /api/v1/embed/<bot>/ws/connect?session_type=…&session_id=<browser session>.
-    `bot` names a pipeline (its `embed` field, or its id); each browser session is its own Parley session."""
+    """A widget's visitor (LangBot's or Parley's): /api/v1/embed/<bot>/ws/connect?session_type=…&session_id=<the
+    widget's own random id>. Anonymous (services/visitors.py): the API's credentials play no part; a visitor token
+    comes in the handshake or, as LangBot's widget sends it, in the `authenticate` frame (`""` when there is
+    none). Always LangBot's dialect, and only its frames; `connected` names the bot (`bot_uuid`), never the
+    pipeline. A limit refuses with a reply saying why, then closes 1013: never an `error` frame, which LangBot's
+    widget takes for a lost connection."""
     embed = True
+    visitor_key = None
+    bot = None
+
+    def select_subprotocol(self, subprotocols):
+        return None  # LangBot's dialect only
+
+    def check_origin(self, origin):
+        try:
+            _, embed = self.services.visitors.bot(self.path_kwargs.get("bot"))
+        except ParleyError:
+            return True  # open() refuses it, saying why
+        return self.services.visitors.origin_allowed(embed, origin) or super().check_origin(origin)
 
     def open(self, bot):
+        self.set_nodelay(True)
+        visitors = self.services.visitors
         try:
-            pipeline = self.services.pipelines.for_embed(bot).id
+            pipeline, embed = visitors.bot(bot)
+            self.bot = embed.bot
+            self.params = {"pipeline": pipeline.id, "session_id": None, "client_session": "widget",
+                           "session_type": check_session_type(self._query("session_type", "person")),
+                           "stream_mode": "cumulative", "dialect": frames.LANGBOT}
+            self.visitor_key = self._query("session_id", None)
+            config = self.services.config
+            check_capacity(self.services.hub, None, max_total=config.max_connections, max_per_user=0)
+            visitors.check_address(self.request.remote_ip)
+            self._hold_pending(True)
+            token = bearer_or_query_token(self.request)
+            if not token and visitors.needs_token(embed, self.visitor_key):
+                self.awaiting_auth = asyncio.get_running_loop().call_later(config.auth_timeout, self._auth_timed_out)
+                return
+            identity = self._verify(token)
         except ParleyError as err:
             return self._refuse(err)
-        return super().open(pipeline)
+        return self._start(identity)
+
+    def on_close(self):
+        if self.conn is not None:
+            self.services.visitors.connection_closed(self.conn.identity, self.conn.remote_ip)
+        super().on_close()
+
+    def _verify(self, token):
+        return self.services.visitors.identify(self.bot, token, self.visitor_key)
+
+    def _admit(self, identity):
+        super()._admit(identity)
+        self.services.visitors.admit_connection(identity, self.request.remote_ip)
+
+    async def _admit_session(self):
+        await self.services.visitors.admit_session(self.request.remote_ip)
+
+    def _protocol(self, chat):
+        return ClientProtocol(self.conn, chat, self.services.resumer, kinds=VISITOR_FRAMES,
+                              guard=self.services.visitors.before_send)
+
+    def _connected(self, session):
+        return frames.embed_connected(self.conn, self.bot)
+
+    def _refuse(self, err):
+        if isinstance(err, (Capacity, RateLimited)) and self.params is not None:  # a limit: say why, politely
+            self.services.metrics.disconnected(Close.CAPACITY.disconnect)
+            self.closed_by = "refused"
+            try:
+                self.write_message(schema.encode(frames.refusal(err, self.params["session_type"],
+                                                                "This chat is not available right now")))
+            except websocket.WebSocketClosedError:
+                return
+            return self.close(Close.CAPACITY, err.code)
+        return super()._refuse(err)
+
+
+VISITOR_FRAMES = frozenset({"message", "stop", "ping", "disconnect", "authenticate"})
 
 
 default_handlers = [

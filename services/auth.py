@@ -46,6 +46,7 @@ class Identity:
     user_id: str
     is_admin: bool = False
     expires_at: float | None = dataclasses.field(default=None, compare=False)  # JWT `exp`: a socket ends then
+    visitor: str = ""   # an embed bot's anonymous visitor (services/visitors.py): that bot's id
 
 
 LOCAL_USER = Identity(user_id="local", is_admin=True)

@@ -89,23 +89,36 @@ class ChatService:
             return viewed
         return await self._get_or_create(session_id, pipeline_id, session_type, identity.user_id)
 
-    async def embed_session(self, identity, pipeline_id, session_type, client_session, *, viewed_ok=False):
-        """LangBot's embed widget: one session per pipeline, session type, user and browser session."""
+    async def embed_session(self, identity, pipeline_id, session_type, client_session, *, viewed_ok=False,
+                            create=True, admit=None):
+        """A widget's conversation: one session per pipeline, session type, user (a visitor) and `client_session`.
+        `create=False`: None when there is none yet (reading never creates one); `admit()`: awaited before one is
+        created (a visitor's limits)."""
         check_id(client_session, "session_id")
         self.pipelines.get(pipeline_id)
         check_session_type(session_type)
         session_id = default_session_id(pipeline_id, session_type, f"{identity.user_id}\0embed\0{client_session}")
         if viewed_ok and (viewed := self._viewed(session_id, session_type)):
             return viewed
-        return await self._get_or_create(session_id, pipeline_id, session_type, identity.user_id)
+        if not create or admit is not None:
+            doc = await self.store.find_session(session_id)
+            if doc is not None:
+                self._remember(doc)
+                return dict(doc)
+            if not create:
+                return None
+            await admit()
+        return await self._get_or_create(session_id, pipeline_id, session_type, identity.user_id,
+                                         visitor=identity.visitor)
 
-    async def _get_or_create(self, session_id, pipeline_id, session_type, owner):
+    async def _get_or_create(self, session_id, pipeline_id, session_type, owner, visitor=""):
         """Callers that arrive together for one session (a burst of reconnects after a restart, a user's tabs)
         share one store lookup instead of each reading, racing to insert and reading again."""
         pending = self._opening.get(session_id)
         if pending is None:
             pending = asyncio.ensure_future(self.store.get_or_create_session(
-                session_id=session_id, pipeline=pipeline_id, session_type=session_type, owner=owner))
+                session_id=session_id, pipeline=pipeline_id, session_type=session_type, owner=owner,
+                visitor=visitor))
             self._opening[session_id] = pending
             pending.add_done_callback(lambda f: self._opened(session_id, f))
         doc = await asyncio.shield(pending)  # one caller going away does not cancel the others' lookup

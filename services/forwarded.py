@@ -20,3 +20,14 @@ def client_address(request, trusted):
         if candidate not in trusted and netutil.is_valid_ip(candidate):
             return candidate
     return peer
+
+
+def public_origin(request, trusted):
+    """scheme://host as the client reached us: behind a trusted proxy its X-Forwarded-Proto says the scheme (TLS
+    ends at nginx), from anyone else the connection's own. For absolute links handed to other sites' pages."""
+    scheme = request.protocol
+    if trusted and request.connection.context.remote_ip in trusted:
+        forwarded = request.headers.get("X-Forwarded-Proto", "").strip().lower()
+        if forwarded in ("http", "https"):
+            scheme = forwarded
+    return f"{scheme}://{request.host}"

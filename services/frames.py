@@ -142,12 +142,12 @@ def final(reply, *, timestamp, dialect=PARLEY, session_type="person"):
     return Response(session_type=session_type, data=data)
 
 
-def refusal(err, session_type):
-    """A refused message, as a plain LangBot client is told: a final assistant reply carrying the reason (not
-    stored; a negative `id` that no stored message has). LangBot's client treats any `error` frame as a lost
-    connection."""
+def refusal(err, session_type, what="Your message was not accepted"):
+    """A refused message (or, for a widget visitor, connection), as a plain LangBot client is told: a final
+    assistant reply carrying the reason (not stored; a negative `id` that no stored message has). LangBot's client
+    treats any `error` frame as a lost connection."""
     now = datetime.now(timezone.utc)
-    content = f"⚠ Your message was not accepted: {err.message} ({err.code})"
+    content = f"⚠ {what}: {err.message} ({err.code})"
     return LangBotResponse(session_type=session_type, data=langbot_message(
         id=-int(now.timestamp() * 1000), role="assistant", content=content, is_final=True,
         timestamp=timestamp(now)))
@@ -161,6 +161,12 @@ def connected(conn, session, *, live_replies=()):
                      session_id=session["_id"], stream_mode=conn.stream_mode, user_id=conn.user_id,
                      protocol="parley/1", dialect=SUBPROTOCOL, live_replies=[live_reply(g) for g in live_replies],
                      timestamp=timestamp())
+
+
+def embed_connected(conn, bot):
+    """A widget visitor's `connected`: LangBot's embed shape, naming the bot, never the pipeline."""
+    return LangBotConnected(connection_id=conn.id, bot_uuid=bot, session_type=conn.session_type,
+                            timestamp=timestamp())
 
 
 def snapshot(doc):

@@ -43,6 +43,8 @@ TOKEN_KINDS = ("prompt", "completion")
 FILE_KINDS = ("image", "document")
 FILE_SOURCES = ("upload", "inline")   # a multipart upload, or base64 in a message (stored as a file)
 FILE_ACCESS = ("member", "link")      # read with credentials (owner, member, admin), or by a signed link
+RATINGS = ("like", "dislike", "cancel")
+VISITOR_LIMITS = ("connections", "messages", "sessions", "capacity", "human_check")
 
 disable_created_metrics()  # a `_created` twin for every counter and histogram doubles the series for no query
 
@@ -161,6 +163,15 @@ class Metrics:
         self.files_served = Counter("parley_files_served", "File downloads answered, by kind and access",
                                     ("kind", "access"), registry=r)
 
+        self.feedback_given = Counter("parley_embed_feedback", "Widget ratings of replies, by pipeline, rating and "
+                                      "whether it could be stored with its reply (LangBot's widget names no "
+                                      "visitor when it rates: counted only)", ("pipeline", "rating", "stored"),
+                                      registry=r)
+        self.visitors_refused = Counter("parley_visitors_refused", "Widget visitors refused by a limit (a reply "
+                                        "saying why)", ("limit",), registry=r)
+        self.visitor_sessions_forgotten = Counter("parley_visitor_sessions_expired", "Widget conversations "
+                                                  "forgotten after --visitor-session-ttl unused", registry=r)
+
         self.http_duration = Histogram("parley_http_request_duration_seconds",
                                        "HTTP requests (WebSocket upgrades included), by handler class and status",
                                        ("handler", "status"), buckets=FAST_BUCKETS, registry=r)
@@ -209,6 +220,12 @@ class Metrics:
             self.bus_received.labels(event)
         for op in STORE_OPERATIONS:
             self.store_errors.labels(op)
+        for pid in self.pipelines:
+            for rating in RATINGS:
+                for stored in ("true", "false"):
+                    self.feedback_given.labels(pid, rating, stored)
+        for limit in VISITOR_LIMITS:
+            self.visitors_refused.labels(limit)
         for kind in FILE_KINDS:
             self.file_bytes.labels(kind)
             for source in FILE_SOURCES:
@@ -270,6 +287,17 @@ class Metrics:
     def file_stored(self, kind, source, size):
         self.files_stored.labels(kind, source).inc()
         self.file_bytes.labels(kind).inc(size)
+
+    def feedback(self, pipeline_id, rating, stored):
+        pid = self.pipeline(pipeline_id)
+        if pid is not None:
+            self.feedback_given.labels(pid, rating, "true" if stored else "false").inc()
+
+    def visitor_refused(self, limit):
+        self.visitors_refused.labels(_known(limit, VISITOR_LIMITS, "capacity")).inc()
+
+    def visitor_sessions_expired(self, count):
+        self.visitor_sessions_forgotten.inc(count)
 
     def file_served(self, kind, access):
         self.files_served.labels(kind, access).inc()

@@ -32,6 +32,23 @@ class Timeouts:
     connect: float = 10.0       # TCP/TLS connect to the upstream (providers that use the network)
 
 
+TURNSTILE_VERIFY_URL = "https://challenges.cloudflare.com/turnstile/v0/siteverify"
+
+
+@dataclass(frozen=True)
+class Embed:
+    """A pipeline's chat on other sites (docs/langbot.md, "The embed widget"): anonymous visitors reach it as
+    `bot`, from pages on `origins`."""
+    bot: str                        # the id in the widget's URLs (LangBot's bot_uuid); never the pipeline's id
+    enabled: bool = True
+    origins: tuple = ()             # page origins (https://shop.example) that may open it; "*": any
+    name: str = ""                  # shown in the widget's header
+    logo: str = ""                  # an image file (PNG, JPEG, GIF, WebP or SVG), read at start-up
+    turnstile_site_key: str = ""    # a human check (Cloudflare Turnstile) before a visitor may chat: both set
+    turnstile_secret_env: str = ""  # the NAME of the variable (or <NAME>_FILE) holding the secret
+    turnstile_verify_url: str = TURNSTILE_VERIFY_URL
+
+
 @dataclass(frozen=True)
 class Pipeline:
     id: str
@@ -50,7 +67,7 @@ class Pipeline:
     timeouts: Timeouts = field(default_factory=Timeouts)
     options: dict = field(default_factory=dict)  # provider-specific
     inputs: tuple = ("text",)   # what its model takes besides text: "image", "voice", "file" (message components)
-    embed: str = ""             # the bot id LangBot's embed widget connects with (/api/v1/embed/<embed>/ws/connect)
+    embed: Embed | None = None  # its chat on other sites, for anonymous visitors (pipelines TOML [pipelines.x.embed])
     files_url: str = ""         # Parley's base URL as the upstream reaches it: images go as signed links, not inline
     # A reply whose instance is lost (killed, hung, drained): another instance goes on with it ("continue"), or it
     # ends `interrupted` ("interrupt"). How a provider continues the partial answer: docs/providers.md.
@@ -66,13 +83,11 @@ class Pipeline:
 class Pipelines:
     def __init__(self, pipelines):
         self._by_id = {p.id: p for p in pipelines}
+        self._by_bot = {p.embed.bot: p for p in pipelines if p.embed is not None and p.embed.enabled}
 
     def for_embed(self, bot):
-        """The pipeline LangBot's embed widget reaches as `bot`: the one declaring `embed = bot`, else `bot`'s id."""
-        for p in self._by_id.values():
-            if p.embed == bot:
-                return p
-        return self.get(bot)
+        """The pipeline whose enabled embed settings name `bot`, or None."""
+        return self._by_bot.get(bot)
 
     def get(self, pipeline_id):
         try:
@@ -107,6 +122,11 @@ def api_key(pipeline):
     except OSError as exc:
         log.warning("pipeline %s: cannot read %s_FILE (%s)", pipeline.id, name, exc.strerror or exc)
         return None
+
+
+def embed_secret(embed):
+    """The human check's secret: the variable `turnstile_secret_env` names (or its `_FILE`), or None."""
+    return api_key(Pipeline(id="embed", api_key_env=embed.turnstile_secret_env))
 
 
 def default_pipelines():
@@ -154,7 +174,13 @@ def load_pipelines(path):
         if not isinstance(table, dict):
             raise PipelineConfigError(path, "must be a table", pipeline=pid)
         pipelines.append(_pipeline(path, pid, table))
+    bots = [p.embed.bot for p in pipelines if p.embed is not None]
+    if len(bots) != len(set(bots)):
+        raise PipelineConfigError(path, "two pipelines have the same embed bot id")
     for p in pipelines:
+        if p.embed is not None and p.embed.turnstile_secret_env and embed_secret(p.embed) is None:
+            log.warning("pipeline %s: %s (or %s_FILE) is not set: its widget's human check cannot pass",
+                        p.id, p.embed.turnstile_secret_env, p.embed.turnstile_secret_env)
         if p.api_key_env and p.api_key_env not in os.environ and p.api_key_env + "_FILE" not in os.environ:
             log.warning("pipeline %s: environment variable %s (or %s_FILE) is not set; its replies will fail "
                         "with missing_api_key", p.id, p.api_key_env, p.api_key_env)
@@ -194,7 +220,7 @@ _PIPELINE_FIELDS = {
     "options": (lambda v: isinstance(v, dict), "a table", None),
     "inputs": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings",
                (lambda v: "text" in v and set(v) <= set(INPUTS), f"must list text and any of image, voice, file")),
-    "embed": (_str, "a string", (lambda v: v == "" or ID_RE.match(v), "must be 1-64 letters, digits, '_' or '-'")),
+    "embed": (lambda v: isinstance(v, (str, dict)), "a string (the bot id) or a table", None),
     "files_url": (_str, "a string", (lambda v: v == "" or re.match(r"^https?://[^/\s]+(/[^\s]*)?$", v),
                                      "must be an http:// or https:// URL (Parley's, as the upstream reaches it)")),
     "on_instance_lost": (_str, "a string", (lambda v: v in ON_INSTANCE_LOST,
@@ -229,6 +255,8 @@ def _pipeline(path, pid, table):
         values["timeouts"] = _timeouts(path, pid, values["timeouts"])
     if "inputs" in values:
         values["inputs"] = tuple(values["inputs"])
+    if "embed" in values:
+        values["embed"] = _embed(path, pid, values["embed"])
 
     provider = values.get("provider", "demo")
     if provider == "openai":
@@ -241,6 +269,61 @@ def _pipeline(path, pid, table):
     elif provider == "demo":
         _check_options(path, pid, "demo", _DEMO_OPTIONS, values.get("options", {}))
     return Pipeline(id=pid, **values)
+
+
+_ORIGIN_RE = re.compile(r"^https?://[A-Za-z0-9.-]+(:\d{1,5})?$|^\*$")
+_EMBED_FIELDS = {
+    "bot": (_str, "a string", (lambda v: ID_RE.match(v), "must be 1-64 letters, digits, '_' or '-'")),
+    "enabled": (lambda v: isinstance(v, bool), "true or false", None),
+    "origins": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings",
+                (lambda v: all(_ORIGIN_RE.match(x) for x in v), "must be page origins (https://shop.example, "
+                 "scheme and host, no path) or \"*\"")),
+    "name": (_str, "a string", (lambda v: len(v) <= 80, "must be at most 80 characters")),
+    "logo": (_str, "a string", None),
+    "turnstile_site_key": (_str, "a string", None),
+    "turnstile_secret_env": (_str, "a string", (lambda v: v == "" or ENV_NAME_RE.match(v),
+                                                "must be the NAME of an environment variable, never the secret")),
+    "turnstile_verify_url": (_str, "a string", (lambda v: re.match(r"^https?://[^/\s]+", v),
+                                                "must be an http:// or https:// URL")),
+}
+
+
+def _embed(path, pid, value):
+    """`embed = "<bot>"`, or a table of Embed's fields (bot required)."""
+    table = {"bot": value} if isinstance(value, str) else value
+    values = {}
+    for key, item in table.items():
+        name = f"embed.{key}"
+        if key not in _EMBED_FIELDS:
+            raise PipelineConfigError(path, f"unknown field (known: {', '.join(sorted(_EMBED_FIELDS))})",
+                                      pipeline=pid, field=name)
+        type_ok, type_name, rule = _EMBED_FIELDS[key]
+        if not type_ok(item):
+            raise PipelineConfigError(path, f"must be {type_name}, not {_toml_type(item)}", pipeline=pid, field=name)
+        if rule and not rule[0](item):
+            raise PipelineConfigError(path, rule[1], pipeline=pid, field=name)
+        values[key] = item
+    if "bot" not in values:
+        raise PipelineConfigError(path, "required: the id the widget's URLs use", pipeline=pid, field="embed.bot")
+    if "origins" in values:
+        values["origins"] = tuple(values["origins"])
+    if bool(values.get("turnstile_site_key")) != bool(values.get("turnstile_secret_env")):
+        raise PipelineConfigError(path, "a human check needs both turnstile_site_key and turnstile_secret_env",
+                                  pipeline=pid, field="embed.turnstile_secret_env")
+    if values.get("logo"):
+        logo = os.path.join(os.path.dirname(os.path.abspath(path)), values["logo"])
+        try:
+            with open(logo, "rb") as f:
+                head = f.read(512)
+        except OSError as exc:
+            raise PipelineConfigError(path, f"cannot read {logo}: {exc.strerror or exc}", pipeline=pid,
+                                      field="embed.logo") from None
+        if not (head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"GIF8")) or head[:4] == b"RIFF" and
+                head[8:12] == b"WEBP" or b"<svg" in head):
+            raise PipelineConfigError(path, "must be a PNG, JPEG, GIF, WebP or SVG image", pipeline=pid,
+                                      field="embed.logo")
+        values["logo"] = logo
+    return Embed(**values)
 
 
 def _timeouts(path, pid, table):

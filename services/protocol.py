@@ -27,9 +27,13 @@ def handler_name(kind):
 
 
 class ClientProtocol:
-    __slots__ = ("conn", "chat", "resumer", "inbox", "worker", "busy")
+    __slots__ = ("conn", "chat", "resumer", "inbox", "worker", "busy", "kinds", "guard")
 
-    def __init__(self, conn, chat, resumer):
+    def __init__(self, conn, chat, resumer, *, kinds=None, guard=None):
+        """`kinds`: the frame types this connection may send (None: all); `guard(conn)`: a check of each message
+        before it is queued, raising the refusal (a widget visitor's limits)."""
+        self.kinds = kinds
+        self.guard = guard
         self.conn = conn
         self.chat = chat
         self.resumer = resumer
@@ -44,6 +48,8 @@ class ClientProtocol:
         try:
             frame = schema.decode_frame(text)
             kind = schema.frame_type(frame)
+            if self.kinds is not None and kind not in self.kinds:
+                raise BadRequest(f"{kind!r} frames are not available on this connection", code=Code.UNKNOWN_TYPE)
             if kind in QUEUED:
                 self._queue(frame)
             else:
@@ -103,6 +109,8 @@ class ClientProtocol:
     def _queue(self, frame):
         if isinstance(frame, (schema.MessageFrame, schema.RegenerateFrame)):
             self._session_id(frame)  # reject a foreign session before queueing
+            if self.guard is not None:
+                self.guard(self.conn)
         if self.inbox is None:
             self.inbox = []
         elif len(self.inbox) >= INBOX_SIZE:

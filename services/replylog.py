@@ -17,6 +17,10 @@ where the stored text ends (Parley's dialect; a LangBot client's cumulative fram
 
 Each distinct frame is rendered and encoded once (`send(frame, conns)`): readers are grouped by what they need
 (dialect, stream mode, position).
+
+Longer than the house's other rooms on purpose: every decision about what a viewer has of a reply lives here and
+nowhere else (before, four modules each decided part of it, and their interleavings lost text or sent a second
+final). tests/test_replylog.py proves it by interleaving.
 """
 import asyncio
 import itertools

@@ -310,6 +310,17 @@ class PushBody(Body):
     data: Any = None
 
 
+class FeedbackBody(Body):
+    """A widget's rating of a reply (LangBot's widget: `message_id` is the reply's `id`)."""
+    message_id: Union[int, Id]
+    feedback_type: Literal[1, 2, 3]   # 1 like, 2 dislike, 3 cancel
+    session_type: SessionType = "person"
+
+
+class HumanCheckBody(Body):
+    token: Annotated[str, Meta(max_length=4096)] = ""   # what the widget's Turnstile challenge produced
+
+
 # Server frames, LangBot dialect: exactly LangBot's shapes
 
 # What the server sends back: the chain as stored (a reply's text may exceed a client component's bounds)
@@ -331,10 +342,12 @@ LANGBOT_FIELDS = LangBotMessage.__struct_fields__
 
 
 class LangBotConnected(Strict, tag="connected"):
+    """LangBot's: `pipeline_uuid` on a pipeline's socket, `bot_uuid` (never the pipeline) on a widget's."""
     connection_id: str
-    pipeline_uuid: str
     session_type: SessionType
     timestamp: Timestamp
+    pipeline_uuid: Union[str, UnsetType] = UNSET
+    bot_uuid: Union[str, UnsetType] = UNSET
 
 
 class LangBotUserMessage(Strict, tag="user_message"):
@@ -683,9 +696,11 @@ def asyncapi():
         "parley": channel(PIPELINE_WS, "Parley's dialect: the `parley.v1` subprotocol (Sec-WebSocket-Protocol) "
                           "or `?protocol=parley.v1`.", CLIENT_STRUCTS, ParleyServerFrame.__args__,
                           ("session_type", "session_id", "token", "stream_mode", "protocol"), pipeline),
-        "embed": channel(EMBED_WS, "LangBot's embed widget endpoint, mapped to a pipeline (LangBot dialect).",
-                         LANGBOT_CLIENT, LangBotServerFrame.__args__, ("session_type", "session_id", "token"),
-                         {"bot": {"description": "an embed bot id: a pipeline's `embed` name, or its id"}}),
+        "embed": channel(EMBED_WS, "A widget's anonymous visitors (LangBot dialect only): `session_id` is the "
+                         "widget's own random id, `token` a visitor token; `connected` carries `bot_uuid`, never "
+                         "the pipeline.", LANGBOT_CLIENT, LangBotServerFrame.__args__,
+                         ("session_type", "session_id", "token"),
+                         {"bot": {"description": "an embed bot id (a pipeline's `embed.bot`); never a pipeline's id"}}),
     }
     operations = {}
     for name, client, server in (("langbot", LANGBOT_CLIENT, LangBotServerFrame.__args__),
@@ -717,7 +732,7 @@ def rest_operations(routes):
     a handler method declared with handlers/base.py's @api (its `api` attribute); the path template is the
     pattern with each named group as `{name}`."""
     for pattern, handler, *_ in routes:
-        path = re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern)
+        path = re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern).replace("\\.", ".")
         for method in HTTP_METHODS:
             declared = getattr(getattr(handler, method, None), "api", None)
             if declared is not None:

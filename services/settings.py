@@ -29,6 +29,7 @@ OTHER_VARIABLES = {
     "PARLEY_FUZZ_EXAMPLES": "tests: examples per property-based test",
     "PARLEY_REPLYLOG_EXAMPLES": "tests/test_replylog.py: interleavings tried (300)",
     "PARLEY_REPLYLOG_STEPS": "tests/test_replylog.py: steps per interleaving (40)",
+    "PARLEY_LANGBOT_WIDGET": "tests: a copy of LangBot's widget.js, run against Parley in Chromium",
 }
 
 
@@ -271,13 +272,29 @@ OPTIONS = (
     Option("drain_timeout", float, 10.0, "on SIGTERM, how long replies that cannot go on elsewhere (a pipeline "
            "with on_instance_lost = interrupt; a single box) get to finish before they end interrupted", unit="s",
            group="cluster", minimum=0),
+    Option("visitor_messages_per_minute", int, 20, "messages one widget visitor may send per minute (bursts of "
+           "a quarter of it); more: a reply saying `rate_limited`", unit="messages/min", group="embed", minimum=1),
+    Option("visitor_address_messages_per_minute", int, 60, "messages all widget visitors of one address may "
+           "send per minute", unit="messages/min", group="embed", minimum=1),
+    Option("visitor_connections", int, 5, "WebSocket connections (tabs) of one widget visitor", group="embed",
+           minimum=1),
+    Option("visitor_connections_per_address", int, 20, "widget WebSocket connections from one address",
+           group="embed", minimum=1),
+    Option("visitor_sessions_per_address", int, 30, "new widget conversations one address may open per hour",
+           unit="per hour", group="embed", minimum=1),
+    Option("max_visitor_sessions", int, 100_000, "widget conversations stored at once; beyond, new visitors are "
+           "told to come back later", unit="sessions", group="embed", minimum=1),
+    Option("visitor_session_ttl", float, 30.0 * 86400, "a widget conversation unused this long is forgotten "
+           "(messages and files)", unit="s", group="embed", minimum=0.1),
+    Option("visitor_token_ttl", float, 30.0 * 86400, "how long a visitor token (after a human check) stays valid",
+           unit="s", group="embed", minimum=0.1),
     Option("log_level", str, "info", "lowest level logged", group="logging",
            choices=("debug", "info", "warning", "error")),
     Option("log_format", str, "text", "text, or json: one JSON object per line", group="logging",
            choices=("text", "json")),
 )
 GROUPS = {"server": "Server", "store": "Store", "auth": "Authentication", "limits": "Limits",
-          "replies": "Replies", "cluster": "Cluster", "logging": "Logging"}
+          "replies": "Replies", "embed": "Widget visitors", "cluster": "Cluster", "logging": "Logging"}
 
 
 def _check_unique():

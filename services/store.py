@@ -99,11 +99,12 @@ class Store:
         self._inserts = GroupCommit(self._insert_batch, on_batch=batched("insert_messages"))
         self._checkpoints = GroupCommit(self._checkpoint_batch, on_batch=batched("checkpoint"))
         self._finishes = GroupCommit(self._finish_batch, on_batch=batched("finish"))
-        self._advances = GroupCommit(self._advance_batch, on_batch=batched("advance_seq"))
+        # counters and first-message titles: background session writes, one bulk however many sends land at once
+        self._session_writes = GroupCommit(self._session_batch, on_batch=batched("session_writes"))
 
     async def close(self):
         """Let the writes already gathered for a bulk write land (before the client closes)."""
-        for batcher in (self._inserts, self._checkpoints, self._finishes, self._advances):
+        for batcher in (self._inserts, self._checkpoints, self._finishes, self._session_writes):
             await batcher.close()
 
     async def create_indexes(self):
@@ -116,6 +117,7 @@ class Store:
         await self.messages.create_index([("reply_to", ASCENDING)])
         await self.files.create_index([("owner", ASCENDING), ("sha256", ASCENDING)])
         await self.file_chunks.create_index([("file", ASCENDING)])
+        await self.sessions.create_index([("visitor", ASCENDING), ("updated_ms", ASCENDING)])
         await self._add_updated_ms()
 
     async def _add_updated_ms(self):
@@ -144,11 +146,14 @@ class Store:
     # sessions
 
     @timed
-    async def create_session(self, *, pipeline, session_type, owner, members=(), title="", session_id=None):
+    async def create_session(self, *, pipeline, session_type, owner, members=(), title="", session_id=None,
+                             visitor=""):
         now = utcnow()
         doc = {"_id": session_id or new_id(), "pipeline": pipeline, "type": session_type, "owner": owner,
                "members": sorted({owner, *members}), "title": title, "next_seq": 0,
                "created_at": now, "updated_at": now, "updated_ms": epoch_ms(now)}
+        if visitor:  # a widget visitor's conversation: counted, and forgotten after --visitor-session-ttl
+            doc["visitor"] = visitor
         await self.sessions.insert_one(doc)
         return doc
 
@@ -162,6 +167,10 @@ class Store:
             return await self.create_session(session_id=session_id, **fields)
         except DuplicateKeyError:
             return await self.sessions.find_one({"_id": session_id})
+
+    @timed
+    async def find_session(self, session_id):
+        return await self.sessions.find_one({"_id": session_id})
 
     @timed
     async def get_session(self, session_id):
@@ -190,8 +199,11 @@ class Store:
 
     @timed
     async def name_untitled(self, session_id, title):
-        """Give a session without a title this one (a rename, or an earlier naming, wins)."""
-        await self.sessions.update_one({"_id": session_id, "title": {"$in": ["", None]}}, {"$set": {"title": title}})
+        """Give a session without a title this one (a rename, or an earlier naming, wins). Writes issued together
+        go out as one bulk, with the counters (advance_seq): a burst of first messages names its sessions in one
+        command, not one each ahead of the next sends' insert (nx-27017 runs a database's commands one at a time)."""
+        await self._session_writes.submit(({"_id": session_id, "title": {"$in": ["", None]}},
+                                           {"$set": {"title": title}}))
 
     @timed
     async def change_members(self, session_id, *, add=(), remove=()):
@@ -221,12 +233,11 @@ class Store:
     @timed
     async def advance_seq(self, session_id, counter):
         """Raise a session's counter to at least `counter` (numbers taken from memory: services/numbers.py),
-        and mark it used now, as next_seqs does. Writes issued together go out as one bulk."""
-        await self._advances.submit((session_id, counter))
+        and mark it used now, as next_seqs does. Writes issued together go out as one bulk (with names)."""
+        await self._session_writes.submit(({"_id": session_id}, {"$max": {"next_seq": counter}, **touched()}))
 
-    async def _advance_batch(self, items):
-        ops = [UpdateOne({"_id": sid}, {"$max": {"next_seq": counter}, **touched()}) for sid, counter in items]
-        await self.sessions.bulk_write(ops, ordered=False)
+    async def _session_batch(self, items):
+        await self.sessions.bulk_write([UpdateOne(query, update) for query, update in items], ordered=False)
         return [None] * len(items)
 
     @timed
@@ -665,6 +676,46 @@ class Store:
             await self.sessions.update_one({"_id": session_id}, {"$max": {"reset_seq": session.get("next_seq", 0)}})
         result = await self.messages.delete_many({"session_id": session_id})
         return result.deleted_count
+
+    # widget visitors (services/visitors.py)
+
+    @timed
+    async def count_visitor_sessions(self):
+        return await self.sessions.count_documents({"visitor": {"$exists": True}})
+
+    @timed
+    async def expired_visitor_sessions(self, cutoff_ms, limit):
+        cursor = self.sessions.find({"visitor": {"$exists": True}, "updated_ms": {"$lt": cutoff_ms}},
+                                    {"_id": 1, "owner": 1}).limit(limit)
+        return [doc async for doc in cursor]
+
+    @timed
+    async def delete_visitor_session(self, doc):
+        """A visitor's conversation, its messages and the files it alone showed."""
+        sid = doc["_id"]
+        await self.messages.delete_many({"session_id": sid})
+        files = [f async for f in self.files.find({"owner": doc["owner"], "sessions": {"$in": [sid]}},
+                                                  {"_id": 1, "size": 1})]
+        if files:
+            keys = [f["_id"] for f in files]
+            await self.file_chunks.delete_many({"file": {"$in": keys}})
+            await self.files.delete_many({"_id": {"$in": keys}})
+            await self.db.file_usage.update_one({"_id": doc["owner"]},
+                                                {"$inc": {"bytes": -sum(f["size"] for f in files),
+                                                          "files": -len(files)}})
+        await self.sessions.delete_one({"_id": sid})
+
+    @timed
+    async def set_feedback(self, session_id, message_id, rating):
+        """A visitor's rating of a reply (`message_id`: its seq, as widgets show it, or its id). True if stored."""
+        query = {"session_id": session_id, "role": "assistant"}
+        query["seq" if isinstance(message_id, int) else "_id"] = message_id
+        if rating == "cancel":
+            update = {"$unset": {"feedback": ""}}
+        else:
+            update = {"$set": {"feedback": {"rating": rating, "at_ms": now_ms()}}}
+        result = await self.messages.update_one(query, update)
+        return result.matched_count == 1
 
     # files: bytes in `file_chunks` (FILE_CHUNK bytes each), metadata in `files`, never inside a message
 

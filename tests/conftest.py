@@ -17,7 +17,7 @@ import server
 from services import schema
 from services.codes import Code
 from services.embedded_mongo import EmbeddedMongo
-from services.pipelines import Pipeline, Pipelines, Timeouts
+from services.pipelines import Embed, Pipeline, Pipelines, Timeouts
 from services.providers import make_provider
 from tests.fakes import FAKE_PROVIDERS
 from tests.upstream import FakeUpstream
@@ -153,7 +153,8 @@ def make_test_pipelines():
         Pipeline(id="broken", provider="fail", timeouts=fast),
         # Takes images; LangBot's embed widget reaches it as bot "widget".
         Pipeline(id="vision", provider="demo", model="demo", timeouts=fast, inputs=("text", "image"),
-                 embed="widget", options={"words": 12, "rate": 0}),
+                 embed=Embed(bot="widget", origins=("https://shop.example",), name="Vision help"),
+                 options={"words": 12, "rate": 0}),
         Pipeline(id="empty", provider="empty", timeouts=fast),
         # Answers with its context (tests/fakes.py ContextProvider): what the model was given.
         Pipeline(id="context", provider="context", timeouts=fast),

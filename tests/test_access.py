@@ -159,3 +159,22 @@ async def test_a_jwt_signs_the_browser_in_until_it_expires(http_client, base_url
     response = await http_client.fetch(base_url + "/", headers={"Cookie": f"parley_auth={ALICE}",
                                                                "Accept": "application/json"})
     assert json.loads(response.body)["data"]["user_id"] == "alice"
+
+
+async def test_the_visitor_column_a_widget_visitor_reaches_only_its_widget(fetch, world, http_client, base_url):
+    """A widget visitor (bot `widget`): its visitor token is refused by every API route; the API's credentials,
+    an admin's included, open no visitor's conversation through the widget's routes."""
+    headers = {"Origin": "https://shop.example"}
+    r = await http_client.fetch(f"{base_url}/api/v1/embed/widget/turnstile/verify", method="POST", body="{}",
+                                headers={**headers, "Content-Type": "application/json"})
+    visitor = json.loads(r.body)["data"]["token"]
+    for method, path, body, _ in SESSION_ROUTES:
+        code, answer = await fetch(path.format(**world), method, body=body, token=visitor)
+        assert (code, answer["code"]) == (401, "unauthorized"), path
+    key = "visitor-key-0123456789"
+    r = await http_client.fetch(f"{base_url}/api/v1/embed/widget/messages/person?session_id={key}", headers=headers)
+    assert json.loads(r.body)["data"]["messages"] == []
+    for who in (ALICE, ROOT):
+        r = await http_client.fetch(f"{base_url}/api/v1/embed/widget/messages/person?session_id={key}",
+                                    headers={**headers, "Authorization": f"Bearer {who}"}, raise_error=False)
+        assert (r.code, json.loads(r.body)["code"]) == (401, "unauthorized")

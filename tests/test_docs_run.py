@@ -12,6 +12,8 @@ runs with `-o` for the install stamps (tests/test_install.py installs for real).
   checked by the option parser); `make client` and every other command runs and must succeed; `make test` is
   this suite; `make bench`, bench and scripts commands (the house runs no benchmark in the suite) are checked by
   their own argument parser (`--help` lists every option the line uses);
+- html: each `<script src>` is the widget route (/api/v1/embed/<bot>/widget.js) of a bot a TOML block before it
+  declared;
 - the diagrams and the layout tree in FIGURES are text, not commands.
 
 A block this test does not know fails it: give it a check here.
@@ -187,7 +189,7 @@ def require_tool(name):
 
 
 def test_every_block_runs_as_written(work, tmp_path):
-    done = []
+    done, bots = [], set()
     for name, n, lang, body in doc_blocks():
         where = f"{name} block {n + 1} ({lang or 'text'}: {body.splitlines()[0][:50]!r})"
         first = body.splitlines()[0]
@@ -201,7 +203,7 @@ def test_every_block_runs_as_written(work, tmp_path):
             path = work.path / (target.group(1) if target else f"block-{name}-{n}.toml")
             path.write_text(body)
             if "pipelines" in doc:
-                load_pipelines(str(path))
+                bots |= {p.embed.bot for p in load_pipelines(str(path)) if p.embed is not None}
         elif lang == "yaml":
             require_tool("promtool")
             path = tmp_path / f"{name}-{n}.yml"
@@ -222,6 +224,12 @@ def test_every_block_runs_as_written(work, tmp_path):
                 assert out.returncode == 0, f"{where}:\n{out.stdout[-1500:]}\n{out.stderr[-2000:]}"
                 shows = PRINTS.get((name, first))
                 assert shows is None or shows(out.stdout), f"{where} printed:\n{out.stdout[-3000:]}"
+        elif lang == "html":
+            sources = re.findall(r'<script src="([^"]+)"', body)
+            assert sources, f"{where}: no script tag"
+            for src in sources:
+                route = re.fullmatch(r"https?://[^/]+/api/v1/embed/([^/]+)/widget\.js", src)
+                assert route and route.group(1) in bots, f"{where}: {src} is not a declared bot's widget"
         elif lang == "" and any(name == f and first.startswith(p) for f, p in FIGURES):
             pass
         elif lang == "" and first.startswith("ws://"):  # a URL: a WebSocket to it connects

@@ -62,11 +62,14 @@ class LangBotClient:
 def langbot(io_loop, base_url):
     clients = []
 
-    async def open_client(pipeline="default", session_type="person", *, path=None, authenticate=False, **query):
+    async def open_client(pipeline="default", session_type="person", *, path=None, authenticate=False, headers=None,
+                          anonymous=False, **query):
         query = {"session_type": session_type, **query}
         path = path or f"/api/v1/pipelines/{pipeline}/ws/connect"
         url = base_url.replace("http", "ws", 1) + path + "?" + "&".join(f"{k}={v}" for k, v in query.items())
-        headers = {} if authenticate else {"Authorization": f"Bearer {TEST_TOKEN}"}
+        headers = dict(headers or {})
+        if not (authenticate or anonymous):
+            headers["Authorization"] = f"Bearer {TEST_TOKEN}"
         ws = await websocket_connect(httpclient.HTTPRequest(url, headers=headers))
         client = LangBotClient(ws, session_type)
         clients.append(client)
@@ -235,16 +238,18 @@ async def test_an_image_goes_to_a_pipeline_declaring_image_input(langbot, fetch)
 
 
 async def test_embed_endpoint_maps_a_bot_to_a_pipeline_and_a_browser_session_to_a_session(langbot):
-    a = await langbot(path="/api/v1/embed/widget/ws/connect", session_id="browser-1")
-    assert a.connected["pipeline_uuid"] == "vision"
-    assert set(a.connected) == {"type", "connection_id", "pipeline_uuid", "session_type", "timestamp"}
-    same = await langbot(path="/api/v1/embed/widget/ws/connect", session_id="browser-1")
-    other = await langbot(path="/api/v1/embed/widget/ws/connect", session_id="browser-2")
+    """The widget's endpoint (tests/test_embed.py has the rest): anonymous, one conversation per browser session,
+    shared by its tabs; `connected` names the bot, not the pipeline."""
+    path = "/api/v1/embed/widget/ws/connect"
+    a = await langbot(path=path, session_id="browser-one-0123456789", headers={"Origin": "https://shop.example"},
+                      anonymous=True)
+    assert a.connected["bot_uuid"] == "widget"
+    assert set(a.connected) == {"type", "connection_id", "bot_uuid", "session_type", "timestamp"}
+    same = await langbot(path=path, session_id="browser-one-0123456789", anonymous=True)
+    other = await langbot(path=path, session_id="browser-two-0123456789", anonymous=True)
     echo, responses = await a.say(plain("hello widget"))
     assert responses[-1]["data"]["content"].startswith('You said "hello widget"')
     seen = await same.recv()  # the same browser session sees it (another tab)
     assert seen["type"] == "user_message" and seen["data"]["content"] == "hello widget"
     await other.send({"type": "ping"})
     assert (await other.recv())["type"] == "pong"  # nothing of browser-1's conversation reached browser-2
-    direct = await langbot(path="/api/v1/embed/default/ws/connect", session_id="b")  # a pipeline's id works too
-    assert direct.connected["pipeline_uuid"] == "default"

@@ -93,6 +93,16 @@ def test_missing_key_variable_is_warned_at_load(write, monkeypatch, caplog):
     ("timeouts = 30", "timeouts", "must be a table"),
     ("options = { stream = true }", "options.stream", "unknown option for provider 'openai'"),
     ('options = { max_tokens_param = "tokens" }', "options.max_tokens_param", "max_completion_tokens"),
+    ("embed = 3", "embed", "a string (the bot id) or a table"),
+    ('embed = "no spaces!"', "embed.bot", "letters, digits"),
+    ('embed = { origins = ["https://a.example"] }', "embed.bot", "required"),
+    ('embed = { bot = "b", origins = ["https://a.example/path"] }', "embed.origins", "scheme and host, no path"),
+    ('embed = { bot = "b", colour = "red" }', "embed.colour", "unknown field"),
+    ('embed = { bot = "b", turnstile_site_key = "k" }', "embed.turnstile_secret_env", "needs both"),
+    ('embed = { bot = "b", turnstile_site_key = "k", turnstile_secret_env = "0x-secret" }',
+     "embed.turnstile_secret_env", "NAME of an environment variable"),
+    ('embed = { bot = "b", logo = "missing.png" }', "embed.logo", "cannot read"),
+    ('files_url = "parley.example"', "files_url", "http:// or https://"),
 ])
 def test_bad_field_names_file_pipeline_and_field(write, extra, field, words):
     key = extra.split("=")[0].strip()
@@ -104,6 +114,24 @@ def test_bad_field_names_file_pipeline_and_field(write, extra, field, words):
     assert message.startswith(str(path) + ": pipeline 'local': field " + repr(field) + ": "), message
     assert words in message
     assert (info.value.pipeline, info.value.field) == ("local", field)
+
+
+def test_embed_settings_and_their_logo(write, tmp_path):
+    (tmp_path / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(20))
+    (tmp_path / "notes.txt").write_text("not an image")
+    text = GOOD + '[pipelines.local.embed]\nbot = "shop"\norigins = ["https://shop.example", "*"]\nlogo = "logo.png"\n'
+    pipelines = load_pipelines(write(text))
+    embed = pipelines.get("local").embed
+    assert (embed.bot, embed.origins, embed.enabled) == ("shop", ("https://shop.example", "*"), True)
+    assert embed.logo == str(tmp_path / "logo.png") and pipelines.for_embed("shop").id == "local"
+    assert pipelines.for_embed("local") is None  # a pipeline's id is not a bot id
+    off = load_pipelines(write(GOOD + 'embed = { bot = "shop", enabled = false }\n'))
+    assert off.for_embed("shop") is None
+    with pytest.raises(PipelineConfigError, match="must be a PNG, JPEG, GIF, WebP or SVG"):
+        load_pipelines(write(GOOD + 'embed = { bot = "b", logo = "notes.txt" }\n'))
+    twice = GOOD + 'embed = "b"\n[pipelines.other]\nembed = "b"\n'
+    with pytest.raises(PipelineConfigError, match="same embed bot id"):
+        load_pipelines(write(twice))
 
 
 def test_pasted_key_in_api_key_env_is_refused_without_echoing_it(write):

@@ -1,26 +1,30 @@
 """The OpenAI Chat Completions streaming provider: OpenAI and every server that speaks its API
 (vLLM, Ollama, llama.cpp server, LM Studio, DeepSeek, OpenRouter).
 
-The official `openai` package configures the client (base URL, key, headers) and owns its HTTP client; the
-streaming request itself goes straight through that HTTP client (the package's per-request layers — options
-models, body transform, retry and auth wrappers — were a fifth of the loop in a 100-stream burst), and its
-status errors become the package's own exception classes, as `create()` raises them. The streamed body is read
-raw and its chunks decoded here with msgspec (the package's per-chunk pydantic models cost most of the CPU of a
-fast stream). This module builds the messages (system prompt, windowed history, speaker labels), splits reasoning
+The official `openai` package configures the client (base URL, key, headers) and gives the exception classes;
+the streaming request itself goes through aiohttp (its C parser and stream reader do far less work per network
+read than httpx/httpcore/h11/anyio, which were a third of the loop with 1,000 paced replies; the package's
+per-request layers — options models, body transform, retry and auth wrappers — were a fifth of it in a
+100-stream burst), and its status errors become the package's own exception classes, as `create()` raises them.
+The streamed body is read raw and its chunks decoded here with msgspec (the package's per-chunk pydantic models
+cost most of the CPU of a fast stream). This module builds the messages (system prompt, windowed history, speaker labels), splits reasoning
 from the answer, retries only before the first token, maps failures to stable codes (viewers get the code and a
 generic message; the upstream's own words go to the log only), and closes the upstream response in its
 `finally` so a stop is seen upstream as a disconnect at once.
 
 Named openai_compat.py (not openai.py) so a traceback or a grep never confuses this module with the package.
-Create one provider per pipeline and reuse it: it owns one AsyncOpenAI client and its HTTP clients (connection
-pools, one TLS context); `aclose()` it at shutdown.
+Create one provider per pipeline and reuse it: it owns one AsyncOpenAI client (configuration only) and one aiohttp
+session (its connection pool, one TLS context); `aclose()` it at shutdown.
 """
 import asyncio
 import logging
 import random
+import urllib.request
 
+import aiohttp
 import msgspec
 import openai
+import yarl
 
 from services.codes import ReplyCode
 from services.pipelines import api_key
@@ -37,9 +41,8 @@ log = logging.getLogger(__name__)
 # from falling back to OPENAI_API_KEY, which would hand an OpenAI key to a third-party server.
 NO_KEY = "EMPTY"
 MAX_BACKOFF = 8.0
-LANE = 64         # connections per HTTP connection pool (see _Lanes)
-MAX_LANES = 16    # ... so at most 1,024 connections to one upstream, as the package's default limit of 1,000
-LANE_IDLE = 8     # idle keep-alive connections per lane: 16 lanes keep about the package's default of 100
+MAX_CONNECTIONS = 1024  # to the upstream at once (streams beyond it wait for one): the package's limit is 1,000
+KEEPALIVE = 5.0         # seconds an idle connection stays open for the next request
 GROUP_NOTE = ("This is a group conversation with several people. Each of their messages starts with the "
               "speaker's name in brackets, like \"[alice]: \". Do not start your reply with such a label.")
 
@@ -93,15 +96,16 @@ _decode_event = msgspec.json.Decoder(_Event).decode
 
 async def _sse_data(response):
     """The `data` of each server-sent event of a streamed body, as bytes; comments and other fields ignored."""
-    async for events in _sse_reads(response):
+    async for events in _sse_reads(response.aiter_bytes()):
         for data in events:
             yield data
 
 
-async def _sse_reads(response):
-    """The events of a streamed body as they arrive: one list per network read (possibly empty)."""
+async def _sse_reads(blocks):
+    """The events of a streamed body (`blocks`: its bytes as they arrive): one list per network read (possibly
+    empty)."""
     pending, data = b"", []
-    async for block in response.aiter_bytes():
+    async for block in blocks:
         lines = (pending + block).split(b"\n")
         pending = lines.pop()
         events = []
@@ -159,43 +163,56 @@ class OpenAIProvider:
         self.think_tags = opts.get("think_tags", True)
         self.max_tokens_param = opts.get("max_tokens_param", "max_tokens")
         self.extra_body = opts.get("extra_body") or None
-        self._client = self._lanes = None
-        self._headers = self._url = None
+        self._client = self._http = None
+        self._url = self._models_url = None
 
     def _get_client(self, key):
         if self._client is None:
             t = self.pipeline.timeouts
-            # Retries are ours (only before the first token); read timeouts are the stream manager's
-            # first-token/stall/total watchdogs, so the read timeout here is off.
+            # One TLS context, as the package's HTTP client would verify with (loading the CA certificates held
+            # the loop 30-80 ms): the package's client never sends a request here, it only configures.
+            tls = httpx.create_ssl_context()
             timeout = openai.Timeout(None, connect=t.connect, write=t.connect, pool=t.connect)
-            self._lanes = _Lanes(timeout)
             self._client = openai.AsyncOpenAI(api_key=key or NO_KEY, base_url=self.pipeline.base_url,
-                                              max_retries=0, timeout=timeout, http_client=self._lanes.first)
+                                              max_retries=0, timeout=timeout,
+                                              http_client=openai.DefaultAsyncHttpxClient(timeout=timeout, verify=tls))
             # What the package would send with every request (auth, then its default headers; Omit()s dropped).
             headers = {**self._client.auth_headers, **self._client.default_headers}
-            self._headers = {k: v for k, v in headers.items() if isinstance(v, str)}
-            self._url = self._client.base_url.join("chat/completions")
+            headers = {k: v for k, v in headers.items() if isinstance(v, str)}
+            self._url = yarl.URL(str(self._client.base_url.join("chat/completions")), encoded=True)
+            self._models_url = yarl.URL(str(self._client.base_url.join("models")), encoded=True)
+            # Retries are ours (only before the first token); read timeouts are the stream manager's
+            # first-token/stall/total watchdogs, so none here (a read timeout would also re-arm a timer per read).
+            self._http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS, limit_per_host=0, keepalive_timeout=KEEPALIVE,
+                                               ssl=tls),
+                headers=headers, proxy=_env_proxy(self._url),
+                timeout=aiohttp.ClientTimeout(total=None, connect=t.connect, sock_connect=t.connect, sock_read=None))
         return self._client
 
-    async def _open(self, body, lane):
-        """POST the streaming request on `lane`; -> the response, its body unread. Failures are the package's
-        exceptions, as its `create()` raises them (status errors by status, anything before a response a
-        connection error)."""
-        http = lane.http
-        request = http.build_request("POST", self._url, headers=self._headers, content=_encode(body))
+    async def _open(self, body):
+        """POST the streaming request; -> the response, its body unread. Failures are the package's exceptions,
+        as its `create()` raises them (status errors by status, anything before a response a connection error)."""
         try:
-            response = await http.send(request, stream=True)
-        except httpx.TimeoutException as exc:
-            raise openai.APITimeoutError(request=request) from exc
-        except Exception as exc:  # as the package does: whatever failed before a response
-            raise openai.APIConnectionError(request=request) from exc
-        if response.status_code >= 400:
+            response = await self._http.post(self._url, data=_encode(body))
+        except asyncio.TimeoutError as exc:  # (aiohttp's connect timeouts are TimeoutErrors)
+            raise openai.APITimeoutError(request=self._request()) from exc
+        except (aiohttp.ClientError, OSError, ValueError) as exc:  # as the package does: failed before a response
+            raise openai.APIConnectionError(request=self._request()) from exc
+        if response.status >= 400:
             try:
-                await response.aread()
+                content = await response.read()
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+                content = b""
             finally:
-                await response.aclose()
-            raise _status_error(response)
+                response.close()
+            raise _status_error(httpx.Response(response.status, headers=list(response.headers.items()),
+                                               content=content, request=self._request()))
         return response
+
+    def _request(self):
+        """The request as the package's exceptions name it (only for them: aiohttp sent it)."""
+        return httpx.Request("POST", str(self._url))
 
     async def warm_up(self, timeout=2.0):
         """Before the first reply: build the client and its lazily imported parts, and open a pooled connection
@@ -205,18 +222,19 @@ class OpenAIProvider:
             key = self._key()
         except ProviderError:
             return  # the first reply says the key is missing; the pipeline loader has warned already
-        client = self._get_client(key)
-        client.chat.completions  # noqa: B018 (the SDK imports its resources on first access)
+        self._get_client(key)
         try:
-            await asyncio.wait_for(client.models.list(), timeout)
-        except (openai.APIError, TimeoutError) as exc:
+            async with asyncio.timeout(timeout):
+                async with self._http.get(self._models_url) as response:
+                    await response.read()
+        except (aiohttp.ClientError, OSError, ValueError, TimeoutError) as exc:
             log.debug("warm-up request to %s: %s", self.pipeline.base_url, type(exc).__name__)
 
     async def aclose(self):
         if self._client is not None:
-            client, lanes, self._client, self._lanes = self._client, self._lanes, None, None
-            await client.close()  # (closes the HTTP client it was given: the first lane's)
-            await lanes.aclose()
+            client, http, self._client, self._http = self._client, self._http, None, None
+            await http.close()
+            await client.close()
 
     def _key(self):
         name = self.pipeline.api_key_env
@@ -262,15 +280,14 @@ class OpenAIProvider:
             splitter = ThinkSplitter() if self.think_tags else None
             upstream = error = None
             finished = done = False
-            lane = self._lanes.take()
             try:
                 try:
-                    upstream = await self._open(body, lane)
+                    upstream = await self._open(body)
                 except openai.APIError as exc:
                     raise self._error(exc, key, ids, attempt=attempt) from None
                 pieces = _Pieces()
                 try:
-                    async for events in _sse_reads(upstream):
+                    async for events in _sse_reads(_http_chunks(upstream)):
                         for data in events:
                             if done:
                                 break  # read the body to its end, so the connection is reused
@@ -283,7 +300,7 @@ class OpenAIProvider:
                                 error = exc  # after the text that came before it
                                 break
                             if event.error:
-                                error = openai.APIError(_error_text(event.error), upstream.request,
+                                error = openai.APIError(_error_text(event.error), self._request(),
                                                         body=event.error)
                                 break
                             if isinstance(event.model, str):
@@ -318,7 +335,7 @@ class OpenAIProvider:
                             yield chunk
                 except openai.APIError as exc:  # an error event inside the stream
                     raise self._error(exc, key, ids, attempt=attempt) from None
-                except httpx.HTTPError as exc:
+                except (aiohttp.ClientError, OSError) as exc:
                     # Once the response has started, a cut connection is a protocol failure, not "unreachable".
                     raise self._error(exc, key, ids, attempt=attempt,
                                       code=ReplyCode.UPSTREAM_PROTOCOL_ERROR, retryable=True) from None
@@ -339,13 +356,13 @@ class OpenAIProvider:
                 log.info("provider retry: pipeline=%s session=%s message=%s code=%s attempt=%d delay=%.2fs",
                          *ids, retry.error.code, attempt + 1, delay)
             finally:
-                try:
-                    if upstream is not None:
-                        # Closes the HTTP response (and its connection) at once: on a stop the upstream server
-                        # sees the disconnect and stops generating; no further delta is read.
-                        await upstream.aclose()
-                finally:
-                    lane.busy -= 1
+                if upstream is not None:
+                    if upstream.content.at_eof():
+                        upstream.release()  # read to its end: the connection serves the next request
+                    else:
+                        # Closes the connection at once: on a stop the upstream server sees the disconnect and
+                        # stops generating; no further delta is read.
+                        upstream.close()
             attempt += 1
             await asyncio.sleep(delay)
         if not has_text:
@@ -374,53 +391,22 @@ class OpenAIProvider:
                   err.code, attempt + 1, err.detail or err.message)
 
 
-class _Lane:
-    __slots__ = ("http", "busy")
-
-    def __init__(self, http):
-        self.http = http
-        self.busy = 0   # requests sent or streaming on it
-
-
-class _Lanes:
-    """A provider's HTTP clients, each with its own connection pool of at most LANE connections; a request takes
-    the first lane with room (so idle keep-alive connections of the first lanes are reused first). One httpx
-    pool scans all of its connections on every request and on every response's end (and probes each idle
-    one's socket): with 1,000 streams in one pool that was ~11 % of the loop."""
-
-    def __init__(self, timeout):
-        self.timeout = timeout
-        # One TLS context for all lanes: loading the CA certificates for each new client held the loop ~30 ms.
-        self.tls = httpx.create_ssl_context()
-        self.lanes = [self._lane()]
-
-    @property
-    def first(self):
-        return self.lanes[0].http
-
-    def _lane(self):
-        limits = httpx.Limits(max_connections=LANE, max_keepalive_connections=LANE_IDLE, keepalive_expiry=5.0)
-        return _Lane(openai.DefaultAsyncHttpxClient(timeout=self.timeout, limits=limits, verify=self.tls))
-
-    def take(self):
-        for lane in self.lanes:
-            if lane.busy < LANE:
-                break
-        else:
-            if len(self.lanes) < MAX_LANES:
-                lane = self._lane()
-                self.lanes.append(lane)
-            else:  # every lane full: the least busy one queues the request (its pool timeout applies)
-                lane = min(self.lanes, key=lambda each: each.busy)
-        lane.busy += 1
-        return lane
-
-    async def aclose(self):
-        for lane in self.lanes[1:]:
-            await lane.http.aclose()
-
-
 _encode = msgspec.json.encode
+
+
+def _env_proxy(url):
+    """The proxy the environment names for `url` (HTTP(S)_PROXY, NO_PROXY), as the package's client would use:
+    read once (aiohttp's trust_env reads the environment and ~/.netrc in a thread on every request)."""
+    if url.host and urllib.request.proxy_bypass(url.host):
+        return None
+    return urllib.request.getproxies().get(url.scheme)
+
+
+async def _http_chunks(response):
+    """A streamed body's bytes as the upstream flushed them: each HTTP chunk as it arrives (a large one perhaps
+    in parts), so what the upstream sent apart stays apart, as it reaches the socket."""
+    async for data, _ in response.content.iter_chunks():
+        yield data
 
 # The package's exception class for each error status (as its client maps them); others are APIStatusError.
 STATUS_ERRORS = {400: openai.BadRequestError, 401: openai.AuthenticationError, 403: openai.PermissionDeniedError,
@@ -457,7 +443,7 @@ def _error_text(error):
 
 
 def _describe(exc):
-    if isinstance(exc, httpx.HTTPError):
+    if isinstance(exc, (aiohttp.ClientError, OSError, httpx.HTTPError)):
         return f"the stream broke off ({type(exc).__name__}: {exc})"
     if isinstance(exc, openai.APIError):
         message = exc.message or type(exc).__name__      # "Error code: 429 - {...}" for a status error

@@ -28,7 +28,7 @@ class UserMessage(Event, tag="user_message"):
 
 class ReplyRegenerate(Event, tag="reply.regenerate"):
     """A new reply (`message_id`, numbered `seq`) to an earlier user message (`reply_to`), replacing the reply
-    `replaces` (services/chat.py regenerate). It accounts for its number in every viewer's order before the
+    `replaces` (services/sending.py regenerate). It accounts for its number in every viewer's order before the
     reply's own events; viewers get no frame of it (the reply's frames name `reply_to`)."""
     session_id: str
     seq: int

@@ -30,7 +30,7 @@ from services import events, frames
 
 log = logging.getLogger(__name__)
 
-SEQS_PER_SEND = 2  # services/chat.py send(): the user message and its reply
+SEQS_PER_SEND = 2  # services/sending.py send(): the user message and its reply
 GAP_WAIT = 1.0     # seconds a missing number may take to arrive before the store is asked
 ORDERED = frozenset((events.UserMessage, events.ReplyRegenerate, events.ReplyStarted, events.ReplyDelta,
                      events.ReplyFinal))

@@ -9,7 +9,7 @@ from the one log, in order, once.
 import logging
 
 from services import events, schema
-from services.chat import check_id
+from services.sessions import check_id
 from services.codes import Code
 from services.errors import NotFound
 from services.replylog import Stale
@@ -21,12 +21,12 @@ REREADS = 3      # a reply read as live that ended meanwhile is read again (each
 
 
 class Resumer:
-    def __init__(self, store, fanout, streams, chat, metrics=None):
+    def __init__(self, store, fanout, streams, sessions, metrics=None):
         self.metrics = metrics
         self.store = store
         self.fanout = fanout
         self.streams = streams
-        self.chat = chat
+        self.sessions = sessions
 
     async def resume(self, conn, frame):
         """Handle one `resume` frame: by `message_id`, or every live reply of a session (plus `offsets` named)."""
@@ -40,7 +40,7 @@ class Resumer:
             session_id = frame.session_id or conn.primary_session
             check_id(session_id, "session_id")
             wanted = {m: (o.offset, o.thinking_offset, o.epoch) for m, o in frame.offsets.items()}
-            session = await self.chat.session(conn.identity, conn.pipeline, session_id)
+            session = await self.sessions.session(conn.identity, conn.pipeline, session_id)
             docs = {d["_id"]: d for d in await self.store.find_replies(session_id, list(wanted))}
             if missing := [m for m in wanted if m not in docs]:
                 raise NotFound(f"no reply {missing[0]!r} in this session", code=Code.MESSAGE_NOT_FOUND,
@@ -81,7 +81,7 @@ class Resumer:
         doc = await self.store.find_message(message_id)
         if doc is not None and doc["role"] == "assistant":
             try:
-                return doc, await self.chat.session(conn.identity, conn.pipeline, doc["session_id"])
+                return doc, await self.sessions.session(conn.identity, conn.pipeline, doc["session_id"])
             except NotFound:
                 pass  # someone else's (or another pipeline's): indistinguishable from unknown
         raise NotFound(f"no reply {message_id!r}", code=Code.MESSAGE_NOT_FOUND, message_id=message_id)

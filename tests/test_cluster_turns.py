@@ -14,7 +14,7 @@ pytestmark = pytest.mark.gen_test(timeout=60)
 
 
 async def stored_send(store, session, seq, text):
-    """What services/chat.py send() stores once its numbers are reserved: the message and its queued reply."""
+    """What services/sending.py send() stores once its numbers are reserved: the message and its queued reply."""
     now = utcnow()
     base = {"session_id": session["_id"], "pipeline": session["pipeline"], "created_at": now, "updated_at": now}
     user = {"_id": new_id(), "seq": seq, "role": "user", "content": text, "status": "completed", "sender": "u",
@@ -31,7 +31,7 @@ def two_instances(services, grace=30):
                                cluster=True, provider_factory=provider_factory, lease_seconds=30)
                  for name in ("a", "b")]
     for streams in instances:
-        streams.hole_grace = grace  # longer than anything this test waits: the order may not depend on the machine
+        streams.turns.hole_grace = grace  # longer than anything this test waits: the order may not depend on the machine
     return instances
 
 

@@ -120,7 +120,7 @@ async def test_connects_that_arrive_together_share_one_new_session(connect, serv
     ids = {c.connected["session_id"] for c in clients}
     assert len(ids) == 1 and all(c.connected["session_type"] == "group" for c in clients)
     assert await services.store.sessions.count_documents({"_id": next(iter(ids))}) == 1
-    assert services.chat._opening == {}  # no lookup left behind
+    assert services.sessions._opening == {}  # no lookup left behind
 
 
 async def test_a_second_tab_registers_without_the_store_and_its_handshake_answer_is_whole(ws_url, connect,
@@ -160,8 +160,8 @@ async def test_per_user_connection_cap_leaves_existing_ones_alone(connect, ws_ur
 
 
 async def test_message_rate_limit_answers_retry_after(connect, services):
-    services.chat.limiter.rate, services.chat.limiter.burst = 1.0, 2
-    services.chat.limiter.buckets.clear()
+    services.sending.limiter.rate, services.sending.limiter.burst = 1.0, 2
+    services.sending.limiter.buckets.clear()
     c = await connect()
     assert (await c.say("one"))["type"] == "ack"
     assert (await c.say("two"))["type"] == "ack"

@@ -30,7 +30,7 @@ async def test_reply_goes_on_and_is_persisted_in_full_when_its_sender_disconnect
 
 
 async def test_on_last_viewer_gone_stop_ends_the_reply_only_when_no_viewer_is_left(connect, services):
-    services.chat.on_last_viewer_gone = "stop"
+    services.sending.on_last_viewer_gone = "stop"
     a = await connect("slow")
     b = await connect("slow", session_id=a.connected["session_id"])
     reply_id = (await a.say("two viewers"))["data"]["reply_message_id"]
@@ -52,7 +52,7 @@ async def test_a_stop_is_recorded_on_the_message(connect, services):
     await c.send({"type": "stop", "message_id": reply_id})
     frames = await c.until_final(reply_id)
     assert frames[-1]["data"]["status"] == "stopped"
-    await settle(lambda: not services.chat._background)
+    await settle(lambda: not services.sending._background)
     doc = await services.store.get_message(reply_id)
     assert doc["status"] == "stopped" and doc["stop_requested"] and doc["stop_requested_at"]
 

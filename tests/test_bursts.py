@@ -38,7 +38,7 @@ async def open_sessions(services, connect, count, pipeline="default"):
     return clients
 
 
-async def test_a_burst_of_sends_over_websockets_all_get_acks_and_finals(connect, services):
+async def test_a_burst_of_sends_over_websockets_all_get_acks_and_finals(connect, services, stored_message):
     clients = await open_sessions(services, connect, BURST)
     text = [{"type": "Plain", "text": "burst"}]
     await asyncio.gather(*(c.send({"type": "message", "message": text}) for c in clients))
@@ -51,7 +51,7 @@ async def test_a_burst_of_sends_over_websockets_all_get_acks_and_finals(connect,
 
     for reply_id, final in await asyncio.gather(*(answer(c) for c in clients)):
         assert final["status"] == "completed", final
-        stored = await services.store.get_message(reply_id)
+        stored = await stored_message(reply_id)
         assert stored["status"] == "completed" and stored["content"] == final["content"]
     assert batches(services, "insert_messages")[1] == BURST  # every send's messages went through group commit
     assert batches(services, "finish")[1] == BURST

@@ -231,7 +231,8 @@ async def test_connection_stats_have_per_user_counts_and_times(connect, fetch):
     assert stats["oldest_connection_seconds"] >= 0 and stats["max_idle_seconds"] >= 0
 
 
-async def test_a_stalled_reader_delays_no_one_and_memory_stays_bounded(connect, fetch, services, monkeypatch):
+async def test_a_stalled_reader_delays_no_one_and_memory_stays_bounded(connect, fetch, services, stored_message,
+                                                                     monkeypatch):
     # a cumulative frame per chunk, as a fan-out without pacing sends them: tens of MB for this reader's outbox
     monkeypatch.setattr(replylog, "CUMULATIVE_INTERVAL", 0.0)
     services.config.outbox_limit = 256 * 1024
@@ -257,7 +258,7 @@ async def test_a_stalled_reader_delays_no_one_and_memory_stays_bounded(connect, 
     assert conn.outbox.waiting_size <= services.config.outbox_limit
     # reading again, it gets a coalesced but complete stream and exactly one final frame
     frames = await stalled.until_final(reply_id, timeout=30)
-    stored = await services.store.get_message(reply_id)
+    stored = await stored_message(reply_id)
     assert frames[-1]["data"]["status"] == "completed" and frames[-1]["data"]["content"] == stored["content"]
     contents = [f["data"]["content"] for f in frames]
     assert all(b.startswith(a) for a, b in zip(contents, contents[1:]))

@@ -110,7 +110,7 @@ async def test_one_event_one_encoding_the_same_bytes_for_every_viewer(connect, s
     assert 0 < encoded <= distinct + 2, (encoded, distinct)
 
 
-async def test_a_resume_crossing_the_final_never_gets_a_second_final(connect, services):
+async def test_a_resume_crossing_the_final_never_gets_a_second_final(connect, services, stored_message):
     """A viewer resumes a reply as it ends, many times: exactly one final each time, nothing after it, and the
     text is whole. (Before the fan-out owned the cursors, about one try in ten got `final, resumed, delta,
     final`.) A tenth of the tries resume right after the final went out, which always crossed it."""
@@ -140,7 +140,7 @@ async def test_a_resume_crossing_the_final_never_gets_a_second_final(connect, se
                 got.add(frame)
         await nothing_more(viewer, reply_id)
         assert len(got.finals) == 1
-        stored = await services.store.get_message(reply_id)
+        stored = await stored_message(reply_id)
         assert got.finals[0]["content"] == stored["content"] and got.finals[0]["status"] == "completed"
         if early:
             assert entry["status"] == "completed"
@@ -152,7 +152,7 @@ async def test_a_resume_crossing_the_final_never_gets_a_second_final(connect, se
     assert crossed >= 12  # at least the tries that resumed after the final was sent
 
 
-async def test_a_huge_finished_reply_resumes_in_pages_then_one_final(connect, services):
+async def test_a_huge_finished_reply_resumes_in_pages_then_one_final(connect, services, stored_message):
     """A reply of more than 524,288 code points (its final frame alone, text twice, is over the 1 MB outbox
     limit): a delta-mode resume gets it in frames of at most 256 KB, made as the client reads them, then the one
     final, and the connection is not closed as a slow consumer."""
@@ -160,7 +160,7 @@ async def test_a_huge_finished_reply_resumes_in_pages_then_one_final(connect, se
     reply_id = (await a.say("a very long answer"))["data"]["reply_message_id"]
     a.close()
     await settle(lambda: reply_id not in services.streams.generations, timeout=60)
-    stored = await services.store.get_message(reply_id)
+    stored = await stored_message(reply_id)
     assert stored["status"] == "completed" and len(stored["content"]) > 524_288 and len(stored["thinking"]) > PAGE
     b = await connect("huge", stream_mode="delta")
     await b.send({"type": "resume", "message_id": reply_id, "offset": 0, "thinking_offset": 0})

@@ -31,8 +31,14 @@ def token(user, admin=False):
 
 
 class Target:
-    def __init__(self, kind, port, pid, timeout):
+    def __init__(self, kind, port, pid, timeout, sources=(), pids=()):
         self.kind, self.port, self.pid, self.timeout = kind, port, pid, timeout
+        self.sources = list(sources)       # local addresses to connect from, in turn (nginx's ip_hash: bench/cluster_load.py)
+        self.pids = list(pids) or [pid]    # the processes whose CPU time a scenario reports (a cluster's instances, its store)
+
+    def cpu(self):
+        """CPU seconds used so far by each of `pids`, in order."""
+        return [proc_cpu(pid) for pid in self.pids]
 
     def url(self, pipeline, mode="delta", session_type="person"):
         if self.kind == "sio":
@@ -40,10 +46,11 @@ class Target:
         return (f"ws://127.0.0.1:{self.port}/api/v1/pipelines/{pipeline}/ws/connect"
                 f"?session_type={session_type}&stream_mode={mode}&protocol=parley.v1")  # Parley's dialect
 
-    async def open(self, pipeline, user="bench", mode="delta", session_type="person"):
+    async def open(self, pipeline, user="bench", mode="delta", session_type="person", source=None):
+        extra = {"local_addr": (source, 0)} if source else {}
         ws = await connect(self.url(pipeline, mode, session_type), compression=None, max_size=None,
                            ping_interval=None, open_timeout=self.timeout,
-                           additional_headers={"Authorization": f"Bearer {token(user)}"})
+                           additional_headers={"Authorization": f"Bearer {token(user)}"}, **extra)
         if self.kind == "sio":
             await ws.send("40")
             while not (await asyncio.wait_for(ws.recv(), self.timeout)).startswith("40"):
@@ -70,7 +77,8 @@ class Target:
 
         async def one(i):
             async with gate:
-                return await self.open(pipeline, users(i), mode, session_type)
+                source = self.sources[i % len(self.sources)] if self.sources else None
+                return await self.open(pipeline, users(i), mode, session_type, source)
         return await asyncio.gather(*(one(i) for i in range(count)))
 
     def post_broadcast(self, text):
@@ -80,6 +88,12 @@ class Target:
                                               "Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=self.timeout) as resp:
             resp.read()
+
+
+def cpu_result(before, after, tokens):
+    """The CPU time of the measured processes per token: all of them, and each (µs)."""
+    each = [(b - a) / max(1, tokens) * 1e6 for a, b in zip(before, after)]
+    return {"cpu_us_per_token": sum(each), "cpu_us_per_token_each": each}
 
 
 MESSAGE = json.dumps({"type": "message", "message": [{"type": "Plain", "text": "benchmark"}]})
@@ -127,6 +141,7 @@ async def many(t, p):
     """C clients, each its own session, all send at once: first-token latency and total throughput."""
     socks = await t.open_many(p["clients"], p["pipeline"], lambda i: f"u{i}")
     firsts, ends = [], []
+    cpu0 = t.cpu()
     start = time.monotonic()
 
     async def one(ws):
@@ -137,9 +152,11 @@ async def many(t, p):
         await t.wait(ws, is_final)
         ends.append(time.monotonic())
     await asyncio.gather(*(one(ws) for ws in socks))
+    cpu = t.cpu()
     await asyncio.gather(*(ws.close() for ws in socks))
     return {"first_token_p50_ms": percentile(firsts, 50) * 1e3, "first_token_p99_ms": percentile(firsts, 99) * 1e3,
-            "tokens_per_s": p["clients"] * p["n"] / (max(ends) - start)}
+            "tokens_per_s": p["clients"] * p["n"] / (max(ends) - start),
+            **cpu_result(cpu0, cpu, p["clients"] * p["n"])}
 
 
 async def paced(t, p):
@@ -164,23 +181,48 @@ async def paced(t, p):
             delays.extend(now - s for s in stamps(text))
         await ws.send(MESSAGE)
         await t.wait(ws, is_final, on)
+    cpu0, start = t.cpu(), time.monotonic()
     await asyncio.gather(*(one(ws) for ws in socks))
+    cpu, seconds = t.cpu(), time.monotonic() - start
     await asyncio.gather(*(ws.close() for ws in socks))
     return {"delay_p50_ms": percentile(delays, 50) * 1e3, "delay_p99_ms": percentile(delays, 99) * 1e3,
-            "tokens": len(delays)}
+            "tokens": len(delays), "seconds": seconds, **cpu_result(cpu0, cpu, len(delays))}
 
 
 async def idle(t, p):
-    """Open N idle authenticated connections: connect rate and the server's memory per connection."""
+    """Open N idle authenticated connections of `users` users (default: each its own, so each its own session):
+    connect rate and the server's memory per connection."""
+    users = p.get("users") or p["clients"]
     rss0 = proc_rss(t.pid)
     start = time.monotonic()
-    socks = await t.open_many(p["clients"], p.get("pipeline", "short"), lambda i: f"i{i % 50}")
+    socks = await t.open_many(p["clients"], p.get("pipeline", "short"), lambda i: f"i{i % users}")
     elapsed = time.monotonic() - start
     await asyncio.sleep(1.0)
     rss1 = proc_rss(t.pid)
     await asyncio.gather(*(ws.close() for ws in socks))
     return {"connects_per_s": p["clients"] / elapsed, "kb_per_connection": (rss1 - rss0) / p["clients"] / 1024,
-            "connections": p["clients"]}
+            "connections": p["clients"], "users": users}
+
+
+async def streaming(t, p):
+    """N connections of distinct users, each with a reply streaming to it (a slow pipeline): the server's memory
+    per connection while they stream. Every reply is stopped before the sockets close."""
+    rss0 = proc_rss(t.pid)
+    socks = await t.open_many(p["clients"], p["pipeline"], lambda i: f"s{i}")
+
+    async def start(ws):
+        await ws.send(MESSAGE)
+        await t.wait(ws, is_token)
+    await asyncio.gather(*(start(ws) for ws in socks))
+    await asyncio.sleep(1.0)  # every reply past its first token, checkpointing
+    rss1 = proc_rss(t.pid)
+
+    async def stop(ws):
+        await ws.send(json.dumps({"type": "stop"}))
+        await t.wait(ws, is_final)
+    await asyncio.gather(*(stop(ws) for ws in socks))
+    await asyncio.gather(*(ws.close() for ws in socks))
+    return {"kb_per_connection": (rss1 - rss0) / p["clients"] / 1024, "connections": p["clients"]}
 
 
 async def fanout(t, p):
@@ -275,12 +317,12 @@ async def latency(t, p):
     return {"p50_ms": percentile(times, 50) * 1e3, "p99_ms": percentile(times, 99) * 1e3, "reps": len(times)}
 
 
-SCENARIOS = {"relay": relay, "many": many, "paced": paced, "idle": idle, "fanout": fanout,
+SCENARIOS = {"relay": relay, "many": many, "paced": paced, "idle": idle, "streaming": streaming, "fanout": fanout,
              "broadcast": broadcast, "latency": latency}
 
 
 async def run(p):
-    t = Target(p["kind"], p["port"], p["pid"], p.get("timeout", 120))
+    t = Target(p["kind"], p["port"], p["pid"], p.get("timeout", 120), p.get("sources", ()), p.get("pids", ()))
     wall0, cpu0 = time.monotonic(), time.process_time()
     result = await SCENARIOS[p["scenario"]](t, p)
     result["client_cpu"] = round((time.process_time() - cpu0) / (time.monotonic() - wall0), 2)

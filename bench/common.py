@@ -31,6 +31,8 @@ def pipelines(quick):
         # bench/cluster.py's failover: a reply long enough to kill its instance mid-way (continued, or not)
         "lost": {"source": "demo", "n": 4000, "rate": 200},
         "lost_once": {"source": "demo", "n": 4000, "rate": 200, "on_instance_lost": "interrupt"},
+        # streaming memory: many replies live at once, each with its upstream request open
+        "trickle": {"source": "upstream", "n": 100000, "rate": 2},
     }
 
 

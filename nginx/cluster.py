@@ -57,7 +57,7 @@ def render_conf(workdir, *, port, backends, down=(), template=TEMPLATE):
     mime = "    include /etc/nginx/mime.types;\n" if Path("/etc/nginx/mime.types").exists() else ""
     user = "user root;\n" if os.geteuid() == 0 else ""  # as root, workers would otherwise drop to `nobody`
     return (f"{user}worker_processes 1;\npid {w / 'nginx.pid'};\nerror_log {w / 'nginx-error.log'} info;\n"
-            f"events {{ worker_connections 1024; }}\n"
+            f"events {{ worker_connections 4096; }}\n"  # two per client: bench/cluster_load.py has 1,000
             f"http {{\n{mime}    default_type application/octet-stream;\n"
             f"    access_log {w / 'nginx-access.log'};\n{temp}\n{body}\n}}\n")
 

@@ -86,6 +86,17 @@ def new_id():
     return uuid.uuid4().hex
 
 
+def session_doc(*, pipeline, session_type, owner, members=(), title="", session_id=None, visitor=""):
+    """A new session as it is stored."""
+    now = utcnow()
+    doc = {"_id": session_id or new_id(), "pipeline": pipeline, "type": session_type, "owner": owner,
+           "members": sorted({owner, *members}), "title": title, "next_seq": 0,
+           "created_at": now, "updated_at": now, "updated_ms": epoch_ms(now)}
+    if visitor:  # a widget visitor's conversation: counted, and forgotten after --visitor-session-ttl
+        doc["visitor"] = visitor
+    return doc
+
+
 class Store:
     def __init__(self, client, db_name="parley", *, metrics=None):
         self.client = client
@@ -101,10 +112,11 @@ class Store:
         self._finishes = GroupCommit(self._finish_batch, on_batch=batched("finish"))
         # counters and first-message titles: background session writes, one bulk however many sends land at once
         self._session_writes = GroupCommit(self._session_batch, on_batch=batched("session_writes"))
+        self._opens = GroupCommit(self._open_batch, on_batch=batched("get_or_create_session"))
 
     async def close(self):
         """Let the writes already gathered for a bulk write land (before the client closes)."""
-        for batcher in (self._inserts, self._checkpoints, self._finishes, self._session_writes):
+        for batcher in (self._inserts, self._checkpoints, self._finishes, self._session_writes, self._opens):
             await batcher.close()
 
     async def create_indexes(self):
@@ -148,25 +160,44 @@ class Store:
     @timed
     async def create_session(self, *, pipeline, session_type, owner, members=(), title="", session_id=None,
                              visitor=""):
-        now = utcnow()
-        doc = {"_id": session_id or new_id(), "pipeline": pipeline, "type": session_type, "owner": owner,
-               "members": sorted({owner, *members}), "title": title, "next_seq": 0,
-               "created_at": now, "updated_at": now, "updated_ms": epoch_ms(now)}
-        if visitor:  # a widget visitor's conversation: counted, and forgotten after --visitor-session-ttl
-            doc["visitor"] = visitor
+        doc = session_doc(pipeline=pipeline, session_type=session_type, owner=owner, members=members, title=title,
+                          session_id=session_id, visitor=visitor)
         await self.sessions.insert_one(doc)
         return doc
 
     @timed
-    async def get_or_create_session(self, *, session_id, **fields):
-        """Race-free: a concurrent creator's insert wins and we read it back."""
-        doc = await self.sessions.find_one({"_id": session_id})
-        if doc:
-            return doc
-        try:
-            return await self.create_session(session_id=session_id, **fields)
-        except DuplicateKeyError:
-            return await self.sessions.find_one({"_id": session_id})
+    async def get_or_create_session(self, *, session_id, pipeline, session_type, owner, visitor=""):
+        """Race-free: a concurrent creator's insert wins and we read it back. Lookups issued together (a burst of
+        new users' connections) go to the store as one read, and the sessions it did not find as one insert:
+        two commands for the burst, not one or two per connection (nx-27017 runs them one at a time)."""
+        doc = await self._opens.submit(session_doc(pipeline=pipeline, session_type=session_type, owner=owner,
+                                                   session_id=session_id, visitor=visitor))
+        return dict(doc)  # callers of one batch do not share a document
+
+    async def _open_batch(self, items):
+        ids = list({doc["_id"] for doc in items})
+        found = {doc["_id"]: doc async for doc in self.sessions.find({"_id": {"$in": ids}})}
+        new = {}
+        for doc in items:
+            if doc["_id"] not in found:
+                new.setdefault(doc["_id"], doc)
+        errors = {}
+        if new:
+            docs = list(new.values())
+            try:
+                await self.sessions.insert_many(docs, ordered=False)
+            except BulkWriteError as exc:
+                raced = []  # created meanwhile by another instance: read back
+                for error in (exc.details or {}).get("writeErrors", []):
+                    sid = docs[error["index"]]["_id"]
+                    if error.get("code") == 11000:
+                        raced.append(sid)
+                    else:
+                        errors[sid] = write_error(exc, error)
+                found.update({doc["_id"]: doc async for doc in self.sessions.find({"_id": {"$in": raced}})})
+            found.update((sid, doc) for sid, doc in new.items() if sid not in found and sid not in errors)
+        return [errors.get(doc["_id"]) or found.get(doc["_id"]) or
+                WriteError(f"session {doc['_id']!r} was neither found nor created", None, None) for doc in items]
 
     @timed
     async def find_session(self, session_id):

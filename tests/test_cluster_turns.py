@@ -72,7 +72,7 @@ async def test_after_a_reset_a_reply_waits_only_for_numbers_reserved_since(servi
     session = await store.create_session(pipeline="default", session_type="group", owner="u")
     user, reply = await stored_send(store, session, await store.next_seqs(session["_id"], 2), "before")
     assert await store.delete_session_messages(session["_id"]) == 2
-    caplog.set_level("INFO", logger="services.streams")
+    caplog.set_level("INFO", logger="services.turns")  # its "waited" line
     user, reply = await stored_send(store, session, await store.next_seqs(session["_id"], 2), "first after")
     gen = a.accept(message_id=reply["_id"], session=session, seq=reply["seq"], reply_to=user["_id"],
                    prompt="first after", sender="u", stream=True)

@@ -28,15 +28,10 @@ from bench.cluster import scenarios as cluster_scenarios
 from bench.cluster_load import scenarios as cluster_load_scenarios
 from bench.common import pipelines, raise_fd_limit
 from bench.client import SECRET, token
+from services.embedded_mongo import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port, proc, deadline):

@@ -8,6 +8,8 @@
 - failover_continued / failover_interrupted: kill -9 of the instance generating a reply that viewers on the two
   others follow: time to the first continued token (another instance goes on with it), or to the final (a
   pipeline with on_instance_lost = interrupt), and the characters viewers were told to drop (`rewind`).
+- failover_text: every continued reply is read to its final, which must equal the answer the demo pipeline
+  gives uninterrupted (counts the viewers whose final differs: 0).
 
 Only the current tree runs here (the cluster is started from this checkout); the baseline is the same measure
 within one instance, in the same run.
@@ -18,7 +20,7 @@ import os
 import time
 
 from bench.client import SECRET, token
-from bench.common import percentile, stamps
+from bench.common import percentile, pipelines, stamps
 
 
 def _stats(values):
@@ -141,7 +143,7 @@ async def _failover(cluster, reps, pipeline):
     (`lost_once`: on_instance_lost = interrupt), and the characters it was told to drop (streamed after the last
     checkpoint: `rewind`). The instance is started again after each kill."""
     loop = asyncio.get_running_loop()
-    waits, dropped = [], []
+    waits, dropped, mismatches = [], [], 0
     for i in range(reps):
         socks = await _placed(cluster, pipeline, f"lost-{pipeline}-{i}")
         owner_id = cluster.instances[0].id
@@ -174,17 +176,29 @@ async def _failover(cluster, reps, pipeline):
                         waits.append(time.monotonic() - killed)
                         dropped.append(max(0, held[sock] - (rewound if rewound is not None else held[sock])))
                         break
-            if pipeline == "lost":  # no need to wait for the rest of it
-                await viewers[0].send({"type": "stop", "session_id": viewers[0].connected["session_id"]})
+            if pipeline == "lost":  # a continued reply must end as the uninterrupted one would have
                 for sock in viewers:
-                    await sock.final_of(reply)
+                    final = await sock.final_of(reply)
+                    mismatches += final["content"] != whole(pipeline, f"lose me {i}")
         finally:
             for sock in socks.values():
                 sock.close()
             owner.start()
             await loop.run_in_executor(None, owner.wait_ready)
             await asyncio.sleep(1.0)  # the others see it back (its heartbeat) before the next kill
-    return {**_stats(waits), "dropped_chars_mean": sum(dropped) / len(dropped), "dropped_chars_max": max(dropped)}
+    out = {**_stats(waits), "dropped_chars_mean": sum(dropped) / len(dropped), "dropped_chars_max": max(dropped)}
+    if pipeline == "lost":
+        out["final_text_mismatches"] = mismatches  # 0: every viewer's final equals the uninterrupted answer
+    return out
+
+
+def whole(pipeline, question):
+    """The answer the demo pipeline gives `question` uninterrupted (bench/run.py's TOML for it)."""
+    from services.pipelines import Pipeline
+    from services.providers.demo import DemoProvider
+    spec = pipelines(False)[pipeline]
+    options = {"words": spec["n"] - 1, "rate": spec["rate"]}
+    return DemoProvider(Pipeline(id=pipeline, options=options)).whole(question)[1]
 
 
 async def _measure(cluster, reps, replies):
@@ -217,6 +231,8 @@ def scenarios(b):
                 # (no baseline: nothing else continues a reply elsewhere; the targets are absolute)
                 "failover_continued": {"parley": continued, "metric": "kill -9 → first continued token, ms",
                                        "key": "p99_ms", "base": None, "target": "p99 <= 3000 ms"},
+                "failover_text": {"parley": continued, "metric": "continued finals ≠ the uninterrupted answer",
+                                  "key": "final_text_mismatches", "base": None, "target": "0"},
                 "failover_interrupted": {"parley": ended, "metric": "kill -9 → final (interrupt pipelines), ms",
                                          "key": "p99_ms", "base": None, "target": "p99 <= 5000 ms"}}
 

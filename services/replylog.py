@@ -235,11 +235,18 @@ class ReplyLogs:
         self._close(message_id)
         session_type = self.session_type(ended.session_id)
         timestamp = frames.timestamp_from_epoch(ended.at or time.time())
+        # when the owner ended it (the bus's stamp; a final read from the store has none): a connection made
+        # after that, with no reader, is a client back from elsewhere that may hold this final already (seen in
+        # rolling restarts: a second final on the new socket when the event got here after it); it has asked for
+        # what it lacks (resume) or will (history)
+        ended_at = ended.at if ended.origin != "store" else None
         conns = []
         for conn in self.hub.viewers(ended.session_id):
             if message_id in conn.finals_sent or conn is besides:
                 continue
             reader = conn.readers.pop(message_id, None)
+            if reader is None and ended_at is not None and conn.created_at > ended_at:
+                continue
             if reader is not None and (log_ is None or log_.stream):
                 self._settle(conn, reader, log_, ended, timestamp, session_type)
             self._closed(conn, message_id)

@@ -28,10 +28,22 @@ PATIENCE = 60.0  # seconds any one frame may take: three instances, nginx and nx
 
 class Held:
     """What one client (across its reconnects) holds of one reply, as static/parley.js keeps it."""
-    __slots__ = ("text", "thinking", "epoch", "finals")
+    __slots__ = ("text", "thinking", "epoch", "finals", "trail")
 
     def __init__(self):
         self.text, self.thinking, self.epoch, self.finals = "", "", None, []
+        self.trail = []  # (connection, frame type) as they came: what a problem report shows
+
+
+def _squeeze(trail):
+    """A trail with runs of one frame type on one connection counted: [(conn, type, n), ...]."""
+    out = []
+    for conn, kind in trail:
+        if out and out[-1][:2] == [conn, kind]:
+            out[-1][2] += 1
+        else:
+            out.append([conn, kind, 1])
+    return out
 
 
 class Ledger:
@@ -56,6 +68,7 @@ class Ledger:
         if kind == "resumed":
             for entry in data["replies"]:
                 h = self.of(entry["message_id"])
+                h.trail.append((id(self) % 10000, f"resumed {entry}"))
                 if not h.finals:  # where this connection continues: what the client holds past it is void
                     h.text, h.thinking = h.text[:entry["offset"]], h.thinking[:entry["thinking_offset"]]
                     h.epoch = entry["epoch"]
@@ -64,6 +77,7 @@ class Ledger:
             return
         message_id = data["message_id"]
         h = self.of(message_id)
+        h.trail.append((id(self) % 10000, "final" if data.get("is_final") else kind))
         if message_id in self.ended_here:
             self.problems.append(f"{kind} of {message_id} after its final: {data}")
             return
@@ -77,7 +91,7 @@ class Ledger:
         elif data["is_final"]:
             self.ended_here.add(message_id)
             if h.finals:
-                self.problems.append(f"a second final of {message_id}: {data['status']}")
+                self.problems.append(f"a second final of {message_id}: {data['status']} {_squeeze(h.trail)}")
             elif not data["content"].startswith(h.text):
                 self.problems.append(f"the final of {message_id} takes back text it never said was void: "
                                      f"{len(h.text)} held, {len(data['content'])} in the final")

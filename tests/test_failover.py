@@ -3,6 +3,7 @@ behind the nginx we ship, clients on different loopback networks, every frame of
 arrives (tests/cluster.py Ledger: no gap, no character twice, text taken back only by `rewind`/`resumed`, one
 final per client and nothing after it) while instances are killed, paused, stopped and restarted."""
 import asyncio
+import random
 import re
 import signal
 import time
@@ -132,6 +133,62 @@ async def test_kill_9_every_viewer_gets_one_final_wherever_it_reconnects(cluster
             client.close()
     finally:
         owner.start()
+        await asyncio.get_running_loop().run_in_executor(None, owner.wait_ready)
+
+
+@pytest.mark.parametrize("how,seed", [("kill", 7), ("kill", 31337), ("stop", 2026), ("term", 99)])
+async def test_an_owner_lost_at_a_random_moment_the_reply_goes_on_to_the_same_text(cluster, how, seed):
+    """Chaos, seeded (a failure names its case): the owner is lost after a random number of frames, anywhere
+    from the reasoning's first token to deep into the answer — kill -9 (back at once under the same id, or not
+    until the end), SIGSTOP past its liveness then SIGCONT (it wakes fenced, its client still on it), or SIGTERM
+    (it drains: closes its sockets, hands the reply over). A client that lost its socket returns through a random
+    survivor after a random pause. Every viewer ends with the one text an uninterrupted reply has, in one final,
+    every frame adding up."""
+    rng = random.Random(seed)
+    where = await spread(cluster)
+    owner = cluster.instances[0]
+    others = cluster.instances[1:]
+    user = f"chaos-{how}-{seed}"
+    sender = await connect(cluster, "medium", src=where[owner.id], user=user)
+    far = [await connect(cluster, "medium", src=where[i.id], user=user) for i in others]
+    reply_id = (await sender.say(QUESTION))["data"]["reply_message_id"]
+    kill_after, back_at_once, pause = rng.randrange(1, 300), rng.random() < 0.5, rng.uniform(0, LIVENESS * 1.5)
+    where_to = rng.choice(others)
+    case = f"{how} after {kill_after} frames, back at once {back_at_once}, pause {pause:.2f} s"
+    await reply_frames(sender, reply_id, kill_after)
+    try:
+        if how == "stop":
+            owner.signal(signal.SIGSTOP)
+            await wait_for(lambda: _now(stored(cluster, reply_id).get("continuations") == 1), interval=0.2)
+            owner.signal(signal.SIGCONT)
+            viewers = (sender, *far)
+        else:
+            if how == "kill":
+                owner.proc.kill()
+            else:
+                owner.proc.terminate()
+            await drain(sender)
+            owner.proc.wait()
+            if back_at_once:
+                owner.start()
+            await asyncio.sleep(pause)
+            moved = await reconnect(cluster, where[where_to.id], user, sender.ledger.held, reply_id, "medium")
+            assert moved.instance == where_to.id, case
+            viewers = (moved, *far)
+        thinking, answer = demo_text("medium", QUESTION)
+        finals = [await until_final(client, reply_id) for client in viewers]
+        truth = stored(cluster, reply_id)
+        assert (truth["status"], truth["content"], truth["thinking"]) == ("completed", answer, thinking), case
+        assert truth["continuations"] == 1, case
+        for client, final in zip(viewers, finals):
+            assert (final["status"], final["content"], final.get("continued")) == ("completed", answer, 1), case
+            assert client.ledger.of(reply_id).text == answer, case
+            await nothing_more(client, reply_id)
+            client.close()
+    finally:
+        owner.signal(signal.SIGCONT)
+        if owner.proc.poll() is not None:
+            owner.start()
         await asyncio.get_running_loop().run_in_executor(None, owner.wait_ready)
 
 
@@ -276,6 +333,7 @@ async def test_rolling_restarts_under_20_chatting_clients_no_duplicate_no_gap_no
                              "thinking_offset": len(h.thinking)}
                     if h.epoch is not None:
                         frame["epoch"] = h.epoch
+                    h.trail.append((id(conn.ledger) % 10000, f"sent resume {len(h.text)} finals {len(h.finals)}"))
                     await conn.send(frame)
                 return conn
             except (WebSocketClosedError, StreamClosedError):
@@ -302,6 +360,8 @@ async def test_rolling_restarts_under_20_chatting_clients_no_duplicate_no_gap_no
             if ack["data"]["duplicate"]:  # its reply may have ended while we were away: ask for it
                 try:
                     h = conn.ledger.of(reply_id)
+                    h.trail.append((id(conn.ledger) % 10000, f"duplicate: sent resume {len(h.text)} finals "
+                                                              f"{len(h.finals)}"))
                     await conn.send({"type": "resume", "message_id": reply_id, "offset": len(h.text),
                                      "thinking_offset": len(h.thinking)})
                 except (WebSocketClosedError, StreamClosedError):

@@ -12,11 +12,12 @@ a probe this instance writes within PROBE_WAIT, or it is reopened from the prese
 Reply deltas are most of the traffic, and most of it is useless to other instances (sticky clients view their
 replies where they are generated). So deltas cross only for sessions another instance has announced interest in
 (it has a viewer of them: a group member elsewhere, a client that moved), merged to at most one event per reply
-per BATCH_INTERVAL. An instance announces the sessions its clients view (`interest` events: at once when the set
-grows, and every INTEREST_REFRESH seconds; an owner forgets an interest not refreshed for INTEREST_TTL). The
-owner answers an announcement with a `sync`: one delta per live reply of those sessions, from offset 0, so the
-newcomer has the whole text. Received deltas go to the replies' logs as they come: offsets and epochs make
-them exact there (a repeat is trimmed, a gap asks the owner for a sync: `want`).
+per BATCH_INTERVAL (the first after a quiet interval goes at once). An instance announces the sessions its
+clients view (`interest` events: at once when the set grows, and every INTEREST_REFRESH seconds; an owner
+forgets an interest not refreshed for INTEREST_TTL). The owner answers an announcement with a `sync`: one delta
+per live reply of those sessions, from offset 0, so the newcomer has the whole text. Received deltas go to the
+replies' logs as they come: offsets and epochs make them exact there (a repeat is trimmed, a gap asks the owner
+for a sync: `want`).
 """
 import asyncio
 import logging
@@ -33,11 +34,16 @@ from services.bus import Bus, stop_task
 log = logging.getLogger(__name__)
 
 EVENTS_TTL = 24 * 3600     # seconds an event document lives (a resume token older than this cannot resume)
-BATCH_INTERVAL = 0.1       # seconds: at most one reply.delta event per reply per interval crosses
+BATCH_INTERVAL = 0.025     # seconds: at most one reply.delta event per reply per interval crosses
 INTEREST_REFRESH = 3.0     # seconds between re-announcements of the sessions viewed here
 INTEREST_TTL = 10.0        # an owner keeps sending deltas this long after the last announcement
 INTEREST_CHECK = 0.05      # seconds between looks for newly viewed sessions (announced at once)
 POLL = 0.02                # seconds between polls of an idle change stream
+# ... while a reply is live anywhere (a stop or its deltas may come): nx-27017 answers a getMore at once, never
+# waiting for data (MongoDB waits, so there the poll is only the gap between two getMores). An empty poll costs
+# ~0.2 ms of the store's CPU and ~0.2 ms of ours: only a cluster with a live reply pays the faster rate.
+POLL_LIVE = 0.005
+LIVE_FORGET = 900.0        # seconds: a reply whose final never came (its instance died) stops counting as live
 WRITE_BATCH = 500          # events per insert
 MAX_WAITING = 50_000       # events queued while the store is away; beyond this the oldest deltas are dropped
 HISTORY_LOST = (260, 280, 286)  # MongoDB: the resume token is no longer in the oplog
@@ -61,6 +67,8 @@ class MongoBus(Bus):
         self._wanted = {}         # session id -> monotonic time we last asked for a sync (rate limit)
         self._outbox = deque()
         self._batches = {}        # message id -> the merged reply.delta waiting for its interval
+        self._sent = {}           # message id -> loop time its latest delta event was enqueued
+        self._live = {}           # message id -> monotonic time its start was seen (here or elsewhere)
         self._wake = asyncio.Event()
         self._tasks = []
         self._probe = None        # after a reopen: {"id", "written": monotonic or None}, until it comes back
@@ -91,7 +99,18 @@ class MongoBus(Bus):
             return
         if (message_id := getattr(event, "message_id", None)) and message_id in self._batches:
             self._enqueue(self._batches.pop(message_id))  # its text before its final (or its handover)
+        self._track(event)
         self._enqueue(event)
+
+    def _track(self, event):
+        """Which replies are live in the cluster, as far as this instance has heard: the change stream is polled
+        faster while there is one."""
+        kind = type(event)
+        if kind is events.ReplyStarted:
+            self._live[event.message_id] = time.monotonic()
+        elif kind is events.ReplyFinal:
+            self._live.pop(event.message_id, None)
+            self._sent.pop(event.message_id, None)
 
     def _remote_interest(self, session_id):
         holders = self.interest.get(session_id)
@@ -106,16 +125,24 @@ class MongoBus(Bus):
         return bool(holders)
 
     def _batch(self, event):
-        pending = self._batches.get(event.message_id)
-        if pending is None:  # a copy: the event itself was delivered here, and must not change
-            self._batches[event.message_id] = msgspec.structs.replace(event)
-            asyncio.get_running_loop().call_later(BATCH_INTERVAL, self._release, event.message_id)
-        else:  # deltas published here are contiguous: merging is appending
+        message_id = event.message_id
+        pending = self._batches.get(message_id)
+        if pending is not None:  # deltas published here are contiguous: merging is appending
             pending.text += event.text
             pending.thinking += event.thinking
+            return
+        loop = asyncio.get_running_loop()
+        due = self._sent.get(message_id, -BATCH_INTERVAL) + BATCH_INTERVAL
+        if loop.time() >= due:  # the first delta after a quiet interval: at once (a paced reply's every token)
+            self._sent[message_id] = loop.time()
+            self._enqueue(event)
+        else:  # a copy: the event itself was delivered here, and must not change
+            self._batches[message_id] = msgspec.structs.replace(event)
+            loop.call_at(due, self._release, message_id)
 
     def _release(self, message_id):
         if (pending := self._batches.pop(message_id, None)) is not None:
+            self._sent[message_id] = asyncio.get_running_loop().time()
             self._enqueue(pending)
 
     def _enqueue(self, event):
@@ -174,6 +201,8 @@ class MongoBus(Bus):
             self._announced &= viewed
             if now - self._last_catch_up >= CATCH_UP:
                 self._catch_up(resync=False)
+                for message_id in [m for m, seen in self._live.items() if now - seen > LIVE_FORGET]:
+                    del self._live[message_id]
             self._expire_presence(now)
 
     def _announce(self, sessions, *, sync):
@@ -274,7 +303,9 @@ class MongoBus(Bus):
             return
         if kind is events.Probe or kind in events.LOCAL:
             return  # another instance checking its own stream; what is never published
-        if kind is events.Presence:
+        if kind is events.ReplyStarted or kind is events.ReplyFinal:
+            self._track(event)
+        elif kind is events.Presence:
             self._on_presence(event)
         super().receive(event)
 
@@ -305,7 +336,7 @@ class MongoBus(Bus):
                         log.warning("bus: the reopened change stream returned nothing, not even this instance's "
                                     "probe: reopening it from now")
                     else:
-                        await asyncio.sleep(POLL)
+                        await asyncio.sleep(POLL_LIVE if self._live else POLL)
                         continue
                 else:
                     doc = change.get("fullDocument") or {}

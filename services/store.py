@@ -97,11 +97,19 @@ def session_doc(*, pipeline, session_type, owner, members=(), title="", session_
     return doc
 
 
+def bus_db_name(db_name):
+    return f"{db_name}_bus"
+
+
 class Store:
     def __init__(self, client, db_name="parley", *, metrics=None):
         self.client = client
         self.metrics = metrics or Metrics()
         self.db = client[db_name]
+        # The cluster bus's events (services/mongo_bus.py) in a database of their own: nx-27017 runs one command
+        # of a database at a time, and the bus's polls (every 5 ms while a reply is live) and inserts would queue
+        # with the message writes a stop or a final waits for. The same server; MongoDB is indifferent.
+        self.bus_db = client[bus_db_name(db_name)]
         self.sessions = self.db.sessions
         self.messages = self.db.messages
         self.files = self.db.files
@@ -145,7 +153,7 @@ class Store:
 
     async def check_change_streams(self):
         """Raise unless the server can open a change stream (MongoDB: a replica set; nx-27017 can)."""
-        stream = await self.db.events.watch()
+        stream = await self.bus_db.events.watch()
         try:
             await stream.try_next()
         finally:
@@ -608,18 +616,18 @@ class Store:
     # the cluster bus's events (services/mongo_bus.py): a TTL-indexed collection read through a change stream
 
     async def create_events_index(self, ttl_seconds):
-        await self.db.events.create_index([("created", ASCENDING)], expireAfterSeconds=ttl_seconds)
+        await self.bus_db.events.create_index([("created", ASCENDING)], expireAfterSeconds=ttl_seconds)
 
     @timed
     async def insert_events(self, origin, events):
         now = utcnow()
-        await self.db.events.insert_many([{"origin": origin, "created": now, "event": e} for e in events],
+        await self.bus_db.events.insert_many([{"origin": origin, "created": now, "event": e} for e in events],
                                          ordered=True)
 
     async def watch_events(self, resume_token=None):
         """Everyone's events as they are inserted (from `resume_token` on, when given)."""
         options = {"resume_after": resume_token} if resume_token else {}
-        return await self.db.events.watch([{"$match": {"operationType": "insert"}}], **options)
+        return await self.bus_db.events.watch([{"$match": {"operationType": "insert"}}], **options)
 
     # instance liveness (services/liveness.py)
 

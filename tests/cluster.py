@@ -18,6 +18,7 @@ from tornado.websocket import websocket_connect
 
 from nginx.cluster import Cluster, nginx_binary
 from services.embedded_mongo import free_port
+from services.store import bus_db_name
 from tests.conftest import Client, require
 
 JWT_SECRET = "cluster-test-secret-0123456789abcdef"
@@ -244,6 +245,7 @@ def running_cluster(tmp_path_factory, mongo_url, *more_args):
     c.stop()
     with MongoClient(mongo_url) as client:
         client.drop_database(db_name)
+        client.drop_database(bus_db_name(db_name))
 
 
 def source(n):

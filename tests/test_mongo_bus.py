@@ -7,7 +7,7 @@ from pymongo import AsyncMongoClient, MongoClient
 
 from services import events, mongo_bus
 from services.mongo_bus import MongoBus
-from services.store import Store
+from services.store import Store, bus_db_name
 from tests.conftest import settle
 
 pytestmark = pytest.mark.gen_test(timeout=30)
@@ -53,6 +53,7 @@ def pair(io_loop, mongo_url, db_name):
     io_loop.run_sync(client.close)
     with MongoClient(mongo_url) as sync:
         sync.drop_database(db_name)
+        sync.drop_database(bus_db_name(db_name))
 
 
 async def _client(url):

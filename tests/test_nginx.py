@@ -22,6 +22,7 @@ from tornado.websocket import WebSocketClosedError, websocket_connect
 from nginx.cluster import ROOT, TEMPLATE, nginx_binary, render_conf, start_nginx, stop_nginx, wait_http
 from nginx.supervisor import Supervisor, nginx_workers
 from services.embedded_mongo import free_port
+from services.store import bus_db_name
 from tests.cluster import (PATIENCE, connect, fetch, instance_for, plain, running_cluster, source, spread, token,
                            wait_for)
 from tests.conftest import Client, require
@@ -461,6 +462,7 @@ async def test_make_cluster_restarts_a_killed_instance_and_the_others_keep_servi
             assert command.interrupt() == 0
         with MongoClient(mongo_url) as db:
             db.drop_database(db_name)
+            db.drop_database(bus_db_name(db_name))
 
 
 def test_ctrl_c_stops_every_process_of_make_cluster_and_removes_its_directory(tmp_path, io_loop):

@@ -103,46 +103,60 @@ async def _sse_data(response):
 
 async def _sse_reads(blocks):
     """The events of a streamed body (`blocks`: its bytes as they arrive): one list per network read (possibly
-    empty)."""
-    pending, data = b"", []
+    empty). An event is what lies between two blank lines; most are one `data: ` line, taken without looking at
+    lines (a fast upstream sends hundreds per read)."""
+    pending = b""  # the body after its last blank line: an event not yet complete
     async for block in blocks:
-        lines = (pending + block).split(b"\n")
-        pending = lines.pop()
+        body = pending + block if pending else block
+        if b"\r" in body:
+            body = body.replace(b"\r\n", b"\n")  # (a trailing \r meets its \n in the next read)
+        texts = body.split(b"\n\n")
+        pending = texts.pop()
         events = []
-        for line in lines:
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if not line:
-                if data:
-                    events.append(b"\n".join(data))
-                    data = []
-            elif line.startswith(b"data:"):
-                data.append(line[6:] if line[5:6] == b" " else line[5:])
+        for text in texts:
+            if text[:6] == b"data: " and b"\n" not in text:
+                events.append(text[6:])
+            elif (data := _sse_event(text)) is not None:
+                events.append(data)
         yield events
-    if pending.startswith(b"data:"):
-        data.append(pending[6:] if pending[5:6] == b" " else pending[5:])
-    if data:
-        yield [b"\n".join(data)]
+    if pending and (data := _sse_event(pending)) is not None:
+        yield [data]
+
+
+def _sse_event(text):
+    """The data of one event, line by line: comments and other fields ignored, `data` lines joined."""
+    data = [line[6:] if line[5:6] == b" " else line[5:] for line in text.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(data) if data else None
 
 
 class _Pieces:
     """The text of one network read, as few chunks as keep its order: consecutive answer (or reasoning)
     deltas that arrived together become one chunk, so a fast upstream costs one frame per read, not per token."""
-    __slots__ = ("runs",)
+    __slots__ = ("runs", "kind", "texts")
 
     def __init__(self):
-        self.runs = []  # [is_reasoning, [texts]]
+        self.runs = []      # [is_reasoning, [texts]]
+        self.kind = None    # the last run's is_reasoning, and its texts
+        self.texts = None
 
     def add(self, content, reasoning):
-        for is_reasoning, text in ((True, reasoning), (False, content)):
-            if text:
-                if self.runs and self.runs[-1][0] is is_reasoning:
-                    self.runs[-1][1].append(text)
-                else:
-                    self.runs.append([is_reasoning, [text]])
+        if reasoning:
+            self._put(True, reasoning)
+        if content:
+            if self.kind is False:  # (the usual case: answer text after answer text)
+                self.texts.append(content)
+            else:
+                self._put(False, content)
+
+    def _put(self, is_reasoning, text):
+        if self.kind is is_reasoning:
+            self.texts.append(text)
+        else:
+            self.kind, self.texts = is_reasoning, [text]
+            self.runs.append([is_reasoning, self.texts])
 
     def take(self):
-        runs, self.runs = self.runs, []
+        runs, self.runs, self.kind, self.texts = self.runs, [], None, None
         for is_reasoning, texts in runs:
             text = "".join(texts)
             yield Chunk(thinking=text) if is_reasoning else Chunk(text=text)
@@ -315,7 +329,7 @@ class OpenAIProvider:
                                     continue
                                 reasoning = delta.reasoning_content or delta.reasoning or ""
                                 content = delta.content or ""
-                                if splitter and content:
+                                if splitter and content and splitter.state != "answer":  # (then it passes all)
                                     content, more = splitter.feed(content)
                                     reasoning += more
                                 if request.partial is not None:

@@ -29,7 +29,7 @@ from handlers.base import NotFoundHandler
 from services import events, logs, runtime, settings
 from services.auth import Authenticator, check_jwt_secret
 from services.batching import Admission
-from services.chat import ChatService
+from services.announcements import Announcements
 from services.codes import Close
 from services.files import Files
 from services.embedded_mongo import EmbeddedMongo, EmbeddedMongoError
@@ -39,12 +39,16 @@ from services.fanout import FanOut
 from services.hub import Hub
 from services.keepalive import Keepalive
 from services.limits import RateLimiter
+from services.history import History
 from services.metrics import Metrics
+from services.numbers import Numbers
 from services.pipelines import PipelineConfigError, api_key, default_pipelines, load_pipelines
 from services.failover import Failover
 from services.liveness import Liveness
 from services.reaper import Reaper
 from services.resume import Resumer
+from services.sending import Sending
+from services.sessions import Sessions
 from services.signing import Signer
 from services.visitors import Visitors
 from services.store import Store
@@ -64,7 +68,10 @@ class Services:
     bus: Bus
     fanout: FanOut
     streams: StreamManager
-    chat: ChatService
+    sessions: Sessions
+    sending: Sending
+    history: History
+    announcements: Announcements
     files: Files
     visitors: Visitors
     resumer: Resumer
@@ -134,17 +141,21 @@ async def open_services(config, *, pipelines=None, provider_factory=None, auth=N
     signer = Signer(await store.signing_key())
     files = Files(store, signer, max_image=config.max_image_size, max_document=config.max_document_size,
                   quota=config.file_quota, link_ttl=config.file_link_ttl, metrics=metrics)
-    chat = ChatService(store, hub, fanout, bus, streams, pipelines, files=files,
-                       limiter=RateLimiter(config.rate_limit, config.rate_burst),
-                       on_last_viewer_gone=config.on_last_viewer_gone, max_members=config.max_members,
-                       max_image_size=config.max_image_size, max_document_size=config.max_document_size,
-                       admission=Admission(config.send_concurrency, config.send_queue, config.store_timeout))
+    numbers = Numbers(local=not config.cluster)  # message numbers without a store round trip
+    sessions = Sessions(store, hub, bus, pipelines, numbers, max_members=config.max_members)
+    sending = Sending(store, hub, fanout, bus, streams, pipelines, numbers, files=files,
+                      limiter=RateLimiter(config.rate_limit, config.rate_burst),
+                      on_last_viewer_gone=config.on_last_viewer_gone, max_image_size=config.max_image_size,
+                      max_document_size=config.max_document_size,
+                      admission=Admission(config.send_concurrency, config.send_queue, config.store_timeout))
+    history = History(store, bus, streams)
+    announcements = Announcements(hub, bus)
     visitors = Visitors(signer, pipelines, store, config, metrics=metrics)
-    resumer = Resumer(store, fanout, streams, chat, metrics)
+    resumer = Resumer(store, fanout, streams, sessions, metrics)
     # a cluster knows in seconds which instances are gone, so their replies end (or go on) without waiting out
     # each reply's lease
     liveness = Liveness(store, instance_id, timeout=config.liveness_timeout) if config.cluster else None
-    failover = Failover(store, bus, streams, chat, pipelines, max_continuations=config.max_continuations,
+    failover = Failover(store, bus, streams, sending, pipelines, max_continuations=config.max_continuations,
                         metrics=metrics)
     reaper = Reaper(store, bus, streams, failover, lease_seconds=config.lease_seconds, liveness=liveness)
     await bus.start()
@@ -159,9 +170,9 @@ async def open_services(config, *, pipelines=None, provider_factory=None, auth=N
     keepalive.start()
     visitors.start()
     return Services(config=config, client=client, store=store, hub=hub, bus=bus, fanout=fanout, streams=streams,
-                    chat=chat, files=files, visitors=visitors, resumer=resumer, reaper=reaper,
-                    liveness=liveness, pipelines=pipelines, auth=auth, instance_id=instance_id,
-                    metrics=metrics, keepalive=keepalive)
+                    sessions=sessions, sending=sending, history=history, announcements=announcements, files=files,
+                    visitors=visitors, resumer=resumer, reaper=reaper, liveness=liveness, pipelines=pipelines,
+                    auth=auth, instance_id=instance_id, metrics=metrics, keepalive=keepalive)
 
 
 def make_client(config):
@@ -198,7 +209,7 @@ async def close_services(services):
     await services.streams.shutdown()
     if services.liveness is not None:  # after our replies ended: the others need not wait to know we are gone
         await services.liveness.stop()
-    await services.chat.close()
+    await services.sending.close()
     await services.bus.close()
     await services.fanout.order.close()
     await services.store.close()  # the writes gathered for a bulk write land first
@@ -319,7 +330,7 @@ async def drain(services, server):
     server.stop()  # no new connections: nginx sends new clients to another instance
     await services.reaper.stop()  # (it would take up what this instance hands over)
     log.info("draining: telling %d clients to reconnect elsewhere", len(services.hub.connections))
-    services.bus.publish(events.reconnect("server restarting"))  # this instance's connections only
+    services.bus.publish(events.Reconnect(reason="server restarting"))  # this instance's connections only
     for conn in list(services.hub.connections.values()):
         conn.close(Close.RESTARTING, Close.RESTARTING.reason)
     if services.config.cluster:  # the others go on with what generates here (their reapers take it over now)

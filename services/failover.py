@@ -26,11 +26,11 @@ DRAIN, LOST = "drain", "instance_lost"  # why a reply changed hands (metrics, th
 
 
 class Failover:
-    def __init__(self, store, bus, streams, chat, pipelines, *, max_continuations=3, metrics=None):
+    def __init__(self, store, bus, streams, sending, pipelines, *, max_continuations=3, metrics=None):
         self.store = store
         self.bus = bus
         self.streams = streams
-        self.chat = chat
+        self.sending = sending    # its prompt_of: a stored question as the model gets it again
         self.pipelines = pipelines
         self.max_continuations = max_continuations
         self.metrics = metrics
@@ -111,7 +111,7 @@ class Failover:
         question = await self.store.find_message(reply.get("reply_to")) if reply.get("reply_to") else None
         if question is None:
             return None
-        text, images = await self.chat.prompt_of(question, pipeline)
+        text, images = await self.sending.prompt_of(question, pipeline)
         return {"message_id": reply["_id"], "session": session, "seq": reply["seq"], "reply_to": question["_id"],
                 "prompt": text, "images": images, "sender": question.get("sender"), "stream": True,
                 "prompt_seq": question["seq"]}

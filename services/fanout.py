@@ -34,11 +34,12 @@ class FanOut:
         self.replies = ReplyLogs(hub, self._send, instance_id=bus.instance_id, session_type=self._session_type,
                                  store=store, want=bus.want, metrics=metrics)
         replies = self.replies
-        self.handlers = {"user_message": self._user_message, "reply.started": replies.started,
-                         "reply.delta": replies.delta, "reply.final": replies.final, "reply.stored": replies.stored,
-                         "reset": self._reset, "members": self._members, "presence": self._presence,
-                         "broadcast": self._broadcast, "push": self._push, "reconnect": self._reconnect,
-                         "catch_up": self._catch_up}
+        self.handlers = {events.UserMessage: self._user_message, events.ReplyStarted: replies.started,
+                         events.ReplyDelta: replies.delta, events.ReplyFinal: replies.final,
+                         events.ReplyStored: replies.stored, events.Reset: self._reset,
+                         events.Members: self._members, events.Presence: self._presence,
+                         events.Broadcast: self._broadcast, events.Push: self._push,
+                         events.Reconnect: self._reconnect, events.CatchUp: self._catch_up}
         # a session's messages reach its viewers here in the store's order (services/ordering.py)
         self.order = Ordering(self._dispatch, store, self._session_type)
         bus.subscribe(self.handle)
@@ -47,7 +48,7 @@ class FanOut:
         self.order.handle(event)
 
     def _dispatch(self, event):
-        handler = self.handlers.get(event["type"])
+        handler = self.handlers.get(type(event))
         if handler is not None:
             handler(event)
 
@@ -83,50 +84,49 @@ class FanOut:
     # events
 
     def _user_message(self, event):
-        session_type = event.get("session_type") or self._session_type(event["session_id"])
-        self._per_dialect(lambda dialect: frames.user_message(event["message"], dialect, session_type,
-                                                              event.get("connection_id", "")),
-                          self.hub.viewers(event["session_id"]))
+        session_type = event.session_type or self._session_type(event.session_id)
+        self._per_dialect(lambda dialect: frames.user_message(event.message, dialect, session_type,
+                                                              event.connection_id),
+                          self.hub.viewers(event.session_id))
 
     def _catch_up(self, event):
         """Events may have been lost (a cluster bus: periodically, and at once after its stream reopened)."""
-        resync = event.get("resync", False)
-        self.order.catch_up(resync)
-        self.replies.check(reread_all=resync)
+        self.order.catch_up(event.resync)
+        self.replies.check(reread_all=event.resync)
 
     def _reset(self, event):
-        self.replies.reset(event["session_id"])  # its replies are deleted: their logs end with nothing more
-        self._send(frames.session_reset(event), self.hub.viewers(event["session_id"]))
+        self.replies.reset(event.session_id)  # its replies are deleted: their logs end with nothing more
+        self._send(frames.session_reset(event), self.hub.viewers(event.session_id))
 
     def _members(self, event):
-        session_id, removed = event["session_id"], set(event["removed"])
+        session_id, removed = event.session_id, set(event.removed)
         gone = [c for c in self.hub.viewers(session_id) if c.user_id in removed and not c.identity.is_admin]
         for conn in gone:
             self.leave(conn, session_id)
-        self._send(frames.session_left(session_id, event.get("reason", "removed")), gone)
+        self._send(frames.session_left(session_id, event.reason), gone)
         # everyone still viewing it learns the new member list (the web app's members panel follows it)
         self._send(frames.session_members(event), self.hub.viewers(session_id))
 
     def _presence(self, event):
-        session_id, user_id, origin = event["session_id"], event["user_id"], event["origin"]
+        session_id, user_id, origin = event.session_id, event.user_id, event.origin
         # A user is online once across instances: their tab's join or leave on one instance is news only when
         # no tab of theirs views the session anywhere else (here, or on a third instance).
         if user_id in self.bus.online_elsewhere(session_id, besides=origin) or (
                 origin != self.bus.instance_id and user_id in self.hub.online(session_id)):
             return
-        self._send(self.presence_frame(session_id, event["event"], event["user_id"], at=event["at"]),
+        self._send(self.presence_frame(session_id, event.event, user_id, at=event.at),
                    self.hub.viewers(session_id))
 
     def _broadcast(self, event):
-        self._send(frames.broadcast(event["message"], event["at"]), self.hub.of_pipeline(event.get("pipeline")))
+        self._send(frames.broadcast(event.message, event.at), self.hub.of_pipeline(event.pipeline))
 
     def _push(self, event):
-        self._send(frames.push(event["message"], event.get("data"), event["at"]), self.hub.of_user(event["user_id"]))
+        self._send(frames.push(event.message, event.data, event.at), self.hub.of_user(event.user_id))
 
     def _reconnect(self, event):
-        if event.get("origin") != self.bus.instance_id:
+        if event.origin != self.bus.instance_id:
             return  # this instance is draining: other instances' clients stay
-        self._send(frames.reconnect(event.get("reason"), event["at"], event.get("retry_after")),
+        self._send(frames.reconnect(event.reason, event.at, event.retry_after),
                    self.hub.of_pipeline())
 
     # who views what
@@ -136,14 +136,14 @@ class FanOut:
         messages numbered after it reach the viewers here in order."""
         self.order.track(session_id, next_seq)
         if self.hub.join(conn, session_id, session_type) and self.hub.session_type(session_id) == "group":
-            self.bus.publish(events.presence(session_id, "join", conn.user_id))
+            self.bus.publish(events.Presence(session_id=session_id, event="join", user_id=conn.user_id))
 
     def leave(self, conn, session_id):
         self.replies.leave(conn, session_id)
         group = self.hub.session_type(session_id) == "group"
         # user-level: a second tab of someone already online (or still online) is not news
         if self.hub.leave(conn, session_id) and group:
-            self.bus.publish(events.presence(session_id, "leave", conn.user_id))
+            self.bus.publish(events.Presence(session_id=session_id, event="leave", user_id=conn.user_id))
         if not self.hub.by_session.get(session_id):
             self.order.forget(session_id)
 

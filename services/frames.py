@@ -200,11 +200,11 @@ def rewind(reply, *, offset, thinking_offset, reason):
                                   thinking_offset=thinking_offset, reason=reason, timestamp=timestamp()))
 
 
-def status(event):
+def status(reply, at):
     """A reply changed state before its final frame (queued -> streaming): lets every viewer show it."""
-    return Status(data=StatusData(session_id=event["session_id"], message_id=event["message_id"], seq=event["seq"],
-                                  reply_to=event["reply_to"], status=event["status"], epoch=event.get("epoch", 0),
-                                  timestamp=timestamp_from_epoch(event["at"])))
+    return Status(data=StatusData(session_id=reply.session_id, message_id=reply.message_id, seq=reply.seq,
+                                  reply_to=reply.reply_to, status=reply.status, epoch=reply.epoch,
+                                  timestamp=timestamp_from_epoch(at)))
 
 
 def error(err, **context):
@@ -230,15 +230,15 @@ def session_left(session_id, reason):
 
 
 def session_reset(event):
-    return SessionReset(data=ResetData(session_id=event["session_id"], deleted=event["deleted"],
-                                       timestamp=timestamp_from_epoch(event["at"])))
+    return SessionReset(data=ResetData(session_id=event.session_id, deleted=event.deleted,
+                                       timestamp=timestamp_from_epoch(event.at)))
 
 
 def session_members(event):
     """A group's member list changed (a `members` event): the whole list, and who was added or removed by whom."""
-    return SessionMembers(data=MembersData(session_id=event["session_id"], members=event.get("members", []),
-                                           added=event["added"], removed=event["removed"], by=event.get("by"),
-                                           timestamp=timestamp_from_epoch(event["at"])))
+    return SessionMembers(data=MembersData(session_id=event.session_id, members=event.members,
+                                           added=event.added, removed=event.removed, by=event.by,
+                                           timestamp=timestamp_from_epoch(event.at)))
 
 
 def presence(session_id, event, online, user_id=None):

@@ -17,7 +17,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from pymongo.errors import DuplicateKeyError
 
-from services import schema
+from services import events, schema
 from services.codes import LIVE, PING_TIMEOUT, TERMINAL, Close, ReplyCode, ReplyStatus
 from services.errors import ParleyError
 
@@ -36,9 +36,8 @@ RESUME_SOURCES = ("live", "store", "finished")
 # services/failover.py: why a reply changed hands, and what became of it
 HANDOVER_REASONS = ("instance_lost", "drain")
 HANDOVER_OUTCOMES = ("continued", "adopted", "stopped", "interrupted")
-# services/bus.py's event types and the cluster bus's own `interest` (only --cluster writes or reads any)
-BUS_EVENTS = ("user_message", "reply.regenerate", "reply.started", "reply.delta", "reply.final", "stop", "reset", "members", "presence",
-              "broadcast", "push", "reconnect", "interest", "other")
+# the events a cluster bus carries (services/events.py; only --cluster writes or reads any)
+BUS_EVENTS = (*events.CROSSING, "other")
 STREAMED_KINDS = ("text", "thinking")
 TOKEN_KINDS = ("prompt", "completion")
 FILE_KINDS = ("image", "document")

@@ -12,11 +12,12 @@ a probe this instance writes within PROBE_WAIT, or it is reopened from the prese
 Reply deltas are most of the traffic, and most of it is useless to other instances (sticky clients view their
 replies where they are generated). So deltas cross only for sessions another instance has announced interest in
 (it has a viewer of them: a group member elsewhere, a client that moved), merged to at most one event per reply
-per BATCH_INTERVAL (the first after a quiet interval goes at once). An instance announces the sessions its clients view (`interest` events: at once when the set
-grows, and every INTEREST_REFRESH seconds; an owner forgets an interest not refreshed for INTEREST_TTL). The
-owner answers an announcement with a `sync`: one delta per live reply of those sessions, from offset 0, so the
-newcomer has the whole text. Received deltas go to the replies' logs as they come: offsets and epochs make
-them exact there (a repeat is trimmed, a gap asks the owner for a sync: `want`).
+per BATCH_INTERVAL (the first after a quiet interval goes at once). An instance announces the sessions its
+clients view (`interest` events: at once when the set grows, and every INTEREST_REFRESH seconds; an owner
+forgets an interest not refreshed for INTEREST_TTL). The owner answers an announcement with a `sync`: one delta
+per live reply of those sessions, from offset 0, so the newcomer has the whole text. Received deltas go to the
+replies' logs as they come: offsets and epochs make them exact there (a repeat is trimmed, a gap asks the owner
+for a sync: `want`).
 """
 import asyncio
 import logging
@@ -24,6 +25,7 @@ import time
 import uuid
 from collections import deque
 
+import msgspec
 from pymongo.errors import OperationFailure, PyMongoError
 
 from services import events
@@ -90,25 +92,25 @@ class MongoBus(Bus):
     # sending
 
     def _publish(self, event):
-        kind = event.get("type")
-        if kind == "reply.delta":
-            if self._remote_interest(event["session_id"]):
+        kind = type(event)
+        if kind is events.ReplyDelta:
+            if self._remote_interest(event.session_id):
                 self._batch(event)
             return
-        if (message_id := event.get("message_id")) and message_id in self._batches:
-            self._enqueue(self._batches.pop(message_id))  # its text before its final
+        if (message_id := getattr(event, "message_id", None)) and message_id in self._batches:
+            self._enqueue(self._batches.pop(message_id))  # its text before its final (or its handover)
         self._track(event)
-        self._enqueue(dict(event))
+        self._enqueue(event)
 
     def _track(self, event):
         """Which replies are live in the cluster, as far as this instance has heard: the change stream is polled
         faster while there is one."""
-        kind = event.get("type")
-        if kind == "reply.started":
-            self._live[event["message_id"]] = time.monotonic()
-        elif kind == "reply.final":
-            self._live.pop(event.get("message_id"), None)
-            self._sent.pop(event.get("message_id"), None)
+        kind = type(event)
+        if kind is events.ReplyStarted:
+            self._live[event.message_id] = time.monotonic()
+        elif kind is events.ReplyFinal:
+            self._live.pop(event.message_id, None)
+            self._sent.pop(event.message_id, None)
 
     def _remote_interest(self, session_id):
         holders = self.interest.get(session_id)
@@ -123,19 +125,19 @@ class MongoBus(Bus):
         return bool(holders)
 
     def _batch(self, event):
-        message_id = event["message_id"]
+        message_id = event.message_id
         pending = self._batches.get(message_id)
         if pending is not None:  # deltas published here are contiguous: merging is appending
-            pending["text"] += event["text"]
-            pending["thinking"] += event["thinking"]
+            pending.text += event.text
+            pending.thinking += event.thinking
             return
         loop = asyncio.get_running_loop()
         due = self._sent.get(message_id, -BATCH_INTERVAL) + BATCH_INTERVAL
         if loop.time() >= due:  # the first delta after a quiet interval: at once (a paced reply's every token)
             self._sent[message_id] = loop.time()
-            self._enqueue(dict(event))
-        else:
-            self._batches[message_id] = dict(event)
+            self._enqueue(event)
+        else:  # a copy: the event itself was delivered here, and must not change
+            self._batches[message_id] = msgspec.structs.replace(event)
             loop.call_at(due, self._release, message_id)
 
     def _release(self, message_id):
@@ -145,7 +147,7 @@ class MongoBus(Bus):
 
     def _enqueue(self, event):
         if len(self._outbox) >= MAX_WAITING:  # the store has been away long: shed deltas (a sync repairs them)
-            self._outbox = deque(e for e in self._outbox if e.get("type") != "reply.delta")
+            self._outbox = deque(e for e in self._outbox if type(e) is not events.ReplyDelta)
         self._outbox.append(event)
         self._wake.set()
 
@@ -167,14 +169,14 @@ class MongoBus(Bus):
 
     async def _write_some(self):
         batch = [self._outbox[i] for i in range(min(WRITE_BATCH, len(self._outbox)))]
-        await self.store.insert_events(self.instance_id, batch)
+        await self.store.insert_events(self.instance_id, [events.to_builtins(e) for e in batch])
         for _ in batch:
             self._outbox.popleft()
-        if self._probe is not None and any(e.get("id") == self._probe["id"] for e in batch):
+        if self._probe is not None and any(type(e) is events.Probe and e.id == self._probe["id"] for e in batch):
             self._probe["written"] = time.monotonic()
         if self.metrics is not None:
             for e in batch:
-                self.metrics.bus_event_published(e.get("type"))
+                self.metrics.bus_event_published(e.type)
 
     async def _flush_all(self):
         for message_id in list(self._batches):
@@ -211,15 +213,15 @@ class MongoBus(Bus):
             return
         self._announced |= set(sessions)
         online = {s: sorted(users) for s in sessions if (users := self.online(s))}
-        self._enqueue({"type": "interest", "sessions": sorted(sessions), "sync": sync, "online": online,
-                       "origin": self.instance_id, "at": time.time()})
+        self._enqueue(events.Interest(sessions=sorted(sessions), sync=sync, online=online,
+                                      origin=self.instance_id, at=time.time()))
 
     def _catch_up(self, *, resync):
         """Tell this instance's subscribers to check the stored message numbers of the sessions viewed here: a
         user message (and its reply) whose event was lost reaches the viewers from the store, at once after a
         reopen (`resync`), else within two CATCH_UP intervals (services/ordering.py)."""
         self._last_catch_up = time.monotonic()
-        self._deliver({"type": "catch_up", "resync": resync, "origin": self.instance_id, "at": time.time()})
+        self._deliver(events.CatchUp(resync=resync, origin=self.instance_id, at=time.time()))
 
     def want(self, session_id):
         """Ask the owners of a session's live replies for their whole text (a client here resumes one)."""
@@ -228,8 +230,7 @@ class MongoBus(Bus):
             return
         self._wanted[session_id] = now
         self._announced.add(session_id)
-        self._enqueue({"type": "interest", "sessions": [session_id], "sync": True, "origin": self.instance_id,
-                       "at": time.time()})
+        self._enqueue(events.Interest(sessions=[session_id], sync=True, origin=self.instance_id, at=time.time()))
 
     def online_elsewhere(self, session_id, besides=None):
         holders = self.remote_online.get(session_id)
@@ -251,31 +252,31 @@ class MongoBus(Bus):
                     continue
                 del holders[instance]
                 for user_id in sorted(names):
-                    self._deliver({**events.presence(session_id, "leave", user_id), "origin": instance,
-                                   "at": time.time()})
+                    self._deliver(events.Presence(session_id=session_id, event="leave", user_id=user_id,
+                                                  origin=instance, at=time.time()))
             if not holders:
                 del self.remote_online[session_id]
 
     def _on_presence(self, event):
         """Keep who is online elsewhere current between two announcements."""
-        holders = self.remote_online.setdefault(event["session_id"], {})
-        names, _ = holders.get(event["origin"], (set(), 0))
-        (names.add if event["event"] == "join" else names.discard)(event["user_id"])
-        holders[event["origin"]] = (names, time.monotonic() + INTEREST_TTL)
+        holders = self.remote_online.setdefault(event.session_id, {})
+        names, _ = holders.get(event.origin, (set(), 0))
+        (names.add if event.event == "join" else names.discard)(event.user_id)
+        holders[event.origin] = (names, time.monotonic() + INTEREST_TTL)
 
     def _on_interest(self, event):
         expiry = time.monotonic() + INTEREST_TTL
-        origin, online = event["origin"], event.get("online") or {}
-        if not event.get("sync"):  # a refresh lists all of that instance's sessions: what it left is gone
+        origin, online = event.origin, event.online
+        if not event.sync:  # a refresh lists all of that instance's sessions: what it left is gone
             for session_id in [s for s, h in self.remote_online.items() if origin in h and s not in online]:
                 del self.remote_online[session_id][origin]
         for session_id, users in online.items():
             self.remote_online.setdefault(session_id, {})[origin] = (set(users), expiry)
-        for session_id in event.get("sessions") or ():
+        for session_id in event.sessions:
             holders = self.interest.setdefault(session_id, {})
-            new = event["origin"] not in holders
-            holders[event["origin"]] = expiry
-            if new or event.get("sync"):
+            new = origin not in holders
+            holders[origin] = expiry
+            if new or event.sync:
                 for gen in self.live_replies(session_id):
                     self._sync(gen)
 
@@ -285,24 +286,26 @@ class MongoBus(Bus):
             self._enqueue(self._batches.pop(gen.message_id))
         if gen.status != "streaming" or not (gen.content or gen.thinking):
             return
-        self._enqueue(events.reply_sync(gen) | {"origin": self.instance_id, "at": time.time()})
+        sync = events.reply_sync(gen)
+        sync.origin, sync.at = self.instance_id, time.time()
+        self._enqueue(sync)
 
     # receiving
 
     def receive(self, event):
-        if event.get("origin") == self.instance_id:
+        if event.origin == self.instance_id:
             return
-        kind = event.get("type")
-        if kind == "interest":
+        kind = type(event)
+        if kind is events.Interest:
             if self.metrics is not None:
-                self.metrics.bus_event_received("interest", time.time() - event.get("at", time.time()))
+                self.metrics.bus_event_received(event.type, time.time() - (event.at or time.time()))
             self._on_interest(event)
             return
-        if kind == "probe":
-            return  # another instance checking its own stream
-        if kind in ("reply.started", "reply.final"):
+        if kind is events.Probe or kind in events.LOCAL:
+            return  # another instance checking its own stream; what is never published
+        if kind is events.ReplyStarted or kind is events.ReplyFinal:
             self._track(event)
-        elif kind == "presence":
+        elif kind is events.Presence:
             self._on_presence(event)
         super().receive(event)
 
@@ -337,12 +340,14 @@ class MongoBus(Bus):
                         continue
                 else:
                     doc = change.get("fullDocument") or {}
-                    event = doc.get("event")
-                    if not isinstance(event, dict):
+                    try:
+                        event = events.decode(doc.get("event"))
+                    except msgspec.ValidationError as exc:  # another version's, or not an event at all
+                        log.warning("bus: an event that is none of ours was skipped: %s", exc)
                         continue
                     if doc.get("origin") != self.instance_id:
                         yield event
-                    elif self._probe is not None and event.get("id") == self._probe["id"]:
+                    elif type(event) is events.Probe and self._probe is not None and event.id == self._probe["id"]:
                         self._probe = None  # our own probe came back: the stream delivers
                     continue
             except asyncio.CancelledError:
@@ -367,7 +372,7 @@ class MongoBus(Bus):
 
     def _send_probe(self):
         self._probe = {"id": uuid.uuid4().hex, "written": None}
-        self._enqueue({"type": "probe", "id": self._probe["id"], "origin": self.instance_id, "at": time.time()})
+        self._enqueue(events.Probe(id=self._probe["id"], origin=self.instance_id, at=time.time()))
 
     def _probe_lost(self):
         return (self._probe is not None and self._probe["written"] is not None

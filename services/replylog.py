@@ -101,25 +101,25 @@ class Log:
                  "text", "thinking_text", "error", "usage", "local", "started_at", "at", "heard", "cumulative_due",
                  "timer")
 
-    def __init__(self, state, *, local, started_at, content="", thinking=""):
-        self.session_id = state["session_id"]
-        self.message_id = state["message_id"]
-        self.seq = state["seq"]
-        self.reply_to = state.get("reply_to")
-        self.status = state.get("status") or ReplyStatus.STREAMING
-        self.stream = state.get("stream", True)
-        self.epoch = state.get("epoch") or 0
+    def __init__(self, reply, *, local, started_at, status=ReplyStatus.STREAMING, stream=True, content="",
+                 thinking=""):
+        """`reply`: the reply's first event here (services/events.py's Reply), or its stored state."""
+        self.session_id = reply.session_id
+        self.message_id = reply.message_id
+        self.seq = reply.seq
+        self.reply_to = reply.reply_to
+        self.status = status
+        self.stream = stream
+        self.epoch = reply.epoch
         # [epoch, offset, thinking_offset]: where each owner that continued the reply took it up (text of an
         # older epoch past that point is void): a client resuming with text of an older epoch is trusted up to it
-        self.bases = [list(b) for b in state.get("bases") or ()]
+        self.bases = [list(b) for b in reply.bases]
         self.announced = None            # the epoch whose start its viewers were told of (a `status` frame)
         self.text = Text(content)
         self.thinking_text = Text(thinking)
-        self.error = state.get("error")
-        self.usage = state.get("usage")
         self.local = local               # generated on this instance (its text comes from here, never a gap)
         self.started_at = started_at     # epoch seconds: viewers connected after it may have some of it already
-        self.at = state.get("at", 0.0)   # epoch seconds of the latest text: the timestamp of its frames
+        self.at = reply.at               # epoch seconds of the latest text: the timestamp of its frames
         self.heard = time.monotonic()    # when its owner was last heard of (a followed reply gone quiet)
         self.cumulative_due = 0.0        # monotonic time before which cumulative viewers are not sent a frame
         self.timer = None                # the call that sends them what was held back meanwhile
@@ -131,21 +131,6 @@ class Log:
     @property
     def thinking(self):
         return str(self.thinking_text)
-
-
-class Ended:
-    """A terminal state (a reply.final event, or a stored message that ended), shaped for frames.final()."""
-    __slots__ = ("session_id", "message_id", "seq", "reply_to", "status", "content", "thinking", "error",
-                 "usage", "epoch", "bases", "continuations")
-
-    def __init__(self, state):
-        for key in ("session_id", "message_id", "seq", "reply_to", "status", "error", "usage"):
-            setattr(self, key, state.get(key))
-        self.content = state.get("content") or ""
-        self.thinking = state.get("thinking") or ""
-        self.epoch = state.get("epoch") or 0
-        self.bases = state.get("bases") or ()
-        self.continuations = state.get("continuations") or 0
 
 
 def agreed(shown, stored, same_epoch):
@@ -189,38 +174,38 @@ class ReplyLogs:
     # events: each is applied to its log (state), then delivered to the readers (frames)
 
     def started(self, event):
-        log_ = self._log(event)
+        log_ = self._log(event, event.at, event.status, event.stream)
         if log_ is None:
             return
-        epoch = event.get("epoch", 0)
+        epoch = event.epoch
         if epoch < log_.epoch:
             return  # an older owner's start, late: the log follows a newer one
-        log_.status, log_.stream = event["status"], event.get("stream", True)
+        log_.status, log_.stream = event.status, event.stream
         if epoch > log_.epoch:  # a new owner, continuing from where it took the reply up
-            self._new_epoch(log_, epoch, event.get("bases"))
-        self._announce(log_, event.get("at"))
+            self._new_epoch(log_, epoch, event.bases)
+        self._announce(log_, event.at)
 
     def delta(self, event):
-        message_id = event["message_id"]
+        message_id = event.message_id
         log_ = self.logs.get(message_id)
         if log_ is None:
             if message_id in self.ended:
                 return
-            if event["offset"] or event["thinking_offset"]:
-                self.want(event["session_id"])  # we came in mid-reply: its owner sends it from the start
+            if event.offset or event.thinking_offset:
+                self.want(event.session_id)  # we came in mid-reply: its owner sends it from the start
                 return
-            log_ = self._log(event)
+            log_ = self._log(event, event.started_at or event.at)
             if log_ is None:
                 return
         log_.heard = time.monotonic()
-        offset, thinking_offset, epoch = event["offset"], event["thinking_offset"], event.get("epoch", 0)
+        offset, thinking_offset, epoch = event.offset, event.thinking_offset, event.epoch
         if epoch < log_.epoch:
             return  # a fenced owner's text: the store holds the newer owner's
         if epoch > log_.epoch:  # a new owner: its text replaces what came after its starting point
-            if not event.get("bases") and (log_.text.length or log_.thinking_text.length):
+            if not event.bases and (log_.text.length or log_.thinking_text.length):
                 self.want(log_.session_id)  # (where that is, its start or its whole text says: ask for them)
                 return
-            self._new_epoch(log_, epoch, event.get("bases"))
+            self._new_epoch(log_, epoch, event.bases)
         have, thinking_have = log_.text.length, log_.thinking_text.length
         if offset > have or thinking_offset > thinking_have:
             log.info("reply.delta with a gap message_id=%s offset=%s have=%s: asking for the whole text",
@@ -228,33 +213,33 @@ class ReplyLogs:
             self.want(log_.session_id)
             return
         # what the log already has (a repeat, or an overlap) is dropped: the offsets say how much
-        text, thinking = event["text"][have - offset:], event["thinking"][thinking_have - thinking_offset:]
+        text, thinking = event.text[have - offset:], event.thinking[thinking_have - thinking_offset:]
         if not (text or thinking):
             return
         log_.text.append(text)
         log_.thinking_text.append(thinking)
-        log_.at = event["at"]
+        log_.at = event.at
         if log_.stream:
             self._pump(log_)
 
-    def final(self, event, besides=None):
-        """The end of a reply (a reply.final event, or a stored message found terminal). The first one closes
-        the log; any later one is dropped. `besides`: a connection that was given it already (a resume)."""
-        message_id = event["message_id"]
+    def final(self, ended, besides=None):
+        """The end of a reply (a reply.final event, or a stored message found terminal: events.ReplyStored). The
+        first one closes the log; any later one is dropped. `besides`: a connection that was given it already (a
+        resume)."""
+        message_id = ended.message_id
         if message_id in self.ended:
             return
         log_ = self.logs.get(message_id)
         if log_ is not None and log_.timer is not None:
             self._flush_cumulative(message_id)  # what cumulative viewers were held back from: before the final
         self._close(message_id)
-        ended = Ended(event)
         session_type = self.session_type(ended.session_id)
-        timestamp = frames.timestamp_from_epoch(event.get("at") or time.time())
+        timestamp = frames.timestamp_from_epoch(ended.at or time.time())
         # when the owner ended it (the bus's stamp; a final read from the store has none): a connection made
         # after that, with no reader, is a client back from elsewhere that may hold this final already (seen in
         # rolling restarts: a second final on the new socket when the event got here after it); it has asked for
         # what it lacks (resume) or will (history)
-        ended_at = event.get("at") if event.get("origin") != "store" else None
+        ended_at = ended.at if ended.origin != "store" else None
         conns = []
         for conn in self.hub.viewers(ended.session_id):
             if message_id in conn.finals_sent or conn is besides:
@@ -276,7 +261,7 @@ class ReplyLogs:
         """A stored assistant message read from the store (a `reply.stored` event, or a resume's read): the
         source of truth. One that ended ends the log; of a live one, the text past what the log has goes out."""
         state = stored_state(doc)
-        if state["status"] not in LIVE:
+        if state.status not in LIVE:
             self.final(state)
             return
         grew = self._merge(state)
@@ -285,22 +270,23 @@ class ReplyLogs:
 
     def _merge(self, state, local=False):
         """Apply a live stored state to its log. Returns the log if readers may have something new, else None."""
-        message_id = state["message_id"]
+        message_id = state.message_id
         if message_id in self.ended:
             return None
         log_ = self.logs.get(message_id)
         if log_ is None:
-            self.logs[message_id] = log_ = Log(state, local=local, started_at=state.get("started_at", 0.0),
-                                               content=state["content"], thinking=state["thinking"])
+            self.logs[message_id] = log_ = Log(state, local=local, started_at=state.started_at,
+                                               status=state.status, stream=state.stream, content=state.content,
+                                               thinking=state.thinking)
             self._present(log_)
             return log_
-        if state["epoch"] < log_.epoch:
+        if state.epoch < log_.epoch:
             return None  # read before the newer owner claimed it: the log knows better
-        if state["epoch"] > log_.epoch:  # a newer owner: the log is right up to where the first one took over
-            self._new_epoch(log_, state["epoch"], state.get("bases"), _common(log_, state))
-        if log_.status == ReplyStatus.QUEUED and state["status"] == ReplyStatus.STREAMING:
+        if state.epoch > log_.epoch:  # a newer owner: the log is right up to where the first one took over
+            self._new_epoch(log_, state.epoch, state.bases, _common(log_, state))
+        if log_.status == ReplyStatus.QUEUED and state.status == ReplyStatus.STREAMING:
             log_.status = ReplyStatus.STREAMING
-        text, thinking = state["content"][log_.text.length:], state["thinking"][log_.thinking_text.length:]
+        text, thinking = state.content[log_.text.length:], state.thinking[log_.thinking_text.length:]
         if not (text or thinking):
             return None
         log_.text.append(text)
@@ -417,9 +403,7 @@ class ReplyLogs:
         if log_.announced == log_.epoch or log_.status != ReplyStatus.STREAMING:
             return
         log_.announced = log_.epoch
-        self.send(frames.status({"session_id": log_.session_id, "message_id": log_.message_id, "seq": log_.seq,
-                                 "reply_to": log_.reply_to, "status": log_.status, "epoch": log_.epoch,
-                                 "at": at or time.time()}), self.hub.viewers(log_.session_id))
+        self.send(frames.status(log_, at or time.time()), self.hub.viewers(log_.session_id))
 
     def _settle(self, conn, reader, log_, ended, timestamp, session_type):
         """Before a reader's final: text it was shown that the final does not hold is taken back (rewind), and
@@ -442,16 +426,16 @@ class ReplyLogs:
 
     # readers
 
-    def _log(self, event):
+    def _log(self, event, started_at, status=ReplyStatus.STREAMING, stream=True):
         """The live log of the reply an event is about, made on its first event (None: it ended already)."""
-        message_id = event["message_id"]
+        message_id = event.message_id
         log_ = self.logs.get(message_id)
         if log_ is None and message_id not in self.ended:
-            local = event.get("origin") == self.instance_id
-            if not local and not self.hub.by_session.get(event["session_id"]):
+            local = event.origin == self.instance_id
+            if not local and not self.hub.by_session.get(event.session_id):
                 return None  # generating elsewhere, viewed by no one here (a resume reads it from the store)
-            log_ = self.logs[message_id] = Log(event, local=local,
-                                               started_at=event.get("started_at") or event.get("at", 0.0))
+            log_ = self.logs[message_id] = Log(event, local=local, started_at=started_at, status=status,
+                                               stream=stream)
             self._present(log_)
         return log_
 
@@ -504,7 +488,7 @@ class ReplyLogs:
         gets the text after it at once, then the final if the reply ended. Never awaits. Raises BadRequest for
         an offset beyond a text that cannot have been streamed. Returns [(reply, offset, thinking_offset,
         source)] as sent, source = live | store | finished | sent."""
-        states = sorted((stored_state(d) for d in docs), key=lambda s: s["seq"])
+        states = sorted((stored_state(d) for d in docs), key=lambda s: s.seq)
         plan, grown, ends = [], [], []
         try:
             self._plan(conn, states, wanted, local, plan, grown, ends)
@@ -548,8 +532,8 @@ class ReplyLogs:
             raise
 
     def _place(self, conn, state, wanted, local, plan, grown, ends, detached):
-        message_id = state["message_id"]
-        if message_id in self.ended and state["status"] in LIVE:
+        message_id = state.message_id
+        if message_id in self.ended and state.status in LIVE:
             raise Stale(message_id)  # read before it ended: the caller reads it again
         offset, thinking_offset, epoch = wanted.get(message_id, (0, 0, None))
         # The client's offsets win (a gap it saw is filled); `resumed` tells it where it continues. A reader this
@@ -557,11 +541,11 @@ class ReplyLogs:
         if (reader := conn.readers.pop(message_id, None)) is not None:
             detached[message_id] = reader
         if message_id in conn.finals_sent:
-            reply, source = Ended(state), "sent"
+            reply, source = state, "sent"
         elif message_id in self.ended:
-            reply, source = Ended(state), "finished"
-        elif state["status"] not in LIVE:
-            reply, source = Ended(state), "finished"
+            reply, source = state, "finished"
+        elif state.status not in LIVE:
+            reply, source = state, "finished"
             ends.append(state)
         else:
             grew = self._merge(state, local=message_id in local)
@@ -659,11 +643,11 @@ class Stale(Exception):
 
 def stored_state(doc):
     """A stored assistant message (a document read from the store, or a `reply.stored` event) as logs take it."""
-    return doc if "message_id" in doc else events.reply_stored(assemble(doc))
+    return doc if isinstance(doc, events.ReplyStored) else events.reply_stored(assemble(doc))
 
 
 def _common(log_, state):
-    return (agreed(log_.content, state["content"], False), agreed(log_.thinking, state["thinking"], False))
+    return (agreed(log_.content, state.content, False), agreed(log_.thinking, state.thinking, False))
 
 
 def _pages(reply, content, offset, thinking, thinking_offset, timestamp, variant):

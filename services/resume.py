@@ -9,7 +9,7 @@ from the one log, in order, once.
 import logging
 
 from services import events, schema
-from services.chat import check_id
+from services.sessions import check_id
 from services.codes import Code
 from services.errors import NotFound
 from services.replylog import Stale
@@ -21,12 +21,12 @@ REREADS = 3      # a reply read as live that ended meanwhile is read again (each
 
 
 class Resumer:
-    def __init__(self, store, fanout, streams, chat, metrics=None):
+    def __init__(self, store, fanout, streams, sessions, metrics=None):
         self.metrics = metrics
         self.store = store
         self.fanout = fanout
         self.streams = streams
-        self.chat = chat
+        self.sessions = sessions
 
     async def resume(self, conn, frame):
         """Handle one `resume` frame: by `message_id`, or every live reply of a session (plus `offsets` named)."""
@@ -40,7 +40,7 @@ class Resumer:
             session_id = frame.session_id or conn.primary_session
             check_id(session_id, "session_id")
             wanted = {m: (o.offset, o.thinking_offset, o.epoch) for m, o in frame.offsets.items()}
-            session = await self.chat.session(conn.identity, conn.pipeline, session_id)
+            session = await self.sessions.session(conn.identity, conn.pipeline, session_id)
             docs = {d["_id"]: d for d in await self.store.find_replies(session_id, list(wanted))}
             if missing := [m for m in wanted if m not in docs]:
                 raise NotFound(f"no reply {missing[0]!r} in this session", code=Code.MESSAGE_NOT_FOUND,
@@ -74,22 +74,15 @@ class Resumer:
         states = [events.reply_stored(doc) for doc in docs.values()]
         if every_live:
             named = set(docs)
-            states += [_live(gen) for gen in self.streams.live(session_id) if gen.message_id not in named]
+            states += [events.reply_live(gen) for gen in self.streams.live(session_id) if gen.message_id not in named]
         return states
 
     async def _find(self, conn, message_id):
         doc = await self.store.find_message(message_id)
         if doc is not None and doc["role"] == "assistant":
             try:
-                return doc, await self.chat.session(conn.identity, conn.pipeline, doc["session_id"])
+                return doc, await self.sessions.session(conn.identity, conn.pipeline, doc["session_id"])
             except NotFound:
                 pass  # someone else's (or another pipeline's): indistinguishable from unknown
         raise NotFound(f"no reply {message_id!r}", code=Code.MESSAGE_NOT_FOUND, message_id=message_id)
 
-
-def _live(gen):
-    """A reply live here and not read from the store: as far as the store would know it (nothing, while queued;
-    the log has its text once it streams)."""
-    return {"session_id": gen.session_id, "message_id": gen.message_id, "seq": gen.seq, "reply_to": gen.reply_to,
-            "epoch": gen.epoch, "status": gen.status, "content": "", "thinking": "", "error": None, "usage": None,
-            "stream": gen.stream, "started_at": gen.started_epoch}

@@ -622,7 +622,7 @@ class Store:
     async def insert_events(self, origin, events):
         now = utcnow()
         await self.bus_db.events.insert_many([{"origin": origin, "created": now, "event": e} for e in events],
-                                             ordered=True)
+                                         ordered=True)
 
     async def watch_events(self, resume_token=None):
         """Everyone's events as they are inserted (from `resume_token` on, when given)."""

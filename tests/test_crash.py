@@ -287,7 +287,7 @@ def test_server_cli_accepts_the_lease_and_viewer_options():
 
 
 @pytest.mark.parametrize("lost_before", [2, 3])
-async def test_a_reply_goes_on_at_most_max_continuations_times(connect, services, lost_before):
+async def test_a_reply_goes_on_at_most_max_continuations_times(connect, services, stored_message, lost_before):
     """Lost for the third time (2 continuations so far): it goes on once more, to the demo's text from where it
     was stored. Lost a fourth time (3 so far, the default --max-continuations): it ends `interrupted`, saying so."""
     c = await connect("slow", stream_mode="delta")
@@ -307,7 +307,7 @@ async def test_a_reply_goes_on_at_most_max_continuations_times(connect, services
     assert taken == {reply_id: "continued" if lost_before == 2 else "interrupted"}
     await c.send({"type": "resume", "message_id": reply_id, "offset": 10, "thinking_offset": 0, "epoch": 4})
     final = (await c.until_final(reply_id, timeout=60))[-1]["data"]
-    stored = await services.store.get_message(reply_id)
+    stored = await stored_message(reply_id)
     if lost_before == 2:
         _, whole = DemoProvider(services.pipelines.get("slow")).whole("again and again")
         assert (final["status"], final["continued"]) == ("completed", 3)

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from services import frames, replylog
+from services import events, frames, replylog
 from services.errors import BadRequest
 from services.outbox import encode
 from services.schema import LANGBOT_STRUCTS
@@ -237,6 +237,10 @@ class ReplyMachine(RuleBasedStateMachine):
         # its terminal write is refused: it publishes what the store holds (a second final on the bus)
         self.pending.append({"type": "reply.final", **self._final_fields(), "origin": "stale", "at": 4.0})
 
+    def _stored(self):
+        """The stored state as a read of the store gives it to the logs (services/events.py reply_stored)."""
+        return events.decode({"type": "reply.stored", **self.store})
+
     def _final_fields(self):
         return {**BASE, **{k: self.store[k] for k in ("status", "content", "thinking", "error", "usage", "epoch")}}
 
@@ -260,12 +264,12 @@ class ReplyMachine(RuleBasedStateMachine):
 
     @rule()
     def reread_the_store(self):
-        self.logs.stored({**self.store})
+        self.logs.stored(self._stored())
 
     def _dispatch(self, event):
         handler = {"reply.started": self.logs.started, "reply.delta": self.logs.delta,
                    "reply.final": self.logs.final}[event["type"]]
-        handler(dict(event))
+        handler(events.decode(event))  # as a bus delivers it: the event's Struct
 
     # viewers
 
@@ -288,7 +292,7 @@ class ReplyMachine(RuleBasedStateMachine):
                                             if not v.closed and v.read is None and v.client.final is None]))
         self._drain_frames(viewer)
         # the store read; the answer comes later
-        viewer.read = ({**self.store}, (len(viewer.client.text), 0, viewer.client.epoch))
+        viewer.read = (self._stored(), (len(viewer.client.text), 0, viewer.client.epoch))
 
     @precondition(lambda self: any(not v.closed and v.read is not None for v in self.viewers))
     @rule(data=st.data())
@@ -302,7 +306,7 @@ class ReplyMachine(RuleBasedStateMachine):
         try:
             plan = self.logs.resume(viewer.conn, SESSION, [doc], {MESSAGE: asked})
         except replylog.Stale:
-            plan = self.logs.resume(viewer.conn, SESSION, [{**self.store}], {MESSAGE: asked})
+            plan = self.logs.resume(viewer.conn, SESSION, [self._stored()], {MESSAGE: asked})
         except BadRequest as err:
             # only for an offset beyond a text that was stored whole: a client cannot have more
             assert err.code == "invalid_offset"
@@ -352,13 +356,13 @@ class ReplyMachine(RuleBasedStateMachine):
                 self.the_owner_is_lost_and_reaped()
         while self.pending:
             self._dispatch(self.pending.pop(0))
-        self.logs.stored({**self.store})
+        self.logs.stored(self._stored())
         # and every client still without its final resumes (as parley.js does on every connect)
         for viewer in self.viewers:
             if not viewer.closed and viewer.client.final is None:
                 self._drain_frames(viewer)
                 if viewer.client.final is None:
-                    viewer.read = viewer.read or ({**self.store}, (len(viewer.client.text), 0, viewer.client.epoch))
+                    viewer.read = viewer.read or (self._stored(), (len(viewer.client.text), 0, viewer.client.epoch))
             if not viewer.closed and viewer.read is not None:
                 self._answer(viewer)
         for viewer in self.viewers:
@@ -382,7 +386,7 @@ class ReplyMachine(RuleBasedStateMachine):
         try:
             self.logs.resume(viewer.conn, SESSION, [doc], {MESSAGE: asked})
         except replylog.Stale:
-            self.logs.resume(viewer.conn, SESSION, [{**self.store}], {MESSAGE: asked})
+            self.logs.resume(viewer.conn, SESSION, [self._stored()], {MESSAGE: asked})
 
 
 ReplyMachine.TestCase.settings = settings(max_examples=int(os.environ.get("PARLEY_REPLYLOG_EXAMPLES", 300)), stateful_step_count=int(os.environ.get("PARLEY_REPLYLOG_STEPS", 40)), deadline=None,

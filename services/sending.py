@@ -1,43 +1,25 @@
-"""Chat use cases shared by the WebSocket and REST handlers: sessions, send, stop, history, reset.
+"""Sending: a user's message stored and its reply accepted (send, regenerate), and replies stopped.
 
-Every operation takes the caller's Identity and checks access here, once, for both transports.
+Every operation takes a session the caller was already let into (services/sessions.py). A send numbers its two
+messages (services/numbers.py), stores them in one insert and, with no await in between, publishes the user
+message and hands the reply to the stream manager (services/streams.py), which owns it from then on.
 """
 import asyncio
-import hashlib
 import logging
 
 from pymongo.errors import DuplicateKeyError
 
-from services import events, frames, paging, schema
+from services import events, frames, schema
 from services.codes import LIVE, Code
 from services.compose import MAX_IMAGE, compose
-from services.numbers import Numbers
+from services.errors import Conflict, NotFound
 from services.ordering import SEQS_PER_SEND
-from services.errors import BadRequest, Conflict, Forbidden, NotFound
-from services.store import new_id, session_position, utcnow
+from services.sessions import check_id
+from services.store import new_id, utcnow
 
 log = logging.getLogger(__name__)
 
-SESSION_TYPES = ("person", "group")
-MAX_TEXT = schema.MAX_TEXT
-MAX_MEMBERS = 256        # default of --max-members: a session document stays small (256 ids of <= 128 chars)
-MAX_TITLE = schema.MAX_TITLE
 AUTO_TITLE = 60          # characters of the first message that name an untitled session
-MAX_VIEWED = 64          # sessions one connection may view at once (session.join)
-KNOWN_SESSIONS = 10_000  # sessions whose id, pipeline and type are kept in memory for sends
-
-
-def check_session_type(value):
-    if value not in SESSION_TYPES:
-        raise BadRequest(f"session_type must be one of {', '.join(SESSION_TYPES)}", code=Code.INVALID_SESSION_TYPE)
-    return value
-
-
-def check_id(value, what):
-    """Ids are plain strings: anything else (an object such as {"$ne": ...}) never reaches a query."""
-    if not isinstance(value, str) or not value or len(value) > 128:
-        raise BadRequest(f"{what} must be a non-empty string of at most 128 characters", code=Code.INVALID_PARAM)
-    return value
 
 
 def title_from(text, images=()):
@@ -48,208 +30,23 @@ def title_from(text, images=()):
     return line or ("Image" if images else "Untitled")
 
 
-def default_session_id(pipeline, session_type, user_id):
-    """LangBot-style: one implicit session per pipeline, session type and user. Deterministic, so race-free."""
-    digest = hashlib.sha256(f"{pipeline}\0{session_type}\0{user_id}".encode()).hexdigest()[:24]
-    return f"d{digest}"
-
-
-class ChatService:
-    def __init__(self, store, hub, fanout, bus, streams, pipelines, *, files, limiter=None,
-                 on_last_viewer_gone="continue", max_members=MAX_MEMBERS, max_image_size=MAX_IMAGE,
-                 max_document_size=None, admission):
+class Sending:
+    def __init__(self, store, hub, fanout, bus, streams, pipelines, numbers, *, files, limiter=None,
+                 on_last_viewer_gone="continue", max_image_size=MAX_IMAGE, max_document_size=None, admission):
         self.files = files        # services/files.py: a chain's files are stored and checked before its message
         self.max_document_size = max_document_size
         self.limiter = limiter
         self.admission = admission  # services/batching.py: --send-concurrency inside, --send-queue waiting
         self.max_image_size = max_image_size
-        self.max_members = max_members
         self.store = store
         self.hub = hub
         self.fanout = fanout
         self.bus = bus
         self.streams = streams
         self.pipelines = pipelines
+        self.numbers = numbers    # message numbers without a store round trip (services/numbers.py)
         self.on_last_viewer_gone = on_last_viewer_gone  # "continue" | "stop"
         self._background = set()  # store writes nobody waits for (durable stops, counters), in flight
-        self._known = {}          # session id -> its unchanging fields (session_to_send), the latest KNOWN_SESSIONS
-        self._opening = {}        # default/embed session id -> the store lookup in flight (_get_or_create)
-        self._sending = {}        # session id -> sends between their first write and accept() (see send)
-        self.numbers = Numbers(local=not streams.cluster)  # message numbers without a store round trip
-
-    # sessions
-
-    async def default_session(self, identity, pipeline_id, session_type, *, viewed_ok=False):
-        """`viewed_ok`: a stand-in {_id, type} will do when a connection here views the session already (see
-        _viewed)."""
-        self.pipelines.get(pipeline_id)
-        check_session_type(session_type)
-        session_id = default_session_id(pipeline_id, session_type, identity.user_id)
-        if viewed_ok and (viewed := self._viewed(session_id, session_type)):
-            return viewed
-        return await self._get_or_create(session_id, pipeline_id, session_type, identity.user_id)
-
-    async def embed_session(self, identity, pipeline_id, session_type, client_session, *, viewed_ok=False,
-                            create=True, admit=None):
-        """A widget's conversation: one session per pipeline, session type, user (a visitor) and `client_session`.
-        `create=False`: None when there is none yet (reading never creates one); `admit()`: awaited before one is
-        created (a visitor's limits)."""
-        check_id(client_session, "session_id")
-        self.pipelines.get(pipeline_id)
-        check_session_type(session_type)
-        session_id = default_session_id(pipeline_id, session_type, f"{identity.user_id}\0embed\0{client_session}")
-        if viewed_ok and (viewed := self._viewed(session_id, session_type)):
-            return viewed
-        if not create or admit is not None:
-            doc = await self.store.find_session(session_id)
-            if doc is not None:
-                self._remember(doc)
-                return dict(doc)
-            if not create:
-                return None
-            await admit()
-        return await self._get_or_create(session_id, pipeline_id, session_type, identity.user_id,
-                                         visitor=identity.visitor)
-
-    async def _get_or_create(self, session_id, pipeline_id, session_type, owner, visitor=""):
-        """Callers that arrive together for one session (a burst of reconnects after a restart, a user's tabs)
-        share one store lookup instead of each reading, racing to insert and reading again."""
-        pending = self._opening.get(session_id)
-        if pending is None:
-            pending = asyncio.ensure_future(self.store.get_or_create_session(
-                session_id=session_id, pipeline=pipeline_id, session_type=session_type, owner=owner,
-                visitor=visitor))
-            self._opening[session_id] = pending
-            pending.add_done_callback(lambda f: self._opened(session_id, f))
-        doc = await asyncio.shield(pending)  # one caller going away does not cancel the others' lookup
-        self._remember(doc)
-        return dict(doc)
-
-    def _opened(self, session_id, future):
-        if self._opening.get(session_id) is future:
-            del self._opening[session_id]
-        if not future.cancelled():
-            future.exception()  # retrieved here too: every caller may have gone
-
-    def viewed_default_session(self, identity, pipeline_id, session_type, client_session=None):
-        """default_session (embed_session with `client_session`) without waiting: the stand-in when a connection
-        here views it already (see _viewed), else None. Raises what they raise for bad arguments."""
-        self.pipelines.get(pipeline_id)
-        check_session_type(session_type)
-        user = identity.user_id
-        if client_session is not None:
-            check_id(client_session, "session_id")
-            user = f"{user}\0embed\0{client_session}"
-        return self._viewed(default_session_id(pipeline_id, session_type, user), session_type)
-
-    def _viewed(self, session_id, session_type):
-        """A user's own default (or embed) session that a connection here views already needs no store round
-        trip to connect another: it exists (its first viewer here made or read it; sessions are never deleted),
-        its type and owner are in its id, and the fan-out has tracked its order since that first viewer."""
-        if session_id in self.hub.by_session:
-            return {"_id": session_id, "type": session_type}
-        return None
-
-    async def create_session(self, identity, pipeline_id, *, session_type="person", title="", members=()):
-        self.pipelines.get(pipeline_id)
-        check_session_type(session_type)
-        if not isinstance(title, str) or len(title) > MAX_TITLE:
-            raise BadRequest(f"title must be a string of at most {MAX_TITLE} characters", code=Code.INVALID_PARAM)
-        if not isinstance(members, (list, tuple)):
-            raise BadRequest("members must be a list of user ids", code=Code.INVALID_PARAM)
-        if len(members) > self.max_members:
-            raise BadRequest(f"members must be a list of at most {self.max_members} user ids",
-                             code=Code.TOO_MANY_MEMBERS)
-        members = [check_id(m, "a member") for m in members]
-        if len({identity.user_id, *members}) > self.max_members:
-            raise BadRequest(f"a session has at most {self.max_members} members", code=Code.TOO_MANY_MEMBERS)
-        if session_type == "person" and set(members) - {identity.user_id}:
-            raise BadRequest("a person session has only its owner; use session_type group", code=Code.INVALID_PARAM)
-        return await self.store.create_session(pipeline=pipeline_id, session_type=session_type,
-                                               owner=identity.user_id, members=members, title=title)
-
-    async def session(self, identity, pipeline_id, session_id):
-        """The session, if it exists in this pipeline and the caller may use it (else session_not_found)."""
-        self.pipelines.get(pipeline_id)
-        doc = await self.store.get_session(check_id(session_id, "session_id"))
-        if doc["pipeline"] != pipeline_id or not can_access(identity, doc):
-            raise NotFound(f"no session {session_id!r}", code=Code.SESSION_NOT_FOUND)
-        self._remember(doc)
-        return doc
-
-    async def session_to_send(self, identity, pipeline_id, session_id):
-        """What send() needs of a session (id, pipeline, type: none of them ever changes), from memory when this
-        instance has seen it; send() checks access again in its own first write (`next_seqs`)."""
-        known = self._known.get(session_id)
-        if known is not None and known["pipeline"] == pipeline_id:
-            return known
-        return await self.session(identity, pipeline_id, session_id)
-
-    def _remember(self, doc):
-        if doc["_id"] not in self._known:
-            if len(self._known) >= KNOWN_SESSIONS:
-                del self._known[next(iter(self._known))]
-            self._known[doc["_id"]] = {"_id": doc["_id"], "pipeline": doc["pipeline"], "type": doc["type"],
-                                       "owner": doc.get("owner")}
-        self.numbers.seen(doc, bool(self._sending.get(doc["_id"])))
-
-    async def change_members(self, identity, session, *, add=(), remove=()):
-        """Owner (or admin) adds or removes members of a group session; removed members stop viewing it."""
-        if not (identity.is_admin or identity.user_id == session["owner"]):
-            raise Forbidden("only the session's owner may change its members")
-        if session["type"] != "group":
-            raise BadRequest("only group sessions have members to change", code=Code.INVALID_PARAM)
-        for ids in (add, remove):
-            if not isinstance(ids, list) or len(ids) > schema.MAX_IDS:
-                raise BadRequest(f"add and remove must be lists of at most {schema.MAX_IDS} user ids",
-                                 code=Code.INVALID_PARAM)
-        add, remove = [check_id(u, "a member") for u in add], [check_id(u, "a member") for u in remove]
-        if session["owner"] in remove:
-            raise BadRequest("the owner cannot be removed", code=Code.INVALID_PARAM)
-        if len((set(session.get("members", ())) | set(add)) - set(remove)) > self.max_members:
-            raise BadRequest(f"a session has at most {self.max_members} members (--max-members)",
-                             code=Code.TOO_MANY_MEMBERS)
-        doc = await self.store.change_members(session["_id"], add=add, remove=remove)
-        # removed members stop viewing it; the others are told who is in it now
-        self.bus.publish(events.members(session["_id"], add, remove, doc.get("members", ()), identity.user_id))
-        return doc
-
-    async def leave_group(self, identity, session):
-        """A member leaves a group session (the owner cannot: the group would have nobody to manage it)."""
-        if session["type"] != "group":
-            raise BadRequest("only a group session can be left", code=Code.INVALID_PARAM)
-        if identity.user_id == session["owner"]:
-            raise BadRequest("the owner cannot leave their group", code=Code.INVALID_PARAM)
-        doc = await self.store.change_members(session["_id"], remove=[identity.user_id])
-        # their connections viewing it (on every instance) stop, told `session.left` reason left_group
-        self.bus.publish(events.members(session["_id"], (), [identity.user_id], doc.get("members", ()),
-                                        identity.user_id, reason="left_group"))
-        return doc
-
-    async def rename(self, identity, session, title):
-        """Owner (or admin) sets a session's title (the web app's Rename)."""
-        if not (identity.is_admin or identity.user_id == session["owner"]):
-            raise Forbidden("only the session's owner may rename it")
-        if not isinstance(title, str) or len(title) > MAX_TITLE:
-            raise BadRequest(f"title must be a string of at most {MAX_TITLE} characters", code=Code.INVALID_PARAM)
-        return await self.store.set_title(session["_id"], title.strip())
-
-    async def list_sessions(self, identity, pipeline_id, *, limit=100, cursor=None):
-        """One page of the user's sessions, most recently updated first: (docs, next_cursor)."""
-        self.pipelines.get(pipeline_id)
-        kind = f"sessions:{pipeline_id}"
-        position = paging.decode(kind, cursor)
-        before = None
-        if position is not None:
-            if not (isinstance(position, list) and len(position) == 2 and type(position[0]) is int
-                    and isinstance(position[1], str)):
-                raise BadRequest("cursor is not one this server gave out", code=Code.INVALID_CURSOR)
-            before = tuple(position)
-        docs = await self.store.list_sessions(pipeline=pipeline_id, user=identity.user_id, limit=limit + 1,
-                                              before=before)
-        return paging.page(docs, limit, kind, lambda d: list(session_position(d)))
-
-    # messages
 
     async def send(self, identity, session, chain, *, stream=True, client_msg_id=None, connection_id=""):
         """Persist the user's message and accept a reply. Returns (user_doc, reply_doc, duplicate).
@@ -279,8 +76,8 @@ class ChatService:
         # context read while its number is reserved, when it will start at once: nothing else of its session is
         # live or being sent here, and no other instance may claim its turn (not in cluster mode).
         sid, streams = session["_id"], self.streams
-        claimed = not (streams.cluster or streams.by_session.get(sid) or self._sending.get(sid))
-        self._sending[sid] = self._sending.get(sid, 0) + 1
+        claimed = not (streams.cluster or streams.live(sid) or self.numbers.sending(sid))
+        self.numbers.send_began(sid)
         history = streams.prefetch_history(sid, session["pipeline"]) if claimed else None
         try:
             for retry in (False, True):
@@ -295,7 +92,8 @@ class ChatService:
             if reply_doc is None:  # the same client_msg_id landed first from another tab
                 return await self._duplicate(user_doc)
             # No await between here and accept(): the reply is registered before anything else runs.
-            self.bus.publish(events.user_message(frames.message_data(user_doc), session["type"], connection_id))
+            self.bus.publish(events.UserMessage(session_id=sid, message=frames.message_data(user_doc),
+                                                session_type=session["type"], connection_id=connection_id))
             streams.accept(message_id=reply_doc["_id"], session=session, seq=reply_doc["seq"],
                            reply_to=user_doc["_id"], prompt=text, sender=identity.user_id, stream=stream,
                            images=tuple(images), epoch=reply_doc["epoch"], history=history)
@@ -306,9 +104,7 @@ class ChatService:
         finally:
             if history is not None:
                 discard(history)
-            self._sending[sid] -= 1
-            if not self._sending[sid]:
-                del self._sending[sid]
+            self.numbers.send_ended(sid)
 
     async def _store_send(self, identity, session, text, chain, client_msg_id, claimed):
         """Number and insert a send's two messages: (user_doc, reply_doc); (existing user doc, None) when its
@@ -404,17 +200,16 @@ class ChatService:
             reply_id = new_id()
             if not await self.store.supersede(message_id, reply_id):  # a regenerate of it won already
                 raise Conflict("only the session's latest reply can be regenerated", code=Code.NOT_LATEST_REPLY)
-            self._sending[sid] = self._sending.get(sid, 0) + 1  # its number may move the counter: see _remember
+            self.numbers.send_began(sid)  # its number may move the counter: see Numbers.seen
             try:
                 reply_doc = await self._store_regenerate(identity, session, question, reply_id)
             except BaseException:
                 await asyncio.shield(self.store.unsupersede(message_id, reply_id))
                 raise
             finally:
-                self._sending[sid] -= 1
-                if not self._sending[sid]:
-                    del self._sending[sid]
-        self.bus.publish(events.regenerate(sid, reply_doc["seq"], reply_id, question["_id"], message_id))
+                self.numbers.send_ended(sid)
+        self.bus.publish(events.ReplyRegenerate(session_id=sid, seq=reply_doc["seq"], message_id=reply_id,
+                                                reply_to=question["_id"], replaces=message_id))
         self.streams.accept(message_id=reply_id, session=session, seq=reply_doc["seq"], reply_to=question["_id"],
                             prompt=text, sender=question.get("sender") or identity.user_id, stream=stream,
                             images=tuple(images), epoch=0, prompt_seq=question["seq"])
@@ -468,7 +263,8 @@ class ChatService:
         if message_id is not None:
             check_id(message_id, "message_id")
         stopped = self.streams.stop(session_id, message_id)
-        self.bus.publish(events.stop(session_id, message_id))  # the owner of a reply running elsewhere
+        # the owner of a reply running elsewhere
+        self.bus.publish(events.Stop(session_id=session_id, message_id=message_id))
         # A reply stopped here records the stop in its own terminal write (services/streams.py): a write of
         # the flag beside it would only queue in the store ahead of that write, which the final waits for.
         if message_id is None and self.streams.cluster:
@@ -515,51 +311,8 @@ class ChatService:
                 log.info("last viewer gone, stopping replies session_id=%s", session_id)
                 self.stop(conn.identity, session_id)
 
-    # announcements (the callers check the caller is an admin)
-
-    def broadcast(self, message, pipeline=None):
-        """To every connection of a pipeline (None: of all). Returns how many connections here it reaches."""
-        delivered = sum(not c.closed for c in self.hub.of_pipeline(pipeline))
-        self.bus.publish(events.broadcast(message, pipeline))
-        return delivered
-
-    def push(self, user_id, message, data=None):
-        """To every connection (tab, device) of one user. Returns how many connections here it reaches."""
-        delivered = sum(not c.closed for c in self.hub.of_user(user_id))
-        self.bus.publish(events.push(user_id, message, data))
-        return delivered
-
-    async def history(self, identity, session, *, after_seq=0, limit=50):
-        return await self.store.list_messages(session["_id"], after_seq=after_seq, limit=limit)
-
-    async def history_page(self, identity, session, *, after_seq=0, limit=50, cursor=None):
-        """One page of a session's messages in order: (docs, next_cursor). A cursor wins over after_seq."""
-        kind = f"messages:{session['_id']}"
-        position = paging.decode(kind, cursor)
-        if position is not None:
-            if not isinstance(position, int) or isinstance(position, bool) or position < 0:
-                raise BadRequest("cursor is not one this server gave out", code=Code.INVALID_CURSOR)
-            after_seq = position
-        docs = await self.store.list_messages(session["_id"], after_seq=after_seq, limit=limit + 1)
-        return paging.page(docs, limit, kind, lambda d: d["seq"])
-
-    async def reset(self, identity, session):
-        """Stop whatever runs, then forget the session's messages. Their seq numbers are never reused."""
-        stopped = self.streams.stop(session["_id"])
-        for message_id in stopped:
-            gen = self.streams.generations.get(message_id)
-            if gen is not None:
-                await gen.done.wait()
-        deleted = await self.store.delete_session_messages(session["_id"])
-        self.bus.publish(events.reset(session["_id"], deleted))
-        return {"stopped": stopped, "deleted": deleted}
-
 
 def discard(task):
     """Cancel a task nobody will await, and retrieve its outcome (no "exception never retrieved")."""
     task.cancel()
     task.add_done_callback(lambda t: t.cancelled() or t.exception())
-
-
-def can_access(identity, session):
-    return identity.is_admin or identity.user_id in session.get("members", ())

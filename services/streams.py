@@ -44,6 +44,7 @@ class StreamManager:
         self.turns = Turns(store, self.metrics, max_queued=max_queued)
         self.fencing = Fencing(store, bus, self.metrics, instance_id=instance_id, lease_seconds=lease_seconds)
         self.generations = {}     # message_id -> Generation (live: queued or streaming)
+        self.closed = False       # shut down: nothing more starts here
         self.stop_callbacks = {}  # message_id -> callable(reason)
         self.by_session = {}      # session_id -> {message_id: Generation}, in acceptance order
         self.on_handover = lambda: None  # another instance handed replies over (the reaper sweeps at once)
@@ -78,6 +79,10 @@ class StreamManager:
         """Start a reply. Synchronous: registered and visible before the caller's next await. A `continuation`
         (services/failover.py) goes first: it holds its session's turn already."""
         gen = Generation(**fields)
+        if self.closed:  # a send stored as the server shut down: left live in the store, as after a crash
+            log.info("not started (shutting down): another instance or the next start takes it up message_id=%s",
+                     gen.message_id)
+            return gen
         queue = self.by_session.setdefault(gen.session_id, {})
         if gen.continuing:
             gen.has_turn = self.cluster
@@ -164,6 +169,7 @@ class StreamManager:
 
     async def shutdown(self):
         """Interrupt every live reply and wait until each has persisted its terminal state."""
+        self.closed = True  # nothing starts after this (it would run on after the store closed)
         gens = list(self.generations.values())
         for gen in gens:
             if cb := self.stop_callbacks.get(gen.message_id):

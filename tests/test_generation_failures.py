@@ -64,3 +64,17 @@ async def test_shutdown_interrupts_live_replies_with_a_final_frame(connect, serv
     assert frames[-1]["data"]["status"] == "interrupted"
     stored = await stored_message(ack["data"]["reply_message_id"])
     assert stored["status"] == "interrupted" and stored["content"] == frames[-1]["data"]["content"]
+
+
+async def test_a_send_stored_as_the_server_shuts_down_is_left_live_not_started(connect, services, stored_message):
+    """Nothing starts generating once shutdown began: it would run on after the store closed (seen in drains as
+    "Cannot use AsyncMongoClient after close"). The reply stays live in the store, empty, leased to this
+    instance, as after a crash: another instance (failover) or the next start takes it up."""
+    c = await connect("slow")
+    await services.streams.shutdown()
+    ack = await c.say("sent as the lights went out")
+    reply_id = ack["data"]["reply_message_id"]
+    assert reply_id not in services.streams.generations
+    doc = await stored_message(reply_id)
+    assert (doc["status"] in ("queued", "streaming"), doc["content"], doc["instance"]) == (
+        True, "", services.streams.instance_id)

@@ -223,7 +223,7 @@ _PIPELINE_FIELDS = {
     "timeouts": (lambda v: isinstance(v, dict), "a table", None),
     "options": (lambda v: isinstance(v, dict), "a table", None),
     "inputs": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings",
-               (lambda v: "text" in v and set(v) <= set(INPUTS), f"must list text and any of image, voice, file")),
+               (lambda v: "text" in v and set(v) <= set(INPUTS), "must list text and any of image, voice, file")),
     "embed": (lambda v: isinstance(v, (str, dict)), "a string (the bot id) or a table", None),
     "files_url": (_str, "a string", (lambda v: v == "" or re.match(r"^https?://[^/\s]+(/[^\s]*)?$", v),
                                      "must be an http:// or https:// URL (Parley's, as the upstream reaches it)")),

@@ -24,7 +24,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 from services.auth import Identity
 from services.codes import Code
-from services.errors import BadRequest, Capacity, Forbidden, NotFound, RateLimited, Unauthorized, Unavailable
+from services.errors import BadRequest, Capacity, NotFound, RateLimited, Unauthorized, Unavailable
 from services.limits import RateLimiter
 
 log = logging.getLogger(__name__)

@@ -155,8 +155,8 @@ def scenarios(b):
         finally:
             c.stop()
         return {"stop_across_instances": {"parley": across, "same_instance": local, "metric": "stop→final p99 ms",
-                                          "key": "p99_ms", "base": "same_instance", "target": "-"},
+                                          "key": "p99_ms", "base": "same_instance", "target": "p99 <= 20 ms"},
                 "follower_lag": {**lag, "metric": "token lag p99 ms", "key": "p99_ms", "base": "owner_viewer",
-                                 "target": "follower p99 <= 250 ms"}}
+                                 "target": "follower p99 <= 50 ms"}}
 
     return {"cluster": cluster}

@@ -55,6 +55,7 @@ class Chat:
         self.ws = None
         self.text = {}       # message_id -> answer text received so far
         self.thinking = {}
+        self.epochs = {}     # message_id -> the epoch (owner) of the text held (docs/protocol.md `rewind`)
         self.finals = set()  # replies whose final frame we have
 
     def _headers(self):
@@ -121,8 +122,23 @@ class Chat:
             return whole[len(have):]
         return ""
 
+    def cut(self, mid, offset, thinking_offset, epoch=None):
+        """Text past the offsets is void (its server was lost before storing it): drop it. True if any went."""
+        if epoch is not None:
+            if self.epochs.get(mid, epoch) > epoch:
+                return False  # an instance that has not heard of the newer owner yet
+            self.epochs[mid] = epoch
+        text, thinking = self.text.get(mid, ""), self.thinking.get(mid, "")
+        if offset >= len(text) and thinking_offset >= len(thinking):
+            return False
+        self.text[mid], self.thinking[mid] = text[:offset], thinking[:thinking_offset]
+        return True
+
     def offsets(self, mid):
-        return {"offset": len(self.text.get(mid, "")), "thinking_offset": len(self.thinking.get(mid, ""))}
+        offsets = {"offset": len(self.text.get(mid, "")), "thinking_offset": len(self.thinking.get(mid, ""))}
+        if mid in self.epochs:
+            offsets["epoch"] = self.epochs[mid]
+        return offsets
 
     def resume_frame(self):
         """Every reply we hold unfinished, from where our copy ends (the server adds live ones we lack)."""
@@ -278,6 +294,19 @@ async def interactive(args):
         elif frame["type"] == "resumed":
             for reply in data.get("replies", []):
                 screen.note(f"[resuming {reply['message_id']} at {reply['offset']}: {reply['status']}]")
+                if reply["message_id"] not in chat.finals and chat.cut(
+                        reply["message_id"], reply["offset"], reply["thinking_offset"], reply.get("epoch")):
+                    screen.note(f"[the text after character {reply['offset']} was lost with its server; "
+                                "it goes on from there:]")
+        elif frame["type"] == "status" and "epoch" in data:
+            mid = data["message_id"]
+            if not chat.text.get(mid) and not chat.thinking.get(mid):
+                chat.epochs[mid] = data["epoch"]
+        elif frame["type"] == "rewind":
+            mid = data["message_id"]
+            if mid not in chat.finals and chat.cut(mid, data["offset"], data["thinking_offset"], data["epoch"]):
+                screen.note(f"\n[the server handling this reply went away; the text after character "
+                            f"{data['offset']} was not saved and another server goes on from there:]")
         elif frame["type"] == "error":
             screen.note(f"\n[error {frame.get('code')}: {frame.get('message')}]")
 

@@ -29,7 +29,7 @@ from handlers.base import NotFoundHandler
 from services import events, logs, runtime, settings
 from services.auth import Authenticator, check_jwt_secret
 from services.batching import Admission
-from services.chat import ChatService
+from services.announcements import Announcements
 from services.codes import Close
 from services.files import Files
 from services.embedded_mongo import EmbeddedMongo, EmbeddedMongoError
@@ -39,10 +39,16 @@ from services.fanout import FanOut
 from services.hub import Hub
 from services.keepalive import Keepalive
 from services.limits import RateLimiter
+from services.history import History
 from services.metrics import Metrics
+from services.numbers import Numbers
 from services.pipelines import PipelineConfigError, api_key, default_pipelines, load_pipelines
+from services.failover import Failover
+from services.liveness import Liveness
 from services.reaper import Reaper
 from services.resume import Resumer
+from services.sending import Sending
+from services.sessions import Sessions
 from services.signing import Signer
 from services.visitors import Visitors
 from services.store import Store
@@ -62,11 +68,15 @@ class Services:
     bus: Bus
     fanout: FanOut
     streams: StreamManager
-    chat: ChatService
+    sessions: Sessions
+    sending: Sending
+    history: History
+    announcements: Announcements
     files: Files
     visitors: Visitors
     resumer: Resumer
     reaper: Reaper
+    liveness: Liveness | None
     pipelines: object
     auth: object
     instance_id: str
@@ -131,25 +141,38 @@ async def open_services(config, *, pipelines=None, provider_factory=None, auth=N
     signer = Signer(await store.signing_key())
     files = Files(store, signer, max_image=config.max_image_size, max_document=config.max_document_size,
                   quota=config.file_quota, link_ttl=config.file_link_ttl, metrics=metrics)
-    chat = ChatService(store, hub, fanout, bus, streams, pipelines, files=files,
-                       limiter=RateLimiter(config.rate_limit, config.rate_burst),
-                       on_last_viewer_gone=config.on_last_viewer_gone, max_members=config.max_members,
-                       max_image_size=config.max_image_size, max_document_size=config.max_document_size,
-                       admission=Admission(config.send_concurrency, config.send_queue, config.store_timeout))
+    numbers = Numbers(local=not config.cluster)  # message numbers without a store round trip
+    sessions = Sessions(store, hub, bus, pipelines, numbers, max_members=config.max_members)
+    sending = Sending(store, hub, fanout, bus, streams, pipelines, numbers, files=files,
+                      limiter=RateLimiter(config.rate_limit, config.rate_burst),
+                      on_last_viewer_gone=config.on_last_viewer_gone, max_image_size=config.max_image_size,
+                      max_document_size=config.max_document_size,
+                      admission=Admission(config.send_concurrency, config.send_queue, config.store_timeout))
+    history = History(store, bus, streams)
+    announcements = Announcements(hub, bus)
     visitors = Visitors(signer, pipelines, store, config, metrics=metrics)
-    resumer = Resumer(store, fanout, streams, chat, metrics)
-    reaper = Reaper(store, bus, streams, lease_seconds=config.lease_seconds)
+    resumer = Resumer(store, fanout, streams, sessions, metrics)
+    # a cluster knows in seconds which instances are gone, so their replies end (or go on) without waiting out
+    # each reply's lease
+    liveness = Liveness(store, instance_id, timeout=config.liveness_timeout) if config.cluster else None
+    failover = Failover(store, bus, streams, sending, pipelines, max_continuations=config.max_continuations,
+                        metrics=metrics)
+    reaper = Reaper(store, bus, streams, failover, lease_seconds=config.lease_seconds, liveness=liveness)
     await bus.start()
     await streams.warm_up()  # the first reply must not pay for imports and client set-up
-    await reaper.sweep()  # replies a previous run left `streaming` end now, if their lease has expired
+    # replies a previous run of this instance left `streaming` end now, and others' whose lease expired
+    await reaper.sweep(starting=True)
+    if liveness is not None:
+        liveness.on_change = reaper.wake
+        await liveness.start()
     reaper.start()
     keepalive = Keepalive(hub, ping_interval=config.ping_interval, ping_timeout=config.ping_timeout)
     keepalive.start()
     visitors.start()
     return Services(config=config, client=client, store=store, hub=hub, bus=bus, fanout=fanout, streams=streams,
-                    chat=chat, files=files, visitors=visitors,
-                    resumer=resumer, reaper=reaper, pipelines=pipelines, auth=auth, instance_id=instance_id,
-                    metrics=metrics, keepalive=keepalive)
+                    sessions=sessions, sending=sending, history=history, announcements=announcements, files=files,
+                    visitors=visitors, resumer=resumer, reaper=reaper, liveness=liveness, pipelines=pipelines,
+                    auth=auth, instance_id=instance_id, metrics=metrics, keepalive=keepalive)
 
 
 def make_client(config):
@@ -184,7 +207,9 @@ async def close_services(services):
     await services.visitors.stop()
     await services.reaper.stop()
     await services.streams.shutdown()
-    await services.chat.close()
+    if services.liveness is not None:  # after our replies ended: the others need not wait to know we are gone
+        await services.liveness.stop()
+    await services.sending.close()
     await services.bus.close()
     await services.fanout.order.close()
     await services.store.close()  # the writes gathered for a bulk write land first
@@ -299,13 +324,20 @@ def tune_gc():
 async def drain(services, server):
     """Graceful shutdown: stop listening (a proxy sends new connections elsewhere; on connections already open
     /readyz and handshakes answer 503), connected clients are told to reconnect (they resume on another
-    instance), replies get --drain-timeout to finish, the rest end `interrupted`."""
+    instance); in a cluster, live replies are handed over to the other instances (which go on with them);
+    replies that cannot go on elsewhere get --drain-timeout to finish, the rest end `interrupted`."""
     services.draining = True
-    log.info("draining: telling %d clients to reconnect elsewhere", len(services.hub.connections))
     server.stop()  # no new connections: nginx sends new clients to another instance
-    services.bus.publish(events.reconnect("server restarting"))  # this instance's connections only
+    await services.reaper.stop()  # (it would take up what this instance hands over)
+    log.info("draining: telling %d clients to reconnect elsewhere", len(services.hub.connections))
+    services.bus.publish(events.Reconnect(reason="server restarting"))  # this instance's connections only
     for conn in list(services.hub.connections.values()):
         conn.close(Close.RESTARTING, Close.RESTARTING.reason)
+    if services.config.cluster:  # the others go on with what generates here (their reapers take it over now)
+        pipelines = services.pipelines
+        goes_on = lambda p: p in pipelines and pipelines.get(p).on_instance_lost == "continue"  # noqa: E731
+        while await services.streams.hand_over(goes_on):
+            pass  # (a send in progress as the sockets closed may have started another meanwhile)
     await services.streams.drain(services.config.drain_timeout)
     await close_services(services)  # what is still generating is checkpointed and ends `interrupted`
     await server.close_all_connections()

@@ -28,6 +28,9 @@ def pipelines(quick):
         "fan": {"source": "upstream", "n": 10 if quick else 50, "rate": 5, "stamped": True},
         "short": {"source": "demo", "n": 20, "rate": 0},
         "slow": {"source": "demo", "n": 100000, "rate": 200},
+        # bench/cluster.py's failover: a reply long enough to kill its instance mid-way (continued, or not)
+        "lost": {"source": "demo", "n": 1000, "rate": 200},  # 5 s: each continued reply is read to its end
+        "lost_once": {"source": "demo", "n": 4000, "rate": 200, "on_instance_lost": "interrupt"},
         # streaming memory: many replies live at once, each with its upstream request open
         "trickle": {"source": "upstream", "n": 100000, "rate": 2},
     }

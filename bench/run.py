@@ -28,15 +28,10 @@ from bench.cluster import scenarios as cluster_scenarios
 from bench.cluster_load import scenarios as cluster_load_scenarios
 from bench.common import pipelines, raise_fd_limit
 from bench.client import SECRET, token
+from services.embedded_mongo import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port, proc, deadline):
@@ -134,6 +129,8 @@ class Bench:
                           f'base_url = "http://127.0.0.1:{upstream_port}/v1"']
             if name != "short":  # long replies would make each next request's history large
                 lines.append("history_messages = 0")
+            if spec.get("on_instance_lost"):
+                lines.append(f'on_instance_lost = "{spec["on_instance_lost"]}"')
             lines += [f"[pipelines.{name}.timeouts]", "first_token = 60", "stall = 60", "total = 900", ""]
         self.toml = os.path.join(self.workdir, "pipelines.toml")
         with open(self.toml, "w") as f:

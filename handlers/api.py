@@ -10,7 +10,7 @@ import msgspec
 from handlers.base import BaseHandler, api
 from services import frames, paging, schema
 from services.auth import COOKIE, bearer_or_query_token
-from services.chat import check_id, check_session_type
+from services.sessions import check_id, check_session_type
 from services.codes import Code
 from services.errors import BadRequest
 
@@ -92,11 +92,11 @@ class PipelinesHandler(BaseHandler):
 class LegacyHistoryHandler(BaseHandler):
     @api("LangBot: history of the implicit session")
     async def get(self, pipeline, session_type):
-        chat = self.services.chat
-        session = await chat.default_session(self.identity, pipeline, check_session_type(session_type))
+        session = await self.services.sessions.default_session(self.identity, pipeline,
+                                                               check_session_type(session_type))
         limit = self.int_arg("limit", 200, low=1, high=1000)
-        docs, next_cursor = await chat.history_page(self.identity, session, limit=limit,
-                                                    cursor=self.get_query_argument("cursor", None))
+        docs, next_cursor = await self.services.history.history_page(self.identity, session, limit=limit,
+                                                                     cursor=self.get_query_argument("cursor", None))
         self.ok({"session_id": session["_id"], "messages": [frames.message_data(d) for d in docs],
                  "next_cursor": next_cursor})
 
@@ -104,9 +104,9 @@ class LegacyHistoryHandler(BaseHandler):
 class LegacyResetHandler(BaseHandler):
     @api("LangBot: reset the implicit session")
     async def post(self, pipeline, session_type):
-        chat = self.services.chat
-        session = await chat.default_session(self.identity, pipeline, check_session_type(session_type))
-        result = await chat.reset(self.identity, session)
+        session = await self.services.sessions.default_session(self.identity, pipeline,
+                                                               check_session_type(session_type))
+        result = await self.services.history.reset(self.identity, session)
         self.ok({"message": "Session reset successfully", "session_id": session["_id"], **result})
 
 
@@ -132,7 +132,7 @@ class LegacyBroadcastHandler(BaseHandler):
     @api("LangBot: broadcast to a pipeline's connections", body=schema.BroadcastBody, admin=True)
     def post(self, pipeline):
         self.services.pipelines.get(pipeline)
-        delivered = self.services.chat.broadcast(self.body().message, pipeline)
+        delivered = self.services.announcements.broadcast(self.body().message, pipeline)
         self.ok({"message": "Broadcast sent successfully", "delivered": delivered})
 
 
@@ -141,7 +141,7 @@ class BroadcastHandler(BaseHandler):
 
     @api("broadcast to every connection", body=schema.BroadcastBody, admin=True)
     def post(self):
-        delivered = self.services.chat.broadcast(self.body().message)
+        delivered = self.services.announcements.broadcast(self.body().message)
         self.ok({"message": "Broadcast sent successfully", "delivered": delivered})
 
 
@@ -151,7 +151,7 @@ class PushHandler(BaseHandler):
     @api("push to every connection of a user", body=schema.PushBody, admin=True)
     def post(self, user_id):
         body = self.body()
-        delivered = self.services.chat.push(check_id(user_id, "user_id"), body.message, body.data)
+        delivered = self.services.announcements.push(check_id(user_id, "user_id"), body.message, body.data)
         self.ok({"user_id": user_id, "delivered": delivered})
 
 
@@ -160,7 +160,7 @@ class PushHandler(BaseHandler):
 class SessionsHandler(BaseHandler):
     @api("the caller's sessions")
     async def get(self, pipeline):
-        docs, next_cursor = await self.services.chat.list_sessions(
+        docs, next_cursor = await self.services.sessions.list_sessions(
             self.identity, pipeline, limit=self.int_arg("limit", 100, low=1, high=500),
             cursor=self.get_query_argument("cursor", None))
         self.ok({"sessions": [session_data(d) for d in docs], "next_cursor": next_cursor})
@@ -168,7 +168,7 @@ class SessionsHandler(BaseHandler):
     @api("create a session", body=schema.SessionCreate, status=201)
     async def post(self, pipeline):
         body = self.body()
-        doc = await self.services.chat.create_session(
+        doc = await self.services.sessions.create_session(
             self.identity, pipeline, session_type=body.session_type, title=body.title, members=body.members)
         self.ok(session_data(doc))
 
@@ -176,19 +176,18 @@ class SessionsHandler(BaseHandler):
 class SessionHandler(BaseHandler):
     @api("one session")
     async def get(self, pipeline, session_id):
-        self.ok(session_data(await self.services.chat.session(self.identity, pipeline, session_id)))
+        self.ok(session_data(await self.services.sessions.session(self.identity, pipeline, session_id)))
 
     @api("rename a session", body=schema.SessionRename)
     async def patch(self, pipeline, session_id):
-        chat = self.services.chat
-        session = await chat.session(self.identity, pipeline, session_id)
-        self.ok(session_data(await chat.rename(self.identity, session, self.body().title)))
+        session = await self.services.sessions.session(self.identity, pipeline, session_id)
+        self.ok(session_data(await self.services.sessions.rename(self.identity, session, self.body().title)))
 
 
 class MembersHandler(BaseHandler):
     @api("a group's members, paged")
     async def get(self, pipeline, session_id):
-        session = await self.services.chat.session(self.identity, pipeline, session_id)
+        session = await self.services.sessions.session(self.identity, pipeline, session_id)
         members, next_cursor = paging.in_memory(session.get("members", []),
                                                 self.int_arg("limit", 100, low=1, high=1000),
                                                 f"members:{session['_id']}", self.get_query_argument("cursor", None))
@@ -196,10 +195,9 @@ class MembersHandler(BaseHandler):
 
     @api("add or remove group members (owner)", body=schema.MembersChange)
     async def post(self, pipeline, session_id):
-        chat = self.services.chat
-        session = await chat.session(self.identity, pipeline, session_id)
+        session = await self.services.sessions.session(self.identity, pipeline, session_id)
         body = self.body()
-        doc = await chat.change_members(self.identity, session, add=body.add, remove=body.remove)
+        doc = await self.services.sessions.change_members(self.identity, session, add=body.add, remove=body.remove)
         self.ok(session_data(doc))
 
 
@@ -208,21 +206,19 @@ class LeaveHandler(BaseHandler):
 
     @api("leave a group session (a member, not its owner)")
     async def post(self, pipeline, session_id):
-        chat = self.services.chat
-        session = await chat.session(self.identity, pipeline, session_id)
-        doc = await chat.leave_group(self.identity, session)
+        session = await self.services.sessions.session(self.identity, pipeline, session_id)
+        doc = await self.services.sessions.leave_group(self.identity, session)
         self.ok({"session_id": doc["_id"], "left": True})
 
 
 class MessagesHandler(BaseHandler):
     @api("history, paged by seq")
     async def get(self, pipeline, session_id):
-        chat = self.services.chat
-        session = await chat.session(self.identity, pipeline, session_id)
+        session = await self.services.sessions.session(self.identity, pipeline, session_id)
         after_seq = self.int_arg("after_seq", 0, low=0, high=2**53)
         limit = self.int_arg("limit", 50, low=1, high=500)
-        docs, next_cursor = await chat.history_page(self.identity, session, after_seq=after_seq, limit=limit,
-                                                    cursor=self.get_query_argument("cursor", None))
+        docs, next_cursor = await self.services.history.history_page(
+            self.identity, session, after_seq=after_seq, limit=limit, cursor=self.get_query_argument("cursor", None))
         next_after = docs[-1]["seq"] if docs else after_seq
         self.ok({"session_id": session["_id"], "messages": [frames.message_data(d) for d in docs],
                  "next_after_seq": next_after, "has_more": next_cursor is not None, "next_cursor": next_cursor})
@@ -230,13 +226,12 @@ class MessagesHandler(BaseHandler):
     @api("send a message (Idempotency-Key header)", body=schema.MessageSend, status=202)
     async def post(self, pipeline, session_id):
         """Send as a bot would: the reply streams to the session's viewers; poll history for the result."""
-        chat = self.services.chat
-        session = await chat.session(self.identity, pipeline, session_id)
+        session = await self.services.sessions.session(self.identity, pipeline, session_id)
         body = self.body()
         key = self.request.headers.get("Idempotency-Key")
         if key is not None and body.client_msg_id not in (None, key):
             raise BadRequest("Idempotency-Key and client_msg_id differ", code=Code.INVALID_PARAM)
-        user_doc, reply_doc, duplicate = await chat.send(
+        user_doc, reply_doc, duplicate = await self.services.sending.send(
             self.identity, session, body.message, stream=body.stream, client_msg_id=body.client_msg_id or key)
         self.ok(frames.ack_data(user_doc, reply_doc, duplicate), status=200 if duplicate else None)
 
@@ -246,28 +241,25 @@ class RegenerateHandler(BaseHandler):
 
     @api("a new reply replacing the session's latest one", body=schema.RegenerateBody, status=202)
     async def post(self, pipeline, session_id, message_id):
-        chat = self.services.chat
-        session = await chat.session(self.identity, pipeline, session_id)
-        user_doc, reply_doc = await chat.regenerate(self.identity, session, message_id,
-                                                    stream=self.body().stream)
+        session = await self.services.sessions.session(self.identity, pipeline, session_id)
+        user_doc, reply_doc = await self.services.sending.regenerate(self.identity, session, message_id,
+                                                                     stream=self.body().stream)
         self.ok(frames.ack_data(user_doc, reply_doc, False))
 
 
 class StopHandler(BaseHandler):
     @api("stop a reply, or every reply", body=schema.StopBody)
     async def post(self, pipeline, session_id):
-        chat = self.services.chat
-        session = await chat.session(self.identity, pipeline, session_id)
-        stopped = chat.stop(self.identity, session["_id"], self.body().message_id)
+        session = await self.services.sessions.session(self.identity, pipeline, session_id)
+        stopped = self.services.sending.stop(self.identity, session["_id"], self.body().message_id)
         self.ok(frames.stop_ack(session["_id"], stopped).data)
 
 
 class ResetHandler(BaseHandler):
     @api("stop and forget the session's messages")
     async def post(self, pipeline, session_id):
-        chat = self.services.chat
-        session = await chat.session(self.identity, pipeline, session_id)
-        self.ok({"session_id": session["_id"], **await chat.reset(self.identity, session)})
+        session = await self.services.sessions.session(self.identity, pipeline, session_id)
+        self.ok({"session_id": session["_id"], **await self.services.history.reset(self.identity, session)})
 
 
 default_handlers = [

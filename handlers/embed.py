@@ -9,7 +9,7 @@ import secrets
 from handlers.base import BaseHandler, api
 from parley import resource
 from services import frames, schema
-from services.chat import check_session_type
+from services.sessions import check_session_type
 from services.codes import Code
 from services.errors import Forbidden, ParleyError
 from services.forwarded import public_origin
@@ -62,8 +62,8 @@ class EmbedHandler(BaseHandler):
 
     async def conversation(self, session_type):
         """The visitor's conversation of this type, or None: reading never creates one."""
-        return await self.services.chat.embed_session(self.visitor(), self.pipeline.id,
-                                                      check_session_type(session_type), "widget", create=False)
+        return await self.services.sessions.embed_session(self.visitor(), self.pipeline.id,
+                                                          check_session_type(session_type), "widget", create=False)
 
 
 class EmbedHistoryHandler(EmbedHandler):
@@ -75,9 +75,9 @@ class EmbedHistoryHandler(EmbedHandler):
         session = await self.conversation(session_type)
         if session is None:
             return self.ok({"messages": [], "next_cursor": None})
-        chat = self.services.chat
-        docs, next_cursor = await chat.history_page(None, session, limit=self.int_arg("limit", 200, low=1, high=1000),
-                                                    cursor=self.get_query_argument("cursor", None))
+        docs, next_cursor = await self.services.history.history_page(
+            None, session, limit=self.int_arg("limit", 200, low=1, high=1000),
+            cursor=self.get_query_argument("cursor", None))
         base = public_origin(self.request, self.services.config.trusted_proxies)
         messages = []
         for doc in docs:
@@ -99,7 +99,7 @@ class EmbedResetHandler(EmbedHandler):
         session = await self.conversation(session_type)
         deleted = 0
         if session is not None:
-            deleted = (await self.services.chat.reset(None, session))["deleted"]
+            deleted = (await self.services.history.reset(None, session))["deleted"]
         self.ok({"message": "Session reset successfully", "deleted": deleted})
 
 
@@ -121,8 +121,8 @@ class EmbedFeedbackHandler(EmbedHandler):
                 raise
             identity = None
         if identity is not None:
-            session = await self.services.chat.embed_session(identity, self.pipeline.id, body.session_type, "widget",
-                                                             create=False)
+            session = await self.services.sessions.embed_session(identity, self.pipeline.id, body.session_type,
+                                                                 "widget", create=False)
             if session is not None:
                 stored = await self.services.store.set_feedback(session["_id"], message_id, rating)
         self.services.metrics.feedback(self.pipeline.id, rating, stored)

@@ -24,7 +24,7 @@ from tornado import web, websocket
 from handlers.base import error_reason
 from services import frames, guards, logs, schema
 from services.auth import request_credential
-from services.chat import check_session_type
+from services.sessions import check_session_type
 from services.codes import CLOSE_FOR_CODE, CLOSE_FOR_STATUS, PING_TIMEOUT, Close, Code, for_http_status
 from services.forwarded import client_address
 from services.auth import bearer_or_query_token
@@ -165,7 +165,7 @@ class ChatSocket(websocket.WebSocketHandler):
         if self.protocol is not None:
             self.protocol.shutdown()
         if self.conn is not None:
-            self.services.chat.disconnect(self.conn)  # unregisters; may stop replies (--on-last-viewer-gone)
+            self.services.sending.disconnect(self.conn)  # unregisters; may stop replies (--on-last-viewer-gone)
             if self.closed_by is not None:
                 ended_by = "client" if self.closed_by == "client_request" else "server"
             else:  # the peer's close frame carries a status code; a lost connection (or a bare close frame) none
@@ -190,8 +190,8 @@ class ChatSocket(websocket.WebSocketHandler):
         store round trip); else return the coroutine that looks it up first."""
         p = self.params
         try:
-            session = self.services.chat.viewed_default_session(identity, p["pipeline"], p["session_type"],
-                                                                p["client_session"]) \
+            session = self.services.sessions.viewed_default_session(identity, p["pipeline"], p["session_type"],
+                                                                    p["client_session"]) \
                 if p["session_id"] is None else None
         except ParleyError as err:
             return self._refuse(err)
@@ -201,15 +201,15 @@ class ChatSocket(websocket.WebSocketHandler):
 
     async def _look_up(self, identity):
         p = self.params
-        chat = self.services.chat
+        sessions = self.services.sessions
         try:
             if p["client_session"] is not None:
-                session = await chat.embed_session(identity, p["pipeline"], p["session_type"], p["client_session"],
-                                                   viewed_ok=True, admit=self._admit_session)
-            elif p["session_id"] is None:  # another tab of a viewed session: no store round trip (chat._viewed)
-                session = await chat.default_session(identity, p["pipeline"], p["session_type"], viewed_ok=True)
+                session = await sessions.embed_session(identity, p["pipeline"], p["session_type"],
+                                                       p["client_session"], viewed_ok=True, admit=self._admit_session)
+            elif p["session_id"] is None:  # another tab of a viewed session: no store round trip (Sessions._viewed)
+                session = await sessions.default_session(identity, p["pipeline"], p["session_type"], viewed_ok=True)
             else:
-                session = await chat.session(identity, p["pipeline"], p["session_id"])
+                session = await sessions.session(identity, p["pipeline"], p["session_id"])
         except PyMongoError as exc:
             log.error("store error on connect: %s", exc)
             return self._refuse(Unavailable("the message store is unavailable, try again"))
@@ -227,7 +227,6 @@ class ChatSocket(websocket.WebSocketHandler):
             self._admit(identity)
         except Capacity as err:
             return self._refuse(err)
-        chat = self.services.chat
         self.conn = Connection(uuid.uuid4().hex, identity=identity, pipeline=p["pipeline"],
                                session_type=session["type"], stream_mode=p["stream_mode"], write=self._write,
                                close=self._close, remote_ip=self.request.remote_ip,
@@ -238,7 +237,7 @@ class ChatSocket(websocket.WebSocketHandler):
         logs.bind(pipeline=p["pipeline"], session_id=session["_id"], conn_id=self.conn.id)
         self.services.hub.register(self.conn)
         self.services.metrics.connection_opened(self.conn)
-        self.protocol = self._protocol(chat)
+        self.protocol = self._protocol()
         self.conn.send(self._connected(session))
         self.services.fanout.join(self.conn, session["_id"], session["type"], session.get("next_seq"))  # after `connected`: presence follows
         self._forget_handshake()
@@ -268,8 +267,8 @@ class ChatSocket(websocket.WebSocketHandler):
 
     _admit_session = None  # an embed socket's check before a new conversation is stored
 
-    def _protocol(self, chat):
-        return ClientProtocol(self.conn, chat, self.services.resumer)
+    def _protocol(self):
+        return ClientProtocol(self.conn, self.services)
 
     def _connected(self, session):
         return frames.connected(self.conn, session, live_replies=self.services.streams.live(session["_id"]))
@@ -390,8 +389,8 @@ class EmbedSocket(ChatSocket):
     async def _admit_session(self):
         await self.services.visitors.admit_session(self.request.remote_ip)
 
-    def _protocol(self, chat):
-        return ClientProtocol(self.conn, chat, self.services.resumer, kinds=VISITOR_FRAMES,
+    def _protocol(self):
+        return ClientProtocol(self.conn, self.services, kinds=VISITOR_FRAMES,
                               guard=self.services.visitors.before_send)
 
     def _connected(self, session):

@@ -1,30 +1,10 @@
-"""The event bus: everything viewers must see is an event, and every event reaches them through one path.
+"""The event bus: everything viewers must see is an event (services/events.py: its types are the Structs there), and
+every event reaches them through one path.
 
-An event is a plain dict that survives `json.dumps`/BSON unchanged: strings, numbers, booleans, None, lists and
-dicts. Never a closure, never a live object (a Connection, a Generation). Its `type` is one of
-
-    user_message   session_id, message (frames.message_data of the stored user message)
-    reply.regenerate session_id, seq, message_id, reply_to, replaces (a regenerated reply's number: ordering)
-    reply.started  session_id, message_id, seq, reply_to, status ("streaming"), stream
-    reply.delta    session_id, message_id, seq, reply_to, offset, text, thinking_offset, thinking
-    reply.final    session_id, message_id, seq, reply_to, status, content, thinking, error, usage
-    stop           session_id, message_id (None: every reply of the session)
-    reset          session_id, deleted
-    members        session_id, added, removed
-    presence       session_id, event ("join" | "leave"), user_id
-    broadcast      pipeline (None: every pipeline), message
-    push           user_id, message, data
-    reconnect      reason, retry_after (for the publishing instance's own connections: it is draining)
-    catch_up       resync (a cluster bus, to its own subscribers only, never published: events may have been
-                   lost, after a reopened change stream (resync true) or as a periodic check, so the fan-out
-                   compares the sessions' stored message numbers with what it delivered, services/ordering.py)
-
-and `publish` stamps `origin` (the publishing instance's id) and `at` (epoch seconds: the frames' timestamp, and
-the bus lag on another instance) unless already set.
-
-`publish` never awaits: it delivers the event to this instance's subscribers (services/fanout.py and the owner
-of stop callbacks) at once, in publication order (an event published by a subscriber is delivered after the
-current one, not in the middle of it), then hands it to `_publish` for the other instances.
+`publish` never awaits: it stamps `origin` and `at` (unless set), delivers the event to this instance's
+subscribers (services/fanout.py and the owner of stop callbacks) at once, in publication order (an event
+published by a subscriber is delivered after the current one, not in the middle of it), then hands it to
+`_publish` for the other instances.
 
 A cluster backend subclasses Bus (the shape of python-socketio's pubsub manager) and overrides:
     _publish(event)  synchronous, must not block: queue the event for other instances (a writer task started
@@ -67,21 +47,24 @@ class Bus:
         self._listener = None
 
     def subscribe(self, handler):
-        """`handler(event)` is called for every event, local or remote; it must not await or keep the dict."""
+        """`handler(event)` is called for every event, local or remote; it must not await or change the event
+        (every subscriber gets the same one)."""
         self.handlers.append(handler)
 
     def publish(self, event):
-        event.setdefault("origin", self.instance_id)
-        event.setdefault("at", time.time())
+        if event.origin is None:
+            event.origin = self.instance_id
+        if not event.at:
+            event.at = time.time()
         self._deliver(event)
         self._publish(event)
 
     def receive(self, event):
         """An event from another instance (a backend's listener calls this)."""
-        if event.get("origin") == self.instance_id:
+        if event.origin == self.instance_id:
             return
         if self.metrics is not None:
-            self.metrics.bus_event_received(event.get("type"), time.time() - event.get("at", time.time()))
+            self.metrics.bus_event_received(event.type, time.time() - (event.at or time.time()))
         self._deliver(event)
 
     def _deliver(self, event):
@@ -96,9 +79,13 @@ class Bus:
                     try:
                         handler(current)
                     except Exception:  # one bad subscriber must not keep an event from the others
-                        log.exception("bus subscriber failed on a %s event", current.get("type"))
+                        log.exception("bus subscriber failed on a %s event", current.type)
         finally:
             self._delivering = False
+
+    def want(self, session_id):
+        """Ask the owners of a session's live replies for their whole text (a reply followed here lost some).
+        The single box has no other owners."""
 
     def online_elsewhere(self, session_id, besides=None):
         """The users viewing a session on other instances (presence), those of instance `besides` left out.

@@ -123,6 +123,15 @@ class ReplyCode(StrEnum):
     UPSTREAM_PROTOCOL_ERROR = "upstream_protocol_error", ReplyStatus.FAILED
     INTERNAL_ERROR = "internal_error", ReplyStatus.FAILED
     INSTANCE_LOST = "instance_lost", ReplyStatus.INTERRUPTED
+    CONTINUATION_REFUSED = "continuation_refused", ReplyStatus.INTERRUPTED
+
+
+class RewindReason(StrEnum):
+    """Why a `rewind` takes text back (docs/protocol.md): it was streamed after the reply's last stored point by an
+    instance that was then lost (another took the reply over, or it ended `interrupted`), or that was paused past
+    its lease and fenced."""
+    INSTANCE_LOST = "instance_lost"
+    FENCED = "fenced"
 
 
 class Close(IntEnum):

@@ -16,6 +16,7 @@ the driver reconnects by itself, and /readyz answers 503 until it has.
 import ctypes
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -35,7 +36,35 @@ class EmbeddedMongoError(RuntimeError):
     pass
 
 
+_handed_out = set()
+
+
+def _ephemeral_range():
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return None
+
+
 def free_port(host="127.0.0.1"):
+    """A port free now, for a process we start later. Picked below the kernel's ephemeral range: a port from
+    bind(0) is one the kernel also gives outgoing connections, and another process's connection to the store
+    took one before our instance could listen on it (CI: "parley-2 exited with code 1", address in use)."""
+    span = _ephemeral_range()
+    if span and span[0] > 11000:
+        rng = random.SystemRandom()
+        for _ in range(200):
+            port = rng.randrange(10000, span[0])
+            if port in _handed_out:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]

@@ -18,7 +18,8 @@ from services.codes import LIVE, ReplyStatus
 from services.schema import (Ack, AckData, Broadcast, Connected, Error, JoinedData, LangBotConnected,
                              LangBotMessage, LangBotResponse, LangBotUserMessage, LeftData, LiveReply, MembersData,
                              MessageData, Pong, Presence, PresenceData, Push, PushData, Reconnect, ReplyData,
-                             ReplyError, ResetData, Response, Resumed, ResumedData, ResumedReply, SessionJoined,
+                             ReplyError, ResetData, Response, Resumed, ResumedData, ResumedReply, Rewind,
+                             RewindData, SessionJoined,
                              SessionLeft, SessionMembers, SessionReset, Status, StatusData, StopAck, StopAckData,
                              UserMessage)
 
@@ -136,6 +137,8 @@ def final(reply, *, timestamp, dialect=PARLEY, session_type="person"):
         data.error = _error(reply.error)
     if reply.usage:
         data.usage = reply.usage
+    if getattr(reply, "continuations", 0):
+        data.continued = reply.continuations
     return Response(session_type=session_type, data=data)
 
 
@@ -170,14 +173,16 @@ def snapshot(doc):
     """A stored assistant message, shaped like a Generation for the renderers above."""
     return SimpleNamespace(message_id=doc["_id"], session_id=doc["session_id"], seq=doc["seq"],
                            reply_to=doc.get("reply_to"), status=doc["status"], content=doc.get("content") or "",
-                           thinking=doc.get("thinking") or "", error=doc.get("error"), usage=doc.get("usage"))
+                           thinking=doc.get("thinking") or "", error=doc.get("error"), usage=doc.get("usage"),
+                           epoch=doc.get("epoch") or 0, continuations=doc.get("continuations") or 0)
 
 
 def resumed(session_id, replies):
     """The answer to `resume`: each reply that follows, where it resumes from, and its state at that moment."""
     return Resumed(data=ResumedData(session_id=session_id, timestamp=timestamp(), replies=[
-        ResumedReply(message_id=r.message_id, seq=r.seq, reply_to=r.reply_to, status=r.status, offset=offset,
-                     thinking_offset=thinking_offset, length=len(r.content), thinking_length=len(r.thinking))
+        ResumedReply(message_id=r.message_id, seq=r.seq, reply_to=r.reply_to, status=r.status, epoch=r.epoch,
+                     offset=offset, thinking_offset=thinking_offset, length=len(r.content),
+                     thinking_length=len(r.thinking))
         for r, offset, thinking_offset in replies]))
 
 
@@ -187,11 +192,19 @@ def live_reply(gen):
                      length=len(gen.content), thinking_length=len(gen.thinking))
 
 
-def status(event):
+def rewind(reply, *, offset, thinking_offset, reason):
+    """Text of a reply this connection was sent past (offset, thinking_offset) is void: it was never stored (its
+    instance died or was fenced after its last checkpoint). The reply continues, or ends, from there."""
+    return Rewind(data=RewindData(session_id=reply.session_id, message_id=reply.message_id, seq=reply.seq,
+                                  reply_to=reply.reply_to, epoch=reply.epoch, offset=offset,
+                                  thinking_offset=thinking_offset, reason=reason, timestamp=timestamp()))
+
+
+def status(reply, at):
     """A reply changed state before its final frame (queued -> streaming): lets every viewer show it."""
-    return Status(data=StatusData(session_id=event["session_id"], message_id=event["message_id"], seq=event["seq"],
-                                  reply_to=event["reply_to"], status=event["status"],
-                                  timestamp=timestamp_from_epoch(event["at"])))
+    return Status(data=StatusData(session_id=reply.session_id, message_id=reply.message_id, seq=reply.seq,
+                                  reply_to=reply.reply_to, status=reply.status, epoch=reply.epoch,
+                                  timestamp=timestamp_from_epoch(at)))
 
 
 def error(err, **context):
@@ -217,15 +230,15 @@ def session_left(session_id, reason):
 
 
 def session_reset(event):
-    return SessionReset(data=ResetData(session_id=event["session_id"], deleted=event["deleted"],
-                                       timestamp=timestamp_from_epoch(event["at"])))
+    return SessionReset(data=ResetData(session_id=event.session_id, deleted=event.deleted,
+                                       timestamp=timestamp_from_epoch(event.at)))
 
 
 def session_members(event):
     """A group's member list changed (a `members` event): the whole list, and who was added or removed by whom."""
-    return SessionMembers(data=MembersData(session_id=event["session_id"], members=event.get("members", []),
-                                           added=event["added"], removed=event["removed"], by=event.get("by"),
-                                           timestamp=timestamp_from_epoch(event["at"])))
+    return SessionMembers(data=MembersData(session_id=event.session_id, members=event.members,
+                                           added=event.added, removed=event.removed, by=event.by,
+                                           timestamp=timestamp_from_epoch(event.at)))
 
 
 def presence(session_id, event, online, user_id=None):

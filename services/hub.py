@@ -21,7 +21,7 @@ class Connection:
     """
     # thousands of idle ones are held at once: no per-instance __dict__
     __slots__ = ("id", "dialect", "identity", "pipeline", "session_type", "stream_mode", "remote_ip", "sessions",
-                 "primary_session", "cursors", "finals_sent", "created_at", "last_active", "closed", "close",
+                 "primary_session", "readers", "finals_sent", "created_at", "last_active", "closed", "close",
                  "outbox", "ping", "pinged_at")
 
     def __init__(self, conn_id, *, identity, pipeline, session_type, stream_mode, write, close, remote_ip="",
@@ -35,7 +35,7 @@ class Connection:
         self.remote_ip = remote_ip
         self.sessions = ()                  # viewed session ids, in join order (a few: a set is 216 bytes)
         self.primary_session = None         # the session a frame without session_id addresses
-        self.cursors = {}                   # message_id -> fanout.Cursor: how much of each live reply was sent here
+        self.readers = {}                   # message_id -> replylog.Reader: how much of each reply was sent here
         self.finals_sent = {}               # message ids whose final the live stream sent here (the latest few)
         self.created_at = time.time()
         self.last_active = self.created_at

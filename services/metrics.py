@@ -17,7 +17,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from pymongo.errors import DuplicateKeyError
 
-from services import schema
+from services import events, schema
 from services.codes import LIVE, PING_TIMEOUT, TERMINAL, Close, ReplyCode, ReplyStatus
 from services.errors import ParleyError
 
@@ -33,9 +33,11 @@ CLOSE_REASONS = ("client", "server", "lost")
 DISCONNECT_REASONS = (*dict.fromkeys(c.disconnect for c in Close if c.disconnect), PING_TIMEOUT, "other")
 STOP_OUTCOMES = ("local", "forwarded", "noop")
 RESUME_SOURCES = ("live", "store", "finished")
-# services/bus.py's event types and the cluster bus's own `interest` (only --cluster writes or reads any)
-BUS_EVENTS = ("user_message", "reply.regenerate", "reply.started", "reply.delta", "reply.final", "stop", "reset", "members", "presence",
-              "broadcast", "push", "reconnect", "interest", "other")
+# services/failover.py: why a reply changed hands, and what became of it
+HANDOVER_REASONS = ("instance_lost", "drain")
+HANDOVER_OUTCOMES = ("continued", "adopted", "stopped", "interrupted")
+# the events a cluster bus carries (services/events.py; only --cluster writes or reads any)
+BUS_EVENTS = (*events.CROSSING, "other")
 STREAMED_KINDS = ("text", "thinking")
 TOKEN_KINDS = ("prompt", "completion")
 FILE_KINDS = ("image", "document")
@@ -138,6 +140,14 @@ class Metrics:
                                     "instances", ("event",), registry=r)
         self.bus_lag = Histogram("parley_bus_lag_seconds", "From publish on one instance to receipt on another",
                                  ("event",), buckets=FAST_BUCKETS, registry=r)
+        self.continuations = Counter("parley_failover_replies", "Live replies of a lost or draining instance taken "
+                                     "up here, by why and by what became of them (continued here, adopted while "
+                                     "queued, ended stopped or interrupted)", ("reason", "outcome"), registry=r)
+        self.handover_seconds = Histogram("parley_failover_first_token_seconds", "From taking a reply over to its "
+                                          "first continued token", registry=r,
+                                          buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 30))
+        self.rewound = Counter("parley_rewound_characters", "Characters viewers here were sent and then told to "
+                               "drop (streamed after the last checkpoint of an instance that was lost)", registry=r)
         self.fenced_writes = Counter("parley_fenced_writes_refused", "Checkpoint or final writes the store refused "
                                      "because another instance had ended the reply (stale owner)", registry=r)
         self.store_batch = Histogram("parley_store_batch_size", "Writes gathered into one bulk write (group "
@@ -202,6 +212,8 @@ class Metrics:
             self.disconnects.labels(reason)
         for outcome in STOP_OUTCOMES:
             self.stop_requests.labels(outcome)
+        # (parley_failover_replies_total's 8 series appear with the first failover: rare, and an idle server's
+        # series are kept under a budget, tests/test_metrics.py)
         for event in BUS_EVENTS:
             self.bus_published.labels(event)
             self.bus_received.labels(event)
@@ -315,6 +327,8 @@ class Metrics:
         counts = self._pending_streamed.get(gen.pipeline_id)  # None: not a configured pipeline
         if gen.first_token_at is None and gen.started_at is not None:
             gen.first_token_at = time.monotonic()
+            if gen.taken_over_at is not None:
+                self.handover_seconds.observe(gen.first_token_at - gen.taken_over_at)
             if counts is None:
                 return
             self.first_token.labels(gen.pipeline_id).observe(gen.first_token_at - gen.started_at)
@@ -369,6 +383,10 @@ class Metrics:
 
     def store_batched(self, operation, size):
         self.store_batch.labels(operation).observe(size)
+
+    def continuation(self, reason, outcome):
+        self.continuations.labels(_known(reason, HANDOVER_REASONS, "instance_lost"),
+                                  _known(outcome, HANDOVER_OUTCOMES, "interrupted")).inc()
 
     def fenced_write_refused(self):
         self.fenced_writes.inc()

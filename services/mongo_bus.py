@@ -4,33 +4,32 @@ Every instance inserts the events other instances need into the `events` collect
 history at most) and reads everyone's inserts through one change stream, skipping its own. After a dropped
 stream it reopens it from its resume token. A reopen cannot prove that nothing was missed (MongoDB refuses a
 token that fell off the oplog; nx-27017 accepts any token and may return nothing, or skip what it pruned), so
-every reopen also runs `resync()`: each followed reply is re-read from the store (its text past what was
-delivered, or its stored final) and its owner is asked for a sync; offsets make this exact. And a reopened
-stream must return a probe this instance writes within PROBE_WAIT, or it is reopened from the present.
+every reopen also tells this instance's subscribers to re-read from the store what they follow (a `catch_up`
+event: services/replylog.py re-reads the followed replies and asks their owners for their whole text,
+services/ordering.py the sessions' message numbers); offsets make this exact. And a reopened stream must return
+a probe this instance writes within PROBE_WAIT, or it is reopened from the present.
 
 Reply deltas are most of the traffic, and most of it is useless to other instances (sticky clients view their
-replies where they are generated). So deltas cross only for sessions another instance has announced interest in (it
-has a viewer of them: a group member elsewhere, a client that moved), merged to at most one event per reply per
-BATCH_INTERVAL (the first after a quiet interval goes at once). An instance announces the sessions its clients view
-(`interest` events: at once when the set grows, and every INTEREST_REFRESH seconds; an owner forgets an interest not
-refreshed for INTEREST_TTL). The owner answers an announcement with a `sync`: one delta per live reply of those
-sessions, from offset 0, so the newcomer has the whole text. Received deltas are made contiguous per reply here
-(`Followed`): a repeat is trimmed, a gap asks the owner for a sync, so the fan-out always sees each reply's text in
-order, once.
+replies where they are generated). So deltas cross only for sessions another instance has announced interest in
+(it has a viewer of them: a group member elsewhere, a client that moved), merged to at most one event per reply
+per BATCH_INTERVAL (the first after a quiet interval goes at once). An instance announces the sessions its
+clients view (`interest` events: at once when the set grows, and every INTEREST_REFRESH seconds; an owner
+forgets an interest not refreshed for INTEREST_TTL). The owner answers an announcement with a `sync`: one delta
+per live reply of those sessions, from offset 0, so the newcomer has the whole text. Received deltas go to the
+replies' logs as they come: offsets and epochs make them exact there (a repeat is trimmed, a gap asks the owner
+for a sync: `want`).
 """
 import asyncio
 import logging
 import time
 import uuid
 from collections import deque
-from datetime import datetime, timezone
 
-from pymongo import ASCENDING
+import msgspec
 from pymongo.errors import OperationFailure, PyMongoError
 
-from services import events, frames
+from services import events
 from services.bus import Bus, stop_task
-from services.codes import LIVE
 
 log = logging.getLogger(__name__)
 
@@ -52,28 +51,16 @@ PROBE_WAIT = 5.0           # seconds a reopened stream has to return our probe o
 CATCH_UP = 2.0             # seconds between checks of the viewed sessions' stored message numbers (lost events)
 
 
-class Followed:
-    """How much of a remote reply the local fan-out has been given: text and thinking lengths."""
-    __slots__ = ("session_id", "length", "thinking_length")
-
-    def __init__(self, session_id):
-        self.session_id = session_id
-        self.length = 0
-        self.thinking_length = 0
-
-
 class MongoBus(Bus):
     def __init__(self, instance_id, store, *, metrics=None, viewed_sessions=lambda: (), live_replies=lambda s: (),
                  online=lambda s: ()):
         super().__init__(instance_id, metrics=metrics)
         self.store = store
-        self.collection = store.bus_db.events
         self.viewed_sessions = viewed_sessions  # () -> session ids with a viewer on this instance
         self.live_replies = live_replies        # session id -> the Generations live here (for a sync)
         self.online = online                    # session id -> users viewing it here (group sessions: presence)
         self.remote_online = {}   # session id -> {instance: (set of users, monotonic expiry)}
         self.interest = {}        # session id -> {instance: monotonic expiry}: who views our replies elsewhere
-        self.followed = {}        # message id -> Followed: remote replies delivered to the local fan-out
         self.resume_token = None
         self._announced = set()
         self._last_announce = 0.0
@@ -89,7 +76,7 @@ class MongoBus(Bus):
         self._last_catch_up = time.monotonic()
 
     async def start(self):
-        await self.collection.create_index([("created", ASCENDING)], expireAfterSeconds=EVENTS_TTL)
+        await self.store.create_events_index(EVENTS_TTL)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._write_loop(), name="bus-write"),
                        loop.create_task(self._interest_loop(), name="bus-interest")]
@@ -105,25 +92,25 @@ class MongoBus(Bus):
     # sending
 
     def _publish(self, event):
-        kind = event.get("type")
-        if kind == "reply.delta":
-            if self._remote_interest(event["session_id"]):
+        kind = type(event)
+        if kind is events.ReplyDelta:
+            if self._remote_interest(event.session_id):
                 self._batch(event)
             return
-        if (message_id := event.get("message_id")) and message_id in self._batches:
-            self._enqueue(self._batches.pop(message_id))  # its text before its final
+        if (message_id := getattr(event, "message_id", None)) and message_id in self._batches:
+            self._enqueue(self._batches.pop(message_id))  # its text before its final (or its handover)
         self._track(event)
-        self._enqueue(dict(event))
+        self._enqueue(event)
 
     def _track(self, event):
         """Which replies are live in the cluster, as far as this instance has heard: the change stream is polled
         faster while there is one."""
-        kind = event.get("type")
-        if kind == "reply.started":
-            self._live[event["message_id"]] = time.monotonic()
-        elif kind == "reply.final":
-            self._live.pop(event.get("message_id"), None)
-            self._sent.pop(event.get("message_id"), None)
+        kind = type(event)
+        if kind is events.ReplyStarted:
+            self._live[event.message_id] = time.monotonic()
+        elif kind is events.ReplyFinal:
+            self._live.pop(event.message_id, None)
+            self._sent.pop(event.message_id, None)
 
     def _remote_interest(self, session_id):
         holders = self.interest.get(session_id)
@@ -138,19 +125,19 @@ class MongoBus(Bus):
         return bool(holders)
 
     def _batch(self, event):
-        message_id = event["message_id"]
+        message_id = event.message_id
         pending = self._batches.get(message_id)
         if pending is not None:  # deltas published here are contiguous: merging is appending
-            pending["text"] += event["text"]
-            pending["thinking"] += event["thinking"]
+            pending.text += event.text
+            pending.thinking += event.thinking
             return
         loop = asyncio.get_running_loop()
         due = self._sent.get(message_id, -BATCH_INTERVAL) + BATCH_INTERVAL
         if loop.time() >= due:  # the first delta after a quiet interval: at once (a paced reply's every token)
             self._sent[message_id] = loop.time()
-            self._enqueue(dict(event))
-        else:
-            self._batches[message_id] = dict(event)
+            self._enqueue(event)
+        else:  # a copy: the event itself was delivered here, and must not change
+            self._batches[message_id] = msgspec.structs.replace(event)
             loop.call_at(due, self._release, message_id)
 
     def _release(self, message_id):
@@ -160,7 +147,7 @@ class MongoBus(Bus):
 
     def _enqueue(self, event):
         if len(self._outbox) >= MAX_WAITING:  # the store has been away long: shed deltas (a sync repairs them)
-            self._outbox = deque(e for e in self._outbox if e.get("type") != "reply.delta")
+            self._outbox = deque(e for e in self._outbox if type(e) is not events.ReplyDelta)
         self._outbox.append(event)
         self._wake.set()
 
@@ -182,16 +169,14 @@ class MongoBus(Bus):
 
     async def _write_some(self):
         batch = [self._outbox[i] for i in range(min(WRITE_BATCH, len(self._outbox)))]
-        now = datetime.now(timezone.utc)
-        await self.collection.insert_many([{"origin": self.instance_id, "created": now, "event": e} for e in batch],
-                                          ordered=True)
+        await self.store.insert_events(self.instance_id, [events.to_builtins(e) for e in batch])
         for _ in batch:
             self._outbox.popleft()
-        if self._probe is not None and any(e.get("id") == self._probe["id"] for e in batch):
+        if self._probe is not None and any(type(e) is events.Probe and e.id == self._probe["id"] for e in batch):
             self._probe["written"] = time.monotonic()
         if self.metrics is not None:
             for e in batch:
-                self.metrics.bus_event_published(e.get("type"))
+                self.metrics.bus_event_published(e.type)
 
     async def _flush_all(self):
         for message_id in list(self._batches):
@@ -219,8 +204,6 @@ class MongoBus(Bus):
                 for message_id in [m for m, seen in self._live.items() if now - seen > LIVE_FORGET]:
                     del self._live[message_id]
             self._expire_presence(now)
-            if self.metrics is not None:
-                self.metrics.followed_replies.set(len(self.followed))
 
     def _announce(self, sessions, *, sync):
         """`sync`: the owners answer with the whole text of the live replies (a newcomer needs it); a refresh
@@ -230,15 +213,15 @@ class MongoBus(Bus):
             return
         self._announced |= set(sessions)
         online = {s: sorted(users) for s in sessions if (users := self.online(s))}
-        self._enqueue({"type": "interest", "sessions": sorted(sessions), "sync": sync, "online": online,
-                       "origin": self.instance_id, "at": time.time()})
+        self._enqueue(events.Interest(sessions=sorted(sessions), sync=sync, online=online,
+                                      origin=self.instance_id, at=time.time()))
 
     def _catch_up(self, *, resync):
         """Tell this instance's subscribers to check the stored message numbers of the sessions viewed here: a
         user message (and its reply) whose event was lost reaches the viewers from the store, at once after a
         reopen (`resync`), else within two CATCH_UP intervals (services/ordering.py)."""
         self._last_catch_up = time.monotonic()
-        self._deliver({"type": "catch_up", "resync": resync, "origin": self.instance_id, "at": time.time()})
+        self._deliver(events.CatchUp(resync=resync, origin=self.instance_id, at=time.time()))
 
     def want(self, session_id):
         """Ask the owners of a session's live replies for their whole text (a client here resumes one)."""
@@ -247,8 +230,7 @@ class MongoBus(Bus):
             return
         self._wanted[session_id] = now
         self._announced.add(session_id)
-        self._enqueue({"type": "interest", "sessions": [session_id], "sync": True, "origin": self.instance_id,
-                       "at": time.time()})
+        self._enqueue(events.Interest(sessions=[session_id], sync=True, origin=self.instance_id, at=time.time()))
 
     def online_elsewhere(self, session_id, besides=None):
         holders = self.remote_online.get(session_id)
@@ -270,31 +252,31 @@ class MongoBus(Bus):
                     continue
                 del holders[instance]
                 for user_id in sorted(names):
-                    self._deliver({**events.presence(session_id, "leave", user_id), "origin": instance,
-                                   "at": time.time()})
+                    self._deliver(events.Presence(session_id=session_id, event="leave", user_id=user_id,
+                                                  origin=instance, at=time.time()))
             if not holders:
                 del self.remote_online[session_id]
 
     def _on_presence(self, event):
         """Keep who is online elsewhere current between two announcements."""
-        holders = self.remote_online.setdefault(event["session_id"], {})
-        names, _ = holders.get(event["origin"], (set(), 0))
-        (names.add if event["event"] == "join" else names.discard)(event["user_id"])
-        holders[event["origin"]] = (names, time.monotonic() + INTEREST_TTL)
+        holders = self.remote_online.setdefault(event.session_id, {})
+        names, _ = holders.get(event.origin, (set(), 0))
+        (names.add if event.event == "join" else names.discard)(event.user_id)
+        holders[event.origin] = (names, time.monotonic() + INTEREST_TTL)
 
     def _on_interest(self, event):
         expiry = time.monotonic() + INTEREST_TTL
-        origin, online = event["origin"], event.get("online") or {}
-        if not event.get("sync"):  # a refresh lists all of that instance's sessions: what it left is gone
+        origin, online = event.origin, event.online
+        if not event.sync:  # a refresh lists all of that instance's sessions: what it left is gone
             for session_id in [s for s, h in self.remote_online.items() if origin in h and s not in online]:
                 del self.remote_online[session_id][origin]
         for session_id, users in online.items():
             self.remote_online.setdefault(session_id, {})[origin] = (set(users), expiry)
-        for session_id in event.get("sessions") or ():
+        for session_id in event.sessions:
             holders = self.interest.setdefault(session_id, {})
-            new = event["origin"] not in holders
-            holders[event["origin"]] = expiry
-            if new or event.get("sync"):
+            new = origin not in holders
+            holders[origin] = expiry
+            if new or event.sync:
                 for gen in self.live_replies(session_id):
                     self._sync(gen)
 
@@ -304,59 +286,28 @@ class MongoBus(Bus):
             self._enqueue(self._batches.pop(gen.message_id))
         if gen.status != "streaming" or not (gen.content or gen.thinking):
             return
-        self._enqueue({"type": "reply.delta", "session_id": gen.session_id, "message_id": gen.message_id,
-                       "seq": gen.seq, "reply_to": gen.reply_to, "offset": 0, "text": gen.content,
-                       "thinking_offset": 0, "thinking": gen.thinking, "sync": True, "origin": self.instance_id,
-                       "at": time.time()})
+        sync = events.reply_sync(gen)
+        sync.origin, sync.at = self.instance_id, time.time()
+        self._enqueue(sync)
 
     # receiving
 
     def receive(self, event):
-        if event.get("origin") == self.instance_id:
+        if event.origin == self.instance_id:
             return
-        kind = event.get("type")
-        if kind == "interest":
+        kind = type(event)
+        if kind is events.Interest:
             if self.metrics is not None:
-                self.metrics.bus_event_received("interest", time.time() - event.get("at", time.time()))
+                self.metrics.bus_event_received(event.type, time.time() - (event.at or time.time()))
             self._on_interest(event)
             return
-        if kind == "probe":
-            return  # another instance checking its own stream
-        if kind == "reply.delta":
-            event = self._contiguous(event)
-            if event is None:
-                return
-        elif kind == "reply.started":
+        if kind is events.Probe or kind in events.LOCAL:
+            return  # another instance checking its own stream; what is never published
+        if kind is events.ReplyStarted or kind is events.ReplyFinal:
             self._track(event)
-            if event["session_id"] in self.viewed_sessions():  # followed from its start: a resync covers it
-                self.followed.setdefault(event["message_id"], Followed(event["session_id"]))
-        elif kind == "reply.final":
-            self._track(event)
-            self.followed.pop(event.get("message_id"), None)
-        elif kind == "presence":
+        elif kind is events.Presence:
             self._on_presence(event)
         super().receive(event)
-
-    def _contiguous(self, event):
-        """Trim what the fan-out already has; on a gap, ask for a sync and deliver nothing."""
-        message_id = event["message_id"]
-        followed = self.followed.get(message_id)
-        if followed is None:
-            if event["offset"] or event["thinking_offset"]:
-                self.want(event["session_id"])  # we came in mid-reply: get it from the start
-                return None
-            followed = self.followed[message_id] = Followed(event["session_id"])
-        have, have_thinking = followed.length, followed.thinking_length
-        if event["offset"] > have or event["thinking_offset"] > have_thinking:
-            self.want(event["session_id"])
-            return None
-        text = event["text"][have - event["offset"]:]
-        thinking = event["thinking"][have_thinking - event["thinking_offset"]:]
-        if not (text or thinking):
-            return None
-        followed.length += len(text)
-        followed.thinking_length += len(thinking)
-        return {**event, "offset": have, "text": text, "thinking_offset": have_thinking, "thinking": thinking}
 
     def _listen(self):
         return self._changes()
@@ -369,14 +320,12 @@ class MongoBus(Bus):
             opening = stream is None
             try:
                 if stream is None:
-                    options = {"resume_after": self.resume_token} if self.resume_token else {}
-                    stream = await self.collection.watch([{"$match": {"operationType": "insert"}}], **options)
+                    stream = await self.store.watch_events(self.resume_token)
                     if self._opened:
                         log.warning("bus: change stream reopened%s; resynchronizing followed replies",
-                                    " from its resume token" if options else "")
+                                    " from its resume token" if self.resume_token else "")
                         self._send_probe()
-                        self._catch_up(resync=True)
-                        await self.resync()
+                        self._catch_up(resync=True)  # the fan-out re-reads what it follows (replylog.py)
                     self._opened = True
                 change = await stream.try_next()
                 self.resume_token = stream.resume_token or self.resume_token
@@ -391,12 +340,14 @@ class MongoBus(Bus):
                         continue
                 else:
                     doc = change.get("fullDocument") or {}
-                    event = doc.get("event")
-                    if not isinstance(event, dict):
+                    try:
+                        event = events.decode(doc.get("event"))
+                    except msgspec.ValidationError as exc:  # another version's, or not an event at all
+                        log.warning("bus: an event that is none of ours was skipped: %s", exc)
                         continue
                     if doc.get("origin") != self.instance_id:
                         yield event
-                    elif self._probe is not None and event.get("id") == self._probe["id"]:
+                    elif type(event) is events.Probe and self._probe is not None and event.id == self._probe["id"]:
                         self._probe = None  # our own probe came back: the stream delivers
                     continue
             except asyncio.CancelledError:
@@ -421,38 +372,8 @@ class MongoBus(Bus):
 
     def _send_probe(self):
         self._probe = {"id": uuid.uuid4().hex, "written": None}
-        self._enqueue({"type": "probe", "id": self._probe["id"], "origin": self.instance_id, "at": time.time()})
+        self._enqueue(events.Probe(id=self._probe["id"], origin=self.instance_id, at=time.time()))
 
     def _probe_lost(self):
         return (self._probe is not None and self._probe["written"] is not None
                 and time.monotonic() - self._probe["written"] > PROBE_WAIT)
-
-    async def resync(self):
-        """Events may have been lost: each followed reply is read from the store. One that ended meanwhile gets
-        its stored final; of one still live, the text stored past what was delivered goes out now and its owner
-        is asked for the rest (its sync starts at 0: the receiver trims what it has)."""
-        for message_id, followed in list(self.followed.items()):
-            try:
-                doc = await self.store.find_message(message_id)
-            except PyMongoError as exc:
-                log.warning("bus: could not resynchronize message_id=%s: %s", message_id, exc)
-                self.want(followed.session_id)
-                continue
-            if doc is None:
-                self.followed.pop(message_id, None)
-                continue
-            snapshot = frames.snapshot(doc)
-            if doc["status"] not in LIVE:
-                self.followed.pop(message_id, None)
-                self._deliver(events.reply_final(snapshot) | {"origin": "store", "at": time.time()})
-                continue
-            text, thinking = snapshot.content[followed.length:], snapshot.thinking[followed.thinking_length:]
-            if text or thinking:
-                event = {"type": "reply.delta", "session_id": snapshot.session_id, "message_id": message_id,
-                         "seq": snapshot.seq, "reply_to": snapshot.reply_to, "offset": followed.length,
-                         "text": text, "thinking_offset": followed.thinking_length, "thinking": thinking,
-                         "origin": "store", "at": time.time()}
-                followed.length += len(text)
-                followed.thinking_length += len(thinking)
-                self._deliver(event)
-            self.want(followed.session_id)

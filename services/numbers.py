@@ -14,7 +14,7 @@ is known from a reservation this instance made, or a session document read while
 here; a number taken while a reservation of the same session is in flight could collide with it, so none is.
 Whatever goes wrong anyway (a counter behind its messages after a crash before it was written, an entry
 evicted and learned again late) fails the insert on the unique (session_id, seq) index, before anything was
-shown: the send repairs the counter from the messages and reserves the usual way (services/chat.py).
+shown: the send repairs the counter from the messages and reserves the usual way (services/sending.py).
 """
 
 KNOWN = 10_000  # sessions whose counter is kept (the most recently learned)
@@ -26,6 +26,7 @@ class Numbers:
         self.known = known
         self._next = {}         # session id -> the first number not yet taken
         self._reserving = {}    # session id -> reservations in flight in the store (store.next_seqs)
+        self._sending = {}      # session id -> sends between their first write and accept() (services/sending.py)
 
     def take(self, session, count, may_write):
         """The first of `count` numbers for a send into `session`, or None: reserve them in the store
@@ -51,14 +52,26 @@ class Numbers:
         if counter is not None:
             self.learn(session_id, counter)
 
-    def seen(self, doc, sending):
-        """A session document read from the store. `sending`: a send of it is in flight here (its reservation may
-        already have moved the counter past what this read saw). The document's counter is raised to the numbers
-        taken here (their counter write may not have landed): what joins the session from it (the fan-out's
-        order, a session's `last_seq`) accounts for them, as it would with the store's own reservation."""
+    def send_began(self, session_id):
+        self._sending[session_id] = self._sending.get(session_id, 0) + 1
+
+    def send_ended(self, session_id):
+        self._sending[session_id] -= 1
+        if not self._sending[session_id]:
+            del self._sending[session_id]
+
+    def sending(self, session_id):
+        """A send of the session is between its first write and accept() here."""
+        return session_id in self._sending
+
+    def seen(self, doc):
+        """A session document read from the store. While a send of it is in flight here (`sending`), its
+        reservation may already have moved the counter past what this read saw. The document's counter is raised
+        to the numbers taken here (their counter write may not have landed): what joins the session from it (the
+        fan-out's order, a session's `last_seq`) accounts for them, as it would with the store's own reservation."""
         if not (self.local and doc.get("type") == "person" and "next_seq" in doc):
             return
-        if not sending:
+        if not self.sending(doc["_id"]):
             self.learn(doc["_id"], doc["next_seq"])
         first = self._next.get(doc["_id"])
         if first is not None and first - 1 > doc["next_seq"]:

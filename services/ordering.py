@@ -30,11 +30,12 @@ from services import events, frames
 
 log = logging.getLogger(__name__)
 
-SEQS_PER_SEND = 2  # services/chat.py send(): the user message and its reply
+SEQS_PER_SEND = 2  # services/sending.py send(): the user message and its reply
 GAP_WAIT = 1.0     # seconds a missing number may take to arrive before the store is asked
-ORDERED = ("user_message", "reply.regenerate", "reply.started", "reply.delta", "reply.final")
+ORDERED = frozenset((events.UserMessage, events.ReplyRegenerate, events.ReplyStarted, events.ReplyDelta,
+                     events.ReplyFinal))
 # Events that take new numbers: a send's user message (it and its reply: SEQS_PER_SEND), a regenerated reply (one)
-OPENS = {"user_message": SEQS_PER_SEND, "reply.regenerate": 1}
+OPENS = {events.UserMessage: SEQS_PER_SEND, events.ReplyRegenerate: 1}
 FILLED_REMEMBERED = 256
 COUNTERS_BATCH = 500  # sessions per counter read of a catch-up
 
@@ -52,7 +53,7 @@ class Session:
 
 
 def seq_of(event):
-    return event["message"]["seq"] if event["type"] == "user_message" else event["seq"]
+    return event.message["seq"] if type(event) is events.UserMessage else event.seq
 
 
 class Ordering:
@@ -79,7 +80,7 @@ class Ordering:
                 self.deliver(event)
 
     def handle(self, event):
-        state = self.sessions.get(event.get("session_id")) if event["type"] in ORDERED else None
+        state = self.sessions.get(event.session_id) if type(event) in ORDERED else None
         if state is None:
             self.deliver(event)
         elif not state.held and self._ready(state, event):
@@ -88,22 +89,22 @@ class Ordering:
             state.held.append(event)
             self._release(state)
             if state.held and state.timer is None and not state.filling:
-                state.timer = asyncio.get_running_loop().call_later(GAP_WAIT, self._fill, event["session_id"])
+                state.timer = asyncio.get_running_loop().call_later(GAP_WAIT, self._fill, event.session_id)
 
     def _ready(self, state, event):
         seq = seq_of(event)
-        return seq <= state.upto + 1 if event["type"] in OPENS else seq <= state.upto
+        return seq <= state.upto + 1 if type(event) in OPENS else seq <= state.upto
 
     def _pass(self, state, event):
         if state.filled:
             seq = seq_of(event)
-            if event["type"] == "user_message":
+            if type(event) is events.UserMessage:
                 if state.filled.pop(seq, None):
                     return  # already delivered from the store
             elif seq in state.filled:
                 return  # the reply's final was delivered from the store
-        if event["type"] in OPENS:
-            state.upto = max(state.upto, seq_of(event) + OPENS[event["type"]] - 1)
+        if (opens := OPENS.get(type(event))) is not None:
+            state.upto = max(state.upto, seq_of(event) + opens - 1)
         self.deliver(event)
 
     def _release(self, state):
@@ -119,7 +120,7 @@ class Ordering:
 
     def _needed(self, state):
         """The highest number that must be accounted for before everything held can go."""
-        return max(seq_of(e) - 1 if e["type"] in OPENS else seq_of(e) for e in state.held)
+        return max(seq_of(e) - 1 if type(e) in OPENS else seq_of(e) for e in state.held)
 
     def _fill(self, session_id):
         state = self.sessions.get(session_id)
@@ -149,9 +150,9 @@ class Ordering:
             state.filling = False
         if self.sessions.get(session_id) is not state:
             return  # forgotten meanwhile (everything held was delivered then)
-        held = {seq_of(e) for e in state.held if e["type"] == "user_message"}
+        held = {seq_of(e) for e in state.held if type(e) is events.UserMessage}
         # replies whose own events reached us (held until now): those go out as they came, never from the store
-        heard = {e["message_id"] for e in state.held if e["type"] != "user_message"}
+        heard = {e.message_id for e in state.held if type(e) is not events.UserMessage}
         filled = set()  # the user messages delivered from the store just now
         for doc in docs:
             seq = doc["seq"]
@@ -171,10 +172,10 @@ class Ordering:
                      seq, session_id)
             self._remember(state, seq, "user")
             filled.add(doc["_id"])
-            event = events.user_message(frames.message_data(doc), self.session_type(session_id))
-            event.update(origin="store", at=time.time())
             state.upto = max(state.upto, seq + SEQS_PER_SEND - 1)
-            self.deliver(event)
+            self.deliver(events.UserMessage(session_id=session_id, message=frames.message_data(doc),
+                                            session_type=self.session_type(session_id), origin="store",
+                                            at=time.time()))
             self._release(state)
         state.upto = max(state.upto, needed)
         self._release(state)
@@ -188,22 +189,16 @@ class Ordering:
             del state.filled[next(iter(state.filled))]
 
     def _fill_reply(self, state, doc):
-        """A reply whose question was delivered from the store, and none of whose events came: its stored final
-        goes out now (ended), or its start (still generating: the owner's text follows; a queued one announces
-        its own start later)."""
+        """A reply whose question was delivered from the store, and none of whose events came: its stored state
+        goes out now (its final if it ended; its text so far if it is generating, the owner's deltas follow; a
+        queued one announces its own start later)."""
         if doc["status"] == "queued":
             return
-        snapshot = frames.snapshot(doc)
-        if doc["status"] == "streaming":  # its deltas and final come from its owner: let them through
-            event = {"type": "reply.started", "session_id": snapshot.session_id, "message_id": snapshot.message_id,
-                     "seq": snapshot.seq, "reply_to": snapshot.reply_to, "status": "streaming", "stream": True}
-        else:
-            event = events.reply_final(snapshot)
+        if doc["status"] not in ("streaming",):
             self._remember(state, doc["seq"], "reply")  # its late events, if any, are dropped
         log.info("reply seq=%s of session_id=%s delivered from the store (%s; its events are late or lost)",
                  doc["seq"], doc["session_id"], doc["status"])
-        event.update(origin="store", at=time.time())
-        self.deliver(event)
+        self.deliver(events.reply_stored(doc))
 
     def catch_up(self, resync=False):
         """Fill every tracked session up to the numbers the store has reserved: all of them after a change stream

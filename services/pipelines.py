@@ -16,6 +16,9 @@ from services.errors import NotFound
 log = logging.getLogger(__name__)
 
 PROVIDERS = ("demo", "openai")
+ON_INSTANCE_LOST = ("continue", "interrupt")
+# How an OpenAI-compatible upstream is asked to go on with a partial answer (services/providers/openai_compat.py)
+CONTINUE_WITH = ("continue_final_message", "prefill", "instruction")
 INPUTS = ("text", "image", "voice", "file")
 ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")        # a pipeline id is a URL path segment
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -66,6 +69,10 @@ class Pipeline:
     inputs: tuple = ("text",)   # what its model takes besides text: "image", "voice", "file" (message components)
     embed: Embed | None = None  # its chat on other sites, for anonymous visitors (pipelines TOML [pipelines.x.embed])
     files_url: str = ""         # Parley's base URL as the upstream reaches it: images go as signed links, not inline
+    # A reply whose instance is lost (killed, hung, drained): another instance goes on with it ("continue"), or it
+    # ends `interrupted` ("interrupt"). How a provider continues the partial answer: docs/providers.md.
+    on_instance_lost: str = "continue"
+    continue_with: str = "instruction"  # openai: continue_final_message (vLLM, SGLang) | prefill (llama.cpp) | ...
 
     def public(self):
         """What clients may see: no secrets, no environment variable names."""
@@ -216,6 +223,9 @@ _PIPELINE_FIELDS = {
     "embed": (lambda v: isinstance(v, (str, dict)), "a string (the bot id) or a table", None),
     "files_url": (_str, "a string", (lambda v: v == "" or re.match(r"^https?://[^/\s]+(/[^\s]*)?$", v),
                                      "must be an http:// or https:// URL (Parley's, as the upstream reaches it)")),
+    "on_instance_lost": (_str, "a string", (lambda v: v in ON_INSTANCE_LOST,
+                                            f"must be one of {', '.join(ON_INSTANCE_LOST)}")),
+    "continue_with": (_str, "a string", (lambda v: v in CONTINUE_WITH, f"must be one of {', '.join(CONTINUE_WITH)}")),
 }
 _TIMEOUT_FIELDS = {f.name for f in fields(Timeouts)}
 

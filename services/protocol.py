@@ -12,7 +12,7 @@ import logging
 from pymongo.errors import PyMongoError
 
 from services import frames, schema
-from services.chat import MAX_VIEWED, check_id
+from services.sessions import MAX_VIEWED, check_id
 from services.codes import Close, Code
 from services.errors import BadRequest, ParleyError, Unavailable
 
@@ -27,16 +27,18 @@ def handler_name(kind):
 
 
 class ClientProtocol:
-    __slots__ = ("conn", "chat", "resumer", "inbox", "worker", "busy", "kinds", "guard")
+    __slots__ = ("conn", "sessions", "sending", "fanout", "resumer", "inbox", "worker", "busy", "kinds", "guard")
 
-    def __init__(self, conn, chat, resumer, *, kinds=None, guard=None):
+    def __init__(self, conn, services, *, kinds=None, guard=None):
         """`kinds`: the frame types this connection may send (None: all); `guard(conn)`: a check of each message
         before it is queued, raising the refusal (a widget visitor's limits)."""
         self.kinds = kinds
         self.guard = guard
         self.conn = conn
-        self.chat = chat
-        self.resumer = resumer
+        self.sessions = services.sessions    # services/sessions.py
+        self.sending = services.sending      # services/sending.py
+        self.fanout = services.fanout
+        self.resumer = services.resumer
         self.inbox = None             # frames waiting for the worker (a list, made by the first one)
         self.worker = None            # the task working the inbox, while it has frames
         self.busy = False             # the worker is in the middle of a send
@@ -93,16 +95,16 @@ class ClientProtocol:
 
     def on_stop(self, frame):
         session_id = self._session_id(frame)
-        stopped = self.chat.stop(self.conn.identity, session_id, frame.message_id)
+        stopped = self.sending.stop(self.conn.identity, session_id, frame.message_id)
         self.conn.send(frames.stop_ack(session_id, stopped))
 
     def on_session_leave(self, frame):
         session_id = self._session_id(frame)
-        self.chat.fanout.leave(self.conn, session_id)
+        self.fanout.leave(self.conn, session_id)
         self.conn.send(frames.session_left(session_id, "left"))
 
     def on_presence(self, frame):
-        self.conn.send(self.chat.fanout.presence_frame(self._session_id(frame)))
+        self.conn.send(self.fanout.presence_frame(self._session_id(frame)))
 
     # frames that wait their turn (they touch the store), in the order the client sent them
 
@@ -146,32 +148,32 @@ class ClientProtocol:
 
     async def on_message(self, frame):
         identity = self.conn.identity
-        session = await self.chat.session_to_send(identity, self.conn.pipeline, self._session_id(frame))
-        user_doc, reply_doc, duplicate = await self.chat.send(
+        session = await self.sessions.session_to_send(identity, self.conn.pipeline, self._session_id(frame))
+        user_doc, reply_doc, duplicate = await self.sending.send(
             identity, session, frame.message, stream=frame.stream, client_msg_id=frame.client_msg_id,
             connection_id=self.conn.id)
         self.conn.send(frames.ack(user_doc, reply_doc, duplicate))
 
     async def on_regenerate(self, frame):
-        session = await self.chat.session(self.conn.identity, self.conn.pipeline, self._session_id(frame))
-        user_doc, reply_doc = await self.chat.regenerate(self.conn.identity, session, frame.message_id,
-                                                         stream=frame.stream)
+        session = await self.sessions.session(self.conn.identity, self.conn.pipeline, self._session_id(frame))
+        user_doc, reply_doc = await self.sending.regenerate(self.conn.identity, session, frame.message_id,
+                                                            stream=frame.stream)
         self.conn.send(frames.ack(user_doc, reply_doc, False))
 
     async def on_session_join(self, frame):
-        session = await self.chat.session(self.conn.identity, self.conn.pipeline, frame.session_id)
+        session = await self.sessions.session(self.conn.identity, self.conn.pipeline, frame.session_id)
         if self.conn.closed:
             return
         if session["_id"] not in self.conn.sessions and len(self.conn.sessions) >= MAX_VIEWED:
             raise BadRequest(f"a connection views at most {MAX_VIEWED} sessions; leave one first",
                              code=Code.TOO_MANY_SESSIONS)
         self.conn.send(frames.session_joined(session))
-        self.chat.fanout.join(self.conn, session["_id"], session["type"], session.get("next_seq"))
+        self.fanout.join(self.conn, session["_id"], session["type"], session.get("next_seq"))
 
     async def on_group_leave(self, frame):
-        session = await self.chat.session(self.conn.identity, self.conn.pipeline, frame.session_id)
+        session = await self.sessions.session(self.conn.identity, self.conn.pipeline, frame.session_id)
         viewing = session["_id"] in self.conn.sessions
-        await self.chat.leave_group(self.conn.identity, session)
+        await self.sessions.leave_group(self.conn.identity, session)
         if not viewing or self.conn.identity.is_admin:  # leave_group told the viewing connections already
             self.conn.send(frames.session_left(session["_id"], "left_group"))
 

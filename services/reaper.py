@@ -1,30 +1,46 @@
-"""Leases: nothing stays `streaming` after the instance generating it is gone (DESIGN.md invariant 5).
+"""Nothing stays `streaming` after the instance generating it is gone (DESIGN.md invariant 5): it goes on here,
+or it ends.
 
-A live message carries `lease_until`. The owner renews it at every checkpoint and, here, every lease/2 for all
-its live replies (queued ones and ones waiting for a first token write no checkpoints). Any instance that
-finds a live message whose lease expired marks it `interrupted` and sends its viewers the terminal frame.
+A live message carries its `instance`, an `epoch` (the fencing token of its owner's claim) and `lease_until`. The
+owner renews the lease at every checkpoint and, here, every lease/2 for all its live replies (queued ones and
+ones waiting for a first token write no checkpoints). Any instance takes up a live message that is not its own
+when
+- its instance is gone (services/liveness.py: no heartbeat for --liveness-timeout, or stopped), at once;
+- a draining instance handed it over (its lease given up, a `handover` event wakes the sweep);
+- its lease expired (an instance that never heartbeats, or the store's view when liveness cannot tell);
+- it is this instance's own from before a restart (same --instance-id, not generating here): at start-up.
+What becomes of it — continued here, run here (queued), or ended `stopped`/`interrupted` — is services/
+failover.py's; every change is a compare-and-set that raises its epoch, so an owner that was only paused finds
+every later write refused, and exactly one instance wins it.
 """
 import asyncio
+import contextlib
 import logging
 import time
 from datetime import datetime
 
-from services import events, frames
 from services.bus import stop_task
 
 log = logging.getLogger(__name__)
 
 
 class Reaper:
-    def __init__(self, store, bus, streams, *, lease_seconds):
+    def __init__(self, store, bus, streams, failover, *, lease_seconds, liveness=None):
         self.store = store
         self.bus = bus
         self.streams = streams
+        self.failover = failover
+        self.liveness = liveness
         self.interval = lease_seconds / 2
         self.task = None
+        self._now = asyncio.Event()   # sweep at once (an instance was found gone, or handed replies over)
+        streams.on_handover = self.wake
 
     def start(self):
         self.task = asyncio.get_running_loop().create_task(self._loop(), name="reaper")
+
+    def wake(self):
+        self._now.set()
 
     async def stop(self):
         if self.task is not None:
@@ -33,7 +49,10 @@ class Reaper:
 
     async def _loop(self):
         while True:
-            await asyncio.sleep(self.interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.interval):
+                    await self._now.wait()
+            self._now.clear()
             try:
                 await self.sweep()
             except asyncio.CancelledError:
@@ -41,23 +60,36 @@ class Reaper:
             except Exception as exc:  # the store may be briefly away: try again next round
                 log.warning("lease sweep failed: %s", exc)
 
-    async def sweep(self):
-        """Renew our leases, then interrupt every expired live message that is not ours. Returns the ids."""
-        await self.store.renew_leases(list(self.streams.generations), lease_until=self.streams.lease_until())
+    async def sweep(self, *, starting=False):
+        """Renew our leases, then take up every live message that is not ours whose instance is gone, that was
+        handed over, or whose lease expired (`starting`: also our own from before a restart). Returns the ids
+        taken up, with what became of each."""
+        ours = list(self.streams.generations)
+        await self.store.renew_leases(ours, lease_until=self.streams.lease_until())
         now = time.time()
-        leases = await self.store.live_leases(exclude=list(self.streams.generations))
-        reaped = []
-        for message_id, lease_until in leases:
-            if not expired(lease_until, now) or message_id in self.streams.generations:
-                continue  # still leased, or accepted here while we were awaiting
-            doc = await self.store.interrupt_abandoned(message_id, lease_until=lease_until)
-            if doc is None:  # finished or renewed meanwhile
+        taken = {}
+        live = await self.store.live_leases(exclude=ours)
+        if self.liveness is not None and any(not self.liveness.alive(d.get("instance")) for d in live
+                                            if d.get("instance")):
+            await self.liveness.refresh()  # a gone instance may be back (restarted): its new replies are not ours
+        for doc in live:
+            if doc["_id"] in self.streams.generations:
+                continue  # accepted here while we were awaiting
+            instance = doc.get("instance")
+            gone = (self.liveness is not None and instance and not self.liveness.alive(instance)) or (
+                starting and instance == self.streams.instance_id) or doc.get("handover")
+            if not gone and not expired(doc.get("lease_until"), now):
                 continue
-            reaped.append(message_id)
-            self.bus.publish(events.reply_final(frames.snapshot(doc)))
-        if reaped:
-            log.warning("interrupted %d abandoned replies (lease expired): %s", len(reaped), reaped)
-        return reaped
+            try:
+                outcome = await self.failover.recover(doc, lease_expired=not gone)
+            except Exception:  # one reply that cannot be taken up must not keep the others waiting
+                log.exception("could not take up message_id=%s", doc["_id"])
+                continue
+            if outcome is not None:
+                taken[doc["_id"]] = outcome
+        if taken:
+            log.warning("took up %d replies of instances gone, stopped or draining: %s", len(taken), taken)
+        return taken
 
 
 def expired(lease_until, now):

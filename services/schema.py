@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal, Union
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
-from services.codes import Code, ReplyStatus
+from services.codes import Code, ReplyStatus, RewindReason
 from services.errors import BadRequest
 
 MAX_TEXT = 32_000
@@ -163,12 +163,14 @@ class PresenceFrame(Frame, tag="presence"):
 class Offsets(Struct, omit_defaults=True):
     offset: Count = 0
     thinking_offset: Count = 0
+    epoch: Union[Count, None] = None  # the epoch of the text held (status/rewind/resumed say it)
 
 
 class ResumeFrame(Frame, tag="resume"):
     message_id: Union[Id, None] = None
     offset: Count = 0
     thinking_offset: Count = 0
+    epoch: Union[Count, None] = None
     session_id: Union[Id, None] = None
     offsets: Annotated[dict[Id, Offsets], Meta(max_length=MAX_RESUME)] = {}
 
@@ -451,6 +453,8 @@ class ReplyData(LangBotMessage, kw_only=True):
     status: Union[ReplyStatusValue, UnsetType] = UNSET
     usage: Union[dict[str, Any], UnsetType] = UNSET
     error: Union[ReplyError, UnsetType] = UNSET
+    # the final of a reply that went on with another instance after its own was lost: how many times
+    continued: Union[Count, UnsetType] = UNSET
 
 
 class Response(Strict, tag="response"):
@@ -478,11 +482,30 @@ class StatusData(Struct, forbid_unknown_fields=True):
     seq: int
     reply_to: Union[str, None]
     status: ReplyStatusValue
+    epoch: Count  # which owner streams it: a new one continues it after its instance was lost (`rewind`)
     timestamp: Timestamp
 
 
 class Status(Strict, tag="status"):
     data: StatusData
+
+
+class RewindData(Struct, forbid_unknown_fields=True):
+    """Text of this reply the connection was sent past `offset` / `thinking_offset` is void (never stored: its
+    instance died or was fenced after its last checkpoint): drop it; the reply continues or ends from there."""
+    session_id: str
+    message_id: str
+    seq: int
+    reply_to: Union[str, None]
+    epoch: Count
+    offset: Count
+    thinking_offset: Count
+    reason: Literal[tuple(r.value for r in RewindReason)]
+    timestamp: Timestamp
+
+
+class Rewind(Strict, tag="rewind"):
+    data: RewindData
 
 
 class StopAckData(Struct, forbid_unknown_fields=True):
@@ -500,6 +523,7 @@ class ResumedReply(Struct, forbid_unknown_fields=True):
     seq: int
     reply_to: Union[str, None]
     status: ReplyStatusValue
+    epoch: Count
     offset: Count
     thinking_offset: Count
     length: Count
@@ -585,7 +609,7 @@ class SessionReset(Strict, tag="session.reset"):
     data: ResetData
 
 
-ParleyServerFrame = Union[Connected, UserMessage, Response, Ack, Status, StopAck, Resumed, SessionJoined,
+ParleyServerFrame = Union[Connected, UserMessage, Response, Ack, Status, Rewind, StopAck, Resumed, SessionJoined,
                           SessionLeft, SessionMembers, SessionReset, Presence, Push, Broadcast, Pong, Reconnect, Error]
 SERVER_FRAMES = {"langbot": LangBotServerFrame, "parley": ParleyServerFrame}
 

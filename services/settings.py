@@ -27,6 +27,8 @@ OTHER_VARIABLES = {
     "PARLEY_TEST_MONGO_URL": "tests: run the suite against this MongoDB",
     "PARLEY_REQUIRE_ALL": "tests: fail, not skip, when a real component is missing",
     "PARLEY_FUZZ_EXAMPLES": "tests: examples per property-based test",
+    "PARLEY_REPLYLOG_EXAMPLES": "tests/test_replylog.py: interleavings tried (300)",
+    "PARLEY_REPLYLOG_STEPS": "tests/test_replylog.py: steps per interleaving (40)",
     "PARLEY_LANGBOT_WIDGET": "tests: a copy of LangBot's widget.js, run against Parley in Chromium",
 }
 
@@ -256,6 +258,8 @@ OPTIONS = (
            "interrupted", unit="s", group="replies", minimum=0.1),
     Option("on_last_viewer_gone", str, "continue", "what a reply does when the last socket viewing its session "
            "closes", group="replies", choices=("continue", "stop")),
+    Option("liveness_timeout", float, 1.5, "--cluster: an instance not heard of (its heartbeat in the store) "
+           "for this long is gone: another goes on with its replies", unit="s", group="cluster", minimum=0.3),
     Option("instance_id", str, None, "this instance's name in logs, metrics and the store; none: host name:port",
            group="cluster", optional=True, metavar="NAME"),
     Option("cluster", bool, False, "run as one of several instances sharing --mongo-url (a replica set: change "
@@ -263,8 +267,11 @@ OPTIONS = (
     Option("trusted_proxies", tuple, (), "comma-separated addresses of proxies (nginx) whose X-Real-IP/"
            "X-Forwarded-For name the client; from anyone else those headers are ignored", group="cluster",
            metavar="ADDRESSES"),
-    Option("drain_timeout", float, 10.0, "on SIGTERM, how long replies still generating get to finish before "
-           "they end interrupted", unit="s", group="cluster", minimum=0),
+    Option("max_continuations", int, 3, "how many times one reply goes on with another instance after its own is "
+           "lost; then it ends interrupted", unit="times", group="replies", minimum=0),
+    Option("drain_timeout", float, 10.0, "on SIGTERM, how long replies that cannot go on elsewhere (a pipeline "
+           "with on_instance_lost = interrupt; a single box) get to finish before they end interrupted", unit="s",
+           group="cluster", minimum=0),
     Option("visitor_messages_per_minute", int, 20, "messages one widget visitor may send per minute (bursts of "
            "a quarter of it); more: a reply saying `rate_limited`", unit="messages/min", group="embed", minimum=1),
     Option("visitor_address_messages_per_minute", int, 60, "messages all widget visitors of one address may "

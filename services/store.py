@@ -18,7 +18,7 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError, WriteError
 
 from services.batching import GroupCommit
 
-from services.codes import LIVE, TERMINAL, Code, ReplyCode
+from services.codes import LIVE, TERMINAL, Code, ReplyCode, ReplyStatus
 from services.errors import NotFound
 from services.metrics import Metrics, timed
 
@@ -29,6 +29,14 @@ STOP_FIELDS = {"stop_requested": 1, "status": 1}
 FILE_CHUNK = 255 * 1024  # bytes of a file per `file_chunks` document (GridFS's default chunk)
 UPDATED_MS_MIGRATION = "sessions.updated_ms"  # the marker of _add_updated_ms in the `migrations` collection
 FENCE_FIELDS = {"stop_requested": 1, "status": 1, "epoch": 1, "length": 1, "thinking_length": 1}
+
+
+# what the reaper reads of every live message, to end it or take it over (services/reaper.py, failover.py)
+TAKEOVER_FIELDS = {"lease_until": 1, "instance": 1, "epoch": 1, "status": 1, "length": 1, "thinking_length": 1,
+                   "stop_requested": 1, "continuations": 1, "continued": 1, "handover": 1, "pipeline": 1,
+                   "session_id": 1}
+INSTANCE_LOST = {"code": ReplyCode.INSTANCE_LOST,
+                 "message": "the server handling this reply went away before it finished"}
 
 
 def assemble(doc):
@@ -412,6 +420,11 @@ class Store:
         return assemble(await self.messages.find_one({"_id": message_id}))
 
     @timed
+    async def find_messages(self, message_ids):
+        cursor = self.messages.find({"_id": {"$in": list(message_ids)}})
+        return [assemble(doc) async for doc in cursor]
+
+    @timed
     async def find_replies(self, session_id, message_ids):
         if not message_ids:
             return []
@@ -539,23 +552,112 @@ class Store:
 
     @timed
     async def live_leases(self, *, exclude=(), limit=1000):
-        """(id, lease_until) of every live message except `exclude`. Live messages are few (in flight only),
-        and expiry is decided by the caller: nx-27017 misses explicit nulls in an indexed `$or` query."""
+        """Every live message except `exclude`, with what the reaper and a takeover decide by (its owner, lease,
+        epoch, stored lengths, stop flag, continuations). Live messages are few (in flight only), and expiry is
+        decided by the caller: nx-27017 misses explicit nulls in an indexed `$or`."""
         query = {"status": {"$in": list(LIVE)}}
         if exclude:
             query["_id"] = {"$nin": list(exclude)}
-        cursor = self.messages.find(query, {"lease_until": 1}).limit(limit)
-        return [(doc["_id"], doc.get("lease_until")) async for doc in cursor]
+        cursor = self.messages.find(query, TAKEOVER_FIELDS).limit(limit)
+        return [doc async for doc in cursor]
+
+    # taking a reply over from an instance that is gone (services/failover.py)
 
     @timed
-    async def interrupt_abandoned(self, message_id, *, lease_until):
-        """Mark a message `interrupted` if it is still live with the very lease we saw expire (compare-and-set:
-        a renewal or a finish since then wins). Returns the updated message, or None."""
+    async def take_over(self, doc, *, instance, lease_until, reason):
+        """Claim a streaming reply whose owner is gone, to continue it here: a compare-and-set on the epoch and
+        the stored lengths read (so exactly one claimer wins, the text it continues from is the stored text, and
+        the old owner, should it wake, is fenced out by the new epoch). Records where this owner took it up
+        (`continued`). Returns the claimed message (text assembled), or None."""
+        epoch, length, thinking_length = doc["epoch"], doc["length"], doc.get("thinking_length") or 0
+        claimed = await self.messages.find_one_and_update(
+            {"_id": doc["_id"], "status": ReplyStatus.STREAMING, "epoch": epoch, "length": length,
+             "thinking_length": thinking_length},
+            # the whole list, not a $push: nx-27017 stores a pushed document as a string (the epoch in the
+            # condition makes this read-modify-write safe: every change to `continued` raises it)
+            {"$set": {"instance": instance, "lease_until": lease_until, "handover": False,
+                      "continued": [*(doc.get("continued") or ()), {
+                          "epoch": epoch + 1, "offset": length, "thinking_offset": thinking_length,
+                          "reason": reason, "from": doc.get("instance"), "at_ms": now_ms()}]},
+             "$inc": {"epoch": 1, "continuations": 1}},
+            return_document=ReturnDocument.AFTER)
+        return assemble(claimed)
+
+    @timed
+    async def adopt(self, doc, *, instance, lease_until):
+        """Claim a queued reply whose instance is gone, to run it here (it had not started: nothing to continue)."""
+        return await self.messages.find_one_and_update(
+            {"_id": doc["_id"], "status": ReplyStatus.QUEUED, "epoch": doc.get("epoch") or 0,
+             "instance": doc.get("instance")},
+            {"$set": {"instance": instance, "lease_until": lease_until, "handover": False}},
+            return_document=ReturnDocument.AFTER)
+
+    @timed
+    async def release(self, message_id, *, epoch, content, thinking):
+        """A draining owner hands a streaming reply over: all its text stored, its lease given up, `handover` set
+        for the others' reapers. Fenced like a checkpoint (our epoch, still streaming). True if it landed."""
+        result = await self.messages.update_one(
+            {"_id": message_id, "epoch": epoch, "status": ReplyStatus.STREAMING},
+            {"$set": {"content": content, "thinking": thinking, "length": len(content),
+                      "thinking_length": len(thinking), "lease_until": 0, "handover": True},
+             "$unset": {"text_parts": "", "thinking_parts": ""}, **stamp("updated_at")})
+        return result.modified_count == 1
+
+    @timed
+    async def release_queued(self, message_ids, *, instance):
+        """A draining instance's queued replies, given up for another instance to run."""
+        if not message_ids:
+            return 0
+        result = await self.messages.update_many(
+            {"_id": {"$in": list(message_ids)}, "status": ReplyStatus.QUEUED, "instance": instance},
+            {"$set": {"lease_until": 0, "handover": True}})
+        return result.modified_count
+
+    # the cluster bus's events (services/mongo_bus.py): a TTL-indexed collection read through a change stream
+
+    async def create_events_index(self, ttl_seconds):
+        await self.bus_db.events.create_index([("created", ASCENDING)], expireAfterSeconds=ttl_seconds)
+
+    @timed
+    async def insert_events(self, origin, events):
+        now = utcnow()
+        await self.bus_db.events.insert_many([{"origin": origin, "created": now, "event": e} for e in events],
+                                         ordered=True)
+
+    async def watch_events(self, resume_token=None):
+        """Everyone's events as they are inserted (from `resume_token` on, when given)."""
+        options = {"resume_after": resume_token} if resume_token else {}
+        return await self.bus_db.events.watch([{"$match": {"operationType": "insert"}}], **options)
+
+    # instance liveness (services/liveness.py)
+
+    @timed
+    async def heartbeat(self, instance_id, beat):
+        await self.db.instances.update_one({"_id": instance_id},
+                                           {"$set": {"beat": beat, "stopped": False, "at_ms": now_ms()}},
+                                           upsert=True)
+
+    @timed
+    async def instance_stopped(self, instance_id):
+        await self.db.instances.update_one({"_id": instance_id}, {"$set": {"stopped": True, "at_ms": now_ms()}})
+
+    @timed
+    async def instance_beats(self, within_ms=24 * 3600 * 1000):
+        """{instance id: (heartbeat counter, stopped)} of the instances heard of in the last day."""
+        cursor = self.db.instances.find({"at_ms": {"$gt": now_ms() - within_ms}})
+        return {doc["_id"]: (doc.get("beat"), bool(doc.get("stopped"))) async for doc in cursor}
+
+    @timed
+    async def interrupt_abandoned(self, message_id, *, lease_until=None, epoch=None, status=ReplyStatus.INTERRUPTED,
+                                  error=INSTANCE_LOST):
+        """End a message whose instance is gone (`interrupted`, or `stopped` when a stop was asked for) if it is
+        still live with the very lease we saw expire, or (its instance is gone) still of the epoch we saw: a
+        compare-and-set, so a renewal (of an expired lease) or a finish since then wins. Returns the updated
+        message, or None."""
+        condition = {"lease_until": lease_until} if epoch is None else {"epoch": epoch}
         doc = await self.messages.find_one_and_update(
-            {"_id": message_id, "status": {"$in": list(LIVE)}, "lease_until": lease_until},
-            {"$set": {"status": "interrupted", "lease_until": None,
-                      "error": {"code": ReplyCode.INSTANCE_LOST,
-                                "message": "the server generating this reply stopped"}},
+            {"_id": message_id, "status": {"$in": list(LIVE)}, **condition},
+            {"$set": {"status": status, "lease_until": None, "error": error},
              "$inc": {"epoch": 1},  # fences the old owner out: none of its later writes can land
              **stamp("updated_at", "finished_at")},
             return_document=ReturnDocument.AFTER)

@@ -29,7 +29,7 @@
   const state = {
     user: null, isAdmin: false, pipelines: [], pipeline: null, sessions: [], session: null,
     client: null, msgs: new Map(), pending: new Map(), oldestSeq: null, moreHistory: false, loadingOlder: false,
-    online: [], countdown: null, generation: 0, attachments: [], shownVersion: new Map(),
+    online: [], countdown: null, generation: 0, attachments: [], shownVersion: new Map(), connection: "connecting",
     limits: {max_message_size: 64 * 1024, max_body_size: 1024 * 1024, max_image_size: 512 * 1024},
   };
 
@@ -415,6 +415,11 @@
     }));
     client.on("message", mine(onUserMessage));
     client.on("delta", mine(onDelta));
+    client.on("rewind", mine((e) => {  // the reply's text as it now stands (shorter), and why
+      const m = entry(e.message_id, "assistant", e.seq);
+      if (e.reason === "instance_lost") m.note = "The server handling this reply went away; another one goes on with it.";
+      onDelta(e);
+    }));
     client.on("final", mine(onFinal));
     client.on("error", mine(onError));
     client.on("presence", mine((f) => {
@@ -484,6 +489,10 @@
     let stateName = e.connection;
     if (stateName === "reconnecting" && navigator.onLine === false) stateName = "offline";
     box.dataset.state = stateName;
+    const was = state.connection;
+    state.connection = stateName;
+    // a live reply's text stops while we are away: no blinking caret, no Stop, a line saying why
+    if ((was === "open") !== (stateName === "open")) for (const m of liveReplies()) renderSoon(m, true);
     const text = $("conn-text");
     if (stateName === "open") text.textContent = "Connected";
     else if (stateName === "connecting") text.textContent = "Connecting…";
@@ -560,7 +569,7 @@
         onclick: () => showVersion(m, 1)}));
     return el("article", {class: "msg assistant", "data-id": m.id},
       el("div", {class: "meta"}, el("span", {text: "Assistant"}), versions), thinking, el("div", {class: "body"}),
-      status);
+      el("div", {class: "live-note", role: "status", hidden: ""}), status);
   }
 
   function renderUser(m) {
@@ -630,7 +639,13 @@
   function renderAssistant(m) {
     const stick = nearEnd();
     const live = LIVE.has(m.status);
-    m.el.classList.toggle("streaming", live);
+    const away = live && state.connection !== "open";
+    m.el.classList.toggle("streaming", live && !away);
+    m.el.classList.toggle("paused", away);
+    const note = m.el.querySelector(".live-note");
+    note.textContent = away ? "Connection lost — reconnecting; the reply goes on without you and catches up."
+      : live && m.note ? m.note : "";
+    note.hidden = !note.textContent;
     m.el.setAttribute("aria-busy", String(live));
     const details = m.el.querySelector(".thinking");
     details.hidden = !m.thinking;
@@ -958,7 +973,7 @@
   }
 
   function updateComposer() {
-    const busy = liveReplies().length > 0;
+    const busy = liveReplies().length > 0 && state.connection === "open";
     $("stop").hidden = !busy;
     $("send").disabled = !$("input").value.trim() && !state.attachments.length;
   }

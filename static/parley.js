@@ -11,7 +11,9 @@
  * offsets it holds, and drops anything it has already seen. Offsets count Unicode code points, as Python's
  * len() does; JS strings are UTF-16, so all offset arithmetic here iterates code points.
  *
- * Events: "message" (user_message), "delta", "final", "status" (connection and reply states), "error",
+ * Events: "message" (user_message), "delta", "rewind" (text streamed past the reply's last stored point was
+ * lost with its server: `content` is what remains, the next deltas continue it), "final", "status" (connection
+ * and reply states), "error",
  * "connected" (the connected frame), and every other server frame under its own type ("presence", "push",
  * "broadcast", "session.left", "stop_ack", ...) with the whole frame. A "status" event of a connection that is
  * reconnecting carries `retry_at` (epoch ms of the next attempt), for a countdown; a "closed" one carries the
@@ -59,6 +61,7 @@
       this.thinkingLength = 0;
       this.status = P.STATUS.QUEUED;
       this.final = false;
+      this.epoch = null;        // whose text it holds: the owner that generated it (status, rewind, resumed)
     }
 
     /* Returns the new part {text, thinking}, or null if it was all seen; throws "gap" if text is missing. */
@@ -80,7 +83,25 @@
     }
 
     offsets() {
-      return {offset: this.length, thinking_offset: this.thinkingLength};
+      const o = {offset: this.length, thinking_offset: this.thinkingLength};
+      if (this.epoch !== null) o.epoch = this.epoch;
+      return o;
+    }
+
+    /* Text past (offset, thinkingOffset) was never stored (its server died): drop it. True if anything went. */
+    rewind(offset, thinkingOffset) {
+      let cut = false;
+      if (offset < this.length) {
+        this.text = Array.from(this.text).slice(0, offset).join("");
+        this.length = offset;
+        cut = true;
+      }
+      if (thinkingOffset < this.thinkingLength) {
+        this.thinking = Array.from(this.thinking).slice(0, thinkingOffset).join("");
+        this.thinkingLength = thinkingOffset;
+        cut = true;
+      }
+      return cut;
     }
   }
 
@@ -265,9 +286,15 @@
         case "ack": return this._ack(data);
         case "user_message": return this._emit("message", data);
         case "response": return data.is_final ? this._final(data) : this._delta(data);
-        case "status": return this._status(data.message_id, data.status, data);
+        case "status":
+          this._epoch(data);
+          return this._status(data.message_id, data.status, data);
+        case "rewind": return this._rewind(data);
         case "resumed":
-          for (const r of data.replies) this._status(r.message_id, r.status);
+          for (const r of data.replies) {
+            this._cut(r, r.offset, r.thinking_offset, "resumed");  // where this connection continues
+            this._status(r.message_id, r.status);
+          }
           return;
         case "reconnect": return this._drop();
         case "error": return this._error(frame);
@@ -329,6 +356,28 @@
       this._emit("delta", {message_id: r.id, session_id: data.session_id, seq: data.seq, reply_to: data.reply_to,
         text: fresh.text,
         thinking: fresh.thinking, content: r.text, thinking_content: r.thinking, offset: r.length});
+    }
+
+    /* The epoch of a reply we hold no text of yet: the text that comes is that owner's. */
+    _epoch(data) {
+      const r = this._reply(data.message_id);
+      if (!r.length && !r.thinkingLength) r.epoch = data.epoch;
+    }
+
+    _rewind(data) {
+      const r = this._reply(data.message_id);
+      if (r.epoch !== null && data.epoch < r.epoch) return;  // an instance behind us: we hold a newer owner's
+      this._cut(data, data.offset, data.thinking_offset, data.reason);
+    }
+
+    /* Text past (offset, thinkingOffset) is void: drop it, take the epoch, tell the app if anything went. */
+    _cut(data, offset, thinkingOffset, reason) {
+      const r = this._reply(data.message_id);
+      if (r.final) return;
+      if (data.epoch !== undefined) r.epoch = data.epoch;
+      if (!r.rewind(offset, thinkingOffset)) return;
+      this._emit("rewind", {message_id: r.id, session_id: data.session_id, seq: data.seq, reply_to: data.reply_to,
+        reason, content: r.text, thinking_content: r.thinking, offset: r.length});
     }
 
     _final(data) {

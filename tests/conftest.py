@@ -9,7 +9,7 @@ import uuid
 
 import msgspec
 import pytest
-from pymongo import MongoClient
+from pymongo import AsyncMongoClient, MongoClient
 from tornado import httpclient
 from tornado.websocket import websocket_connect
 
@@ -194,6 +194,24 @@ def services(io_loop, config, mongo_url, db_name):
     io_loop.run_sync(lambda: server.close_services(svc), timeout=30)
     with MongoClient(mongo_url) as client:
         client.drop_database(db_name)
+
+
+@pytest.fixture
+def stored_message(io_loop, mongo_url, db_name):
+    """`await stored_message(message_id)`: a message as any MongoDB client reads it from the suite's store, not
+    through services/store.py: its document, with the text checkpointed so far (`content` plus the appended
+    `text_parts`: docs/architecture.md, "Checkpoints append"). None if there is none."""
+    client = AsyncMongoClient(mongo_url, tz_aware=True)
+
+    async def read(message_id):
+        doc = await client[db_name].messages.find_one({"_id": message_id})
+        if doc is not None and ("text_parts" in doc or "thinking_parts" in doc):
+            doc["content"] = (doc.get("content") or "") + "".join(doc.pop("text_parts", None) or ())
+            doc["thinking"] = (doc.get("thinking") or "") + "".join(doc.pop("thinking_parts", None) or ())
+        return doc
+
+    yield read
+    io_loop.run_sync(client.close)
 
 
 @pytest.fixture

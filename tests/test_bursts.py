@@ -38,7 +38,7 @@ async def open_sessions(services, connect, count, pipeline="default"):
     return clients
 
 
-async def test_a_burst_of_sends_over_websockets_all_get_acks_and_finals(connect, services):
+async def test_a_burst_of_sends_over_websockets_all_get_acks_and_finals(connect, services, stored_message):
     clients = await open_sessions(services, connect, BURST)
     text = [{"type": "Plain", "text": "burst"}]
     await asyncio.gather(*(c.send({"type": "message", "message": text}) for c in clients))
@@ -51,7 +51,7 @@ async def test_a_burst_of_sends_over_websockets_all_get_acks_and_finals(connect,
 
     for reply_id, final in await asyncio.gather(*(answer(c) for c in clients)):
         assert final["status"] == "completed", final
-        stored = await services.store.get_message(reply_id)
+        stored = await stored_message(reply_id)
         assert stored["status"] == "completed" and stored["content"] == final["content"]
     assert batches(services, "insert_messages")[1] == BURST  # every send's messages went through group commit
     assert batches(services, "finish")[1] == BURST
@@ -159,12 +159,12 @@ def held(services, monkeypatch):
 
 async def test_sends_beyond_the_queue_get_overloaded_and_the_queued_ones_go_on(connect, services, held):
     gate, entered = held
-    services.chat.admission.limit, services.chat.admission.queue = 1, 1
+    services.sending.admission.limit, services.sending.admission.queue = 1, 1
     first, second, third = await open_sessions(services, connect, 3)
     await first.send({"type": "message", "message": [{"type": "Plain", "text": "one"}]})
     await settle(lambda: len(entered) == 1)  # writing (held)
     await second.send({"type": "message", "message": [{"type": "Plain", "text": "two"}]})
-    await settle(lambda: services.chat.admission.waiting == 1)  # waiting its turn
+    await settle(lambda: services.sending.admission.waiting == 1)  # waiting its turn
     refused = await third.say("three")
     assert refused["type"] == "error" and refused["code"] == "overloaded" and refused["retryable"]
     assert len(entered) == 1  # one at a time (--send-concurrency 1)
@@ -177,13 +177,13 @@ async def test_sends_beyond_the_queue_get_overloaded_and_the_queued_ones_go_on(c
 
 async def test_a_queued_send_gives_up_only_when_the_store_answers_nothing(connect, services, held):
     gate, entered = held
-    services.chat.admission.limit, services.chat.admission.stall = 1, 0.5
+    services.sending.admission.limit, services.sending.admission.stall = 1, 0.5
     first, second = await open_sessions(services, connect, 2)
     await first.send({"type": "message", "message": [{"type": "Plain", "text": "one"}]})
     await settle(lambda: len(entered) == 1)
     refused = await second.say("two")  # the store answered nothing for --store-timeout while it waited
     assert refused["type"] == "error" and refused["code"] == "store_unavailable", refused
-    assert len(entered) == 1 and services.chat.admission.waiting == 0
+    assert len(entered) == 1 and services.sending.admission.waiting == 0
     gate.set()
     ack = await first.recv_type("ack", "error")
     assert ack["type"] == "ack", ack

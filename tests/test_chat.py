@@ -4,7 +4,7 @@ import pytest
 pytestmark = pytest.mark.gen_test(timeout=20)
 
 
-async def test_connect_echo_and_stream(connect, services):
+async def test_connect_echo_and_stream(connect, services, stored_message):
     c = await connect()
     hello = c.connected
     assert hello["pipeline_uuid"] == "default" and hello["session_type"] == "person"
@@ -33,7 +33,7 @@ async def test_connect_echo_and_stream(connect, services):
         assert f["data"]["offset"] <= len(f["data"]["content"])
         assert f["data"]["message_chain"] == [{"type": "Plain", "text": f["data"]["content"]}]
 
-    stored = await services.store.get_message(final["message_id"])
+    stored = await stored_message(final["message_id"])
     assert stored["status"] == "completed" and stored["content"] == final["content"]
     assert stored["usage"]["completion_tokens"] > 0
     # nothing follows the final frame
@@ -41,7 +41,7 @@ async def test_connect_echo_and_stream(connect, services):
     assert (await c.recv())["type"] == "pong"
 
 
-async def test_delta_mode_offsets_are_contiguous_and_thinking_separate(connect, services):
+async def test_delta_mode_offsets_are_contiguous_and_thinking_separate(connect, services, stored_message):
     c = await connect("thinker", stream_mode="delta")
     ack = await c.say("why?")
     frames = await c.until_final(ack["data"]["reply_message_id"])
@@ -59,7 +59,7 @@ async def test_delta_mode_offsets_are_contiguous_and_thinking_separate(connect, 
     assert thinking and final["thinking"] == thinking
     assert final["content"] == text
     assert text.startswith('You said "why?"')
-    stored = await services.store.get_message(final["message_id"])
+    stored = await stored_message(final["message_id"])
     assert (stored["content"], stored["thinking"]) == (text, thinking)
 
 
@@ -105,12 +105,12 @@ async def test_disconnect_frame_closes_with_1000(connect):
     assert code == 1000
 
 
-async def test_replies_in_a_session_run_one_at_a_time_in_order(connect, services):
+async def test_replies_in_a_session_run_one_at_a_time_in_order(connect, services, stored_message):
     c = await connect("slow")
     first = await c.say("one")
     await c.recv_type("response")  # the first reply streams
     second = await c.say("two")
-    assert (await services.store.get_message(second["data"]["reply_message_id"]))["status"] == "queued"
+    assert (await stored_message(second["data"]["reply_message_id"]))["status"] == "queued"
     await c.send({"type": "stop", "message_id": first["data"]["reply_message_id"]})
     frames = await c.until_final(first["data"]["reply_message_id"])
     assert frames[-1]["data"]["status"] == "stopped"

@@ -282,3 +282,70 @@ async def test_reasoning_shows_apart_from_the_answer(terminal, base_url, service
     assert "thinking" not in hidden.transcript
     hidden.type("/quit")
     assert await hidden.exit_code() == 0
+
+
+def test_after_its_server_is_killed_the_client_shows_the_reply_going_on(terminal, tmp_path):
+    """kill -9 of the server mid-reply, then the same server again: it goes on with the reply from its last
+    checkpoint (its own, from before the restart); the client reconnects, is told where the reply goes on from
+    (dropping what it held past that, with a note), and shows the rest: the reply ends `completed`, stored as the
+    demo's whole answer."""
+    import json
+    import signal
+    import urllib.request
+
+    from services.pipelines import Pipeline
+    from services.providers.demo import DemoProvider
+    from services.embedded_mongo import free_port
+    pipelines = tmp_path / "pipelines.toml"
+    pipelines.write_text('[pipelines.paced]\nprovider = "demo"\nmodel = "demo"\n'
+                         '[pipelines.paced.options]\nwords = 400\nrate = 80\n')
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}
+    log = open(tmp_path / "server.log", "ab")
+
+    def start():
+        return subprocess.Popen([sys.executable, "server.py", "--port", str(port), "--data-dir", str(tmp_path),
+                                 "--token", TEST_TOKEN, "--pipelines", str(pipelines)],
+                                cwd=ROOT, env=env, stdout=log, stderr=log)
+
+    def history():
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/pipelines/paced/ws/messages/"
+                                                 "person", headers={"Authorization": f"Bearer {TEST_TOKEN}"})
+                with urllib.request.urlopen(request, timeout=5) as r:
+                    return json.loads(r.read())["data"]["messages"]
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.1)
+
+    server = start()
+    try:
+        history()
+        t = terminal("paced", "--url", f"http://127.0.0.1:{port}", "--token", TEST_TOKEN)
+        t.expect_sync(r"connected to paced")
+        t.type("tell me about crashes")
+        t.expect_sync(r'You said "tell me about crashes"\.\n\n[^\n\[]{80,}')  # the reply streams
+        server.kill()
+        server.wait(60)
+        server = start()
+        t.expect_sync(r"\[reconnected \(session \w+\)\]", timeout=60)
+        t.expect_sync(r"\[resuming \w+ at \d+: streaming\]")
+        t.expect_sync(r"\[completed\]", timeout=60)
+        t.type("/quit")
+        assert t.wait_sync() == 0
+        reply = history()[1]
+    finally:
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            server.wait(60)
+        log.close()
+    assert "Traceback" not in t.transcript
+    _, whole = DemoProvider(Pipeline(id="paced", options={"words": 400, "rate": 80})).whole("tell me about crashes")
+    assert reply["status"] == "completed" and reply["content"] == whole
+    # the screen, from where the reply went on: exactly the stored text from there
+    at = int(re.findall(r"\[resuming \w+ at (\d+): streaming\]", t.transcript)[-1])
+    after = t.transcript.rsplit("streaming]\n", 1)[1].split("\n[completed]", 1)[0]
+    after = "".join(line for line in after.split("\n") if not re.fullmatch(r"\[.*\]", line))
+    assert "".join(after.split()) == "".join(whole[at:].split())

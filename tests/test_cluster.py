@@ -164,7 +164,7 @@ async def test_session_busy_counts_replies_waiting_on_every_instance(cluster):
         c.close()
 
 
-async def test_sigterm_drains_clients_to_other_instances_and_ends_replies_cleanly(cluster):
+async def test_sigterm_drains_clients_to_other_instances_and_hands_their_replies_over(cluster):
     where = await spread(cluster)
     victim = cluster.instances[1]
     src = where[victim.id]
@@ -174,31 +174,35 @@ async def test_sigterm_drains_clients_to_other_instances_and_ends_replies_cleanl
     for _ in range(10):
         got.add(await client.recv_type("response"))
     victim.signal(signal.SIGTERM)
-    while True:  # the rest of what was in flight, then `reconnect`, then close 1012
-        frame = await client.recv(timeout=20)
-        assert frame is not None, "closed without a reconnect frame"
-        if frame["type"] == "reconnect":
-            break
-        if frame["type"] == "response":
-            got.add(frame)
-    assert await client.wait_closed(timeout=20) == (1012, "server restarting")
-    # new sockets from the same address go to another instance at once
-    moved = await connect(cluster, "slow", src=src, user="drained")
-    assert moved.instance != victim.id
-    await resume(moved, got)
-    await follow(moved, got, timeout=20)  # followed from the draining instance, to the final
-    assert await asyncio.get_running_loop().run_in_executor(None, victim.proc.wait, 120) == 0
-    final = got.finals[0]
-    assert len(got.finals) == 1
-    assert final["status"] == "interrupted" and final["content"] == got.joined(got.text)
-    with MongoClient(cluster.mongo_url) as db:
-        stored = db[cluster.db_name].messages.find_one({"_id": got.message_id})
-        assert db[cluster.db_name].messages.count_documents({"status": {"$in": ["queued", "streaming"]},
-                                                               "instance": victim.id}) == 0
-    assert stored["status"] == "interrupted" and stored["content"] == final["content"]
-    moved.close()
-    victim.start()
-    await asyncio.get_running_loop().run_in_executor(None, victim.wait_ready)
+    try:
+        while True:  # the rest of what was in flight, then `reconnect`, then close 1012
+            frame = await client.recv(timeout=20)
+            assert frame is not None, "closed without a reconnect frame"
+            if frame["type"] == "reconnect":
+                break
+            if frame["type"] == "response":
+                got.add(frame)
+        assert await client.wait_closed(timeout=20) == (1012, "server restarting")
+        # new sockets from the same address go to another instance at once
+        moved = await connect(cluster, "slow", src=src, user="drained")
+        assert moved.instance != victim.id
+        await resume(moved, got)
+        await follow(moved, got, timeout=20)  # followed to the final, from where it went on
+        assert await asyncio.get_running_loop().run_in_executor(None, victim.proc.wait, 120) == 0
+        final = got.finals[0]
+        assert len(got.finals) == 1
+        # the draining instance handed the reply over: another went on with it, from its very end, to the end
+        assert final["status"] == "completed" and final["content"] == got.joined(got.text)
+        assert final["continued"] == 1
+        doc = stored(cluster, got.message_id)
+        assert left_streaming(cluster, victim.id) == 0
+        assert doc["status"] == "completed" and doc["content"] == final["content"]
+        assert [c["reason"] for c in doc["continued"]] == ["drain"]
+        moved.close()
+    finally:
+        if victim.proc.poll() is not None:
+            victim.start()
+        await asyncio.get_running_loop().run_in_executor(None, victim.wait_ready)
 
 
 async def resume(client, got):
@@ -226,9 +230,10 @@ async def restart(instance):
 
 
 async def test_sigstop_past_the_lease_then_sigcont_cannot_overwrite_the_final(cluster):
+    # (a pipeline whose replies are not continued elsewhere: tests/test_failover.py has the ones that are)
     where = await spread(cluster)
     owner = cluster.instances[2]
-    client = await connect(cluster, "slow", src=where[owner.id], user="paused")
+    client = await connect(cluster, "slow_once", src=where[owner.id], user="paused")
     got = Received((await client.say("pause me"))["data"]["reply_message_id"])
     for _ in range(10):
         got.add(await client.recv_type("response"))
@@ -254,9 +259,10 @@ async def test_sigstop_past_the_lease_then_sigcont_cannot_overwrite_the_final(cl
     assert left_streaming(cluster, owner.id) == 0
     client.close()
 async def test_kill_9_of_the_owner_clients_get_interrupted_with_the_checkpointed_text(cluster):
+    # (on_instance_lost = interrupt: tests/test_failover.py has the reply that goes on)
     where = await spread(cluster)
     owner = cluster.instances[0]
-    client = await connect(cluster, "slow", src=where[owner.id], user="killed")
+    client = await connect(cluster, "slow_once", src=where[owner.id], user="killed")
     got = Received((await client.say("then the lights went out"))["data"]["reply_message_id"])
     for _ in range(20):
         got.add(await client.recv_type("response"))
@@ -264,7 +270,7 @@ async def test_kill_9_of_the_owner_clients_get_interrupted_with_the_checkpointed
     owner.proc.wait()
     try:
         await client.wait_closed(timeout=20)
-        moved = await connect(cluster, "slow", src=where[owner.id], user="killed")  # nginx picks a live one
+        moved = await connect(cluster, "slow_once", src=where[owner.id], user="killed")  # nginx picks a live one
         assert moved.instance != owner.id
         await resume(moved, got)
         await follow(moved, got)  # once the lease expires, another instance's reaper ends it
@@ -476,18 +482,24 @@ async def test_rolling_restart_under_load_loses_no_accepted_message(cluster):
             client_msg_id = f"roll-{w}-{n}"
             n += 1
             while True:  # until acked: a repeat of the client_msg_id after a reconnect is the same message
+                before_ack = []  # a repeat's reply may end (its final reach this socket) before the ack does
                 try:
                     await conn.send({"type": "message", "message": [{"type": "Plain", "text": client_msg_id}],
                                      "client_msg_id": client_msg_id})
-                    ack = await conn.recv_type("ack", "error", timeout=30)
+                    while (ack := await conn.recv(timeout=30)) is not None and ack["type"] not in ("ack", "error"):
+                        before_ack.append(ack)
+                    assert ack is not None, "closed before the ack"
                     break
                 except (AssertionError, WebSocketClosedError, StreamClosedError):
                     conn, _ = await reopen(w, None)
             assert ack["type"] == "ack", ack
             got = Received(ack["data"]["reply_message_id"])
+            for frame in before_ack:
+                if frame["type"] == "response" and frame["data"]["message_id"] == got.message_id:
+                    got.add(frame)
             acked[ack["data"]["message_id"]] = got.message_id
-            early = False
-            if ack["data"]["duplicate"]:  # a repeat after a reconnect: its reply may have ended while we were away
+            early = bool(got.finals)  # a repeat's reply whose final came before the ack
+            if ack["data"]["duplicate"] and not early:  # a repeat after a reconnect: it may have ended meanwhile
                 try:
                     early = await resume(conn, got)  # (as a client does: the state of the reply, from the store)
                 except (AssertionError, asyncio.TimeoutError, WebSocketClosedError, StreamClosedError):
@@ -594,10 +606,15 @@ def test_the_cluster_bench_runs_in_quick_mode(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     results = json.loads(out.read_text())["results"]
-    assert set(results) == {"stop_across_instances", "follower_lag"}, results
+    assert set(results) == {"stop_across_instances", "follower_lag", "failover_continued", "failover_text",
+                            "failover_interrupted"}, results
+    assert results["failover_text"]["parley"]["final_text_mismatches"] == 0  # each continued final is whole
     stop, lag = results["stop_across_instances"], results["follower_lag"]
     assert stop["parley"]["reps"] == stop["same_instance"]["reps"] == 3
     assert lag["follower"]["reps"] > 0 and lag["owner_viewer"]["reps"] > 0
+    # two kills each, two viewers each: every viewer timed, and what it had to drop counted
+    for kind in ("failover_continued", "failover_interrupted"):
+        assert results[kind]["parley"]["reps"] == 4 and results[kind]["parley"]["dropped_chars_max"] >= 0
     assert "| stop_across_instances | stop→final p99 ms | parley |" in proc.stdout
 
 

@@ -4,6 +4,7 @@ import time
 
 import pytest
 
+from services import events
 from services.bus import LocalBus
 from services.store import new_id, utcnow
 from services.streams import StreamManager
@@ -13,7 +14,7 @@ pytestmark = pytest.mark.gen_test(timeout=60)
 
 
 async def stored_send(store, session, seq, text):
-    """What services/chat.py send() stores once its numbers are reserved: the message and its queued reply."""
+    """What services/sending.py send() stores once its numbers are reserved: the message and its queued reply."""
     now = utcnow()
     base = {"session_id": session["_id"], "pipeline": session["pipeline"], "created_at": now, "updated_at": now}
     user = {"_id": new_id(), "seq": seq, "role": "user", "content": text, "status": "completed", "sender": "u",
@@ -30,7 +31,7 @@ def two_instances(services, grace=30):
                                cluster=True, provider_factory=provider_factory, lease_seconds=30)
                  for name in ("a", "b")]
     for streams in instances:
-        streams.hole_grace = grace  # longer than anything this test waits: the order may not depend on the machine
+        streams.turns.hole_grace = grace  # longer than anything this test waits: the order may not depend on the machine
     return instances
 
 
@@ -71,7 +72,7 @@ async def test_after_a_reset_a_reply_waits_only_for_numbers_reserved_since(servi
     session = await store.create_session(pipeline="default", session_type="group", owner="u")
     user, reply = await stored_send(store, session, await store.next_seqs(session["_id"], 2), "before")
     assert await store.delete_session_messages(session["_id"]) == 2
-    caplog.set_level("INFO", logger="services.streams")
+    caplog.set_level("INFO", logger="services.turns")  # its "waited" line
     user, reply = await stored_send(store, session, await store.next_seqs(session["_id"], 2), "first after")
     gen = a.accept(message_id=reply["_id"], session=session, seq=reply["seq"], reply_to=user["_id"],
                    prompt="first after", sender="u", stream=True)
@@ -99,8 +100,7 @@ async def test_a_stop_arriving_as_a_store_call_completes_is_not_lost(services, d
     async def completing_as_stopped(*args, **kwargs):
         operation = asyncio.ensure_future(real(*args, **kwargs))
         # the other instance's stop event arrives in the same loop step as the operation's result
-        operation.add_done_callback(lambda _: a.bus.receive({"type": "stop", "session_id": session["_id"],
-                                                              "message_id": None, "origin": "b", "at": 0}))
+        operation.add_done_callback(lambda _: a.bus.receive(events.Stop(session_id=session["_id"], origin="b")))
         return await asyncio.wait_for(operation, 30)
 
     setattr(store, during, completing_as_stopped)

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from tornado.httpclient import HTTPClientError
 from tornado.websocket import websocket_connect
 
-from services import fanout
+from services import replylog
 from services.auth import Authenticator
 from tests.conftest import TEST_TOKEN, Client, settle, ws_request
 
@@ -120,7 +120,7 @@ async def test_connects_that_arrive_together_share_one_new_session(connect, serv
     ids = {c.connected["session_id"] for c in clients}
     assert len(ids) == 1 and all(c.connected["session_type"] == "group" for c in clients)
     assert await services.store.sessions.count_documents({"_id": next(iter(ids))}) == 1
-    assert services.chat._opening == {}  # no lookup left behind
+    assert services.sessions._opening == {}  # no lookup left behind
 
 
 async def test_a_second_tab_registers_without_the_store_and_its_handshake_answer_is_whole(ws_url, connect,
@@ -160,8 +160,8 @@ async def test_per_user_connection_cap_leaves_existing_ones_alone(connect, ws_ur
 
 
 async def test_message_rate_limit_answers_retry_after(connect, services):
-    services.chat.limiter.rate, services.chat.limiter.burst = 1.0, 2
-    services.chat.limiter.buckets.clear()
+    services.sending.limiter.rate, services.sending.limiter.burst = 1.0, 2
+    services.sending.limiter.buckets.clear()
     c = await connect()
     assert (await c.say("one"))["type"] == "ack"
     assert (await c.say("two"))["type"] == "ack"
@@ -231,9 +231,10 @@ async def test_connection_stats_have_per_user_counts_and_times(connect, fetch):
     assert stats["oldest_connection_seconds"] >= 0 and stats["max_idle_seconds"] >= 0
 
 
-async def test_a_stalled_reader_delays_no_one_and_memory_stays_bounded(connect, fetch, services, monkeypatch):
+async def test_a_stalled_reader_delays_no_one_and_memory_stays_bounded(connect, fetch, services, stored_message,
+                                                                     monkeypatch):
     # a cumulative frame per chunk, as a fan-out without pacing sends them: tens of MB for this reader's outbox
-    monkeypatch.setattr(fanout, "CUMULATIVE_INTERVAL", 0.0)
+    monkeypatch.setattr(replylog, "CUMULATIVE_INTERVAL", 0.0)
     services.config.outbox_limit = 256 * 1024
     services.config.max_connections_per_user = 100
     stalled = await connect("bulk")
@@ -257,7 +258,7 @@ async def test_a_stalled_reader_delays_no_one_and_memory_stays_bounded(connect, 
     assert conn.outbox.waiting_size <= services.config.outbox_limit
     # reading again, it gets a coalesced but complete stream and exactly one final frame
     frames = await stalled.until_final(reply_id, timeout=30)
-    stored = await services.store.get_message(reply_id)
+    stored = await stored_message(reply_id)
     assert frames[-1]["data"]["status"] == "completed" and frames[-1]["data"]["content"] == stored["content"]
     contents = [f["data"]["content"] for f in frames]
     assert all(b.startswith(a) for a, b in zip(contents, contents[1:]))

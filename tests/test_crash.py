@@ -18,7 +18,8 @@ import server
 from services.embedded_mongo import free_port
 from services.store import assemble, utcnow
 from tests.conftest import TEST_TOKEN, Client, make_test_pipelines, provider_factory, ws_request
-from tests.test_resume import Received, abort, follow, nothing_more
+from services.providers.demo import DemoProvider
+from tests.test_resume import Received, abort, follow, nothing_more, send_resume
 
 pytestmark = pytest.mark.gen_test(timeout=60)
 
@@ -58,7 +59,7 @@ async def test_reaper_interrupts_expired_replies_and_tells_their_viewers(connect
     assert docs["dead-100"]["status"] == docs["dead-101"]["status"] == "interrupted"
     assert docs["dead-102"]["status"] == "streaming"  # its lease still runs: some other instance owns it
     assert docs[live_id]["status"] == "streaming" and docs[live_id]["lease_until"] > time.time()
-    assert await services.reaper.sweep() == []  # once only
+    assert not await services.reaper.sweep()  # once only
     await c.send({"type": "stop"})
     await c.until_final(live_id)
 
@@ -130,6 +131,11 @@ options = { words = 12, rate = 0 }
 [pipelines.slow]
 provider = "demo"
 options = { words = 3000, rate = 100 }
+
+[pipelines.slow_once]
+provider = "demo"
+options = { words = 3000, rate = 100 }
+on_instance_lost = "interrupt"
 """
 
 
@@ -174,12 +180,13 @@ class ServerProcess:
 
 async def test_kill_9_leaves_nothing_streaming_and_a_resuming_client_gets_the_terminal_frame(
         tmp_path, mongo_url, db_name):
+    """A pipeline with on_instance_lost = "interrupt": the reply ends `interrupted` with its stored text."""
     first = ServerProcess(tmp_path, mongo_url, db_name, "first")
     second = None
     try:
         await first.ready()
         quick = await ws(first.base, "default", stream_mode="delta")
-        slow = await ws(first.base, "slow", stream_mode="delta")
+        slow = await ws(first.base, "slow_once", stream_mode="delta")
         q = Received((await quick.say("done before the crash"))["data"]["reply_message_id"])
         q.add(await quick.recv_type("response"))
         s = Received((await slow.say("cut me off"))["data"]["reply_message_id"])
@@ -193,7 +200,7 @@ async def test_kill_9_leaves_nothing_streaming_and_a_resuming_client_gets_the_te
 
         second = ServerProcess(tmp_path, mongo_url, db_name, "second")
         await second.ready()
-        c = await ws(second.base, "slow", stream_mode="delta", session_id=slow.connected["session_id"])
+        c = await ws(second.base, "slow_once", stream_mode="delta", session_id=slow.connected["session_id"])
         await c.send({"type": "resume", "message_id": s.message_id, **s.offsets})
         resumed = await c.recv_type("resumed")
         assert resumed["data"]["replies"][0]["status"] in ("streaming", "interrupted")  # reaped yet or not
@@ -225,8 +232,87 @@ async def test_kill_9_leaves_nothing_streaming_and_a_resuming_client_gets_the_te
             client.drop_database(db_name)
 
 
+async def test_after_kill_9_the_reply_goes_on_from_its_last_checkpoint_to_the_same_text(tmp_path, mongo_url, db_name):
+    """The same message, continued by the next server on the store: the client that resumes gets `resumed` at
+    the stored point (what it held past it is void), then the rest; the whole text equals what the demo streams
+    uninterrupted for the same question."""
+    first = ServerProcess(tmp_path, mongo_url, db_name, "first")
+    second = None
+    try:
+        await first.ready()
+        slow = await ws(first.base, "slow", stream_mode="delta")
+        question = "go on after the crash"
+        s = Received((await slow.say(question))["data"]["reply_message_id"])
+        for _ in range(40):  # several checkpoints (every 0.1 s) have landed, and text after the last one
+            s.add(await slow.recv_type("response"))
+        first.proc.kill()
+        first.proc.wait()
+        held = len(s.text)
+        second = ServerProcess(tmp_path, mongo_url, db_name, "second")
+        await second.ready()
+        c = await ws(second.base, "slow", stream_mode="delta", session_id=slow.connected["session_id"])
+        resumed, _ = await send_resume(c, s)
+        [entry] = resumed["data"]["replies"]
+        assert entry["offset"] <= held and entry["status"] == "streaming"
+        await follow(c, s, timeout=60)
+        await nothing_more(c, s.message_id)
+        final = s.finals[0]
+        _, whole = DemoProvider(_slow()).whole(question)
+        with MongoClient(mongo_url) as client:
+            stored = client[db_name].messages.find_one({"_id": s.message_id})
+        assert final["status"] == stored["status"] == "completed" and final.get("continued") == 1
+        assert s.joined(s.text) == final["content"] == stored["content"] == whole
+        # it went on from its last checkpoint: at most what the client held, which it was told to drop past that
+        assert stored["continuations"] == 1 and 0 < stored["continued"][0]["offset"] <= held
+    finally:
+        first.stop()
+        if second:
+            second.stop()
+            assert second.proc.returncode == 0, second.log.read_text()
+        with MongoClient(mongo_url) as client:
+            client.drop_database(db_name)
+
+
+def _slow():
+    """The `slow` pipeline of PIPELINES_TOML, as the servers read it."""
+    from services.pipelines import Pipeline
+    return Pipeline(id="slow", provider="demo", options={"words": 3000, "rate": 100})
+
+
 def test_server_cli_accepts_the_lease_and_viewer_options():
     config = server.parse_args(["--lease-seconds", "2.5", "--on-last-viewer-gone", "stop"])
     assert config.lease_seconds == 2.5 and config.on_last_viewer_gone == "stop"
     assert server.parse_args([]).on_last_viewer_gone == "continue"
     json.dumps(vars(config))
+
+
+@pytest.mark.parametrize("lost_before", [2, 3])
+async def test_a_reply_goes_on_at_most_max_continuations_times(connect, services, stored_message, lost_before):
+    """Lost for the third time (2 continuations so far): it goes on once more, to the demo's text from where it
+    was stored. Lost a fourth time (3 so far, the default --max-continuations): it ends `interrupted`, saying so."""
+    c = await connect("slow", stream_mode="delta")
+    session_id = c.connected["session_id"]
+    seq = await services.store.next_seqs(session_id, 2)
+    now = utcnow()
+    base = {"session_id": session_id, "pipeline": "slow", "created_at": now, "updated_at": now}
+    await services.store.messages.insert_many([
+        {"_id": f"q-{lost_before}", "seq": seq, "role": "user", "content": "again and again", "status": "completed",
+         "sender": "local", **base},
+        {"_id": f"r-{lost_before}", "seq": seq + 1, "role": "assistant", "reply_to": f"q-{lost_before}",
+         "content": "half of it", "thinking": "", "status": "streaming", "epoch": 4, "length": 10,
+         "thinking_length": 0, "continuations": lost_before, "instance": "gone", "lease_until": time.time() - 5,
+         **base}])
+    taken = await services.reaper.sweep()
+    reply_id = f"r-{lost_before}"
+    assert taken == {reply_id: "continued" if lost_before == 2 else "interrupted"}
+    await c.send({"type": "resume", "message_id": reply_id, "offset": 10, "thinking_offset": 0, "epoch": 4})
+    final = (await c.until_final(reply_id, timeout=60))[-1]["data"]
+    stored = await stored_message(reply_id)
+    if lost_before == 2:
+        _, whole = DemoProvider(services.pipelines.get("slow")).whole("again and again")
+        assert (final["status"], final["continued"]) == ("completed", 3)
+        assert final["content"] == stored["content"] == "half of it" + whole[10:]
+    else:
+        assert (final["status"], final["error"]["code"]) == ("interrupted", "instance_lost")
+        assert "4 times" in final["error"]["message"] and final["content"] == "half of it"
+        assert stored["continuations"] == 3 and stored["status"] == "interrupted"

@@ -41,7 +41,8 @@ from services.pipelines import load_pipelines
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FIGURES = [("README.md", "server.py      config"), ("architecture.md", "streams.py (reply.started"),
-           ("architecture.md", "client         nginx"), ("architecture.md", "client                 B")]
+           ("architecture.md", "client         nginx"), ("architecture.md", "client                 B"),
+           ("architecture.md", "viewer(A)   A (owner)")]
 PRINTS = {  # what a block's output must be, beyond running
     # the reply once, not the whole growing text at every frame
     ("README.md", "import asyncio, json, os"): lambda out: out.startswith("connected\n") and

@@ -9,28 +9,28 @@ from tests.conftest import settle
 pytestmark = pytest.mark.gen_test(timeout=30)
 
 
-async def stored_status(services, message_id, wanted, timeout=10.0):
+async def stored_status(stored_message, message_id, wanted, timeout=10.0):
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
-        doc = await services.store.get_message(message_id)
+        doc = await stored_message(message_id)
         if doc["status"] == wanted or loop.time() > deadline:
             return doc
         await asyncio.sleep(0.02)
 
 
-async def test_reply_goes_on_and_is_persisted_in_full_when_its_sender_disconnects(connect, services):
+async def test_reply_goes_on_and_is_persisted_in_full_when_its_sender_disconnects(connect, services, stored_message):
     c = await connect("resumable", stream_mode="delta")
     reply_id = (await c.say("keep going"))["data"]["reply_message_id"]
     await c.recv_type("response")
     c.close()
-    doc = await stored_status(services, reply_id, "completed")
+    doc = await stored_status(stored_message, reply_id, "completed")
     assert doc["status"] == "completed"
     assert doc["content"].startswith('You said "keep going".') and len(doc["content"].split()) == 4 + 50
 
 
-async def test_on_last_viewer_gone_stop_ends_the_reply_only_when_no_viewer_is_left(connect, services):
-    services.chat.on_last_viewer_gone = "stop"
+async def test_on_last_viewer_gone_stop_ends_the_reply_only_when_no_viewer_is_left(connect, services, stored_message):
+    services.sending.on_last_viewer_gone = "stop"
     a = await connect("slow")
     b = await connect("slow", session_id=a.connected["session_id"])
     reply_id = (await a.say("two viewers"))["data"]["reply_message_id"]
@@ -40,24 +40,24 @@ async def test_on_last_viewer_gone_stop_ends_the_reply_only_when_no_viewer_is_le
     for _ in range(5):  # b still views it: it goes on
         assert not (await b.recv_type("response"))["data"]["is_final"]
     b.close()
-    doc = await stored_status(services, reply_id, "stopped")
+    doc = await stored_status(stored_message, reply_id, "stopped")
     assert doc["status"] == "stopped" and doc["content"]
     await settle(lambda: not services.streams.generations)
 
 
-async def test_a_stop_is_recorded_on_the_message(connect, services):
+async def test_a_stop_is_recorded_on_the_message(connect, services, stored_message):
     c = await connect("slow")
     reply_id = (await c.say("stop me"))["data"]["reply_message_id"]
     await c.recv_type("response")
     await c.send({"type": "stop", "message_id": reply_id})
     frames = await c.until_final(reply_id)
     assert frames[-1]["data"]["status"] == "stopped"
-    await settle(lambda: not services.chat._background)
-    doc = await services.store.get_message(reply_id)
+    await settle(lambda: not services.sending._background)
+    doc = await stored_message(reply_id)
     assert doc["status"] == "stopped" and doc["stop_requested"] and doc["stop_requested_at"]
 
 
-async def test_a_stop_recorded_only_in_mongodb_is_honoured_at_the_next_checkpoint(connect, services):
+async def test_a_stop_recorded_only_in_mongodb_is_honoured_at_the_next_checkpoint(connect, services, stored_message):
     c = await connect("slow")
     reply_id = (await c.say("the signal gets lost"))["data"]["reply_message_id"]
     await c.recv_type("response")
@@ -66,11 +66,12 @@ async def test_a_stop_recorded_only_in_mongodb_is_honoured_at_the_next_checkpoin
     frames = await c.until_final(reply_id, timeout=5)
     final = frames[-1]["data"]
     assert final["status"] == "stopped" and 0 < len(final["content"].split()) < 3000
-    doc = await services.store.get_message(reply_id)
+    doc = await stored_message(reply_id)
     assert doc["status"] == "stopped" and doc["content"] == final["content"]
 
 
-async def test_a_stop_whose_cancellation_was_lost_is_fired_again_at_the_next_checkpoint(connect, services):
+async def test_a_stop_whose_cancellation_was_lost_is_fired_again_at_the_next_checkpoint(connect, services,
+                                                                                      stored_message):
     c = await connect("slow")
     reply_id = (await c.say("the cancellation gets lost"))["data"]["reply_message_id"]
     await c.recv_type("response")
@@ -81,7 +82,7 @@ async def test_a_stop_whose_cancellation_was_lost_is_fired_again_at_the_next_che
     frames = await c.until_final(reply_id, timeout=5)
     final = frames[-1]["data"]
     assert final["status"] == "stopped" and 0 < len(final["content"].split()) < 3000
-    doc = await services.store.get_message(reply_id)
+    doc = await stored_message(reply_id)
     assert doc["status"] == "stopped" and doc["content"] == final["content"] and doc["stop_requested"]
 
 

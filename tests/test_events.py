@@ -8,7 +8,8 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.fanout import PAGE
+from services import events
+from services.replylog import PAGE
 from services.store import utcnow
 from tests.conftest import settle
 from tests.test_resume import Received, nothing_more, send_resume
@@ -20,7 +21,8 @@ pytestmark = pytest.mark.gen_test(timeout=120)
 def recorded(services):
     """Every event published on the bus, as it survives a JSON round trip (and the original, to compare)."""
     seen = []
-    services.bus.subscribe(lambda event: seen.append((event, json.loads(json.dumps(event)))))
+    services.bus.subscribe(lambda event: seen.append(
+        (event, events.decode(json.loads(json.dumps(events.to_builtins(event)))))))
     return seen
 
 
@@ -67,16 +69,16 @@ async def test_every_event_is_plain_json_data(connect, fetch, services, recorded
     await fetch(f"/api/v1/pipelines/thinker/sessions/{group}/reset", "POST", body={})
     b.close()
     await settle(lambda: len(services.hub.connections) == 1, timeout=10)
-    types = {event["type"] for event, _ in recorded}
+    types = {event.type for event, _ in recorded}
     assert {"user_message", "reply.started", "reply.delta", "reply.final", "broadcast", "push", "members",
             "stop", "reset"} <= types, types
     for event, round_tripped in recorded:
         assert event == round_tripped, event  # nothing a JSON round trip changes: no objects, no tuples
-        assert event["origin"] == services.instance_id and isinstance(event["at"], float)
-    deltas = [e for e, _ in recorded if e["type"] == "reply.delta"]
-    final = next(e for e, _ in recorded if e["type"] == "reply.final")
-    assert "".join(d["text"] for d in deltas) == final["content"]
-    assert "".join(d["thinking"] for d in deltas) == final["thinking"]
+        assert event.origin == services.instance_id and isinstance(event.at, float)
+    deltas = [e for e, _ in recorded if e.type == "reply.delta"]
+    final = next(e for e, _ in recorded if e.type == "reply.final")
+    assert "".join(d.text for d in deltas) == final.content
+    assert "".join(d.thinking for d in deltas) == final.thinking
 
 
 async def test_one_event_one_encoding_the_same_bytes_for_every_viewer(connect, services, http_client, base_url):
@@ -108,7 +110,7 @@ async def test_one_event_one_encoding_the_same_bytes_for_every_viewer(connect, s
     assert 0 < encoded <= distinct + 2, (encoded, distinct)
 
 
-async def test_a_resume_crossing_the_final_never_gets_a_second_final(connect, services):
+async def test_a_resume_crossing_the_final_never_gets_a_second_final(connect, services, stored_message):
     """A viewer resumes a reply as it ends, many times: exactly one final each time, nothing after it, and the
     text is whole. (Before the fan-out owned the cursors, about one try in ten got `final, resumed, delta,
     final`.) A tenth of the tries resume right after the final went out, which always crossed it."""
@@ -138,7 +140,7 @@ async def test_a_resume_crossing_the_final_never_gets_a_second_final(connect, se
                 got.add(frame)
         await nothing_more(viewer, reply_id)
         assert len(got.finals) == 1
-        stored = await services.store.get_message(reply_id)
+        stored = await stored_message(reply_id)
         assert got.finals[0]["content"] == stored["content"] and got.finals[0]["status"] == "completed"
         if early:
             assert entry["status"] == "completed"
@@ -150,7 +152,7 @@ async def test_a_resume_crossing_the_final_never_gets_a_second_final(connect, se
     assert crossed >= 12  # at least the tries that resumed after the final was sent
 
 
-async def test_a_huge_finished_reply_resumes_in_pages_then_one_final(connect, services):
+async def test_a_huge_finished_reply_resumes_in_pages_then_one_final(connect, services, stored_message):
     """A reply of more than 524,288 code points (its final frame alone, text twice, is over the 1 MB outbox
     limit): a delta-mode resume gets it in frames of at most 256 KB, made as the client reads them, then the one
     final, and the connection is not closed as a slow consumer."""
@@ -158,7 +160,7 @@ async def test_a_huge_finished_reply_resumes_in_pages_then_one_final(connect, se
     reply_id = (await a.say("a very long answer"))["data"]["reply_message_id"]
     a.close()
     await settle(lambda: reply_id not in services.streams.generations, timeout=60)
-    stored = await services.store.get_message(reply_id)
+    stored = await stored_message(reply_id)
     assert stored["status"] == "completed" and len(stored["content"]) > 524_288 and len(stored["thinking"]) > PAGE
     b = await connect("huge", stream_mode="delta")
     await b.send({"type": "resume", "message_id": reply_id, "offset": 0, "thinking_offset": 0})
@@ -185,21 +187,21 @@ async def test_deltas_from_another_instance_are_applied_by_their_offsets(connect
     session_id = a.connected["session_id"]
     reply = {"session_id": session_id, "message_id": "remote-reply", "seq": 2, "reply_to": "remote-question",
              "origin": "elsewhere", "at": time.time()}
-    services.bus.receive({"type": "reply.started", "status": "streaming", "stream": True, **reply})
+    services.bus.receive(events.decode({"type": "reply.started", "status": "streaming", "stream": True, **reply}))
     assert (await a.recv_type("status"))["data"]["message_id"] == "remote-reply"
     for offset, text in ((0, "Hello, "), (3, "lo, wor"), (7, "world!"), (12, "!"), (15, "gap")):
-        services.bus.receive({"type": "reply.delta", "offset": offset, "text": text, "thinking_offset": 0,
-                              "thinking": "", **reply})
+        services.bus.receive(events.decode({"type": "reply.delta", "offset": offset, "text": text, "thinking_offset": 0,
+                              "thinking": "", **reply}))
         await idle_socket(services, a)  # each delta its own frame (a busy socket would merge them)
-    services.bus.receive({"type": "reply.delta", "offset": 13, "text": " Bye.", "thinking_offset": 0,
-                          "thinking": "", **reply, "origin": services.instance_id})  # our own: skipped
-    services.bus.receive({"type": "reply.final", "status": "completed", "content": "Hello, world!",
-                          "thinking": "", "error": None, "usage": None, **reply})
+    services.bus.receive(events.decode({"type": "reply.delta", "offset": 13, "text": " Bye.", "thinking_offset": 0,
+                          "thinking": "", **reply, "origin": services.instance_id}))  # our own: skipped
+    services.bus.receive(events.decode({"type": "reply.final", "status": "completed", "content": "Hello, world!",
+                          "thinking": "", "error": None, "usage": None, **reply}))
     got = Received("remote-reply")
     chunks = await chunks_until_final(a, got)
     assert chunks == [(0, "Hello, "), (7, "wor"), (10, "ld!")]
     assert got.joined(got.text) == "Hello, world!" == got.finals[0]["content"]
-    assert "remote-reply" not in services.fanout.replies
+    assert "remote-reply" not in services.fanout.replies.logs
 
 
 async def idle_socket(services, client):
@@ -240,19 +242,19 @@ async def test_a_reply_generating_on_another_instance_is_followed_from_its_check
     got = Received("remote-reply")
     got.text = dict(enumerate("Hel"))
     reply = {"session_id": session_id, "message_id": "remote-reply", "seq": seq + 1, "reply_to": "remote-question",
-             "origin": "elsewhere", "at": time.time()}
+             "epoch": 1, "origin": "elsewhere", "at": time.time()}
     for offset, text in ((7, "world"), (12, "!"), (12, "!")):  # overlaps the checkpoint; then a repeat
-        services.bus.receive({"type": "reply.delta", "offset": offset, "text": text, "thinking_offset": 0,
-                              "thinking": "", **reply})
+        services.bus.receive(events.decode({"type": "reply.delta", "offset": offset, "text": text, "thinking_offset": 0,
+                              "thinking": "", **reply}))
     chunks = []
     while len(got.text) < len("Hello, world!"):  # live deltas: they arrive before the final is even published
         frame = await a.recv_type("response")
         got.add(frame)
         chunks.append((frame["data"]["offset"], frame["data"]["delta"]))
-    services.bus.receive({"type": "reply.final", "status": "completed", "content": "Hello, world!",
-                          "thinking": "", "error": None, "usage": None, **reply})
+    services.bus.receive(events.decode({"type": "reply.final", "status": "completed", "content": "Hello, world!",
+                          "thinking": "", "error": None, "usage": None, **reply}))
     assert await chunks_until_final(a, got) == []
     # the catch-up, then the live text trimmed where it overlapped (a socket busy meanwhile merges the deltas)
     assert chunks[0] == (3, "lo, wor") and chunks[1][0] == 10 and "".join(d for _, d in chunks[1:]) == "ld!"
     assert got.joined(got.text) == "Hello, world!" == got.finals[0]["content"]
-    assert "remote-reply" not in services.fanout.replies
+    assert "remote-reply" not in services.fanout.replies.logs

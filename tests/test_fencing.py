@@ -8,25 +8,26 @@ from tests.conftest import settle
 pytestmark = pytest.mark.gen_test(timeout=30)
 
 
-async def test_an_owner_whose_reply_was_ended_elsewhere_cannot_overwrite_it(connect, services):
+async def test_an_owner_whose_reply_was_ended_elsewhere_cannot_overwrite_it(connect, services, stored_message):
     c = await connect("slow", stream_mode="delta")
     reply_id = (await c.say("about to be taken away"))["data"]["reply_message_id"]
     for _ in range(5):
         await c.recv_type("response")
-    # what another instance's reaper does when it believes this instance is gone
-    doc = await services.store.get_message(reply_id)
-    reaped = await services.store.interrupt_abandoned(reply_id, lease_until=doc["lease_until"])
+    # what another instance's reaper does when it believes this instance is gone (a compare-and-set on the epoch
+    # it read: a checkpoint renewing the lease meanwhile does not change it)
+    doc = await stored_message(reply_id)
+    reaped = await services.store.interrupt_abandoned(reply_id, epoch=doc["epoch"])
     assert reaped is not None and reaped["status"] == "interrupted"
     frames = await c.until_final(reply_id)
     final = frames[-1]["data"]
-    stored = await services.store.get_message(reply_id)
+    stored = await stored_message(reply_id)
     assert final["status"] == stored["status"] == "interrupted"
     assert final["content"] == stored["content"] == reaped["content"]
     assert sum(f["data"]["is_final"] for f in frames) == 1
     value = services.metrics.registry.get_sample_value("parley_fenced_writes_refused_total")
     assert value == 1
     await settle(lambda: reply_id not in services.streams.generations)
-    assert (await services.store.get_message(reply_id))["status"] == "interrupted"
+    assert (await stored_message(reply_id))["status"] == "interrupted"
 
 
 async def test_checkpoints_append_only_the_new_text(connect, services, monkeypatch):
@@ -52,7 +53,7 @@ async def test_checkpoints_append_only_the_new_text(connect, services, monkeypat
     assert final["content"].startswith("".join(t for _, t in writes))
 
 
-async def test_the_final_frame_waits_until_the_end_is_durable(connect, services, monkeypatch):
+async def test_the_final_frame_waits_until_the_end_is_durable(connect, services, stored_message, monkeypatch):
     real = services.store.finish
     attempts = []
 
@@ -67,7 +68,7 @@ async def test_the_final_frame_waits_until_the_end_is_durable(connect, services,
     reply_id = (await c.say("persist me first"))["data"]["reply_message_id"]
     frames = await c.until_final(reply_id)
     assert len(attempts) == 3
-    stored = await services.store.get_message(reply_id)
+    stored = await stored_message(reply_id)
     assert frames[-1]["data"]["status"] == stored["status"] == "completed"
     assert frames[-1]["data"]["content"] == stored["content"]
     assert sum(f["data"]["is_final"] for f in frames) == 1
@@ -76,7 +77,7 @@ async def test_the_final_frame_waits_until_the_end_is_durable(connect, services,
 
 
 async def test_the_end_does_not_wait_for_a_checkpoint_in_flight_nor_take_its_refusal_for_a_fence(connect, services,
-                                                                                             monkeypatch):
+                                                                                             stored_message, monkeypatch):
     real_checkpoint, real_finish = services.store.checkpoint, services.store.finish
     ended = asyncio.Event()
     held = []
@@ -102,6 +103,6 @@ async def test_the_end_does_not_wait_for_a_checkpoint_in_flight_nor_take_its_ref
     final = (await c.until_final(reply_id))[-1]["data"]
     await asyncio.wait_for(gen.done.wait(), 10)  # set once the late checkpoint has had its answer
     assert gen.checkpoint_task is None
-    stored = await services.store.get_message(reply_id)
+    stored = await stored_message(reply_id)
     assert final["status"] == stored["status"] == "stopped" and final["content"] == stored["content"]
     assert not services.metrics.registry.get_sample_value("parley_fenced_writes_refused_total")

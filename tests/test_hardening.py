@@ -270,7 +270,7 @@ class TestTokenExpiry:
 
     async def test_members_are_bounded_and_can_leave(self, fetch, connect, services):
         alice, bob = jwt_token("alice"), jwt_token("bob")
-        services.chat.max_members = 4
+        services.sessions.max_members = 4
         code, body = await fetch(SESSIONS, "POST", token=alice,
                                  body={"session_type": "group", "members": ["bob", "carol", "dan", "eve"]})
         assert (code, body["code"]) == (400, "too_many_members")

@@ -5,7 +5,7 @@ import types
 import pytest
 from pymongo import AsyncMongoClient, MongoClient
 
-from services import mongo_bus
+from services import events, mongo_bus
 from services.mongo_bus import MongoBus
 from services.store import Store, bus_db_name
 from tests.conftest import settle
@@ -24,7 +24,7 @@ class Instance:
         self.bus = MongoBus(name, Store(db.client, db.name), viewed_sessions=lambda: self.viewed,
                             live_replies=lambda s: [g for g in self.live.values() if g.session_id == s],
                             online=lambda s: self.users.get(s, ()))
-        self.bus.subscribe(self.got.append)
+        self.bus.subscribe(lambda event: self.got.append(events.to_builtins(event)))  # as it crossed
 
     def of(self, kind):
         return [e for e in self.got if e["type"] == kind]
@@ -32,12 +32,11 @@ class Instance:
 
 def gen(message_id="m1", session_id="s1"):
     return types.SimpleNamespace(message_id=message_id, session_id=session_id, seq=2, reply_to="u1",
-                                 status="streaming", content="", thinking="")
+                                 status="streaming", content="", thinking="", epoch=1, started_epoch=0.0, bases=[])
 
 
 def delta(g, text):
-    event = {"type": "reply.delta", "session_id": g.session_id, "message_id": g.message_id, "seq": g.seq,
-             "reply_to": g.reply_to, "offset": len(g.content), "text": text, "thinking_offset": 0, "thinking": ""}
+    event = events.reply_delta(g, len(g.content), text, 0, "")
     g.content += text
     return event
 
@@ -63,7 +62,7 @@ async def _client(url):
 
 async def test_an_event_reaches_the_other_instance_once_and_never_comes_back(pair):
     a, b = pair
-    a.bus.publish({"type": "broadcast", "pipeline": None, "message": "hello"})
+    a.bus.publish(events.decode({"type": "broadcast", "pipeline": None, "message": "hello"}))
     await settle(lambda: b.of("broadcast"), timeout=10)
     await asyncio.sleep(0.3)
     assert [e["message"] for e in b.of("broadcast")] == ["hello"]
@@ -84,8 +83,8 @@ async def test_deltas_cross_only_when_viewed_elsewhere_batched_and_whole(pair):
         a.bus.publish(delta(g, f"w{i} "))
         if i % 20 == 0:
             await asyncio.sleep(0.02)
-    a.bus.publish({"type": "reply.final", "session_id": "s1", "message_id": "m1", "seq": 2, "reply_to": "u1",
-                   "status": "completed", "content": g.content, "thinking": "", "error": None, "usage": None})
+    a.bus.publish(events.decode({"type": "reply.final", "session_id": "s1", "message_id": "m1", "seq": 2, "reply_to": "u1",
+                   "status": "completed", "content": g.content, "thinking": "", "error": None, "usage": None}))
     await settle(lambda: b.of("reply.final"), timeout=10)
     deltas = b.of("reply.delta")
     position = 0
@@ -98,11 +97,11 @@ async def test_deltas_cross_only_when_viewed_elsewhere_batched_and_whole(pair):
 
 async def test_a_dropped_stream_resumes_from_its_token_and_misses_nothing(pair):
     a, b = pair
-    a.bus.publish({"type": "push", "user_id": "u", "message": "before", "data": None})
+    a.bus.publish(events.decode({"type": "push", "user_id": "u", "message": "before", "data": None}))
     await settle(lambda: b.of("push"), timeout=10)
     await super(MongoBus, b.bus).close()  # the listener dies; its resume token stays
     for i in range(3):
-        a.bus.publish({"type": "push", "user_id": "u", "message": f"while away {i}", "data": None})
+        a.bus.publish(events.decode({"type": "push", "user_id": "u", "message": f"while away {i}", "data": None}))
     await asyncio.sleep(0.5)
     assert len(b.of("push")) == 1
     await super(MongoBus, b.bus).start()
@@ -114,13 +113,13 @@ async def test_a_reopened_stream_asks_the_fan_out_to_check_every_viewed_session_
     """Events may have been lost across a reopen: the bus tells its own subscribers at once (`catch_up` with
     `resync`), so user messages whose events are gone are filled from the store; it never crosses instances."""
     a, b = pair
-    a.bus.publish({"type": "push", "user_id": "u", "message": "before", "data": None})
+    a.bus.publish(events.decode({"type": "push", "user_id": "u", "message": "before", "data": None}))
     await settle(lambda: b.of("push"), timeout=10)
     assert not [e for e in b.of("catch_up") if e["resync"]]
     await super(MongoBus, b.bus).close()
     await super(MongoBus, b.bus).start()
     await settle(lambda: [e for e in b.of("catch_up") if e["resync"]], timeout=10)
-    a.bus.publish({"type": "push", "user_id": "u", "message": "after", "data": None})
+    a.bus.publish(events.decode({"type": "push", "user_id": "u", "message": "after", "data": None}))
     await settle(lambda: len(b.of("push")) == 2, timeout=10)
     assert not [e for e in a.of("catch_up") if e["resync"]] and a.of("catch_up") == [
         e for e in a.of("catch_up") if e["origin"] == "a"]
@@ -131,13 +130,13 @@ async def test_a_reopened_stream_that_returns_nothing_is_opened_again_from_now(p
     """nx-27017 takes a resume token it cannot honour and then returns nothing (MongoDB would refuse it): a
     reopened stream must bring back this instance's own probe, or it is opened again from the present."""
     a, b = pair
-    a.bus.publish({"type": "push", "user_id": "u", "message": "before", "data": None})
+    a.bus.publish(events.decode({"type": "push", "user_id": "u", "message": "before", "data": None}))
     await settle(lambda: b.of("push"), timeout=10)
     await super(MongoBus, b.bus).close()
     b.bus.resume_token = {"_data": "nx:999999999"}  # a position this store has never reached
     await super(MongoBus, b.bus).start()
     for i in range(120):  # what is published before the stream is opened again may be lost; later events not
-        a.bus.publish({"type": "push", "user_id": "u", "message": f"after {i}", "data": None})
+        a.bus.publish(events.decode({"type": "push", "user_id": "u", "message": f"after {i}", "data": None}))
         if len(b.of("push")) > 1:
             break
         await asyncio.sleep(0.5)

@@ -145,5 +145,5 @@ async def test_a_session_read_while_its_counter_write_is_on_its_way_shows_the_nu
     numbers, last_seq = await stored_numbers(fetch, session_id)
     assert [n for n, _ in numbers] == [1, 2] and last_seq == 2
     gate.set()
-    await settle(lambda: not services.chat._background)
+    await settle(lambda: not services.sending._background)
     assert (await services.store.get_session(session_id))["next_seq"] == 2

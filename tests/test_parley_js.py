@@ -25,7 +25,7 @@ def test_parley_js_logic_under_node_test():
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_parley_js_survives_two_drops_against_a_real_server(ws_url, services):
+async def test_parley_js_survives_two_drops_against_a_real_server(ws_url, services, stored_message):
     exe = node()
     probe = subprocess.run([exe, "--experimental-websocket", "-e", "process.exit(typeof WebSocket === 'function' ? 0 : 1)"],
                            capture_output=True, timeout=30)
@@ -36,7 +36,7 @@ async def test_parley_js_survives_two_drops_against_a_real_server(ws_url, servic
     out, err = await asyncio.wait_for(proc.communicate(), 25)
     assert proc.returncode == 0, err.decode()
     result = json.loads(out.decode().strip().splitlines()[-1])
-    stored = await services.store.get_message(result["message_id"])
+    stored = await stored_message(result["message_id"])
     assert result["finals"] == 1 and result["status"] == stored["status"] == "stopped"
     assert result["connects"] == 3  # the first connection and one per drop
     # every character reached the UI exactly once, in order, across three sockets

@@ -4,7 +4,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import urllib.parse
 
@@ -12,16 +11,11 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 import server
+from services.embedded_mongo import free_port
 from tests.conftest import require
 
 CHATS = 3
 DASHBOARD = os.path.join(os.path.dirname(__file__), "..", "docs", "grafana-dashboard.json")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

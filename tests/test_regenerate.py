@@ -105,11 +105,8 @@ async def test_a_regenerated_reply_is_delivered_at_once_in_every_viewers_order()
     delivered = []
     order = Ordering(delivered.append)
     order.track("s", 2)  # a user message 1 and its reply 2 were delivered
-    order.handle(events.regenerate("s", 3, "r3", "u1", "r2"))
-    started = {"type": "reply.started", "session_id": "s", "message_id": "r3", "seq": 3, "reply_to": "u1",
-               "status": "streaming", "stream": True}
-    order.handle(started)
-    user = {"type": "user_message", "session_id": "s", "message": {"seq": 4, "session_id": "s"}}
-    order.handle(user)
-    assert [e["type"] for e in delivered] == ["reply.regenerate", "reply.started", "user_message"]
+    order.handle(events.ReplyRegenerate(session_id="s", seq=3, message_id="r3", reply_to="u1", replaces="r2"))
+    order.handle(events.ReplyStarted(session_id="s", message_id="r3", seq=3, reply_to="u1", status="streaming"))
+    order.handle(events.UserMessage(session_id="s", message={"seq": 4, "session_id": "s"}))
+    assert [e.type for e in delivered] == ["reply.regenerate", "reply.started", "user_message"]
     assert not order.sessions["s"].held and order.sessions["s"].timer is None

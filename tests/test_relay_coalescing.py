@@ -115,7 +115,7 @@ async def test_a_closed_socket_drops_what_waits():
 
 
 @pytest.mark.gen_test(timeout=120)
-async def test_a_reply_at_full_speed_is_merged_and_arrives_exact(connect, services):
+async def test_a_reply_at_full_speed_is_merged_and_arrives_exact(connect, services, stored_message):
     """`bulk`: 3,000 words as fast as the provider makes them, one chunk per word. The socket is busy whenever a
     chunk comes (the previous write is in flight), so chunks merge; the client still gets every character
     once, each delta where the previous ended, then one final equal to the stored text."""
@@ -128,7 +128,7 @@ async def test_a_reply_at_full_speed_is_merged_and_arrives_exact(connect, servic
         got.add(frame)
         frames += 1
     await nothing_more(client, got.message_id)
-    stored = await services.store.get_message(got.message_id)
+    stored = await stored_message(got.message_id)
     assert got.joined(got.text) == got.finals[0]["content"] == stored["content"]
     chunks = len(DemoProvider(services.streams.pipelines.get("bulk")).answer("merge me"))
     conn = services.hub.connections[client.connected["connection_id"]]
@@ -137,7 +137,7 @@ async def test_a_reply_at_full_speed_is_merged_and_arrives_exact(connect, servic
 
 
 @pytest.mark.gen_test(timeout=120)
-async def test_a_resume_into_a_busy_reply_continues_exactly(connect, services):
+async def test_a_resume_into_a_busy_reply_continues_exactly(connect, services, stored_message):
     """A second tab resumes from the middle of a reply streaming at full speed: its catch-up and the merged live
     chunks after it give exactly the text after its offset, and its final."""
     first_tab = await connect("torrent", stream_mode="delta")
@@ -155,7 +155,7 @@ async def test_a_resume_into_a_busy_reply_continues_exactly(connect, services):
     assert entry["offset"] == offset and entry["status"] == "streaming" and not early, entry
     await follow(second, got, timeout=20)
     await follow(first_tab, first, timeout=20)
-    stored = await services.store.get_message(first.message_id)
+    stored = await stored_message(first.message_id)
     assert len(got.finals) == 1 and len(first.finals) == 1
     assert got.joined(got.text) == first.joined(first.text) == stored["content"]
 

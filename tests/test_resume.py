@@ -24,6 +24,9 @@ class Received:
     def add(self, frame):
         data = frame["data"]
         assert data["message_id"] == self.message_id
+        if frame["type"] == "rewind":  # text past the offsets is void (its instance was lost): dropped
+            self.cut(data["offset"], data["thinking_offset"])
+            return
         if data["is_final"]:
             self.finals.append(data)
             return
@@ -35,6 +38,11 @@ class Received:
                 for i, ch in enumerate(data[delta]):
                     assert data[offset] + i not in store, f"offset {data[offset] + i} received twice"
                     store[data[offset] + i] = ch
+
+    def cut(self, offset, thinking_offset):
+        """Drop what lies past the offsets (a `rewind`, or `resumed` continuing from less than is held)."""
+        self.text = {i: c for i, c in self.text.items() if i < offset}
+        self.thinking = {i: c for i, c in self.thinking.items() if i < thinking_offset}
 
     @property
     def offsets(self):
@@ -53,9 +61,9 @@ def abort(client, how):
 
 
 async def follow(client, got, timeout=10.0):
-    """Read this reply's frames through its final frame."""
+    """Read this reply's frames (its text, rewinds) through its final frame."""
     while not got.finals:
-        frame = await client.recv_type("response", timeout=timeout)
+        frame = await client.recv_type("response", "rewind", timeout=timeout)
         if frame["data"]["message_id"] == got.message_id:
             got.add(frame)
 
@@ -67,7 +75,7 @@ async def nothing_more(client, message_id):
         assert frame["type"] != "response" or frame["data"]["message_id"] != message_id, frame
 
 
-async def cut_and_resume(connect, services, session_id, run, rng):
+async def cut_and_resume(connect, services, stored_message, session_id, run, rng):
     a = await connect(PIPE, session_id=session_id, stream_mode="delta")
     client_msg_id = f"run-{run}"
     message = {"type": "message", "message": [{"type": "Plain", "text": f"run {run}"}],
@@ -104,7 +112,7 @@ async def cut_and_resume(connect, services, session_id, run, rng):
     b.close()
 
     final = got.finals[0]
-    stored = await services.store.get_message(got.message_id)
+    stored = await stored_message(got.message_id)
     assert len(got.finals) == 1
     assert final["status"] == stored["status"] == "completed"
     if early:  # the final crossed the resume: it carries the whole text, and nothing follows it
@@ -128,10 +136,13 @@ async def send_resume(client, got):
             got.add(frame)
             early = True
     assert frame["type"] == "resumed", frame
+    for entry in frame["data"]["replies"]:  # where this connection continues: what is held past it is void
+        if entry["message_id"] == got.message_id and not got.finals:
+            got.cut(entry["offset"], entry["thinking_offset"])
     return frame, early
 
 
-async def test_200_cuts_at_random_points_resume_with_no_gap_and_no_duplicate(connect, fetch, services):
+async def test_200_cuts_at_random_points_resume_with_no_gap_and_no_duplicate(connect, fetch, services, stored_message):
     workers, runs_each = 4, 50
     rng = random.Random(20261121)
     statuses = []
@@ -142,7 +153,7 @@ async def test_200_cuts_at_random_points_resume_with_no_gap_and_no_duplicate(con
         assert code == 201
         session_id = body["data"]["session_id"]
         for i in range(runs_each):
-            statuses.append(await cut_and_resume(connect, services, session_id, w * runs_each + i, rng))
+            statuses.append(await cut_and_resume(connect, services, stored_message, session_id, w * runs_each + i, rng))
         return session_id
 
     sessions = await asyncio.gather(*(worker(w) for w in range(workers)))
@@ -158,7 +169,7 @@ async def test_200_cuts_at_random_points_resume_with_no_gap_and_no_duplicate(con
         assert all(d["status"] == "completed" for d in docs)
 
 
-async def test_second_tab_joins_mid_reply_and_resumes_the_whole_session(connect, services):
+async def test_second_tab_joins_mid_reply_and_resumes_the_whole_session(connect, services, stored_message):
     a = await connect("slow", stream_mode="delta")
     ack = await a.say("a long story")
     reply_id = ack["data"]["reply_message_id"]
@@ -181,7 +192,7 @@ async def test_second_tab_joins_mid_reply_and_resumes_the_whole_session(connect,
     await a.send({"type": "stop"})
     await follow(a, got_a)
     await follow(b, got_b)
-    stored = await services.store.get_message(reply_id)
+    stored = await stored_message(reply_id)
     for got in (got_a, got_b):
         assert len(got.finals) == 1 and got.finals[0]["status"] == "stopped"
         assert got.joined(got.text) == stored["content"]
@@ -207,7 +218,7 @@ async def test_session_resume_names_a_finished_reply_and_picks_up_live_ones(conn
     await nothing_more(b, first)
 
 
-async def test_resume_after_completion_sends_the_rest_and_one_final(connect, services):
+async def test_resume_after_completion_sends_the_rest_and_one_final(connect, services, stored_message):
     a = await connect("resumable", stream_mode="delta")
     ack = await a.say("finish first")
     reply_id = ack["data"]["reply_message_id"]
@@ -216,7 +227,7 @@ async def test_resume_after_completion_sends_the_rest_and_one_final(connect, ser
         got.add(await a.recv_type("response"))
     abort(a, "reset")
     for _ in range(300):  # it goes on without its sender
-        if (await services.store.get_message(reply_id))["status"] == "completed":
+        if (await stored_message(reply_id))["status"] == "completed":
             break
         await asyncio.sleep(0.02)
     b = await connect("resumable", stream_mode="delta")
@@ -224,7 +235,7 @@ async def test_resume_after_completion_sends_the_rest_and_one_final(connect, ser
     resumed = await b.recv_type("resumed")
     assert resumed["data"]["replies"][0]["status"] == "completed"
     await follow(b, got)
-    stored = await services.store.get_message(reply_id)
+    stored = await stored_message(reply_id)
     assert got.joined(got.text) == stored["content"] and got.joined(got.thinking) == stored["thinking"]
     # resuming from the very end: only the terminal frame
     await b.send({"type": "resume", "message_id": reply_id, "offset": len(stored["content"]),

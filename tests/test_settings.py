@@ -27,7 +27,8 @@ def samples(option, tmp_path):
     kind = option.kind
     if kind is int:
         low = int(option.minimum or 0)
-        return [(str(low + 3), low + 3, low + 3), (str(low + 5), low + 5, low + 5)]
+        a, b = [n for n in range(low + 3, low + 9) if n != option.default][:2]
+        return [(str(a), a, a), (str(b), b, b)]
     if kind is float:
         return [("2.5", 2.5, 2.5), ("0.75", 0.75, 0.75)]
     if kind is bool:

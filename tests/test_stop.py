@@ -16,7 +16,7 @@ async def start_reply(c, text="tell me everything"):
     return ack["data"]["reply_message_id"]
 
 
-async def assert_stopped_cleanly(c, services, reply_id):
+async def assert_stopped_cleanly(c, services, stored_message, reply_id):
     frames = await c.until_final(reply_id)
     final = frames[-1]["data"]
     assert final["status"] == "stopped"
@@ -24,7 +24,7 @@ async def assert_stopped_cleanly(c, services, reply_id):
     await c.send({"type": "ping"})
     while (frame := await c.recv())["type"] != "pong":
         assert frame["type"] != "response" or frame["data"]["message_id"] != reply_id, frame
-    stored = await services.store.get_message(reply_id)
+    stored = await stored_message(reply_id)
     assert stored["status"] == "stopped"
     assert stored["content"] == final["content"] and stored["content"]
     assert reply_id not in services.streams.stop_callbacks
@@ -32,46 +32,46 @@ async def assert_stopped_cleanly(c, services, reply_id):
     return final
 
 
-async def test_stop_current_reply_from_the_socket(connect, services):
+async def test_stop_current_reply_from_the_socket(connect, services, stored_message):
     c = await connect("slow")
     reply_id = await start_reply(c)
     assert reply_id in services.streams.stop_callbacks
     await c.send({"type": "stop"})
     ack = await c.recv_type("stop_ack")
     assert ack["data"]["stopped"] == [reply_id] and ack["data"]["session_id"] == c.connected["session_id"]
-    final = await assert_stopped_cleanly(c, services, reply_id)
+    final = await assert_stopped_cleanly(c, services, stored_message, reply_id)
     assert len(final["content"]) < 3000
 
 
-async def test_a_reply_at_full_speed_is_stopped_mid_reply(connect, services):
+async def test_a_reply_at_full_speed_is_stopped_mid_reply(connect, services, stored_message):
     """The demo at rate 0 makes words back to back, giving the loop a turn every so often: a stop sent after its
     first chunk is heard long before its 50,000 words are made."""
     c = await connect("torrent")
     reply_id = await start_reply(c)
     await c.send({"type": "stop"})
     assert (await c.recv_type("stop_ack"))["data"]["stopped"] == [reply_id]
-    final = await assert_stopped_cleanly(c, services, reply_id)
+    final = await assert_stopped_cleanly(c, services, stored_message, reply_id)
     whole = "".join(DemoProvider(services.streams.pipelines.get("torrent")).answer("tell me everything"))
     assert len(final["content"]) < len(whole)
 
 
-async def test_stop_by_message_id(connect, services):
+async def test_stop_by_message_id(connect, services, stored_message):
     c = await connect("slow")
     reply_id = await start_reply(c)
     await c.send({"type": "stop", "message_id": "not-this-one"})
     assert (await c.recv_type("stop_ack"))["data"]["stopped"] == []
     await c.send({"type": "stop", "message_id": reply_id})
     assert (await c.recv_type("stop_ack"))["data"]["stopped"] == [reply_id]
-    await assert_stopped_cleanly(c, services, reply_id)
+    await assert_stopped_cleanly(c, services, stored_message, reply_id)
 
 
-async def test_stop_over_rest(connect, fetch, services):
+async def test_stop_over_rest(connect, fetch, services, stored_message):
     c = await connect("slow")
     reply_id = await start_reply(c)
     session_id = c.connected["session_id"]
     code, body = await fetch(f"/api/v1/pipelines/slow/sessions/{session_id}/stop", "POST")
     assert code == 200 and body["code"] == 0 and body["data"]["stopped"] == [reply_id]
-    await assert_stopped_cleanly(c, services, reply_id)
+    await assert_stopped_cleanly(c, services, stored_message, reply_id)
 
 
 async def test_stop_when_nothing_runs_is_a_noop(connect, fetch):
@@ -97,7 +97,7 @@ async def test_stop_a_queued_reply_gives_it_one_final_frame(connect, services):
     await c.until_final(running)
 
 
-async def test_stopping_one_of_ten_sessions_touches_no_other(connect, fetch, services):
+async def test_stopping_one_of_ten_sessions_touches_no_other(connect, fetch, services, stored_message):
     clients, replies = [], []
     for i in range(10):
         code, body = await fetch("/api/v1/pipelines/slow/sessions", "POST", body={"title": f"s{i}"})
@@ -112,7 +112,7 @@ async def test_stopping_one_of_ten_sessions_touches_no_other(connect, fetch, ser
     victim = 4
     await clients[victim].send({"type": "stop"})
     assert (await clients[victim].recv_type("stop_ack"))["data"]["stopped"] == [replies[victim]]
-    await assert_stopped_cleanly(clients[victim], services, replies[victim])
+    await assert_stopped_cleanly(clients[victim], services, stored_message, replies[victim])
     # every other reply is still streaming: each client keeps receiving chunks, no final
     for i, c in enumerate(clients):
         if i == victim:

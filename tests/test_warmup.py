@@ -18,7 +18,7 @@ def test_open_services_builds_every_provider_and_its_client(io_loop, config, mon
     ])
     svc = io_loop.run_sync(lambda: server.open_services(config, pipelines=pipelines))
     try:
-        providers = svc.streams._providers
+        providers = svc.streams.upstream.providers
         assert set(providers) == {"default", "gpt", "nokey"}
         assert providers["gpt"]._client is not None                 # built at start-up, not on the first reply
         assert providers["nokey"]._client is None                   # no key: its first reply says so

@@ -36,6 +36,10 @@ class GenerationRequest:
     message_id: str
     history: list = field(default_factory=list)  # earlier Turns, oldest first, already windowed
     prompt: Turn = None
+    # A continuation (services/failover.py): the answer so far, stored by an instance that was lost; the stream
+    # goes on from its end (the chunks are what comes after it, never it again)
+    partial: str | None = None
+    partial_thinking: str = ""
 
 
 class ProviderError(Exception):

@@ -11,6 +11,8 @@ Options (pipeline `options`, see docs/providers.md):
   words        0: the whole answer; N > 0: exactly N words after the quote, the answer repeated as needed
                (long, predictable replies for tests and load)
   chunk_words  words per chunk
+A continuation (another instance goes on with a reply whose instance was lost) streams exactly the rest of the
+same answer, so a continued reply's text equals an uninterrupted one's.
 Non-ASCII text (café, naïve, 🙂) is part of every answer: offsets count code points, and this shows it.
 """
 import asyncio
@@ -111,12 +113,21 @@ class DemoProvider:
         text = THINKING.format(topic=topic_of(prompt))
         return tokens(text) if self.thinking < 0 else exactly(text, self.thinking)
 
+    def whole(self, prompt):
+        """(reasoning, answer): the whole text a reply to `prompt` streams, uninterrupted or continued."""
+        thought = "".join(self._pieces(self.reasoning(prompt))) if self.thinking else ""
+        return thought, "".join(self._pieces(self.answer(prompt)))
+
     async def stream(self, request):
         prompt = request.prompt.text if request.prompt else ""
         words = self.answer(prompt)
         thought = self._pieces(self.reasoning(prompt)) if self.thinking else ()
-        chunks = itertools.chain((Chunk(thinking=piece) for piece in thought),
-                                 (Chunk(text=piece) for piece in self._pieces(words)))
+        if request.partial is not None:  # a continuation: exactly what the whole answer has after the partial
+            thought = _after("".join(thought), len(request.partial_thinking))
+            answer = _after("".join(self._pieces(words)), len(request.partial))
+        else:
+            answer = self._pieces(words)
+        chunks = itertools.chain((Chunk(thinking=piece) for piece in thought), (Chunk(text=piece) for piece in answer))
         delay, loop, turn_ends = self.delay, asyncio.get_running_loop(), 0.0
         for chunk in chunks:
             # The loop gets a turn before the first chunk and between chunks (at full speed: whenever a TURN has
@@ -138,3 +149,8 @@ class DemoProvider:
     def delay(self):
         """Seconds between chunks: the stream's speed."""
         return self.chunk_words / self.rate if self.rate > 0 else 0
+
+
+def _after(text, offset):
+    """The rest of a deterministic text from `offset` on, word by word (whitespace kept: it joins back exactly)."""
+    return tokens(text[offset:]) if offset < len(text) else []

@@ -268,6 +268,9 @@ class OpenAIProvider:
             body["temperature"] = p.temperature
         if p.max_tokens is not None:
             body[self.max_tokens_param] = p.max_tokens
+        if request.partial and p.continue_with == "continue_final_message":
+            # vLLM and SGLang: the last (assistant) message is continued, not answered
+            body.update(continue_final_message=True, add_generation_prompt=False)
         if self.extra_body:
             body.update(self.extra_body)  # as the package merges `extra_body`: its keys win
         return body
@@ -329,6 +332,8 @@ class OpenAIProvider:
                                 if splitter and content and splitter.state != "answer":  # (then it passes all)
                                     content, more = splitter.feed(content)
                                     reasoning += more
+                                if request.partial is not None:
+                                    reasoning = ""  # a continuation goes on with the answer, not a new reasoning
                                 pieces.add(content, reasoning)
                         for chunk in pieces.take():
                             sent = True
@@ -487,6 +492,11 @@ def _chunks(content, reasoning):
         yield Chunk(text=content)
 
 
+# The fallback for servers that cannot continue an assistant message (pipeline continue_with = "instruction")
+CONTINUE_INSTRUCTION = ("Your previous answer was cut off. Continue it exactly where it stopped: do not repeat any of "
+                        "it, do not acknowledge this request, start with the very next characters.")
+
+
 def build_messages(pipeline, request):
     """System prompt + the most recent history that fits the pipeline's window + the new prompt.
 
@@ -511,6 +521,10 @@ def build_messages(pipeline, request):
         kept.pop(0)
     for turn in kept + ([request.prompt] if request.prompt else []):
         messages.append(_message(turn, group))
+    if request.partial:  # a continuation: the answer so far, then (unless the server continues it) the ask
+        messages.append({"role": "assistant", "content": request.partial})
+        if pipeline.continue_with == "instruction":
+            messages.append({"role": "user", "content": CONTINUE_INSTRUCTION})
     return messages
 
 

@@ -286,3 +286,39 @@ test("the app's hooks: connected, other frames by type, request(), a countdown t
   socket().drop(4401);  // refused credentials: closed for good, and the app is told why
   assert.deepEqual(got.status.pop(), {connection: "closed", code: 4401});
 });
+
+test("a rewind drops text never stored; resumed offsets are where the connection continues; resume says the epoch", () => {
+  const {chat, socket, events} = client();
+  chat.on("rewind", (p) => events.push(["rewind", p]));
+  chat.connect();
+  let ws = socket();
+  ws.open();
+  ws.frame({type: "connected", session_id: "s1"});
+  ws.frame({type: "status", data: {message_id: "r1", session_id: "s1", seq: 2, status: "streaming", epoch: 1}});
+  ws.frame(reply("r1", {offset: 0, delta: "Hello, wor"}));
+  // its instance died after storing "Hello, ": another continues it from there (epoch 2)
+  ws.frame({type: "rewind", data: {message_id: "r1", session_id: "s1", seq: 2, epoch: 2, offset: 7,
+    thinking_offset: 0, reason: "instance_lost"}});
+  const rewinds = events.filter(([e]) => e === "rewind").map(([, p]) => [p.content, p.offset, p.reason]);
+  assert.deepEqual(rewinds, [["Hello, ", 7, "instance_lost"]]);
+  ws.frame(reply("r1", {offset: 7, delta: "there"}));
+  assert.equal(chat.replies.get("r1").text, "Hello, there");
+  // a late rewind of an instance still on the older owner is not ours to apply
+  ws.frame({type: "rewind", data: {message_id: "r1", session_id: "s1", seq: 2, epoch: 1, offset: 3,
+    thinking_offset: 0, reason: "fenced"}});
+  assert.equal(chat.replies.get("r1").text, "Hello, there");
+  // reconnect: the resume names the epoch of the text held; resumed's offsets win over what is held
+  ws.drop();
+  chat.retryNow && chat.retryNow();
+  ws = socket();
+  ws.open();
+  ws.frame({type: "connected", session_id: "s1"});
+  const resume = ws.sent.find((f) => f.type === "resume");
+  assert.deepEqual(resume.offsets.r1, {offset: 12, thinking_offset: 0, epoch: 2});
+  ws.frame({type: "resumed", data: {session_id: "s1", replies: [{message_id: "r1", seq: 2, status: "streaming",
+    epoch: 3, offset: 9, thinking_offset: 0, length: 9, thinking_length: 0}]}});
+  assert.equal(chat.replies.get("r1").text, "Hello, th");
+  assert.equal(chat.replies.get("r1").epoch, 3);
+  ws.frame(reply("r1", {is_final: true, status: "completed", content: "Hello, that is all"}));
+  assert.equal(events.filter(([e]) => e === "final").length, 1);
+});

@@ -2,6 +2,9 @@
 
 config -> services -> make_app() -> listen -> graceful shutdown. With no MongoDB URL, an embedded nx-27017 is
 started under --data-dir and stopped on exit.
+
+One module of ~400 lines on purpose: it is the one composition root (docs/architecture.md, "The rooms"), where
+every service is made, wired and closed in order, so that order is read in one place.
 """
 import sys
 

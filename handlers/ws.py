@@ -10,6 +10,10 @@ size limit a hard cap above ours), `ping`/`on_pong`, `close_code` (how the peer 
 tell (docs/protocol.md "Close codes"): a peer's close frame without a status code from a lost connection (both
 `close_code` None: counted `lost`), and why Tornado failed a connection itself (a text frame that is not UTF-8,
 a frame over the hard cap: it drops the TCP connection, and the handler only sees it end).
+
+Both sockets live here (~420 lines): EmbedSocket, a widget visitor's, overrides a few steps of ChatSocket's
+(who may connect, its first frame, the frames it may send, how it is refused), so the handshake's checks and
+their order are written once.
 """
 import asyncio
 import json

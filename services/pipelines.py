@@ -3,6 +3,10 @@
 `default_pipelines()` is what runs when no file is given; `load_pipelines(path)` reads a TOML file
 (schema in docs/providers.md, example in pipelines.example.toml) and fails start-up with a
 `PipelineConfigError` naming the file, the pipeline and the field.
+
+One module of ~370 lines on purpose: a pipeline's fields are declared here once (the `Pipeline` dataclass and
+its defaults, `_PIPELINE_FIELDS` with each one's type and check), as services/settings.py declares the options,
+so the TOML schema is read in one place.
 """
 import logging
 import os

@@ -225,9 +225,9 @@ def scenarios(b):
         finally:
             c.stop()
         return {"stop_across_instances": {"parley": across, "same_instance": local, "metric": "stop→final p99 ms",
-                                          "key": "p99_ms", "base": "same_instance", "target": "-"},
+                                          "key": "p99_ms", "base": "same_instance", "target": "p99 <= 20 ms"},
                 "follower_lag": {**lag, "metric": "token lag p99 ms", "key": "p99_ms", "base": "owner_viewer",
-                                 "target": "follower p99 <= 250 ms"},
+                                 "target": "follower p99 <= 50 ms"},
                 # (no baseline: nothing else continues a reply elsewhere; the targets are absolute)
                 "failover_continued": {"parley": continued, "metric": "kill -9 → first continued token, ms",
                                        "key": "p99_ms", "base": None, "target": "p99 <= 3000 ms"},

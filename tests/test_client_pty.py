@@ -199,32 +199,34 @@ def test_without_its_dependencies_client_py_says_how_to_run_it(tmp_path):
     assert "make client" in out.stderr and ".venv/bin/parley-client" in out.stderr
 
 
-def test_the_client_survives_its_servers_restart_and_resumes_the_reply(terminal, tmp_path):
-    """A real server (embedded store, a paced pipeline) restarted under the client mid-reply: the client says so,
-    reconnects, gets the rest of the reply (ended `interrupted` by the shutdown) from its offsets, and chats on."""
-    import signal
-    from services.embedded_mongo import free_port
-    pipelines = tmp_path / "pipelines.toml"
-    pipelines.write_text('[pipelines.paced]\nprovider = "demo"\nmodel = "demo"\n'
-                         '[pipelines.paced.options]\nwords = 400\nrate = 80\n')
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}
-    log = open(tmp_path / "server.log", "ab")
+class PacedServer:
+    """A real server (embedded store, one paced demo pipeline) that a test starts, kills and starts again on one
+    port; `history()` waits until it answers and returns the session's messages."""
 
-    def start():
-        return subprocess.Popen([sys.executable, "server.py", "--port", str(port), "--data-dir", str(tmp_path),
-                                 "--token", TEST_TOKEN, "--pipelines", str(pipelines), "--drain-timeout", "0"],
-                                cwd=ROOT, env=env, stdout=log, stderr=log)
+    def __init__(self, tmp_path, *extra):
+        from services.embedded_mongo import free_port
+        self.tmp_path, self.extra, self.port, self.proc = tmp_path, extra, free_port(), None
+        self.pipelines = tmp_path / "pipelines.toml"
+        self.pipelines.write_text('[pipelines.paced]\nprovider = "demo"\nmodel = "demo"\n'
+                                  '[pipelines.paced.options]\nwords = 400\nrate = 80\n')
 
-    def history():
-        """The session's messages, once the server answers (bounded)."""
+    def start(self):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}
+        with open(self.tmp_path / "server.log", "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "server.py", "--port", str(self.port), "--data-dir",
+                                          str(self.tmp_path), "--token", TEST_TOKEN, "--pipelines",
+                                          str(self.pipelines), *self.extra],
+                                         cwd=ROOT, env=env, stdout=log, stderr=log)
+        return self.proc
+
+    def history(self):
         import json
         import urllib.request
         deadline = time.monotonic() + 60
         while True:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+            assert self.proc.poll() is None, (self.tmp_path / "server.log").read_text()[-2000:]
             try:
-                request = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/pipelines/paced/ws/messages/"
+                request = urllib.request.Request(f"http://127.0.0.1:{self.port}/api/v1/pipelines/paced/ws/messages/"
                                                  "person", headers={"Authorization": f"Bearer {TEST_TOKEN}"})
                 with urllib.request.urlopen(request, timeout=5) as r:
                     return json.loads(r.read())["data"]["messages"]
@@ -232,6 +234,13 @@ def test_the_client_survives_its_servers_restart_and_resumes_the_reply(terminal,
                 assert time.monotonic() < deadline, "the server did not come up"
                 time.sleep(0.1)
 
+
+def test_the_client_survives_its_servers_restart_and_resumes_the_reply(terminal, tmp_path):
+    """A real server (embedded store, a paced pipeline) restarted under the client mid-reply: the client says so,
+    reconnects, gets the rest of the reply (ended `interrupted` by the shutdown) from its offsets, and chats on."""
+    import signal
+    paced = PacedServer(tmp_path, "--drain-timeout", "0")
+    start, history, port = paced.start, paced.history, paced.port
     server = start()
     try:
         history()
@@ -255,7 +264,6 @@ def test_the_client_survives_its_servers_restart_and_resumes_the_reply(terminal,
         if server.poll() is None:
             server.send_signal(signal.SIGTERM)
             server.wait(60)
-        log.close()
     assert "Traceback" not in t.transcript
     assert cut["status"] == "interrupted" and len(cut["content"]) > 40
     # what the screen shows of the reply, the client's notes aside, is the stored text: no gap, no repeat
@@ -289,37 +297,12 @@ def test_after_its_server_is_killed_the_client_shows_the_reply_going_on(terminal
     checkpoint (its own, from before the restart); the client reconnects, is told where the reply goes on from
     (dropping what it held past that, with a note), and shows the rest: the reply ends `completed`, stored as the
     demo's whole answer."""
-    import json
     import signal
-    import urllib.request
 
     from services.pipelines import Pipeline
     from services.providers.demo import DemoProvider
-    from services.embedded_mongo import free_port
-    pipelines = tmp_path / "pipelines.toml"
-    pipelines.write_text('[pipelines.paced]\nprovider = "demo"\nmodel = "demo"\n'
-                         '[pipelines.paced.options]\nwords = 400\nrate = 80\n')
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}
-    log = open(tmp_path / "server.log", "ab")
-
-    def start():
-        return subprocess.Popen([sys.executable, "server.py", "--port", str(port), "--data-dir", str(tmp_path),
-                                 "--token", TEST_TOKEN, "--pipelines", str(pipelines)],
-                                cwd=ROOT, env=env, stdout=log, stderr=log)
-
-    def history():
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                request = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/pipelines/paced/ws/messages/"
-                                                 "person", headers={"Authorization": f"Bearer {TEST_TOKEN}"})
-                with urllib.request.urlopen(request, timeout=5) as r:
-                    return json.loads(r.read())["data"]["messages"]
-            except OSError:
-                assert time.monotonic() < deadline, "the server did not come up"
-                time.sleep(0.1)
-
+    paced = PacedServer(tmp_path)
+    start, history, port = paced.start, paced.history, paced.port
     server = start()
     try:
         history()
@@ -340,7 +323,6 @@ def test_after_its_server_is_killed_the_client_shows_the_reply_going_on(terminal
         if server.poll() is None:
             server.send_signal(signal.SIGTERM)
             server.wait(60)
-        log.close()
     assert "Traceback" not in t.transcript
     _, whole = DemoProvider(Pipeline(id="paced", options={"words": 400, "rate": 80})).whole("tell me about crashes")
     assert reply["status"] == "completed" and reply["content"] == whole

@@ -224,12 +224,7 @@ async def test_kill_9_leaves_nothing_streaming_and_a_resuming_client_gets_the_te
         with MongoClient(mongo_url) as client:
             assert q.joined(q.text) == client[db_name].messages.find_one({"_id": q.message_id})["content"]
     finally:
-        first.stop()
-        if second:
-            second.stop()
-            assert second.proc.returncode == 0, second.log.read_text()
-        with MongoClient(mongo_url) as client:
-            client.drop_database(db_name)
+        _stop(first, second, mongo_url, db_name)
 
 
 async def test_after_kill_9_the_reply_goes_on_from_its_last_checkpoint_to_the_same_text(tmp_path, mongo_url, db_name):
@@ -265,12 +260,18 @@ async def test_after_kill_9_the_reply_goes_on_from_its_last_checkpoint_to_the_sa
         # it went on from its last checkpoint: at most what the client held, which it was told to drop past that
         assert stored["continuations"] == 1 and 0 < stored["continued"][0]["offset"] <= held
     finally:
-        first.stop()
-        if second:
-            second.stop()
-            assert second.proc.returncode == 0, second.log.read_text()
-        with MongoClient(mongo_url) as client:
-            client.drop_database(db_name)
+        _stop(first, second, mongo_url, db_name)
+
+
+def _stop(first, second, mongo_url, db_name):
+    """After a crash test: the killed server's leftovers and the second server stopped (the second cleanly), the
+    test's database dropped."""
+    first.stop()
+    if second:
+        second.stop()
+        assert second.proc.returncode == 0, second.log.read_text()
+    with MongoClient(mongo_url) as client:
+        client.drop_database(db_name)
 
 
 def _slow():

@@ -15,7 +15,7 @@ from services.compose import MAX_IMAGE, compose
 from services.errors import Conflict, NotFound
 from services.ordering import SEQS_PER_SEND
 from services.sessions import check_id
-from services.store import new_id, utcnow
+from services.store import new_id, reply_id_for, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class Sending:
         if client_msg_id is not None:
             existing = await self.store.find_by_client_msg_id(session["_id"], client_msg_id)
             if existing:
-                return await self._duplicate(existing)
+                return await self._duplicate(identity, session, existing, stream, connection_id)
         self.streams.check_capacity(session["_id"])
         await self.streams.check_shared_capacity(session["_id"], session["pipeline"])
         if self.limiter is not None:
@@ -90,7 +90,7 @@ class Sending:
                 self.numbers.forget(sid)
                 await self.store.repair_seq(sid)
             if reply_doc is None:  # the same client_msg_id landed first from another tab
-                return await self._duplicate(user_doc)
+                return await self._duplicate(identity, session, user_doc, stream, connection_id)
             # No await between here and accept(): the reply is registered before anything else runs.
             self.bus.publish(events.UserMessage(session_id=sid, message=frames.message_data(user_doc),
                                                 session_type=session["type"], connection_id=connection_id))
@@ -121,7 +121,7 @@ class Sending:
                     "sender": identity.user_id, "created_at": now, "updated_at": now}
         if client_msg_id is not None:
             user_doc["client_msg_id"] = client_msg_id
-        reply_doc = {"_id": new_id(), "session_id": sid, "pipeline": pipeline,
+        reply_doc = {"_id": reply_id_for(user_doc["_id"]), "session_id": sid, "pipeline": pipeline,
                      "seq": seq + 1, "role": "assistant", "content": "", "thinking": "", "status": "queued",
                      "epoch": 0, "length": 0, "thinking_length": 0,
                      "reply_to": user_doc["_id"], "created_at": now, "updated_at": now,
@@ -252,8 +252,46 @@ class Sending:
             await self._insert(sid, [reply_doc], False)
         return reply_doc
 
-    async def _duplicate(self, user_doc):
-        return user_doc, await self.store.find_reply(user_doc["_id"]), True
+    async def _duplicate(self, identity, session, user_doc, stream, connection_id):
+        """A repeat of a stored send: (user_doc, its reply, True). A send cut off between its two inserts (its
+        instance stopped or died, or its reply's insert is still on its way) left the user message without a
+        reply: the repeat stores it under the same derived id, so one of the two lands, and starts the one it
+        stored."""
+        reply_doc = await self.store.find_reply(user_doc["_id"])
+        if reply_doc is None:
+            reply_doc, stored_here = await self._store_missing_reply(identity, session, user_doc)
+            if stored_here:
+                pipeline = self.pipelines.get(session["pipeline"])
+                text, images = await self.prompt_of(user_doc, pipeline)
+                log.info("stored the missing reply message_id=%s of a repeated send", reply_doc["_id"])
+                self.bus.publish(events.UserMessage(session_id=session["_id"], message=frames.message_data(user_doc),
+                                                    session_type=session["type"], connection_id=connection_id))
+                self.streams.accept(message_id=reply_doc["_id"], session=session, seq=reply_doc["seq"],
+                                    reply_to=user_doc["_id"], prompt=text, sender=user_doc.get("sender"),
+                                    stream=stream, images=images, epoch=0)
+        return user_doc, reply_doc, True
+
+    async def _store_missing_reply(self, identity, session, user_doc):
+        """Insert the queued reply a stored user message lacks, numbered right after it as its send numbered it:
+        (reply_doc, True); (the one stored meanwhile, False) if the send's own insert or another repeat's won."""
+        sid, now = session["_id"], utcnow()
+        reply_doc = {"_id": reply_id_for(user_doc["_id"]), "session_id": sid, "pipeline": session["pipeline"],
+                     "seq": user_doc["seq"] + 1, "role": "assistant", "content": "", "thinking": "",
+                     "status": "queued", "epoch": 0, "length": 0, "thinking_length": 0, "reply_to": user_doc["_id"],
+                     "created_at": now, "updated_at": now, "instance": self.streams.instance_id,
+                     "lease_until": self.streams.lease_until()}
+        for renumber in (False, True):
+            if renumber:  # its number went to a later message (a restart relearned the counter): the next one
+                reply_doc["seq"] = await self._reserve(sid, session["pipeline"],
+                                                       None if identity.is_admin else identity.user_id, 1)
+            try:
+                await self.store.insert_messages([reply_doc])
+                return reply_doc, True
+            except DuplicateKeyError:
+                stored = await self.store.find_reply(user_doc["_id"])
+                if stored is not None:
+                    return stored, False
+        raise DuplicateKeyError("the reply of a repeated send could not be numbered", 11000)
 
     def stop(self, identity, session_id, message_id=None):
         """Stop a reply (or every reply) of a session the caller was already allowed into.

@@ -86,6 +86,12 @@ def new_id():
     return uuid.uuid4().hex
 
 
+def reply_id_for(user_message_id):
+    """The id of the reply a send stores beside user message `user_message_id`: derived, not drawn, so that a
+    repeat of the send that finds the user message without it stores the same reply, and only one lands."""
+    return uuid.uuid5(uuid.NAMESPACE_OID, user_message_id).hex
+
+
 def session_doc(*, pipeline, session_type, owner, members=(), title="", session_id=None, visitor=""):
     """A new session as it is stored."""
     now = utcnow()

@@ -4,6 +4,7 @@ import time
 
 import pytest
 
+from services.store import new_id, utcnow
 from tests.conftest import settle
 
 pytestmark = pytest.mark.gen_test(timeout=30)
@@ -126,6 +127,35 @@ async def test_concurrent_sends_of_one_client_msg_id_from_two_tabs_make_one_mess
     # the losing insert is an expected answer, not a store fault
     get = services.metrics.registry.get_sample_value
     assert get("parley_store_operation_errors_total", {"operation": "insert_messages"}) == 0
+
+
+async def test_a_repeat_of_a_send_cut_off_before_its_reply_was_stored_stores_and_streams_the_reply(connect, services):
+    """A send whose instance stopped between its two inserts left its user message without a reply: the repeat
+    (here from two tabs at once) stores one reply, numbered right after the question, and streams it to both."""
+    a = await connect("resumable", stream_mode="delta")
+    sid = a.connected["session_id"]
+    await a.until_final((await a.say("first"))["data"]["reply_message_id"])
+    b = await connect("resumable", stream_mode="delta", session_id=sid)
+    seq = await services.store.next_seqs(sid, 2, pipeline="resumable", member=None)
+    now = utcnow()
+    question = {"_id": new_id(), "session_id": sid, "pipeline": "resumable", "seq": seq, "role": "user",
+                "content": "cut off", "chain": [{"type": "Plain", "text": "cut off"}], "status": "completed",
+                "sender": "local", "client_msg_id": "m-cut", "created_at": now, "updated_at": now}
+    await services.store.messages.insert_one(question)  # the send's first insert, and no second
+    frame = {"type": "message", "message": [{"type": "Plain", "text": "cut off"}], "client_msg_id": "m-cut"}
+    await asyncio.gather(a.send(frame), b.send(frame))
+    acks = [await a.recv_type("ack", "error"), await b.recv_type("ack", "error")]
+    assert [x["type"] for x in acks] == ["ack", "ack"], acks
+    assert all(x["data"]["duplicate"] and x["data"]["message_id"] == question["_id"] for x in acks)
+    reply_id = acks[0]["data"]["reply_message_id"]
+    assert reply_id is not None and acks[1]["data"]["reply_message_id"] == reply_id
+    assert acks[0]["data"]["reply_seq"] == seq + 1
+    for c in (a, b):
+        final = (await c.until_final(reply_id))[-1]["data"]
+        assert final["status"] == "completed" and final["content"]
+    messages = await services.store.list_messages(sid)
+    assert [(m["seq"], m["role"], m["status"]) for m in messages[2:]] == [
+        (seq, "user", "completed"), (seq + 1, "assistant", "completed")]
 
 
 async def test_rest_send_with_idempotency_key(connect, fetch, services):

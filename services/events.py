@@ -7,6 +7,7 @@ publishing instance) and `at` (epoch seconds: the frames' timestamp, and the bus
 message; the others are made by their Struct's keywords.
 """
 import time
+from datetime import timezone
 from typing import Any
 
 import msgspec
@@ -50,8 +51,11 @@ class Reply(Event, kw_only=True):
 
 
 class ReplyStarted(Reply, tag="reply.started"):
+    """`started_at`: when the reply first started (a continuation's: when it was sent): viewers connected since
+    may hold some of it from another instance, and read it only from where their `resume` says."""
     status: str
     stream: bool = True
+    started_at: float = 0.0
 
 
 class ReplyDelta(Reply, tag="reply.delta", gc=False):
@@ -180,7 +184,8 @@ to_builtins = msgspec.to_builtins
 
 def reply_started(gen):
     return ReplyStarted(session_id=gen.session_id, message_id=gen.message_id, seq=gen.seq, reply_to=gen.reply_to,
-                        epoch=gen.epoch, bases=gen.bases, status=gen.status, stream=gen.stream)
+                        epoch=gen.epoch, bases=gen.bases, status=gen.status, stream=gen.stream,
+                        started_at=gen.started_epoch)
 
 
 def reply_delta(gen, offset, text, thinking_offset, thinking):
@@ -202,16 +207,22 @@ def reply_final(reply):
                       continuations=getattr(reply, "continuations", 0))
 
 
+def epoch_seconds(when):
+    """A stored datetime as epoch seconds, 0.0 if absent (the driver returns naive datetimes, in UTC)."""
+    if not hasattr(when, "timestamp"):
+        return 0.0
+    return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
+
+
 def reply_stored(doc):
     """A stored assistant message (store.assemble()d: its text whole)."""
-    created = doc.get("created_at")
     return ReplyStored(
         session_id=doc["session_id"], message_id=doc["_id"], seq=doc["seq"], reply_to=doc.get("reply_to"),
         epoch=doc.get("epoch") or 0, status=doc["status"], content=doc.get("content") or "",
         thinking=doc.get("thinking") or "", error=doc.get("error"), usage=doc.get("usage"),
         stream=doc.get("stream", True), continuations=doc.get("continuations") or 0,
         bases=[[c["epoch"], c.get("offset", 0), c.get("thinking_offset", 0)] for c in doc.get("continued") or ()],
-        started_at=created.timestamp() if hasattr(created, "timestamp") else 0.0, origin="store", at=time.time())
+        started_at=epoch_seconds(doc.get("created_at")), origin="store", at=time.time())
 
 
 def reply_live(gen):

@@ -91,7 +91,7 @@ class Failover:
         continued = claimed.get("continued") or ()
         gen = self.streams.accept(epoch=claimed["epoch"], continuation={
             "content": claimed.get("content") or "", "thinking": claimed.get("thinking") or "",
-            "continuations": claimed.get("continuations") or 0,
+            "continuations": claimed.get("continuations") or 0, "sent_at": events.epoch_seconds(claimed.get("created_at")),
             "bases": [[c["epoch"], c.get("offset", 0), c.get("thinking_offset", 0)] for c in continued]},
             **fields)
         gen.taken_over_at = time.monotonic()

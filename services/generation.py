@@ -57,7 +57,9 @@ class Generation:
             self.saved_from = self.content_length
         # monotonic times for metrics (services/metrics.py)
         self.accepted_at = time.monotonic()
-        self.started_epoch = time.time()  # epoch seconds it started streaming (accepted, until then)
+        # epoch seconds it started streaming (accepted, until then); a continuation's: when it was sent, as its
+        # viewers anywhere since then may hold some of it (services/replylog.py)
+        self.started_epoch = (continuation or {}).get("sent_at") or time.time()
         self.started_at = self.first_token_at = self.stop_requested_at = None
 
     @property

@@ -174,7 +174,7 @@ class ReplyLogs:
     # events: each is applied to its log (state), then delivered to the readers (frames)
 
     def started(self, event):
-        log_ = self._log(event, event.at, event.status, event.stream)
+        log_ = self._log(event, event.started_at or event.at, event.status, event.stream)
         if log_ is None:
             return
         epoch = event.epoch
@@ -390,13 +390,14 @@ class ReplyLogs:
         log_.epoch = log_.announced = epoch
         log_.text.truncate(offset)
         log_.thinking_text.truncate(thinking_offset)
+        readers = []  # (a viewer without one holds nothing from this log: it says what it holds when it resumes)
         for conn in self.hub.viewers(log_.session_id):
             if (reader := conn.readers.get(log_.message_id)) is not None:
                 reader.offset = min(reader.offset, offset)
                 reader.thinking_offset = min(reader.thinking_offset, thinking_offset)
+                readers.append(conn)
         self.send(frames.rewind(log_, offset=offset, thinking_offset=thinking_offset,
-                                reason=RewindReason.INSTANCE_LOST),
-                  self.hub.viewers(log_.session_id))
+                                reason=RewindReason.INSTANCE_LOST), readers)
 
     def _announce(self, log_, at=None):
         """Tell the viewers once per owner that the reply streams (queued -> streaming)."""

@@ -211,7 +211,8 @@ class StreamManager:
                 if doc.get("stop_requested"):  # stopped while queued, and the signal did not reach us
                     gen.stop_reason = gen.stop_reason or "stopped"
                     raise asyncio.CancelledError
-            gen.started_epoch = time.time()
+            if not gen.continuing:
+                gen.started_epoch = time.time()
             self.bus.publish(events.reply_started(gen))
             request = await self.upstream.request(gen, pipeline)
             gen.heed_stop()  # (the context read awaits the store)

@@ -139,6 +139,7 @@ class ReplyMachine(RuleBasedStateMachine):
         self.pending = []          # events on their way to this instance, in no guaranteed order
         self.viewers = []
         self.serial = 0
+        self.now = 5.0             # the clock of connections and takeovers after the reply's first start
         for _ in range(viewers):
             self._viewer(Client(), reading=True, created_at=0.0)
         if langbot:
@@ -227,9 +228,10 @@ class ReplyMachine(RuleBasedStateMachine):
         self.store["epoch"] += 1
         self.store["bases"] = self.store["bases"] + [[self.store["epoch"], len(self.store["content"]), 0]]
         self.owner = Owner(self.store["epoch"], self.store["content"])
+        self.now += 1
         self.pending.append({"type": "reply.started", **BASE, "status": "streaming", "stream": True,
                              "epoch": self.owner.epoch, "bases": self.store["bases"], "origin": "survivor",
-                             "at": 2.5})
+                             "at": self.now, "started_at": 1.0})  # (a continuation says when the reply began)
 
     @precondition(lambda self: self.stale and self.store["status"] != "streaming")
     @rule()
@@ -282,7 +284,17 @@ class ReplyMachine(RuleBasedStateMachine):
         del self.hub.by_session[SESSION][viewer.conn.id]
         client = Client(viewer.client.text, viewer.client.thinking, viewer.client.epoch)
         client.final = viewer.client.final
-        self._viewer(client, reading=False, created_at=5.0)  # connected after the reply started
+        self.now += 1
+        self._viewer(client, reading=False, created_at=self.now)  # connected after the reply started
+
+    @precondition(lambda self: self.owner is not None and self.owner.text)
+    @rule(data=st.data())
+    def a_client_arrives_from_another_instance(self, data):
+        """It followed the reply on an instance that stopped, and holds some of what the owner generated: it
+        connects here (where the reply's log may not exist yet) and resumes from what it holds."""
+        held = data.draw(st.integers(1, len(self.owner.text)))
+        self.now += 1
+        self._viewer(Client(self.owner.text[:held], "", self.owner.epoch), reading=False, created_at=self.now)
 
     @precondition(lambda self: any(not v.closed and v.read is None and v.client.final is None
                                    for v in self.viewers))
@@ -393,3 +405,32 @@ ReplyMachine.TestCase.settings = settings(max_examples=int(os.environ.get("PARLE
                                           suppress_health_check=[HealthCheck.too_slow],
                                           report_multiple_bugs=False)
 test_one_reply_every_interleaving = ReplyMachine.TestCase
+
+
+def test_a_reply_continued_here_is_read_from_its_start_only_by_viewers_from_before_it_began():
+    """The log of a reply another instance continues is made here by the continuation's events. A viewer that
+    connected since the reply began (it moved here from the instance that stopped, holding some of the reply)
+    gets nothing of it until its `resume` says what it holds; one from before the reply began reads it from 0."""
+    hub = FakeHub()
+
+    def send(frame, conns):
+        frame = msgspec.json.decode(encode(frame))
+        for conn in conns:
+            conn.send(frame)
+
+    logs = ReplyLogs(hub, send, instance_id="here", session_type=lambda s: "person")
+    early, moved = FakeConn("early", created_at=0.5), FakeConn("moved", created_at=6.0)
+    hub.join(early)
+    hub.join(moved)
+    continued = {**BASE, "epoch": 2, "bases": [[2, 3, 0]], "origin": "survivor"}
+    logs.started(events.decode({"type": "reply.started", **continued, "status": "streaming", "at": 7.0,
+                                "started_at": 1.0}))
+    logs.delta(events.decode({"type": "reply.delta", **continued, "offset": 0, "text": "abcdef",
+                              "thinking_offset": 0, "thinking": "", "sync": True, "at": 7.5, "started_at": 1.0}))
+    assert [(f["type"], f["data"].get("offset"), f["data"].get("delta")) for f in early.frames] == [
+        ("status", None, None), ("response", 0, "abcdef")]
+    assert [f["type"] for f in moved.frames] == ["status"]
+    stored = events.decode({"type": "reply.stored", **continued, "status": "streaming", "content": "abcdef"})
+    logs.resume(moved, SESSION, [stored], {MESSAGE: (4, 0, 1)})
+    assert [(f["type"], f["data"].get("offset"), f["data"].get("delta")) for f in moved.frames[1:]] == [
+        ("resumed", None, None), ("response", 3, "def")]  # its epoch-1 text is trusted up to where 2 took over

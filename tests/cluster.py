@@ -105,9 +105,11 @@ class Ledger:
                     continue
                 held_text = getattr(h, have)
                 if data[at_key] > len(held_text):
-                    self.problems.append(f"a gap in {message_id}: {have} at {data[at_key]}, {len(held_text)} held")
+                    self.problems.append(f"a gap in {message_id}: {have} at {data[at_key]}, {len(held_text)} held "
+                                         f"{_squeeze(h.trail)}")
                 elif data[at_key] < len(held_text):
-                    self.problems.append(f"{message_id}: {len(held_text) - data[at_key]} {have} characters twice")
+                    self.problems.append(f"{message_id}: {len(held_text) - data[at_key]} {have} characters twice "
+                                         f"{_squeeze(h.trail)}")
                 setattr(h, have, held_text[:data[at_key]] + data[key])
 
 
@@ -131,6 +133,27 @@ class ClusterClient(Client):
 
     async def wait_closed(self, timeout=PATIENCE):
         return await super().wait_closed(max(timeout, PATIENCE))
+
+
+def explain(cluster, message_id, held=None):
+    """What a failure report needs about one reply: the client's trail, the store's view, and every instance's
+    log lines that name it (CI keeps only the tail of the suite's output)."""
+    from services.store import assemble
+    with MongoClient(cluster.mongo_url) as db:
+        doc = assemble(db[cluster.db_name].messages.find_one({"_id": message_id})) or {}
+    lines = [f"reply {message_id}: store status={doc.get('status')} content={len(doc.get('content') or '')} "
+             f"epoch={doc.get('epoch')} instance={doc.get('instance')} lease_until={doc.get('lease_until')} "
+             f"continued={doc.get('continued')}"]
+    if held is not None:
+        lines.append(f"client held {len(held.text)} characters, finals {len(held.finals)}, epoch {held.epoch}, "
+                     f"trail {_squeeze(held.trail)}")
+    for instance in cluster.instances:
+        try:
+            with open(instance.log_path, errors="replace") as f:
+                lines += [f"{instance.id}: {line.rstrip()}" for line in f if message_id in line][-20:]
+        except OSError:
+            pass
+    return "\n".join(lines)
 
 
 def token(user="alice", admin=False):

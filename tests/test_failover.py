@@ -16,8 +16,8 @@ from tornado.websocket import WebSocketClosedError
 from services.providers.openai_compat import CONTINUE_INSTRUCTION
 from services.store import assemble
 from tests.upstream import FakeUpstream, Script
-from tests.cluster import (LIVENESS, PATIENCE, cluster, connect, demo_text, fetch, plain, spread,  # noqa: F401
-                           wait_for)
+from tests.cluster import (LIVENESS, PATIENCE, cluster, connect, demo_text, explain, fetch, plain,  # noqa: F401
+                           spread, wait_for)
 from pymongo import MongoClient
 
 pytestmark = pytest.mark.gen_test(timeout=600)  # a bound for a loaded machine, not a speed
@@ -436,7 +436,7 @@ async def test_rolling_restarts_under_20_chatting_clients_no_duplicate_no_gap_no
         while not rolling.is_set() or n == 0:
             client_msg_id = f"roll-{w}-{n}"
             n += 1
-            while True:  # until acked: a repeat of the client_msg_id after a reconnect is the same message
+            for attempt in range(6):  # until acked: a repeat of the client_msg_id after a reconnect is the same message
                 try:
                     await conn.send({"type": "message", "message": [{"type": "Plain", "text": client_msg_id}],
                                      "client_msg_id": client_msg_id})
@@ -444,6 +444,8 @@ async def test_rolling_restarts_under_20_chatting_clients_no_duplicate_no_gap_no
                     break
                 except (AssertionError, WebSocketClosedError, StreamClosedError, asyncio.TimeoutError):
                     conn = await open_(w, ())
+            else:
+                raise AssertionError(f"{client_msg_id} was never acked in six tries")
             assert ack["type"] == "ack", ack
             reply_id = ack["data"]["reply_message_id"]
             acked[ack["data"]["message_id"]] = reply_id
@@ -457,7 +459,9 @@ async def test_rolling_restarts_under_20_chatting_clients_no_duplicate_no_gap_no
                                      "thinking_offset": len(h.thinking)})
                 except (WebSocketClosedError, StreamClosedError):
                     conn = await open_(w, (reply_id,))
+            waited_since = loop.time()
             while not conn.ledger.of(reply_id).finals:
+                assert loop.time() - waited_since < 3 * PATIENCE, explain(cluster, reply_id, held.get(reply_id))
                 try:
                     frame = await conn.recv()
                 except (WebSocketClosedError, StreamClosedError, asyncio.TimeoutError):
@@ -480,7 +484,7 @@ async def test_rolling_restarts_under_20_chatting_clients_no_duplicate_no_gap_no
         await wait_for(lambda: _now(len(acked) >= before + 10))
         rolling.set()
 
-    await asyncio.wait_for(asyncio.gather(roll(), *(worker(w) for w in range(20))), 550)
+    await asyncio.wait_for(asyncio.gather(roll(), *(worker(w) for w in range(20))), 400)
     problems = [p for ledger in ledgers for p in ledger.problems]
     assert not problems, problems[:10]
     assert len(ledgers) >= 20 + 6, "the restarts moved too few clients to prove anything"

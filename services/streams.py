@@ -214,6 +214,10 @@ class StreamManager:
             if not gen.continuing:
                 gen.started_epoch = time.time()
             self.bus.publish(events.reply_started(gen))
+            if gen.continuing and (gen.content or gen.thinking):
+                # the text it goes on from: this instance's log of the reply may be new and lack it (every delta
+                # after it would be a gap, and its viewers here would see nothing until the final)
+                self.bus.publish(events.reply_sync(gen))
             request = await self.upstream.request(gen, pipeline)
             gen.heed_stop()  # (the context read awaits the store)
             await self.upstream.consume(gen, pipeline, request, self._apply)

@@ -154,6 +154,37 @@ async def test_kill_9_every_viewer_gets_one_final_wherever_it_reconnects(cluster
         await asyncio.get_running_loop().run_in_executor(None, owner.wait_ready)
 
 
+async def test_a_viewer_that_moves_to_the_instance_going_on_with_the_reply_streams_it_live(cluster):
+    """kill -9 the owner while the reply's only viewer is there: the client reconnects to the survivor that took
+    the reply up (which never followed it: no viewer of it was there) and resumes. It gets the new owner's text
+    live, well before the final (before, that instance's log of the reply lacked the text it went on from, every
+    delta was a gap, and the viewer saw nothing until the final)."""
+    where = await spread(cluster)
+    owner = cluster.instances[0]
+    user = "moves-to-the-survivor"
+    sender = await connect(cluster, "long", src=where[owner.id], user=user)
+    reply_id = (await sender.say(QUESTION))["data"]["reply_message_id"]
+    await holds(sender, reply_id, 300)
+    owner.proc.kill()
+    owner.proc.wait()
+    try:
+        await drain(sender)
+        doc = await wait_for(lambda: _now(d if (d := stored(cluster, reply_id)).get("continuations") else None))
+        moved = await reconnect(cluster, where[doc["instance"]], user, sender.ledger.held, reply_id, "long")
+        assert moved.instance == doc["instance"]
+        await streams_past(moved, reply_id, len(stored(cluster, reply_id)["content"]) + 100)
+        assert stored(cluster, reply_id)["status"] == "streaming", "the text came only with the final"
+        final = await until_final(moved, reply_id)
+        live = [kind for _, kind in moved.ledger.of(reply_id).trail[-12:] if kind == "response"]
+        assert len(live) >= 10, moved.ledger.of(reply_id).trail[-12:]
+        assert final["content"] == demo_text("long", QUESTION)[1] == moved.ledger.of(reply_id).text
+        assert not moved.ledger.problems, moved.ledger.problems
+        moved.close()
+    finally:
+        owner.start()
+        await asyncio.get_running_loop().run_in_executor(None, owner.wait_ready)
+
+
 async def test_fifty_replies_killed_at_random_points_each_go_on_to_the_same_text(cluster):
     """kill -9 at 50 random points of a reply: rounds of up to 25 replies started a random moment apart on one
     instance, then the instance killed (so each reply dies at its own point: in its reasoning, its answer, a

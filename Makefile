@@ -19,8 +19,10 @@ cluster: $(STAMP)
 client: $(STAMP)
 	$(BIN)/python client.py $(ARGS)
 
+# Two processes, each taking whole test modules (a module's cluster fixture stays in one): PYTEST_WORKERS=0 for one.
+PYTEST_WORKERS ?= 2
 test: $(TEST_STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 install: $(STAMP)
 

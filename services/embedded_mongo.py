@@ -53,9 +53,10 @@ def free_port(host="127.0.0.1"):
     took one before our instance could listen on it (CI: "parley-2 exited with code 1", address in use)."""
     span = _ephemeral_range()
     if span and span[0] > 11000:
+        low, high = _share(10000, span[0])
         rng = random.SystemRandom()
         for _ in range(200):
-            port = rng.randrange(10000, span[0])
+            port = rng.randrange(low, high)
             if port in _handed_out:
                 continue
             with socket.socket() as s:
@@ -68,6 +69,17 @@ def free_port(host="127.0.0.1"):
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _share(low, high):
+    """This process's share of [low, high): the test suite's parallel workers (pytest-xdist's gw0, gw1, ...)
+    each pick ports from their own part, so two never pick the same port before either listens on it."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not (worker.startswith("gw") and worker[2:].isdigit() and count and count.isdigit() and int(count) > 1):
+        return low, high
+    size = (high - low) // int(count)
+    start = low + int(worker[2:]) % int(count) * size
+    return start, start + size
 
 
 def _child_setup():

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import uuid
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -327,3 +328,13 @@ async def settle(predicate, timeout=5.0):
     while not predicate():
         assert loop.time() < deadline, "condition not reached in time"
         await asyncio.sleep(0.01)
+
+
+# The modules that take longest (minutes of waiting on clusters, browsers and installs) go first: `make test`'s
+# two processes (pytest-xdist, a module at a time, handed out in collection order) then end close together.
+FIRST = ("test_failover", "test_cluster", "test_nginx", "test_browser", "test_crash", "test_install")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(Path(item.nodeid.split("::")[0]).stem, len(FIRST)))

@@ -10,7 +10,8 @@ import msgspec
 from handlers.base import BaseHandler, api
 from services import frames, paging, schema
 from services.auth import COOKIE, bearer_or_query_token
-from services.sessions import check_id, check_session_type
+from services.schema import check_id
+from services.sessions import check_session_type
 from services.codes import Code
 from services.errors import BadRequest
 

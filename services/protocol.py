@@ -12,13 +12,14 @@ import logging
 from pymongo.errors import PyMongoError
 
 from services import frames, schema
-from services.sessions import MAX_VIEWED, check_id
 from services.codes import Close, Code
 from services.errors import BadRequest, ParleyError, Unavailable
+from services.schema import check_id
 
 log = logging.getLogger(__name__)
 
 INBOX_SIZE = 16
+MAX_VIEWED = 64  # sessions one connection may view at once (session.join)
 
 
 def handler_name(kind):

@@ -9,10 +9,10 @@ from the one log, in order, once.
 import logging
 
 from services import events, schema
-from services.sessions import check_id
 from services.codes import Code
 from services.errors import NotFound
 from services.replylog import Stale
+from services.schema import check_id
 
 log = logging.getLogger(__name__)
 

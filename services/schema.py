@@ -264,6 +264,14 @@ def convert(data, type_, what="body"):
         raise BadRequest(f"invalid {what}: {detail}", code=Code.INVALID_PARAM) from None
 
 
+def check_id(value, what):
+    """Ids are plain strings: anything else (an object such as {"$ne": ...}) never reaches a query. For an id
+    that arrives outside a Struct (a path segment, a query argument): the same bounds as `Id`."""
+    if not isinstance(value, str) or not value or len(value) > 128:
+        raise BadRequest(f"{what} must be a non-empty string of at most 128 characters", code=Code.INVALID_PARAM)
+    return value
+
+
 
 
 # REST bodies (Parley's native API; LangBot's /ws/* routes take none but broadcast)

@@ -14,7 +14,7 @@ from services.codes import LIVE, Code
 from services.compose import MAX_IMAGE, compose
 from services.errors import Conflict, NotFound
 from services.ordering import SEQS_PER_SEND
-from services.sessions import check_id
+from services.schema import check_id
 from services.store import new_id, reply_id_for, utcnow
 
 log = logging.getLogger(__name__)

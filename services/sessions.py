@@ -1,8 +1,9 @@
 """Sessions and their membership: opening one (a LangBot-style default, a widget's, a named one), who may use it,
 who is in it, its title, the list of a user's sessions.
 
-Every operation takes the caller's Identity and checks access here, once, for both transports. The validators
-of ids and session types live here, beside the only code that reads them into a query.
+Every operation takes the caller's Identity and checks access here, once, for both transports. The validator
+of session types lives here, beside the only code that reads them into a query (an id's is the wire's:
+schema.check_id).
 """
 import asyncio
 import hashlib
@@ -10,26 +11,18 @@ import hashlib
 from services import events, paging, schema
 from services.codes import Code
 from services.errors import BadRequest, Forbidden, NotFound
+from services.schema import check_id
 from services.store import session_position
 
 SESSION_TYPES = ("person", "group")
 MAX_MEMBERS = 256        # default of --max-members: a session document stays small (256 ids of <= 128 chars)
 MAX_TITLE = schema.MAX_TITLE
-MAX_VIEWED = 64          # sessions one connection may view at once (session.join)
 KNOWN_SESSIONS = 10_000  # sessions whose id, pipeline and type are kept in memory for sends
 
 def check_session_type(value):
     if value not in SESSION_TYPES:
         raise BadRequest(f"session_type must be one of {', '.join(SESSION_TYPES)}", code=Code.INVALID_SESSION_TYPE)
     return value
-
-
-def check_id(value, what):
-    """Ids are plain strings: anything else (an object such as {"$ne": ...}) never reaches a query."""
-    if not isinstance(value, str) or not value or len(value) > 128:
-        raise BadRequest(f"{what} must be a non-empty string of at most 128 characters", code=Code.INVALID_PARAM)
-    return value
-
 
 
 def default_session_id(pipeline, session_type, user_id):

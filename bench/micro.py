@@ -30,12 +30,12 @@ def load(path, name):
 
 
 def chunk(mod, offset, text):
-    """A delta chunk as that tree's outbox takes it: services/schema.py's Struct, or (before it) a dict."""
+    """A delta chunk as that tree's outbox takes it: services/wire/schema.py's Struct, or (before it) a dict."""
     fields = {"message_id": "m", "is_final": False, "session_id": "s" * 32, "offset": offset, "delta": text,
               "timestamp": "2026-11-29T07:00:00.000000+00:00"}
     if not hasattr(mod, "schema"):
         return {"type": "response", "data": fields}
-    from services.schema import ReplyData, Response
+    from services.wire.schema import ReplyData, Response
     return Response(session_type="person", data=ReplyData(id=2, role="assistant", connection_id="", seq=2,
                                                           reply_to=None, **fields))
 
@@ -82,7 +82,7 @@ class _Body:
 
 def provider_parse(mod, n=500, repeats=20):
     from bench.upstream import chunk, tail
-    from services.pipelines import Pipeline
+    from services.operations.pipelines import Pipeline
     from services.providers import GenerationRequest, Turn
     body = b"".join(chunk("m", " parley") for _ in range(n)) + tail("m", n)
     blocks = [body[i:i + 65536] for i in range(0, len(body), 65536)]
@@ -107,7 +107,7 @@ def provider_parse(mod, n=500, repeats=20):
     return asyncio.run(run()) / n * 1e6
 
 
-CASES = {"outbox": ("outbox_merge", "services/outbox.py", outbox_merge, "us/chunk"),
+CASES = {"outbox": ("outbox_merge", "services/wire/outbox.py", outbox_merge, "us/chunk"),
          "provider": ("provider_parse", "services/providers/openai_compat.py", provider_parse, "us/event")}
 
 

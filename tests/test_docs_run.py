@@ -34,9 +34,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services import settings
-from services.embedded_mongo import free_port
-from services.pipelines import load_pipelines
+from services.operations import settings
+from services.operations.pipelines import load_pipelines
+from services.storage.embedded_mongo import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

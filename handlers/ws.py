@@ -337,8 +337,8 @@ class ChatSocket(websocket.WebSocketHandler):
 
 class EmbedSocket(ChatSocket):
     """A widget's visitor (LangBot's or Parley's): /api/v1/embed/<bot>/ws/connect?session_type=…&session_id=<the
-    widget's own random id>. Anonymous (services/access/visitors.py): the API's credentials play no part; a visitor token
-    comes in the handshake or, as LangBot's widget sends it, in the `authenticate` frame (`""` when there is
+    widget's own random id>. Anonymous (services/access/visitors.py): the API's credentials play no part; a visitor
+    token comes in the handshake or, as LangBot's widget sends it, in the `authenticate` frame (`""` when there is
     none). Always LangBot's dialect, and only its frames; `connected` names the bot (`bot_uuid`), never the
     pipeline. A limit refuses with a reply saying why, then closes 1013: never an `error` frame, which LangBot's
     widget takes for a lost connection."""

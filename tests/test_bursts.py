@@ -1,5 +1,5 @@
-"""Writes under bursts: group commit (services/storage/batching.py, services/storage/store.py) and admission of sends, against
-the real store (nx-27017, or PARLEY_TEST_MONGO_URL)."""
+"""Writes under bursts: group commit (services/storage/batching.py, services/storage/store.py) and admission of sends,
+against the real store (nx-27017, or PARLEY_TEST_MONGO_URL)."""
 import asyncio
 
 import pytest

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.gen_test(timeout=60)
 
 
 async def stored_send(store, session, seq, text):
-    """What services/conversations/sending.py send() stores once its numbers are reserved: the message and its queued reply."""
+    """What services/conversations/sending.py send() stores once its numbers are reserved: the message and its queued
+    reply."""
     now = utcnow()
     base = {"session_id": session["_id"], "pipeline": session["pipeline"], "created_at": now, "updated_at": now}
     user = {"_id": new_id(), "seq": seq, "role": "user", "content": text, "status": "completed", "sender": "u",

@@ -51,7 +51,8 @@ def test_generated_files_are_current():
     """docs/asyncapi.yaml (compared as data in test_schema.py) and static/protocol.js."""
     for path, generate in schema.GENERATED.items():
         if path.endswith(".js"):
-            assert (ROOT / path).read_text() == generate(), f"{path} is stale: `.venv/bin/python -m services.wire.schema`"
+            stale = f"{path} is stale: `.venv/bin/python -m services.wire.schema`"
+            assert (ROOT / path).read_text() == generate(), stale
     assert [c.value for c in Close if not c.retry] == [1000, 4400, 4401, 4403, 4404]  # protocol.js NO_RETRY
     js = schema.protocol_js()
     assert all(f'"{s.name}": "{s.value}"' in js for s in ReplyStatus)

@@ -1,16 +1,16 @@
 """Failover: a reply whose instance is gone goes on here — the same message, from its last stored point.
 
-The reaper (services/cluster/reaper.py) hands over every live reply whose instance is gone (services/cluster/liveness.py), whose
-lease expired, or that a draining instance gave up (`handover`). For each, one surviving instance — whichever
-wins the compare-and-set in the store — decides:
+The reaper (services/cluster/reaper.py) hands over every live reply whose instance is gone
+(services/cluster/liveness.py), whose lease expired, or that a draining instance gave up (`handover`). For each, one
+surviving instance — whichever wins the compare-and-set in the store — decides:
 - queued (it had not started): it runs here, as if accepted here (`adopt`);
 - streaming: it goes on here (`store.take_over` raises its epoch, so the old owner, should it wake, is fenced;
   records where this owner took it up; the provider is asked to continue the stored answer), unless
   - a stop was asked for: it ends `stopped` with its stored text;
   - its pipeline says `on_instance_lost = "interrupt"`, or it went on --max-continuations times already: it ends
     `interrupted` (`instance_lost`), as before.
-Viewers are told through the reply's log (services/delivery/replylog.py): the new owner's start names its epoch and where
-it took the reply up, so text streamed after the last checkpoint is taken back (`rewind`) and streamed again.
+Viewers are told through the reply's log (services/delivery/replylog.py): the new owner's start names its epoch and
+where it took the reply up, so text streamed after the last checkpoint is taken back (`rewind`) and streamed again.
 """
 import logging
 import time

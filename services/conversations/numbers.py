@@ -26,7 +26,7 @@ class Numbers:
         self.known = known
         self._next = {}         # session id -> the first number not yet taken
         self._reserving = {}    # session id -> reservations in flight in the store (store.next_seqs)
-        self._sending = {}      # session id -> sends between their first write and accept() (services/conversations/sending.py)
+        self._sending = {}      # session id -> sends between their first write and accept() (conversations/sending.py)
 
     def take(self, session, count, may_write):
         """The first of `count` numbers for a send into `session`, or None: reserve them in the store

@@ -1,8 +1,8 @@
 """Sending: a user's message stored and its reply accepted (send, regenerate), and replies stopped.
 
-Every operation takes a session the caller was already let into (services/conversations/sessions.py). A send numbers its two
-messages (services/conversations/numbers.py), stores them in one insert and, with no await in between, publishes the user
-message and hands the reply to the stream manager (services/replies/streams.py), which owns it from then on.
+Every operation takes a session the caller was already let into (services/conversations/sessions.py). A send numbers its
+two messages (services/conversations/numbers.py), stores them in one insert and, with no await in between, publishes the
+user message and hands the reply to the stream manager (services/replies/streams.py), which owns it from then on.
 """
 import asyncio
 import logging
@@ -33,7 +33,7 @@ def title_from(text, images=()):
 class Sending:
     def __init__(self, store, hub, fanout, bus, streams, pipelines, numbers, *, files, limiter=None,
                  on_last_viewer_gone="continue", max_image_size=MAX_IMAGE, max_document_size=None, admission):
-        self.files = files        # services/conversations/files.py: a chain's files are stored and checked before its message
+        self.files = files        # conversations/files.py: a chain's files are stored and checked before its message
         self.max_document_size = max_document_size
         self.limiter = limiter
         self.admission = admission  # services/storage/batching.py: --send-concurrency inside, --send-queue waiting
@@ -59,7 +59,7 @@ class Sending:
             await self.files.reference(composed.attachments, session["_id"])
         if composed.images:
             images = await self.files.for_model(composed.images, pipeline)
-        async with self.admission.slot():  # a burst waits its turn here, not in the driver (services/storage/batching.py)
+        async with self.admission.slot():  # a burst waits its turn here, not in the driver (storage/batching.py)
             return await self._send(identity, session, composed.text, images, composed.chain, stream,
                                     client_msg_id, connection_id)
 
@@ -86,7 +86,8 @@ class Sending:
                     break
                 if retry:  # numbered from the store this time: not a stale counter
                     raise DuplicateKeyError("a message number of this send is taken", 11000)
-                # a number from memory was taken already (services/conversations/numbers.py): repair the counter, reserve
+                # a number from memory was taken already (services/conversations/numbers.py): repair the
+                # counter, reserve
                 self.numbers.forget(sid)
                 await self.store.repair_seq(sid)
             if reply_doc is None:  # the same client_msg_id landed first from another tab

@@ -1,5 +1,5 @@
-"""The event bus: everything viewers must see is an event (services/wire/events.py: its types are the Structs there), and
-every event reaches them through one path.
+"""The event bus: everything viewers must see is an event (services/wire/events.py: its types are the Structs there),
+and every event reaches them through one path.
 
 `publish` never awaits: it stamps `origin` and `at` (unless set), delivers the event to this instance's
 subscribers (services/delivery/fanout.py and the owner of stop callbacks) at once, in publication order (an event

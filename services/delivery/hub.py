@@ -17,7 +17,8 @@ OUTBOX_LIMIT = 1024 * 1024
 class Connection:
     """One WebSocket, as the services see it. `write(text)` sends one text frame and returns a Future resolved
     when it is flushed (raises ConnectionClosed when the socket is gone); `close(code, reason)` ends the socket;
-    `ping()` sends a WebSocket ping (False when the socket is gone), answered by `pong()` (services/delivery/keepalive.py).
+    `ping()` sends a WebSocket ping (False when the socket is gone), answered by `pong()`
+    (services/delivery/keepalive.py).
     """
     # thousands of idle ones are held at once: no per-instance __dict__
     __slots__ = ("id", "dialect", "identity", "pipeline", "session_type", "stream_mode", "remote_ip", "sessions",
@@ -103,7 +104,8 @@ class Hub:
         log.debug("connection registered conn_id=%s user=%s", conn.id, conn.user_id)
 
     def unregister(self, conn):
-        """Forget a connection (services/delivery/fanout.py leaves its sessions first). False if it was not registered."""
+        """Forget a connection (services/delivery/fanout.py leaves its sessions first). False if it was not
+        registered."""
         if self.connections.pop(conn.id, None) is None:
             return False
         _discard(self.by_user, conn.user_id, conn.id)

@@ -482,9 +482,9 @@ class ReplyLogs:
     # resume: a reader placed where the client says it is
 
     def resume(self, conn, session_id, docs, wanted, local=()):
-        """Answer a `resume` (services/delivery/resume.py did the lookups): `docs` are the stored replies (and live local
-        ones as stored_state()s), `wanted` {message_id: (offset, thinking_offset, epoch)} what the client has, `local`
-        the ids generating here. Applies the stored states first (the store is the truth: other viewers get what
+        """Answer a `resume` (services/delivery/resume.py did the lookups): `docs` are the stored replies (and live
+        local ones as stored_state()s), `wanted` {message_id: (offset, thinking_offset, epoch)} what the client has,
+        `local` the ids generating here. Applies the stored states first (the store is the truth: other viewers get what
         they add too), then sends `resumed`, and places a reader for each reply at the client's position: it
         gets the text after it at once, then the final if the reply ended. Never awaits. Raises BadRequest for
         an offset beyond a text that cannot have been streamed. Returns [(reply, offset, thinking_offset,

@@ -21,8 +21,8 @@ from services.wire import events, schema
 from services.wire.codes import LIVE, PING_TIMEOUT, TERMINAL, Close, ReplyCode, ReplyStatus
 from services.wire.errors import ParleyError
 
-# label values from the tables they count (services/wire/codes.py, services/wire/schema.py), plus what a value outside them
-# counts as
+# label values from the tables they count (services/wire/codes.py, services/wire/schema.py), plus what a value outside
+# them counts as
 GENERATION_STATES = LIVE
 PROVIDER_ERRORS = (*(c for c in ReplyCode if c.status in (ReplyStatus.FAILED, ReplyStatus.TIMEOUT)), "other")
 # frame types, as services/wire/schema.py declares them (plus what a frame that is none of them counts as)

@@ -5,8 +5,8 @@
 `PipelineConfigError` naming the file, the pipeline and the field.
 
 One module of ~370 lines on purpose: a pipeline's fields are declared here once (the `Pipeline` dataclass and
-its defaults, `_PIPELINE_FIELDS` with each one's type and check), as services/operations/settings.py declares the options,
-so the TOML schema is read in one place.
+its defaults, `_PIPELINE_FIELDS` with each one's type and check), as services/operations/settings.py declares the
+options, so the TOML schema is read in one place.
 """
 import logging
 import os

@@ -36,14 +36,15 @@ class Generation:
         self.dirty_since = None       # monotonic time of the oldest character not yet checkpointed
         self.epoch = epoch            # fencing token from the store's claim: every write of ours must match it
         self.bases = []               # [epoch, offset, thinking_offset] of every owner that took it over
-        self.claimed = epoch > 0      # stored already streaming, with this epoch (services/conversations/sending.py send)
+        self.claimed = epoch > 0      # stored already streaming, with this epoch (conversations/sending.py send)
         self.history = history        # a task reading the context already (prefetch_history), or None
         self.saved = self.saved_thinking = 0  # characters of content/thinking already checkpointed
         self.fenced = False           # the store refused our write: another instance ended this reply
         self.has_turn = False         # cluster mode: holds its session's generation turn in the store
         self.turn_free = asyncio.Event()  # cluster mode: a reply of its session ended (claim the turn again)
         self.finishing = False        # _finish has begun: nothing may cancel the task any more
-        # Taken over from a lost instance (services/cluster/failover.py): the stored text so far, and every owner's start
+        # Taken over from a lost instance (services/cluster/failover.py): the stored text so far, and every
+        # owner's start
         self.continuing = continuation is not None
         self.continuations = 0        # how many times it went on with another instance
         self.saved_from = 0           # characters of answer it was taken over with

@@ -1,8 +1,8 @@
 """The generation lifecycle: one task per reply, the stop-callback dictionary, live buffers and timeouts.
 
 A generation belongs to its session, not to the socket that asked for it: sockets come and go as viewers
-(services/delivery/fanout.py); the task here runs to exactly one terminal state, persists it, and sends exactly one final
-frame. Replies of one session run one at a time, in the order they were accepted. What a cluster adds lives
+(services/delivery/fanout.py); the task here runs to exactly one terminal state, persists it, and sends exactly one
+final frame. Replies of one session run one at a time, in the order they were accepted. What a cluster adds lives
 beside it: the turns of a session's replies across instances (services/cluster/turns.py) and the store's word on who
 owns a reply (services/cluster/fencing.py: the claim, the writes that carry its epoch, the fence, the handover).
 

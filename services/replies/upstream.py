@@ -18,7 +18,8 @@ class Upstream:
 
     def prefetch_history(self, session_id, pipeline_id):
         """Start reading a reply's context before its messages are stored: the session's latest messages, for a
-        send that nothing else of the session runs beside (services/conversations/sending.py). None if the pipeline uses none."""
+        send that nothing else of the session runs beside (services/conversations/sending.py). None if the pipeline
+        uses none."""
         pipeline = self.pipelines.get(pipeline_id)
         if pipeline.history_messages <= 0:
             return None

@@ -277,8 +277,9 @@ class Store:
 
     @timed
     async def advance_seq(self, session_id, counter):
-        """Raise a session's counter to at least `counter` (numbers taken from memory: services/conversations/numbers.py),
-        and mark it used now, as next_seqs does. Writes issued together go out as one bulk (with names)."""
+        """Raise a session's counter to at least `counter` (numbers taken from memory:
+        services/conversations/numbers.py), and mark it used now, as next_seqs does. Writes issued together go out as
+        one bulk (with names)."""
         await self._session_writes.submit(({"_id": session_id}, {"$max": {"next_seq": counter}, **touched()}))
 
     async def _session_batch(self, items):

@@ -29,8 +29,8 @@ class UserMessage(Event, tag="user_message"):
 
 class ReplyRegenerate(Event, tag="reply.regenerate"):
     """A new reply (`message_id`, numbered `seq`) to an earlier user message (`reply_to`), replacing the reply
-    `replaces` (services/conversations/sending.py regenerate). It accounts for its number in every viewer's order before the
-    reply's own events; viewers get no frame of it (the reply's frames name `reply_to`)."""
+    `replaces` (services/conversations/sending.py regenerate). It accounts for its number in every viewer's order before
+    the reply's own events; viewers get no frame of it (the reply's frames name `reply_to`)."""
     session_id: str
     seq: int
     message_id: str
@@ -82,14 +82,15 @@ class ReplyFinal(Reply, tag="reply.final"):
 
 class ReplyStored(ReplyFinal, tag="reply.stored"):
     """A stored assistant message as read from the store (the truth, when events may have been lost): the
-    reply's logs apply it like the owner's events (services/delivery/replylog.py). Never published: delivered locally."""
+    reply's logs apply it like the owner's events (services/delivery/replylog.py). Never published:
+    delivered locally."""
     stream: bool = True
     started_at: float = 0.0
 
 
 class Handover(Event, tag="handover"):
-    """A draining instance gave a live reply up (services/replies/streams.py hand_over): the others' reapers take it over
-    now rather than at their next sweep."""
+    """A draining instance gave a live reply up (services/replies/streams.py hand_over): the others' reapers take it
+    over now rather than at their next sweep."""
     session_id: str
     message_id: str
 
@@ -150,14 +151,16 @@ class Interest(Event, tag="interest"):
 
 
 class Probe(Event, tag="probe"):
-    """The cluster bus's own: written after a reopen, it must come back through the stream (services/cluster/mongo_bus.py)."""
+    """The cluster bus's own: written after a reopen, it must come back through the stream
+    (services/cluster/mongo_bus.py)."""
     id: str
 
 
 class CatchUp(Event, tag="catch_up"):
     """A cluster bus to its own subscribers, never published: events may have been lost, after a reopened change
     stream (`resync`) or as a periodic check, so the fan-out compares the sessions' stored message numbers with
-    what it delivered (services/delivery/ordering.py) and re-reads the replies it follows (services/delivery/replylog.py)."""
+    what it delivered (services/delivery/ordering.py) and re-reads the replies it follows
+    (services/delivery/replylog.py)."""
     resync: bool = False
 
 

@@ -801,7 +801,8 @@ def protocol_js():
     table = {"STATUS": {s.name: s.value for s in ReplyStatus}, "LIVE": list(LIVE), "TERMINAL": list(TERMINAL),
              "CLOSE": {c.name: c.value for c in Close}, "NO_RETRY": [c.value for c in Close if not c.retry],
              "ERROR": {c.name: c.value for c in Code}}
-    return ("/* static/protocol.js: generated from services/wire/codes.py by `python -m services.wire.schema`; do not edit\n"
+    return ("/* static/protocol.js: generated from services/wire/codes.py by `python -m services.wire.schema`; "
+            "do not edit\n"
             " * (a test fails when it is stale). NO_RETRY: close codes after which a client should not reconnect\n"
             " * until something changes (credentials, parameters), or that it caused itself (1000). */\n"
             "(function (root, factory) {\n"

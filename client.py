@@ -27,7 +27,7 @@ try:
     from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
     from tornado.websocket import WebSocketClosedError, WebSocketError, websocket_connect
 
-    from services import runtime
+    from services.operations import runtime
 except ImportError:  # run with a Python that lacks Parley's dependencies
     sys.exit("client.py needs Parley's dependencies (Tornado). From the repository, run `make client` "
              "(it creates .venv), or `.venv/bin/parley-client` after `make install`.")
@@ -508,7 +508,7 @@ def build_parser():
 
 def resolve(args):
     """Fill pipeline, token and both URL forms (ws for the socket, http for REST) from what was given. Without a
-    URL or a token, the server `make run` started in this directory (services/runtime.py) provides them."""
+    URL or a token, the server `make run` started in this directory (services/operations/runtime.py) provides them."""
     running = runtime.read(os.environ.get("PARLEY_DATA_DIR") or "data")
     args.url = args.url or (running["url"] if running else DEFAULT_URL)
     parts = urlsplit(args.url)

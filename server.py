@@ -11,7 +11,7 @@ import sys
 if __name__ == "__main__":
     # `python server.py` (make run): the embedded store starts before the imports below, so its start-up (a
     # Python process of its own, ~0.5 s to listen) overlaps theirs (~0.5 s) instead of following them.
-    from services.embedded_mongo import start_early
+    from services.storage.embedded_mongo import start_early
     EARLY_STORE = start_early()
 
 import asyncio
@@ -29,37 +29,38 @@ from tornado import web
 
 from handlers import api, embed, files as files_api, ops, web as web_app, ws
 from handlers.base import NotFoundHandler
-from services import events, logs, runtime, settings
-from services.auth import Authenticator, check_jwt_secret
-from services.batching import Admission
-from services.announcements import Announcements
-from services.codes import Close
-from services.files import Files
-from services.embedded_mongo import EmbeddedMongo, EmbeddedMongoError
-from services.bus import Bus, LocalBus
-from services.mongo_bus import MongoBus
-from services.fanout import FanOut
-from services.hub import Hub
-from services.keepalive import Keepalive
-from services.limits import RateLimiter
-from services.history import History
-from services.metrics import Metrics
-from services.numbers import Numbers
-from services.pipelines import PipelineConfigError, api_key, default_pipelines, load_pipelines
-from services.failover import Failover
-from services.liveness import Liveness
-from services.reaper import Reaper
-from services.resume import Resumer
-from services.sending import Sending
-from services.sessions import Sessions
-from services.signing import Signer
-from services.visitors import Visitors
-from services.store import Store
-from services.streams import StreamManager
+from services.access.auth import Authenticator, check_jwt_secret
+from services.access.limits import RateLimiter
+from services.access.signing import Signer
+from services.access.visitors import Visitors
+from services.cluster.failover import Failover
+from services.cluster.liveness import Liveness
+from services.cluster.mongo_bus import MongoBus
+from services.cluster.reaper import Reaper
+from services.conversations.announcements import Announcements
+from services.conversations.files import Files
+from services.conversations.history import History
+from services.conversations.numbers import Numbers
+from services.conversations.sending import Sending
+from services.conversations.sessions import Sessions
+from services.delivery.bus import Bus, LocalBus
+from services.delivery.fanout import FanOut
+from services.delivery.hub import Hub
+from services.delivery.keepalive import Keepalive
+from services.delivery.resume import Resumer
+from services.operations import logs, runtime, settings
+from services.operations.metrics import Metrics
+from services.operations.pipelines import PipelineConfigError, api_key, default_pipelines, load_pipelines
+from services.replies.streams import StreamManager
+from services.storage.batching import Admission
+from services.storage.embedded_mongo import EmbeddedMongo, EmbeddedMongoError
+from services.storage.store import Store
+from services.wire import events
+from services.wire.codes import Close
 
 log = logging.getLogger("parley")
 
-Config = settings.Config  # one attribute per option in services/settings.py
+Config = settings.Config  # one attribute per option in services/operations/settings.py
 
 
 @dataclasses.dataclass
@@ -89,7 +90,7 @@ class Services:
 
 
 def parse_args(argv=None, environ=None):
-    """Flags > PARLEY_* environment > --config TOML file > defaults (services/settings.py declares them all).
+    """Flags > PARLEY_* environment > --config TOML file > defaults (services/operations/settings.py declares them all).
     A bad value exits 2 with a message naming the option and the expected form."""
     try:
         config = settings.resolve(argv, environ)

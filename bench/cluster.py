@@ -194,7 +194,7 @@ async def _failover(cluster, reps, pipeline):
 
 def whole(pipeline, question):
     """The answer the demo pipeline gives `question` uninterrupted (bench/run.py's TOML for it)."""
-    from services.pipelines import Pipeline
+    from services.operations.pipelines import Pipeline
     from services.providers.demo import DemoProvider
     spec = pipelines(False)[pipeline]
     options = {"words": spec["n"] - 1, "rate": spec["rate"]}

@@ -24,11 +24,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def measure(viewers, chunks, mode="delta", repeats=5, write="done"):
     from tornado.concurrent import Future
 
-    from services import fanout as fanout_module, hub as hub_module
-    from services.bus import LocalBus
-    from services.metrics import Metrics
     from services.providers import Chunk
-    from services.streams import Generation, StreamManager
+    try:
+        from services.delivery import fanout as fanout_module, hub as hub_module
+        from services.delivery.bus import LocalBus
+        from services.operations.metrics import Metrics
+        from services.replies.streams import Generation, StreamManager
+    except ModuleNotFoundError:  # --ref: a tree from before services/ had folders
+        from services import fanout as fanout_module, hub as hub_module
+        from services.bus import LocalBus
+        from services.metrics import Metrics
+        from services.streams import Generation, StreamManager
 
     async def run():
         metrics = Metrics(["p"])

@@ -10,6 +10,8 @@ per event, best of 20.
 import argparse
 import asyncio
 import contextlib
+import glob
+import importlib
 import importlib.util
 import os
 import subprocess
@@ -22,6 +24,15 @@ from tornado.concurrent import Future
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def flat_names():
+    """A module of a tree from before services/ had folders imports `services.schema` and the like: the same
+    modules of this tree answer for them."""
+    for path in sorted(glob.glob(os.path.join(ROOT, "services", "*", "*.py"))):
+        folder, name = os.path.basename(os.path.dirname(path)), os.path.basename(path)[:-3]
+        if name != "__init__" and folder != "providers":
+            sys.modules.setdefault(f"services.{name}", importlib.import_module(f"services.{folder}.{name}"))
+
+
 def load(path, name):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -30,12 +41,12 @@ def load(path, name):
 
 
 def chunk(mod, offset, text):
-    """A delta chunk as that tree's outbox takes it: services/schema.py's Struct, or (before it) a dict."""
+    """A delta chunk as that tree's outbox takes it: services/wire/schema.py's Struct, or (before it) a dict."""
     fields = {"message_id": "m", "is_final": False, "session_id": "s" * 32, "offset": offset, "delta": text,
               "timestamp": "2026-11-29T07:00:00.000000+00:00"}
     if not hasattr(mod, "schema"):
         return {"type": "response", "data": fields}
-    from services.schema import ReplyData, Response
+    from services.wire.schema import ReplyData, Response
     return Response(session_type="person", data=ReplyData(id=2, role="assistant", connection_id="", seq=2,
                                                           reply_to=None, **fields))
 
@@ -82,7 +93,7 @@ class _Body:
 
 def provider_parse(mod, n=500, repeats=20):
     from bench.upstream import chunk, tail
-    from services.pipelines import Pipeline
+    from services.operations.pipelines import Pipeline
     from services.providers import GenerationRequest, Turn
     body = b"".join(chunk("m", " parley") for _ in range(n)) + tail("m", n)
     blocks = [body[i:i + 65536] for i in range(0, len(body), 65536)]
@@ -107,8 +118,10 @@ def provider_parse(mod, n=500, repeats=20):
     return asyncio.run(run()) / n * 1e6
 
 
-CASES = {"outbox": ("outbox_merge", "services/outbox.py", outbox_merge, "us/chunk"),
+CASES = {"outbox": ("outbox_merge", "services/wire/outbox.py", outbox_merge, "us/chunk"),
          "provider": ("provider_parse", "services/providers/openai_compat.py", provider_parse, "us/event")}
+FLAT = {"services/wire/outbox.py": "services/outbox.py",
+        "services/providers/openai_compat.py": "services/providers/openai_compat.py"}
 
 
 def main(argv=None):
@@ -120,8 +133,12 @@ def main(argv=None):
         name, module, measure, unit = CASES[case]
         trees = {"current": os.path.join(ROOT, module)}
         if args.ref:
-            old = subprocess.run(["git", "-C", ROOT, "show", f"{args.ref}:{module}"], check=True,
-                                 capture_output=True).stdout
+            flat_names()
+            old = subprocess.run(["git", "-C", ROOT, "show", f"{args.ref}:{module}"], capture_output=True)
+            if old.returncode:  # a tree from before services/ had folders
+                old = subprocess.run(["git", "-C", ROOT, "show", f"{args.ref}:{FLAT[module]}"], check=True,
+                                     capture_output=True)
+            old = old.stdout
             path = os.path.join(tempfile.mkdtemp(), os.path.basename(module))
             with open(path, "wb") as f:
                 f.write(old)

@@ -27,7 +27,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     workdir = tempfile.mkdtemp(prefix="parley-profile-")
-    from services.embedded_mongo import EmbeddedMongo
+    from services.storage.embedded_mongo import EmbeddedMongo
     mongo = EmbeddedMongo(os.path.join(workdir, "mongo")).start()
     b = run.Bench(argparse.Namespace(quick=False, ref=None, candidates=""), workdir)
     b.mongo_url = mongo.url

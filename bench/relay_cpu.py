@@ -10,7 +10,7 @@ import sys
 import tempfile
 
 from bench import run
-from services.embedded_mongo import EmbeddedMongo
+from services.storage.embedded_mongo import EmbeddedMongo
 
 
 def cpu(pid):

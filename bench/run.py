@@ -28,7 +28,7 @@ from bench.cluster import scenarios as cluster_scenarios
 from bench.cluster_load import scenarios as cluster_load_scenarios
 from bench.common import pipelines, raise_fd_limit
 from bench.client import SECRET, token
-from services.embedded_mongo import free_port
+from services.storage.embedded_mongo import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -345,7 +345,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     raise_fd_limit()
     workdir = tempfile.mkdtemp(prefix="parley-bench-")
-    from services.embedded_mongo import EmbeddedMongo
+    from services.storage.embedded_mongo import EmbeddedMongo
     mongo = EmbeddedMongo(os.path.join(workdir, "mongo")).start()
     b = Bench(args, workdir)
     b.mongo_url = mongo.url

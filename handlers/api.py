@@ -8,11 +8,13 @@ from datetime import datetime, timezone
 import msgspec
 
 from handlers.base import BaseHandler, api
-from services import frames, paging, schema
-from services.auth import COOKIE, bearer_or_query_token
-from services.sessions import check_id, check_session_type
-from services.codes import Code
-from services.errors import BadRequest
+from services.access.auth import COOKIE, bearer_or_query_token
+from services.conversations.sessions import check_session_type
+from services.storage import paging
+from services.wire import frames, schema
+from services.wire.codes import Code
+from services.wire.errors import BadRequest
+from services.wire.schema import check_id
 
 P = r"/api/v1/pipelines/(?P<pipeline>[^/]+)"
 S = P + r"/sessions/(?P<session_id>[^/]+)"

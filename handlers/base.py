@@ -6,12 +6,14 @@ from typing import Any, NamedTuple
 from pymongo.errors import PyMongoError
 from tornado import httputil, web
 
-from services import guards, logs, untrusted
-from services.auth import require_admin
-from services.codes import Code, for_http_status
-from services.schema import convert, to_builtins
-from services.forwarded import client_address
-from services.errors import (BadRequest, Forbidden, LengthRequired, NotFound, ParleyError, PayloadTooLarge,
+from services.access import guards, untrusted
+
+from services.access.auth import require_admin
+from services.access.forwarded import client_address
+from services.operations import logs
+from services.wire.codes import Code, for_http_status
+from services.wire.schema import convert, to_builtins
+from services.wire.errors import (BadRequest, Forbidden, LengthRequired, NotFound, ParleyError, PayloadTooLarge,
                              Unavailable)
 
 log = logging.getLogger(__name__)
@@ -19,9 +21,9 @@ log = logging.getLogger(__name__)
 
 class Api(NamedTuple):
     """What one REST method declares (the @api decorator): GET /openapi.json is generated from these and the
-    modules' route lists (services/schema.py openapi)."""
+    modules' route lists (services/wire/schema.py openapi)."""
     summary: str
-    body: Any = None       # its request body's Struct (services/schema.py), read by BaseHandler.body()
+    body: Any = None       # its request body's Struct (services/wire/schema.py), read by BaseHandler.body()
     status: int = 200      # its success status, answered by BaseHandler.ok()
     admin: bool = False    # admins only: refused in prepare(), before the method runs
 
@@ -136,7 +138,7 @@ class BaseHandler(web.RequestHandler):
         return getattr(getattr(self, self.request.method.lower(), None), "api", None)
 
     def ok(self, data, status=None):
-        """LangBot's envelope, which Parley keeps for every success. `data` may hold Structs (services/schema.py).
+        """LangBot's envelope, which Parley keeps for every success. `data` may hold Structs (services/wire/schema.py).
         `status`: the method's declared one unless given."""
         if status is None:
             status = declared.status if (declared := self.declared()) is not None else 200
@@ -152,7 +154,7 @@ class BaseHandler(web.RequestHandler):
         return body
 
     def body(self):
-        """The JSON body validated against the method's declared body (@api: a services/schema.py Struct); unknown
+        """The JSON body validated against the method's declared body (@api: a services/wire/schema.py Struct); unknown
         fields dropped."""
         return convert(self.json_body(), self.declared().body)
 

@@ -1,4 +1,4 @@
-"""The embed widget's routes, as LangBot's widget calls them, for anonymous visitors (services/visitors.py):
+"""The embed widget's routes, as LangBot's widget calls them, for anonymous visitors (services/access/visitors.py):
 history, reset, feedback, the human check, the logo and Parley's own widget script. The WebSocket is
 handlers/ws.py EmbedSocket. None of them takes the API's credentials, and a visitor's identity opens no other
 route. Pages on the bot's `origins` may call them from the browser (CORS, and cross-origin writes)."""
@@ -8,12 +8,12 @@ import secrets
 
 from handlers.base import BaseHandler, api
 from parley import resource
-from services import frames, schema
-from services.sessions import check_session_type
-from services.codes import Code
-from services.errors import Forbidden, ParleyError
-from services.forwarded import public_origin
-from services.auth import bearer_or_query_token
+from services.access.auth import bearer_or_query_token
+from services.access.forwarded import public_origin
+from services.conversations.sessions import check_session_type
+from services.wire import frames, schema
+from services.wire.codes import Code
+from services.wire.errors import Forbidden, ParleyError
 
 B = r"/api/v1/embed/(?P<bot>[^/]+)"
 STATIC_DIR = str(resource("static"))
@@ -23,7 +23,7 @@ RATINGS = {1: "like", 2: "dislike", 3: "cancel"}
 
 
 class EmbedHandler(BaseHandler):
-    public = True  # visitors: services/visitors.py, not the API's credentials
+    public = True  # visitors: services/access/visitors.py, not the API's credentials
 
     def prepare(self):
         self.pipeline = self.embed = None

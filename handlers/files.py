@@ -1,13 +1,13 @@
 """Files: LangBot's dashboard uploads (multipart -> a key for an `Image`/`File`/`Voice` component's `path`), and
-the download of a stored file by whoever may read it (services/files.py)."""
+the download of a stored file by whoever may read it (services/conversations/files.py)."""
 import time
 from urllib.parse import quote
 
 from tornado import httputil
 
 from handlers.base import BaseHandler, api
-from services.codes import Code
-from services.errors import BadRequest, NotFound
+from services.wire.codes import Code
+from services.wire.errors import BadRequest, NotFound
 
 UPLOAD_MARGIN = 64 * 1024  # of a multipart body, beyond the file: boundaries, headers, the file name
 

@@ -9,8 +9,8 @@ import logging
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from handlers.base import BaseHandler
-from services.codes import Code
-from services.logs import scrub
+from services.operations.logs import scrub
+from services.wire.codes import Code
 
 access_log = logging.getLogger("tornado.access")
 

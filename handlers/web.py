@@ -13,7 +13,7 @@ from tornado import routing, web
 
 from handlers.base import error_reason
 from parley import resource
-from services.codes import for_http_status
+from services.wire.codes import for_http_status
 
 STATIC_DIR = str(resource("static"))
 _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")

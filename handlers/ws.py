@@ -3,7 +3,7 @@
 Nothing is registered before authentication succeeds: a client without credentials in the handshake has
 --auth-timeout seconds (10) to send `{"type": "authenticate", "token": ...}` as its first frame. Such a socket
 counts against --max-connections from the moment it opens. Pings and token expiry (`reconnect`, then 4401) are
-services/keepalive.py's, one timer for every socket.
+services/delivery/keepalive.py's, one timer for every socket.
 
 Only Tornado's public API: the `ping_interval` and `max_message_size` properties (Tornado's own pinger off, its
 size limit a hard cap above ours), `ping`/`on_pong`, `close_code` (how the peer closed). What that API cannot
@@ -26,17 +26,18 @@ from pymongo.errors import PyMongoError
 from tornado import web, websocket
 
 from handlers.base import error_reason
-from services import frames, guards, logs, schema
-from services.auth import request_credential
-from services.sessions import check_session_type
-from services.codes import CLOSE_FOR_CODE, CLOSE_FOR_STATUS, PING_TIMEOUT, Close, Code, for_http_status
-from services.forwarded import client_address
-from services.auth import bearer_or_query_token
-from services.errors import BadRequest, Capacity, ParleyError, RateLimited, Unauthorized, Unavailable
-from services.hub import Connection, ConnectionClosed
-from services.limits import check_capacity
-from services.protocol import ClientProtocol
-from services.schema import AuthenticateFrame, decode_frame
+from services.access import guards
+from services.access.auth import bearer_or_query_token, request_credential
+from services.access.forwarded import client_address
+from services.access.limits import check_capacity
+from services.conversations.sessions import check_session_type
+from services.delivery.hub import Connection, ConnectionClosed
+from services.operations import logs
+from services.wire import frames, schema
+from services.wire.codes import CLOSE_FOR_CODE, CLOSE_FOR_STATUS, PING_TIMEOUT, Close, Code, for_http_status
+from services.wire.errors import BadRequest, Capacity, ParleyError, RateLimited, Unauthorized, Unavailable
+from services.wire.protocol import ClientProtocol
+from services.wire.schema import AuthenticateFrame, decode_frame
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class ChatSocket(websocket.WebSocketHandler):
 
     @property
     def ping_interval(self):
-        return 0  # Tornado's pinger (a task per socket, its timeout untold) stays off: services/keepalive.py
+        return 0  # Tornado's pinger (a task per socket, its timeout untold) stays off: services/delivery/keepalive.py
 
     @property
     def max_message_size(self):
@@ -304,7 +305,7 @@ class ChatSocket(websocket.WebSocketHandler):
     def _closing(self, code, reason):
         if code == Close.NORMAL:
             self.closed_by = "client_request"  # the client's `disconnect` frame
-        else:  # parley_ws_disconnects_total{reason}: the close code's (services/codes.py), a ping timeout's
+        else:  # parley_ws_disconnects_total{reason}: the close code's (services/wire/codes.py), a ping timeout's
             self.closed_by = PING_TIMEOUT if reason == PING_TIMEOUT else DISCONNECT_FOR_CODE.get(code, "other")
             self.services.metrics.disconnected(self.closed_by)
 
@@ -315,7 +316,7 @@ class ChatSocket(websocket.WebSocketHandler):
             self.services.hub.pending += 1 if held else -1
 
     def _ping(self):
-        """Connection.ping (services/keepalive.py): a WebSocket ping, answered by on_pong."""
+        """Connection.ping (services/delivery/keepalive.py): a WebSocket ping, answered by on_pong."""
         try:
             self.ping()
             return True
@@ -336,8 +337,8 @@ class ChatSocket(websocket.WebSocketHandler):
 
 class EmbedSocket(ChatSocket):
     """A widget's visitor (LangBot's or Parley's): /api/v1/embed/<bot>/ws/connect?session_type=…&session_id=<the
-    widget's own random id>. Anonymous (services/visitors.py): the API's credentials play no part; a visitor token
-    comes in the handshake or, as LangBot's widget sends it, in the `authenticate` frame (`""` when there is
+    widget's own random id>. Anonymous (services/access/visitors.py): the API's credentials play no part; a visitor
+    token comes in the handshake or, as LangBot's widget sends it, in the `authenticate` frame (`""` when there is
     none). Always LangBot's dialect, and only its frames; `connected` names the bot (`bot_uuid`), never the
     pipeline. A limit refuses with a reply saying why, then closes 1013: never an `error` frame, which LangBot's
     widget takes for a lost connection."""

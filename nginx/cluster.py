@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from nginx.supervisor import Supervisor  # noqa: E402
-from services.embedded_mongo import EmbeddedMongo, free_port  # noqa: E402
+from services.storage.embedded_mongo import EmbeddedMongo, free_port  # noqa: E402
 
 NGINX = os.environ.get("PARLEY_NGINX", "/usr/sbin/nginx")
 TEMPLATE = ROOT / "nginx" / "parley.conf"

@@ -20,7 +20,7 @@ def main(argv=None):
     command, rest = argv[0], argv[1:]
     sys.argv[0] = f"parley {command}"  # what --help and errors call it
     if command == "serve":
-        from services.embedded_mongo import start_early
+        from services.storage.embedded_mongo import start_early
         early = start_early(rest)  # as `python server.py` does: the store starts while the app is imported
         import server
         server.main(rest, early_store=early)

@@ -24,7 +24,7 @@ from tornado.websocket import websocket_connect
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from services.embedded_mongo import free_port  # noqa: E402
+from services.storage.embedded_mongo import free_port  # noqa: E402
 
 TOKEN = "first-reply-token-0123456789"
 PIPELINES = {

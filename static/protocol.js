@@ -1,4 +1,4 @@
-/* static/protocol.js: generated from services/codes.py by `python -m services.schema`; do not edit
+/* static/protocol.js: generated from services/wire/codes.py by `python -m services.wire.schema`; do not edit
  * (a test fails when it is stale). NO_RETRY: close codes after which a client should not reconnect
  * until something changes (credentials, parameters), or that it caused itself (1000). */
 (function (root, factory) {

@@ -17,8 +17,8 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.websocket import websocket_connect
 
 from nginx.cluster import Cluster, nginx_binary
-from services.embedded_mongo import free_port
-from services.store import bus_db_name
+from services.storage.embedded_mongo import free_port
+from services.storage.store import bus_db_name
 from tests.conftest import Client, require
 
 JWT_SECRET = "cluster-test-secret-0123456789abcdef"
@@ -138,7 +138,7 @@ class ClusterClient(Client):
 def explain(cluster, message_id, held=None):
     """What a failure report needs about one reply: the client's trail, the store's view, and every instance's
     log lines that name it (CI keeps only the tail of the suite's output)."""
-    from services.store import assemble
+    from services.storage.store import assemble
     with MongoClient(cluster.mongo_url) as db:
         doc = assemble(db[cluster.db_name].messages.find_one({"_id": message_id})) or {}
     lines = [f"reply {message_id}: store status={doc.get('status')} content={len(doc.get('content') or '')} "
@@ -244,7 +244,7 @@ continue_with = "continue_final_message"
 def demo_text(pipeline, question):
     """(reasoning, answer): what the demo pipeline of this file streams for `question`, uninterrupted."""
     import tomllib
-    from services.pipelines import Pipeline
+    from services.operations.pipelines import Pipeline
     from services.providers.demo import DemoProvider
     table = tomllib.loads(pipelines_toml(0))["pipelines"][pipeline]
     return DemoProvider(Pipeline(id=pipeline, options=table.get("options", {}))).whole(question)

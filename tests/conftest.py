@@ -15,11 +15,11 @@ from tornado import httpclient
 from tornado.websocket import websocket_connect
 
 import server
-from services import schema
-from services.codes import Code
-from services.embedded_mongo import EmbeddedMongo
-from services.pipelines import Embed, Pipeline, Pipelines, Timeouts
+from services.operations.pipelines import Embed, Pipeline, Pipelines, Timeouts
 from services.providers import make_provider
+from services.storage.embedded_mongo import EmbeddedMongo
+from services.wire import schema
+from services.wire.codes import Code
 from tests.fakes import FAKE_PROVIDERS
 from tests.upstream import FakeUpstream
 
@@ -48,7 +48,7 @@ def require(condition, reason):
 
 
 def frame_problem(frame, text=None, dialect=None):
-    """Why a frame about to go on the wire is not what services/schema.py declares (None: it is). The frame must
+    """Why a frame about to go on the wire is not what services/wire/schema.py declares (None: it is). The frame must
     be an instance of a server frame Struct (of the connection's dialect, when known); its bytes, when the
     sender encoded them (shared by many connections), must be exactly its encoding and decode under the
     dialect's declaration with no unknown field."""
@@ -59,7 +59,7 @@ def frame_problem(frame, text=None, dialect=None):
     if type(frame) is schema.Error:  # its code is a row of the table; one a plain LangBot client may get, if it
         # answers a LangBot frame (or the connect)
         if frame.code not in set(Code):
-            return f"error code {frame.code!r} is not in services/codes.py"
+            return f"error code {frame.code!r} is not in services/wire/codes.py"
         langbot_request = frame.request_type in (msgspec.UNSET, *(schema.frame_type(t) for t in schema.LANGBOT_CLIENT))
         if dialect == "langbot" and langbot_request and not Code(frame.code).langbot:
             return f"error code {frame.code!r} answers a LangBot request but is not marked `langbot`"
@@ -79,7 +79,8 @@ def frames_are_their_structs(monkeypatch):
     """Every frame the server puts on a WebSocket is checked where it is sent (frame_problem): everything encoded
     as a frame, everything queued for a connection (against its dialect), everything an outbox writes (merged
     chunks and paged catch-ups included). A mismatch fails the test that sent it."""
-    from services import hub, outbox
+    from services.delivery import hub
+    from services.wire import outbox
     problems = []
     encode, send, write = schema.encode, hub.Connection.send, outbox.Outbox._send
 
@@ -200,7 +201,7 @@ def services(io_loop, config, mongo_url, db_name):
 @pytest.fixture
 def stored_message(io_loop, mongo_url, db_name):
     """`await stored_message(message_id)`: a message as any MongoDB client reads it from the suite's store, not
-    through services/store.py: its document, with the text checkpointed so far (`content` plus the appended
+    through services/storage/store.py: its document, with the text checkpointed so far (`content` plus the appended
     `text_parts`: docs/architecture.md, "Checkpoints append"). None if there is none."""
     client = AsyncMongoClient(mongo_url, tz_aware=True)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import jwt
 import pytest
 
-from services.embedded_mongo import free_port
+from services.storage.embedded_mongo import free_port
 from tests.conftest import TEST_TOKEN, require
 from tests.upstream import FakeUpstream, Script
 

@@ -1,13 +1,13 @@
-"""Writes under bursts: group commit (services/batching.py, services/store.py) and admission of sends, against
-the real store (nx-27017, or PARLEY_TEST_MONGO_URL)."""
+"""Writes under bursts: group commit (services/storage/batching.py, services/storage/store.py) and admission of sends,
+against the real store (nx-27017, or PARLEY_TEST_MONGO_URL)."""
 import asyncio
 
 import pytest
 import server
 from pymongo.errors import DuplicateKeyError
 
-from services.batching import GroupCommit
-from services.store import new_id, utcnow
+from services.storage.batching import GroupCommit
+from services.storage.store import new_id, utcnow
 from tests.conftest import TEST_TOKEN, settle
 
 pytestmark = pytest.mark.gen_test(timeout=120)

@@ -182,7 +182,7 @@ async def test_a_wrong_pipeline_or_a_dead_server_is_explained(terminal, base_url
     t = terminal("nope", "--url", base_url, "--token", TEST_TOKEN)
     await t.expect(r"no pipeline 'nope' on this server; it has: default")
     assert await t.exit_code() == 1
-    from services.embedded_mongo import free_port
+    from services.storage.embedded_mongo import free_port
     t = terminal("--url", f"ws://127.0.0.1:{free_port()}", "--token", TEST_TOKEN)
     await t.expect(r"cannot reach Parley at http://127\.0\.0\.1:\d+ .*make run")
     assert await t.exit_code() == 1
@@ -204,7 +204,7 @@ class PacedServer:
     port; `history()` waits until it answers and returns the session's messages."""
 
     def __init__(self, tmp_path, *extra):
-        from services.embedded_mongo import free_port
+        from services.storage.embedded_mongo import free_port
         self.tmp_path, self.extra, self.port, self.proc = tmp_path, extra, free_port(), None
         self.pipelines = tmp_path / "pipelines.toml"
         self.pipelines.write_text('[pipelines.paced]\nprovider = "demo"\nmodel = "demo"\n'
@@ -299,7 +299,7 @@ def test_after_its_server_is_killed_the_client_shows_the_reply_going_on(terminal
     demo's whole answer."""
     import signal
 
-    from services.pipelines import Pipeline
+    from services.operations.pipelines import Pipeline
     from services.providers.demo import DemoProvider
     paced = PacedServer(tmp_path)
     start, history, port = paced.start, paced.history, paced.port

@@ -11,8 +11,8 @@ from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClosedError
 
 from nginx.cluster import Cluster, nginx_binary
-from services.embedded_mongo import EmbeddedMongo, free_port
-from services.store import assemble
+from services.storage.embedded_mongo import EmbeddedMongo, free_port
+from services.storage.store import assemble
 from tests.conftest import require
 from tests.test_resume import Received, abort, follow, nothing_more, send_resume
 from tests.upstream import FakeUpstream, Script
@@ -643,7 +643,7 @@ def store_without_event(cluster, session_id, text, reply="from the store only"):
     its ended reply inserted, and no event ever published. Returns (user id, reply id, user seq)."""
     from datetime import datetime, timezone
     from pymongo import ReturnDocument
-    from services.store import new_id
+    from services.storage.store import new_id
     now = datetime.now(timezone.utc)
     with MongoClient(cluster.mongo_url) as db:
         store = db[cluster.db_name]

@@ -4,17 +4,18 @@ import time
 
 import pytest
 
-from services import events
-from services.bus import LocalBus
-from services.store import new_id, utcnow
-from services.streams import StreamManager
+from services.delivery.bus import LocalBus
+from services.replies.streams import StreamManager
+from services.storage.store import new_id, utcnow
+from services.wire import events
 from tests.conftest import provider_factory
 
 pytestmark = pytest.mark.gen_test(timeout=60)
 
 
 async def stored_send(store, session, seq, text):
-    """What services/sending.py send() stores once its numbers are reserved: the message and its queued reply."""
+    """What services/conversations/sending.py send() stores once its numbers are reserved: the message and its queued
+    reply."""
     now = utcnow()
     base = {"session_id": session["_id"], "pipeline": session["pipeline"], "created_at": now, "updated_at": now}
     user = {"_id": new_id(), "seq": seq, "role": "user", "content": text, "status": "completed", "sender": "u",
@@ -72,7 +73,7 @@ async def test_after_a_reset_a_reply_waits_only_for_numbers_reserved_since(servi
     session = await store.create_session(pipeline="default", session_type="group", owner="u")
     user, reply = await stored_send(store, session, await store.next_seqs(session["_id"], 2), "before")
     assert await store.delete_session_messages(session["_id"]) == 2
-    caplog.set_level("INFO", logger="services.turns")  # its "waited" line
+    caplog.set_level("INFO", logger="services.cluster.turns")  # its "waited" line
     user, reply = await stored_send(store, session, await store.next_seqs(session["_id"], 2), "first after")
     gen = a.accept(message_id=reply["_id"], session=session, seq=reply["seq"], reply_to=user["_id"],
                    prompt="first after", sender="u", stream=True)

@@ -1,4 +1,4 @@
-"""One table each for error codes, reply error codes, close codes and reply statuses (services/codes.py): the
+"""One table each for error codes, reply error codes, close codes and reply statuses (services/wire/codes.py): the
 docs' tables, the metrics' label values and static/protocol.js are checked against them (or generated from them),
 and no code is written out anywhere else."""
 import re
@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from services import metrics, schema
-from services.codes import LIVE, TERMINAL, Close, Code, ReplyCode, ReplyStatus
-from services.errors import BadRequest, NotFound, ParleyError
+from services.operations import metrics
+
+from services.wire import schema
+from services.wire.codes import LIVE, TERMINAL, Close, Code, ReplyCode, ReplyStatus
+from services.wire.errors import BadRequest, NotFound, ParleyError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,7 +51,8 @@ def test_generated_files_are_current():
     """docs/asyncapi.yaml (compared as data in test_schema.py) and static/protocol.js."""
     for path, generate in schema.GENERATED.items():
         if path.endswith(".js"):
-            assert (ROOT / path).read_text() == generate(), f"{path} is stale: `.venv/bin/python -m services.schema`"
+            stale = f"{path} is stale: `.venv/bin/python -m services.wire.schema`"
+            assert (ROOT / path).read_text() == generate(), stale
     assert [c.value for c in Close if not c.retry] == [1000, 4400, 4401, 4403, 4404]  # protocol.js NO_RETRY
     js = schema.protocol_js()
     assert all(f'"{s.name}": "{s.value}"' in js for s in ReplyStatus)
@@ -107,7 +110,7 @@ def test_metrics_label_values_come_from_the_tables_and_operations_md_lists_them(
 def test_the_wire_check_knows_which_codes_a_langbot_client_may_get():
     """tests/conftest.py refuses an error frame answering a LangBot request (or the connect) with a code the table
     does not mark `langbot`; an answer to a Parley frame may carry any."""
-    from services import frames
+    from services.wire import frames
     from tests.conftest import frame_problem
     offset = frames.error(BadRequest("beyond the text", code=Code.INVALID_OFFSET), request_type="stop")
     assert "not marked `langbot`" in frame_problem(offset, None, "langbot")

@@ -10,8 +10,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from tornado.httpclient import HTTPClientError
 from tornado.websocket import websocket_connect
 
-from services import replylog
-from services.auth import Authenticator
+from services.access.auth import Authenticator
+from services.delivery import replylog
 from tests.conftest import TEST_TOKEN, Client, settle, ws_request
 
 pytestmark = pytest.mark.gen_test(timeout=40)

@@ -15,8 +15,8 @@ from tornado.testing import bind_unused_port
 from tornado.websocket import websocket_connect
 
 import server
-from services.embedded_mongo import free_port
-from services.store import assemble, utcnow
+from services.storage.embedded_mongo import free_port
+from services.storage.store import assemble, utcnow
 from tests.conftest import TEST_TOKEN, Client, make_test_pipelines, provider_factory, ws_request
 from services.providers.demo import DemoProvider
 from tests.test_resume import Received, abort, follow, nothing_more, send_resume
@@ -276,7 +276,7 @@ def _stop(first, second, mongo_url, db_name):
 
 def _slow():
     """The `slow` pipeline of PIPELINES_TOML, as the servers read it."""
-    from services.pipelines import Pipeline
+    from services.operations.pipelines import Pipeline
     return Pipeline(id="slow", provider="demo", options={"words": 3000, "rate": 100})
 
 

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from services.pipelines import Pipeline, PipelineConfigError, default_pipelines, load_pipelines
+from services.operations.pipelines import Pipeline, PipelineConfigError, default_pipelines, load_pipelines
 from services.providers import GenerationRequest, Turn
 from services.providers.demo import DemoProvider, topic_of
 

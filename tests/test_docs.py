@@ -6,15 +6,15 @@ from pathlib import Path
 
 import server
 
-from services.auth import Identity
-from services.codes import Code, ReplyCode
-from services.pipelines import load_pipelines
+from services.access.auth import Identity
+from services.operations.pipelines import load_pipelines
+from services.wire.codes import Code, ReplyCode
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_every_error_code_is_in_protocol_md():
-    """Every code the server can send is a row of services/codes.py's tables (tests/test_codes.py: no code is
+    """Every code the server can send is a row of services/wire/codes.py's tables (tests/test_codes.py: no code is
     written anywhere else, and protocol.md's tables are exactly these)."""
     documented = set(re.findall(r"^\| `([a-z_]+)` \|", (ROOT / "docs/protocol.md").read_text(), re.M))
     codes = {c.value for c in Code} | {c.value for c in ReplyCode}

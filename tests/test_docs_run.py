@@ -14,7 +14,8 @@ runs with `-o` for the install stamps (tests/test_install.py installs for real).
   their own argument parser (`--help` lists every option the line uses);
 - html: each `<script src>` is the widget route (/api/v1/embed/<bot>/widget.js) of a bot a TOML block before it
   declared;
-- the diagrams and the layout tree in FIGURES are text, not commands.
+- the diagrams, the layout tree and the rooms' list in FIGURES are text, not commands (tests/test_layout.py
+  checks the rooms' list).
 
 A block this test does not know fails it: give it a check here.
 """
@@ -34,15 +35,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services import settings
-from services.embedded_mongo import free_port
-from services.pipelines import load_pipelines
+from services.operations import settings
+from services.operations.pipelines import load_pipelines
+from services.storage.embedded_mongo import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FIGURES = [("README.md", "server.py      config"), ("architecture.md", "streams.py (reply.started"),
            ("architecture.md", "client         nginx"), ("architecture.md", "client                 B"),
-           ("architecture.md", "viewer(A)   A (owner)")]
+           ("architecture.md", "viewer(A)   A (owner)"), ("architecture.md", "services/replies/ ")]
 PRINTS = {  # what a block's output must be, beyond running
     # the reply once, not the whole growing text at every frame
     ("README.md", "import asyncio, json, os"): lambda out: out.startswith("connected\n") and

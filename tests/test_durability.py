@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from services.store import new_id, utcnow
+from services.storage.store import new_id, utcnow
 from tests.conftest import settle
 
 pytestmark = pytest.mark.gen_test(timeout=30)

@@ -8,9 +8,9 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services import events
-from services.replylog import PAGE
-from services.store import utcnow
+from services.delivery.replylog import PAGE
+from services.storage.store import utcnow
+from services.wire import events
 from tests.conftest import settle
 from tests.test_resume import Received, nothing_more, send_resume
 
@@ -102,7 +102,7 @@ async def test_one_event_one_encoding_the_same_bytes_for_every_viewer(connect, s
     assert got_cumulative[0][-1].replace(json.loads(got_cumulative[0][-1])["data"]["connection_id"], "") == \
         got_delta[0][-1].replace(json.loads(got_delta[0][-1])["data"]["connection_id"], "")  # one final
     encoded = after["parley_frames_encoded_total"] - before["parley_frames_encoded_total"]
-    # per mode: the frames one viewer got, and the chunks its busy socket merged into them (services/outbox.py)
+    # per mode: the frames one viewer got, and the chunks its busy socket merged into them (services/wire/outbox.py)
     merged = sum(services.hub.connections[c[0].connected["connection_id"]].outbox.merged
                  for c in (cumulative, delta))
     distinct = len(got_cumulative[0]) + len(got_delta[0]) + merged + 1  # the sender's echo and ack aside

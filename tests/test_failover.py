@@ -14,7 +14,7 @@ from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClosedError
 
 from services.providers.openai_compat import CONTINUE_INSTRUCTION
-from services.store import assemble
+from services.storage.store import assemble
 from tests.upstream import FakeUpstream, Script
 from tests.cluster import (LIVENESS, PATIENCE, cluster, connect, demo_text, explain, fetch, plain,  # noqa: F401
                            spread, wait_for)

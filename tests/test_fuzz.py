@@ -26,7 +26,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
 from handlers.ws import HARD_CAP_FACTOR
-from services.embedded_mongo import free_port
+from services.storage.embedded_mongo import free_port
 from tests.conftest import TEST_TOKEN
 
 ROOT = Path(__file__).resolve().parent.parent

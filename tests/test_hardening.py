@@ -308,7 +308,7 @@ class TestTokenExpiry:
 
 
 async def test_a_connection_views_a_bounded_number_of_sessions(connect, fetch, monkeypatch):
-    monkeypatch.setattr("services.protocol.MAX_VIEWED", 3)
+    monkeypatch.setattr("services.wire.protocol.MAX_VIEWED", 3)
     c = await connect()
     ids = []
     for i in range(3):

@@ -12,7 +12,7 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient
 from tornado.websocket import websocket_connect
 
-from services.embedded_mongo import free_port
+from services.storage.embedded_mongo import free_port
 from tests.conftest import TEST_TOKEN, Client, ws_request
 from tests.test_server_process import AUTH, alive, nx_pid, start_server, stop_server, wait_ready
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from services.embedded_mongo import free_port
+from services.storage.embedded_mongo import free_port
 from tests.conftest import TEST_TOKEN
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from pymongo import MongoClient
 
-from services.embedded_mongo import free_port
+from services.storage.embedded_mongo import free_port
 from tests.conftest import TEST_TOKEN, require
 from tests.test_browser import Server, browser, new_page, shot  # noqa: F401 (fixtures)
 

@@ -9,8 +9,8 @@ from pymongo import MongoClient
 from tornado.websocket import websocket_connect
 
 import server
-from services import logs
-from services.pipelines import Pipeline, Pipelines, Timeouts
+from services.operations import logs
+from services.operations.pipelines import Pipeline, Pipelines, Timeouts
 from tests.conftest import TEST_TOKEN, Client, make_test_pipelines, provider_factory
 from tests.upstream import FakeUpstream
 

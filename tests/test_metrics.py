@@ -10,8 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from pymongo import AsyncMongoClient
 
 import server
-from services.metrics import Metrics
-from services.store import Store
+from services.operations.metrics import Metrics
+from services.storage.store import Store
 from tests.conftest import TEST_TOKEN, settle
 
 pytestmark = pytest.mark.gen_test(timeout=30)
@@ -321,7 +321,7 @@ async def test_an_idle_server_with_one_pipeline_exports_a_few_hundred_series(io_
     from tornado.httpserver import HTTPServer
     from tornado.netutil import bind_sockets
 
-    from services.pipelines import default_pipelines
+    from services.operations.pipelines import default_pipelines
     svc = await server.open_services(config, pipelines=default_pipelines())
     sockets = bind_sockets(0, "127.0.0.1")
     http = HTTPServer(server.make_app(svc))

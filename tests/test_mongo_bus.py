@@ -1,13 +1,15 @@
-"""The MongoDB bus (services/mongo_bus.py) between two instances in one process, on the real store."""
+"""The MongoDB bus (services/cluster/mongo_bus.py) between two instances in one process, on the real store."""
 import asyncio
 import types
 
 import pytest
 from pymongo import AsyncMongoClient, MongoClient
 
-from services import events, mongo_bus
-from services.mongo_bus import MongoBus
-from services.store import Store, bus_db_name
+from services.cluster import mongo_bus
+
+from services.cluster.mongo_bus import MongoBus
+from services.storage.store import Store, bus_db_name
+from services.wire import events
 from tests.conftest import settle
 
 pytestmark = pytest.mark.gen_test(timeout=30)

@@ -21,8 +21,8 @@ from tornado.websocket import WebSocketClosedError, websocket_connect
 
 from nginx.cluster import ROOT, TEMPLATE, nginx_binary, render_conf, start_nginx, stop_nginx, wait_http
 from nginx.supervisor import Supervisor, nginx_workers
-from services.embedded_mongo import free_port
-from services.store import bus_db_name
+from services.storage.embedded_mongo import free_port
+from services.storage.store import bus_db_name
 from tests.cluster import (PATIENCE, connect, fetch, instance_for, plain, running_cluster, source, spread, token,
                            wait_for)
 from tests.conftest import Client, require

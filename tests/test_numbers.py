@@ -1,5 +1,5 @@
 """Message numbers: every message of a session gets its own, in order, and the store's counter follows them —
-also when they are taken from memory (services/numbers.py) and when the stored counter was left behind."""
+also when they are taken from memory (services/conversations/numbers.py) and when the stored counter was left behind."""
 import asyncio
 import json
 

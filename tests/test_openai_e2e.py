@@ -10,7 +10,7 @@ from tornado.testing import bind_unused_port
 from tornado.websocket import websocket_connect
 
 import server
-from services.pipelines import Pipeline, Pipelines, Timeouts
+from services.operations.pipelines import Pipeline, Pipelines, Timeouts
 from tests.conftest import Client, ws_request
 from tests.upstream import Script
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from services.pipelines import Pipeline, Timeouts
+from services.operations.pipelines import Pipeline, Timeouts
 from services.providers import GenerationRequest, ProviderError, Turn, make_provider
 from services.providers.openai_compat import OpenAIProvider, ThinkSplitter, _sse_data, build_messages
 from tests.upstream import Script, closed_port

@@ -4,8 +4,8 @@ import pathlib
 
 import pytest
 
-from services.errors import NotFound
-from services.pipelines import Pipeline, PipelineConfigError, Timeouts, default_pipelines, load_pipelines
+from services.operations.pipelines import Pipeline, PipelineConfigError, Timeouts, default_pipelines, load_pipelines
+from services.wire.errors import NotFound
 
 EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / "pipelines.example.toml"
 
@@ -69,7 +69,7 @@ def test_public_view_leaks_no_secret_or_configuration():
 
 def test_missing_key_variable_is_warned_at_load(write, monkeypatch, caplog):
     monkeypatch.delenv("PARLEY_NOPE_KEY", raising=False)
-    with caplog.at_level(logging.WARNING, logger="services.pipelines"):
+    with caplog.at_level(logging.WARNING, logger="services.operations.pipelines"):
         load_pipelines(write(GOOD + 'api_key_env = "PARLEY_NOPE_KEY"\n'))
     assert "PARLEY_NOPE_KEY" in caplog.text and "local" in caplog.text
 

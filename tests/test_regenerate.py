@@ -5,8 +5,8 @@ model's context; only the latest reply of a session, once ended, can be regenera
 """
 import pytest
 
-from services import events
-from services.ordering import Ordering
+from services.delivery.ordering import Ordering
+from services.wire import events
 
 pytestmark = pytest.mark.gen_test(timeout=30)
 

@@ -7,9 +7,9 @@ import json
 import pytest
 from tornado.concurrent import Future
 
-from services.outbox import Outbox, encode
 from services.providers.demo import DemoProvider
-from services.schema import Presence, PresenceData, ReplyData, Response
+from services.wire.outbox import Outbox, encode
+from services.wire.schema import Presence, PresenceData, ReplyData, Response
 from tests.test_resume import Received, follow, nothing_more, send_resume
 
 

@@ -1,6 +1,6 @@
 """One reply's log and its readers, proved by interleaving (Hypothesis stateful testing).
 
-A model of the world around one instance's reply logs (services/replylog.py): the store's state of one reply
+A model of the world around one instance's reply logs (services/delivery/replylog.py): the store's state of one reply
 (status, epoch, checkpointed text), an owner generating it, the owner's deltas and final on the bus, a reaper
 ending it when its owner is lost, a new owner continuing it from the checkpoint, a fenced owner that wakes and
 keeps talking, the bus duplicating, reordering and losing events, re-reads of the store, viewers present from
@@ -19,11 +19,13 @@ import pytest
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from services import events, frames, replylog
-from services.errors import BadRequest
-from services.outbox import encode
-from services.schema import LANGBOT_STRUCTS
-from services.replylog import ReplyLogs
+from services.delivery import replylog
+
+from services.delivery.replylog import ReplyLogs
+from services.wire import events, frames
+from services.wire.errors import BadRequest
+from services.wire.outbox import encode
+from services.wire.schema import LANGBOT_STRUCTS
 
 SESSION, MESSAGE = "s1", "m1"
 BASE = {"session_id": SESSION, "message_id": MESSAGE, "seq": 2, "reply_to": "u1"}
@@ -240,7 +242,7 @@ class ReplyMachine(RuleBasedStateMachine):
         self.pending.append({"type": "reply.final", **self._final_fields(), "origin": "stale", "at": 4.0})
 
     def _stored(self):
-        """The stored state as a read of the store gives it to the logs (services/events.py reply_stored)."""
+        """The stored state as a read of the store gives it to the logs (services/wire/events.py reply_stored)."""
         return events.decode({"type": "reply.stored", **self.store})
 
     def _final_fields(self):

@@ -2,7 +2,7 @@
 earlier than a chunk still waiting for a slow reader, and must stay its own frame."""
 from tornado.concurrent import Future
 
-from services.outbox import WINDOW, Outbox
+from services.wire.outbox import WINDOW, Outbox
 from tests.test_relay_coalescing import chunk, reply_frame
 
 
@@ -17,7 +17,7 @@ def test_only_contiguous_delta_chunks_merge():
 
 
 def test_merged_size_matches_the_merged_frames_encoding_without_encoding_it():
-    from services.outbox import encode, merge, merged_size
+    from services.wire.outbox import encode, merge, merged_size
 
     older = chunk(0, 'say "hi"\n')
     size = len(encode(older))

@@ -18,7 +18,7 @@ from referencing.jsonschema import DRAFT202012
 
 from handlers import api
 from handlers.base import BaseHandler
-from services import schema
+from services.wire import schema
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,7 +43,7 @@ def refs(node):
 
 def test_asyncapi_yaml_is_generated_from_the_code():
     on_disk = yaml.safe_load((ROOT / "docs/asyncapi.yaml").read_text())
-    assert on_disk == schema.asyncapi(), "docs/asyncapi.yaml is stale: run `.venv/bin/python -m services.schema`"
+    assert on_disk == schema.asyncapi(), "docs/asyncapi.yaml is stale: run `.venv/bin/python -m services.wire.schema`"
 
 
 def asyncapi_meta_validator():
@@ -188,7 +188,7 @@ async def test_hostile_json_gets_an_error_frame_never_an_internal_error(connect)
 
 def test_protocol_md_tables_match_the_schema():
     """The client-frame table, the component table, the fields of each client frame and a heading per server
-    frame in docs/protocol.md agree with services/schema.py."""
+    frame in docs/protocol.md agree with services/wire/schema.py."""
     import re
     text = (ROOT / "docs/protocol.md").read_text()
     section = text[text.index("## Client frames"):text.index("## Server frames")]
@@ -208,7 +208,7 @@ def test_protocol_md_tables_match_the_schema():
 def test_the_wire_check_refuses_what_is_not_its_struct():
     """The suite-wide check (tests/conftest.py frames_are_their_structs) can fail: a dict, a Parley frame for a
     plain LangBot connection, bytes that are not the frame's, a field value outside its declaration."""
-    from services import frames
+    from services.wire import frames
     from tests.conftest import frame_problem
     pong = frames.pong()
     assert frame_problem(pong, schema.encode(pong), "langbot") is None
@@ -223,8 +223,9 @@ def test_the_wire_check_refuses_what_is_not_its_struct():
 
 def test_type_lists_are_derived_from_the_declarations():
     """Client and server frame types, the dispatch table, the dialect filter and the metrics label sets all come
-    from services/schema.py's unions: a type declared there is known everywhere."""
-    from services import frames, metrics, protocol
+    from services/wire/schema.py's unions: a type declared there is known everywhere."""
+    from services.operations import metrics
+    from services.wire import frames, protocol
     client = {schema.frame_type(t) for t in schema.ClientFrame.__args__}
     langbot = {schema.frame_type(t) for t in schema.LangBotServerFrame.__args__}
     server = langbot | {schema.frame_type(t) for t in schema.ParleyServerFrame.__args__}

@@ -11,7 +11,7 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient
 from tornado.websocket import websocket_connect
 
-from services.embedded_mongo import EmbeddedMongo, EmbeddedMongoError, free_port
+from services.storage.embedded_mongo import EmbeddedMongo, EmbeddedMongoError, free_port
 from tests.conftest import TEST_TOKEN, Client, ws_request
 
 ROOT = Path(__file__).resolve().parent.parent

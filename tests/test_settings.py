@@ -1,7 +1,7 @@
 """Every option, three ways (flag, PARLEY_* environment, TOML config file), one precedence; bad values exit 2
 naming the option; --help shows defaults and units; the README's table is the definition's.
 
-The option list comes from services/settings.py, so a new option is walked through all of this automatically.
+The option list comes from services/operations/settings.py, so a new option is walked through all of this automatically.
 """
 import json
 import re
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 import server
-from services import settings
-from services.settings import OPTIONS, SettingsError
+from services.operations import settings
+from services.operations.settings import OPTIONS, SettingsError
 
 ROOT = Path(__file__).resolve().parent.parent
 IDS = [o.name for o in OPTIONS]
@@ -204,7 +204,7 @@ def section(text, begin="<!-- options:begin -->", end="<!-- options:end -->"):
 def test_readme_options_table_is_the_definition():
     readme = (ROOT / "README.md").read_text()
     assert section(readme) == settings.markdown_table(), \
-        "README.md's options table is stale: regenerate it with `python -m services.settings`"
+        "README.md's options table is stale: regenerate it with `python -m services.operations.settings`"
 
 
 # Flags of other programs that the docs mention (vLLM, llama.cpp, nx-27017's own options).

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from services.embedded_mongo import free_port
+from services.storage.embedded_mongo import free_port
 from tests.conftest import require
 from tests.test_client_pty import Terminal
 

@@ -4,7 +4,7 @@ and docs/operations.md, not here.)"""
 from pymongo import MongoClient
 
 import server
-from services.pipelines import Pipeline, Pipelines
+from services.operations.pipelines import Pipeline, Pipelines
 
 
 def test_open_services_builds_every_provider_and_its_client(io_loop, config, mongo_url, db_name, monkeypatch):

@@ -12,7 +12,7 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 from pymongo import MongoClient
 
-from services.embedded_mongo import free_port
+from services.storage.embedded_mongo import free_port
 from tests.conftest import TEST_TOKEN
 from tests.test_browser import XSS, Server, browser, new_page, shot  # noqa: F401 (fixtures)
 

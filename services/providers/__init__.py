@@ -5,11 +5,11 @@ manager consumes it inside `contextlib.aclosing`, so cancelling the generation c
 a provider that holds an upstream connection must release it in its own `finally`.
 
 Errors: raise ProviderError with a stable code. Timeouts (first token, stall, total) are enforced around any
-provider by services/streams.py, so providers need not implement them.
+provider by services/replies/streams.py, so providers need not implement them.
 """
 from dataclasses import dataclass, field
 
-from services.codes import ReplyCode
+from services.wire.codes import ReplyCode
 
 
 @dataclass
@@ -30,13 +30,13 @@ class Turn:
 
 @dataclass
 class GenerationRequest:
-    pipeline: "object"           # services.pipelines.Pipeline
+    pipeline: "object"           # services.operations.pipelines.Pipeline
     session_id: str
     session_type: str
     message_id: str
     history: list = field(default_factory=list)  # earlier Turns, oldest first, already windowed
     prompt: Turn = None
-    # A continuation (services/failover.py): the answer so far, stored by an instance that was lost; the stream
+    # A continuation (services/cluster/failover.py): the answer so far, stored by an instance that was lost; the stream
     # goes on from its end (the chunks are what comes after it, never it again)
     partial: str | None = None
     partial_thinking: str = ""
@@ -47,7 +47,7 @@ class ProviderError(Exception):
 
     def __init__(self, code, message, *, status=None, detail=None):
         super().__init__(message)
-        self.code = ReplyCode(code)  # a row of services/codes.py's table: it says the status the reply ends with
+        self.code = ReplyCode(code)  # a row of services/wire/codes.py's table: it says the status the reply ends with
         self.message = message    # shown to viewers and stored: never the upstream's own words
         self.status = status or self.code.status
         self.detail = detail      # for the log only (e.g. the upstream's error text)

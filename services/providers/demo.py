@@ -25,7 +25,7 @@ from services.providers import Chunk
 # At full speed (rate 0) the longest the demo keeps the loop before giving it a turn: a stop is heard, the
 # sockets' writes complete and other connections run at least this often. One turn per word made the loop's
 # own work (a task step, a write's callbacks) most of a fast reply's cost; words made within one turn reach a
-# socket that is still busy with the turn's first write, so they merge there (services/outbox.py).
+# socket that is still busy with the turn's first write, so they merge there (services/wire/outbox.py).
 TURN = 1e-4
 
 STOPWORDS = set("""a an and are as at be but by can could did do does for from had has have how i if in into is it

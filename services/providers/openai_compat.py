@@ -26,9 +26,9 @@ import msgspec
 import openai
 import yarl
 
-from services.codes import ReplyCode
-from services.pipelines import api_key
+from services.operations.pipelines import api_key
 from services.providers import Chunk, ProviderError
+from services.wire.codes import ReplyCode
 
 try:  # the HTTP library this openai release is built on (newer releases: httpx2)
     import httpx2 as httpx

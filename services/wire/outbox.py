@@ -3,7 +3,8 @@
 A frame goes straight to the socket when nothing is in flight (no write of this connection whose future Tornado
 has not resolved yet). While a write is in flight the socket is busy: frames wait here, and chunks of one reply
 that wait together are merged — offsets make that safe: a merged delta starts at the first one's offset, a
-merged cumulative frame is simply the newest. When the write completes, what waits goes out (as long as less
+merged cumulative frame is simply the newest; never across a final, `rewind` or `resumed` of their reply
+queued between them (the later text would arrive before the frame that takes text back). When the write completes, what waits goes out (as long as less
 than WINDOW characters are in flight). So a reply that streams faster than one write per loop turn goes out in
 fewer, larger frames, and a frame that finds the socket idle goes out at once. Terminal frames and everything
 else are never dropped or merged. If what waits still exceeds `limit` characters, the connection is too slow to
@@ -52,6 +53,14 @@ def is_final(frame):
 def _message_id(frame):
     """The reply a waiting frame belongs to, when it may merge (Parley's `response`: LangBot's has no id)."""
     return frame.data.message_id if type(frame) is Response else None
+
+
+def _replies(frame):
+    """The replies a frame that is not a chunk speaks of (a final, rewind or status names one; `resumed` several)."""
+    data = getattr(frame, "data", None)
+    if (message_id := getattr(data, "message_id", None)) is not None:
+        return (message_id,)
+    return [r.message_id for r in getattr(data, "replies", None) or ()]
 
 
 def mergeable(older, newer):
@@ -136,11 +145,11 @@ class Outbox:
             self.waiting_size += entry[1]
             if is_final(frame):
                 self.finals_size += entry[1]
-            if mid:
-                if is_chunk(frame):
-                    self.chunks[mid] = entry
-                else:
-                    self.chunks.pop(mid, None)  # after a final, nothing may merge into earlier chunks
+            if mid and is_chunk(frame):
+                self.chunks[mid] = entry
+            elif self.chunks:  # after a final, a rewind or a resumed, nothing may merge into earlier chunks:
+                for message_id in _replies(frame):  # it would come before the frame that takes it back
+                    self.chunks.pop(message_id, None)
         if self.waiting_size - self.finals_size > self.limit and not self.overflowed:
             self.overflowed = True
             self.on_overflow()

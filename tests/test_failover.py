@@ -59,6 +59,12 @@ async def holds(client, message_id, count):
         assert not held.finals, f"the reply ended at {len(held.thinking) + len(held.text)} characters"
 
 
+async def continued(cluster, message_id, times=1):
+    """The stored reply once another instance has gone on with it `times` times."""
+    return await wait_for(lambda: _now(d if (d := stored(cluster, message_id)).get("continuations", 0) >= times
+                                      else None))
+
+
 async def until_final(client, message_id):
     """Read until this connection has the reply's final (it may have come already)."""
     held = client.ledger.of(message_id)
@@ -72,9 +78,9 @@ async def nothing_more(client, message_id, settle=1.0):
     """After the final, nothing of the reply: wait a little, then a ping round trip with nothing in between."""
     await asyncio.sleep(settle)
     await client.send({"type": "ping"})
-    while (frame := await client.recv())["type"] != "pong":
+    while (await client.recv())["type"] != "pong":
         pass
-    assert not client.ledger.problems, client.ledger.problems
+    assert not client.ledger.problems, "\n".join(client.ledger.problems)
 
 
 async def drain(client):
@@ -169,7 +175,7 @@ async def test_a_viewer_that_moves_to_the_instance_going_on_with_the_reply_strea
     owner.proc.wait()
     try:
         await drain(sender)
-        doc = await wait_for(lambda: _now(d if (d := stored(cluster, reply_id)).get("continuations") else None))
+        doc = await continued(cluster, reply_id)
         moved = await reconnect(cluster, where[doc["instance"]], user, sender.ledger.held, reply_id, "long")
         assert moved.instance == doc["instance"]
         await streams_past(moved, reply_id, len(stored(cluster, reply_id)["content"]) + 100)
@@ -392,11 +398,7 @@ async def test_paused_owners_are_fenced_and_the_reply_goes_on_twice_to_the_same_
             owner = cluster.by_id(stored(cluster, reply_id)["instance"])
             owner.signal(signal.SIGSTOP)
             paused.append(owner)
-
-            async def taken_over():
-                doc = stored(cluster, reply_id)
-                return doc if doc.get("continuations", 0) >= round_ else None
-            doc = await wait_for(taken_over)
+            doc = await continued(cluster, reply_id, round_)
             assert doc["instance"] not in {p.id for p in paused}
             watcher = next(v for v in viewers if v.instance == doc["instance"])
             await streams_past(watcher, reply_id, len(doc["content"]) + 20)  # its new owner goes on with it
@@ -435,7 +437,6 @@ async def test_rolling_restarts_under_20_chatting_clients_no_duplicate_no_gap_no
     """Every instance, in turn, twice: SIGTERM, wait for its exit, start it again, while 20 clients on different
     networks chat without pause. Every acked message is stored, every reply ends, each client gets exactly one
     final of each of its replies across its reconnects, every connection's frames add up."""
-    where = await spread(cluster)
     sources = [f"127.0.{n}.1" for n in range(1, 21)]
     loop = asyncio.get_running_loop()
     rolling = asyncio.Event()
@@ -636,7 +637,7 @@ async def test_a_stop_during_a_handover_stops_the_reply_exactly_once(cluster, wh
     owner.proc.wait()
     try:
         if when == "after it":
-            doc = await wait_for(lambda: _now(d if (d := stored(cluster, reply_id)).get("continuations") else None))
+            doc = await continued(cluster, reply_id)
             await streams_past(far, reply_id, len(doc["content"]) + 20)  # it goes on, from its new owner
         await third.send({"type": "stop", "session_id": third.connected["session_id"]})
         await third.recv_type("stop_ack")

@@ -436,3 +436,30 @@ def test_a_reply_continued_here_is_read_from_its_start_only_by_viewers_from_befo
     logs.resume(moved, SESSION, [stored], {MESSAGE: (4, 0, 1)})
     assert [(f["type"], f["data"].get("offset"), f["data"].get("delta")) for f in moved.frames[1:]] == [
         ("resumed", None, None), ("response", 3, "def")]  # its epoch-1 text is trusted up to where 2 took over
+
+
+def test_a_reader_ahead_of_the_log_keeps_the_text_before_where_a_new_owner_took_the_reply_up():
+    """A client resumed here holding more than this instance's log of the reply (it followed it elsewhere; the
+    store read was older). A new owner takes the reply up from a stored point the client has: the rewind says
+    that point, not the log's end, and the text before it is not sent again."""
+    hub = FakeHub()
+
+    def send(frame, conns):
+        frame = msgspec.json.decode(encode(frame))
+        for conn in conns:
+            conn.send(frame)
+
+    logs = ReplyLogs(hub, send, instance_id="here", session_type=lambda s: "person")
+    moved = FakeConn("moved", created_at=6.0)
+    hub.join(moved)
+    stale = events.decode({"type": "reply.stored", **BASE, "epoch": 1, "status": "streaming", "content": "",
+                           "started_at": 1.0})
+    logs.resume(moved, SESSION, [stale], {MESSAGE: (26, 0, 1)})
+    text = "a" * 26 + "bcd"
+    continued = {**BASE, "epoch": 2, "bases": [[2, 26, 0]], "origin": "survivor"}
+    logs.started(events.decode({"type": "reply.started", **continued, "status": "streaming", "at": 7.0,
+                                "started_at": 1.0}))
+    logs.delta(events.decode({"type": "reply.delta", **continued, "offset": 0, "text": text, "thinking_offset": 0,
+                              "thinking": "", "sync": True, "at": 7.5, "started_at": 1.0}))
+    sent = [(f["type"], f["data"].get("offset"), f["data"].get("delta")) for f in moved.frames]
+    assert sent[0][0] == "resumed" and sent[1:] == [("rewind", 26, None), ("response", 26, "bcd")], sent

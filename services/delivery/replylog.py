@@ -25,6 +25,7 @@ final). tests/test_replylog.py proves it by interleaving.
 import asyncio
 import itertools
 import logging
+import math
 import time
 from collections import OrderedDict
 
@@ -378,15 +379,20 @@ class ReplyLogs:
         if agreed_at is None and not any(b[0] > log_.epoch for b in bases or ()):
             log_.epoch = epoch  # its first owner (it was queued): nothing was void
             return
-        offset, thinking_offset = agreed_at or (log_.text.length, log_.thinking_text.length)
+        # Where the void begins: the first new owner's stored point. Not capped at what this log holds: a reader
+        # ahead of it (a client that followed the reply elsewhere) keeps the text before that point (a rewind to
+        # the log's end would take it back, and the text would come again).
+        offset, thinking_offset = agreed_at or (math.inf, math.inf)
         for base_epoch, base, thinking_base in bases or ():
             if base_epoch > log_.epoch:
                 offset, thinking_offset = min(offset, base), min(thinking_offset, thinking_base)
             if not any(b[0] == base_epoch for b in log_.bases):
                 log_.bases.append([base_epoch, base, thinking_base])
-        offset, thinking_offset = min(offset, log_.text.length), min(thinking_offset, log_.thinking_text.length)
+        if agreed_at:  # where the stored text departs from this log's: known no further than the log
+            offset, thinking_offset = min(offset, log_.text.length), min(thinking_offset, log_.thinking_text.length)
         if self.metrics is not None:
-            self.metrics.rewound.inc(log_.text.length - offset + log_.thinking_text.length - thinking_offset)
+            self.metrics.rewound.inc(max(0, log_.text.length - offset) + max(0, log_.thinking_text.length
+                                                                              - thinking_offset))
         log_.epoch = log_.announced = epoch
         log_.text.truncate(offset)
         log_.thinking_text.truncate(thinking_offset)
